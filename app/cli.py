@@ -1,0 +1,136 @@
+"""The ``sea`` command: ``serve``, ``align`` and ``prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+
+from app.settings import Settings
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per settings field, with the field's description as help (env ``SEA_<NAME>`` also works)."""
+    group = parser.add_argument_group("settings (also from SEA_<NAME> environment variables)")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        origin = typing.get_origin(kind)
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+            continue
+        py_type = {int: int, float: float}.get(kind, str)
+        if origin is typing.Literal:
+            group.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None, help=field.description)
+        else:
+            group.add_argument(flag, dest=name, type=py_type, default=None, help=field.description)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = settings_from(args)
+    _setup_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Load the configured model once, which writes the dequantised cache of a GGUF model."""
+    from models.loading import load_lm
+
+    settings = settings_from(args)
+    _setup_logging(settings.log_level)
+    lm = load_lm(settings.model or None, device="cpu", dtype="float32", cache_dir=settings.cache_dir or None)
+    print(f"{lm.name} ready ({sum(p.numel() for p in lm.model.parameters()) / 1e6:.0f}M parameters)")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from app.engine.types import SEAConfig
+    from app.runtime import Runtime
+
+    settings = settings_from(args)
+    _setup_logging("warning" if args.json else settings.log_level)
+    runtime = Runtime.load(settings)
+    config = SEAConfig(
+        max_tokens=args.max_tokens or settings.default_max_tokens,
+        chains=args.chains or settings.default_chains,
+        steps=settings.default_steps if args.steps is None else args.steps,
+        alpha=settings.default_alpha if args.alpha is None else args.alpha,
+        seed=args.seed,
+        method=args.method,
+        samples=args.samples,
+        select=args.select,
+    )
+    keywords = [w for w in (args.keywords or "").split(",") if w.strip()]
+    job = runtime.job([{"role": "user", "content": args.prompt}], config, terms=settings.reward_terms(), keywords=keywords or None)
+    result = runtime.engine.run([job])[0]
+    if args.json:
+        out = result.to_dict()
+        out["log_prob_ref"] = result.log_prob_ref
+        print(json.dumps(out))
+        return 0
+    print(result.text)
+    print(
+        f"\nreward {result.reward:.3f}  log pi_ref {result.log_prob_ref:.2f}  energy {result.energy:.2f}  "
+        f"chain {result.chosen}  {result.timings.total:.1f}s ({result.timings.steps} steps)",
+        file=sys.stderr,
+    )
+    for index, chain in enumerate(result.chains if result.method == "sea" else []):
+        energies = " ".join(f"{s.energy:.1f}" for s in [chain.initial, *chain.trace])
+        print(f"chain {index}: energy {energies}  (best at step {chain.best_step})", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sea", description="Inference-time alignment with Simple Energy Adaptation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="Start the HTTP service.")
+    _settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    prepare = sub.add_parser("prepare", help="Load the model once and write its cache (e.g. at image build time).")
+    _settings_flags(prepare)
+    prepare.set_defaults(func=cmd_prepare)
+
+    align = sub.add_parser("align", help="Align one prompt and print the text and its trace.")
+    align.add_argument("prompt", help="The user prompt.")
+    align.add_argument("--steps", type=int, default=None, help="Langevin steps.")
+    align.add_argument("--chains", type=int, default=None, help="Parallel chains.")
+    align.add_argument("--max-tokens", type=int, default=None, help="Response length in tokens.")
+    align.add_argument("--alpha", type=float, default=None, help="Reward weight in the energy.")
+    align.add_argument("--seed", type=int, default=None, help="Random seed (same seed, same output).")
+    align.add_argument("--method", choices=["sea", "bon", "sample"], default="sea")
+    align.add_argument("--samples", type=int, default=16, help="N for Best-of-N.")
+    align.add_argument("--select", choices=["reward", "energy"], default="reward", help="How the returned chain is picked.")
+    align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
+    align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")
+    _settings_flags(align)
+    align.set_defaults(func=cmd_align)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

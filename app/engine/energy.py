@@ -1,0 +1,116 @@
+"""Exact energies ``E = −[log pi_ref(y|x) + alpha·r(x,y)]`` of a batch of rows, and their logit gradients.
+
+Rows may come from different requests (different prompts, lengths, rewards and alphas). Each reward
+component runs once over all the rows that use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models.lm import Prefix, response_token_log_probs, stack_prefixes
+from models.loading import LoadedLM
+from models.rewards import RewardComponent
+from models.ste import ResponseBatch, response_mask
+
+
+@dataclass
+class RowSpec:
+    """What the energy of a group of rows (one request's chains) needs to know."""
+
+    prefix: Prefix  # the reference prompt's cached keys/values
+    reward_terms: list[tuple[RewardComponent, float, object]]  # (component, weight, its prepared context)
+    alpha: float
+    use_reward: bool
+    use_reference: bool
+    length: int  # response length L of these rows
+    rows: int
+
+
+@dataclass
+class Evaluation:
+    tokens: Tensor  # (B, L_max) hard tokens that were scored
+    mask: Tensor  # (B, L_max) positions that count
+    energy: Tensor  # (B,) detached, float32
+    reward: Tensor  # (B,)
+    log_prob_ref: Tensor  # (B,)
+    grad: Tensor | None  # (B, L_max, V) dE/dy, None when not asked for
+    ref_top_k: Tensor | None  # (B, L_max, k) the reference LM's top-k tokens per position, when asked for
+
+
+def evaluate(
+    lm: LoadedLM,
+    specs: list[RowSpec],
+    stop_ids: Tensor,
+    tokens: Tensor,
+    logits: Tensor | None = None,
+    allowed: Tensor | None = None,
+    top_k: int | None = None,
+) -> Evaluation:
+    """Score ``tokens`` (B, L_max); with ``logits`` (B, L_max, V) also return ``dE/dlogits`` via the STE.
+
+    ``allowed`` (B, L_max, V) bool restricts the softmax to a candidate set (top-k decoding).
+    Rows are laid out group after group, in the order of ``specs``.
+    """
+    device = tokens.device
+    lengths = torch.cat([torch.full((s.rows,), s.length, device=device) for s in specs])
+    mask = response_mask(tokens, stop_ids, lengths)  # (B, L_max)
+    probs = None
+    if logits is not None:
+        logits = logits.detach().requires_grad_(True)
+        masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(masked, dim=-1)  # (B, L_max, V)
+    response = ResponseBatch(tokens=tokens, mask=mask, probs=probs)
+
+    with torch.set_grad_enabled(logits is not None):
+        prefixes = stack_prefixes([s.prefix for s in specs for _ in range(s.rows)])
+        token_log_probs, table = response_token_log_probs(lm.model, prefixes, response, return_table=True)  # (B, L_max)
+        ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
+        del table
+        log_prob_ref = (token_log_probs * mask).sum(1)
+        response.log_prob_ref = log_prob_ref
+        reward = torch.zeros(response.rows, device=device)
+        groups: dict[int, tuple[RewardComponent, list[int], list[float], list[object]]] = {}
+        start = 0
+        for spec in specs:
+            for component, weight, context in spec.reward_terms:
+                entry = groups.setdefault(id(component), (component, [], [], []))
+                entry[1].extend(range(start, start + spec.rows))
+                entry[2].extend([weight] * spec.rows)
+                entry[3].extend([context] * spec.rows)
+            start += spec.rows
+        for component, rows, weights, contexts in groups.values():
+            index = torch.tensor(rows, device=device)
+            scores = component.score(contexts, response.select(index)).float()
+            reward = reward.index_add(0, index, scores * torch.tensor(weights, device=device))
+        alpha = torch.cat([torch.full((s.rows,), s.alpha * s.use_reward, device=device) for s in specs])
+        ref_on = torch.cat([torch.full((s.rows,), float(s.use_reference), device=device) for s in specs])
+        energy = -(ref_on * log_prob_ref + alpha * reward)  # (B,)
+
+    grad = None
+    if logits is not None:
+        # Rows are independent, so one backward of the sum gives every row its own gradient.
+        finite = torch.isfinite(energy)
+        objective = torch.where(finite, energy, torch.zeros_like(energy)).sum()
+        if objective.requires_grad:
+            (grad,) = torch.autograd.grad(objective, logits)
+        else:
+            grad = torch.zeros_like(logits)
+    return Evaluation(
+        tokens=tokens,
+        mask=mask,
+        energy=energy.detach(),
+        reward=reward.detach(),
+        log_prob_ref=log_prob_ref.detach(),
+        grad=grad,
+        ref_top_k=ref_top_k,
+    )
+
+
+def passes_per_row(spec: RowSpec) -> int:
+    """LM token-passes (one direction) that scoring one row of ``spec`` costs: reference + LM-based rewards."""
+    reward_passes = sum(component.lm_passes for component, _, _ in spec.reward_terms)
+    return (spec.length - 1) + reward_passes * spec.length

@@ -1,0 +1,347 @@
+"""Simple Energy Adaptation: Langevin dynamics over per-position token logits, batched over requests.
+
+A request becomes a :class:`RequestState` (``Engine.start``: prompt keys/values, reward contexts,
+initial chains from the base policy). ``Engine.tick`` advances every state in a list by one step in
+one batched pass, so requests can join and leave a running batch between ticks. Tick 0 of a state
+scores its initial chains; tick k applies the k-th logit update and scores the new iterate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
+from app.engine.sampling import sample_responses
+from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
+from models.lm import encode_prefix, stop_token_ids
+from models.loading import LoadedLM
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+INIT_MARGIN = 1.0  # the sampled token's logit sits this far above the LM's best alternative, so argmax(y0) = sample
+
+
+class CancelledError(RuntimeError):
+    """The request was cancelled before it finished."""
+
+
+@dataclass
+class RequestState:
+    """One request in flight: its chains' logits and everything accumulated about them."""
+
+    job: AlignJob
+    spec: RowSpec
+    generator: torch.Generator
+    logits: Tensor | None  # (C, L, V) float32 Langevin state; None for methods without one
+    initial_tokens: Tensor  # (C, L)
+    usage: Usage
+    timings: Timings
+    started: float
+    step: int = -1  # logit updates applied; -1 until the initial chains are scored
+    grad: Tensor | None = None  # (C, L, V) dE/dy at the current iterate
+    adam_m: Tensor | None = None
+    adam_v: Tensor | None = None
+    top_k: Tensor | None = None  # (C, L, k) reference top-k per position, for constrained decoding
+    tokens: Tensor | None = None  # (C, L) the iterate scored last
+    best_energy: Tensor | None = None  # (C,)
+    best_reward: Tensor | None = None
+    best_log_prob: Tensor | None = None
+    best_tokens: Tensor | None = None  # (C, L)
+    best_step: Tensor | None = None  # (C,) long
+    initial: list[StepStats] = field(default_factory=list)
+    traces: list[list[StepStats]] = field(default_factory=list)
+    steps_since_improved: int = 0
+    nonfinite_steps: int = 0
+    done: bool = False
+    cancelled: bool = False
+    result: AlignResult | None = None
+
+    @property
+    def config(self) -> SEAConfig:
+        return self.job.config
+
+    @property
+    def chains(self) -> int:
+        return self.spec.rows
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether the iterate about to be scored (after this tick's update) will be followed by another update."""
+        return max(self.step, 0) < self.config.steps
+
+
+def _noise_scale(config: SEAConfig, step: int) -> float:
+    """Noise std at update ``step`` (1-based), annealed by the schedule."""
+    if config.noise_schedule == "constant" or config.steps <= 1:
+        return config.noise
+    progress = (step - 1) / (config.steps - 1)
+    if config.noise_schedule == "linear":
+        return config.noise * (1.0 - progress)
+    return config.noise * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Engine:
+    """Runs SEA and the sampling baselines on one reference LM. Not thread-safe: one worker owns it."""
+
+    def __init__(self, lm: LoadedLM):
+        self.lm = lm
+        self.device = lm.device
+        self.stop_ids = torch.tensor(stop_token_ids(lm.tokenizer, lm.model), device=self.device)
+        self.vocab = lm.model.get_output_embeddings().weight.shape[0]
+
+    # ----- request lifecycle -------------------------------------------------------------------
+
+    def start(self, job: AlignJob) -> RequestState:
+        """Prepare a request: prompt keys/values, reward contexts, initial chains (or a whole baseline run)."""
+        from app.engine.baselines import run_baseline  # baselines build on this module
+
+        started = time.perf_counter()
+        config = job.config
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        prefix = encode_prefix(self.lm.model, job.prompt.ids)
+        terms = [(component, weight, component.prepare(job.prompt)) for component, weight in job.reward.terms]
+        rows = config.chains if config.method == "sea" else 1
+        spec = RowSpec(prefix, terms, config.alpha, config.use_reward, config.use_reference, config.max_tokens, rows)
+        prompt_tokens = len(job.prompt.ids)
+        usage = Usage(prompt_tokens=prompt_tokens, forward_token_passes=prompt_tokens * (1 + len(terms)))
+        state = RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started)
+        if config.method != "sea":
+            state.result = run_baseline(self, state)
+            state.done = True
+            return state
+        if config.init == "random":
+            logits = torch.randn(rows, config.max_tokens, self.vocab, generator=generator, device=self.device)
+            tokens = logits.argmax(-1)
+        else:
+            samples = sample_responses(
+                self.lm.model, prefix, rows, config.max_tokens, self.stop_ids, generator,
+                config.temperature, config.top_p, keep_log_probs=True,
+            )
+            usage.forward_token_passes += samples.forward_token_passes
+            tokens = samples.tokens
+            # COLD-style start: the LM's own log-probs, with the sampled token lifted to the top.
+            logits = samples.log_probs.clone()  # (C, L, V)
+            top = logits.max(-1, keepdim=True).values
+            logits.scatter_(-1, tokens[..., None], top + INIT_MARGIN)
+        state.logits = logits
+        state.initial_tokens = tokens
+        state.timings.init = time.perf_counter() - started
+        return state
+
+    def cancel(self, state: RequestState) -> None:
+        state.cancelled = True
+        state.done = True
+
+    def run(self, jobs: list[AlignJob], on_tick=None) -> list[AlignResult]:
+        """Run jobs to completion in one batch (the CLI and tests; the service drives ``start``/``tick`` itself)."""
+        states = [self.start(job) for job in jobs]
+        while any(not s.done for s in states):
+            self.tick([s for s in states if not s.done])
+            if on_tick is not None:
+                on_tick(states)
+        return [s.result for s in states]
+
+    # ----- one batched step --------------------------------------------------------------------
+
+    def tick(self, states: list[RequestState]) -> None:
+        """Advance every state by one step in one batched forward/backward pass."""
+        states = [s for s in states if not s.done]
+        if not states:
+            return
+        tick_started = time.perf_counter()
+        for state in states:
+            if state.step >= 0:
+                self._update(state)
+        need_grad = any(s.needs_grad for s in states)
+        evaluation = self._evaluate(states, with_grad=need_grad)
+        elapsed = time.perf_counter() - tick_started
+        offset = 0
+        for state in states:
+            rows = slice(offset, offset + state.chains)
+            offset += state.chains
+            self._record(state, evaluation, rows, need_grad)
+            state.timings.langevin += elapsed
+            if state.done:
+                state.result = self.result(state)
+                state.grad = state.adam_m = state.adam_v = state.logits = None
+
+    def _evaluate(self, states: list[RequestState], with_grad: bool) -> Evaluation:
+        length = max(s.spec.length for s in states)
+        tokens, logits, allowed = [], [], []
+        top_k = max((s.config.top_k or 0) for s in states) or None
+        for state in states:
+            y = state.logits
+            token_ids = self._decode_tokens(state)
+            pad = length - y.shape[1]
+            if pad:
+                y = torch.nn.functional.pad(y, (0, 0, 0, pad))
+                token_ids = torch.nn.functional.pad(token_ids, (0, pad), value=int(self.stop_ids[0]))
+            tokens.append(token_ids)
+            logits.append(y)
+            if top_k:
+                allowed.append(self._allowed(state, length))
+        return evaluate(
+            self.lm,
+            [s.spec for s in states],
+            self.stop_ids,
+            torch.cat(tokens),
+            torch.cat(logits) if with_grad else None,
+            torch.cat(allowed) if top_k and with_grad else None,
+            top_k=top_k,
+        )
+
+    def _decode_tokens(self, state: RequestState) -> Tensor:
+        """Hard tokens of the current iterate: argmax of the logits (within the reference top-k when asked)."""
+        if state.step <= 0:
+            return state.initial_tokens
+        if state.top_k is None:
+            return state.logits.argmax(-1)
+        candidates = state.top_k[..., : state.config.top_k]  # (C, L, k)
+        best = state.logits.gather(-1, candidates).argmax(-1, keepdim=True)
+        return candidates.gather(-1, best)[..., 0]
+
+    def _allowed(self, state: RequestState, length: int) -> Tensor:
+        allowed = torch.ones(state.chains, length, self.vocab, dtype=torch.bool, device=self.device)
+        if state.config.top_k and state.top_k is not None:
+            allowed = torch.zeros_like(allowed)
+            allowed[:, : state.spec.length].scatter_(-1, state.top_k[..., : state.config.top_k], True)
+        return allowed
+
+    def _update(self, state: RequestState) -> None:
+        """One Langevin update of the logits: ``y ← y − step·direction + noise·ξ`` (direction: Adam or plain gradient)."""
+        config = state.config
+        grad = state.grad
+        finite = torch.isfinite(grad).flatten(1).all(1)  # (C,)
+        if not bool(finite.all()):
+            grad = torch.where(finite[:, None, None], grad, torch.zeros_like(grad))
+        state.step += 1
+        if config.optimizer == "adam":
+            if state.adam_m is None:
+                state.adam_m = torch.zeros_like(grad)
+                state.adam_v = torch.zeros_like(grad)
+            beta1, beta2 = ADAM_BETAS
+            state.adam_m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            state.adam_v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            m_hat = state.adam_m / (1 - beta1**state.step)
+            v_hat = state.adam_v / (1 - beta2**state.step)
+            direction = m_hat / (v_hat.sqrt() + ADAM_EPS)
+        else:
+            direction = grad
+        state.logits = state.logits - config.step_size * direction
+        sigma = _noise_scale(config, state.step)
+        if sigma > 0:
+            noise = torch.randn(state.logits.shape, generator=state.generator, device=self.device)
+            state.logits = state.logits + sigma * noise
+        state.grad = None
+
+    def _record(self, state: RequestState, evaluation: Evaluation, rows: slice, had_grad: bool) -> None:
+        """Store the scores of the iterate just evaluated; track each chain's best; decide whether it is done."""
+        config = state.config
+        length = state.spec.length
+        tokens = evaluation.tokens[rows, :length]
+        mask = evaluation.mask[rows, :length]
+        energy, reward, log_prob = evaluation.energy[rows], evaluation.reward[rows], evaluation.log_prob_ref[rows]
+        passes = passes_per_row(state.spec) * state.chains
+        state.usage.forward_token_passes += passes
+        finite = torch.isfinite(energy)
+        if had_grad:
+            state.usage.backward_token_passes += passes
+            state.grad = evaluation.grad[rows, :length]
+            finite = finite & torch.isfinite(state.grad).flatten(1).all(1)
+        if not bool(finite.all()):
+            state.nonfinite_steps += 1
+        if evaluation.ref_top_k is not None and config.top_k:
+            state.top_k = evaluation.ref_top_k[rows, :length]
+        state.tokens = tokens
+        counted = mask.sum(1).clamp(min=1)
+        changed = ((tokens != state.initial_tokens).float() * mask).sum(1) / counted
+        stats = [
+            StepStats(float(energy[c]), float(reward[c]), float(log_prob[c]), float(changed[c]), bool(finite[c]))
+            for c in range(state.chains)
+        ]
+        if state.step < 0:
+            state.step = 0
+            state.initial = stats
+            state.traces = [[] for _ in range(state.chains)]
+            state.best_energy = torch.where(finite, energy, torch.full_like(energy, math.inf))
+            state.best_reward, state.best_log_prob = reward.clone(), log_prob.clone()
+            state.best_tokens = tokens.clone()
+            state.best_step = torch.zeros(state.chains, dtype=torch.long, device=self.device)
+        else:
+            for c in range(state.chains):
+                state.traces[c].append(stats[c])
+            better = finite & (energy < state.best_energy) if config.track_best else finite
+            if bool(better.any()):
+                state.steps_since_improved = 0
+            else:
+                state.steps_since_improved += 1
+            state.best_energy = torch.where(better, energy, state.best_energy)
+            state.best_reward = torch.where(better, reward, state.best_reward)
+            state.best_log_prob = torch.where(better, log_prob, state.best_log_prob)
+            state.best_tokens = torch.where(better[:, None], tokens, state.best_tokens)
+            state.best_step = torch.where(better, torch.full_like(state.best_step, state.step), state.best_step)
+        if state.step >= config.steps or (config.patience and state.steps_since_improved >= config.patience):
+            state.done = True
+
+    # ----- results -----------------------------------------------------------------------------
+
+    def text_of(self, tokens: Tensor) -> tuple[str, int, bool]:
+        """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
+        ids = tokens.tolist()
+        stop = set(self.stop_ids.tolist())
+        end = next((i for i, t in enumerate(ids) if t in stop), None)
+        kept = ids if end is None else ids[:end]
+        counted = len(ids) if end is None else end + 1
+        return self.lm.tokenizer.decode(kept, skip_special_tokens=True), counted, end is not None
+
+    def result(self, state: RequestState) -> AlignResult:
+        """The request's result: each chain's best iterate; the returned one chosen by reward or energy."""
+        config = state.config
+        chains = []
+        for c in range(state.chains):
+            text, _, _ = self.text_of(state.best_tokens[c])
+            chains.append(
+                ChainResult(
+                    text=text,
+                    tokens=state.best_tokens[c].tolist(),
+                    reward=float(state.best_reward[c]),
+                    log_prob_ref=float(state.best_log_prob[c]),
+                    energy=float(state.best_energy[c]),
+                    best_step=int(state.best_step[c]),
+                    initial=state.initial[c],
+                    trace=state.traces[c],
+                )
+            )
+        if config.select == "reward":
+            scores = torch.where(torch.isfinite(state.best_energy), state.best_reward, torch.full_like(state.best_reward, -math.inf))
+            chosen = int(scores.argmax())
+        else:
+            chosen = int(state.best_energy.argmin())
+        state.timings.steps = max(state.step, 0)
+        return self.finish(state, chains, chosen, "sea")
+
+    def finish(self, state: RequestState, chains: list[ChainResult], chosen: int, method: str) -> AlignResult:
+        text, counted, stopped = self.text_of(torch.tensor(chains[chosen].tokens))
+        state.usage.completion_tokens = counted
+        state.timings.total = time.perf_counter() - state.started
+        best = chains[chosen]
+        return AlignResult(
+            method=method,
+            text=text,
+            reward=best.reward,
+            log_prob_ref=best.log_prob_ref,
+            energy=best.energy,
+            energy_per_token=best.energy / max(counted, 1),
+            chosen=chosen,
+            chains=chains,
+            usage=state.usage,
+            timings=state.timings,
+            finish_reason="stop" if stopped else "length",
+            nonfinite_steps=state.nonfinite_steps,
+        )

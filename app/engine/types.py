@@ -1,0 +1,105 @@
+"""The engine's own request and result types: plain dataclasses, no HTTP and no pydantic."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from models.rewards import Prompt, RewardMix
+
+Method = Literal["sea", "bon", "sample"]
+
+
+@dataclass
+class SEAConfig:
+    """Sampling parameters of one request. Units: tokens, steps, nats."""
+
+    max_tokens: int = 32
+    chains: int = 4
+    steps: int = 20
+    alpha: float = 1.0  # weight of the reward in the energy  E = −[log pi_ref + alpha·r]
+    step_size: float = 0.3  # learning rate of the logit update
+    noise: float = 0.05  # std of the Langevin noise added to the logits each step
+    noise_schedule: Literal["constant", "linear", "cosine"] = "linear"  # annealed towards 0 over the steps
+    optimizer: Literal["adam", "sgd"] = "adam"
+    top_k: int | None = None  # decode each position among the reference LM's top-k (COLD-style); None: full vocabulary
+    init: Literal["sample", "random"] = "sample"
+    temperature: float = 1.0  # base-policy sampling temperature (initial chains, samples, Best-of-N)
+    top_p: float = 1.0
+    select: Literal["reward", "energy"] = "reward"  # how the returned chain is picked (the paper: by reward)
+    track_best: bool = True  # each chain returns its lowest-energy iterate instead of the last one
+    patience: int | None = None  # stop a request early when no chain's best energy improved for this many steps
+    use_reward: bool = True  # ablations: drop the reward or the reference term from the energy
+    use_reference: bool = True
+    seed: int | None = None
+    method: Method = "sea"
+    samples: int = 16  # N of Best-of-N
+
+
+@dataclass
+class AlignJob:
+    """One unit of engine work: a prompt, its parameters and its reward."""
+
+    prompt: Prompt
+    config: SEAConfig
+    reward: RewardMix
+
+
+@dataclass
+class StepStats:
+    """One chain after one Langevin step (energies in nats, summed over the response tokens)."""
+
+    energy: float
+    reward: float
+    log_prob_ref: float
+    changed: float  # fraction of counted tokens that differ from the chain's initial sample
+    finite: bool = True
+
+
+@dataclass
+class ChainResult:
+    text: str
+    tokens: list[int]
+    reward: float
+    log_prob_ref: float
+    energy: float
+    best_step: int  # 0 = the initial sample
+    initial: StepStats
+    trace: list[StepStats] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    forward_token_passes: int = 0  # tokens run forward through an LM (prompts, samples, energies), all models
+    backward_token_passes: int = 0  # tokens run backward through an LM
+
+
+@dataclass
+class Timings:
+    """Seconds."""
+
+    init: float = 0.0
+    langevin: float = 0.0
+    total: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class AlignResult:
+    method: str
+    text: str
+    reward: float
+    log_prob_ref: float
+    energy: float
+    energy_per_token: float
+    chosen: int
+    chains: list[ChainResult]
+    usage: Usage
+    timings: Timings
+    finish_reason: Literal["stop", "length"]
+    nonfinite_steps: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

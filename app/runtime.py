@@ -1,0 +1,78 @@
+"""Builds the resident models, rewards and engine from the settings, and turns prompts into engine jobs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.sea import Engine
+from app.engine.types import AlignJob, SEAConfig
+from app.settings import Settings
+from models.lm import Message, render_prompt
+from models.loading import LoadedLM, load_lm
+from models.rewards import LexiconReward, PrincipleReward, Prompt, RewardComponent, RewardMix, load_sequence_classifier_reward
+
+log = logging.getLogger(__name__)
+
+
+class UnknownRewardError(ValueError):
+    """A request named a reward that is not loaded."""
+
+
+@dataclass
+class Runtime:
+    """Everything resident: the reference LM, its engine and the named reward components."""
+
+    lm: LoadedLM
+    engine: Engine
+    rewards: dict[str, RewardComponent]
+    default_reward: list[tuple[str, float]]
+
+    @classmethod
+    def from_lm(cls, lm: LoadedLM, settings: Settings, extra_rewards: dict[str, RewardComponent] | None = None) -> "Runtime":
+        rewards: dict[str, RewardComponent] = {"principle": PrincipleReward(lm, settings.principle)}
+        rewards.update(extra_rewards or {})
+        runtime = cls(lm, Engine(lm), rewards, settings.reward_terms())
+        for name, _ in runtime.default_reward:
+            if name not in rewards:
+                raise UnknownRewardError(f"SEA_REWARD names {name!r}, but the loaded rewards are {sorted(rewards)}")
+        return runtime
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Runtime":
+        """Load the configured models (the embedded default when none is set)."""
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        lm = load_lm(settings.model or None, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir or None)
+        log.info("reference model %s on %s (%s)", lm.name, lm.device, lm.dtype)
+        extra = {}
+        if settings.reward_model:
+            extra["rm"] = load_sequence_classifier_reward(settings.reward_model, lm, device=settings.device, dtype=settings.dtype, name="rm")
+            log.info("reward model %s loaded as `rm`", settings.reward_model)
+        return cls.from_lm(lm, settings, extra)
+
+    def prompt(self, messages: list[Message]) -> Prompt:
+        return Prompt(messages, render_prompt(self.lm.tokenizer, messages))
+
+    def reward(
+        self,
+        terms: list[tuple[str, float]] | None = None,
+        keywords: list[str] | None = None,
+        keyword_weight: float = 1.0,
+        keywords_only: bool = False,
+    ) -> RewardMix:
+        """A reward mix of named components plus an optional keyword-coverage term built for this request."""
+        chosen: list[tuple[RewardComponent, float]] = []
+        if not (keywords and keywords_only):
+            for name, weight in terms if terms is not None else self.default_reward:
+                if name not in self.rewards:
+                    raise UnknownRewardError(f"unknown reward {name!r}; loaded rewards: {', '.join(sorted(self.rewards))}")
+                chosen.append((self.rewards[name], weight))
+        if keywords:
+            chosen.append((LexiconReward.keywords(self.lm.tokenizer, keywords), keyword_weight))
+        return RewardMix(chosen)
+
+    def job(self, messages: list[Message], config: SEAConfig, **reward_options) -> AlignJob:
+        return AlignJob(self.prompt(messages), config, self.reward(**reward_options))

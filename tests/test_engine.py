@@ -1,0 +1,210 @@
+"""The SEA engine on tiny random models: energies, gradients, caching, batching, seeds, numerics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.engine.energy import RowSpec, evaluate
+from app.engine.types import AlignJob, SEAConfig
+from models.lm import encode_prefix, render_prompt
+from models.rewards import LexiconReward, PrincipleReward, RewardMix
+from models.ste import ResponseBatch, response_mask
+
+
+def _plain_log_prob(lm, prompt_ids, response_ids, one_hot=None):
+    """log pi(response | prompt) by one uncached forward over prompt + response (optionally dense one-hot inputs)."""
+    model = lm.model
+    weight = model.get_input_embeddings().weight
+    ids = torch.tensor([prompt_ids + response_ids])
+    embeds = F.embedding(ids, weight)
+    if one_hot is not None:
+        embeds = torch.cat([embeds[:, : len(prompt_ids)], one_hot[None] @ weight], dim=1)
+    logits = model(inputs_embeds=embeds).logits[0].float()
+    log_probs = F.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)  # (L, V)
+    if one_hot is not None:
+        return (one_hot * log_probs).sum()
+    return log_probs.gather(-1, torch.tensor(response_ids)[:, None]).sum()
+
+
+def _spec(lm, prompt, terms, rows, length, alpha=1.0):
+    prefix = encode_prefix(lm.model, prompt.ids)
+    prepared = [(component, weight, component.prepare(prompt)) for component, weight in terms]
+    return RowSpec(prefix, prepared, alpha, True, True, length, rows)
+
+
+def test_energy_equals_plain_uncached_forward(lm, engine, make_prompt):
+    prompt = make_prompt("write about a dog in the park")
+    principle = PrincipleReward(lm, "be safe and kind")
+    tokens = torch.tensor([[30, 31, 32, 33, 34, 35], [40, 41, 42, 43, 44, 45]])
+    spec = _spec(lm, prompt, [(principle, 1.0)], rows=2, length=6, alpha=2.0)
+    scored = evaluate(lm, [spec], engine.stop_ids, tokens)
+    principled_ids = render_prompt(lm.tokenizer, prompt.messages, system="be safe and kind")
+    for row in range(2):
+        response = tokens[row].tolist()
+        log_prob = _plain_log_prob(lm, prompt.ids, response)
+        reward = _plain_log_prob(lm, principled_ids, response) - log_prob
+        assert scored.log_prob_ref[row] == pytest.approx(float(log_prob), abs=1e-4)
+        assert scored.reward[row] == pytest.approx(float(reward), abs=1e-4)
+        assert scored.energy[row] == pytest.approx(float(-(log_prob + 2.0 * reward)), abs=1e-4)
+
+
+def test_cached_gradient_equals_dense_uncached_gradient(lm, engine, make_prompt):
+    """The cached, lookup-forward STE gives the same dE/dy as a dense one-hot·W forward without a cache."""
+    prompt = make_prompt("tell me about the sun")
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, lm.model.config.vocab_size) * 3
+    tokens = logits.argmax(-1)
+    spec = _spec(lm, prompt, [(LexiconReward.keywords(lm.tokenizer, ["moon"]), 1.0)], rows=1, length=5, alpha=0.0)
+    scored = evaluate(lm, [spec], engine.stop_ids, tokens, logits)
+
+    y = logits[0].clone().requires_grad_(True)
+    probs = torch.softmax(y, -1)
+    hard = F.one_hot(tokens[0], probs.shape[-1]).float()
+    straight_through = hard + probs - probs.detach()
+    mask = response_mask(tokens, engine.stop_ids)[0]
+    assert mask.sum() == 5, "the random tokens must not contain a stop token for this comparison"
+    energy = -_plain_log_prob(lm, prompt.ids, tokens[0].tolist(), one_hot=straight_through)
+    energy.backward()
+    assert scored.energy[0] == pytest.approx(energy.item(), abs=1e-4)
+    assert scored.grad is not None and torch.isfinite(scored.grad).all()
+    assert scored.grad.abs().sum() > 0
+    torch.testing.assert_close(scored.grad[0], y.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_positions_after_end_of_turn_do_not_count(lm, engine, make_prompt):
+    prompt = make_prompt("hello")
+    eos = int(engine.stop_ids[0])
+    spec = _spec(lm, prompt, [(LexiconReward.keywords(lm.tokenizer, ["dog"]), 1.0)], rows=2, length=5)
+    tokens = torch.tensor([[30, 31, eos, 40, 41], [30, 31, eos, 50, 51]])
+    scored = evaluate(lm, [spec], engine.stop_ids, tokens)
+    assert scored.mask[0].tolist() == [1, 1, 1, 0, 0]
+    assert scored.energy[0] == pytest.approx(float(scored.energy[1]), abs=1e-5)
+    text, counted, stopped = engine.text_of(tokens[0])
+    assert counted == 3 and stopped and text == lm.tokenizer.decode([30, 31])
+
+
+def _job(prompt, reward, **config):
+    return AlignJob(prompt, SEAConfig(**config), reward)
+
+
+def test_same_seed_same_output_and_other_seed_differs(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    prompt = make_prompt("how do i read a book")
+    first = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=7)])[0]
+    again = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=7)])[0]
+    other = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=8)])[0]
+    assert [c.tokens for c in first.chains] == [c.tokens for c in again.chains]
+    assert [s.energy for s in first.chains[0].trace] == [s.energy for s in again.chains[0].trace]
+    assert [c.tokens for c in first.chains] != [c.tokens for c in other.chains]
+
+
+def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    keyword = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["cat"]), 2.0)])
+    alone = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3)])[0]
+    together = engine.run(
+        [
+            _job(make_prompt("write a long story about the moon and the sun and the river"), keyword, max_tokens=9, chains=3, steps=5, seed=4),
+            _job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3),
+        ]
+    )[1]
+    assert [c.tokens for c in alone.chains] == [c.tokens for c in together.chains]
+    for a, b in zip(alone.chains, together.chains):
+        assert [s.energy for s in a.trace] == pytest.approx([s.energy for s in b.trace], abs=1e-4)
+
+
+def test_trace_has_one_entry_per_step_and_best_is_never_worse_than_initial(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    result = engine.run([_job(make_prompt("what is a boat"), reward, max_tokens=8, chains=4, steps=6, seed=1)])[0]
+    assert result.timings.steps == 6
+    for chain in result.chains:
+        assert len(chain.trace) == 6
+        assert chain.energy <= chain.initial.energy + 1e-6
+        energies = [chain.initial.energy] + [s.energy for s in chain.trace]
+        assert chain.energy == pytest.approx(min(energies), abs=1e-5)
+    assert result.reward == max(c.reward for c in result.chains)
+    assert result.usage.backward_token_passes > 0 and result.usage.forward_token_passes > result.usage.backward_token_passes
+
+
+def test_keyword_reward_rises_over_the_steps(lm, engine, make_prompt):
+    reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["penguin", "violin"]), 1.0)])
+    job = _job(make_prompt("tell me about your morning"), reward, max_tokens=8, chains=4, steps=15, seed=0,
+               alpha=20.0, step_size=0.5, select="reward")
+    result = engine.run([job])[0]
+    initial = sum(c.initial.reward for c in result.chains) / len(result.chains)
+    final = sum(c.reward for c in result.chains) / len(result.chains)
+    assert initial < 1.0
+    assert final > initial
+    assert max(c.trace[-1].reward for c in result.chains) > 0
+
+
+def test_select_by_energy_returns_lowest_energy_chain(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    result = engine.run([_job(make_prompt("hello"), reward, max_tokens=6, chains=4, steps=2, seed=2, select="energy")])[0]
+    assert result.energy == min(c.energy for c in result.chains)
+
+
+class _NaNAfterFirstScore:
+    """A reward that is finite for the initial chains and NaN afterwards."""
+
+    name = "nan"
+    lm_passes = 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def prepare(self, prompt):
+        return None
+
+    def score(self, contexts, response):
+        self.calls += 1
+        value = torch.zeros(response.rows) if self.calls == 1 else torch.full((response.rows,), math.nan)
+        if response.probs is not None:
+            value = value + 0.0 * response.probs.sum((1, 2))
+        return value
+
+
+def test_non_finite_energies_never_become_the_result(lm, engine, make_prompt):
+    result = engine.run([_job(make_prompt("hello"), RewardMix([(_NaNAfterFirstScore(), 1.0)]), max_tokens=6, chains=2, steps=3, seed=0)])[0]
+    assert math.isfinite(result.energy)
+    for chain in result.chains:
+        assert chain.best_step == 0
+        assert [s.finite for s in chain.trace] == [False, False, False]
+    assert result.nonfinite_steps >= 1
+
+
+def test_early_stop_with_patience(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    result = engine.run([_job(make_prompt("hello"), reward, max_tokens=6, chains=2, steps=50, seed=0, patience=2, step_size=0.0, noise=0.0)])[0]
+    assert result.timings.steps == 2  # zero step size: nothing ever improves
+
+
+def test_top_k_decoding_keeps_tokens_within_reference_top_k(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    state = engine.start(_job(make_prompt("tell me about tea"), reward, max_tokens=6, chains=2, steps=4, seed=0, top_k=3, step_size=2.0))
+    engine.tick([state])  # scores the initial chains and stores the reference top-k of each position
+    for _ in range(3):
+        candidates = state.top_k[..., :3]
+        engine.tick([state])
+        assert bool((state.tokens[..., None] == candidates).any(-1).all())
+
+
+def test_straight_through_columns_and_embedding_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    tokens = logits.argmax(-1)
+    batch = ResponseBatch(tokens=tokens, mask=torch.ones(2, 3), probs=probs)
+    cols = batch.columns(torch.tensor([1, 4]))
+    assert torch.equal(cols.detach(), (tokens[..., None] == torch.tensor([1, 4])).float())
+    weight = torch.randn(7, 5)
+    batch.embed(weight).sum().backward()
+    dense_logits = logits.detach().clone().requires_grad_(True)
+    dense_probs = torch.softmax(dense_logits, -1)
+    hard = F.one_hot(tokens, 7).float()
+    ((hard + dense_probs - dense_probs.detach()) @ weight).sum().backward()
+    torch.testing.assert_close(logits.grad, dense_logits.grad)

@@ -1,0 +1,75 @@
+"""The model layer: loading, reward components, vocabulary checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.lm import encode_prefix, stack_prefixes
+from models.loading import ModelLoadError, load_lm
+from models.rewards import LexiconReward, SequenceClassifierReward, check_shared_vocabulary, keyword_coverage
+from models.ste import ResponseBatch
+from tests.tiny import save_tiny_lm, tiny_reward_model
+
+
+def test_load_from_folder_is_frozen_and_in_eval_mode(lm, tmp_path):
+    folder = save_tiny_lm(lm, tmp_path / "tiny")
+    loaded = load_lm(str(folder), device="cpu")
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_missing_model_gives_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_lm(str(tmp_path / "nothing.gguf"))
+
+
+def test_sequence_classifier_reward_on_embeddings_matches_plain_forward(lm, make_prompt):
+    model = tiny_reward_model(lm.model.config.vocab_size)
+    reward = SequenceClassifierReward(model, "rm")
+    prompt = make_prompt("is the cat happy")
+    tokens = torch.tensor([[30, 31, 32, 2], [40, 41, 42, 43]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1]])
+    scores = reward.score([reward.prepare(prompt)] * 2, ResponseBatch(tokens=tokens, mask=mask))
+    for row in range(2):
+        ids = torch.tensor([prompt.ids + tokens[row].tolist()])
+        hidden = model.model(input_ids=ids).last_hidden_state[0, -1]
+        assert scores[row] == pytest.approx(float(model.score(hidden)[0]), abs=1e-4)
+
+
+def test_reward_model_with_another_vocabulary_is_refused(lm):
+    other = tiny_reward_model(lm.model.config.vocab_size + 5)
+    with pytest.raises(ModelLoadError, match=rf"{lm.model.config.vocab_size + 5}.*{lm.model.config.vocab_size}"):
+        check_shared_vocabulary(other, None, lm)
+
+
+def test_keyword_reward_is_exact_coverage_and_has_gradient(lm):
+    tok = lm.tokenizer
+    reward = LexiconReward.keywords(tok, ["dog", "park", "violin"])
+    ids = [tok.convert_tokens_to_ids(w) for w in ["the", "dog", "in", "park"]]
+    logits = torch.full((1, 4, len(tok)), -5.0)
+    logits[0, torch.arange(4), torch.tensor(ids)] = 5.0
+    logits.requires_grad_(True)
+    probs = torch.softmax(logits, -1)
+    batch = ResponseBatch(tokens=logits.argmax(-1), mask=torch.ones(1, 4), probs=probs)
+    value = reward.score([None], batch)
+    assert value.item() == pytest.approx(2 / 3)
+    value.sum().backward()
+    violin = tok.convert_tokens_to_ids("violin")
+    # The missing word is pushed up wherever no other keyword stands (there, softmax trades it against that keyword).
+    assert (logits.grad[0, [0, 2], violin] > 0).all()
+
+
+def test_keyword_coverage_on_text():
+    assert keyword_coverage("The dogs played in the Park.", ["dog", "park", "violin"]) == pytest.approx(2 / 3)
+    assert keyword_coverage("dogma", ["dog"]) == 0.0
+
+
+def test_stacked_prefixes_are_left_padded(lm):
+    short = encode_prefix(lm.model, [1, 5, 6])
+    long = encode_prefix(lm.model, [1, 5, 6, 7, 8])
+    batch = stack_prefixes([short, long])
+    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert batch.lengths.tolist() == [3, 5]
+    torch.testing.assert_close(batch.keys[0][0, :, 2:], short.keys[0][0])

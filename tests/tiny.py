@@ -1,0 +1,66 @@
+"""Tiny random models built from configs, with a small word-level tokenizer: the suite runs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+from models.loading import LoadedLM
+
+WORDS = (
+    "the a an i you we it is are was be to of and in on for with that this not no yes can cannot will "
+    "help sorry here how what why please sure safe harm dog cat frisbee park throw river boat fish net "
+    "kitchen knife onion cry sun moon light house lighthouse violin penguin telescope weekend morning "
+    "coffee tea water fire run walk play read write sing good bad happy sad big small red blue green "
+    "one two three four five , . ! ? : ;"
+).split()
+SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + ["system", "user", "assistant"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|im_end|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _config(vocab: int, **extra) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2, bos_token_id=1, pad_token_id=2,
+        tie_word_embeddings=True, **extra,
+    )
+
+
+def tiny_lm(seed: int = 0) -> LoadedLM:
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(len(tokenizer))).eval().requires_grad_(False)
+    # Random init gives near-uniform predictions; sharpen them so sampling and Langevin have structure.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8.0)
+    return LoadedLM(model, tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
+
+
+def tiny_reward_model(vocab: int, seed: int = 1) -> LlamaForSequenceClassification:
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(_config(vocab, num_labels=1)).eval().requires_grad_(False)
+
+
+def save_tiny_lm(lm: LoadedLM, folder: Path) -> Path:
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
