@@ -38,6 +38,8 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
     from app.main import create_app
@@ -45,7 +47,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     _setup_logging(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Stop taking new work at once (/ready turns 503); accepted work drains in the lifespan shutdown.
+            app.state.service.draining = True
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self._captured_signals.clear()  # a drained SIGTERM is a clean exit (status 0), not a re-raised signal
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+    Server(config).run()
     return 0
 
 

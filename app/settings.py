@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     log_level: str = Field("info", description="Log level.")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated API keys; when set, requests need `Authorization: Bearer <key>`.")
+    metrics_require_key: bool = Field(False, description="Also require the API key on /metrics.")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated origins allowed by CORS; empty: CORS off.")
 
     # Queue and batching
@@ -71,3 +72,25 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         name, _, weight = part.partition(":")
         terms.append((name.strip(), float(weight) if weight else 1.0))
     return terms
+
+
+def settings_markdown() -> str:
+    """The settings as a Markdown table (kept in the README; a test checks it is current)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        if isinstance(default, list):
+            default = ",".join(default)
+        shown = "(long text)" if isinstance(default, str) and len(default) > 40 else f"`{default}`" if default != "" else "(empty)"
+        rows.append(f"| `SEA_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m app.settings README.md: rewrite the README's settings table
+    import re
+    import sys
+
+    path = sys.argv[1]
+    text = open(path).read()
+    block = f"<!-- settings-table:start -->\n{settings_markdown()}\n<!-- settings-table:end -->"
+    open(path, "w").write(re.sub(r"<!-- settings-table:start -->.*?<!-- settings-table:end -->", lambda _: block, text, flags=re.S))

@@ -101,6 +101,12 @@ def _write_dequantised_copy(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        # mkdtemp and safetensors create owner-only files; a shared cache (e.g. baked into an image) must be readable.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        for path in staging.iterdir():
+            os.chmod(path, 0o666 & ~umask)
         os.replace(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

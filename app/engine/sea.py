@@ -156,7 +156,8 @@ class Engine:
             return
         tick_started = time.perf_counter()
         for state in states:
-            if state.step >= 0:
+            # A state whose last evaluation failed (out of memory) has no gradient and is simply re-scored.
+            if state.grad is not None:
                 self._update(state)
         need_grad = any(s.needs_grad for s in states)
         evaluation = self._evaluate(states, with_grad=need_grad)

@@ -1,0 +1,277 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions (with ``stream``).
+
+SEA parameters ride in an extra ``sea`` object (``extra_body={"sea": {...}}`` with the official client);
+the response carries the reward and energy in an extra ``sea`` field. Fields that would change the
+result but are not supported answer 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.routes import ERRORS, engine_config, get_service, require_api_key
+from app.api.schemas import SEAParams
+from app.engine.types import AlignResult
+from app.errors import BadRequest, NotFound
+from app.service.jobs import Job
+from app.service.service import AlignService
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+MODEL_ALIASES = {"sea", "default"}
+
+
+class SEAOptions(SEAParams):
+    """The ``sea`` extra: every /align parameter except the prompt (max_tokens, seed, temperature, top_p come from the OpenAI fields)."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _OpenAIBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The served model id (see /v1/models), or `sea`.")
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=64, description="Choices: the n best chains of one run (n <= chains).")
+    seed: int | None = Field(None, ge=0, le=2**62)
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="Temperature of the base samples.")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    sea: SEAOptions | None = Field(None, description="SEA parameters (see POST /align).")
+
+    def unsupported(self) -> dict[str, Any]:
+        """Fields set to values that would change the result in ways this server does not implement."""
+        bad = {}
+        if self.presence_penalty:
+            bad["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            bad["frequency_penalty"] = self.frequency_penalty
+        if self.logit_bias:
+            bad["logit_bias"] = self.logit_bias
+        return bad
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise BadRequest("at most 4 stop sequences", param="stop")
+        return [s for s in stops if s]
+
+    def params(self, max_tokens: int | None) -> SEAParams:
+        options = (self.sea or SEAOptions()).model_dump(exclude_unset=True)
+        options.update({k: v for k, v in {"max_tokens": max_tokens, "seed": self.seed, "temperature": self.temperature,
+                                            "top_p": self.top_p}.items() if v is not None})
+        params = SEAParams(**options)
+        if self.n > 1:
+            if params.method == "sample":
+                raise BadRequest("n > 1 needs method `sea` or `bon`", param="n")
+            params.chains = max(params.chains or 0, self.n) if params.method == "sea" else params.chains
+            params.samples = max(params.samples, self.n)
+        return params
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str] = Field(description="A prompt (a list holds one prompt per choice set).")
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> dict[str, Any]:
+        bad = super().unsupported()
+        for name in ("echo", "logprobs", "suffix"):
+            if getattr(self, name):
+                bad[name] = getattr(self, name)
+        if self.best_of not in (None, 1):
+            bad["best_of"] = self.best_of
+        return bad
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. `name`, which does not change the rendering
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=64)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> dict[str, Any]:
+        bad = super().unsupported()
+        for name in ("logprobs", "top_logprobs", "tools"):
+            if getattr(self, name):
+                bad[name] = getattr(self, name)
+        if self.tool_choice not in (None, "none"):
+            bad["tool_choice"] = self.tool_choice
+        if self.response_format and self.response_format.get("type") != "text":
+            bad["response_format"] = self.response_format
+        return bad
+
+
+def _check(body: _OpenAIBase, service: AlignService) -> None:
+    for name in body.unsupported():
+        raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
+    if body.model != service.model_name and body.model.lower() not in MODEL_ALIASES:
+        raise NotFound(f"the model {body.model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
+
+
+def _truncate(text: str, stops: list[str], finish: str) -> tuple[str, str]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], "stop") if cut >= 0 else (text, finish)
+
+
+def _ranked_chains(result: AlignResult, n: int, select: str) -> list[int]:
+    """The chosen chain first, then the others by the same criterion."""
+    order = sorted(range(len(result.chains)), key=lambda i: result.chains[i].energy if select == "energy" else -result.chains[i].reward)
+    order.remove(result.chosen)
+    return [result.chosen, *order][:n]
+
+
+def _sea_extra(job: Job, result: AlignResult) -> dict:
+    return {
+        "method": result.method,
+        "reward": result.reward,
+        "log_prob_ref": result.log_prob_ref,
+        "energy": result.energy,
+        "energy_per_token": result.energy_per_token,
+        "chosen": result.chosen,
+        "chains": [{"text": c.text, "reward": c.reward, "energy": c.energy, "log_prob_ref": c.log_prob_ref} for c in result.chains],
+        "timings": {"queue": job.queue_seconds, "init": result.timings.init, "langevin": result.timings.langevin,
+                    "total": result.timings.total, "steps": result.timings.steps},
+        "forward_token_passes": result.usage.forward_token_passes,
+        "backward_token_passes": result.usage.backward_token_passes,
+    }
+
+
+def _usage(result: AlignResult, completion_tokens: int) -> dict:
+    prompt = result.usage.prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool) -> list[dict]:
+    choices = []
+    for index, chain_index in enumerate(_ranked_chains(result, n, select)):
+        chain = result.chains[chain_index]
+        finish = result.finish_reason if chain_index == result.chosen else "length"
+        text, finish = _truncate(chain.text, stops, finish)
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None})
+        else:
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": None})
+    return choices
+
+
+async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens: int | None, request: Request,
+                   service: AlignService, chat: bool):
+    _check(body, service)
+    params = body.params(max_tokens)
+    stops = body.stops()
+    config = engine_config(params, service)
+    job = service.submit(config, messages, params.reward_options(), params.timeout)
+    object_name = "chat.completion" if chat else "text_completion"
+    response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if not body.stream:
+        result = await service.wait(job, request.is_disconnected)
+        choices = _choices(result, body.n, config.select, stops, chat)
+        completion_tokens = result.usage.completion_tokens
+        return {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
+                "usage": _usage(result, completion_tokens), "sea": _sea_extra(job, result)}
+    return StreamingResponse(
+        _stream(job, body, config.select, stops, chat, response_id, created, service),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], chat: bool, response_id: str, created: int,
+                  service: AlignService):
+    """OpenAI SSE chunks: progress as comments while the chains run, then the text, then ``[DONE]``."""
+    object_name = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict], **extra) -> str:
+        payload = {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices, **extra}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    past, queue = job.subscribe()
+    try:
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(body.n)])
+        pending = list(past)
+        while True:
+            event = pending.pop(0) if pending else await queue.get()
+            if event["event"] == "end":
+                break
+            yield f": step {event['step']}/{event['steps']}\n\n"
+        try:
+            result = service.outcome(job)
+        except Exception as exc:  # the stream has started: report in-band, as OpenAI does
+            message = getattr(exc, "message", "internal error")
+            yield f"data: {json.dumps({'error': {'message': message, 'type': getattr(exc, 'type', 'server_error')}})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        for choice in _choices(result, body.n, select, stops, chat):
+            index, finish = choice["index"], choice["finish_reason"]
+            if chat:
+                text = choice["message"]["content"]
+                yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+                yield chunk([{"index": index, "delta": {}, "finish_reason": finish}])
+            else:
+                yield chunk([{"index": index, "text": choice["text"], "finish_reason": finish, "logprobs": None}])
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=_usage(result, result.usage.completion_tokens), sea=_sea_extra(job, result))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.unsubscribe(queue)
+        if not job.status.finished:  # the client went away mid-stream
+            service.cancel(job)
+
+
+@router.get("/models", summary="The served model.")
+async def list_models(service: AlignService = Depends(get_service)) -> dict:
+    return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "sea-serve"}]}
+
+
+@router.post("/completions", responses=ERRORS, summary="OpenAI-compatible text completion, aligned with SEA.")
+async def completions(body: CompletionRequest, request: Request, service: AlignService = Depends(get_service)):
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise BadRequest("send one prompt per request (a list must hold exactly one)", param="prompt")
+    return await _respond(body, [{"role": "user", "content": prompts[0]}], body.max_tokens, request, service, chat=False)
+
+
+@router.post("/chat/completions", responses=ERRORS, summary="OpenAI-compatible chat completion, aligned with SEA.")
+async def chat_completions(body: ChatCompletionRequest, request: Request, service: AlignService = Depends(get_service)):
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await _respond(body, [m.as_dict() for m in body.messages], max_tokens, request, service, chat=True)

@@ -1,0 +1,132 @@
+"""Thin routes: /align, the job API with Server-Sent Events, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette.sse import EventSourceResponse
+
+from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreated, JobOut, LimitError, SEAParams
+from app.engine.types import SEAConfig
+from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
+from app.service.jobs import Job, JobStatus
+from app.service.service import AlignService
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 499, 500, 503, 504)}
+
+
+def get_service(request: Request) -> AlignService:
+    return request.app.state.service
+
+
+def require_api_key(request: Request) -> None:
+    """When API keys are configured, require ``Authorization: Bearer <key>`` (compared in constant time)."""
+    keys = request.app.state.service.settings.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip().encode()
+    valid = scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode()) for key in keys)
+    if not valid:
+        raise Unauthorized("missing or invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def engine_config(params: SEAParams, service: AlignService) -> SEAConfig:
+    try:
+        return params.to_config(service.settings)
+    except LimitError as exc:
+        raise Unprocessable(str(exc), param=exc.field) from None
+
+
+def align_response(job: Job, result, with_trace: bool) -> AlignResponse:
+    return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace)
+
+
+public = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@public.get("/health", summary="Liveness: 200 while the process runs.")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@public.get("/ready", summary="Readiness: 503 while models load or while draining.", responses={503: {"model": ErrorResponse}})
+async def ready(service: AlignService = Depends(get_service)) -> dict:
+    if not service.ready:
+        raise ServiceUnavailable("draining" if service.draining else "the models are still loading", headers={"Retry-After": "5"})
+    return {"status": "ready", "model": service.model_name}
+
+
+async def metrics(service: AlignService = Depends(get_service)) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@protected.post("/align", response_model=AlignResponse, responses=ERRORS, summary="Align one prompt and wait for the result.")
+async def align(body: AlignRequest, request: Request, service: AlignService = Depends(get_service)) -> AlignResponse:
+    job = service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout)
+    result = await service.wait(job, request.is_disconnected)
+    return align_response(job, result, body.return_trace)
+
+
+@protected.post("/jobs", status_code=202, response_model=JobCreated, responses=ERRORS, summary="Queue an alignment job.")
+async def create_job(body: AlignRequest, response: Response, service: AlignService = Depends(get_service)) -> JobCreated:
+    job = service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout, stream_events=True)
+    job.return_trace = body.return_trace
+    location = f"/jobs/{job.id}"
+    response.headers["Location"] = location
+    return JobCreated(id=job.id, status=job.status.value, location=location)
+
+
+def job_out(job: Job, service: AlignService) -> JobOut:
+    result = align_response(job, job.result, job.return_trace) if job.result is not None else None
+    return JobOut(id=job.id, status=job.status.value, position=service.position(job), created=job.created, error=job.error, result=result)
+
+
+@protected.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS, summary="A job's status, queue position and result.")
+async def get_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
+    return job_out(service.get(job_id), service)
+
+
+@protected.delete("/jobs/{job_id}", response_model=JobOut, responses=ERRORS, summary="Cancel a job (its chains leave the batch at the next step).")
+async def cancel_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
+    job = service.get(job_id)
+    service.cancel(job)
+    await job.wait(5.0)
+    return job_out(job, service)
+
+
+@protected.get(
+    "/jobs/{job_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events, then one `result` event."}, **ERRORS},
+    summary="Server-Sent Events: one `step` event per Langevin step, then a `result` event.",
+)
+async def job_events(job_id: str, service: AlignService = Depends(get_service)):
+    job = service.get(job_id)
+
+    async def stream():
+        past, queue = job.subscribe()
+        try:
+            pending = list(past)
+            while True:
+                event = pending.pop(0) if pending else await queue.get()
+                if event["event"] == "end":
+                    break
+                yield {"event": "step", "data": json.dumps(event)}
+            yield {"event": "result", "data": job_out(job, service).model_dump_json()}
+        finally:
+            job.unsubscribe(queue)
+
+    return EventSourceResponse(stream(), ping=15)
+
+
+def install_routes(app, settings) -> None:
+    app.include_router(public)
+    app.include_router(protected)
+    guard = [Depends(require_api_key)] if settings.metrics_require_key else []
+    app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=guard, summary="Prometheus metrics (text format).",
+                      response_class=Response, responses={200: {"content": {"text/plain": {}}}})

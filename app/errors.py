@@ -1,0 +1,60 @@
+"""The service's own errors: each carries its HTTP status and OpenAI error type (mapped in ``app.api.errors``)."""
+
+from __future__ import annotations
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class Unprocessable(APIError):
+    status = 422
+    type = "invalid_request_error"
+
+
+class TooManyRequests(APIError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "overloaded_error"
+
+
+class GatewayTimeout(APIError):
+    status = 504
+    type = "timeout_error"
+
+
+class ClientClosed(APIError):
+    status = 499
+    type = "cancelled"

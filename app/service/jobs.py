@@ -1,0 +1,123 @@
+"""Jobs: one accepted request each, with its status, step events and result, and the store that keeps them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from app.engine.types import AlignJob, AlignResult
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+@dataclass(eq=False)
+class Job:
+    """A request's life on the service. Mutated only on the event loop (the worker hands over with call_soon_threadsafe)."""
+
+    work: AlignJob
+    model: str
+    stream_events: bool = False  # per-step events with each chain's text (the job API and the playground)
+    deadline: float | None = None  # time.monotonic() after which the job is failed with a timeout
+    return_trace: bool = False
+    id: str = field(default_factory=lambda: "job-" + uuid.uuid4().hex[:24])
+    created: float = field(default_factory=time.time)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished_at: float | None = None
+    status: JobStatus = JobStatus.queued
+    result: AlignResult | None = None
+    error: str | None = None
+    error_kind: str | None = None  # "timeout", "cancelled", "engine", "overloaded", "shutdown"
+    cancel_requested: bool = False  # read by the worker thread at step boundaries
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _subscribers: list[asyncio.Queue] = field(default_factory=list)
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def chains(self) -> int:
+        return self.work.config.chains if self.work.config.method == "sea" else 1
+
+    @property
+    def queue_seconds(self) -> float:
+        """Seconds waited before the engine took the job (so far, while still queued)."""
+        return (self.started or time.monotonic()) - self.enqueued
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+
+    def subscribe(self) -> tuple[list[dict[str, Any]], asyncio.Queue]:
+        """Past events and a queue of the ones to come (call on the event loop)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.append(queue)
+        return list(self.events), queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        if queue in self._subscribers:
+            self._subscribers.remove(queue)
+
+    def mark_running(self) -> None:
+        self.status = JobStatus.running
+        self.started = time.monotonic()
+
+    def finish(self, status: JobStatus, result: AlignResult | None = None, error: str | None = None, kind: str | None = None) -> None:
+        if self.status.finished:
+            return
+        self.status = status
+        self.result = result
+        self.error = error
+        self.error_kind = kind
+        self.finished_at = time.monotonic()
+        self.publish({"event": "end", "status": status.value})
+        self._done.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the job has finished; False on timeout."""
+        try:
+            await asyncio.wait_for(self._done.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class JobStore:
+    """In-memory jobs by id; finished jobs are dropped ``ttl`` seconds after they finish."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._jobs: dict[str, Job] = {}
+
+    def add(self, job: Job) -> None:
+        self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> Job | None:
+        self.expire()
+        return self._jobs.get(job_id)
+
+    def expire(self) -> int:
+        now = time.monotonic()
+        old = [jid for jid, job in self._jobs.items() if job.finished_at is not None and now - job.finished_at > self.ttl]
+        for jid in old:
+            del self._jobs[jid]
+        return len(old)
+
+    def unfinished(self) -> list[Job]:
+        return [job for job in self._jobs.values() if not job.status.finished]
+
+    def __len__(self) -> int:
+        return len(self._jobs)

@@ -1,0 +1,38 @@
+"""Every Prometheus metric of the service, in one registry. Names carry the ``sea_`` prefix and a unit suffix."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from app.engine.types import AlignResult
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+REWARD_BUCKETS = (-20, -10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20)
+CHAIN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sea_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
+        self.request_seconds = Histogram("sea_request_duration_seconds", "HTTP request duration.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("sea_queue_wait_seconds", "Time a request waited before the engine took it.", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("sea_queue_depth", "Requests waiting for the engine.", registry=r)
+        self.jobs_running = Gauge("sea_jobs_running", "Requests in the running batch.", registry=r)
+        self.chains_in_flight = Gauge("sea_chains_in_flight", "Chains in the running batch.", registry=r)
+        self.step_seconds = Histogram("sea_langevin_step_duration_seconds", "Duration of one batched engine step.", buckets=STEP_BUCKETS, registry=r)
+        self.batch_chains = Histogram("sea_batch_chains", "Chains per engine step.", buckets=CHAIN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("sea_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
+        self.completion_tokens = Counter("sea_completion_tokens_total", "Completion tokens of finished requests.", registry=r)
+        self.final_reward = Histogram("sea_final_reward", "Reward of the returned response.", ["method"], buckets=REWARD_BUCKETS, registry=r)
+        self.reward_gain = Histogram("sea_reward_gain", "Returned chain's reward minus its initial sample's.", ["method"], buckets=REWARD_BUCKETS, registry=r)
+        self.model_info = Info("sea_model", "The served models.", registry=r)
+
+    def observe_result(self, result: AlignResult) -> None:
+        self.prompt_tokens.inc(result.usage.prompt_tokens)
+        self.completion_tokens.inc(result.usage.completion_tokens)
+        self.final_reward.labels(result.method).observe(result.reward)
+        chosen = result.chains[result.chosen]
+        self.reward_gain.labels(result.method).observe(result.reward - chosen.initial.reward)

@@ -1,0 +1,130 @@
+"""The service layer: turns validated requests into jobs, queues them, and waits for them on behalf of routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from app.engine.types import AlignResult, SEAConfig
+from app.errors import ClientClosed, GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
+from app.runtime import Runtime, UnknownRewardError
+from app.service.jobs import Job, JobStatus, JobStore
+from app.service.metrics import Metrics
+from app.service.worker import DrainingError, EngineWorker, QueueFullError
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class AlignService:
+    """Owns the job store and the engine worker once the models are loaded."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.store = JobStore(settings.job_ttl_seconds)
+        self.runtime: Runtime | None = None
+        self.worker: EngineWorker | None = None
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.worker is not None and not self.draining
+
+    @property
+    def model_name(self) -> str:
+        return self.runtime.lm.name if self.runtime else "loading"
+
+    def attach(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
+        """Start serving with loaded models."""
+        self.runtime = runtime
+        self.worker = EngineWorker(runtime.engine, loop, self.metrics, self.settings.max_batch_chains, self.settings.max_queue)
+        self.worker.start()
+        self.metrics.model_info.info({"model": runtime.lm.name, "device": str(runtime.lm.device), "dtype": str(runtime.lm.dtype).replace("torch.", ""),
+                                      "rewards": ",".join(sorted(runtime.rewards))})
+
+    # ----- submitting ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        config: SEAConfig,
+        messages: list[dict[str, str]],
+        reward_options: dict | None = None,
+        timeout: float | None = None,
+        stream_events: bool = False,
+    ) -> Job:
+        """Build the engine job, check the prompt limit, and queue it (429 when the queue is full)."""
+        if self.worker is None or self.runtime is None:
+            raise ServiceUnavailable("the models are still loading", headers={"Retry-After": "5"})
+        if self.draining:
+            raise ServiceUnavailable("the service is shutting down")
+        try:
+            work = self.runtime.job(messages, config, **(reward_options or {}))
+        except UnknownRewardError as exc:
+            raise Unprocessable(str(exc), param="reward.terms") from None
+        except ValueError as exc:  # e.g. an empty reward mix
+            raise Unprocessable(str(exc), param="reward") from None
+        if len(work.prompt.ids) > self.settings.max_prompt_tokens:
+            raise Unprocessable(
+                f"the prompt has {len(work.prompt.ids)} tokens; the limit is {self.settings.max_prompt_tokens}", param="prompt"
+            )
+        timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
+        job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout)
+        try:
+            self.worker.submit(job)
+        except QueueFullError as exc:
+            raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(exc.retry_after)}) from None
+        except DrainingError:
+            raise ServiceUnavailable("the service is shutting down") from None
+        self.store.add(job)
+        return job
+
+    async def wait(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AlignResult:
+        while not await job.wait(DISCONNECT_POLL_SECONDS):
+            if is_disconnected is not None and await is_disconnected():
+                self.cancel(job)
+                raise ClientClosed("the client closed the connection")
+            if job.deadline is not None and time.monotonic() > job.deadline + 1.0:
+                self.cancel(job, kind="timeout", reason="the request ran past its deadline")
+        return self.outcome(job)
+
+    def outcome(self, job: Job) -> AlignResult:
+        """The result of a finished job, or the matching error."""
+        if job.status == JobStatus.succeeded:
+            return job.result
+        if job.error_kind == "timeout":
+            raise GatewayTimeout(job.error or "timed out")
+        if job.error_kind == "cancelled":
+            raise ClientClosed(job.error or "cancelled")
+        if job.error_kind in ("overloaded", "shutdown"):
+            raise ServiceUnavailable(job.error or "overloaded")
+        raise RuntimeError(f"job {job.id} failed: {job.error}")
+
+    # ----- jobs ---------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (unknown, or expired after {self.settings.job_ttl_seconds:g} s)", param="id")
+        return job
+
+    def position(self, job: Job) -> int | None:
+        return self.worker.position(job) if self.worker and job.status == JobStatus.queued else None
+
+    def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
+        if self.worker is not None and not job.status.finished:
+            self.worker.cancel(job, kind, reason)
+            if kind != "cancelled":  # a timeout answers now; the worker drops the chains at the next step
+                job.finish(JobStatus.failed, None, reason, kind)
+
+    async def shutdown(self) -> None:
+        """Drain: refuse new work, let accepted work finish within the grace period, fail the rest."""
+        self.draining = True
+        if self.worker is not None:
+            log.info("draining: %d queued, %d chains running", *self.worker.load)
+            await self.worker.drain(self.settings.drain_seconds)
+            await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks run

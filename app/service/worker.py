@@ -1,0 +1,270 @@
+"""The engine worker: one thread owns the models and runs continuous batches of chains.
+
+Requests wait in a bounded queue. Between steps the worker admits queued requests while the batch
+has room (``max_batch_chains``), drops cancelled or expired ones, runs one batched step, publishes
+each request's step event, and hands finished results back to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+
+import torch
+
+from app.engine.sea import Engine, RequestState
+from app.service.jobs import Job, JobStatus
+from app.service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    def __init__(self, retry_after: int):
+        super().__init__("the queue is full")
+        self.retry_after = retry_after
+
+
+class DrainingError(RuntimeError):
+    """The service is shutting down and takes no new work."""
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, metrics: Metrics, max_batch_chains: int, max_queue: int):
+        self.engine = engine
+        self.loop = loop
+        self.metrics = metrics
+        self.max_batch_chains = max_batch_chains
+        self.max_queue = max_queue
+        self._pending: collections.deque[Job] = collections.deque()
+        self._active: list[tuple[Job, RequestState]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._draining = False
+        self._thread = threading.Thread(target=self._run, name="sea-engine", daemon=True)
+        self._job_seconds = 5.0  # running mean of a job's run time, for Retry-After
+
+    # ----- called on the event loop ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._draining:
+                raise DrainingError("the service is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFullError(self.retry_after())
+            self._pending.append(job)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify()
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: the queue drained at the recent job rate."""
+        running = max(1, len(self._active))
+        return max(1, math.ceil(self._job_seconds * (len(self._pending) + 1) / (running * 2)))
+
+    def position(self, job: Job) -> int | None:
+        with self._cond:
+            try:
+                return self._pending.index(job)
+            except ValueError:
+                return None
+
+    def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
+        """Cancel a job: a queued one at once, a running one at the next step boundary."""
+        job.cancel_requested = True
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                self.metrics.queue_depth.set(len(self._pending))
+                self._finish_cancelled(job, kind, reason)
+
+    def _finish_cancelled(self, job: Job, kind: str, reason: str) -> None:
+        status = JobStatus.cancelled if kind == "cancelled" else JobStatus.failed
+        self._call(job.finish, status, None, reason, kind)
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._active
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(queued requests, chains in the running batch)."""
+        with self._cond:
+            return len(self._pending), sum(job.chains for job, _ in self._active)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work; let queued and running jobs finish within ``timeout``; fail what is left."""
+        with self._cond:
+            self._draining = True
+        deadline = time.monotonic() + timeout
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.stop(reason="the service shut down before the job could finish")
+
+    def stop(self, reason: str = "the service stopped") -> None:
+        with self._cond:
+            self._stopping = True
+            self._draining = True
+            leftover = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        for job in leftover + [job for job, _ in self._active]:
+            self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
+        self._active = []
+
+    # ----- the worker thread -------------------------------------------------------------------
+
+    def _call(self, fn, *args) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(True)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._active:
+                    self._cond.wait(timeout=0.5)
+                if self._stopping:
+                    return
+                admitted = self._admit_locked()
+            for job in admitted:
+                self._start(job)
+            self._drop_cancelled()
+            if self._active:
+                self._step()
+
+    def _admit_locked(self) -> list[Job]:
+        chains = sum(job.chains for job, _ in self._active)
+        admitted = []
+        while self._pending:
+            job = self._pending[0]
+            if (self._active or admitted) and chains + job.chains > self.max_batch_chains:
+                break
+            self._pending.popleft()
+            admitted.append(job)
+            chains += job.chains
+        self.metrics.queue_depth.set(len(self._pending))
+        return admitted
+
+    def _start(self, job: Job) -> None:
+        if job.cancel_requested:
+            self._finish_cancelled(job, "cancelled", "cancelled by the client")
+            return
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
+            return
+        self._call(job.mark_running)
+        job.started = time.monotonic()
+        self.metrics.queue_wait.observe(job.started - job.enqueued)
+        try:
+            state = self.engine.start(job.work)
+        except torch.OutOfMemoryError:
+            log.exception("out of memory starting job %s", job.id)
+            self._call(job.finish, JobStatus.failed, None, "out of memory: ask for fewer chains, samples or tokens", "overloaded")
+            return
+        except Exception:
+            log.exception("engine failed to start job %s", job.id)
+            self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+            return
+        if state.done:
+            self._complete(job, state)
+        else:
+            self._active.append((job, state))
+        self._update_gauges()
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for job, state in self._active:
+            if job.cancel_requested:
+                self.engine.cancel(state)
+                self._finish_cancelled(job, "cancelled", "cancelled by the client")
+            elif job.deadline is not None and now > job.deadline:
+                self.engine.cancel(state)
+                self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
+            else:
+                keep.append((job, state))
+        self._active = keep
+        self._update_gauges()
+
+    def _step(self) -> None:
+        states = [state for _, state in self._active]
+        started = time.perf_counter()
+        failed = self._tick_resilient(states)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_chains.observe(sum(s.chains for s in states))
+        still = []
+        for job, state in self._active:
+            if id(state) in failed:
+                self._call(job.finish, JobStatus.failed, None, failed[id(state)], "engine")
+                continue
+            self._call(job.publish, self._step_event(job, state))
+            if state.done:
+                self._complete(job, state)
+            else:
+                still.append((job, state))
+        self._active = still
+        self._update_gauges()
+
+    def _tick_resilient(self, states: list[RequestState]) -> dict[int, str]:
+        """Tick ``states``; on out-of-memory split the batch and retry, failing only a request that cannot fit alone."""
+        try:
+            self.engine.tick(states)
+            return {}
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(states) == 1:
+                log.warning("out of memory on a single request; failing it")
+                return {id(states[0]): "out of memory: ask for fewer chains or tokens"}
+            half = len(states) // 2
+            log.warning("out of memory on a batch of %d requests; splitting", len(states))
+            return {**self._tick_resilient(states[:half]), **self._tick_resilient(states[half:])}
+        except Exception:
+            log.exception("engine step failed for a batch of %d requests", len(states))
+            return {id(s): "internal engine error" for s in states}
+
+    def _step_event(self, job: Job, state: RequestState) -> dict:
+        chains = []
+        for c in range(state.chains):
+            stats = state.initial[c] if state.step == 0 else state.traces[c][-1]
+            entry = {"energy": stats.energy, "reward": stats.reward, "log_prob_ref": stats.log_prob_ref, "changed": stats.changed}
+            if job.stream_events and state.tokens is not None:
+                entry.update(self._pieces(state, c))
+            chains.append(entry)
+        return {"event": "step", "step": state.step, "steps": state.config.steps, "chains": chains}
+
+    def _pieces(self, state: RequestState, chain: int) -> dict:
+        """The chain's current text as token pieces, flagging those that differ from its initial sample."""
+        tokens = state.tokens[chain].tolist()
+        initial = state.initial_tokens[chain].tolist()
+        text, counted, _ = self.engine.text_of(state.tokens[chain])
+        tokenizer = self.engine.lm.tokenizer
+        stops = set(self.engine.stop_ids.tolist())
+        pieces, changed = [], []
+        for position, token in enumerate(tokens[:counted]):
+            if token in stops:
+                break
+            pieces.append(tokenizer.decode([token]))
+            changed.append(token != initial[position])
+        return {"text": text, "pieces": pieces, "changed_positions": changed}
+
+    def _complete(self, job: Job, state: RequestState) -> None:
+        result = state.result
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * result.timings.total
+        self.metrics.observe_result(result)
+        self._call(job.finish, JobStatus.succeeded, result)
+
+    def _update_gauges(self) -> None:
+        self.metrics.jobs_running.set(len(self._active))
+        self.metrics.chains_in_flight.set(sum(job.chains for job, _ in self._active))

@@ -1,0 +1,189 @@
+"""End to end: the real uvicorn server on a tiny model, real HTTP clients, the official `openai` client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+import openai
+import pytest
+from httpx_sse import connect_sse
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server import ServerProcess
+from tests.tiny import save_tiny_lm, tiny_lm
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = save_tiny_lm(tiny_lm(), tmp_path_factory.mktemp("model") / "tiny-llama")
+    proc = ServerProcess(str(folder), tmp_path_factory.mktemp("logs") / "server.log", max_queue=64, default_steps=3, default_max_tokens=6)
+    proc.wait_ready()
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_health_ready_and_models(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ready").json()["status"] == "ready"
+    models = http.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny-llama"
+
+
+def test_align_returns_text_chains_traces_usage_and_timings(http):
+    response = http.post("/align", json={"prompt": "tell me about the sun", "chains": 3, "steps": 4, "max_tokens": 6, "seed": 5,
+                                         "return_trace": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert response.headers["x-request-id"]
+    assert body["text"] == body["chains"][body["chosen"]]["text"]
+    assert len(body["chains"]) == 3 and all(len(c["trace"]) == 4 for c in body["chains"])
+    assert body["usage"]["prompt_tokens"] > 0 and 0 < body["usage"]["completion_tokens"] <= 6
+    assert body["usage"]["backward_token_passes"] > 0
+    assert body["timings"]["steps"] == 4 and body["timings"]["total"] >= body["timings"]["langevin"] > 0
+    assert body["energy"] == pytest.approx(-(body["log_prob_ref"] + 1.0 * body["reward"]), abs=1e-3)
+
+
+def test_align_with_messages_keywords_and_baselines(http):
+    chat = {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "write about a dog"}], "max_tokens": 5, "seed": 1}
+    sea = http.post("/align", json={**chat, "reward": {"keywords": ["penguin"], "keywords_only": True}, "alpha": 5}).json()
+    assert 0.0 <= sea["reward"] <= 1.0  # keyword coverage only
+    bon = http.post("/align", json={**chat, "method": "bon", "samples": 6}).json()
+    assert bon["method"] == "bon" and len(bon["chains"]) == 6
+    assert bon["reward"] == max(c["reward"] for c in bon["chains"])
+    sample = http.post("/align", json={**chat, "method": "sample"}).json()
+    assert sample["method"] == "sample" and len(sample["chains"]) == 1
+
+
+def test_same_seed_same_text_alone_or_among_concurrent_requests(http, server):
+    request = {"prompt": "sing a song about the moon", "chains": 2, "steps": 3, "max_tokens": 6, "seed": 11}
+    alone = http.post("/align", json=request).json()
+
+    def post(body):
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            return client.post("/align", json=body).json()
+
+    others = [{"prompt": f"write {i} words about a river", "chains": 3, "steps": 5, "max_tokens": 8, "seed": i} for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(post, body) for body in others[:2]] + [pool.submit(post, request)] + [pool.submit(post, b) for b in others[2:]]
+        together = futures[2].result()
+        [f.result() for f in futures]
+    assert [c["text"] for c in together["chains"]] == [c["text"] for c in alone["chains"]]
+    assert together["energy"] == pytest.approx(alone["energy"], abs=1e-3)
+
+
+def test_job_lifecycle_with_server_sent_events(http):
+    created = http.post("/jobs", json={"prompt": "what is tea", "chains": 2, "steps": 4, "max_tokens": 5, "seed": 3})
+    assert created.status_code == 202
+    location = created.headers["location"]
+    assert location == f"/jobs/{created.json()['id']}"
+    steps, result = [], None
+    with connect_sse(http, "GET", location + "/events") as source:
+        for event in source.iter_sse():
+            if event.event == "step":
+                steps.append(json.loads(event.data))
+            elif event.event == "result":
+                result = json.loads(event.data)
+                break
+    assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
+    assert all(len(s["chains"]) == 2 and "energy" in s["chains"][0] and "pieces" in s["chains"][0] for s in steps)
+    assert result["status"] == "succeeded"
+    chosen = result["result"]["chains"][result["result"]["chosen"]]
+    assert chosen["best_step"] <= 4 and result["result"]["text"] == chosen["text"]
+    job = http.get(location).json()
+    assert job["status"] == "succeeded" and job["result"]["timings"]["steps"] == 4
+
+
+def test_cancelling_a_long_job(http):
+    created = http.post("/jobs", json={"prompt": "write a long story", "chains": 4, "steps": 200, "max_tokens": 32, "seed": 3}).json()
+    cancelled = http.delete(f"/jobs/{created['id']}").json()
+    assert cancelled["status"] == "cancelled"
+    assert http.get(f"/jobs/{created['id']}").json()["status"] == "cancelled"
+    # The worker keeps serving.
+    assert http.post("/align", json={"prompt": "hi", "steps": 1, "max_tokens": 3}).status_code == 200
+
+
+def test_errors_name_the_field(http):
+    over = http.post("/align", json={"prompt": "hi", "chains": 1000})
+    assert over.status_code == 422 and over.json()["error"]["param"] == "chains"
+    unknown = http.post("/align", json={"prompt": "hi", "chainz": 2})
+    assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "chainz"
+    neither = http.post("/align", json={"steps": 2})
+    assert neither.status_code == 422
+    reward = http.post("/align", json={"prompt": "hi", "reward": {"terms": {"nope": 1}}})
+    assert reward.status_code == 422 and reward.json()["error"]["param"] == "reward.terms"
+    bad_json = http.post("/align", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 422
+    assert http.get("/jobs/job-doesnotexist").status_code == 404
+    too_big = http.post("/align", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
+
+
+def test_official_openai_client(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    completion = client.completions.create(model="tiny-llama", prompt="the dog", max_tokens=5, seed=2, extra_body={"sea": {"steps": 2, "chains": 2}})
+    assert completion.choices[0].text == completion.model_extra["sea"]["chains"][completion.model_extra["sea"]["chosen"]]["text"]
+    assert completion.usage.completion_tokens <= 5 and completion.usage.prompt_tokens > 0
+
+    chat = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1, n=2,
+                                          extra_body={"sea": {"steps": 2, "alpha": 2.0}})
+    assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    assert chat.model_extra["sea"]["energy"] == pytest.approx(-(chat.model_extra["sea"]["log_prob_ref"] + 2.0 * chat.model_extra["sea"]["reward"]), abs=1e-3)
+
+    stream = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1,
+                                            stream=True, stream_options={"include_usage": True}, extra_body={"sea": {"steps": 2}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    alone = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1,
+                                           extra_body={"sea": {"steps": 2}})
+    assert text == alone.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+    streamed = client.completions.create(model="sea", prompt="hi", max_tokens=3, stream=True, extra_body={"sea": {"steps": 1}})
+    assert len([c for c in streamed if c.choices]) == 1
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    assert bad.value.body["param"] == "logprobs"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-5", prompt="hi")
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.completions.create(model="sea", prompt="hi", extra_body={"sea": {"stepz": 1}})
+    assert unknown.value.body["param"] == "sea.stepz"
+
+
+def test_metrics_count_the_calls(http):
+    before = metric_samples(http.get("/metrics").text)
+    assert http.post("/align", json={"prompt": "hi", "steps": 2, "max_tokens": 3}).status_code == 200
+    assert http.post("/align", json={"prompt": "hi", "chains": 1000}).status_code == 422
+    after = metric_samples(http.get("/metrics").text)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("sea_requests_total", endpoint="/align", status="200") == 1
+    assert delta("sea_requests_total", endpoint="/align", status="422") == 1
+    assert delta("sea_request_duration_seconds_count", endpoint="/align") == 2
+    assert delta("sea_final_reward_count", method="sea") == 1
+    assert delta("sea_reward_gain_count", method="sea") == 1
+    assert delta("sea_langevin_step_duration_seconds_count") >= 3
+    assert delta("sea_completion_tokens_total") > 0 and delta("sea_prompt_tokens_total") > 0
+    assert after[("sea_queue_depth", ())] == 0
+    assert ("sea_model_info", (("device", "cpu"), ("dtype", "float32"), ("model", "tiny-llama"), ("rewards", "principle"))) in after

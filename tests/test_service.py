@@ -1,0 +1,224 @@
+"""The service layer with a fake engine (no model): queueing, continuous batching, cancellation, faults, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
+from app.errors import GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests
+from app.runtime import Runtime
+from app.service.jobs import JobStatus
+from app.service.metrics import Metrics
+from app.service.service import AlignService
+from app.settings import Settings
+from tests.tiny import tiny_tokenizer
+
+
+class FakeState:
+    def __init__(self, job, chains):
+        self.job = job
+        self.config = job.config
+        self.chains = chains
+        self.step = -1
+        self.done = False
+        self.result = None
+        self.tokens = None
+        self.initial = [StepStats(1.0, 0.0, -1.0, 0.0)] * chains
+        self.traces = [[] for _ in range(chains)]
+
+
+class FakeEngine:
+    """Each request needs ``config.steps + 1`` ticks; records which requests shared each tick."""
+
+    def __init__(self, tick_seconds: float = 0.005, fail_when=None, oom_when=None):
+        self.tick_seconds = tick_seconds
+        self.batches: list[list[str]] = []
+        self.fail_when = fail_when or (lambda states: False)
+        self.oom_when = oom_when or (lambda states: False)
+
+    def start(self, job):
+        return FakeState(job, job.config.chains)
+
+    def cancel(self, state):
+        state.done = True
+
+    def tick(self, states):
+        if self.oom_when(states):
+            raise torch.OutOfMemoryError("fake")
+        if self.fail_when(states):
+            raise RuntimeError("boom")
+        self.batches.append([s.job.prompt.messages[0]["content"] for s in states])
+        time.sleep(self.tick_seconds)
+        for state in states:
+            state.step += 1
+            if state.step > 0:
+                for trace in state.traces:
+                    trace.append(StepStats(0.5, 0.1, -0.4, 0.1))
+            if state.step >= state.config.steps:
+                state.done = True
+                stats = StepStats(0.5, 0.1, -0.4, 0.1)
+                chains = [ChainResult("text", [1], 0.1, -0.4, 0.5, state.step, stats, []) for _ in range(state.chains)]
+                state.result = AlignResult("sea", "text", 0.1, -0.4, 0.5, 0.5, 0, chains, Usage(3, 1), Timings(total=0.01), "stop")
+
+
+class _LM:
+    tokenizer = tiny_tokenizer()
+    name = "fake"
+    device = "cpu"
+    dtype = "float32"
+
+
+def make_service(engine: FakeEngine, **settings) -> AlignService:
+    settings = Settings(**{"max_batch_chains": 4, "max_queue": 8, **settings})
+    service = AlignService(settings, Metrics())
+    runtime = Runtime(_LM(), engine, {"principle": object()}, [("principle", 1.0)])
+    service.attach(runtime, asyncio.get_running_loop())
+    return service
+
+
+def submit(service: AlignService, text: str, chains: int = 2, steps: int = 2, timeout: float | None = None):
+    return service.submit(SEAConfig(chains=chains, steps=steps), [{"role": "user", "content": text}], timeout=timeout)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_requests_join_and_leave_a_running_batch():
+    async def scenario():
+        engine = FakeEngine()
+        service = make_service(engine)
+        jobs = [submit(service, "a", steps=2), submit(service, "b", steps=6), submit(service, "c", steps=2)]
+        results = [await service.wait(job) for job in jobs]
+        await service.shutdown()
+        return engine, jobs, results
+
+    engine, jobs, results = run(scenario())
+    assert all(job.status == JobStatus.succeeded for job in jobs)
+    assert max(len(batch) for batch in engine.batches) == 2  # 4 chains fill the batch: never a, b and c at once
+    assert ["a", "b"] in engine.batches
+    assert ["b", "c"] in engine.batches  # c joined when a left, while b was still running
+
+
+def test_full_queue_answers_429_with_retry_after():
+    async def scenario():
+        service = make_service(FakeEngine(tick_seconds=0.05), max_queue=1, max_batch_chains=2)
+        first = submit(service, "running", steps=50)
+        await asyncio.sleep(0.1)
+        submit(service, "queued")
+        with pytest.raises(TooManyRequests) as err:
+            submit(service, "one too many")
+        service.cancel(first)
+        await service.shutdown()
+        return err.value
+
+    error = run(scenario())
+    assert error.status == 429 and int(error.headers["Retry-After"]) >= 1
+
+
+def test_cancel_queued_and_running_jobs_without_blocking_others():
+    async def scenario():
+        service = make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
+        running = submit(service, "running", steps=500)
+        queued = submit(service, "queued", steps=2)
+        other = submit(service, "other", steps=2)
+        await asyncio.sleep(0.05)
+        assert service.position(queued) == 0 and service.position(other) == 1
+        service.cancel(queued)
+        await asyncio.sleep(0)
+        service.cancel(running)
+        await service.wait(other)
+        await running.wait(5)
+        await service.shutdown()
+        return running, queued, other
+
+    running, queued, other = run(scenario())
+    assert queued.status == JobStatus.cancelled and running.status == JobStatus.cancelled
+    assert other.status == JobStatus.succeeded
+
+
+def test_engine_failure_fails_only_that_batch_and_the_worker_goes_on():
+    async def scenario():
+        engine = FakeEngine(fail_when=lambda states: any(s.job.prompt.messages[0]["content"] == "poison" for s in states))
+        service = make_service(engine, max_batch_chains=2)
+        bad = submit(service, "poison")
+        good = submit(service, "fine")
+        with pytest.raises(RuntimeError, match="failed"):
+            await service.wait(bad)
+        result = await service.wait(good)
+        await service.shutdown()
+        return bad, result
+
+    bad, result = run(scenario())
+    assert bad.status == JobStatus.failed and bad.error == "internal engine error"
+    assert result.text == "text"
+
+
+def test_out_of_memory_splits_the_batch():
+    async def scenario():
+        engine = FakeEngine(oom_when=lambda states: len(states) > 1)
+        service = make_service(engine, max_batch_chains=4)
+        jobs = [submit(service, "x"), submit(service, "y")]
+        for job in jobs:
+            await service.wait(job)
+        await service.shutdown()
+        return engine, jobs
+
+    engine, jobs = run(scenario())
+    assert all(job.status == JobStatus.succeeded for job in jobs)
+    assert all(len(batch) == 1 for batch in engine.batches)
+
+
+def test_deadline_fails_the_job_with_504():
+    async def scenario():
+        service = make_service(FakeEngine(tick_seconds=0.02))
+        job = submit(service, "slow", steps=10_000, timeout=0.2)
+        with pytest.raises(GatewayTimeout):
+            await service.wait(job)
+        await service.shutdown()
+        return job
+
+    job = run(scenario())
+    assert job.status == JobStatus.failed and job.error_kind == "timeout"
+
+
+def test_finished_jobs_expire_then_answer_404():
+    async def scenario():
+        service = make_service(FakeEngine(), job_ttl_seconds=0.1)
+        job = submit(service, "short", steps=1)
+        await service.wait(job)
+        assert service.get(job.id) is job
+        await asyncio.sleep(0.2)
+        with pytest.raises(NotFound):
+            service.get(job.id)
+        await service.shutdown()
+
+    run(scenario())
+
+
+def test_drain_finishes_accepted_work_and_refuses_new_work():
+    async def scenario():
+        service = make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
+        jobs = [submit(service, f"job {i}", steps=3) for i in range(4)]
+        await service.shutdown()
+        with pytest.raises(ServiceUnavailable):
+            submit(service, "late")
+        return jobs
+
+    jobs = run(scenario())
+    assert all(job.status == JobStatus.succeeded for job in jobs)
+
+
+def test_drain_past_the_grace_period_reports_unfinished_jobs_failed():
+    async def scenario():
+        service = make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2, drain_seconds=0.1)
+        jobs = [submit(service, "endless", steps=100_000), submit(service, "queued behind it", steps=1)]
+        await service.shutdown()
+        return jobs
+
+    jobs = run(scenario())
+    assert all(job.status == JobStatus.failed and job.error_kind == "shutdown" for job in jobs)
