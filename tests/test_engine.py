@@ -91,25 +91,29 @@ def _job(prompt, reward, **config):
     return AlignJob(prompt, SEAConfig(**config), reward)
 
 
-def test_same_seed_same_output_and_other_seed_differs(lm, engine, make_prompt):
+@pytest.mark.parametrize("update", ["discrete", "logits"])
+def test_same_seed_same_output_and_other_seed_differs(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     prompt = make_prompt("how do i read a book")
-    first = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=7)])[0]
-    again = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=7)])[0]
-    other = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=8)])[0]
+    first = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=7, update=update)])[0]
+    again = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=7, update=update)])[0]
+    other = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=4, seed=8, update=update)])[0]
     assert [c.tokens for c in first.chains] == [c.tokens for c in again.chains]
     assert [s.energy for s in first.chains[0].trace] == [s.energy for s in again.chains[0].trace]
     assert [c.tokens for c in first.chains] != [c.tokens for c in other.chains]
 
 
-def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt):
+@pytest.mark.parametrize("update", ["discrete", "logits"])
+def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     keyword = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["cat"]), 2.0)])
-    alone = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3)])[0]
+    alone = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3, update=update)])[0]
     together = engine.run(
         [
-            _job(make_prompt("write a long story about the moon and the sun and the river"), keyword, max_tokens=9, chains=3, steps=5, seed=4),
-            _job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3),
+            _job(make_prompt("write a long story about the moon and the sun and the river"), keyword, max_tokens=9, chains=3, steps=5, seed=4,
+                 update="discrete"),
+            _job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3, update=update),
+            _job(make_prompt("tell me about tea"), keyword, max_tokens=7, chains=2, steps=4, seed=5, update="logits"),
         ]
     )[1]
     assert [c.tokens for c in alone.chains] == [c.tokens for c in together.chains]
@@ -117,9 +121,10 @@ def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt):
         assert [s.energy for s in a.trace] == pytest.approx([s.energy for s in b.trace], abs=1e-4)
 
 
-def test_trace_has_one_entry_per_step_and_best_is_never_worse_than_initial(lm, engine, make_prompt):
+@pytest.mark.parametrize("update", ["discrete", "logits"])
+def test_trace_has_one_entry_per_step_and_best_is_never_worse_than_initial(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
-    result = engine.run([_job(make_prompt("what is a boat"), reward, max_tokens=8, chains=4, steps=6, seed=1)])[0]
+    result = engine.run([_job(make_prompt("what is a boat"), reward, max_tokens=8, chains=4, steps=6, seed=1, update=update)])[0]
     assert result.timings.steps == 6
     for chain in result.chains:
         assert len(chain.trace) == 6
@@ -130,10 +135,11 @@ def test_trace_has_one_entry_per_step_and_best_is_never_worse_than_initial(lm, e
     assert result.usage.backward_token_passes > 0 and result.usage.forward_token_passes > result.usage.backward_token_passes
 
 
-def test_keyword_reward_rises_over_the_steps(lm, engine, make_prompt):
+@pytest.mark.parametrize("update", ["discrete", "logits"])
+def test_keyword_reward_rises_over_the_steps(lm, engine, make_prompt, update):
     reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["penguin", "violin"]), 1.0)])
     job = _job(make_prompt("tell me about your morning"), reward, max_tokens=8, chains=4, steps=15, seed=0,
-               alpha=20.0, step_size=0.5, select="reward")
+               alpha=20.0, step_size=0.5, select="reward", update=update)
     result = engine.run([job])[0]
     initial = sum(c.initial.reward for c in result.chains) / len(result.chains)
     final = sum(c.reward for c in result.chains) / len(result.chains)
@@ -169,7 +175,8 @@ class _NaNAfterFirstScore:
 
 
 def test_non_finite_energies_never_become_the_result(lm, engine, make_prompt):
-    result = engine.run([_job(make_prompt("hello"), RewardMix([(_NaNAfterFirstScore(), 1.0)]), max_tokens=6, chains=2, steps=3, seed=0)])[0]
+    result = engine.run([_job(make_prompt("hello"), RewardMix([(_NaNAfterFirstScore(), 1.0)]), max_tokens=6, chains=2, steps=3, seed=0,
+                              update="logits")])[0]
     assert math.isfinite(result.energy)
     for chain in result.chains:
         assert chain.best_step == 0
@@ -177,15 +184,24 @@ def test_non_finite_energies_never_become_the_result(lm, engine, make_prompt):
     assert result.nonfinite_steps >= 1
 
 
+def test_discrete_update_never_accepts_a_non_finite_candidate(lm, engine, make_prompt):
+    result = engine.run([_job(make_prompt("hello"), RewardMix([(_NaNAfterFirstScore(), 1.0)]), max_tokens=6, chains=2, steps=3, seed=0)])[0]
+    assert math.isfinite(result.energy)
+    for chain in result.chains:
+        assert chain.best_step == 0 and chain.tokens and all(s.energy == chain.initial.energy for s in chain.trace)
+
+
 def test_early_stop_with_patience(lm, engine, make_prompt):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
-    result = engine.run([_job(make_prompt("hello"), reward, max_tokens=6, chains=2, steps=50, seed=0, patience=2, step_size=0.0, noise=0.0)])[0]
+    result = engine.run([_job(make_prompt("hello"), reward, max_tokens=6, chains=2, steps=50, seed=0, patience=2, step_size=0.0, noise=0.0,
+                              update="logits")])[0]
     assert result.timings.steps == 2  # zero step size: nothing ever improves
 
 
 def test_top_k_decoding_keeps_tokens_within_reference_top_k(lm, engine, make_prompt):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
-    state = engine.start(_job(make_prompt("tell me about tea"), reward, max_tokens=6, chains=2, steps=4, seed=0, top_k=3, step_size=2.0))
+    state = engine.start(_job(make_prompt("tell me about tea"), reward, max_tokens=6, chains=2, steps=4, seed=0, top_k=3, step_size=2.0,
+                              update="logits"))
     engine.tick([state])  # scores the initial chains and stores the reference top-k of each position
     for _ in range(3):
         candidates = state.top_k[..., :3]
@@ -208,3 +224,33 @@ def test_straight_through_columns_and_embedding_gradients():
     hard = F.one_hot(tokens, 7).float()
     ((hard + dense_probs - dense_probs.detach()) @ weight).sum().backward()
     torch.testing.assert_close(logits.grad, dense_logits.grad)
+
+
+def test_discrete_energy_never_rises_and_stays_exact(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    prompt = make_prompt("what is a boat")
+    result = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=6, seed=2, init_samples=6)])[0]
+    spec = _spec(lm, prompt, [(c, w) for c, w in reward.terms], rows=1, length=8)
+    for chain in result.chains:
+        energies = [chain.initial.energy] + [s.energy for s in chain.trace]
+        assert all(b <= a + 1e-6 for a, b in zip(energies, energies[1:]))
+        rescored = evaluate(lm, [spec], engine.stop_ids, torch.tensor([chain.tokens]))
+        assert float(rescored.energy[0]) == pytest.approx(chain.energy, abs=1e-4)
+
+
+def test_discrete_chains_start_from_the_best_initial_samples(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    job = _job(make_prompt("what is a boat"), reward, max_tokens=6, chains=2, steps=0, seed=4, init_samples=8, select="energy")
+    bon = engine.run([_job(make_prompt("what is a boat"), reward, max_tokens=6, seed=4, method="bon", samples=8, select="energy")])[0]
+    sea = engine.run([job])[0]
+    assert sea.energy == pytest.approx(bon.energy, abs=1e-5)  # same draws: the best of 8 by exact energy
+    assert sorted(c.energy for c in sea.chains) == pytest.approx(sorted(c.energy for c in bon.chains)[:2], abs=1e-5)
+
+
+def test_compute_budget_stops_the_request(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    unlimited = engine.run([_job(make_prompt("hi"), reward, max_tokens=6, chains=2, steps=20, seed=1)])[0]
+    budget = unlimited.usage.compute // 3
+    limited = engine.run([_job(make_prompt("hi"), reward, max_tokens=6, chains=2, steps=20, seed=1, max_compute=budget)])[0]
+    assert limited.usage.compute <= budget < unlimited.usage.compute
+    assert limited.timings.steps < 20

@@ -37,7 +37,8 @@ class Evaluation:
     energy: Tensor  # (B,) detached, float32
     reward: Tensor  # (B,)
     log_prob_ref: Tensor  # (B,)
-    grad: Tensor | None  # (B, L_max, V) dE/dy, None when not asked for
+    grad: Tensor | None  # (B, L_max, V) dE/dy (or dE/d one-hot), None when not asked for
+    table: Tensor | None  # (B, L_max, V) log pi_ref at each position, detached, when asked for
     ref_top_k: Tensor | None  # (B, L_max, k) the reference LM's top-k tokens per position, when asked for
 
 
@@ -49,9 +50,13 @@ def evaluate(
     logits: Tensor | None = None,
     allowed: Tensor | None = None,
     top_k: int | None = None,
+    one_hot_grad: bool = False,
+    keep_table: bool = False,
 ) -> Evaluation:
     """Score ``tokens`` (B, L_max); with ``logits`` (B, L_max, V) also return ``dE/dlogits`` via the STE.
 
+    ``one_hot_grad`` instead returns ``dE/d one_hot(tokens)`` (B, L_max, V): entry ``[b, t, v]`` is the
+    first-order change of the energy when position t becomes token v (the discrete proposals' input).
     ``allowed`` (B, L_max, V) bool restricts the softmax to a candidate set (top-k decoding).
     Rows are laid out group after group, in the order of ``specs``.
     """
@@ -63,13 +68,17 @@ def evaluate(
         logits = logits.detach().requires_grad_(True)
         masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(masked, dim=-1)  # (B, L_max, V)
+        leaf = logits
+    elif one_hot_grad:
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        probs = leaf = torch.nn.functional.one_hot(tokens, vocab).float().requires_grad_(True)  # (B, L_max, V)
     response = ResponseBatch(tokens=tokens, mask=mask, probs=probs)
 
-    with torch.set_grad_enabled(logits is not None):
+    with torch.set_grad_enabled(probs is not None):
         prefixes = stack_prefixes([s.prefix for s in specs for _ in range(s.rows)])
         token_log_probs, table = response_token_log_probs(lm.model, prefixes, response, return_table=True)  # (B, L_max)
         ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
-        del table
+        table = table.detach() if keep_table else None
         log_prob_ref = (token_log_probs * mask).sum(1)
         response.log_prob_ref = log_prob_ref
         reward = torch.zeros(response.rows, device=device)
@@ -91,14 +100,14 @@ def evaluate(
         energy = -(ref_on * log_prob_ref + alpha * reward)  # (B,)
 
     grad = None
-    if logits is not None:
+    if probs is not None:
         # Rows are independent, so one backward of the sum gives every row its own gradient.
         finite = torch.isfinite(energy)
         objective = torch.where(finite, energy, torch.zeros_like(energy)).sum()
         if objective.requires_grad:
-            (grad,) = torch.autograd.grad(objective, logits)
+            (grad,) = torch.autograd.grad(objective, leaf)
         else:
-            grad = torch.zeros_like(logits)
+            grad = torch.zeros_like(leaf)
     return Evaluation(
         tokens=tokens,
         mask=mask,
@@ -106,6 +115,7 @@ def evaluate(
         reward=reward.detach(),
         log_prob_ref=log_prob_ref.detach(),
         grad=grad,
+        table=table,
         ref_top_k=ref_top_k,
     )
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
 from app.engine.sampling import sample_responses
 from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
@@ -55,6 +56,10 @@ class RequestState:
     best_step: Tensor | None = None  # (C,) long
     initial: list[StepStats] = field(default_factory=list)
     traces: list[list[StepStats]] = field(default_factory=list)
+    table: Tensor | None = None  # discrete, gradient-free ablation: (C, L, V) reference log-probs
+    counted: Tensor | None = None  # discrete: (C,) tokens that count per chain
+    tried: list[set] = field(default_factory=list)  # discrete: edits already rejected at the current tokens
+    candidate_rows: int = 0
     steps_since_improved: int = 0
     nonfinite_steps: int = 0
     done: bool = False
@@ -73,16 +78,6 @@ class RequestState:
     def needs_grad(self) -> bool:
         """Whether the iterate about to be scored (after this tick's update) will be followed by another update."""
         return max(self.step, 0) < self.config.steps
-
-
-def _noise_scale(config: SEAConfig, step: int) -> float:
-    """Noise std at update ``step`` (1-based), annealed by the schedule."""
-    if config.noise_schedule == "constant" or config.steps <= 1:
-        return config.noise
-    progress = (step - 1) / (config.steps - 1)
-    if config.noise_schedule == "linear":
-        return config.noise * (1.0 - progress)
-    return config.noise * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Engine:
@@ -114,6 +109,12 @@ class Engine:
         if config.method != "sea":
             state.result = run_baseline(self, state)
             state.done = True
+            return state
+        if config.update == "discrete":
+            discrete.start(self, state)
+            state.timings.init = time.perf_counter() - started
+            if state.done:
+                state.result = self.result(state)
             return state
         if config.init == "random":
             logits = torch.randn(rows, config.max_tokens, self.vocab, generator=generator, device=self.device)
@@ -152,6 +153,19 @@ class Engine:
     def tick(self, states: list[RequestState]) -> None:
         """Advance every state by one step in one batched forward/backward pass."""
         states = [s for s in states if not s.done]
+        if not states:
+            return
+        tick_started = time.perf_counter()
+        stepped = [s for s in states if s.config.update == "discrete"]
+        if stepped:
+            discrete.tick(self, stepped)
+            elapsed = time.perf_counter() - tick_started
+            for state in stepped:
+                state.timings.langevin += elapsed
+                if state.done:
+                    state.result = self.result(state)
+                    state.grad = state.table = None
+        states = [s for s in states if s.config.update != "discrete"]
         if not states:
             return
         tick_started = time.perf_counter()
@@ -235,7 +249,7 @@ class Engine:
         else:
             direction = grad
         state.logits = state.logits - config.step_size * direction
-        sigma = _noise_scale(config, state.step)
+        sigma = discrete.noise_at(config, state.step)
         if sigma > 0:
             noise = torch.randn(state.logits.shape, generator=state.generator, device=self.device)
             state.logits = state.logits + sigma * noise

@@ -18,10 +18,17 @@ class SEAConfig:
     chains: int = 4
     steps: int = 20
     alpha: float = 1.0  # weight of the reward in the energy  E = −[log pi_ref + alpha·r]
-    step_size: float = 0.3  # learning rate of the logit update
-    noise: float = 0.05  # std of the Langevin noise added to the logits each step
+    # "discrete": gradient-informed token edits with exact acceptance (default; app/engine/proposals.py).
+    # "logits": the paper-literal update y ← y − step·∇E + noise over all L×V logits.
+    update: Literal["discrete", "logits"] = "discrete"
+    init_samples: int | None = None  # discrete: base samples drawn to start from (best `chains` by energy); None: 2×chains
+    candidates: int = 8  # discrete: edits evaluated exactly per chain per step
+    proposal: Literal["gradient", "lm"] = "gradient"  # discrete: rank edits by the STE gradient, or by the LM alone (ablation)
+    max_compute: int | None = None  # discrete: stop before a step would push compute (see Usage.compute) past this
+    step_size: float = 0.3  # logits: learning rate of the logit update
+    noise: float = 0.05  # logits: std of the noise on the logits; discrete: temperature (nats) of the Gumbel proposal noise
     noise_schedule: Literal["constant", "linear", "cosine"] = "linear"  # annealed towards 0 over the steps
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"  # logits only
     top_k: int | None = None  # decode each position among the reference LM's top-k (COLD-style); None: full vocabulary
     init: Literal["sample", "random"] = "sample"
     temperature: float = 1.0  # base-policy sampling temperature (initial chains, samples, Best-of-N)
@@ -74,6 +81,11 @@ class Usage:
     completion_tokens: int = 0
     forward_token_passes: int = 0  # tokens run forward through an LM (prompts, samples, energies), all models
     backward_token_passes: int = 0  # tokens run backward through an LM
+
+    @property
+    def compute(self) -> int:
+        """Compute in forward-token-pass units: a backward pass costs about two forward passes."""
+        return self.forward_token_passes + 2 * self.backward_token_passes
 
 
 @dataclass

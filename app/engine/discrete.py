@@ -1,0 +1,176 @@
+"""The discrete SEA update: start from the best base samples, then gradient-ranked edits with exact acceptance.
+
+Each tick, for every chain: (1) where the chain moved last tick, one forward/backward pass gives the
+straight-through gradient ``dE/d one_hot(y)`` at its tokens; (2) :func:`proposals.propose` draws
+``candidates`` edits from it; (3) all edits of all chains of all requests are scored exactly in one
+batched forward pass; (4) a chain takes its best edit if that lowers its exact energy. The chain
+never gets worse than its starting sample, and every energy reported is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from app.engine.energy import evaluate, passes_per_row
+from app.engine.proposals import Move, apply, edit_scores, propose
+from app.engine.sampling import sample_responses
+from app.engine.types import StepStats
+
+
+def noise_at(config, step: int) -> float:
+    """Noise (logit std or proposal temperature) at update ``step`` (1-based), annealed by the schedule."""
+    if config.noise_schedule == "constant" or config.steps <= 1:
+        return config.noise
+    progress = (step - 1) / (config.steps - 1)
+    if config.noise_schedule == "linear":
+        return config.noise * (1.0 - progress)
+    return config.noise * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def start(engine, state) -> None:
+    """Draw the initial samples, score them exactly, and keep the best ``chains`` (by energy) as the chains."""
+    config = state.config
+    chains = state.chains
+    if config.init == "random":
+        tokens = torch.randint(0, engine.vocab, (chains, config.max_tokens), generator=state.generator, device=engine.device)
+    else:
+        drawn = max(config.init_samples or 2 * chains, chains)
+        samples = sample_responses(engine.lm.model, state.spec.prefix, drawn, config.max_tokens, engine.stop_ids,
+                                   state.generator, config.temperature, config.top_p)
+        state.usage.forward_token_passes += samples.forward_token_passes
+        tokens = samples.tokens
+    spec = dataclasses.replace(state.spec, rows=tokens.shape[0])
+    with torch.no_grad():
+        scored = evaluate(engine.lm, [spec], engine.stop_ids, tokens)
+    state.usage.forward_token_passes += passes_per_row(spec) * spec.rows
+    energy = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
+    keep = torch.argsort(energy)[:chains]
+    state.tokens = tokens[keep].clone()
+    state.initial_tokens = state.tokens.clone()
+    state.best_tokens = state.tokens.clone()
+    state.best_energy = energy[keep].clone()
+    state.best_reward = scored.reward[keep].clone()
+    state.best_log_prob = scored.log_prob_ref[keep].clone()
+    state.best_step = torch.zeros(chains, dtype=torch.long, device=engine.device)
+    state.counted = scored.mask[keep].sum(1).long()
+    state.initial = [
+        StepStats(float(state.best_energy[c]), float(state.best_reward[c]), float(state.best_log_prob[c]), 0.0,
+                  bool(torch.isfinite(state.best_energy[c])))
+        for c in range(chains)
+    ]
+    state.traces = [[] for _ in range(chains)]
+    state.tried = [set() for _ in range(chains)]
+    state.step = 0
+    state.done = config.steps == 0
+
+
+def step_cost(state) -> int:
+    """Compute the next step of ``state`` will use: its candidates' exact scoring, plus a gradient pass if one is due."""
+    cost = state.chains * state.config.candidates * passes_per_row(state.spec)
+    if state.grad is None:
+        cost += 3 * state.chains * passes_per_row(state.spec)
+    return cost
+
+
+def tick(engine, states: list) -> None:
+    """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance."""
+    budgeted = []
+    for state in states:
+        limit = state.config.max_compute
+        if limit is not None and state.usage.compute + step_cost(state) > limit:
+            state.done = True  # the next step would pass the compute budget
+        else:
+            budgeted.append(state)
+    states = budgeted
+    if not states:
+        return
+    need = [s for s in states if s.grad is None]
+    if need:
+        _gradients(engine, need)
+    rows, owners = [], []  # candidate token rows and (state, chain, move) for each
+    for state in states:
+        temperature = noise_at(state.config, state.step + 1)
+        per_state = []
+        for c in range(state.chains):
+            scores = edit_scores(state.grad[c] if state.config.proposal == "gradient" else None,
+                                 state.table[c] if state.config.proposal == "lm" else None, state.tokens[c])
+            for move in propose(scores, state.tokens[c], int(state.counted[c]), state.config.candidates, temperature,
+                                state.generator, state.tried[c]):
+                per_state.append(apply(state.tokens[c], move))
+                owners.append((state, c, move))
+        state.candidate_rows = len(per_state)
+        rows.extend(per_state)
+    scored = None
+    if rows:
+        specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in states if s.candidate_rows]
+        length = max(s.spec.length for s in states)
+        padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
+        with torch.no_grad():
+            scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded))
+        for state in states:
+            state.usage.forward_token_passes += passes_per_row(state.spec) * state.candidate_rows
+    best: dict[tuple[int, int], tuple[float, int]] = {}
+    for index, (state, c, move) in enumerate(owners):
+        energy = float(scored.energy[index])
+        state.tried[c].add(move)
+        key = (id(state), c)
+        if math.isfinite(energy) and energy < best.get(key, (math.inf, -1))[0]:
+            best[key] = (energy, index)
+    for state in states:
+        state.step += 1
+        moved = False
+        for c in range(state.chains):
+            energy, index = best.get((id(state), c), (math.inf, -1))
+            if index >= 0 and energy < float(state.best_energy[c]) - 1e-6:
+                length = state.spec.length
+                state.tokens[c] = scored.tokens[index, :length]
+                state.best_tokens[c] = state.tokens[c]
+                state.best_energy[c] = scored.energy[index]
+                state.best_reward[c] = scored.reward[index]
+                state.best_log_prob[c] = scored.log_prob_ref[index]
+                state.best_step[c] = state.step
+                state.counted[c] = int(scored.mask[index, :length].sum())
+                state.tried[c] = set()
+                moved = True
+        if moved:
+            state.grad = None  # the chains that moved need a gradient at their new tokens
+            state.steps_since_improved = 0
+        else:
+            state.steps_since_improved += 1
+        for c in range(state.chains):
+            counted = max(int(state.counted[c]), 1)
+            changed = float((state.tokens[c, :counted] != state.initial_tokens[c, :counted]).float().mean())
+            state.traces[c].append(StepStats(float(state.best_energy[c]), float(state.best_reward[c]),
+                                             float(state.best_log_prob[c]), changed, True))
+        no_moves = state.candidate_rows == 0
+        if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
+            state.done = True
+
+
+def _gradients(engine, states: list) -> None:
+    """dE/d one_hot at each state's current tokens (or, for the gradient-free ablation, the LM's log-prob table)."""
+    length = max(s.spec.length for s in states)
+    tokens = torch.cat([torch.nn.functional.pad(s.tokens, (0, length - s.spec.length), value=int(engine.stop_ids[0])) for s in states])
+    with_grad = any(s.config.proposal == "gradient" for s in states)
+    with torch.set_grad_enabled(with_grad):
+        scored = evaluate(engine.lm, [s.spec for s in states], engine.stop_ids, tokens, one_hot_grad=with_grad,
+                          keep_table=any(s.config.proposal == "lm" for s in states))
+    offset = 0
+    for state in states:
+        rows = slice(offset, offset + state.chains)
+        offset += state.chains
+        passes = passes_per_row(state.spec) * state.chains
+        state.usage.forward_token_passes += passes
+        if with_grad:
+            state.usage.backward_token_passes += passes
+            state.grad = scored.grad[rows, : state.spec.length]
+            finite = torch.isfinite(state.grad).flatten(1).all(1)
+            if not bool(finite.all()):
+                state.nonfinite_steps += 1
+                state.grad = torch.where(finite[:, None, None], state.grad, torch.zeros_like(state.grad))
+        else:
+            state.grad = torch.zeros(0)  # marks "computed"; the table drives the proposals
+        state.table = scored.table[rows, : state.spec.length] if scored.table is not None else None

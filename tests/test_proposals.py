@@ -1,0 +1,45 @@
+"""Discrete proposals: ranking by the straight-through gradient, move semantics."""
+
+from __future__ import annotations
+
+import torch
+
+from app.engine.proposals import Move, apply, edit_scores, propose
+
+
+def test_the_edit_the_gradient_favours_comes_first():
+    grad = torch.zeros(4, 10)
+    grad[2, 7] = -5.0  # putting token 7 at position 2 lowers the energy by ~5
+    tokens = torch.tensor([1, 2, 3, 4])
+    scores = edit_scores(grad, None, tokens)
+    moves = propose(scores, tokens, counted=4, budget=4, temperature=0.0, generator=torch.Generator().manual_seed(0), tried=set())
+    assert moves[0] == Move("swap", 2, (7,), -5.0)
+    assert len(moves) == 4 and len(set(moves)) == 4
+    assert {m.kind for m in moves} == {"swap", "pair", "insert"}
+
+
+def test_tried_moves_are_not_proposed_again_and_only_counted_positions_move():
+    grad = torch.randn(6, 12, generator=torch.Generator().manual_seed(1))
+    tokens = torch.tensor([1, 2, 3, 4, 5, 6])
+    scores = edit_scores(grad, None, tokens)
+    first = propose(scores, tokens, counted=3, budget=6, temperature=0.0, generator=torch.Generator(), tried=set())
+    second = propose(scores, tokens, counted=3, budget=6, temperature=0.0, generator=torch.Generator(), tried=set(first))
+    assert not set(first) & set(second)
+    assert all(m.position < 3 for m in first + second)
+
+
+def test_gradient_free_scores_use_the_reference_log_probs():
+    table = torch.log_softmax(torch.randn(3, 5, generator=torch.Generator().manual_seed(2)), -1)
+    tokens = torch.tensor([0, 1, 2])
+    scores = edit_scores(None, table, tokens)
+    assert torch.allclose(scores[1, 4], -(table[1, 4] - table[1, 1]))
+    assert torch.all(scores.gather(-1, tokens[:, None]) == 0)
+
+
+def test_move_application():
+    tokens = torch.tensor([10, 11, 12, 13])
+    assert apply(tokens, Move("swap", 1, (99,), 0.0)).tolist() == [10, 99, 12, 13]
+    assert apply(tokens, Move("pair", 2, (98, 99), 0.0)).tolist() == [10, 11, 98, 99]
+    assert apply(tokens, Move("pair", 3, (98, 99), 0.0)).tolist() == [10, 11, 12, 98]
+    assert apply(tokens, Move("insert", 1, (99,), 0.0)).tolist() == [10, 99, 11, 12]
+    assert tokens.tolist() == [10, 11, 12, 13]
