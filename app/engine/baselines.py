@@ -1,4 +1,8 @@
-"""Sampling baselines behind the same interface as SEA: plain samples and Best-of-N."""
+"""Baselines behind the same interface as SEA: plain samples, Best-of-N, ARGS and chunk-level beam search.
+
+All of them score their final answer exactly (``E = −[log pi_ref + alpha·r]``) and charge every LM
+token-pass they run to the request's usage, so that methods can be compared at equal compute.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,119 @@ import math
 
 import torch
 
-from app.engine.energy import evaluate, passes_per_row
+from transformers import DynamicCache
+
+from app.engine.energy import evaluate, passes_per_row, reward_passes_per_row, score_rewards
 from app.engine.sampling import sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats
+from models.lm import stack_prefixes
+from models.ste import ResponseBatch, response_mask
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
 
 
 def run_baseline(engine, state) -> AlignResult:
+    """Run a baseline request to completion."""
+    method = state.config.method
+    if method == "args":
+        return run_args(engine, state)
+    if method == "cbs":
+        return run_cbs(engine, state)
+    return run_best_of_n(engine, state)
+
+
+def _chain(engine, state, tokens: torch.Tensor) -> ChainResult:
+    """Score one full-length response exactly (charged to the request) and wrap it as a chain."""
+    length = state.config.max_tokens
+    tokens = torch.nn.functional.pad(tokens, (0, length - tokens.shape[0]), value=int(engine.stop_ids[0]))[:length]
+    spec = dataclasses.replace(state.spec, rows=1)
+    scored = evaluate(engine.lm, [spec], engine.stop_ids, tokens[None])
+    state.usage.forward_token_passes += passes_per_row(spec)
+    stats = StepStats(float(scored.energy[0]), float(scored.reward[0]), float(scored.log_prob_ref[0]), 0.0, bool(torch.isfinite(scored.energy[0])))
+    text, _, _ = engine.text_of(tokens)
+    return ChainResult(text, tokens.tolist(), stats.reward, stats.log_prob_ref, stats.energy, 0, stats, [])
+
+
+def _partial_rewards(engine, state, tokens: torch.Tensor, log_prob_ref: torch.Tensor) -> torch.Tensor:
+    """Rewards of partial responses ``(n, t)`` whose reference log-probs are known (charged: the rewards' LM passes)."""
+    spec = dataclasses.replace(state.spec, rows=tokens.shape[0], length=tokens.shape[1])
+    response = ResponseBatch(tokens=tokens, mask=response_mask(tokens, engine.stop_ids), log_prob_ref=log_prob_ref)
+    state.usage.forward_token_passes += reward_passes_per_row(spec) * spec.rows
+    return score_rewards([spec], response)
+
+
+@torch.inference_mode()
+def run_args(engine, state) -> AlignResult:
+    """ARGS (Khanov et al., ICLR 2024): each token is picked among the reference top-k by ``log pi_ref + w·r(x, y_≤t)``.
+
+    ``w`` is ``alpha``; greedy (``temperature = 0``) or sampled from the softmax of the scores.
+    """
+    config = state.config
+    model = engine.lm.model
+    backbone = getattr(model, model.base_model_prefix)
+    batch = stack_prefixes([state.spec.prefix])
+    cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
+    mask = batch.mask
+    log_probs = batch.first_log_probs[0]
+    tokens: list[int] = []
+    log_prob_sum = 0.0
+    stops = set(engine.stop_ids.tolist())
+    weight = config.alpha if config.use_reward else 0.0
+    for t in range(config.max_tokens):
+        top = log_probs.topk(min(config.args_top_k, log_probs.shape[-1]))
+        candidates = torch.cat([torch.tensor(tokens, dtype=torch.long).expand(top.indices.shape[0], t), top.indices[:, None]], dim=1)
+        rewards = _partial_rewards(engine, state, candidates, log_prob_sum + top.values) if weight else torch.zeros_like(top.values)
+        scores = top.values + weight * rewards
+        if config.temperature <= 0:
+            pick = int(scores.argmax())
+        else:
+            pick = int(torch.multinomial(torch.softmax(scores / config.temperature, -1), 1, generator=state.generator))
+        token = int(top.indices[pick])
+        tokens.append(token)
+        log_prob_sum += float(top.values[pick])
+        if token in stops or t == config.max_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        out = backbone(inputs_embeds=model.get_input_embeddings()(torch.tensor([[token]])), attention_mask=mask,
+                       position_ids=torch.tensor([[state.spec.prefix.length + t]]), past_key_values=cache, use_cache=True)
+        log_probs = torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), -1)[0]
+        state.usage.forward_token_passes += 1
+    chain = _chain(engine, state, torch.tensor(tokens, dtype=torch.long))
+    return engine.finish(state, [chain], 0, "args")
+
+
+@torch.inference_mode()
+def run_cbs(engine, state) -> AlignResult:
+    """Chunk-level beam search (Zhou et al., 2024, weak-to-strong search): W beams, K sampled successors of C tokens each.
+
+    After each chunk the W best partial responses by reward stay. Finished beams (ended by a stop token) carry over.
+    """
+    config = state.config
+    width, successors, chunk = config.beams, config.successors, config.chunk
+    beams = torch.zeros(1, 0, dtype=torch.long)
+    stops = engine.stop_ids
+    while beams.shape[1] < config.max_tokens:
+        size = min(chunk, config.max_tokens - beams.shape[1])
+        finished = torch.isin(beams, stops).any(1) if beams.shape[1] else torch.zeros(beams.shape[0], dtype=torch.bool)
+        if bool(finished.all()):
+            break
+        parents = beams.repeat_interleave(successors, dim=0)
+        samples = sample_responses(engine.lm.model, state.spec.prefix, parents.shape[0], size, stops, state.generator,
+                                   config.temperature, config.top_p, given=parents)
+        state.usage.forward_token_passes += samples.forward_token_passes
+        candidates = samples.tokens  # (W·K, t + C)
+        spec = dataclasses.replace(state.spec, rows=candidates.shape[0], length=candidates.shape[1])
+        scored = evaluate(engine.lm, [spec], stops, candidates)
+        state.usage.forward_token_passes += passes_per_row(spec) * spec.rows
+        order = torch.argsort(torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf)),
+                              descending=True)
+        beams = candidates[order[:width]]
+    chains = [_chain(engine, state, beam) for beam in beams]
+    chosen = max(range(len(chains)), key=lambda i: chains[i].reward if math.isfinite(chains[i].energy) else -math.inf)
+    return engine.finish(state, chains, chosen, "cbs")
+
+
+def run_best_of_n(engine, state) -> AlignResult:
     """``sample``: one draw from pi_ref. ``bon``: N draws, the best by reward (or by exact energy with ``select``)."""
     config = state.config
     total = 1 if config.method == "sample" else config.samples

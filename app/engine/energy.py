@@ -81,20 +81,7 @@ def evaluate(
         table = table.detach() if keep_table else None
         log_prob_ref = (token_log_probs * mask).sum(1)
         response.log_prob_ref = log_prob_ref
-        reward = torch.zeros(response.rows, device=device)
-        groups: dict[int, tuple[RewardComponent, list[int], list[float], list[object]]] = {}
-        start = 0
-        for spec in specs:
-            for component, weight, context in spec.reward_terms:
-                entry = groups.setdefault(id(component), (component, [], [], []))
-                entry[1].extend(range(start, start + spec.rows))
-                entry[2].extend([weight] * spec.rows)
-                entry[3].extend([context] * spec.rows)
-            start += spec.rows
-        for component, rows, weights, contexts in groups.values():
-            index = torch.tensor(rows, device=device)
-            scores = component.score(contexts, response.select(index)).float()
-            reward = reward.index_add(0, index, scores * torch.tensor(weights, device=device))
+        reward = score_rewards(specs, response)
         alpha = torch.cat([torch.full((s.rows,), s.alpha * s.use_reward, device=device) for s in specs])
         ref_on = torch.cat([torch.full((s.rows,), float(s.use_reference), device=device) for s in specs])
         energy = -(ref_on * log_prob_ref + alpha * reward)  # (B,)
@@ -120,7 +107,34 @@ def evaluate(
     )
 
 
+def score_rewards(specs: list[RowSpec], response: ResponseBatch) -> Tensor:
+    """The weighted reward of every row ``(B,)``; each component runs once over all the rows that use it.
+
+    ``response.log_prob_ref`` must be set (the principle reward subtracts it).
+    """
+    device = response.tokens.device
+    reward = torch.zeros(response.rows, device=device)
+    groups: dict[int, tuple[RewardComponent, list[int], list[float], list[object]]] = {}
+    start = 0
+    for spec in specs:
+        for component, weight, context in spec.reward_terms:
+            entry = groups.setdefault(id(component), (component, [], [], []))
+            entry[1].extend(range(start, start + spec.rows))
+            entry[2].extend([weight] * spec.rows)
+            entry[3].extend([context] * spec.rows)
+        start += spec.rows
+    for component, rows, weights, contexts in groups.values():
+        index = torch.tensor(rows, device=device)
+        scores = component.score(contexts, response.select(index)).float()
+        reward = reward.index_add(0, index, scores * torch.tensor(weights, device=device))
+    return reward
+
+
+def reward_passes_per_row(spec: RowSpec) -> int:
+    """LM token-passes that the reward components alone cost for one row of ``spec``."""
+    return sum(component.lm_passes for component, _, _ in spec.reward_terms) * spec.length
+
+
 def passes_per_row(spec: RowSpec) -> int:
     """LM token-passes (one direction) that scoring one row of ``spec`` costs: reference + LM-based rewards."""
-    reward_passes = sum(component.lm_passes for component, _, _ in spec.reward_terms)
-    return (spec.length - 1) + reward_passes * spec.length
+    return (spec.length - 1) + reward_passes_per_row(spec)

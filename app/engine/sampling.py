@@ -40,8 +40,13 @@ def sample_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
     keep_log_probs: bool = False,
+    given: Tensor | None = None,
 ) -> Samples:
-    """Draw ``n`` responses of at most ``max_tokens`` tokens; ``temperature = 0`` is greedy decoding."""
+    """Draw ``n`` responses of at most ``max_tokens`` tokens; ``temperature = 0`` is greedy decoding.
+
+    With ``given`` (n, g) the responses continue those tokens (their keys/values are computed first):
+    ``max_tokens`` new tokens are drawn and returned after them.
+    """
     backbone = getattr(model, model.base_model_prefix)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -50,14 +55,24 @@ def sample_responses(
     cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
     mask = batch.mask
     log_probs = batch.first_log_probs  # (N, V)
+    passes = 0
+    start = 0
+    if given is not None and given.shape[1] > 0:
+        start = given.shape[1]
+        mask = torch.cat([mask, torch.ones(n, start, dtype=mask.dtype, device=device)], dim=1)
+        out = backbone(inputs_embeds=embed(given), attention_mask=mask, past_key_values=cache, use_cache=True,
+                       position_ids=torch.arange(prefix.length, prefix.length + start, device=device)[None].expand(n, -1))
+        log_probs = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
+        passes += n * start
     tokens = torch.full((n, max_tokens), int(stop_ids[0]), dtype=torch.long, device=device)
     tables = [] if keep_log_probs else None
     finished = torch.zeros(n, dtype=torch.bool, device=device)
-    passes = 0
+    if given is not None and given.shape[1] > 0:
+        finished |= torch.isin(given, stop_ids).any(1)
     for t in range(max_tokens):
         if t > 0:
             mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
-            position = torch.full((n, 1), prefix.length + t - 1, device=device)
+            position = torch.full((n, 1), prefix.length + start + t - 1, device=device)
             out = backbone(
                 inputs_embeds=embed(tokens[:, t - 1 : t]),
                 attention_mask=mask,
@@ -82,4 +97,6 @@ def sample_responses(
                 tables.extend([log_probs] * (max_tokens - t - 1))
             break
     table = torch.stack(tables, dim=1) if tables is not None else None
+    if given is not None and given.shape[1] > 0:
+        tokens = torch.cat([given, tokens], dim=1)
     return Samples(tokens, table, passes)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from models.rewards import Prompt, RewardMix
 
-Method = Literal["sea", "bon", "sample"]
+Method = Literal["sea", "bon", "sample", "args", "cbs"]
 
 
 @dataclass
@@ -41,6 +41,10 @@ class SEAConfig:
     seed: int | None = None
     method: Method = "sea"
     samples: int = 16  # N of Best-of-N
+    args_top_k: int = 10  # ARGS: candidates per token
+    beams: int = 2  # CBS: beams kept (W)
+    successors: int = 4  # CBS: sampled continuations per beam (K)
+    chunk: int = 8  # CBS: tokens per chunk (C)
 
 
 @dataclass

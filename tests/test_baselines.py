@@ -1,0 +1,70 @@
+"""Baselines on the tiny model: Best-of-N, ARGS and chunk-level beam search against their definitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.engine.types import AlignJob, SEAConfig
+from models.rewards import LexiconReward, PrincipleReward, RewardMix
+
+
+@pytest.fixture
+def reward(lm):
+    return RewardMix([(PrincipleReward(lm), 1.0), (LexiconReward.keywords(lm.tokenizer, ["dog", "moon"]), 3.0)])
+
+
+def run(engine, prompt, reward, **config):
+    return engine.run([AlignJob(prompt, SEAConfig(max_tokens=8, seed=5, **config), reward)])[0]
+
+
+@pytest.mark.parametrize("method", ["sample", "bon", "args", "cbs"])
+def test_same_seed_same_result_and_all_fields(engine, make_prompt, reward, method):
+    prompt = make_prompt("write about a dog")
+    first, again = run(engine, prompt, reward, method=method), run(engine, prompt, reward, method=method)
+    assert first.text == again.text and first.energy == again.energy
+    assert first.method == method
+    assert first.energy == pytest.approx(-(first.log_prob_ref + first.reward), abs=1e-4)
+    assert first.usage.forward_token_passes > 0 and first.usage.completion_tokens <= 8
+    assert first.timings.total > 0
+
+
+def test_best_of_one_is_a_plain_sample(engine, make_prompt, reward):
+    prompt = make_prompt("tell me about tea")
+    assert run(engine, prompt, reward, method="bon", samples=1).text == run(engine, prompt, reward, method="sample").text
+
+
+def test_best_of_n_by_reward_and_by_energy(engine, make_prompt, reward):
+    prompt = make_prompt("tell me about tea")
+    by_reward = run(engine, prompt, reward, method="bon", samples=12)
+    assert len(by_reward.chains) == 12
+    assert by_reward.reward == max(c.reward for c in by_reward.chains)
+    by_energy = run(engine, prompt, reward, method="bon", samples=12, select="energy")
+    assert by_energy.energy == min(c.energy for c in by_energy.chains)
+
+
+def test_args_without_reward_weight_is_greedy_decoding(engine, make_prompt, reward):
+    prompt = make_prompt("sing a song")
+    args = run(engine, prompt, reward, method="args", alpha=0.0, temperature=0.0)
+    greedy = run(engine, prompt, reward, method="sample", temperature=0.0)
+    assert args.chains[0].tokens == greedy.chains[0].tokens
+
+
+def test_args_reward_weight_raises_reward(engine, make_prompt, lm):
+    keywords = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["moon", "sun"]), 1.0)])
+    prompt = make_prompt("sing a song")
+    plain = run(engine, prompt, keywords, method="args", alpha=0.0, temperature=0.0, args_top_k=40)
+    steered = run(engine, prompt, keywords, method="args", alpha=30.0, temperature=0.0, args_top_k=40)
+    assert steered.reward > plain.reward
+
+
+def test_chunk_beam_search_with_one_beam_and_one_successor_is_chunked_sampling(engine, make_prompt, reward):
+    prompt = make_prompt("what is a boat")
+    cbs = run(engine, prompt, reward, method="cbs", beams=1, successors=1, chunk=3)
+    sample = run(engine, prompt, reward, method="sample")
+    assert cbs.chains[0].tokens == sample.chains[0].tokens
+
+
+def test_chunk_beam_search_keeps_the_best_beams(engine, make_prompt, reward):
+    result = run(engine, make_prompt("what is a boat"), reward, method="cbs", beams=3, successors=4, chunk=4)
+    assert len(result.chains) == 3
+    assert result.reward == max(c.reward for c in result.chains)
