@@ -20,8 +20,10 @@ def test_sea_align_json_on_embedded_model():
     result = json.loads(out.stdout)
     assert result["text"].strip()
     assert len(result["chains"]) == 2
+    steps = result["timings"]["steps"]
+    assert 1 <= steps <= 2  # the discrete update may converge early
     for chain in result["chains"]:
-        assert len(chain["trace"]) == 2
+        assert len(chain["trace"]) == steps
         assert set(chain["trace"][0]) >= {"energy", "reward", "log_prob_ref", "changed"}
     assert result["usage"]["prompt_tokens"] > 0 and result["usage"]["completion_tokens"] > 0
     assert set(result["timings"]) >= {"init", "langevin", "total"}

@@ -21,7 +21,7 @@ def test_embedded_model_through_the_server_and_openai_client(tmp_path):
         )
         assert chat.choices[0].message.content.strip()
         sea = chat.model_extra["sea"]
-        assert sea["timings"]["steps"] == 2 and len(sea["chains"]) == 2
+        assert 1 <= sea["timings"]["steps"] <= 2 and len(sea["chains"]) == 2
         assert sea["backward_token_passes"] > 0
     finally:
         assert server.stop() == 0

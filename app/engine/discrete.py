@@ -67,21 +67,19 @@ def start(engine, state) -> None:
     state.done = config.steps == 0
 
 
-def step_cost(state) -> int:
-    """Compute the next step of ``state`` will use: its candidates' exact scoring, plus a gradient pass if one is due."""
-    cost = state.chains * state.config.candidates * passes_per_row(state.spec)
-    if state.grad is None:
-        cost += 3 * state.chains * passes_per_row(state.spec)
-    return cost
+def _left(state) -> float:
+    """Compute (token-passes) the state may still spend."""
+    limit = state.config.max_compute
+    return math.inf if limit is None else limit - state.usage.compute
 
 
 def tick(engine, states: list) -> None:
     """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance."""
     budgeted = []
     for state in states:
-        limit = state.config.max_compute
-        if limit is not None and state.usage.compute + step_cost(state) > limit:
-            state.done = True  # the next step would pass the compute budget
+        needed = passes_per_row(state.spec) * state.chains * (4 if state.grad is None else 1)  # a gradient pass + one edit each
+        if _left(state) < needed:
+            state.done = True  # not even one more step fits the compute budget
         else:
             budgeted.append(state)
     states = budgeted
@@ -97,8 +95,10 @@ def tick(engine, states: list) -> None:
         for c in range(state.chains):
             scores = edit_scores(state.grad[c] if state.config.proposal == "gradient" else None,
                                  state.table[c] if state.config.proposal == "lm" else None, state.tokens[c])
-            for move in propose(scores, state.tokens[c], int(state.counted[c]), state.config.candidates, temperature,
-                                state.generator, state.tried[c]):
+            left = _left(state)
+            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * state.chains))
+            for move in propose(scores, state.tokens[c], int(state.counted[c]), min(state.config.candidates, affordable),
+                                temperature, state.generator, state.tried[c], state.config.max_estimate):
                 per_state.append(apply(state.tokens[c], move))
                 owners.append((state, c, move))
         state.candidate_rows = len(per_state)

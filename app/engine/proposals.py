@@ -13,6 +13,7 @@ added without overwriting its neighbour).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,11 @@ def propose(
     temperature: float,
     generator: torch.Generator,
     tried: set[Move],
+    max_estimate: float = math.inf,
 ) -> list[Move]:
     """Up to ``budget`` distinct untried moves of one chain, drawn by estimated gain with Gumbel noise.
+
+    Moves whose first-order estimate is above ``max_estimate`` nats are not worth an exact evaluation.
 
     ``scores`` (L, V) from :func:`edit_scores`; ``counted`` positions take part (up to the first stop).
     About half the budget goes to single swaps, a quarter to adjacent pairs and a quarter to insertions.
@@ -68,7 +72,7 @@ def propose(
     def add(move: Move, quota: int) -> bool:
         """Add an untried move if the kind's quota allows; True once the quota is full."""
         key = (move.kind, move.position, move.tokens)
-        if key not in seen and move not in tried and len(moves) < budget:
+        if key not in seen and move not in tried and len(moves) < budget and move.estimate <= max_estimate:
             seen.add(key)
             moves.append(move)
         return sum(m.kind == move.kind for m in moves) >= quota or len(moves) >= budget

@@ -24,6 +24,7 @@ class SEAConfig:
     init_samples: int | None = None  # discrete: base samples drawn to start from (best `chains` by energy); None: 2×chains
     candidates: int = 8  # discrete: edits evaluated exactly per chain per step
     proposal: Literal["gradient", "lm"] = "gradient"  # discrete: rank edits by the STE gradient, or by the LM alone (ablation)
+    max_estimate: float = 0.0  # discrete: only edits whose first-order energy change is at most this (nats) are scored
     max_compute: int | None = None  # discrete: stop before a step would push compute (see Usage.compute) past this
     step_size: float = 0.3  # logits: learning rate of the logit update
     noise: float = 0.05  # logits: std of the noise on the logits; discrete: temperature (nats) of the Gumbel proposal noise
