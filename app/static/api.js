@@ -1,0 +1,114 @@
+// The job API from the browser: POST /jobs, then the job's Server-Sent Events read with fetch() and a stream
+// parser (EventSource cannot send the Authorization header that an API key needs).
+
+export const endpoint = (path) => new URL(path, document.baseURI).href;
+
+export class Api {
+  // apiKey: a function returning the key to send ("" for none).
+  constructor(apiKey) {
+    this.apiKey = apiKey;
+  }
+
+  headers(json) {
+    const h = {};
+    if (json) h["Content-Type"] = "application/json";
+    const key = this.apiKey();
+    if (key) h.Authorization = `Bearer ${key}`;
+    return h;
+  }
+
+  // The job's {id, status, location}; throws an Error with the server's message on a 4xx/5xx.
+  async submitJob(body, signal) {
+    const response = await fetch(endpoint("jobs"), { method: "POST", headers: this.headers(true), body: JSON.stringify(body), signal });
+    if (!response.ok) throw await apiError(response);
+    return response.json();
+  }
+
+  // Follows a job's events, calling onStep for each `step`; returns the job JSON ({id, status, error, result}).
+  async followJob(id, signal, onStep) {
+    const path = `jobs/${encodeURIComponent(id)}`;
+    const response = await fetch(endpoint(`${path}/events`), { headers: this.headers(false), signal });
+    if (!response.ok) throw await apiError(response);
+    let job = null;
+    await readEventStream(response, (name, data) => {
+      if (name === "step" && onStep) onStep(parseData(data));
+      else if (name === "result") job = parseData(data);
+    });
+    if (job) return job;
+    const fallback = await fetch(endpoint(path), { headers: this.headers(false), signal });
+    if (!fallback.ok) throw await apiError(fallback);
+    return fallback.json();
+  }
+
+  async cancelJob(id) {
+    const response = await fetch(endpoint(`jobs/${encodeURIComponent(id)}`), { method: "DELETE", headers: this.headers(false) });
+    if (!response.ok) throw await apiError(response);
+    return response.json();
+  }
+
+  // [ok, body] of the public readiness probe.
+  async ready() {
+    const response = await fetch(endpoint("ready"));
+    return [response.ok, await response.json()];
+  }
+}
+
+export async function apiError(response) {
+  let message = `HTTP ${response.status}`;
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) message = `${body.error.message} (HTTP ${response.status})`;
+  } catch (_) { /* not JSON: keep the status */ }
+  if (response.status === 401) message += ". Set the API key field.";
+  const error = new Error(message);
+  error.status = response.status;
+  return error;
+}
+
+export function parseData(data) {
+  try {
+    return JSON.parse(data);
+  } catch (_) {
+    // Python's json writes NaN/Infinity for non-finite floats, which JSON.parse refuses.
+    return JSON.parse(data.replace(/-?\bInfinity\b|\bNaN\b/g, "null"));
+  }
+}
+
+// Calls onEvent(name, data) for each Server-Sent Event of a fetch() response (WHATWG event-stream format).
+export async function readEventStream(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let name = "message";
+  let data = [];
+  const line = (text) => {
+    if (text === "") {
+      if (data.length) onEvent(name, data.join("\n"));
+      name = "message";
+      data = [];
+      return;
+    }
+    if (text.startsWith(":")) return; // a comment (keep-alive ping)
+    const colon = text.indexOf(":");
+    const field = colon < 0 ? text : text.slice(0, colon);
+    let value = colon < 0 ? "" : text.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") name = value;
+    else if (field === "data") data.push(value);
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffer += done ? decoder.decode() : decoder.decode(value, { stream: true });
+    for (;;) {
+      const at = buffer.search(/[\r\n]/);
+      if (at < 0) break;
+      if (buffer[at] === "\r" && at === buffer.length - 1 && !done) break; // maybe half of "\r\n"
+      const width = buffer[at] === "\r" && buffer[at + 1] === "\n" ? 2 : 1;
+      line(buffer.slice(0, at));
+      buffer = buffer.slice(at + width);
+    }
+    if (done) break;
+  }
+  if (buffer) line(buffer);
+  line("");
+}

@@ -1,0 +1,222 @@
+"""The playground page in a real browser (headless Chromium via Playwright) against the real server on a tiny model.
+
+Needs Debian's chromium (``scripts/install_browser.sh``); Playwright drives that system browser, it downloads none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from tests.server import ServerProcess
+from tests.tiny import save_tiny_lm, tiny_lm
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+RUN = {"chains": 3, "steps": 4, "max_tokens": 6, "seed": 3, "alpha": 8.0, "keywords": ["sun", "moon"]}
+PROMPT = "tell me about the sun"
+
+
+def find_chromium() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no Chromium found (install it with scripts/install_browser.sh)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    return save_tiny_lm(tiny_lm(), tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+def start_server(model_folder: Path, tmp_path_factory, **settings) -> ServerProcess:
+    proc = ServerProcess(str(model_folder), tmp_path_factory.mktemp("logs") / "server.log", **settings)
+    proc.wait_ready()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def server(model_folder, tmp_path_factory):
+    proc = start_server(model_folder, tmp_path_factory)
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def locked_server(model_folder, tmp_path_factory):
+    proc = start_server(model_folder, tmp_path_factory, api_keys="secret")
+    yield proc
+    assert proc.stop() == 0
+
+
+class PageLog:
+    """Console errors, uncaught exceptions and every URL the page requested."""
+
+    def __init__(self, page):
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        page.on("console", lambda message: self.errors.append(f"console: {message.text}") if message.type == "error" else None)
+        page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
+        page.on("request", lambda request: self.requests.append(request.url))
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.log = PageLog(page)
+    yield page
+    context.close()
+
+
+def fill_form(page, chains: int, steps: int, max_tokens: int, seed: int, alpha: float, keywords: list[str]) -> None:
+    page.fill("#prompt", PROMPT)
+    page.fill("#chains", str(chains))
+    page.fill("#steps", str(steps))
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#seed", str(seed))
+    page.fill("#alpha", str(alpha))
+    page.fill("#keywords", ", ".join(keywords))
+
+
+def run_and_wait(page, timeout_ms: int = 60_000) -> str:
+    page.click("#run")
+    # A selector, not wait_for_function: the page's Content-Security-Policy forbids evaluating strings.
+    finished = ", ".join(f"body[data-run-state={state}]" for state in ("done", "failed", "cancelled"))
+    page.wait_for_selector(finished, state="attached", timeout=timeout_ms)
+    return page.get_attribute("body", "data-run-state")
+
+
+def align_request(run: dict) -> dict:
+    body = {key: value for key, value in run.items() if key != "keywords"}
+    return {"prompt": PROMPT, "method": "sea", "temperature": 1, "reward": {"keywords": run["keywords"]}, **body}
+
+
+def test_page_and_assets_load_without_console_errors(page, server):
+    for path in ("/", "/playground"):
+        response = page.goto(server.url + path)
+        assert response.status == 200 and "text/html" in response.headers["content-type"]
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+        page.wait_for_selector("#server-status.pill-ok")
+        assert page.title() == "sea-serve playground"
+        assert "tiny-llama" in page.inner_text("#server-status")
+        assert page.is_visible("#run") and page.is_visible("#prompt") and page.is_visible("#api-key")
+        # Both charts start empty, with a placeholder.
+        assert page.locator("#chart-energy polyline").count() == 0
+    assert page.log.errors == []
+    assert all(url.startswith((server.url, "data:")) for url in page.log.requests), page.log.requests
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert not {"/", "/playground"} & set(schema["paths"])
+    assert httpx.get(server.url + "/static/playground.js").status_code == 200
+
+
+def test_run_draws_a_line_per_chain_and_shows_the_aligned_and_reference_texts(page, server):
+    request = align_request(RUN)
+    aligned = httpx.post(server.url + "/align", json=request, timeout=60).json()  # same seed, same output as the page's job
+    steps_run = aligned["timings"]["steps"]
+    assert steps_run >= 1
+
+    page.goto(server.url + "/playground")
+    fill_form(page, **RUN)
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+
+    # One line per chain on each chart, one point per step including step 0 (the initial samples): steps + 1.
+    for chart in ("#chart-energy", "#chart-reward"):
+        lines = page.locator(f"{chart} polyline")
+        assert lines.count() == RUN["chains"]
+        for i in range(RUN["chains"]):
+            points = lines.nth(i).get_attribute("points").split()
+            assert len(points) == steps_run + 1 == int(lines.nth(i).get_attribute("data-points"))
+            xs = [float(point.split(",")[0]) for point in points]
+            assert xs == sorted(xs) and len(set(xs)) == len(xs)  # left to right, one point per step
+        assert sorted(lines.nth(i).get_attribute("data-chain") for i in range(RUN["chains"])) == ["0", "1", "2"]
+
+    # The page shows what the API returns for the same request.
+    assert page.inner_text("#final-text") == aligned["text"] != ""
+    assert page.locator(".chain").count() == RUN["chains"]
+    assert page.get_attribute(".chain.chosen", "data-chain") == str(aligned["chosen"])
+
+    # Each chain shows its returned iterate, with the tokens that differ from its initial sample marked.
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = client.post("/jobs", json=request).json()
+        with connect_sse(client, "GET", f"/jobs/{job['id']}/events") as source:
+            events = {e["step"]: e for e in (json.loads(s.data) for s in source.iter_sse() if s.event == "step")}
+    assert max(events) == steps_run and sorted(events) == list(range(min(events), steps_run + 1))
+    marked_total = 0
+    for i, chain in enumerate(aligned["chains"]):
+        card = page.locator(f".chain[data-chain='{i}']")
+        assert card.locator(".text").inner_text() == chain["text"]
+        at_best = events.get(chain["best_step"])  # no event at step 0 means no changes there
+        expected = sum(at_best["chains"][i]["changed_positions"]) if at_best else 0
+        assert card.locator("mark.tok.changed").count() == expected
+        marked_total += expected
+    assert marked_total > 0, "pick a run where the sampler changes some tokens, or the highlight goes untested"
+
+    # The reference-model sample beside it, and its scores.
+    sample = httpx.post(server.url + "/align", json={**request, "method": "sample"}, timeout=60).json()
+    assert page.inner_text("#reference-text") == sample["text"]
+    assert page.locator("#reference-scores dd").count() == 4
+    assert page.locator("#timings dd").count() >= 5
+
+    # The curl command is the same request to POST /align.
+    curl = page.inner_text("#curl")
+    assert curl.startswith(f"curl -sS '{server.url}/align'") and "Authorization" not in curl
+    body = json.loads(curl.split("-d '", 1)[1].rsplit("'", 1)[0])
+    assert body == request
+    assert page.log.errors == []
+
+
+def test_chat_mode_and_sample_method(page, server):
+    page.goto(server.url + "/")
+    page.click("#mode-chat")
+    assert page.locator("#messages .message").count() == 2
+    page.locator("#messages .message textarea").nth(1).fill("write about a dog")
+    page.click("[data-method='sample']")
+    assert page.is_hidden("#steps") and page.is_hidden("#chains")
+    page.fill("#max-tokens", "5")
+    page.fill("#seed", "7")
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+    assert page.is_hidden("#charts") and page.locator("#chart-energy polyline").count() == 0  # no Langevin steps for a sample
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "write about a dog"}]
+    expected = httpx.post(server.url + "/align", json={"messages": messages, "method": "sample", "max_tokens": 5, "seed": 7, "alpha": 6,
+                                                        "reward": {"keywords": ["lighthouse", "violin"]}}, timeout=60).json()
+    assert page.inner_text("#final-text") == expected["text"]
+    assert page.log.errors == []
+
+
+def test_api_key_is_sent_from_the_page_and_kept_in_the_browser(page, locked_server):
+    page.goto(locked_server.url + "/playground")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=[])
+    assert page.input_value("#api-key") == ""
+    assert run_and_wait(page) == "failed"
+    assert page.is_visible("#error")
+    assert "API key" in page.inner_text("#error") and "401" in page.inner_text("#error")
+    assert page.is_hidden("#result")
+
+    page.fill("#api-key", "secret")
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+    assert page.is_hidden("#error")
+    assert page.inner_text("#final-text") != ""
+    assert page.locator("#chart-energy polyline").count() == 2
+    assert "-H \"Authorization: Bearer $SEA_API_KEY\"" in page.inner_text("#curl")  # the key itself stays out of the command
+
+    page.reload()
+    assert page.input_value("#api-key") == "secret"  # kept in localStorage, never sent anywhere but the API
