@@ -1,4 +1,4 @@
-"""The ``sea`` command: ``serve``, ``align`` and ``prepare``."""
+"""The ``sea`` command: ``serve``, ``align``, ``prepare`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            # Stop taking new work at once (/ready turns 503); accepted work drains in the lifespan shutdown.
-            app.state.service.draining = True
+            # Stop taking new work at once (/ready turns 503) and start the grace period (SEA_DRAIN_SECONDS) now;
+            # the lifespan shutdown waits for the drain to end.
+            app.state.service.request_drain()
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 self._captured_signals.clear()  # a drained SIGTERM is a clean exit (status 0), not a re-raised signal
@@ -110,6 +111,14 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from app.evaluate import main as eval_main
+
+    settings = settings_from(args)
+    _setup_logging("warning")
+    return eval_main(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sea", description="Inference-time alignment with Simple Energy Adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,13 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--max-tokens", type=int, default=None, help="Response length in tokens.")
     align.add_argument("--alpha", type=float, default=None, help="Reward weight in the energy.")
     align.add_argument("--seed", type=int, default=None, help="Random seed (same seed, same output).")
-    align.add_argument("--method", choices=["sea", "bon", "sample"], default="sea")
+    align.add_argument("--method", choices=["sea", "bon", "sample", "args", "cbs"], default="sea")
     align.add_argument("--samples", type=int, default=16, help="N for Best-of-N.")
     align.add_argument("--select", choices=["reward", "energy"], default="reward", help="How the returned chain is picked.")
     align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
     align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")
     _settings_flags(align)
     align.set_defaults(func=cmd_align)
+
+    from app.evaluate import add_eval_arguments
+
+    evaluate = sub.add_parser("eval", help="Compare SEA and the baselines on a prompt file at equal compute.")
+    add_eval_arguments(evaluate)
+    _settings_flags(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     return parser
 

@@ -6,16 +6,16 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 
 from app.api import openai as openai_routes
-from app.api.errors import error_body, install_error_handlers, validation_response
-from app.api.routes import install_routes
+from app.api.errors import install_error_handlers
+from app.api.middleware import ApiKeyAuth, BodySizeLimit, RequestContext
+from app.api.playground import install_playground
+from app.api.routes import install_routes, public_paths
+from app.api.schemas import document_limits
 from app.runtime import Runtime
 from app.service.metrics import Metrics
 from app.service.service import AlignService
@@ -23,44 +23,9 @@ from app.settings import Settings
 
 log = logging.getLogger("app")
 
-
-class BodySizeLimit:
-    """Pure ASGI middleware: 413 for bodies over ``limit`` bytes (declared or streamed)."""
-
-    def __init__(self, app, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, counted_receive, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send):
-        response = JSONResponse(error_body(f"the request body is over {self.limit} bytes", "invalid_request_error", code="payload_too_large"),
-                                status_code=413)
-        await response({"type": "http"}, None, send)
-
-
-class _TooLarge(Exception):
-    pass
+# Pages that hold no data (the interactive docs, the OpenAPI document, the playground and its assets) load
+# without an API key, so that a browser can open them; every API operation behind them still needs the key.
+PUBLIC_PAGES = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/", "/playground"})
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -104,33 +69,34 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lifespan=lifespan,
     )
     app.state.service = service
+    _document_limits(app, settings)
     app.state.settings = settings
+    app.state.api_keys = settings.load_api_keys()
     install_error_handlers(app)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        # OpenAI clients expect 400 for bad parameters; our own endpoints answer 422.
-        return validation_response(exc, 400 if request.url.path.startswith("/v1/") else 422)
-
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
-        response.headers["X-Request-ID"] = request_id
-        return response
-
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    # add_middleware wraps what was added before: BodySizeLimit is innermost, RequestContext outermost.
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, keys=app.state.api_keys, public=public_paths(settings) | PUBLIC_PAGES, public_prefixes=("/static/",))
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(RequestContext, metrics=metrics)
     install_routes(app, settings)
     app.include_router(openai_routes.router)
+    install_playground(app)
     return app
+
+
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """Build the OpenAPI document once, with this server's limits in it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_limits(build(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _expire_jobs(service: AlignService) -> None:

@@ -71,7 +71,10 @@ class Runtime:
                     raise UnknownRewardError(f"unknown reward {name!r}; loaded rewards: {', '.join(sorted(self.rewards))}")
                 chosen.append((self.rewards[name], weight))
         if keywords:
-            chosen.append((LexiconReward.keywords(self.lm.tokenizer, keywords), keyword_weight))
+            lexicon = LexiconReward.keywords(self.lm.tokenizer, keywords)
+            if not lexicon.patterns:  # e.g. only blanks, or words the tokenizer cannot spell: nothing to reward
+                raise ValueError("none of the keywords can be spelled with the model's vocabulary")
+            chosen.append((lexicon, keyword_weight))
         return RewardMix(chosen)
 
     def job(self, messages: list[Message], config: SEAConfig, **reward_options) -> AlignJob:

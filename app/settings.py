@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.rewards import SAFETY_PRINCIPLE
@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     log_level: str = Field("info", description="Log level.")
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated API keys; when set, requests need `Authorization: Bearer <key>`.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated API keys; when set, every API endpoint but /health, /ready and /metrics needs `Authorization: Bearer <key>` (the docs and playground pages load without one).")
+    api_keys_file: str = Field("", description="File with more API keys, one per line (blank lines and `#` comments skipped); read once at start-up.")
     metrics_require_key: bool = Field(False, description="Also require the API key on /metrics.")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated origins allowed by CORS; empty: CORS off.")
 
@@ -56,6 +57,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def load_api_keys(self) -> list[bytes]:
+        """Every accepted API key (SEA_API_KEYS plus the keys file) as bytes, for constant-time comparison."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_file:
+            with open(self.api_keys_file, encoding="utf-8") as lines:
+                from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not from_file:  # fail closed: a keys file that was meant to guard the service must not turn auth off
+                raise ValueError(f"SEA_API_KEYS_FILE {self.api_keys_file} holds no keys")
+            keys += from_file
+        return [key.encode() for key in keys]
 
     def reward_terms(self) -> list[tuple[str, float]]:
         """The default reward as (name, weight) pairs."""

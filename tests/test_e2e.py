@@ -52,10 +52,12 @@ def test_align_returns_text_chains_traces_usage_and_timings(http):
     body = response.json()
     assert response.headers["x-request-id"]
     assert body["text"] == body["chains"][body["chosen"]]["text"]
-    assert len(body["chains"]) == 3 and all(len(c["trace"]) == 4 for c in body["chains"])
+    steps = body["timings"]["steps"]
+    assert 1 <= steps <= 4  # the discrete update stops early when no edit is predicted to help
+    assert len(body["chains"]) == 3 and all(len(c["trace"]) == steps for c in body["chains"])
     assert body["usage"]["prompt_tokens"] > 0 and 0 < body["usage"]["completion_tokens"] <= 6
     assert body["usage"]["backward_token_passes"] > 0
-    assert body["timings"]["steps"] == 4 and body["timings"]["total"] >= body["timings"]["langevin"] > 0
+    assert body["timings"]["total"] >= body["timings"]["langevin"] > 0
     assert body["energy"] == pytest.approx(-(body["log_prob_ref"] + 1.0 * body["reward"]), abs=1e-3)
 
 
@@ -100,13 +102,15 @@ def test_job_lifecycle_with_server_sent_events(http):
             elif event.event == "result":
                 result = json.loads(event.data)
                 break
-    assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
+    run_steps = result["result"]["timings"]["steps"]  # the discrete update may converge before `steps`
+    assert 1 <= run_steps <= 4
+    assert [s["step"] for s in steps] == list(range(run_steps + 1))
     assert all(len(s["chains"]) == 2 and "energy" in s["chains"][0] and "pieces" in s["chains"][0] for s in steps)
     assert result["status"] == "succeeded"
     chosen = result["result"]["chains"][result["result"]["chosen"]]
     assert chosen["best_step"] <= 4 and result["result"]["text"] == chosen["text"]
     job = http.get(location).json()
-    assert job["status"] == "succeeded" and job["result"]["timings"]["steps"] == 4
+    assert job["status"] == "succeeded" and job["result"]["timings"]["steps"] == run_steps
 
 
 def test_cancelling_a_long_job(http):
@@ -183,7 +187,7 @@ def test_metrics_count_the_calls(http):
     assert delta("sea_request_duration_seconds_count", endpoint="/align") == 2
     assert delta("sea_final_reward_count", method="sea") == 1
     assert delta("sea_reward_gain_count", method="sea") == 1
-    assert delta("sea_langevin_step_duration_seconds_count") >= 3
+    assert delta("sea_langevin_step_duration_seconds_count") >= 1
     assert delta("sea_completion_tokens_total") > 0 and delta("sea_prompt_tokens_total") > 0
     assert after[("sea_queue_depth", ())] == 0
     assert ("sea_model_info", (("device", "cpu"), ("dtype", "float32"), ("model", "tiny-llama"), ("rewards", "principle"))) in after

@@ -10,49 +10,64 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from app.api.routes import ERRORS, engine_config, get_service, require_api_key
-from app.api.schemas import SEAParams
+from app.api.routes import ERRORS, UNAUTHORIZED, engine_config, get_service, require_api_key
+from app.api.schemas import MAX_SEED, ErrorResponse, LimitError, SEAParams, StrictRequest
 from app.engine.types import AlignResult
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 MODEL_ALIASES = {"sea", "default"}
+# OpenAI clients expect 400 for a bad parameter (validation errors answer 400 under /v1); server limits answer 422.
+V1_ERRORS = {**ERRORS, 400: {"model": ErrorResponse, "description": "A malformed body or an invalid or unsupported parameter."}}
+V1_RESPONSES = {200: {"description": "The completion; with `stream`, Server-Sent Events (`data:` chunks, then `data: [DONE]`).",
+                      "content": {"application/json": {}, "text/event-stream": {}}}, **V1_ERRORS}
+
+
+def _only(*values: Any, schema: dict | None = None) -> dict:
+    """OpenAPI for a field accepted for compatibility with one neutral value (or null): any other value answers 400."""
+    allowed = [schema] if schema is not None else [{"const": value} for value in values]
+    return {"anyOf": [*allowed, {"type": "null"}]}
 
 
 class SEAOptions(SEAParams):
     """The ``sea`` extra: every /align parameter except the prompt (max_tokens, seed, temperature, top_p come from the OpenAI fields)."""
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
-class _OpenAIBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _OpenAIBase(StrictRequest):
+    model_config = ConfigDict(
+        # n > 1 needs several chains or samples: method `sample` draws one (see `params`).
+        json_schema_extra={"if": {"required": ["sea"], "properties": {"sea": {"type": "object", "required": ["method"],
+                                                                             "properties": {"method": {"const": "sample"}}}}},
+                           "then": {"properties": {"n": {"const": 1}}}},
+    )
 
-    model: str = Field(description="The served model id (see /v1/models), or `sea`.")
+    model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=64, description="Choices: the n best chains of one run (n <= chains).")
-    seed: int | None = Field(None, ge=0, le=2**62)
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
+    n: int = Field(1, ge=1, le=64, description="Choices: the n best chains of one run (n <= chains); 1 with method `sample`.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="Temperature of the base samples.")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, description="Only 0 (accepted for compatibility).", json_schema_extra=_only(0))
+    frequency_penalty: float | None = Field(None, description="Only 0 (accepted for compatibility).", json_schema_extra=_only(0))
+    logit_bias: dict[str, float] | None = Field(None, description="Only empty (accepted for compatibility).",
+                                                json_schema_extra=_only(schema={"type": "object", "maxProperties": 0}))
     sea: SEAOptions | None = Field(None, description="SEA parameters (see POST /align).")
 
     def unsupported(self) -> dict[str, Any]:
@@ -81,16 +96,17 @@ class _OpenAIBase(BaseModel):
             if params.method == "sample":
                 raise BadRequest("n > 1 needs method `sea` or `bon`", param="n")
             params.chains = max(params.chains or 0, self.n) if params.method == "sea" else params.chains
-            params.samples = max(params.samples, self.n)
+            if self.n > params.samples:  # noqa: PLR1730 -- assign only when needed: an unset `samples` stays unset
+                params.samples = self.n
         return params
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: str | list[str] = Field(description="A prompt (a list holds one prompt per choice set).")
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(description="A prompt (a list must hold exactly one).")
+    echo: bool = Field(False, description="Only false.", json_schema_extra={"const": False})
+    logprobs: int | None = Field(None, description="Only 0 or null.", json_schema_extra=_only(0))
+    best_of: int | None = Field(None, description="Only 1 or null (use `n` and the `sea` options).", json_schema_extra=_only(1))
+    suffix: str | None = Field(None, description="Only empty or null.", json_schema_extra=_only(""))
 
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
@@ -102,13 +118,12 @@ class CompletionRequest(_OpenAIBase):
         return bad
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ContentPart(StrictRequest):
     type: Literal["text"]
     text: str
 
 
-class ChatMessageIn(BaseModel):
+class ChatMessageIn(StrictRequest):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`, which does not change the rendering
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
@@ -121,11 +136,12 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=64)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: Any = None
-    response_format: dict | None = None
+    logprobs: bool | None = Field(None, description="Only false or null.", json_schema_extra=_only(False))
+    top_logprobs: int | None = Field(None, description="Only 0 or null.", json_schema_extra=_only(0))
+    tools: list[dict] | None = Field(None, description="Only empty (no tool calls).", json_schema_extra=_only(schema={"type": "array", "maxItems": 0}))
+    tool_choice: Any = Field(None, description="Only `none` or null.", json_schema_extra=_only("none"))
+    response_format: dict | None = Field(None, description="Only `{\"type\": \"text\"}` or null.", json_schema_extra=_only(
+        schema={"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}))
 
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
@@ -134,7 +150,7 @@ class ChatCompletionRequest(_OpenAIBase):
                 bad[name] = getattr(self, name)
         if self.tool_choice not in (None, "none"):
             bad["tool_choice"] = self.tool_choice
-        if self.response_format and self.response_format.get("type") != "text":
+        if self.response_format is not None and self.response_format.get("type") != "text":
             bad["response_format"] = self.response_format
         return bad
 
@@ -144,6 +160,17 @@ def _check(body: _OpenAIBase, service: AlignService) -> None:
         raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
     if body.model != service.model_name and body.model.lower() not in MODEL_ALIASES:
         raise NotFound(f"the model {body.model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
+    settings = service.settings
+    limits = {"max_tokens": settings.max_tokens_limit, "max_completion_tokens": settings.max_tokens_limit,  # both, even when one wins
+              "n": min(settings.max_chains, settings.max_batch_chains, settings.max_samples)}  # n chains (sea) or n samples (bon)
+    for name, limit in limits.items():
+        if (getattr(body, name, None) or 0) > limit:
+            raise Unprocessable(f"{name} must be at most {limit} (server limit), got {getattr(body, name)}", param=name)
+    if body.sea is not None:  # the `sea` values obey the server limits too, even one an OpenAI field overrides
+        try:
+            body.sea.to_config(service.settings)
+        except LimitError as exc:
+            raise Unprocessable(str(exc), param=f"sea.{exc.field}") from None
 
 
 def _truncate(text: str, stops: list[str], finish: str) -> tuple[str, str]:
@@ -258,12 +285,12 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             service.cancel(job)
 
 
-@router.get("/models", summary="The served model.")
+@router.get("/models", responses=UNAUTHORIZED, summary="The served model.")
 async def list_models(service: AlignService = Depends(get_service)) -> dict:
     return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "sea-serve"}]}
 
 
-@router.post("/completions", responses=ERRORS, summary="OpenAI-compatible text completion, aligned with SEA.")
+@router.post("/completions", responses=V1_RESPONSES, summary="OpenAI-compatible text completion, aligned with SEA.")
 async def completions(body: CompletionRequest, request: Request, service: AlignService = Depends(get_service)):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -271,7 +298,7 @@ async def completions(body: CompletionRequest, request: Request, service: AlignS
     return await _respond(body, [{"role": "user", "content": prompts[0]}], body.max_tokens, request, service, chat=False)
 
 
-@router.post("/chat/completions", responses=ERRORS, summary="OpenAI-compatible chat completion, aligned with SEA.")
+@router.post("/chat/completions", responses=V1_RESPONSES, summary="OpenAI-compatible chat completion, aligned with SEA.")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: AlignService = Depends(get_service)):
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _respond(body, [m.as_dict() for m in body.messages], max_tokens, request, service, chat=True)

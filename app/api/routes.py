@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
+from app.api.middleware import bearer_key_valid
 from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreated, JobOut, LimitError, SEAParams
 from app.engine.types import SEAConfig
 from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
@@ -16,23 +17,32 @@ from app.service.jobs import Job, JobStatus
 from app.service.service import AlignService
 
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 499, 500, 503, 504)}
+ERRORS[429]["headers"] = {"Retry-After": {"description": "Seconds until a queue slot is likely free, from the recent job rate.",
+                                          "schema": {"type": "integer"}}}
+UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or invalid API key (only when the server has keys)."}}
+
+# Declares the bearer scheme in the OpenAPI document (the docs page's "Authorize" button); the check is ours.
+bearer = HTTPBearer(auto_error=False, description="An API key from SEA_API_KEYS or SEA_API_KEYS_FILE (needed only when the server sets keys).")
 
 
 def get_service(request: Request) -> AlignService:
     return request.app.state.service
 
 
-def require_api_key(request: Request) -> None:
-    """When API keys are configured, require ``Authorization: Bearer <key>`` (compared in constant time)."""
-    keys = request.app.state.service.settings.api_keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip().encode()
-    valid = scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode()) for key in keys)
-    if not valid:
+def require_api_key(request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+    """When API keys are configured, require ``Authorization: Bearer <key>`` (compared in constant time).
+
+    ``ApiKeyAuth`` (app.api.middleware) already guards every path but ``public_paths``; this dependency repeats
+    the check on the routers so that a route stays guarded even if it is mounted without that middleware.
+    """
+    keys = request.app.state.api_keys
+    if keys and not bearer_key_valid(request.headers.get("authorization"), keys):
         raise Unauthorized("missing or invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def public_paths(settings) -> frozenset[str]:
+    """The API paths that answer without a key: liveness, readiness and (unless SEA_METRICS_REQUIRE_KEY) metrics."""
+    return frozenset({"/health", "/ready"} | (set() if settings.metrics_require_key else {"/metrics"}))
 
 
 def engine_config(params: SEAParams, service: AlignService) -> SEAConfig:
@@ -129,4 +139,4 @@ def install_routes(app, settings) -> None:
     app.include_router(protected)
     guard = [Depends(require_api_key)] if settings.metrics_require_key else []
     app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=guard, summary="Prometheus metrics (text format).",
-                      response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+                      response_class=Response, responses={200: {"content": {"text/plain": {}}}, **(UNAUTHORIZED if guard else {})})

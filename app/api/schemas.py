@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.engine.types import AlignResult, SEAConfig
 from app.settings import Settings
+
+# Request models are strict (no "3" for 3, no 1 for true) and refuse NaN and Infinity (which Python's JSON parser
+# lets through), so that what the OpenAPI document calls invalid is rejected, not coerced.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+MAX_SEED = 2**53 - 1
+MIN_TEMPERATURE = 1e-4  # lower sampling temperatures are taken as 0 (greedy)  # the largest integer that JSON clients (JavaScript, float-based validators) hold exactly
+
+
+class StrictRequest(BaseModel):
+    """Base of every request model: ``REQUEST_CONFIG``, and whole floats taken as integers.
+
+    JSON and JSON Schema make no difference between 3 and 3.0, so neither does the API; "3" and 3.5 stay errors.
+    """
+
+    model_config = REQUEST_CONFIG
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value):
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class LimitError(ValueError):
@@ -18,47 +38,60 @@ class LimitError(ValueError):
         self.field = field
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(StrictRequest):
     role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
     content: str = Field(max_length=100_000, description="What they say.")
 
 
-class RewardSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    terms: dict[str, float] | None = Field(None, description="Loaded rewards by name with their weights, e.g. {\"principle\": 1}. Default: the server's reward.")
-    keywords: list[str] | None = Field(None, max_length=32, description="Words to work into the response: adds a keyword-coverage reward (0..1).")
+class RewardSpec(StrictRequest):
+    terms: dict[str, Annotated[float, Field(ge=-1000, le=1000)]] | None = Field(
+        None, description="Loaded rewards by name with their weights, e.g. {\"principle\": 1}. Default: the server's reward.")
+    keywords: list[Annotated[str, Field(min_length=1, max_length=100, pattern=r"\S")]] | None = Field(
+        None, max_length=32, description="Words to work into the response: adds a keyword-coverage reward (0..1). "
+                                         "422 when the model cannot spell any of them.")
     keyword_weight: float = Field(1.0, ge=0, le=1000, allow_inf_nan=False, description="Weight of the keyword reward.")
     keywords_only: bool = Field(False, description="Use only the keyword reward (drop the server's reward).")
 
 
-class SEAParams(BaseModel):
+class SEAParams(StrictRequest):
     """Parameters of SEA and of the baselines. Omitted fields take the server's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    method: Literal["sea", "bon", "sample"] = Field("sea", description="sea: Langevin chains; bon: Best-of-N; sample: one base sample.")
+    method: Literal["sea", "bon", "sample", "args", "cbs"] = Field(
+        "sea", description="sea: SEA chains; bon: Best-of-N; sample: one base sample; args: reward-guided decoding (ARGS); "
+                           "cbs: chunk-level beam search.")
     max_tokens: int | None = Field(None, ge=1, description="Response length in tokens.")
     chains: int | None = Field(None, ge=1, description="Parallel Langevin chains, each started from its own base sample.")
     steps: int | None = Field(None, ge=0, description="Langevin steps.")
     alpha: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False, description="Reward weight in the energy E = -[log pi_ref + alpha*r].")
-    step_size: float = Field(0.3, ge=0, le=100, allow_inf_nan=False, description="Step size of the logit update.")
-    noise: float = Field(0.05, ge=0, le=100, allow_inf_nan=False, description="Std of the Langevin noise on the logits.")
+    update: Literal["discrete", "logits"] = Field(
+        "discrete", description="discrete: gradient-ranked token edits accepted on exact energy (default); "
+                                "logits: the paper-literal Langevin update over all logits.")
+    init_samples: int | None = Field(None, ge=1, description="discrete: base samples drawn to start from (the best `chains` by energy); default 2×chains.")
+    candidates: int = Field(8, ge=1, le=64, description="discrete: edits scored exactly per chain per step.")
+    proposal: Literal["gradient", "lm"] = Field("gradient", description="discrete: rank edits by the straight-through gradient, or by the LM alone (ablation).")
+    step_size: float = Field(0.3, ge=0, le=100, allow_inf_nan=False, description="logits: step size of the logit update.")
+    noise: float = Field(0.05, ge=0, le=100, allow_inf_nan=False,
+                         description="logits: std of the noise on the logits; discrete: temperature (nats) of the proposal noise.")
     noise_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="How the noise anneals over the steps.")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Direction of the logit update.")
     top_k: int | None = Field(None, ge=1, le=1000, description="Decode each position among the reference model's top-k (COLD-style).")
     init: Literal["sample", "random"] = Field("sample", description="Start chains from base samples or random logits.")
-    temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="Base sampling temperature.")
+    temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="Base sampling temperature; below 1e-4, greedy (as 0).")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Base sampling nucleus.")
     select: Literal["reward", "energy"] = Field("reward", description="Return the chain with the highest reward or the lowest energy.")
     track_best: bool = Field(True, description="Each chain keeps its lowest-energy iterate.")
     patience: int | None = Field(None, ge=1, description="Stop early when no chain improved for this many steps.")
     use_reward: bool = Field(True, description="Ablation: drop the reward term.")
     use_reference: bool = Field(True, description="Ablation: drop the reference term.")
-    samples: int = Field(16, ge=1, description="N of Best-of-N.")
-    seed: int | None = Field(None, ge=0, le=2**62, description="Random seed: same seed, same output.")
+    samples: int = Field(16, ge=1, description="N of Best-of-N (when omitted: 16, or the server limit if lower).")
+    args_top_k: int = Field(10, ge=1, le=100, description="args: candidate tokens per position.")
+    beams: int = Field(2, ge=1, le=16, description="cbs: beams kept after each chunk (W).")
+    successors: int = Field(4, ge=1, le=16, description="cbs: sampled continuations per beam (K).")
+    chunk: int = Field(8, ge=1, le=64, description="cbs: tokens per chunk (C).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed: same seed, same output.")
     reward: RewardSpec | None = Field(None, description="Which rewards to use.")
-    timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description="Seconds before the request is abandoned (504).")
+    timeout: float | None = Field(None, ge=1, allow_inf_nan=False,
+                                  description="Seconds before the request is abandoned (504); at most the server's SEA_REQUEST_TIMEOUT_SECONDS.")
 
     def to_config(self, settings: Settings) -> SEAConfig:
         """The engine's config, with server defaults filled in and server limits enforced."""
@@ -74,17 +107,29 @@ class SEAParams(BaseModel):
             optimizer=self.optimizer,
             top_k=self.top_k,
             init=self.init,
-            temperature=self.temperature,
+            temperature=self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0,  # log p / 1e-300 overflows
             top_p=self.top_p,
             select=self.select,
             track_best=self.track_best,
             patience=self.patience,
             use_reward=self.use_reward,
             use_reference=self.use_reference,
-            samples=self.samples,
+            # An omitted `samples` must not trip a server limit below the default (and it matters only to bon).
+            samples=self.samples if "samples" in self.model_fields_set else min(self.samples, settings.max_samples),
             seed=self.seed,
+            update=self.update,
+            init_samples=self.init_samples,
+            candidates=self.candidates,
+            proposal=self.proposal,
+            args_top_k=self.args_top_k,
+            beams=self.beams,
+            successors=self.successors,
+            chunk=self.chunk,
         )
         for name, value, limit in (
+            ("init_samples", config.init_samples or 0, settings.max_samples),
+            ("beams", config.beams, min(settings.max_chains, settings.max_batch_chains)),
+            ("successors", config.successors, settings.max_samples),
             ("max_tokens", config.max_tokens, settings.max_tokens_limit),
             ("chains", config.chains, settings.max_chains),
             ("steps", config.steps, settings.max_steps),
@@ -112,8 +157,12 @@ class AlignRequest(SEAParams):
     return_trace: bool = Field(False, description="Include every chain's per-step trace.")
 
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"prompt": "How do I pick a lock?", "chains": 4, "steps": 20, "alpha": 1.0, "seed": 0}]},
+        json_schema_extra={
+            "examples": [{"prompt": "How do I pick a lock?", "chains": 4, "steps": 20, "alpha": 1.0, "seed": 0}],
+            # Exactly one of the two, as `_one_prompt` checks (a null one counts as absent).
+            "oneOf": [{"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                      {"required": ["messages"], "properties": {"messages": {"type": "array"}}}],
+        },
     )
 
     @model_validator(mode="after")
@@ -234,3 +283,40 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+REQUEST_SCHEMAS = ("AlignRequest", "SEAOptions", "CompletionRequest", "ChatCompletionRequest")
+
+
+def document_limits(openapi: dict, settings: Settings) -> dict:
+    """Write this server's limits into its OpenAPI document (in place), so that what it calls valid is what it accepts.
+
+    The request models carry only fixed bounds; the server limits (SEA_MAX_CHAINS and the like) and the names of
+    the rewards a request may mix are settings, known when the app is built.
+    """
+    chains = min(settings.max_chains, settings.max_batch_chains)
+    limits = {
+        "max_tokens": settings.max_tokens_limit,
+        "max_completion_tokens": settings.max_tokens_limit,
+        "chains": chains,
+        "steps": settings.max_steps,
+        "samples": settings.max_samples,
+        "init_samples": settings.max_samples,
+        "beams": chains,
+        "successors": settings.max_samples,
+        "n": min(chains, settings.max_samples, 64),
+    }
+    components = openapi.get("components", {}).get("schemas", {})
+    for name in REQUEST_SCHEMAS:
+        for field, prop in components.get(name, {}).get("properties", {}).items():
+            if field in limits:
+                for branch in prop.get("anyOf", [prop]):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = limits[field]
+                prop["description"] = f"{prop.get('description', '').rstrip('.')}. Server limit: {limits[field]}.".lstrip(". ")
+    rewards = ["principle", *(["rm"] if settings.reward_model else [])]
+    terms = components.get("RewardSpec", {}).get("properties", {}).get("terms", {})
+    for branch in terms.get("anyOf", []):
+        if branch.get("type") == "object":
+            branch["propertyNames"] = {"enum": rewards}
+    return openapi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from enum import Enum
 from typing import Any
 
 from app.engine.types import AlignJob, AlignResult
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(str, Enum):
@@ -83,6 +86,7 @@ class Job:
         self.error = error
         self.error_kind = kind
         self.finished_at = time.monotonic()
+        log.info("job %s %s%s", self.id, status.value, f": {error}" if error else "")  # every accepted job ends in the log
         self.publish({"event": "end", "status": status.value})
         self._done.set()
 

@@ -30,18 +30,23 @@ class AlignService:
         self.runtime: Runtime | None = None
         self.worker: EngineWorker | None = None
         self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
-        return self.worker is not None and not self.draining
+        return self.worker is not None and self.worker.alive and not self.draining
 
     @property
     def model_name(self) -> str:
         return self.runtime.lm.name if self.runtime else "loading"
 
     def attach(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
-        """Start serving with loaded models."""
+        """Start serving with loaded models (unless a SIGTERM came while they loaded)."""
+        if self.draining:
+            return
         self.runtime = runtime
+        self._loop = loop
         self.worker = EngineWorker(runtime.engine, loop, self.metrics, self.settings.max_batch_chains, self.settings.max_queue)
         self.worker.start()
         self.metrics.model_info.info({"model": runtime.lm.name, "device": str(runtime.lm.device), "dtype": str(runtime.lm.dtype).replace("torch.", ""),
@@ -121,10 +126,34 @@ class AlignService:
             if kind != "cancelled":  # a timeout answers now; the worker drops the chains at the next step
                 job.finish(JobStatus.failed, None, reason, kind)
 
+    def request_drain(self) -> None:
+        """Stop taking work at once and start draining (safe to call from a signal handler).
+
+        Called on SIGTERM, before the server stops listening, so that the grace period (SEA_DRAIN_SECONDS)
+        runs from the signal: a blocking request whose job cannot finish in time gets its 503 while its
+        connection is still open.
+        """
+        self.draining = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> asyncio.Task:
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+        return self._drain_task
+
     async def shutdown(self) -> None:
         """Drain: refuse new work, let accepted work finish within the grace period, fail the rest."""
         self.draining = True
-        if self.worker is not None:
-            log.info("draining: %d queued, %d chains running", *self.worker.load)
-            await self.worker.drain(self.settings.drain_seconds)
-            await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks run
+        await self._start_drain()
+
+    async def _drain(self) -> None:
+        if self.worker is None:
+            return
+        accepted = self.store.unfinished()
+        log.info("draining: %d queued, %d chains running; grace period %g s", *self.worker.load, self.settings.drain_seconds)
+        await self.worker.drain(self.settings.drain_seconds)
+        await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks run
+        # One line per job that was accepted but unfinished at the signal: none is lost silently.
+        for job in accepted:
+            log.info("drained job %s: %s%s", job.id, job.status.value, f" ({job.error})" if job.error else "")

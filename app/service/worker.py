@@ -99,6 +99,11 @@ class EngineWorker:
         with self._cond:
             return len(self._pending), sum(job.chains for job, _ in self._active)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it is started by ``start`` and ends only with ``stop``)."""
+        return self._thread.is_alive()
+
     async def drain(self, timeout: float) -> None:
         """Stop taking work; let queued and running jobs finish within ``timeout``; fail what is left."""
         with self._cond:
@@ -106,7 +111,8 @@ class EngineWorker:
         deadline = time.monotonic() + timeout
         while not self.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.stop(reason="the service shut down before the job could finish")
+        # stop() joins the worker thread, which may be inside a long step: keep the event loop free meanwhile.
+        await asyncio.to_thread(self.stop, "the service shut down before the job could finish")
 
     def stop(self, reason: str = "the service stopped") -> None:
         with self._cond:
@@ -136,12 +142,36 @@ class EngineWorker:
                     self._cond.wait(timeout=0.5)
                 if self._stopping:
                     return
+                self._expire_queued_locked()
                 admitted = self._admit_locked()
             for job in admitted:
-                self._start(job)
-            self._drop_cancelled()
-            if self._active:
-                self._step()
+                try:
+                    self._start(job)
+                except Exception:
+                    log.exception("worker failed to start job %s", job.id)
+                    self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+            try:
+                self._drop_cancelled()
+                if self._active:
+                    self._step()
+            except Exception:
+                # A bug outside the engine's own step (which _tick_resilient guards) must not kill the thread:
+                # fail the running batch, keep serving the queue.
+                log.exception("worker error with %d requests running; failing them", len(self._active))
+                for job, _ in self._active:
+                    self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+                self._active = []
+                self._update_gauges()
+
+    def _expire_queued_locked(self) -> None:
+        """Fail queued jobs whose deadline passed while they waited (nobody may be polling for them)."""
+        now = time.monotonic()
+        expired = [job for job in self._pending if job.deadline is not None and now > job.deadline]
+        for job in expired:
+            self._pending.remove(job)
+            self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
+        if expired:
+            self.metrics.queue_depth.set(len(self._pending))
 
     def _admit_locked(self) -> list[Job]:
         chains = sum(job.chains for job, _ in self._active)
@@ -176,6 +206,8 @@ class EngineWorker:
             log.exception("engine failed to start job %s", job.id)
             self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
             return
+        if state.step == 0 and state.initial:  # started with its initial chains already scored (the discrete update)
+            self._call(job.publish, self._step_event(job, state))
         if state.done:
             self._complete(job, state)
         else:
@@ -238,7 +270,10 @@ class EngineWorker:
         chains = []
         for c in range(state.chains):
             stats = state.initial[c] if state.step == 0 else state.traces[c][-1]
-            entry = {"energy": stats.energy, "reward": stats.reward, "log_prob_ref": stats.log_prob_ref, "changed": stats.changed}
+            # JSON has no NaN or Infinity: a non-finite score is sent as null.
+            entry = {key: value if math.isfinite(value) else None for key, value in
+                     (("energy", stats.energy), ("reward", stats.reward), ("log_prob_ref", stats.log_prob_ref))}
+            entry["changed"] = stats.changed
             if job.stream_events and state.tokens is not None:
                 entry.update(self._pieces(state, c))
             chains.append(entry)

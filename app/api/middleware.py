@@ -1,0 +1,173 @@
+"""Pure ASGI middleware at the edge: request ids, metrics and last-resort errors; API keys; the body size limit.
+
+Order, outermost first: ``RequestContext`` → CORS (when configured) → ``ApiKeyAuth`` → ``BodySizeLimit`` → routes.
+``RequestContext`` is outermost so that every response, a 401, a 413 or a 500 included, carries ``X-Request-ID``
+and is counted; authentication runs before the body is read, so an unauthenticated client learns nothing
+about body limits or JSON syntax.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import time
+import uuid
+
+from fastapi.responses import JSONResponse
+
+from app.api.errors import error_body, note_error
+from app.service.metrics import Metrics
+
+log = logging.getLogger("app.requests")
+
+# A client's X-Request-ID is kept only when it is short and plain, so that it cannot forge log lines.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (messages may quote client input, e.g. a job id or a field name)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def bearer_key_valid(authorization: str | None, keys: list[bytes]) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <one of keys>``.
+
+    Keys are compared as SHA-256 digests with ``hmac.compare_digest``, against every key, so the time taken
+    depends neither on where a guess differs nor on which key matched nor on the key lengths.
+    """
+    scheme, _, token = (authorization or "").partition(" ")
+    # Header values arrive decoded as latin-1: encoding back gives the bytes the client sent (UTF-8 keys match).
+    digest = hashlib.sha256(token.strip().encode("latin-1", "replace")).digest()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(digest, hashlib.sha256(key).digest())
+    return scheme.lower() == "bearer" and matched
+
+
+async def _send_error(scope, send, status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> None:
+    note_error(scope, message)
+    response = JSONResponse(error_body(message, type_, code=code), status_code=status, headers=headers)
+    await response({"type": "http"}, None, send)
+
+
+class RequestContext:
+    """Request id (``X-Request-ID`` in and out), request metrics, one log line per error, and a 500 for any uncaught exception."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        supplied = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message):
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        # As sent (percent-encoded): a client cannot put a line break or a terminal escape into the log.
+        path = scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Never the exception text: the client gets the request id, the log gets the traceback.
+            log.exception("request %s %s %s raised", request_id, scope["method"], path)
+            if not response_started:
+                await _send_error(scope, send_with_id, 500, f"internal error (request id {request_id})", "server_error")
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            if status >= 400:
+                reason = _printable(state.get("error_message", ""))
+                log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s",
+                        request_id, scope["method"], path, status, reason)
+
+
+class ApiKeyAuth:
+    """401 with the OpenAI error body unless ``Authorization: Bearer <key>`` names a configured key.
+
+    Deny by default: only the exact paths in ``public`` and those under ``public_prefixes`` (a mount, so routing
+    sends them nowhere else) are let through without a key, so a route added later is guarded from the start.
+    """
+
+    def __init__(self, app, keys: list[bytes], public: frozenset[str], public_prefixes: tuple[str, ...] = ()):
+        self.app = app
+        self.keys = keys
+        self.public = public
+        self.public_prefixes = public_prefixes
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in self.public or path.startswith(self.public_prefixes):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization")
+        if not bearer_key_valid(header.decode("latin-1") if header else None, self.keys):
+            return await _send_error(scope, send, 401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
+                                     headers={"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimit:
+    """413 for bodies over ``limit`` bytes, whether declared (Content-Length) or streamed (chunked)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, send)
+        seen = 0
+        too_large = False
+        started = False
+
+        async def counted_receive():
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    too_large = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message):
+            # Once the body is known to be too large, whatever the app answers (FastAPI turns the
+            # exception into a 400) is dropped in favour of the 413.
+            nonlocal started
+            if too_large and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _TooLarge:
+            pass
+        if too_large and not started:
+            await self._reject(scope, send)
+
+    async def _reject(self, scope, send):
+        await _send_error(scope, send, 413, f"the request body is over {self.limit} bytes", "invalid_request_error", code="payload_too_large")
+
+
+class _TooLarge(Exception):
+    pass
