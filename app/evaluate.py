@@ -271,15 +271,16 @@ def _plots(results: dict, out: Path) -> None:
     if not sea:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    longest = max(len(chain) for r in sea for chain in r["trace"])
     for name in sorted({r["method"] for r in sea}):
         for ax, key, label in ((axes[0], "trace", "energy"), (axes[1], "trace_reward", "reward")):
-            curves = [[statistics.fmean(chain[i] for chain in r[key] if i < len(chain)) for i in range(max(map(len, r[key])))]
-                      for r in sea if r["method"] == name and r[key] and max(map(len, r[key]))]
+            # A run that stopped early keeps its last value, so the mean is over the same prompts at every step.
+            curves = [[statistics.fmean(chain[min(i, len(chain) - 1)] for chain in r[key]) for i in range(longest)]
+                      for r in sea if r["method"] == name and r[key] and min(map(len, r[key]))]
             if not curves:
                 continue
-            steps = max(map(len, curves))
-            mean = [statistics.fmean(c[i] for c in curves if i < len(c)) for i in range(steps)]
-            ax.plot(range(1, steps + 1), mean, label=name)
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(longest)]
+            ax.plot(range(1, longest + 1), mean, label=name)
             ax.set_xlabel("step")
             ax.set_ylabel(f"mean {label} (chains, prompts)")
     axes[0].legend(fontsize=8)
