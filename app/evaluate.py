@@ -283,7 +283,8 @@ def _plots(results: dict, out: Path) -> None:
             ax.plot(range(1, longest + 1), mean, label=name)
             ax.set_xlabel("step")
             ax.set_ylabel(f"mean {label} (chains, prompts)")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "sea_steps.png", dpi=110)
     plt.close(fig)

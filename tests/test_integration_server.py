@@ -13,7 +13,8 @@ pytestmark = pytest.mark.integration
 def test_embedded_model_through_the_server_and_openai_client(tmp_path):
     server = ServerProcess("", tmp_path / "server.log", threads=2)
     try:
-        server.wait_ready(timeout=300)
+        seen = server.wait_ready(timeout=300)
+        assert seen[0] == 503 and seen[-1] == 200  # up (and answering) while the model loads, ready after
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         chat = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, seed=0,
