@@ -75,22 +75,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from app.engine.types import SEAConfig
+    from app.api.schemas import LimitError, SEAParams
     from app.runtime import Runtime
 
     settings = settings_from(args)
     _setup_logging("warning" if args.json else settings.log_level)
     runtime = Runtime.load(settings)
-    config = SEAConfig(
-        max_tokens=args.max_tokens or settings.default_max_tokens,
-        chains=args.chains or settings.default_chains,
-        steps=settings.default_steps if args.steps is None else args.steps,
-        alpha=settings.default_alpha if args.alpha is None else args.alpha,
-        seed=args.seed,
-        method=args.method,
-        samples=args.samples,
-        select=args.select,
-    )
+    params = SEAParams(max_tokens=args.max_tokens, chains=args.chains, steps=args.steps, alpha=args.alpha, seed=args.seed,
+                       method=args.method, samples=args.samples, select=args.select)
+    try:
+        config = params.to_config(settings)  # the same defaults and limits as the HTTP API
+    except LimitError as exc:
+        raise SystemExit(f"sea align: {exc}") from None
     keywords = [w for w in (args.keywords or "").split(",") if w.strip()]
     job = runtime.job([{"role": "user", "content": args.prompt}], config, terms=settings.reward_terms(), keywords=keywords or None)
     result = runtime.engine.run([job])[0]

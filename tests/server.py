@@ -56,3 +56,14 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def serve_tiny(tmp_path_factory, **settings):
+    """A generator for module-scoped fixtures: the real server on the tiny model; checks a clean exit at teardown."""
+    from tests.tiny import save_tiny_lm, tiny_lm
+
+    folder = save_tiny_lm(tiny_lm(), tmp_path_factory.mktemp("model") / "tiny-llama")
+    proc = ServerProcess(str(folder), tmp_path_factory.mktemp("logs") / "server.log", **settings)
+    proc.wait_ready()
+    yield proc
+    assert proc.stop() == 0

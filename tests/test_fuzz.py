@@ -19,8 +19,8 @@ from schemathesis import GenerationMode
 
 from app.main import create_app
 from app.settings import Settings
-from tests.server import ServerProcess
-from tests.tiny import WORDS, save_tiny_lm, tiny_lm
+from tests.server import serve_tiny
+from tests.tiny import WORDS
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -39,11 +39,8 @@ schema.config.generation.update(max_examples=MAX_EXAMPLES, deterministic=True)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = save_tiny_lm(tiny_lm(), tmp_path_factory.mktemp("model") / "tiny-llama")
-    proc = ServerProcess(str(folder), tmp_path_factory.mktemp("logs") / "server.log", **SETTINGS)
-    proc.wait_ready()
-    yield proc
-    assert proc.stop() == 0
+    for proc in serve_tiny(tmp_path_factory, **SETTINGS):
+        yield proc
     assert "Traceback" not in proc.log_path.read_text()
 
 

@@ -19,9 +19,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server import ServerProcess
+from tests.server import serve_tiny
 from tests.test_reliability import gauges, idle, wait_for
-from tests.tiny import save_tiny_lm, tiny_lm
 
 ROUNDS = 4
 PER_ROUND = 50  # 200 requests in all
@@ -126,11 +125,7 @@ ALLOWED = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = save_tiny_lm(tiny_lm(), tmp_path_factory.mktemp("model") / "tiny-llama")
-    proc = ServerProcess(str(folder), tmp_path_factory.mktemp("logs") / "server.log", **SETTINGS)
-    proc.wait_ready()
-    yield proc
-    assert proc.stop() == 0
+    yield from serve_tiny(tmp_path_factory, **SETTINGS)
 
 
 def test_soak_overload_cancellations_and_disconnects(server):

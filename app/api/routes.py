@@ -13,7 +13,7 @@ from app.api.middleware import bearer_key_valid
 from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreated, JobOut, LimitError, SEAParams
 from app.engine.types import SEAConfig
 from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
-from app.service.jobs import Job, JobStatus
+from app.service.jobs import Job
 from app.service.service import AlignService
 
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 499, 500, 503, 504)}

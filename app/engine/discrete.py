@@ -15,7 +15,7 @@ import math
 import torch
 
 from app.engine.energy import evaluate, passes_per_row
-from app.engine.proposals import Move, apply, edit_scores, propose
+from app.engine.proposals import apply, edit_scores, propose
 from app.engine.sampling import sample_responses
 from app.engine.types import StepStats
 
