@@ -31,7 +31,7 @@ class Runtime:
     default_reward: list[tuple[str, float]]
 
     @classmethod
-    def from_lm(cls, lm: LoadedLM, settings: Settings, extra_rewards: dict[str, RewardComponent] | None = None) -> "Runtime":
+    def from_lm(cls, lm: LoadedLM, settings: Settings, extra_rewards: dict[str, RewardComponent] | None = None) -> Runtime:
         rewards: dict[str, RewardComponent] = {"principle": PrincipleReward(lm, settings.principle)}
         rewards.update(extra_rewards or {})
         runtime = cls(lm, Engine(lm), rewards, settings.reward_terms())
@@ -41,7 +41,7 @@ class Runtime:
         return runtime
 
     @classmethod
-    def load(cls, settings: Settings) -> "Runtime":
+    def load(cls, settings: Settings) -> Runtime:
         """Load the configured models (the embedded default when none is set)."""
         if settings.threads:
             torch.set_num_threads(settings.threads)

@@ -105,4 +105,4 @@ if __name__ == "__main__":  # python -m app.settings README.md: rewrite the READ
     path = sys.argv[1]
     text = open(path).read()
     block = f"<!-- settings-table:start -->\n{settings_markdown()}\n<!-- settings-table:end -->"
-    open(path, "w").write(re.sub(r"<!-- settings-table:start -->.*?<!-- settings-table:end -->", lambda _: block, text, flags=re.S))
+    open(path, "w").write(re.sub(r"<!-- settings-table:start -->.*?<!-- settings-table:end -->", lambda _: block, text, flags=re.DOTALL))

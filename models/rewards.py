@@ -150,7 +150,7 @@ class LexiconReward:
                 self.patterns.append(_WordPattern(word, float(weight), variants))
 
     @classmethod
-    def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> "LexiconReward":
+    def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> LexiconReward:
         """Keyword coverage reward: the fraction of ``words`` that the response uses."""
         unique = list(dict.fromkeys(w.strip() for w in words if w.strip()))
         return cls(tokenizer, {w: 1.0 / len(unique) for w in unique}, name="keywords")

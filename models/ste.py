@@ -77,7 +77,7 @@ class ResponseBatch:
         soft = self.probs[..., ids]
         return hard + soft - soft.detach()
 
-    def select(self, rows: Tensor) -> "ResponseBatch":
+    def select(self, rows: Tensor) -> ResponseBatch:
         """The sub-batch of the given row indices (gradients flow back to this batch)."""
         return ResponseBatch(
             tokens=self.tokens[rows],

@@ -227,7 +227,7 @@ class AlignResponse(BaseModel):
     timings: TimingsOut
 
     @classmethod
-    def build(cls, job_id: str, model: str, result: AlignResult, queue_seconds: float, with_trace: bool) -> "AlignResponse":
+    def build(cls, job_id: str, model: str, result: AlignResult, queue_seconds: float, with_trace: bool) -> AlignResponse:
         def step(s) -> StepOut:
             return StepOut(energy=s.energy, reward=s.reward, log_prob_ref=s.log_prob_ref, changed=s.changed, finite=s.finite)
 

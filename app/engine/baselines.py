@@ -10,7 +10,6 @@ import dataclasses
 import math
 
 import torch
-
 from transformers import DynamicCache
 
 from app.engine.energy import evaluate, passes_per_row, reward_passes_per_row, score_rewards
