@@ -67,7 +67,7 @@ class SEAParams(StrictRequest):
         "discrete", description="discrete: gradient-ranked token edits accepted on exact energy (default); "
                                 "logits: the paper-literal Langevin update over all logits.")
     init_samples: int | None = Field(None, ge=1, description="discrete: base samples drawn to start from (the best `chains` by energy); default 2×chains.")
-    candidates: int = Field(8, ge=1, le=64, description="discrete: edits scored exactly per chain per step.")
+    candidates: int = Field(4, ge=1, le=64, description="discrete: edits scored exactly per chain per step.")
     proposal: Literal["gradient", "lm"] = Field("gradient", description="discrete: rank edits by the straight-through gradient, or by the LM alone (ablation).")
     step_size: float = Field(0.3, ge=0, le=100, allow_inf_nan=False, description="logits: step size of the logit update.")
     noise: float = Field(0.05, ge=0, le=100, allow_inf_nan=False,

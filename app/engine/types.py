@@ -22,7 +22,7 @@ class SEAConfig:
     # "logits": the paper-literal update y ← y − step·∇E + noise over all L×V logits.
     update: Literal["discrete", "logits"] = "discrete"
     init_samples: int | None = None  # discrete: base samples drawn to start from (best `chains` by energy); None: 2×chains
-    candidates: int = 8  # discrete: edits evaluated exactly per chain per step
+    candidates: int = 4  # discrete: edits evaluated exactly per chain per step
     proposal: Literal["gradient", "lm"] = "gradient"  # discrete: rank edits by the STE gradient, or by the LM alone (ablation)
     max_estimate: float = 0.0  # discrete: only edits whose first-order energy change is at most this (nats) are scored
     max_compute: int | None = None  # discrete: stop before a step would push compute (see Usage.compute) past this
