@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.engine.energy import scoring_passes
 from app.engine.types import AlignResult, SEAConfig
 from app.settings import Settings
 from models.rewards import keyword_coverage
@@ -150,7 +151,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                     overrides.update({k: _parse_value(v) for k, v in extra.items()})
                 config = dataclasses.replace(base, seed=seed, **overrides)
                 job = runtime.job(messages, config, **reward_options)
-                per_row = (config.max_tokens - 1) + config.max_tokens * sum(c.lm_passes for c, _ in job.reward.terms)
+                per_row = scoring_passes(config.max_tokens, [component for component, _ in job.reward.terms])
                 budget = args.budget_token_passes
                 if args.budget_samples is not None:
                     budget = args.budget_samples * (config.max_tokens + per_row)

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 from app.engine.energy import evaluate, passes_per_row, reward_passes_per_row, score_rewards
 from app.engine.sampling import sample_responses
-from app.engine.types import AlignResult, ChainResult, StepStats
+from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import stack_prefixes
 from models.ste import ResponseBatch, response_mask
 
@@ -118,7 +118,7 @@ def run_cbs(engine, state) -> AlignResult:
                               descending=True)
         beams = candidates[order[:width]]
     chains = [_chain(engine, state, beam) for beam in beams]
-    chosen = max(range(len(chains)), key=lambda i: chains[i].reward if math.isfinite(chains[i].energy) else -math.inf)
+    chosen = best_chain(chains, "reward")
     return engine.finish(state, chains, chosen, "cbs")
 
 
@@ -143,10 +143,5 @@ def run_best_of_n(engine, state) -> AlignResult:
                 text, _, _ = engine.text_of(samples.tokens[row])
                 chains.append(ChainResult(text, samples.tokens[row].tolist(), stats.reward, stats.log_prob_ref,
                                           stats.energy, 0, stats, []))
-    if config.select == "energy":
-        keys = [c.energy if math.isfinite(c.energy) else math.inf for c in chains]
-        chosen = min(range(len(chains)), key=keys.__getitem__)
-    else:
-        keys = [c.reward if math.isfinite(c.energy) else -math.inf for c in chains]
-        chosen = max(range(len(chains)), key=keys.__getitem__)
+    chosen = best_chain(chains, config.select)
     return engine.finish(state, chains, chosen, config.method)

@@ -135,6 +135,11 @@ def reward_passes_per_row(spec: RowSpec) -> int:
     return sum(component.lm_passes for component, _, _ in spec.reward_terms) * spec.length
 
 
+def scoring_passes(length: int, components) -> int:
+    """LM token-passes (one direction) of scoring one response of ``length`` tokens: reference + LM-based rewards."""
+    return (length - 1) + sum(component.lm_passes for component in components) * length
+
+
 def passes_per_row(spec: RowSpec) -> int:
     """LM token-passes (one direction) that scoring one row of ``spec`` costs: reference + LM-based rewards."""
-    return (spec.length - 1) + reward_passes_per_row(spec)
+    return scoring_passes(spec.length, [component for component, _, _ in spec.reward_terms])

@@ -18,7 +18,7 @@ from torch import Tensor
 from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
 from app.engine.sampling import sample_responses
-from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
+from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage, best_chain
 from models.lm import encode_prefix, stop_token_ids
 from models.loading import LoadedLM
 
@@ -333,11 +333,7 @@ class Engine:
                     trace=state.traces[c],
                 )
             )
-        if config.select == "reward":
-            scores = torch.where(torch.isfinite(state.best_energy), state.best_reward, torch.full_like(state.best_reward, -math.inf))
-            chosen = int(scores.argmax())
-        else:
-            chosen = int(state.best_energy.argmin())
+        chosen = best_chain(chains, config.select)
         state.timings.steps = max(state.step, 0)
         return self.finish(state, chains, chosen, "sea")
 

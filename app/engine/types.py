@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -78,6 +79,13 @@ class ChainResult:
     best_step: int  # 0 = the initial sample
     initial: StepStats
     trace: list[StepStats] = field(default_factory=list)
+
+
+def best_chain(chains: list[ChainResult], select: str) -> int:
+    """Index of the chain with the highest reward (or the lowest energy); chains with a non-finite energy never win."""
+    if select == "energy":
+        return min(range(len(chains)), key=lambda i: chains[i].energy if math.isfinite(chains[i].energy) else math.inf)
+    return max(range(len(chains)), key=lambda i: chains[i].reward if math.isfinite(chains[i].energy) else -math.inf)
 
 
 @dataclass
