@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(600.0, gt=0, description="Server maximum for one request's run time; past it 504.")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long running and queued work may take to finish.")
 
+    # Shared job store (several replicas)
+    redis_url: SecretStr = Field("", description="Redis URL (e.g. `redis://redis:6379/0`) of a job store shared by every replica: any replica answers for any job and queued jobs go to whichever has room. Empty: jobs live in this process.")
+    redis_prefix: str = Field("sea", description="Prefix of this service's Redis keys.")
+    replica_lease_seconds: float = Field(15.0, gt=0, description="A replica that has not renewed its lease for this long is taken for dead; its running jobs are retried or failed.")
+    job_max_attempts: int = Field(2, ge=1, description="How many replicas may start a job whose replica died before it is marked failed.")
+
+    # Performance
+    compile: bool = Field(False, description="Compile the reference LM's forward with torch.compile (pays off on GPU after warm-up; first steps are slow).")
+
     # Request defaults and limits
     default_chains: int = Field(4, ge=1, description="Chains per request when the request does not say.")
     default_steps: int = Field(20, ge=0, description="Langevin steps when the request does not say.")
