@@ -11,7 +11,7 @@ from app.engine.sea import Engine
 from app.engine.types import AlignJob, SEAConfig
 from app.settings import Settings
 from models.lm import Message, render_prompt
-from models.loading import LoadedLM, load_lm
+from models.loading import LoadedLM, compile_forward, load_lm
 from models.rewards import LexiconReward, PrincipleReward, Prompt, RewardComponent, RewardMix, load_sequence_classifier_reward
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class Runtime:
             torch.set_num_threads(settings.threads)
         lm = load_lm(settings.model or None, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir or None)
         log.info("reference model %s on %s (%s)", lm.name, lm.device, lm.dtype)
+        if settings.compile:
+            compile_forward(lm)  # falls back to eager with a warning when compiling fails
         extra = {}
         if settings.reward_model:
             extra["rm"] = load_sequence_classifier_reward(settings.reward_model, lm, device=settings.device, dtype=settings.dtype, name="rm")

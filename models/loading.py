@@ -163,3 +163,37 @@ def load_lm(
         return _load_folder(str(path) if path.exists() else source, torch_device, torch_dtype, path.name or source)
     except OSError as exc:
         raise ModelLoadError(f"could not load model {source!r}: not a local folder, and not in the hub cache ({exc})") from exc
+
+
+def compile_forward(lm: LoadedLM) -> bool:
+    """Compile the LM backbone's forward (every reference and principle pass, prompts and sampling) with ``torch.compile``.
+
+    Compilation happens lazily at the first calls (slow; each new shape family may recompile). If it fails
+    (no C++ compiler, an operation the compiler does not support), a warning is logged and the backbone runs
+    eagerly from then on: the service keeps working unchanged. Returns False when compiling could not even be set up.
+    """
+    backbone = getattr(lm.model, lm.model.base_model_prefix)
+    eager = backbone.forward
+    try:
+        compiled = torch.compile(eager, dynamic=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. a torch build or Python version without compile support
+        log.warning("torch.compile is unavailable (%s: %s); %s runs eagerly", type(exc).__name__, exc, lm.name)
+        return False
+    failed = False
+
+    def forward(*args, **kwargs):
+        nonlocal failed
+        if failed:
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the worker splits the batch; running eagerly would not help
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager forward still serves
+            failed = True
+            log.warning("torch.compile of %s failed (%s: %s); running it eagerly from now on", lm.name, type(exc).__name__, exc)
+            return eager(*args, **kwargs)
+
+    backbone.forward = forward
+    log.info("%s: backbone forward compiled with torch.compile (compiles at its first calls)", lm.name)
+    return True
