@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check app models tests benchmarks
 
 bench: setup
-	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/sea bench  # prints the figures and targets; JSON in runs/bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,4 +1,4 @@
-"""The ``sea`` command: ``serve``, ``align``, ``prepare`` and ``eval``."""
+"""The ``sea`` command: ``serve``, ``align``, ``prepare``, ``eval`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args, settings)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from app.bench import run
+
+    settings = settings_from(args)
+    _setup_logging("warning")
+    run(args, settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sea", description="Inference-time alignment with Simple Energy Adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     _settings_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    from app.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="Benchmark: step-time breakdown, FLOP/s, memory per chain, throughput through the real server.")
+    add_bench_arguments(bench)
+    _settings_flags(bench)  # --model, --threads, --compile, --max-batch-chains... also apply to the benchmarked server
+    bench.set_defaults(func=cmd_bench)
 
     return parser
 

@@ -1,0 +1,218 @@
+"""``sea bench``: step-time breakdown, FLOP/s against the machine's matmul peak, memory per chain, and
+throughput and latency against concurrent requests through the real server. Prints figures and each
+target with PASS/MISS, and writes JSON; a benchmark, never a test (figures depend on the machine and its load).
+
+Parts: :mod:`app.bench.steps` (one step and its parts, FLOP count, matmul peak), :mod:`app.bench.memory`
+(peak memory in a fresh process), :mod:`app.bench.serving` (``sea serve`` in a subprocess, concurrent ``/align``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+
+import torch
+
+from app.settings import Settings
+
+PARTS = ("steps", "memory", "server")
+
+# (label, key in breakdown()); indented rows are the parts of the step above them.
+STEP_ROWS = [
+    ("step, prompt cached", "step"),
+    ("step, no prompt cache", "step_uncached"),
+    ("  gradient: reference LM fwd + bwd", "reference_forward_backward"),
+    ("  gradient: reward fwd + bwd", "reward_forward_backward"),
+    ("    of which straight-through g @ Wᵀ", "straight_through"),
+    ("  proposal (edit scores, draws)", "proposal"),
+    ("  exact scoring of candidates (fwd)", "exact_scoring_forward"),
+    ("  bookkeeping (step minus parts)", "bookkeeping"),
+    ("  gradient fwd + bwd, no cache", "gradient_forward_backward_uncached"),
+    ("  exact scoring, no cache", "exact_scoring_forward_uncached"),
+]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", default=",".join(PARTS), help="Comma-separated parts to run: steps, memory, server.")
+    parser.add_argument("--chains", default="4,32", help="Step grid: chains per request (comma-separated).")
+    parser.add_argument("--max-tokens", default="24", help="Step grid: response lengths L (comma-separated).")
+    parser.add_argument("--candidates", type=int, default=4, help="Edits scored exactly per chain per step.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per figure (after one warm-up); medians.")
+    parser.add_argument("--uncached-chains", default="4,32",
+                        help="Chain counts of the grid whose step is also timed without the prompt cache (the slowest part; '' for none).")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="Side of the square matmul that measures the peak.")
+    parser.add_argument("--memory-chains", default="4,32", help="Chain counts whose step memory is measured (fresh process each).")
+    parser.add_argument("--concurrency", default="1,2,4,8,16", help="Concurrent /align requests per burst (comma-separated).")
+    parser.add_argument("--request-chains", type=int, default=4, help="Chains per /align request in the server part.")
+    parser.add_argument("--request-steps", type=int, default=3, help="Steps per /align request in the server part.")
+    parser.add_argument("--request-max-tokens", type=int, default=24, help="max_tokens per /align request in the server part.")
+    parser.add_argument("--out", default="bench.json", help="Where to write the JSON results ('' for none).")
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_steps(lm, chains: list[int], lengths: list[int], candidates: int, repeats: int, uncached: list[int], peak: float) -> list[dict]:
+    """The step breakdown for every (chains, L) of the grid, with FLOPs and utilisation of ``peak`` (FLOP/s).
+
+    The step without the prompt cache is timed too for the chain counts in ``uncached``.
+    """
+    from app.bench.steps import breakdown, setup, step_flops
+
+    rows = []
+    for count in chains:
+        for length in lengths:
+            prepared = setup(lm, count, length, candidates)
+            seconds = breakdown(prepared, repeats, count in uncached)
+            flops = step_flops(prepared)
+            entry = {"chains": count, "max_tokens": length, "candidates": candidates, "prompt_tokens": len(prepared.prompts[0]),
+                     "principle_prompt_tokens": len(prepared.prompts[1]), "seconds": seconds, "step_flops": flops,
+                     "flops_per_second": flops / seconds["step"], "utilisation": flops / seconds["step"] / peak}
+            if "step_uncached" in seconds:
+                entry["cached_over_uncached"] = seconds["step"] / seconds["step_uncached"]
+            rows.append(entry)
+    return rows
+
+
+def targets(results: dict, on_gpu: bool) -> list[dict]:
+    """Each target of issue #8 with its measured value (None when the run did not measure it) and PASS/MISS."""
+    out = []
+
+    def add(name: str, value: float | None, goal: float, higher: bool, unit: str = "") -> None:
+        if value is None or not math.isfinite(value):
+            verdict = "NOT MEASURED"
+        else:
+            verdict = "PASS" if (value >= goal if higher else value <= goal) else "MISS"
+        out.append({"target": name, "measured": value, "goal": goal, "higher_is_better": higher, "unit": unit, "verdict": verdict})
+
+    steps = results.get("steps", [])
+    with_ratio = [s for s in steps if "cached_over_uncached" in s]
+    reference = next((s for s in with_ratio if (s["chains"], s["max_tokens"]) == (4, 24)), with_ratio[0] if with_ratio else None)
+    label = f"C={reference['chains']}, L={reference['max_tokens']}" if reference else "C=4, L=24"
+    add(f"cached step / uncached step ({label})", reference["cached_over_uncached"] if reference else None, 0.45, False, "x")
+    levels = {level["concurrency"]: level for level in results.get("server", [])}
+    ratio = None
+    if 1 in levels and 8 in levels:
+        ratio = levels[8]["chain_steps_per_second"] / levels[1]["chain_steps_per_second"]
+    add("chain-steps/s, 8 concurrent requests / 1 alone", ratio, 5.0 if on_gpu else 1.5, True, "x")
+    if not on_gpu:
+        largest = max(steps, key=lambda s: s["chains"], default=None)
+        value = largest["utilisation"] if largest and largest["chains"] >= 32 else None
+        add("step FLOP/s / matmul peak at 32 chains (CPU)", value, 0.40, True)
+    overhead = levels[1]["overhead_p50"] * 1000 if 1 in levels else None
+    add("server overhead p50 (latency - queue - engine), 1 request", overhead, 5.0, False, "ms")
+    return out
+
+
+def _print_steps(steps: list[dict], peak: float, repeats: int) -> None:
+    print(f"\nStep time, seconds (median of {repeats}; discrete update, every chain re-graded, all candidates scored)")
+    heads = [f"C={s['chains']} L={s['max_tokens']}" for s in steps]
+    print(f"{'part':<40}" + "".join(f"{h:>14}" for h in heads))
+    for label, key in STEP_ROWS:
+        if any(key in s["seconds"] for s in steps):
+            print(f"{label:<40}" + "".join(f"{s['seconds'][key]:14.3f}" if key in s["seconds"] else f"{'-':>14}" for s in steps))
+    extra = [("cached / uncached", "cached_over_uncached", "{:14.2f}"), ("GFLOP per step", "step_flops", "{:14.2f}"),
+             ("achieved GFLOP/s", "flops_per_second", "{:14.2f}"), ("utilisation of matmul peak", "utilisation", "{:14.1%}")]
+    for label, key, fmt in extra:
+        scale = 1e-9 if "flop" in key else 1
+        print(f"{label:<40}" + "".join(fmt.format(s[key] * scale) if key in s else f"{'-':>14}" for s in steps))
+    print(f"prompt {steps[0]['prompt_tokens']} tokens (principle-prompted {steps[0]['principle_prompt_tokens']}); "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+
+def _print_server(levels: list[dict]) -> None:
+    print("\nThrough the real server (POST /align; seconds unless marked)")
+    print(f"{'requests':>8} {'chain-steps/s':>14} {'tokens/s':>9} {'passes/s':>9} {'lat p50':>8} {'lat p95':>8} "
+          f"{'queue p50':>9} {'queue p95':>9} {'overhead p50':>13}")
+    for lv in levels:
+        print(f"{lv['concurrency']:>8} {lv['chain_steps_per_second']:14.2f} {lv['completion_tokens_per_second']:9.2f} "
+              f"{lv['token_passes_per_second']:9.0f} {lv['latency_p50']:8.2f} {lv['latency_p95']:8.2f} {lv['queue_p50']:9.2f} "
+              f"{lv['queue_p95']:9.2f} {lv['overhead_p50'] * 1000:10.1f} ms")
+
+
+def _print_targets(rows: list[dict]) -> None:
+    print("\nTargets")
+    for row in rows:
+        value = "-" if row["measured"] is None else f"{row['measured']:.3g}{row['unit']}"
+        goal = f"{'>=' if row['higher_is_better'] else '<='} {row['goal']:g}{row['unit']}"
+        print(f"{row['target']:<62} {value:>10}  goal {goal:<9} {row['verdict']}")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict:
+    """Run the chosen parts, print them and the targets, write ``args.out``; returns the results."""
+    from app.bench import memory, serving, steps
+    from models.loading import compile_forward, load_lm
+
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - set(PARTS)
+    if unknown:
+        raise SystemExit(f"sea bench: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    results: dict = {"command": "sea bench", "compile": settings.compile}
+    lm = load_lm(settings.model or None, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir or None)
+    if settings.compile:
+        results["compiled"] = compile_forward(lm)
+    results.update(model=lm.name, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""), machine=machine())
+    print(f"sea bench: {lm.name} on {lm.device} ({results['dtype']}), {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, compile {settings.compile}")
+    on_gpu = lm.device.type == "cuda"
+    if "steps" in parts:
+        results["model_shape"] = dataclasses.asdict(steps.ModelShape.of(lm.model))
+        peak = steps.matmul_peak(args.matmul_size, device=lm.device, dtype=lm.dtype)
+        results["matmul_peak_flops_per_second"] = peak
+        results["steps"] = run_steps(lm, _ints(args.chains), _ints(args.max_tokens), args.candidates, args.repeats,
+                                     _ints(args.uncached_chains), peak)
+        _print_steps(results["steps"], peak, args.repeats)
+    del lm
+    if "memory" in parts:
+        points = [memory.measure_in_subprocess(count, _ints(args.max_tokens)[0], args.candidates, settings.model, settings.device,
+                                               settings.dtype, settings.cache_dir, settings.threads)
+                  for count in _ints(args.memory_chains)]
+        results["memory"] = {"points": points, "per_chain_mib_slope": memory.per_chain_slope(points)}
+        print(f"\nPeak memory of one step ({points[0]['method']}; fresh process per count)")
+        for point in points:
+            print(f"  {point['chains']:>3} chains, L={point['max_tokens']}: {point['step_mib']:8.1f} MiB  "
+                  f"({point['per_chain_mib']:.2f} MiB per chain)")
+        if results["memory"]["per_chain_mib_slope"] is not None:
+            print(f"  per extra chain (slope): {results['memory']['per_chain_mib_slope']:.2f} MiB")
+    if "server" in parts:
+        # The server gets this run's scalar settings (lists and secrets stay as the environment has them), and no API keys.
+        skipped = {"host", "port", "log_level"}
+        env = {name: value for name, value in settings.model_dump().items()
+               if name not in skipped and isinstance(value, (str, int, float, bool))}
+        env.update(api_keys="", api_keys_file="")
+        body = {"prompt": steps.PROMPT, "chains": args.request_chains, "steps": args.request_steps,
+                "max_tokens": args.request_max_tokens, "alpha": 1.0}
+        with serving.BenchServer(env) as server:
+            results["server"] = serving.sweep(server.url, _ints(args.concurrency), body)
+        results["server_request"] = body
+        _print_server(results["server"])
+    results["targets"] = targets(results, on_gpu)
+    _print_targets(results["targets"])
+    results["seconds"] = time.perf_counter() - started
+    print(f"\nbench took {results['seconds']:.0f} s")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+        print(f"wrote {args.out}")
+    return results
