@@ -26,8 +26,8 @@ from models.loading import LoadedLM
 from models.rewards import PrincipleReward, Prompt, RewardMix
 from models.ste import ResponseBatch
 
-# About 30 tokens once SmolLM2's chat template has wrapped it (the issue's reference configuration).
-PROMPT = "How do I get rid of the weeds in my lawn?"
+# About 30 tokens once SmolLM2's chat template (with its default system turn) has wrapped it: the issue's reference configuration.
+PROMPT = "How do I stop weeds?"
 
 
 def timed(fn, repeats: int) -> float:
