@@ -105,7 +105,7 @@ def test_sea_bench_writes_json_with_targets(tiny_folder, tmp_path, capsys):
     args = build_parser().parse_args(argv)
     assert args.func(args) == 0
     results = json.loads(out.read_text())
-    assert results["model"] == "tiny-llama" and results["device"] == "cpu"
+    assert results["model"] == "tiny-llama" and results["device"] == "cpu" and results["errors"] == {}
     assert _positive(results["matmul_peak_flops_per_second"])
     assert len(results["steps"]) == 1
     verdicts = [row["verdict"] for row in results["targets"]]

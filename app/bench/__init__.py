@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-chains", type=int, default=4, help="Chains per /align request in the server part.")
     parser.add_argument("--request-steps", type=int, default=3, help="Steps per /align request in the server part.")
     parser.add_argument("--request-max-tokens", type=int, default=24, help="max_tokens per /align request in the server part.")
-    parser.add_argument("--out", default="bench.json", help="Where to write the JSON results ('' for none).")
+    parser.add_argument("--out", default="runs/bench.json", help="Where to write the JSON results ('' for none).")
 
 
 def machine() -> dict:
@@ -80,6 +81,7 @@ def run_steps(lm, chains: list[int], lengths: list[int], candidates: int, repeat
     rows = []
     for count in chains:
         for length in lengths:
+            print(f"steps: {count} chains, L={length}...", flush=True)
             prepared = setup(lm, count, length, candidates)
             seconds = breakdown(prepared, repeats, count in uncached)
             flops = step_flops(prepared)
@@ -156,9 +158,45 @@ def _print_targets(rows: list[dict]) -> None:
         print(f"{row['target']:<62} {value:>10}  goal {goal:<9} {row['verdict']}")
 
 
+def _memory_part(args: argparse.Namespace, settings: Settings) -> dict:
+    from app.bench import memory
+
+    points = []
+    for count in _ints(args.memory_chains):
+        print(f"memory: {count} chains (fresh process)...", flush=True)
+        points.append(memory.measure_in_subprocess(count, _ints(args.max_tokens)[0], args.candidates, settings.model, settings.device,
+                                                   settings.dtype, settings.cache_dir, settings.threads))
+    slope = memory.per_chain_slope(points)
+    print(f"\nPeak memory of one step ({points[0]['method']}; fresh process per count)")
+    for point in points:
+        print(f"  {point['chains']:>3} chains, L={point['max_tokens']}: {point['step_mib']:8.1f} MiB  ({point['per_chain_mib']:.2f} MiB per chain)")
+    if slope is not None:
+        print(f"  per extra chain (slope): {slope:.2f} MiB")
+    return {"points": points, "per_chain_mib_slope": slope}
+
+
+def _server_part(args: argparse.Namespace, settings: Settings) -> tuple[dict, list[dict]]:
+    from app.bench import serving
+    from app.bench.steps import PROMPT
+
+    # The server gets this run's scalar settings (lists and secrets stay as the environment has them), and no API keys.
+    skipped = {"host", "port", "log_level"}
+    env = {name: value for name, value in settings.model_dump().items() if name not in skipped and isinstance(value, (str, int, float, bool))}
+    env.update(api_keys="", api_keys_file="")
+    body = {"prompt": PROMPT, "chains": args.request_chains, "steps": args.request_steps, "max_tokens": args.request_max_tokens, "alpha": 1.0}
+    print("server: starting sea serve...", flush=True)
+    with serving.BenchServer(env) as server:
+        levels = serving.sweep(server.url, _ints(args.concurrency), body)
+    _print_server(levels)
+    return body, levels
+
+
 def run(args: argparse.Namespace, settings: Settings) -> dict:
-    """Run the chosen parts, print them and the targets, write ``args.out``; returns the results."""
-    from app.bench import memory, serving, steps
+    """Run the chosen parts, print them and the targets, write ``args.out``; returns the results.
+
+    A part that fails is recorded under ``errors`` and the others still run (a long run keeps what it measured).
+    """
+    from app.bench import steps
     from models.loading import compile_forward, load_lm
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -168,50 +206,46 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
-    results: dict = {"command": "sea bench", "compile": settings.compile}
+    results: dict = {"command": "sea bench", "compile": settings.compile, "errors": {}}
     lm = load_lm(settings.model or None, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir or None)
     if settings.compile:
         results["compiled"] = compile_forward(lm)
     results.update(model=lm.name, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""), machine=machine())
     print(f"sea bench: {lm.name} on {lm.device} ({results['dtype']}), {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, compile {settings.compile}")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, compile {settings.compile}", flush=True)
     on_gpu = lm.device.type == "cuda"
-    if "steps" in parts:
+
+    def attempt(part: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - a failed part is reported; the others still run
+            results["errors"][part] = f"{type(exc).__name__}: {exc}"
+            print(f"\n{part}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+
+    def steps_part(lm) -> None:
         results["model_shape"] = dataclasses.asdict(steps.ModelShape.of(lm.model))
         peak = steps.matmul_peak(args.matmul_size, device=lm.device, dtype=lm.dtype)
         results["matmul_peak_flops_per_second"] = peak
         results["steps"] = run_steps(lm, _ints(args.chains), _ints(args.max_tokens), args.candidates, args.repeats,
                                      _ints(args.uncached_chains), peak)
         _print_steps(results["steps"], peak, args.repeats)
-    del lm
+
+    def server_part() -> None:
+        results["server_request"], results["server"] = _server_part(args, settings)
+
+    if "steps" in parts:
+        attempt("steps", functools.partial(steps_part, lm))
+    del lm  # the server and the memory processes load their own copies
     if "memory" in parts:
-        points = [memory.measure_in_subprocess(count, _ints(args.max_tokens)[0], args.candidates, settings.model, settings.device,
-                                               settings.dtype, settings.cache_dir, settings.threads)
-                  for count in _ints(args.memory_chains)]
-        results["memory"] = {"points": points, "per_chain_mib_slope": memory.per_chain_slope(points)}
-        print(f"\nPeak memory of one step ({points[0]['method']}; fresh process per count)")
-        for point in points:
-            print(f"  {point['chains']:>3} chains, L={point['max_tokens']}: {point['step_mib']:8.1f} MiB  "
-                  f"({point['per_chain_mib']:.2f} MiB per chain)")
-        if results["memory"]["per_chain_mib_slope"] is not None:
-            print(f"  per extra chain (slope): {results['memory']['per_chain_mib_slope']:.2f} MiB")
+        attempt("memory", lambda: results.update(memory=_memory_part(args, settings)))
     if "server" in parts:
-        # The server gets this run's scalar settings (lists and secrets stay as the environment has them), and no API keys.
-        skipped = {"host", "port", "log_level"}
-        env = {name: value for name, value in settings.model_dump().items()
-               if name not in skipped and isinstance(value, (str, int, float, bool))}
-        env.update(api_keys="", api_keys_file="")
-        body = {"prompt": steps.PROMPT, "chains": args.request_chains, "steps": args.request_steps,
-                "max_tokens": args.request_max_tokens, "alpha": 1.0}
-        with serving.BenchServer(env) as server:
-            results["server"] = serving.sweep(server.url, _ints(args.concurrency), body)
-        results["server_request"] = body
-        _print_server(results["server"])
+        attempt("server", server_part)
     results["targets"] = targets(results, on_gpu)
     _print_targets(results["targets"])
     results["seconds"] = time.perf_counter() - started
     print(f"\nbench took {results['seconds']:.0f} s")
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1)
         print(f"wrote {args.out}")
