@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         loop = asyncio.get_running_loop()
         loader = None
         if runtime is not None:
-            service.attach(runtime, loop)
+            await service.attach(runtime, loop)
         else:
             async def load() -> None:
                 started = time.perf_counter()
@@ -49,7 +50,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 except Exception:
                     log.exception("model loading failed; /ready stays 503")
                     return
-                service.attach(loaded, loop)
+                try:
+                    await service.attach(loaded, loop)
+                except Exception:
+                    log.exception("could not start serving (is the shared job store reachable?); /ready stays 503")
+                    return
+                # The models and libraries are millions of long-lived objects: move them out of the collector's sight,
+                # so that full collections (which hold the GIL) stay short while serving and at exit.
+                gc.collect()
+                gc.freeze()
                 log.info("models ready in %.1f s; serving", time.perf_counter() - started)
 
             loader = asyncio.create_task(load())

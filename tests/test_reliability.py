@@ -193,10 +193,10 @@ def run(coro):
 
 def test_a_queued_job_past_its_deadline_fails_even_if_nobody_waits_for_it():
     async def scenario():
-        service = make_service(FakeEngine(tick_seconds=0.02), max_batch_chains=2)
-        blocker = submit(service, "long", steps=10_000)
-        queued = submit(service, "queued", timeout=0.2)
-        await asyncio.sleep(0.5)  # nobody calls service.wait(queued)
+        service = await make_service(FakeEngine(tick_seconds=0.02), max_batch_chains=2)
+        blocker = await submit(service, "long", steps=10_000)
+        queued = await submit(service, "queued", timeout=0.2)
+        await queued.wait(10.0)  # only watches the job: nobody calls service.wait(queued), which enforces deadlines itself
         status, error = queued.status, queued.error
         service.cancel(blocker)
         await service.shutdown()
@@ -215,11 +215,11 @@ def test_an_error_outside_the_engine_step_fails_that_batch_and_the_worker_goes_o
             return state
 
     async def scenario():
-        service = make_service(BrokenEvents())
-        bad = submit(service, "poison")
+        service = await make_service(BrokenEvents())
+        bad = await submit(service, "poison")
         with pytest.raises(RuntimeError):
             await service.wait(bad)
-        good = await service.wait(submit(service, "fine"))
+        good = await service.wait(await submit(service, "fine"))
         alive = service.ready
         await service.shutdown()
         return bad, good, alive
@@ -237,8 +237,8 @@ def test_out_of_memory_when_starting_fails_only_that_request():
             return super().start(job)
 
     async def scenario():
-        service = make_service(StartOOM(), max_batch_chains=4)
-        big, small = submit(service, "big", chains=4), submit(service, "small", chains=1)
+        service = await make_service(StartOOM(), max_batch_chains=4)
+        big, small = await submit(service, "big", chains=4), await submit(service, "small", chains=1)
         result = await service.wait(small)
         await big.wait(5)
         await service.shutdown()
@@ -251,7 +251,7 @@ def test_out_of_memory_when_starting_fails_only_that_request():
 
 def test_ready_turns_503_if_the_worker_thread_is_gone():
     async def scenario():
-        service = make_service(FakeEngine())
+        service = await make_service(FakeEngine())
         before = service.ready
         await asyncio.to_thread(service.worker.stop)
         after = service.ready
@@ -263,8 +263,8 @@ def test_ready_turns_503_if_the_worker_thread_is_gone():
 
 def test_drain_logs_the_final_status_of_every_accepted_job(caplog):
     async def scenario():
-        service = make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2, drain_seconds=0.3)
-        jobs = [submit(service, "quick", steps=2), submit(service, "endless", steps=100_000)]
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2, drain_seconds=0.3)
+        jobs = [await submit(service, "quick", steps=2), await submit(service, "endless", steps=100_000)]
         await service.shutdown()
         return jobs
 
@@ -401,7 +401,7 @@ def test_a_full_queue_answers_429_with_retry_after(http):
 def test_past_the_deadline_the_client_gets_504_and_a_job_fails_with_the_reason(http):
     started = time.monotonic()
     error = assert_error(http.post("/align", json={**LONG, "timeout": 1}), 504, "timeout_error")
-    assert error["message"] == "the request ran past its deadline" and time.monotonic() - started < 5
+    assert error["message"] == "the request ran past its deadline" and time.monotonic() - started < 10  # deadline 1 s, plus slack for a loaded machine
     assert_error(http.post("/v1/chat/completions", json={"model": "sea", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64,
                                                          "sea": {"steps": 2000, "chains": 8, "timeout": 1}}), 504, "timeout_error")
     job = http.post("/jobs", json={**LONG, "timeout": 1}).json()["id"]

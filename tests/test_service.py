@@ -72,16 +72,16 @@ class _LM:
     dtype = "float32"
 
 
-def make_service(engine: FakeEngine, **settings) -> AlignService:
+async def make_service(engine: FakeEngine, **settings) -> AlignService:
     settings = Settings(**{"max_batch_chains": 4, "max_queue": 8, **settings})
     service = AlignService(settings, Metrics())
     runtime = Runtime(_LM(), engine, {"principle": object()}, [("principle", 1.0)])
-    service.attach(runtime, asyncio.get_running_loop())
+    await service.attach(runtime, asyncio.get_running_loop())
     return service
 
 
-def submit(service: AlignService, text: str, chains: int = 2, steps: int = 2, timeout: float | None = None):
-    return service.submit(SEAConfig(chains=chains, steps=steps), [{"role": "user", "content": text}], timeout=timeout)
+async def submit(service: AlignService, text: str, chains: int = 2, steps: int = 2, timeout: float | None = None):
+    return await service.submit(SEAConfig(chains=chains, steps=steps), [{"role": "user", "content": text}], timeout=timeout)
 
 
 def run(coro):
@@ -91,8 +91,8 @@ def run(coro):
 def test_requests_join_and_leave_a_running_batch():
     async def scenario():
         engine = FakeEngine()
-        service = make_service(engine)
-        jobs = [submit(service, "a", steps=2), submit(service, "b", steps=6), submit(service, "c", steps=2)]
+        service = await make_service(engine)
+        jobs = [await submit(service, "a", steps=2), await submit(service, "b", steps=6), await submit(service, "c", steps=2)]
         results = [await service.wait(job) for job in jobs]
         await service.shutdown()
         return engine, jobs, results
@@ -106,12 +106,12 @@ def test_requests_join_and_leave_a_running_batch():
 
 def test_full_queue_answers_429_with_retry_after():
     async def scenario():
-        service = make_service(FakeEngine(tick_seconds=0.05), max_queue=1, max_batch_chains=2)
-        first = submit(service, "running", steps=50)
+        service = await make_service(FakeEngine(tick_seconds=0.05), max_queue=1, max_batch_chains=2)
+        first = await submit(service, "running", steps=50)
         await asyncio.sleep(0.1)
-        submit(service, "queued")
+        await submit(service, "queued")
         with pytest.raises(TooManyRequests) as err:
-            submit(service, "one too many")
+            await submit(service, "one too many")
         service.cancel(first)
         await service.shutdown()
         return err.value
@@ -122,12 +122,12 @@ def test_full_queue_answers_429_with_retry_after():
 
 def test_cancel_queued_and_running_jobs_without_blocking_others():
     async def scenario():
-        service = make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
-        running = submit(service, "running", steps=500)
-        queued = submit(service, "queued", steps=2)
-        other = submit(service, "other", steps=2)
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
+        running = await submit(service, "running", steps=500)
+        queued = await submit(service, "queued", steps=2)
+        other = await submit(service, "other", steps=2)
         await asyncio.sleep(0.05)
-        assert service.position(queued) == 0 and service.position(other) == 1
+        assert await service.position(queued) == 0 and await service.position(other) == 1
         service.cancel(queued)
         await asyncio.sleep(0)
         service.cancel(running)
@@ -144,9 +144,9 @@ def test_cancel_queued_and_running_jobs_without_blocking_others():
 def test_engine_failure_fails_only_that_batch_and_the_worker_goes_on():
     async def scenario():
         engine = FakeEngine(fail_when=lambda states: any(s.job.prompt.messages[0]["content"] == "poison" for s in states))
-        service = make_service(engine, max_batch_chains=2)
-        bad = submit(service, "poison")
-        good = submit(service, "fine")
+        service = await make_service(engine, max_batch_chains=2)
+        bad = await submit(service, "poison")
+        good = await submit(service, "fine")
         with pytest.raises(RuntimeError, match="failed"):
             await service.wait(bad)
         result = await service.wait(good)
@@ -161,8 +161,8 @@ def test_engine_failure_fails_only_that_batch_and_the_worker_goes_on():
 def test_out_of_memory_splits_the_batch():
     async def scenario():
         engine = FakeEngine(oom_when=lambda states: len(states) > 1)
-        service = make_service(engine, max_batch_chains=4)
-        jobs = [submit(service, "x"), submit(service, "y")]
+        service = await make_service(engine, max_batch_chains=4)
+        jobs = [await submit(service, "x"), await submit(service, "y")]
         for job in jobs:
             await service.wait(job)
         await service.shutdown()
@@ -175,8 +175,8 @@ def test_out_of_memory_splits_the_batch():
 
 def test_deadline_fails_the_job_with_504():
     async def scenario():
-        service = make_service(FakeEngine(tick_seconds=0.02))
-        job = submit(service, "slow", steps=10_000, timeout=0.2)
+        service = await make_service(FakeEngine(tick_seconds=0.02))
+        job = await submit(service, "slow", steps=10_000, timeout=0.2)
         with pytest.raises(GatewayTimeout):
             await service.wait(job)
         await service.shutdown()
@@ -188,13 +188,13 @@ def test_deadline_fails_the_job_with_504():
 
 def test_finished_jobs_expire_then_answer_404():
     async def scenario():
-        service = make_service(FakeEngine(), job_ttl_seconds=0.1)
-        job = submit(service, "short", steps=1)
+        service = await make_service(FakeEngine(), job_ttl_seconds=0.1)
+        job = await submit(service, "short", steps=1)
         await service.wait(job)
-        assert service.get(job.id) is job
+        assert await service.get(job.id) is job
         await asyncio.sleep(0.2)
         with pytest.raises(NotFound):
-            service.get(job.id)
+            await service.get(job.id)
         await service.shutdown()
 
     run(scenario())
@@ -202,11 +202,11 @@ def test_finished_jobs_expire_then_answer_404():
 
 def test_drain_finishes_accepted_work_and_refuses_new_work():
     async def scenario():
-        service = make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
-        jobs = [submit(service, f"job {i}", steps=3) for i in range(4)]
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
+        jobs = [await submit(service, f"job {i}", steps=3) for i in range(4)]
         await service.shutdown()
         with pytest.raises(ServiceUnavailable):
-            submit(service, "late")
+            await submit(service, "late")
         return jobs
 
     jobs = run(scenario())
@@ -215,8 +215,8 @@ def test_drain_finishes_accepted_work_and_refuses_new_work():
 
 def test_drain_past_the_grace_period_reports_unfinished_jobs_failed():
     async def scenario():
-        service = make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2, drain_seconds=0.1)
-        jobs = [submit(service, "endless", steps=100_000), submit(service, "queued behind it", steps=1)]
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2, drain_seconds=0.1)
+        jobs = [await submit(service, "endless", steps=100_000), await submit(service, "queued behind it", steps=1)]
         await service.shutdown()
         return jobs
 

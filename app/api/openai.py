@@ -225,7 +225,7 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     params = body.params(max_tokens)
     stops = body.stops()
     config = engine_config(params, service)
-    job = service.submit(config, messages, params.reward_options(), params.timeout)
+    job = await service.submit(config, messages, params.reward_options(), params.timeout)
     object_name = "chat.completion" if chat else "text_completion"
     response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -260,7 +260,8 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             event = pending.pop(0) if pending else await queue.get()
             if event["event"] == "end":
                 break
-            yield f": step {event['step']}/{event['steps']}\n\n"
+            if event["event"] == "step":
+                yield f": step {event['step']}/{event['steps']}\n\n"
         try:
             result = service.outcome(job)
         except Exception as exc:  # the stream has started: report in-band, as OpenAI does

@@ -78,45 +78,45 @@ async def metrics(service: AlignService = Depends(get_service)) -> Response:
 
 @protected.post("/align", response_model=AlignResponse, responses=ERRORS, summary="Align one prompt and wait for the result.")
 async def align(body: AlignRequest, request: Request, service: AlignService = Depends(get_service)) -> AlignResponse:
-    job = service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout)
+    job = await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout)
     result = await service.wait(job, request.is_disconnected)
     return align_response(job, result, body.return_trace)
 
 
 @protected.post("/jobs", status_code=202, response_model=JobCreated, responses=ERRORS, summary="Queue an alignment job.")
 async def create_job(body: AlignRequest, response: Response, service: AlignService = Depends(get_service)) -> JobCreated:
-    job = service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout, stream_events=True)
-    job.return_trace = body.return_trace
+    job = await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout, stream_events=True,
+                               return_trace=body.return_trace)
     location = f"/jobs/{job.id}"
     response.headers["Location"] = location
     return JobCreated(id=job.id, status=job.status.value, location=location)
 
 
-def job_out(job: Job, service: AlignService) -> JobOut:
+async def job_out(job: Job, service: AlignService) -> JobOut:
     result = align_response(job, job.result, job.return_trace) if job.result is not None else None
-    return JobOut(id=job.id, status=job.status.value, position=service.position(job), created=job.created, error=job.error, result=result)
+    return JobOut(id=job.id, status=job.status.value, position=await service.position(job), created=job.created, error=job.error, result=result)
 
 
 @protected.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS, summary="A job's status, queue position and result.")
 async def get_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
-    return job_out(service.get(job_id), service)
+    return await job_out(await service.get(job_id), service)
 
 
 @protected.delete("/jobs/{job_id}", response_model=JobOut, responses=ERRORS, summary="Cancel a job (its chains leave the batch at the next step).")
 async def cancel_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
-    job = service.get(job_id)
+    job = await service.get(job_id)
     service.cancel(job)
     await job.wait(5.0)
-    return job_out(job, service)
+    return await job_out(job, service)
 
 
 @protected.get(
     "/jobs/{job_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events, then one `result` event."}, **ERRORS},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event."}, **ERRORS},
     summary="Server-Sent Events: one `step` event per Langevin step, then a `result` event.",
 )
 async def job_events(job_id: str, service: AlignService = Depends(get_service)):
-    job = service.get(job_id)
+    job = await service.get(job_id)
 
     async def stream():
         past, queue = job.subscribe()
@@ -126,8 +126,8 @@ async def job_events(job_id: str, service: AlignService = Depends(get_service)):
                 event = pending.pop(0) if pending else await queue.get()
                 if event["event"] == "end":
                     break
-                yield {"event": "step", "data": json.dumps(event)}
-            yield {"event": "result", "data": job_out(job, service).model_dump_json()}
+                yield {"event": event["event"], "data": json.dumps(event)}
+            yield {"event": "result", "data": (await job_out(job, service)).model_dump_json()}
         finally:
             job.unsubscribe(queue)
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -47,6 +48,7 @@ class Job:
     error_kind: str | None = None  # "timeout", "cancelled", "engine", "overloaded", "shutdown"
     cancel_requested: bool = False  # read by the worker thread at step boundaries
     events: list[dict[str, Any]] = field(default_factory=list)
+    listeners: list[Callable[[Job, dict[str, Any]], None]] = field(default_factory=list)  # e.g. the shared store's writer
     _subscribers: list[asyncio.Queue] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -54,13 +56,19 @@ class Job:
     def chains(self) -> int:
         return self.work.config.chains if self.work.config.method == "sea" else 1
 
+    queue_seconds_final: float | None = None  # set on mirrors of a job another replica ran: its runner's figure
+
     @property
     def queue_seconds(self) -> float:
         """Seconds waited before the engine took the job (so far, while still queued)."""
+        if self.queue_seconds_final is not None:
+            return self.queue_seconds_final
         return (self.started or time.monotonic()) - self.enqueued
 
     def publish(self, event: dict[str, Any]) -> None:
         self.events.append(event)
+        for listener in list(self.listeners):
+            listener(self, event)
         for queue in self._subscribers:
             queue.put_nowait(event)
 
@@ -104,24 +112,24 @@ class JobStore:
 
     def __init__(self, ttl: float):
         self.ttl = ttl
-        self._jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job] = {}
 
     def add(self, job: Job) -> None:
-        self._jobs[job.id] = job
+        self.jobs[job.id] = job
 
     def get(self, job_id: str) -> Job | None:
         self.expire()
-        return self._jobs.get(job_id)
+        return self.jobs.get(job_id)
 
     def expire(self) -> int:
         now = time.monotonic()
-        old = [jid for jid, job in self._jobs.items() if job.finished_at is not None and now - job.finished_at > self.ttl]
+        old = [jid for jid, job in self.jobs.items() if job.finished_at is not None and now - job.finished_at > self.ttl]
         for jid in old:
-            del self._jobs[jid]
+            del self.jobs[jid]
         return len(old)
 
     def unfinished(self) -> list[Job]:
-        return [job for job in self._jobs.values() if not job.status.finished]
+        return [job for job in self.jobs.values() if not job.status.finished]
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self.jobs)

@@ -12,6 +12,7 @@ from app.errors import ClientClosed, GatewayTimeout, NotFound, ServiceUnavailabl
 from app.runtime import Runtime, UnknownRewardError
 from app.service.jobs import Job, JobStatus, JobStore
 from app.service.metrics import Metrics
+from app.service.shared import RedisError, SharedJobs
 from app.service.worker import DrainingError, EngineWorker, QueueFullError
 from app.settings import Settings
 
@@ -29,38 +30,50 @@ class AlignService:
         self.store = JobStore(settings.job_ttl_seconds)
         self.runtime: Runtime | None = None
         self.worker: EngineWorker | None = None
+        self.shared: SharedJobs | None = None  # the Redis job store, when SEA_REDIS_URL is set
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
 
     @property
     def ready(self) -> bool:
-        return self.worker is not None and self.worker.alive and not self.draining
+        shared_ok = self.shared is None or self.shared.healthy
+        return self.worker is not None and self.worker.alive and not self.draining and shared_ok
 
     @property
     def model_name(self) -> str:
         return self.runtime.lm.name if self.runtime else "loading"
 
-    def attach(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
+    async def attach(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
         """Start serving with loaded models (unless a SIGTERM came while they loaded)."""
         if self.draining:
             return
         self.runtime = runtime
         self._loop = loop
-        self.worker = EngineWorker(runtime.engine, loop, self.metrics, self.settings.max_batch_chains, self.settings.max_queue)
-        self.worker.start()
+        worker = EngineWorker(runtime.engine, loop, self.metrics, self.settings.max_batch_chains, self.settings.max_queue)
+        if self.settings.redis_url.get_secret_value():
+            s = self.settings
+            self.shared = SharedJobs.connect(
+                s.redis_url.get_secret_value(), runtime=runtime, worker=worker, prefix=s.redis_prefix, ttl=s.job_ttl_seconds,
+                lease=s.replica_lease_seconds, max_attempts=s.job_max_attempts, max_queue=s.max_queue, jobs=self.store.jobs,
+                is_draining=lambda: self.draining, registry=self.metrics.registry)
+            await self.shared.start()
+        worker.start()
+        self.worker = worker
         self.metrics.model_info.info({"model": runtime.lm.name, "device": str(runtime.lm.device), "dtype": str(runtime.lm.dtype).replace("torch.", ""),
                                       "rewards": ",".join(sorted(runtime.rewards))})
 
     # ----- submitting ---------------------------------------------------------------------------
 
-    def submit(
+    async def submit(
         self,
         config: SEAConfig,
         messages: list[dict[str, str]],
         reward_options: dict | None = None,
         timeout: float | None = None,
         stream_events: bool = False,
+        return_trace: bool = False,
     ) -> Job:
         """Build the engine job, check the prompt limit, and queue it (429 when the queue is full)."""
         if self.worker is None or self.runtime is None:
@@ -78,7 +91,16 @@ class AlignService:
                 f"the prompt has {len(work.prompt.ids)} tokens; the limit is {self.settings.max_prompt_tokens}", param="prompt"
             )
         timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
-        job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout)
+        job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace)
+        if self.shared is not None:
+            try:
+                queued = await self.shared.enqueue(job, messages, reward_options or {})
+            except RedisError:
+                log.exception("could not queue job %s in Redis", job.id)
+                raise ServiceUnavailable("the shared job store is unavailable", headers={"Retry-After": "5"}) from None
+            if not queued:
+                raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(self.worker.retry_after())})
+            return job
         try:
             self.worker.submit(job)
         except QueueFullError as exc:
@@ -111,16 +133,32 @@ class AlignService:
 
     # ----- jobs ---------------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
+        if job is None and self.shared is not None:
+            try:
+                job = await self.shared.lookup(job_id)
+            except RedisError:
+                log.exception("could not read job %s from Redis", job_id)
+                raise ServiceUnavailable("the shared job store is unavailable", headers={"Retry-After": "5"}) from None
         if job is None:
             raise NotFound(f"no job {job_id!r} (unknown, or expired after {self.settings.job_ttl_seconds:g} s)", param="id")
         return job
 
-    def position(self, job: Job) -> int | None:
+    async def position(self, job: Job) -> int | None:
+        if self.shared is not None and not self.shared.runs(job):
+            return await self.shared.position(job)
         return self.worker.position(job) if self.worker and job.status == JobStatus.queued else None
 
     def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
+        """Cancel a job: here if it runs or waits here, else through the shared store (in the background)."""
+        if self.shared is not None and not job.status.finished and not self.shared.runs(job):
+            task = asyncio.get_running_loop().create_task(self.shared.cancel(job, kind, reason))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            if kind != "cancelled":  # a timeout answers now
+                job.finish(JobStatus.failed, None, reason, kind)
+            return
         if self.worker is not None and not job.status.finished:
             self.worker.cancel(job, kind, reason)
             if kind != "cancelled":  # a timeout answers now; the worker drops the chains at the next step
@@ -150,6 +188,8 @@ class AlignService:
     async def _drain(self) -> None:
         if self.worker is None:
             return
+        if self.shared is not None:
+            self.shared.stop_claiming()
         accepted = self.store.unfinished()
         log.info("draining: %d queued, %d chains running; grace period %g s", *self.worker.load, self.settings.drain_seconds)
         await self.worker.drain(self.settings.drain_seconds)
@@ -157,3 +197,5 @@ class AlignService:
         # One line per job that was accepted but unfinished at the signal: none is lost silently.
         for job in accepted:
             log.info("drained job %s: %s%s", job.id, job.status.value, f" ({job.error})" if job.error else "")
+        if self.shared is not None:
+            await self.shared.close()

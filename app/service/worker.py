@@ -53,15 +53,21 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, bounded: bool = True) -> None:
+        """Queue a job (429 past ``max_queue`` unless ``bounded`` is off: the shared store queues in Redis)."""
         with self._cond:
             if self._draining:
                 raise DrainingError("the service is shutting down")
-            if len(self._pending) >= self.max_queue:
+            if bounded and len(self._pending) >= self.max_queue:
                 raise QueueFullError(self.retry_after())
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
+
+    def has_room(self) -> bool:
+        """Whether a job taken now would join the batch at the next step (nothing waits, chains to spare)."""
+        with self._cond:
+            return not self._draining and not self._pending and sum(job.chains for job, _ in self._active) < self.max_batch_chains
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: the queue drained at the recent job rate."""

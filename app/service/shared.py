@@ -1,0 +1,514 @@
+"""The job store shared by several replicas through Redis (``SEA_REDIS_URL``).
+
+Any replica accepts a job and any replica answers for it; queued jobs go to whichever replica has room.
+Redis holds the truth; each replica keeps local ``Job`` objects (the ones it runs, and mirrors of the
+ones it was asked about) and brings mirrors up to date from Redis.
+
+Keys, under the prefix P (``SEA_REDIS_PREFIX``):
+
+- ``P:queue``: queued job ids, pushed on the left, taken from the right (first in, first out).
+- ``P:job:{id}``: a hash: ``spec`` (JSON: messages, engine config, reward options), ``status``, ``owner``
+  (the replica running it), ``attempts``, ``error``, ``error_kind``, ``result`` (JSON), ``created``.
+- ``P:events:{id}``: the job's events (JSON, the same ones the local SSE stream sends), in order.
+- ``P:claimed:{replica}``: ids a replica has taken. A replica takes a job by moving its id from the queue
+  to its claimed list in one command (BLMOVE), so a job is always in one of the two lists until it ends.
+- ``P:alive:{replica}``: the replica's lease, renewed every third of ``SEA_REPLICA_LEASE_SECONDS``;
+  ``P:replicas``: replicas that may hold claimed jobs. When a lease lapses, any replica puts the dead
+  one's running jobs back in the queue (or fails them after ``SEA_JOB_MAX_ATTEMPTS`` starts).
+- Channels ``P:wake`` (a job id whose events grew) and ``P:cancel`` (a job to stop where it runs).
+
+Every change of a job's state is one Lua script, so two replicas never both finish, requeue or fail the
+same job, and a result from a replica that lost its lease (a long pause) is dropped, not written.
+Pub/sub only wakes replicas up; a periodic poll catches anything a lost message would have missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Gauge
+
+from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
+from app.service.jobs import Job, JobStatus
+
+try:
+    from redis.exceptions import RedisError
+except ImportError:  # the [redis] extra is not installed: the in-memory store needs none of this
+    class RedisError(Exception):  # type: ignore[no-redef]
+        pass
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from app.runtime import Runtime
+    from app.service.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+CLOSE_SECONDS = 5.0
+
+_ENQUEUE = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], 'spec', ARGV[3], 'status', 'queued', 'attempts', 0, 'created', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('LPUSH', KEYS[1], ARGV[2])
+return 1
+"""
+
+# After BLMOVE put the id in this replica's claimed list: start it, unless it was cancelled meanwhile.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then
+  redis.call('LREM', KEYS[2], 0, ARGV[1])
+  return false
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[2])
+return {attempt, redis.call('HGET', KEYS[1], 'spec'), redis.call('HGET', KEYS[1], 'created')}
+"""
+
+_IS_MINE = """
+local function mine()
+  return redis.call('HGET', KEYS[1], 'status') == 'running' and redis.call('HGET', KEYS[1], 'owner') == ARGV[2]
+     and redis.call('HGET', KEYS[1], 'attempts') == ARGV[3]
+end
+"""
+
+_FINISH = _IS_MINE + """
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+if not mine() then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'error', ARGV[5], 'error_kind', ARGV[6], 'result', ARGV[7], 'queue_seconds', ARGV[11])
+redis.call('RPUSH', KEYS[2], ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('EXPIRE', KEYS[2], ARGV[9])
+redis.call('PUBLISH', ARGV[10], ARGV[1])
+return 1
+"""
+
+# A draining replica hands back what it could not finish: the job goes to the front of the queue.
+_RELEASE = _IS_MINE + """
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+if not mine() then return 0 end
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'owner', '')
+redis.call('RPUSH', KEYS[2], '{"event": "requeued"}')
+redis.call('RPUSH', KEYS[4], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
+"""
+
+_CANCEL = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if status == 'queued' then
+  redis.call('LREM', KEYS[1], 0, ARGV[1])
+  local final = 'failed'
+  if ARGV[3] == 'cancelled' then final = 'cancelled' end
+  redis.call('HSET', KEYS[2], 'status', final, 'error', ARGV[2], 'error_kind', ARGV[3])
+  redis.call('RPUSH', KEYS[3], '{"event": "end", "status": "' .. final .. '"}')
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
+  return 'finished'
+end
+return status or 'missing'
+"""
+
+# Put back (or fail) every job in a dead replica's claimed list. Atomic, so two replicas reaping the same
+# dead one cannot both requeue a job.
+_REAP = """
+local moved = 0
+while true do
+  local id = redis.call('RPOP', KEYS[1])
+  if not id then break end
+  local job = ARGV[1] .. ':job:' .. id
+  local events = ARGV[1] .. ':events:' .. id
+  local status = redis.call('HGET', job, 'status')
+  if status == 'queued' then
+    redis.call('RPUSH', KEYS[2], id)
+  elseif status == 'running' then
+    local attempts = tonumber(redis.call('HGET', job, 'attempts'))
+    if attempts < tonumber(ARGV[2]) then
+      redis.call('HSET', job, 'status', 'queued', 'owner', '')
+      redis.call('RPUSH', events, '{"event": "requeued"}')
+      redis.call('RPUSH', KEYS[2], id)
+    else
+      redis.call('HSET', job, 'status', 'failed', 'error_kind', 'engine',
+                 'error', 'the replica running the job stopped (' .. attempts .. ' attempts)')
+      redis.call('RPUSH', events, '{"event": "end", "status": "failed"}')
+      redis.call('EXPIRE', job, ARGV[4])
+      redis.call('EXPIRE', events, ARGV[4])
+    end
+    redis.call('PUBLISH', ARGV[3], id)
+  end
+  moved = moved + 1
+end
+return moved
+"""
+
+
+def replica_name() -> str:
+    """Unique per process: the host (a pod's name on Kubernetes), the pid and a random tail."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def result_to_json(result: AlignResult) -> str:
+    return json.dumps(dataclasses.asdict(result))
+
+
+def result_from_json(text: str) -> AlignResult:
+    data = json.loads(text)
+
+    def stats(d: dict) -> StepStats:
+        return StepStats(**d)
+
+    chains = [ChainResult(**{**c, "initial": stats(c["initial"]), "trace": [stats(s) for s in c["trace"]]}) for c in data["chains"]]
+    return AlignResult(**{**data, "chains": chains, "usage": Usage(**data["usage"]), "timings": Timings(**data["timings"])})
+
+
+@dataclasses.dataclass
+class _Running:
+    job: Job
+    attempt: int
+
+
+class SharedJobs:
+    """This replica's side of the shared store: enqueue, claim when the worker has room, mirror state both ways."""
+
+    def __init__(self, redis: Redis, claim_redis: Redis, runtime: Runtime, worker: EngineWorker, *, prefix: str, ttl: float,
+                 lease: float, max_attempts: int, max_queue: int, jobs: dict[str, Job], is_draining, registry=None):
+        self.redis = redis
+        self._claim_redis = claim_redis  # BLMOVE blocks its connection
+        self.runtime = runtime
+        self.worker = worker
+        self.prefix = prefix
+        self.ttl = int(max(1, ttl))
+        self.lease = lease
+        self.max_attempts = max_attempts
+        self.max_queue = max_queue
+        self.replica = replica_name()
+        self.healthy = True
+        self._jobs = jobs  # the service's local store (id → Job), shared so that mirrors are found like local jobs
+        self._is_draining = is_draining
+        self._running: dict[str, _Running] = {}
+        self._mirrored: dict[str, int] = {}  # id → how many of its Redis events the local object has applied
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._writes: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._claiming = True
+        # Registered only with a shared store, so that a dashboard or autoscaler query can tell the modes apart.
+        self.queue_depth = Gauge("sea_shared_queue_depth", "Jobs waiting in the shared Redis queue (every replica reports the same value).",
+                                 registry=registry)
+        self._scripts = {name: redis.register_script(source) for name, source in
+                         (("enqueue", _ENQUEUE), ("claim", _CLAIM), ("finish", _FINISH), ("release", _RELEASE),
+                          ("cancel", _CANCEL), ("reap", _REAP))}
+
+    @classmethod
+    def connect(cls, url: str, **kwargs) -> SharedJobs:
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        claim_redis = Redis.from_url(url, decode_responses=True)
+        return cls(redis, claim_redis, **kwargs)
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # ----- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._heartbeat()
+        await self.redis.sadd(self.key("replicas"), self.replica)
+        log.info("shared job store: replica %s on %s (prefix %r)", self.replica, self.redis.connection_pool.connection_kwargs.get("host"), self.prefix)
+        self._tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+            ("sea-writer", self._write_loop()), ("sea-claimer", self._claim_loop()),
+            ("sea-watcher", self._watch_loop()), ("sea-lease", self._lease_loop()))]
+
+    def stop_claiming(self) -> None:
+        self._claiming = False
+
+    async def close(self) -> None:
+        """After the drain: flush pending writes, leave the replica set, close the connections."""
+        self._claiming = False
+        try:
+            await asyncio.wait_for(self._writes.join(), CLOSE_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("%d job updates not written to Redis at shutdown", self._writes.qsize())
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_SECONDS)
+            for task in stuck:
+                log.warning("task %s did not stop: %s", task.get_name(), task.get_stack())
+        for job in list(self._jobs.values()):  # mirrors whose runner is elsewhere: their waiters here get an answer
+            if not job.status.finished:
+                job.finish(JobStatus.failed, None, "this replica shut down; read the job from another replica", "shutdown")
+        try:
+            await asyncio.wait_for(self._leave(), CLOSE_SECONDS)
+        except Exception:  # Redis gone at shutdown: the lease lapses by itself
+            log.warning("could not leave the replica set cleanly", exc_info=True)
+
+    async def _leave(self) -> None:
+        if not await self.redis.llen(self.key("claimed", self.replica)):
+            await self.redis.srem(self.key("replicas"), self.replica)
+            await self.redis.delete(self.key("alive", self.replica))
+        await self.redis.aclose()
+        await self._claim_redis.aclose()
+
+    # ----- submitting, reading, cancelling (event loop) -------------------------------------------
+
+    async def enqueue(self, job: Job, messages: list[dict[str, str]], reward_options: dict) -> bool:
+        """Queue ``job`` for any replica; False when the shared queue is full."""
+        spec = {"messages": messages, "config": dataclasses.asdict(job.work.config), "reward_options": reward_options,
+                "deadline": time.time() + (job.deadline - time.monotonic()) if job.deadline is not None else None,
+                "stream_events": job.stream_events, "return_trace": job.return_trace, "model": job.model}
+        self._jobs[job.id] = job
+        self._mirrored[job.id] = 0
+        ok = await self._scripts["enqueue"](
+            keys=[self.key("queue"), self.key("job", job.id)],
+            args=[self.max_queue, job.id, json.dumps(spec), job.created, self.ttl + 3600])
+        if not ok:
+            self._jobs.pop(job.id, None)
+            self._mirrored.pop(job.id, None)
+        return bool(ok)
+
+    async def lookup(self, job_id: str) -> Job | None:
+        """A job another replica accepted: build a local mirror from Redis (None when unknown or expired)."""
+        if job_id in self._jobs:
+            return self._jobs[job_id]
+        fields = await self.redis.hgetall(self.key("job", job_id))
+        if not fields or "spec" not in fields:
+            return None
+        job = self._job_from_spec(job_id, json.loads(fields["spec"]), float(fields.get("created") or time.time()))
+        if job_id in self._jobs:  # another request built it while we awaited
+            return self._jobs[job_id]
+        self._jobs[job_id] = job
+        self._mirrored[job_id] = 0
+        await self.catch_up(job)
+        if fields.get("status") == "running" and job.status == JobStatus.queued:
+            job.mark_running()
+        return job
+
+    async def position(self, job: Job) -> int | None:
+        if job.status != JobStatus.queued:
+            return None
+        index = await self.redis.lpos(self.key("queue"), job.id)
+        if index is None:
+            return None
+        return await self.redis.llen(self.key("queue")) - 1 - index
+
+    def runs(self, job: Job) -> bool:
+        return job.id in self._running
+
+    async def cancel(self, job: Job, kind: str, reason: str) -> None:
+        """Cancel a job this replica does not run: at once if it is queued, else where it runs."""
+        outcome = await self._scripts["cancel"](
+            keys=[self.key("queue"), self.key("job", job.id), self.key("events", job.id)],
+            args=[job.id, reason, kind, self.key("wake"), self.ttl])
+        if outcome == "finished":
+            await self.catch_up(job)
+        elif outcome == "running":
+            await self.redis.publish(self.key("cancel"), json.dumps({"id": job.id, "kind": kind, "reason": reason}))
+
+    async def queue_length(self) -> int:
+        return await self.redis.llen(self.key("queue"))
+
+    # ----- mirrors ------------------------------------------------------------------------------
+
+    async def catch_up(self, job: Job) -> None:
+        """Apply the job's events that Redis has and the local object lacks (a no-op for jobs run here)."""
+        if job.id in self._running or job.status.finished or job.id not in self._mirrored:
+            return
+        lock = self._locks.setdefault(job.id, asyncio.Lock())
+        async with lock:
+            start = self._mirrored[job.id]
+            events = await self.redis.lrange(self.key("events", job.id), start, -1)
+            for raw in events:
+                if job.id in self._running or job.status.finished:
+                    break
+                self._mirrored[job.id] += 1
+                event = json.loads(raw)
+                if event["event"] == "end":
+                    fields = await self.redis.hgetall(self.key("job", job.id))
+                    result = result_from_json(fields["result"]) if fields.get("result") else None
+                    if fields.get("queue_seconds"):
+                        job.queue_seconds_final = float(fields["queue_seconds"])
+                    job.finish(JobStatus(fields.get("status", event["status"])), result,
+                               fields.get("error") or None, fields.get("error_kind") or None)
+                elif event["event"] == "requeued":
+                    job.status = JobStatus.queued
+                    job.publish(event)
+                else:
+                    if job.status == JobStatus.queued:
+                        job.mark_running()
+                    job.publish(event)
+        if job.status.finished:
+            self._locks.pop(job.id, None)
+            self._mirrored.pop(job.id, None)
+
+    def _job_from_spec(self, job_id: str, spec: dict[str, Any], created: float) -> Job:
+        config = SEAConfig(**spec["config"])
+        work = self.runtime.job(spec["messages"], config, **spec["reward_options"])
+        deadline = None if spec["deadline"] is None else time.monotonic() + (spec["deadline"] - time.time())
+        enqueued = time.monotonic() - max(0.0, time.time() - created)  # the queue wait counts from the submission
+        return Job(work, spec["model"], stream_events=spec["stream_events"], deadline=deadline, return_trace=spec["return_trace"],
+                   id=job_id, created=created, enqueued=enqueued)
+
+    # ----- running jobs: claim, then mirror this replica's events to Redis -------------------------
+
+    async def _claim_loop(self) -> None:
+        claimed_key = self.key("claimed", self.replica)
+        while True:
+            try:
+                if not self._claiming or self._is_draining() or not self.worker.has_room():
+                    await asyncio.sleep(0.02)
+                    continue
+                job_id = await self._claim_redis.blmove(self.key("queue"), claimed_key, 1, "RIGHT", "LEFT")
+                if job_id is None:
+                    continue
+                claim = await self._scripts["claim"](keys=[self.key("job", job_id), claimed_key], args=[job_id, self.replica])
+                if not claim:
+                    continue
+                self._start(job_id, int(claim[0]), json.loads(claim[1]), float(claim[2]))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("claiming from the shared queue failed; retrying")
+                await asyncio.sleep(1.0)
+
+    def _start(self, job_id: str, attempt: int, spec: dict, created: float) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job.status.finished:
+            try:
+                job = self._job_from_spec(job_id, spec, created)
+            except Exception as exc:  # noqa: BLE001 - e.g. a reward this replica does not serve
+                job = Job(None, spec.get("model", ""), id=job_id)  # type: ignore[arg-type]
+                self._running[job_id] = _Running(job, attempt)
+                job.listeners.append(self._on_event)
+                job.finish(JobStatus.failed, None, f"this replica cannot run the job: {exc}", "engine")
+                return
+            self._jobs[job_id] = job
+        job.status = JobStatus.queued
+        self._running[job_id] = _Running(job, attempt)
+        self._mirrored.pop(job_id, None)
+        job.listeners.append(self._on_event)
+        log.info("job %s: claimed (attempt %d)", job_id, attempt)
+        self.worker.submit(job, bounded=False)
+
+    def _on_event(self, job: Job, event: dict) -> None:
+        self._writes.put_nowait((job, event))
+
+    async def _write_loop(self) -> None:
+        while True:
+            job, event = await self._writes.get()
+            try:
+                await self._write(job, event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not write job %s's %s event to Redis", job.id, event["event"])
+            finally:
+                self._writes.task_done()
+
+    async def _write(self, job: Job, event: dict) -> None:
+        running = self._running.get(job.id)
+        if running is None:
+            return
+        keys = [self.key("job", job.id), self.key("events", job.id), self.key("claimed", self.replica)]
+        if event["event"] != "end":
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(self.key("events", job.id), json.dumps(event))
+                pipe.expire(self.key("events", job.id), self.ttl + 3600)
+                pipe.publish(self.key("wake"), job.id)
+                await pipe.execute()
+            return
+        del self._running[job.id]
+        job.listeners.remove(self._on_event)
+        if job.error_kind == "shutdown":  # this replica is going away: let another one run it
+            done = await self._scripts["release"](keys=[*keys, self.key("queue")],
+                                                  args=[job.id, self.replica, running.attempt, self.key("wake")])
+            log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
+            return
+        result = result_to_json(job.result) if job.result is not None else ""
+        done = await self._scripts["finish"](keys=keys, args=[
+            job.id, self.replica, running.attempt, job.status.value, job.error or "", job.error_kind or "", result,
+            json.dumps(event), self.ttl, self.key("wake"), repr(job.queue_seconds)])
+        if not done:  # reads of this job now go to Redis, where the retry's state is
+            log.warning("job %s: finished here after this replica lost it (lease lapsed); result dropped", job.id)
+            self._jobs.pop(job.id, None)
+
+    # ----- wake-ups, cancellations, leases ----------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.key("wake"), self.key("cancel"))
+                async for message in pubsub.listen():
+                    if message["type"] != "message":
+                        continue
+                    if message["channel"] == self.key("wake"):
+                        job = self._jobs.get(message["data"])
+                        if job is not None and job.id in self._mirrored:
+                            asyncio.create_task(self._catch_up_logged(job))
+                    else:
+                        request = json.loads(message["data"])
+                        running = self._running.get(request["id"])
+                        if running is not None:
+                            self.worker.cancel(running.job, request["kind"], request["reason"])
+            except asyncio.CancelledError:
+                await pubsub.aclose()
+                raise
+            except Exception:
+                log.exception("lost the Redis subscription; resubscribing")
+                await pubsub.aclose()
+                await asyncio.sleep(1.0)
+
+    async def _catch_up_logged(self, job: Job) -> None:
+        try:
+            await self.catch_up(job)
+        except Exception:
+            log.exception("could not bring job %s up to date from Redis", job.id)
+
+    async def _heartbeat(self) -> None:
+        await self.redis.set(self.key("alive", self.replica), "1", px=int(self.lease * 1000))
+
+    async def _lease_loop(self) -> None:
+        """Renew this replica's lease; reap dead replicas; poll mirrors; publish the shared queue depth."""
+        reap_every = max(self.lease / 2, POLL_SECONDS)
+        last_reap = 0.0
+        while True:
+            try:
+                await self._heartbeat()
+                self.healthy = True
+                if time.monotonic() - last_reap >= reap_every:
+                    await self._reap()
+                    last_reap = time.monotonic()
+                for job in [j for j in self._jobs.values() if j.id in self._mirrored]:
+                    await self.catch_up(job)
+                self.queue_depth.set(await self.queue_length())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.healthy = False
+                log.exception("Redis unavailable")
+            await asyncio.sleep(min(self.lease / 3, POLL_SECONDS))
+
+    async def _reap(self) -> None:
+        for replica in await self.redis.smembers(self.key("replicas")):
+            if replica == self.replica or await self.redis.exists(self.key("alive", replica)):
+                continue
+            claimed = self.key("claimed", replica)
+            moved = await self._scripts["reap"](keys=[claimed, self.key("queue")],
+                                                args=[self.prefix, self.max_attempts, self.key("wake"), self.ttl])
+            if moved:
+                log.warning("replica %s stopped renewing its lease; %d of its jobs requeued or failed", replica, moved)
+            if not await self.redis.llen(claimed):
+                await self.redis.srem(self.key("replicas"), replica)

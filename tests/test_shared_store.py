@@ -1,0 +1,188 @@
+"""Several replicas sharing one Redis job store: a real redis-server, two real `sea serve` processes on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from tests.server import ServerProcess, free_port
+from tests.tiny import save_tiny_lm, tiny_lm
+
+redis = pytest.importorskip("redis", reason="the `redis` client is not installed (pip install -e '.[redis]')")
+
+LONG = {"prompt": "tell me about the sun", "update": "logits", "steps": 200, "max_tokens": 8, "chains": 2, "seed": 3}
+SHORT = {"prompt": "a story about the moon", "steps": 3, "max_tokens": 6, "chains": 2, "seed": 1}
+
+
+def _redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=False, capture_output=True, timeout=600)
+        found = shutil.which("redis-server")
+    if found is None:
+        pytest.skip("redis-server is not installed and could not be installed (apt-get install redis-server)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen([_redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                                "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    client.shutdown(nosave=True)
+    process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return str(save_tiny_lm(tiny_lm(), tmp_path_factory.mktemp("model") / "tiny-llama"))
+
+
+def start_replicas(model_folder, redis_url, tmp_path, count=2, **settings) -> tuple[list[ServerProcess], str]:
+    prefix = "test-" + uuid.uuid4().hex[:8]
+    replicas = [ServerProcess(model_folder, tmp_path / f"replica{i}.log", redis_url=redis_url, redis_prefix=prefix,
+                              replica_lease_seconds=8, max_batch_chains=2, **settings) for i in range(count)]
+    try:
+        for replica in replicas:
+            replica.wait_ready(timeout=600)
+    except BaseException:
+        for replica in replicas:
+            replica.stop(signal.SIGKILL)
+        raise
+    return replicas, prefix
+
+
+def wait_for(condition, timeout=120.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")
+
+
+def job_hash(redis_url, prefix, job_id) -> dict[str, str]:
+    return redis.Redis.from_url(redis_url, decode_responses=True).hgetall(f"{prefix}:job:{job_id}")
+
+
+def finished(url, job_id):
+    body = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+    return body if body["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+def test_any_replica_answers_for_any_job_and_both_take_from_one_queue(model_folder, redis_url, tmp_path):
+    (a, b), prefix = start_replicas(model_folder, redis_url, tmp_path)
+    try:
+        created = httpx.post(f"{a.url}/jobs", json={**SHORT, "return_trace": True}, timeout=30)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        on_b = wait_for(lambda: finished(b.url, job_id))
+        assert on_b["status"] == "succeeded" and on_b["result"]["text"]
+        assert on_b["result"]["chains"][0]["trace"], "the result crosses replicas whole"
+        on_a = wait_for(lambda: finished(a.url, job_id))
+        assert on_a["result"] == on_b["result"]
+
+        # B streams the events of a job A accepted: step events, then the result.
+        job_id = httpx.post(f"{a.url}/jobs", json=SHORT, timeout=30).json()["id"]
+        with httpx.Client(timeout=60) as client, connect_sse(client, "GET", f"{b.url}/jobs/{job_id}/events") as source:
+            events = [(event.event, event.json()) for event in source.iter_sse()]
+        assert events[-1][0] == "result" and events[-1][1]["status"] == "succeeded"
+        assert [e for e, _ in events[:-1]] and all(e == "step" for e, _ in events[:-1])
+
+        # Four 2-chain jobs posted to A alone, each replica with room for one: B takes some of them.
+        ids = [httpx.post(f"{a.url}/jobs", json={**LONG, "steps": 40}, timeout=30).json()["id"] for _ in range(4)]
+        results = [wait_for(lambda i=i: finished(a.url, i)) for i in ids]
+        assert all(r["status"] == "succeeded" for r in results)
+        owners = {job_hash(redis_url, prefix, i)["owner"] for i in ids}
+        assert len(owners) == 2, "both replicas ran jobs from the shared queue"
+
+        # A blocking /align on B, and a cancel through the replica that does not run the job.
+        assert httpx.post(f"{b.url}/align", json=SHORT, timeout=60).status_code == 200
+        job_id = httpx.post(f"{a.url}/jobs", json=LONG, timeout=30).json()["id"]
+        wait_for(lambda: job_hash(redis_url, prefix, job_id).get("status") == "running")
+        owner = job_hash(redis_url, prefix, job_id)["owner"]
+        other = a if str(b.process.pid) in owner.split("-") else b
+        cancelled = httpx.delete(f"{other.url}/jobs/{job_id}", timeout=30).json()
+        assert cancelled["status"] == "cancelled", cancelled
+        assert wait_for(lambda: finished(a.url, job_id))["status"] == "cancelled"
+        assert wait_for(lambda: finished(b.url, job_id))["status"] == "cancelled"
+    finally:
+        codes = [replica.stop() for replica in (a, b)]
+        assert codes == [0, 0], a.log_path.read_text()[-3000:] + b.log_path.read_text()[-3000:]
+
+
+def test_a_job_whose_replica_dies_is_retried_elsewhere_and_no_other_job_is_lost(model_folder, redis_url, tmp_path):
+    (a, b), prefix = start_replicas(model_folder, redis_url, tmp_path, job_max_attempts=2)
+    try:
+        victim = httpx.post(f"{a.url}/jobs", json=LONG, timeout=30).json()["id"]
+        wait_for(lambda: job_hash(redis_url, prefix, victim).get("status") == "running")
+        owner = job_hash(redis_url, prefix, victim)["owner"]
+        dying, survivor = (a, b) if str(a.process.pid) in owner.split("-") else (b, a)
+        others = [httpx.post(f"{survivor.url}/jobs", json=SHORT, timeout=30).json()["id"] for _ in range(3)]
+        dying.process.send_signal(signal.SIGKILL)
+        dying.process.wait(30)
+
+        retried = wait_for(lambda: finished(survivor.url, victim), timeout=300)
+        assert retried["status"] == "succeeded", retried
+        assert job_hash(redis_url, prefix, victim)["attempts"] == "2"
+        assert job_hash(redis_url, prefix, victim)["owner"] != owner
+        for job_id in others:
+            assert wait_for(lambda j=job_id: finished(survivor.url, j), timeout=300)["status"] == "succeeded"
+        log = survivor.log_path.read_text()
+        assert "stopped renewing its lease" in log
+    finally:
+        dying.stop()
+        assert survivor.stop() == 0, survivor.log_path.read_text()[-3000:]
+
+
+def test_after_the_last_attempt_a_dead_replicas_job_is_failed_not_lost(redis_url):
+    """The reaping script alone: a job whose runner died on its last attempt ends failed, with its end event."""
+    from app.service.shared import SharedJobs
+
+    async def scenario():
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(redis_url, decode_responses=True)
+        prefix = "reap-" + uuid.uuid4().hex[:8]
+        shared = SharedJobs(client, client, runtime=None, worker=None, prefix=prefix, ttl=60, lease=1.0, max_attempts=2,
+                            max_queue=8, jobs={}, is_draining=lambda: False)
+        await client.sadd(f"{prefix}:replicas", "dead-1")
+        for job_id, attempts in (("last", 2), ("again", 1)):
+            await client.hset(f"{prefix}:job:{job_id}", mapping={"status": "running", "owner": "dead-1", "attempts": attempts, "spec": "{}"})
+            await client.lpush(f"{prefix}:claimed:dead-1", job_id)
+        await shared._reap()
+        last, again = [await client.hgetall(f"{prefix}:job:{i}") for i in ("last", "again")]
+        queue = await client.lrange(f"{prefix}:queue", 0, -1)
+        events = await client.lrange(f"{prefix}:events:last", 0, -1)
+        members = await client.smembers(f"{prefix}:replicas")
+        await client.aclose()
+        return last, again, queue, events, members
+
+    last, again, queue, events, members = asyncio.run(scenario())
+    assert last["status"] == "failed" and "replica running the job stopped" in last["error"]
+    assert events == ['{"event": "end", "status": "failed"}']
+    assert again["status"] == "queued" and queue == ["again"]
+    assert members == set(), "a reaped replica leaves the replica set"
