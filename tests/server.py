@@ -13,6 +13,17 @@ from pathlib import Path
 import httpx
 
 
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05):
+    """Poll until ``predicate()`` is truthy; returns its value, or fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout} s: {predicate}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -29,7 +29,7 @@ from app.main import PUBLIC_PAGES, create_app
 from app.runtime import Runtime
 from app.service.jobs import JobStatus
 from app.settings import Settings
-from tests.server import ServerProcess, free_port
+from tests.server import ServerProcess, free_port, wait_for
 from tests.test_service import FakeEngine, make_service, submit
 from tests.tiny import save_tiny_lm, tiny_lm
 
@@ -59,17 +59,6 @@ def gauges(url: str) -> dict[str, float]:
     """The unlabelled gauges of /metrics (queue depth, jobs running, chains in flight)."""
     text = httpx.get(url + "/metrics", timeout=10).text
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    """Poll until ``predicate()`` is truthy; returns its value, or fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout} s: {predicate}")
 
 
 def idle(url: str) -> bool:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from tests.server import ServerProcess, free_port
+from tests.server import ServerProcess, free_port, wait_for
 from tests.tiny import save_tiny_lm, tiny_lm
 
 redis = pytest.importorskip("redis", reason="the `redis` client is not installed (pip install -e '.[redis]')")
@@ -72,16 +72,6 @@ def start_replicas(model_folder, redis_url, tmp_path, count=2, **settings) -> tu
             replica.stop(signal.SIGKILL)
         raise
     return replicas, prefix
-
-
-def wait_for(condition, timeout=120.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
 
 
 def job_hash(redis_url, prefix, job_id) -> dict[str, str]:
