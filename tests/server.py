@@ -40,7 +40,7 @@ class ServerProcess:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 120.0) -> list[int]:
+    def wait_ready(self, timeout: float = 300.0) -> list[int]:
         """Poll /ready until 200; returns the status codes seen on the way."""
         seen = []
         deadline = time.monotonic() + timeout
@@ -75,6 +75,10 @@ def serve_tiny(tmp_path_factory, **settings):
 
     folder = save_tiny_lm(tiny_lm(), tmp_path_factory.mktemp("model") / "tiny-llama")
     proc = ServerProcess(str(folder), tmp_path_factory.mktemp("logs") / "server.log", **settings)
-    proc.wait_ready()
+    try:
+        proc.wait_ready()
+    except BaseException:  # never leave a server behind a failed start
+        proc.stop(signal.SIGKILL)
+        raise
     yield proc
     assert proc.stop() == 0
