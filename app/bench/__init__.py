@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chains", default="4,32", help="Step grid: chains per request (comma-separated).")
     parser.add_argument("--max-tokens", default="24", help="Step grid: response lengths L (comma-separated).")
     parser.add_argument("--candidates", type=int, default=4, help="Edits scored exactly per chain per step.")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per figure (after one warm-up); medians.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per figure (after one warm-up); medians. 0: one call, no warm-up (slow machines).")
     parser.add_argument("--uncached-chains", default="4,32",
                         help="Chain counts of the grid whose step is also timed without the prompt cache (the slowest part; '' for none).")
     parser.add_argument("--matmul-size", type=int, default=2048, help="Side of the square matmul that measures the peak.")
@@ -125,7 +125,8 @@ def targets(results: dict, on_gpu: bool) -> list[dict]:
 
 
 def _print_steps(steps: list[dict], peak: float, repeats: int) -> None:
-    print(f"\nStep time, seconds (median of {repeats}; discrete update, every chain re-graded, all candidates scored)")
+    runs = f"median of {repeats} after a warm-up" if repeats else "one run, no warm-up"
+    print(f"\nStep time, seconds ({runs}; discrete update, every chain re-graded, all candidates scored)")
     heads = [f"C={s['chains']} L={s['max_tokens']}" for s in steps]
     print(f"{'part':<40}" + "".join(f"{h:>14}" for h in heads))
     for label, key in STEP_ROWS:

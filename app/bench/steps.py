@@ -31,8 +31,9 @@ PROMPT = "How do I stop weeds?"
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call; ``repeats=0``: one call, no warm-up."""
+    if repeats > 0:
+        fn()
     runs = []
     for _ in range(max(repeats, 1)):
         tick = time.perf_counter()
