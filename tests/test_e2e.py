@@ -11,7 +11,7 @@ import pytest
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server import ServerProcess
+from tests.server import ServerProcess, wait_for
 from tests.tiny import save_tiny_lm, tiny_lm
 
 
@@ -116,7 +116,9 @@ def test_job_lifecycle_with_server_sent_events(http):
 def test_cancelling_a_long_job(http):
     created = http.post("/jobs", json={"prompt": "write a long story", "chains": 4, "steps": 200, "max_tokens": 32, "seed": 3}).json()
     cancelled = http.delete(f"/jobs/{created['id']}").json()
-    assert cancelled["status"] == "cancelled"
+    # DELETE waits up to 5 s for the chains to leave the batch at the next step; a loaded machine may take longer.
+    assert cancelled["status"] in ("cancelled", "running")
+    assert wait_for(lambda: http.get(f"/jobs/{created['id']}").json()["status"] != "running", 60) is True
     assert http.get(f"/jobs/{created['id']}").json()["status"] == "cancelled"
     # The worker keeps serving.
     assert http.post("/align", json={"prompt": "hi", "steps": 1, "max_tokens": 3}).status_code == 200
