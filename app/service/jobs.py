@@ -47,6 +47,7 @@ class Job:
     error: str | None = None
     error_kind: str | None = None  # "timeout", "cancelled", "engine", "overloaded", "shutdown"
     cancel_requested: bool = False  # read by the worker thread at step boundaries
+    queue_seconds_final: float | None = None  # set on mirrors of a job another replica ran: its runner's figure
     events: list[dict[str, Any]] = field(default_factory=list)
     listeners: list[Callable[[Job, dict[str, Any]], None]] = field(default_factory=list)  # e.g. the shared store's writer
     _subscribers: list[asyncio.Queue] = field(default_factory=list)
@@ -55,8 +56,6 @@ class Job:
     @property
     def chains(self) -> int:
         return self.work.config.chains if self.work.config.method == "sea" else 1
-
-    queue_seconds_final: float | None = None  # set on mirrors of a job another replica ran: its runner's figure
 
     @property
     def queue_seconds(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,25 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.25
+
+
+@contextlib.contextmanager
+def _shared_store_errors():
+    """Redis unreachable: 503 with Retry-After, the details in the log."""
+    try:
+        yield
+    except RedisError:
+        log.exception("shared job store call failed")
+        raise ServiceUnavailable("the shared job store is unavailable", headers={"Retry-After": "5"}) from None
+
+
+def _forget_logged(tasks: set[asyncio.Task]):
+    """A done-callback for fire-and-forget tasks: drop the reference kept in ``tasks``, log a failure."""
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+    return done
 
 
 class AlignService:
@@ -93,11 +113,8 @@ class AlignService:
         timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
         job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace)
         if self.shared is not None:
-            try:
+            with _shared_store_errors():
                 queued = await self.shared.enqueue(job, messages, reward_options or {})
-            except RedisError:
-                log.exception("could not queue job %s in Redis", job.id)
-                raise ServiceUnavailable("the shared job store is unavailable", headers={"Retry-After": "5"}) from None
             if not queued:
                 raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(self.worker.retry_after())})
             return job
@@ -136,33 +153,30 @@ class AlignService:
     async def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None and self.shared is not None:
-            try:
+            with _shared_store_errors():
                 job = await self.shared.lookup(job_id)
-            except RedisError:
-                log.exception("could not read job %s from Redis", job_id)
-                raise ServiceUnavailable("the shared job store is unavailable", headers={"Retry-After": "5"}) from None
         if job is None:
             raise NotFound(f"no job {job_id!r} (unknown, or expired after {self.settings.job_ttl_seconds:g} s)", param="id")
         return job
 
     async def position(self, job: Job) -> int | None:
         if self.shared is not None and not self.shared.runs(job):
-            return await self.shared.position(job)
+            with _shared_store_errors():
+                return await self.shared.position(job)
         return self.worker.position(job) if self.worker and job.status == JobStatus.queued else None
 
     def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
         """Cancel a job: here if it runs or waits here, else through the shared store (in the background)."""
-        if self.shared is not None and not job.status.finished and not self.shared.runs(job):
+        if self.worker is None or job.status.finished:
+            return
+        if self.shared is not None and not self.shared.runs(job):
             task = asyncio.get_running_loop().create_task(self.shared.cancel(job, kind, reason))
             self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            if kind != "cancelled":  # a timeout answers now
-                job.finish(JobStatus.failed, None, reason, kind)
-            return
-        if self.worker is not None and not job.status.finished:
+            task.add_done_callback(_forget_logged(self._background))
+        else:
             self.worker.cancel(job, kind, reason)
-            if kind != "cancelled":  # a timeout answers now; the worker drops the chains at the next step
-                job.finish(JobStatus.failed, None, reason, kind)
+        if kind != "cancelled":  # a timeout answers now; the chains leave the batch at the next step
+            job.finish(JobStatus.failed, None, reason, kind)
 
     def request_drain(self) -> None:
         """Stop taking work at once and start draining (safe to call from a signal handler).

@@ -190,6 +190,7 @@ class SharedJobs:
         self.worker = worker
         self.prefix = prefix
         self.ttl = int(max(1, ttl))
+        self._unfinished_ttl = self.ttl + 3600  # keys of a job not finished yet: a safety net for keys a crash left behind
         self.lease = lease
         self.max_attempts = max_attempts
         self.max_queue = max_queue
@@ -202,6 +203,7 @@ class SharedJobs:
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._catch_ups: set[asyncio.Task] = set()
         self._claiming = True
         # Registered only with a shared store, so that a dashboard or autoscaler query can tell the modes apart.
         self.queue_depth = Gauge("sea_shared_queue_depth", "Jobs waiting in the shared Redis queue (every replica reports the same value).",
@@ -273,7 +275,7 @@ class SharedJobs:
         self._mirrored[job.id] = 0
         ok = await self._scripts["enqueue"](
             keys=[self.key("queue"), self.key("job", job.id)],
-            args=[self.max_queue, job.id, json.dumps(spec), job.created, self.ttl + 3600])
+            args=[self.max_queue, job.id, json.dumps(spec), job.created, self._unfinished_ttl])
         if not ok:
             self._jobs.pop(job.id, None)
             self._mirrored.pop(job.id, None)
@@ -425,7 +427,7 @@ class SharedJobs:
         if event["event"] != "end":
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.rpush(self.key("events", job.id), json.dumps(event))
-                pipe.expire(self.key("events", job.id), self.ttl + 3600)
+                pipe.expire(self.key("events", job.id), self._unfinished_ttl)
                 pipe.publish(self.key("wake"), job.id)
                 await pipe.execute()
             return
@@ -457,7 +459,9 @@ class SharedJobs:
                     if message["channel"] == self.key("wake"):
                         job = self._jobs.get(message["data"])
                         if job is not None and job.id in self._mirrored:
-                            asyncio.create_task(self._catch_up_logged(job))
+                            task = asyncio.create_task(self._catch_up_logged(job))
+                            self._catch_ups.add(task)  # the loop keeps only weak references to tasks
+                            task.add_done_callback(self._catch_ups.discard)
                     else:
                         request = json.loads(message["data"])
                         running = self._running.get(request["id"])
