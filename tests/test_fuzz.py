@@ -28,7 +28,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 SETTINGS = {"api_keys": KEY, "max_chains": 4, "max_steps": 3, "max_tokens_limit": 6, "max_samples": 16, "max_batch_chains": 8,
             "max_queue": 16, "default_steps": 1, "default_max_tokens": 4, "default_chains": 2, "request_timeout_seconds": 20}
 # Bounded for the suite; a deeper hunt: FUZZ_EXAMPLES=300 FUZZ_SEED=7 .venv/bin/python -m pytest tests/test_fuzz.py
-MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
+MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
 SEED = int(os.environ.get("FUZZ_SEED", "1"))
 
 # The document the server itself serves (same code, same settings), loaded without a running server at collection.
