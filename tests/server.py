@@ -37,7 +37,7 @@ class ServerProcess:
         env = {**os.environ, "SEA_MODEL": model, "SEA_HOST": "127.0.0.1", "SEA_PORT": str(self.port), "SEA_THREADS": "1"}
         env.update({f"SEA_{key.upper()}": str(value) for key, value in settings.items()})
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 -- the server writes to it until stop() closes it
         self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300.0) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -233,7 +234,7 @@ def test_discrete_energy_never_rises_and_stays_exact(lm, engine, make_prompt):
     spec = _spec(lm, prompt, [(c, w) for c, w in reward.terms], rows=1, length=8)
     for chain in result.chains:
         energies = [chain.initial.energy] + [s.energy for s in chain.trace]
-        assert all(b <= a + 1e-6 for a, b in zip(energies, energies[1:]))
+        assert all(b <= a + 1e-6 for a, b in itertools.pairwise(energies))
         rescored = evaluate(lm, [spec], engine.stop_ids, torch.tensor([chain.tokens]))
         assert float(rescored.energy[0]) == pytest.approx(chain.energy, abs=1e-4)
 

@@ -97,7 +97,7 @@ def test_requests_join_and_leave_a_running_batch():
         await service.shutdown()
         return engine, jobs, results
 
-    engine, jobs, results = run(scenario())
+    engine, jobs, _ = run(scenario())
     assert all(job.status == JobStatus.succeeded for job in jobs)
     assert max(len(batch) for batch in engine.batches) == 2  # 4 chains fill the batch: never a, b and c at once
     assert ["a", "b"] in engine.batches

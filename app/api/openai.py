@@ -264,7 +264,7 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
                 yield f": step {event['step']}/{event['steps']}\n\n"
         try:
             result = service.outcome(job)
-        except Exception as exc:  # the stream has started: report in-band, as OpenAI does
+        except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
             message = getattr(exc, "message", "internal error")
             yield f"data: {json.dumps({'error': {'message': message, 'type': getattr(exc, 'type', 'server_error')}})}\n\n"
             yield "data: [DONE]\n\n"
