@@ -158,6 +158,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 if args.budget_seconds is not None:
                     if seconds_per_pass is None:
                         seconds_per_pass = _calibrate(runtime, job)
+                        print(f"{args.budget_seconds:g} s = {args.budget_seconds / seconds_per_pass:.0f} token-passes per prompt and method "
+                              f"(about {args.budget_seconds / seconds_per_pass / (config.max_tokens + per_row):.1f} base samples)", file=sys.stderr)
                     budget = args.budget_seconds / seconds_per_pass
                 job.config = size_to_budget(config, budget, per_row)
                 tick = time.perf_counter()
@@ -170,7 +172,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     results = {"summary": summary, "records": records, "settings": {
         "prompts": str(args.prompts), "methods": methods, "seeds": seeds, "max_tokens": base.max_tokens, "alpha": base.alpha,
         "chains": base.chains, "budget_samples": args.budget_samples, "budget_token_passes": args.budget_token_passes,
-        "budget_seconds": args.budget_seconds, "keywords_mode": args.keywords_mode, "set": extra, "model": runtime.lm.name}}
+        "budget_seconds": args.budget_seconds, "seconds_per_token_pass": seconds_per_pass, "keywords_mode": args.keywords_mode, "set": extra, "model": runtime.lm.name}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -180,10 +182,17 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
 
 
 def _calibrate(runtime, job) -> float:
-    """Seconds per token-pass on this machine now: one Best-of-8 run of the first prompt."""
-    probe = dataclasses.replace(job.config, method="bon", samples=8)
+    """Seconds per token-pass on this machine now: a Best-of-16 run of the first prompt, after a Best-of-2 warm-up.
+
+    Without the warm-up the first call's one-off costs (allocations, lazy initialisation) are counted as compute
+    speed and shrink every budget; a batch of 16 is timed because batched decoding costs less per token than one row.
+    """
+    def best_of(n: int):
+        return runtime.engine.run([dataclasses.replace(job, config=dataclasses.replace(job.config, method="bon", samples=n))])[0]
+
+    best_of(2)
     tick = time.perf_counter()
-    result = runtime.engine.run([dataclasses.replace(job, config=probe)])[0]
+    result = best_of(16)
     return (time.perf_counter() - tick) / max(1, result.usage.compute)
 
 

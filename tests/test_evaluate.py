@@ -49,3 +49,18 @@ def test_refusal_detector_looks_only_at_the_opening():
 def test_distinct_n():
     assert distinct_n(["a b a b"], 1) == 0.5
     assert distinct_n(["a b", "c d"], 2) == 1.0
+
+
+def test_budget_in_seconds_is_one_token_pass_budget_for_every_method(lm, tmp_path):
+    """Wall time is converted once (a timed Best-of-16 after a warm-up) into token-passes shared by every method."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "write about a dog"}) + "\n")
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--prompts", str(prompts), "--methods", "sea,bon,sample", "--budget-seconds", "0.5",
+                              "--max-tokens", "4", "--chains", "2", "--out", str(tmp_path / "out")])
+    results = run_eval(args, Settings(), runtime=Runtime.from_lm(lm, Settings()))
+    seconds_per_pass = results["settings"]["seconds_per_token_pass"]
+    assert 0 < seconds_per_pass < 0.5
+    budgets = {record["budget"] for record in results["records"]}
+    assert budgets == {0.5 / seconds_per_pass}
