@@ -16,6 +16,21 @@ from app.engine.types import AlignJob, AlignResult
 log = logging.getLogger(__name__)
 
 
+def spawn_background(coro, tasks: set[asyncio.Task]) -> asyncio.Task:
+    """Run ``coro`` as a fire-and-forget task, referenced from ``tasks`` until it ends (the event loop keeps only weak
+    references to tasks); a failure is logged."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    task.add_done_callback(done)
+    return task
+
+
 class JobStatus(str, Enum):
     queued = "queued"
     running = "running"

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from app.engine.types import AlignResult, SEAConfig
 from app.errors import ClientClosed, GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
 from app.runtime import Runtime, UnknownRewardError
-from app.service.jobs import Job, JobStatus, JobStore
+from app.service.jobs import Job, JobStatus, JobStore, spawn_background
 from app.service.metrics import Metrics
 from app.service.shared import RedisError, SharedJobs
 from app.service.worker import DrainingError, EngineWorker, QueueFullError
@@ -30,15 +30,6 @@ def _shared_store_errors():
     except RedisError:
         log.exception("shared job store call failed")
         raise ServiceUnavailable("the shared job store is unavailable", headers={"Retry-After": "5"}) from None
-
-
-def _forget_logged(tasks: set[asyncio.Task]):
-    """A done-callback for fire-and-forget tasks: drop the reference kept in ``tasks``, log a failure."""
-    def done(task: asyncio.Task) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
-    return done
 
 
 class AlignService:
@@ -170,9 +161,7 @@ class AlignService:
         if self.worker is None or job.status.finished:
             return
         if self.shared is not None and not self.shared.runs(job):
-            task = asyncio.get_running_loop().create_task(self.shared.cancel(job, kind, reason))
-            self._background.add(task)
-            task.add_done_callback(_forget_logged(self._background))
+            spawn_background(self.shared.cancel(job, kind, reason), self._background)
         else:
             self.worker.cancel(job, kind, reason)
         if kind != "cancelled":  # a timeout answers now; the chains leave the batch at the next step

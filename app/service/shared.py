@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Gauge
 
 from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
-from app.service.jobs import Job, JobStatus
+from app.service.jobs import Job, JobStatus, spawn_background
 
 try:
     from redis.exceptions import RedisError
@@ -459,9 +459,7 @@ class SharedJobs:
                     if message["channel"] == self.key("wake"):
                         job = self._jobs.get(message["data"])
                         if job is not None and job.id in self._mirrored:
-                            task = asyncio.create_task(self._catch_up_logged(job))
-                            self._catch_ups.add(task)  # the loop keeps only weak references to tasks
-                            task.add_done_callback(self._catch_ups.discard)
+                            spawn_background(self._catch_up_logged(job), self._catch_ups)
                     else:
                         request = json.loads(message["data"])
                         running = self._running.get(request["id"])
