@@ -104,6 +104,22 @@ def test_requests_join_and_leave_a_running_batch():
     assert ["b", "c"] in engine.batches  # c joined when a left, while b was still running
 
 
+def test_queue_wait_ends_when_the_engine_takes_the_job_even_if_the_loop_hears_of_it_later():
+    """The worker stamps the start; a busy event loop that runs its notification later must not move the stamp (it
+    did, and the queue wait then counted the engine's own start-up twice: latency minus queue and engine < 0)."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.01))
+        job = await submit(service, "a", steps=3)
+        time.sleep(2.0)  # the loop is busy (blocked) while the worker takes the job and runs it
+        await service.wait(job)
+        await service.shutdown()
+        return job
+
+    job = run(scenario())
+    assert job.status == JobStatus.succeeded
+    assert job.queue_seconds < 1.0
+
+
 def test_full_queue_answers_429_with_retry_after():
     async def scenario():
         service = await make_service(FakeEngine(tick_seconds=0.05), max_queue=1, max_batch_chains=2)

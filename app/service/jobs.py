@@ -96,9 +96,10 @@ class Job:
         if queue in self._subscribers:
             self._subscribers.remove(queue)
 
-    def mark_running(self) -> None:
+    def mark_running(self, started: float | None = None) -> None:
+        """``started``: when the engine took the job (the worker's clock reading; this call may reach the loop later)."""
         self.status = JobStatus.running
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
 
     def finish(self, status: JobStatus, result: AlignResult | None = None, error: str | None = None, kind: str | None = None) -> None:
         if self.status.finished:

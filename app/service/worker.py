@@ -199,8 +199,8 @@ class EngineWorker:
         if job.deadline is not None and time.monotonic() > job.deadline:
             self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
             return
-        self._call(job.mark_running)
         job.started = time.monotonic()
+        self._call(job.mark_running, job.started)  # the stamp travels with the call: the loop may run it after the start
         self.metrics.queue_wait.observe(job.started - job.enqueued)
         try:
             state = self.engine.start(job.work)
