@@ -127,6 +127,18 @@ def test_any_replica_answers_for_any_job_and_both_take_from_one_queue(model_fold
 def test_a_job_whose_replica_dies_is_retried_elsewhere_and_no_other_job_is_lost(model_folder, redis_url, tmp_path):
     (a, b), prefix = start_replicas(model_folder, redis_url, tmp_path, job_max_attempts=2)
     try:
+        # First, the state a pause longer than the lease leaves behind (seen under load at start-up): the lease gone
+        # and the replica reaped out of the set. Each must rejoin, or its death below would go unnoticed.
+        store = redis.Redis.from_url(redis_url, decode_responses=True)
+        names = sorted(store.smembers(f"{prefix}:replicas"))
+        assert len(names) == 2
+        for name in names:
+            store.delete(f"{prefix}:alive:{name}")
+            store.srem(f"{prefix}:replicas", name)
+        wait_for(lambda: sorted(store.smembers(f"{prefix}:replicas")) == names, 60)
+        for replica in (a, b):
+            wait_for(lambda r=replica: "lease lapsed" in r.log_path.read_text(), 60)
+
         victim = httpx.post(f"{a.url}/jobs", json=LONG, timeout=30).json()["id"]
         wait_for(lambda: job_hash(redis_url, prefix, victim).get("status") == "running")
         owner = job_hash(redis_url, prefix, victim)["owner"]

@@ -196,6 +196,7 @@ class SharedJobs:
         self.max_queue = max_queue
         self.replica = replica_name()
         self.healthy = True
+        self._renewed = False  # whether this replica has held a lease yet (a missing one then means a lapse)
         self._jobs = jobs  # the service's local store (id → Job), shared so that mirrors are found like local jobs
         self._is_draining = is_draining
         self._running: dict[str, _Running] = {}
@@ -227,7 +228,6 @@ class SharedJobs:
 
     async def start(self) -> None:
         await self._heartbeat()
-        await self.redis.sadd(self.key("replicas"), self.replica)
         log.info("shared job store: replica %s on %s (prefix %r)", self.replica, self.redis.connection_pool.connection_kwargs.get("host"), self.prefix)
         self._tasks = [asyncio.create_task(coro, name=name) for name, coro in (
             ("sea-writer", self._write_loop()), ("sea-claimer", self._claim_loop()),
@@ -480,7 +480,18 @@ class SharedJobs:
             log.exception("could not bring job %s up to date from Redis", job.id)
 
     async def _heartbeat(self) -> None:
-        await self.redis.set(self.key("alive", self.replica), "1", px=int(self.lease * 1000))
+        """Renew the lease and (re)join the replica set.
+
+        Rejoining matters after a lapse (a pause longer than the lease: another replica reaped this one and took it
+        out of the set): without it, this replica's later death would never be noticed and its jobs never requeued.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.key("alive", self.replica), "1", px=int(self.lease * 1000), get=True)
+            pipe.sadd(self.key("replicas"), self.replica)
+            previous, _ = await pipe.execute()
+        if previous is None and self._renewed:
+            log.warning("this replica's lease lapsed (paused longer than %g s); jobs it held may have been requeued", self.lease)
+        self._renewed = True
 
     async def _lease_loop(self) -> None:
         """Renew this replica's lease; reap dead replicas; poll mirrors; publish the shared queue depth."""
