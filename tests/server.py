@@ -1,7 +1,15 @@
-"""Start the real `sea serve` (uvicorn) in a subprocess on a free loopback port, for end-to-end tests."""
+"""Start the real `sea serve` (uvicorn) in a process of its own on a free loopback port, for end-to-end tests.
+
+A fresh interpreter spends most of its start importing torch and transformers: 10-40 s on a loaded 2-core machine,
+more than the rest of a typical end-to-end test. So servers are forked, by default, from a multiprocessing fork server
+that has imported `app.cli` once; each child then runs `app.cli.main(["serve"])` with its own environment and log, as
+the console script does, and is signalled, killed and waited for like any process. `fresh=True` starts a new
+interpreter with `python -m app.cli serve` instead (the start-up path a user runs, kept by a few tests).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -11,6 +19,55 @@ import time
 from pathlib import Path
 
 import httpx
+
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+# Modules imported once by the fork server, before any thread exists there (nothing in them starts one).
+_FORK_SERVER.set_forkserver_preload(["app.cli", "app.main"])
+
+
+def run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
+    """The body of a forked `sea` process: the environment and output of a fresh one, then the console script's main."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env)
+    from app.cli import main
+
+    sys.exit(main(argv))
+
+
+class ForkedProcess:
+    """The part of `subprocess.Popen` the tests use, over a process forked from the fork server."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+        # daemon: a server that a failed test leaves behind is stopped when pytest exits, not waited for.
+        self._process = _FORK_SERVER.Process(target=run_cli, args=(argv, env, str(log_path)), daemon=True)
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(["sea", "serve"], timeout)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05):
@@ -31,14 +88,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, log_path: Path, **settings: str):
+    def __init__(self, model: str, log_path: Path, fresh: bool = False, **settings: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SEA_MODEL": model, "SEA_HOST": "127.0.0.1", "SEA_PORT": str(self.port), "SEA_THREADS": "1"}
         env.update({f"SEA_{key.upper()}": str(value) for key, value in settings.items()})
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 -- the server writes to it until stop() closes it
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(log_path, "ab")  # noqa: SIM115 -- a fresh server writes to it until stop() closes it
+        if fresh:
+            self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        else:
+            self.process = ForkedProcess(["serve"], env, log_path)
 
     def wait_ready(self, timeout: float = 300.0) -> list[int]:
         """Poll /ready until 200; returns the status codes seen on the way."""

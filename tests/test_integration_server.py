@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_embedded_model_through_the_server_and_openai_client(tmp_path):
-    server = ServerProcess("", tmp_path / "server.log", threads=2)
+    server = ServerProcess("", tmp_path / "server.log", fresh=True, threads=2)  # the path `make serve` takes
     try:
         seen = server.wait_ready(timeout=300)
         assert seen[0] == 503 and seen[-1] == 200  # up (and answering) while the model loads, ready after
