@@ -110,7 +110,7 @@ def test_queue_wait_ends_when_the_engine_takes_the_job_even_if_the_loop_hears_of
     async def scenario():
         service = await make_service(FakeEngine(tick_seconds=0.01))
         job = await submit(service, "a", steps=3)
-        time.sleep(2.0)  # the loop is busy (blocked) while the worker takes the job and runs it
+        time.sleep(2.0)  # noqa: ASYNC251 -- on purpose: the loop is busy while the worker takes the job and runs it
         await service.wait(job)
         await service.shutdown()
         return job
