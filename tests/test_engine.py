@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.energy import RowSpec, evaluate
+from app.engine.sampling import SampleGroup, sample_groups
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import encode_prefix, render_prompt
 from models.rewards import LexiconReward, PrincipleReward, RewardMix
@@ -120,6 +121,31 @@ def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, upd
     assert [c.tokens for c in alone.chains] == [c.tokens for c in together.chains]
     for a, b in zip(alone.chains, together.chains):
         assert [s.energy for s in a.trace] == pytest.approx([s.energy for s in b.trace], abs=1e-4)
+    assert alone.usage == together.usage
+
+
+@pytest.mark.parametrize("keep_log_probs", [False, True])
+def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prompt, keep_log_probs):
+    """Requests started together sample in one batch; prompts, lengths, temperatures and generators differ per group."""
+    def groups():
+        return [
+            SampleGroup(encode_prefix(lm.model, make_prompt("a long prompt about rivers and boats and the sea").ids),
+                        3, 9, torch.Generator().manual_seed(1), 1.0, 0.9),
+            SampleGroup(encode_prefix(lm.model, make_prompt("hi").ids), 2, 4, torch.Generator().manual_seed(2), 0.0),
+            SampleGroup(encode_prefix(lm.model, make_prompt("tea?").ids), 4, 6, torch.Generator().manual_seed(3), 1.5),
+        ]
+
+    alone_groups, together_groups = groups(), groups()
+    alone = [sample_groups(lm.model, [group], engine.stop_ids, keep_log_probs)[0] for group in alone_groups]
+    together = sample_groups(lm.model, together_groups, engine.stop_ids, keep_log_probs)
+    for a, b, group, group_alone in zip(alone, together, together_groups, alone_groups):
+        assert b.tokens.shape == (group.n, group.max_tokens)
+        assert torch.equal(a.tokens, b.tokens)
+        assert a.forward_token_passes == b.forward_token_passes
+        if keep_log_probs:
+            torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
+        # each generator is left where sampling alone leaves it, so the request's later draws match too
+        assert torch.equal(group.generator.get_state(), group_alone.generator.get_state())
 
 
 @pytest.mark.parametrize("update", ["discrete", "logits"])
@@ -255,3 +281,4 @@ def test_compute_budget_stops_the_request(lm, engine, make_prompt):
     limited = engine.run([_job(make_prompt("hi"), reward, max_tokens=6, chains=2, steps=20, seed=1, max_compute=budget)])[0]
     assert limited.usage.compute <= budget < unlimited.usage.compute
     assert limited.timings.steps < 20
+

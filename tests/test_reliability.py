@@ -448,19 +448,19 @@ def faulty(tmp_path_factory):
     settings = Settings(cors_origins="https://app.example", default_steps=2, default_max_tokens=4, max_batch_chains=8)
     runtime = Runtime.from_lm(tiny_lm(), settings)
     engine = runtime.engine
-    tick, start = engine.tick, engine.start
+    tick, start_many = engine.tick, engine.start_many
 
     def poisoned_tick(states):
         if any("poison" in s.job.prompt.messages[-1]["content"] for s in states):
             raise RuntimeError("secret internal detail: CUDA kernel exploded at 0xdeadbeef")
         return tick(states)
 
-    def poisoned_start(job):
-        if "poison-start" in job.prompt.messages[-1]["content"]:
+    def poisoned_start_many(jobs):  # Engine.start goes through start_many too
+        if any("poison-start" in job.prompt.messages[-1]["content"] for job in jobs):
             raise ValueError("secret internal detail: bad tensor")
-        return start(job)
+        return start_many(jobs)
 
-    engine.tick, engine.start = poisoned_tick, poisoned_start
+    engine.tick, engine.start_many = poisoned_tick, poisoned_start_many
     server = InProcessServer(create_app(settings, runtime=runtime))
     yield server
     server.stop()

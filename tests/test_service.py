@@ -39,9 +39,14 @@ class FakeEngine:
         self.batches: list[list[str]] = []
         self.fail_when = fail_when or (lambda states: False)
         self.oom_when = oom_when or (lambda states: False)
+        self.started_together: list[list[str]] = []
 
     def start(self, job):
         return FakeState(job, job.config.chains)
+
+    def start_many(self, jobs):
+        self.started_together.append([job.prompt.messages[0]["content"] for job in jobs])
+        return [self.start(job) for job in jobs]
 
     def cancel(self, state):
         state.done = True
@@ -102,6 +107,31 @@ def test_requests_join_and_leave_a_running_batch():
     assert max(len(batch) for batch in engine.batches) == 2  # 4 chains fill the batch: never a, b and c at once
     assert ["a", "b"] in engine.batches
     assert ["b", "c"] in engine.batches  # c joined when a left, while b was still running
+
+
+def test_jobs_admitted_together_start_in_one_batch_and_a_bad_one_fails_alone():
+    class BadStart(FakeEngine):
+        def start(self, job):
+            if job.prompt.messages[0]["content"] == "bad":
+                raise ValueError("cannot start this one")
+            return super().start(job)
+
+    async def scenario():
+        engine = BadStart(tick_seconds=0.05)
+        service = await make_service(engine, max_batch_chains=6)
+        blocker = await submit(service, "blocker", chains=6, steps=10)  # fills the batch while the others queue
+        jobs = [await submit(service, name, chains=2) for name in ("a", "bad", "c")]
+        await service.wait(blocker)
+        for job in jobs:
+            await job.wait(10)
+        await service.shutdown()
+        return engine, jobs
+
+    engine, (a, bad, c) = run(scenario())
+    assert ["a", "bad", "c"] in engine.started_together
+    assert a.status == c.status == JobStatus.succeeded
+    assert bad.status == JobStatus.failed and bad.error == "internal engine error"
+    assert ["a", "c"] in engine.batches  # the two good ones then ran side by side
 
 
 def test_queue_wait_ends_when_the_engine_takes_the_job_even_if_the_loop_hears_of_it_later():

@@ -16,7 +16,7 @@ import torch
 
 from app.engine.energy import evaluate, passes_per_row
 from app.engine.proposals import apply, edit_scores, propose
-from app.engine.sampling import sample_responses
+from app.engine.sampling import SampleGroup, sample_groups
 from app.engine.types import StepStats
 
 
@@ -30,32 +30,52 @@ def noise_at(config, step: int) -> float:
     return config.noise * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def start(engine, state) -> None:
-    """Draw the initial samples, score them exactly, and keep the best ``chains`` (by energy) as the chains."""
-    config = state.config
-    chains = state.chains
-    if config.init == "random":
-        tokens = torch.randint(0, engine.vocab, (chains, config.max_tokens), generator=state.generator, device=engine.device)
-    else:
-        drawn = max(config.init_samples or 2 * chains, chains)
-        samples = sample_responses(engine.lm.model, state.spec.prefix, drawn, config.max_tokens, engine.stop_ids,
-                                   state.generator, config.temperature, config.top_p)
-        state.usage.forward_token_passes += samples.forward_token_passes
-        tokens = samples.tokens
-    spec = dataclasses.replace(state.spec, rows=tokens.shape[0])
+def start(engine, states: list) -> None:
+    """Draw the initial samples of every state, score them exactly, and keep each state's best ``chains`` by energy.
+
+    States started together sample in one batch and are scored in one batched pass; each draws from its own
+    generator, so a seeded request starts the same alone or beside others.
+    """
+    drawn: dict[int, torch.Tensor] = {}
+    sampled = [s for s in states if s.config.init != "random"]
+    if sampled:
+        groups = [SampleGroup(s.spec.prefix, max(s.config.init_samples or 2 * s.chains, s.chains), s.config.max_tokens,
+                              s.generator, s.config.temperature, s.config.top_p) for s in sampled]
+        for state, samples in zip(sampled, sample_groups(engine.lm.model, groups, engine.stop_ids)):
+            state.usage.forward_token_passes += samples.forward_token_passes
+            drawn[id(state)] = samples.tokens
+    for state in states:
+        if state.config.init == "random":
+            shape = (state.chains, state.config.max_tokens)
+            drawn[id(state)] = torch.randint(0, engine.vocab, shape, generator=state.generator, device=engine.device)
+    specs = [dataclasses.replace(s.spec, rows=drawn[id(s)].shape[0]) for s in states]
+    length = max(s.spec.length for s in states)
+    pad = int(engine.stop_ids[0])
+    tokens = torch.cat([torch.nn.functional.pad(drawn[id(s)], (0, length - s.spec.length), value=pad) for s in states])
     with torch.no_grad():
-        scored = evaluate(engine.lm, [spec], engine.stop_ids, tokens)
-    state.usage.forward_token_passes += passes_per_row(spec) * spec.rows
-    energy = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
+        scored = evaluate(engine.lm, specs, engine.stop_ids, tokens)
+    offset = 0
+    for state, spec in zip(states, specs):
+        rows = slice(offset, offset + spec.rows)
+        offset += spec.rows
+        state.usage.forward_token_passes += passes_per_row(spec) * spec.rows
+        _keep_best(engine, state, scored.tokens[rows, : spec.length], scored.energy[rows], scored.reward[rows],
+                   scored.log_prob_ref[rows], scored.mask[rows, : spec.length])
+
+
+def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
+    """Make the ``chains`` lowest-energy rows of the scored initial samples the state's chains."""
+    chains = state.chains
+    energy = torch.where(torch.isfinite(energy), energy, torch.full_like(energy, math.inf))
     keep = torch.argsort(energy)[:chains]
     state.tokens = tokens[keep].clone()
     state.initial_tokens = state.tokens.clone()
     state.best_tokens = state.tokens.clone()
     state.best_energy = energy[keep].clone()
-    state.best_reward = scored.reward[keep].clone()
-    state.best_log_prob = scored.log_prob_ref[keep].clone()
+    state.best_reward = reward[keep].clone()
+    state.best_log_prob = log_prob[keep].clone()
     state.best_step = torch.zeros(chains, dtype=torch.long, device=engine.device)
-    state.counted = scored.mask[keep].sum(1).long()
+    state.counted = mask[keep].sum(1).long()
     state.initial = [
         StepStats(float(state.best_energy[c]), float(state.best_reward[c]), float(state.best_log_prob[c]), 0.0,
                   bool(torch.isfinite(state.best_energy[c])))
@@ -64,7 +84,7 @@ def start(engine, state) -> None:
     state.traces = [[] for _ in range(chains)]
     state.tried = [set() for _ in range(chains)]
     state.step = 0
-    state.done = config.steps == 0
+    state.done = state.config.steps == 0
 
 
 def _left(state) -> float:

@@ -1,4 +1,9 @@
-"""Sampling from the reference policy after a cached prompt, with a per-request random generator."""
+"""Sampling from the reference policy after cached prompts, each request with its own random generator.
+
+Requests started together draw their samples in one batch (:func:`sample_groups`): a group's random draws
+use only its own generator and happen at the same steps as when it samples alone, so a seeded request
+gets the same samples alone or beside others.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,18 @@ class Samples:
     forward_token_passes: int
 
 
+@dataclass
+class SampleGroup:
+    """One request's share of a sampling batch."""
+
+    prefix: Prefix
+    n: int
+    max_tokens: int
+    generator: torch.Generator
+    temperature: float = 1.0  # 0: greedy decoding
+    top_p: float = 1.0
+
+
 def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
     if top_p >= 1.0:
         return logits
@@ -27,6 +44,13 @@ def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
     drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def _draw(log_probs: Tensor, group: SampleGroup) -> Tensor:
+    if group.temperature <= 0:
+        return log_probs.argmax(-1)
+    probs = torch.softmax(_filter_top_p(log_probs / group.temperature, group.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=group.generator)[:, 0]
 
 
 @torch.no_grad()
@@ -47,56 +71,92 @@ def sample_responses(
     With ``given`` (n, g) the responses continue those tokens (their keys/values are computed first):
     ``max_tokens`` new tokens are drawn and returned after them.
     """
+    group = SampleGroup(prefix, n, max_tokens, generator, temperature, top_p)
+    return sample_groups(model, [group], stop_ids, keep_log_probs, given)[0]
+
+
+@torch.no_grad()
+def sample_groups(
+    model: PreTrainedModel,
+    groups: list[SampleGroup],
+    stop_ids: Tensor,
+    keep_log_probs: bool = False,
+    given: Tensor | None = None,
+) -> list[Samples]:
+    """Draw every group's responses in one batch of decoding steps; one :class:`Samples` per group.
+
+    A group stops drawing (and counting passes) once all its rows have stopped or reached its
+    ``max_tokens``, exactly when it would stop alone. ``given`` (rows, g) is a shared start of every row.
+    """
     backbone = getattr(model, model.base_model_prefix)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    batch = stack_prefixes([prefix] * n)
+    batch = stack_prefixes([g.prefix for g in groups for _ in range(g.n)])
+    rows = batch.rows
     device = batch.mask.device
+    bounds = torch.tensor([0, *[g.n for g in groups]]).cumsum(0).tolist()
+    slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(groups))]
     cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
     mask = batch.mask
-    log_probs = batch.first_log_probs  # (N, V)
-    passes = 0
+    log_probs = batch.first_log_probs  # (rows, V)
     start = 0
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
     if given is not None and given.shape[1] > 0:
         start = given.shape[1]
-        mask = torch.cat([mask, torch.ones(n, start, dtype=mask.dtype, device=device)], dim=1)
+        mask = torch.cat([mask, torch.ones(rows, start, dtype=mask.dtype, device=device)], dim=1)
+        positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
         out = backbone(inputs_embeds=embed(given), attention_mask=mask, past_key_values=cache, use_cache=True,
-                       position_ids=torch.arange(prefix.length, prefix.length + start, device=device)[None].expand(n, -1))
+                       position_ids=positions)
         log_probs = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
-        passes += n * start
-    tokens = torch.full((n, max_tokens), int(stop_ids[0]), dtype=torch.long, device=device)
-    tables = [] if keep_log_probs else None
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    if given is not None and given.shape[1] > 0:
         finished |= torch.isin(given, stop_ids).any(1)
-    for t in range(max_tokens):
+    passes = [g.n * start for g in groups]
+    longest = max(g.max_tokens for g in groups)
+    tokens = torch.full((rows, longest), int(stop_ids[0]), dtype=torch.long, device=device)
+    tables = [] if keep_log_probs else None
+    drawing = [g.max_tokens > 0 for g in groups]
+    for t in range(longest):
         if t > 0:
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
-            position = torch.full((n, 1), prefix.length + start + t - 1, device=device)
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
             out = backbone(
                 inputs_embeds=embed(tokens[:, t - 1 : t]),
                 attention_mask=mask,
-                position_ids=position,
+                position_ids=batch.lengths[:, None] + (start + t - 1),
                 past_key_values=cache,
                 use_cache=True,
             )
-            log_probs = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
-            passes += n
+            fresh = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
+            if tables is None:
+                log_probs = fresh
+            else:  # a group that stopped repeats its last table row, as it does alone
+                active = torch.zeros(rows, dtype=torch.bool, device=device)
+                for i, rows_of in enumerate(slices):
+                    active[rows_of] = drawing[i]
+                log_probs = torch.where(active[:, None], fresh, log_probs)
+            for i, group in enumerate(groups):
+                passes[i] += group.n * drawing[i]
         if tables is not None:
             tables.append(log_probs)
-        if temperature <= 0:
-            next_token = log_probs.argmax(-1)
-        else:
-            probs = torch.softmax(_filter_top_p(log_probs / temperature, top_p), dim=-1)
-            next_token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        next_token = torch.where(finished, tokens[:, t], next_token)
-        tokens[:, t] = next_token
-        finished |= torch.isin(next_token, stop_ids)
-        if bool(finished.all()):
+        for i, group in enumerate(groups):
+            if not drawing[i]:
+                continue
+            rows_of = slices[i]
+            drawn = torch.where(finished[rows_of], tokens[rows_of, t], _draw(log_probs[rows_of], group))
+            tokens[rows_of, t] = drawn
+            finished[rows_of] |= torch.isin(drawn, stop_ids)
+            drawing[i] = t + 1 < group.max_tokens and not bool(finished[rows_of].all())
+        if not any(drawing):
             if tables is not None:  # positions after every row stopped: uniform stop tokens, table unused
-                tables.extend([log_probs] * (max_tokens - t - 1))
+                tables.extend([log_probs] * (longest - t - 1))
             break
     table = torch.stack(tables, dim=1) if tables is not None else None
     if given is not None and given.shape[1] > 0:
         tokens = torch.cat([given, tokens], dim=1)
-    return Samples(tokens, table, passes)
+    results = []
+    for i, group in enumerate(groups):
+        keep = slice(0, start + group.max_tokens)
+        results.append(Samples(
+            tokens[slices[i], keep],
+            None if table is None else table[slices[i], : group.max_tokens],
+            passes[i],
+        ))
+    return results

@@ -93,8 +93,29 @@ class Engine:
 
     def start(self, job: AlignJob) -> RequestState:
         """Prepare a request: prompt keys/values, reward contexts, initial chains (or a whole baseline run)."""
+        return self.start_many([job])[0]
+
+    def start_many(self, jobs: list[AlignJob]) -> list[RequestState]:
+        """Start requests admitted together; the discrete update's initial samples of all of them come in one batch."""
         from app.engine.baselines import run_baseline  # baselines build on this module
 
+        states = [self._prepare(job) for job in jobs]
+        discrete_states = [s for s in states if s.config.method == "sea" and s.config.update == "discrete"]
+        if discrete_states:
+            discrete.start(self, discrete_states)
+            for state in discrete_states:
+                state.timings.init = time.perf_counter() - state.started
+                if state.done:
+                    state.result = self.result(state)
+        for state in states:
+            if state.config.method != "sea":
+                state.result = run_baseline(self, state)
+                state.done = True
+            elif state.config.update != "discrete":
+                self._start_logits(state)
+        return states
+
+    def _prepare(self, job: AlignJob) -> RequestState:
         started = time.perf_counter()
         config = job.config
         generator = torch.Generator(device=self.device)
@@ -105,23 +126,17 @@ class Engine:
         spec = RowSpec(prefix, terms, config.alpha, config.use_reward, config.use_reference, config.max_tokens, rows)
         prompt_tokens = len(job.prompt.ids)
         usage = Usage(prompt_tokens=prompt_tokens, forward_token_passes=prompt_tokens * (1 + len(terms)))
-        state = RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started)
-        if config.method != "sea":
-            state.result = run_baseline(self, state)
-            state.done = True
-            return state
-        if config.update == "discrete":
-            discrete.start(self, state)
-            state.timings.init = time.perf_counter() - started
-            if state.done:
-                state.result = self.result(state)
-            return state
+        return RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started)
+
+    def _start_logits(self, state: RequestState) -> None:
+        """Initial logits of the paper-literal update: random, or the LM's log-probs around base samples."""
+        config, rows, generator, usage = state.config, state.chains, state.generator, state.usage
         if config.init == "random":
             logits = torch.randn(rows, config.max_tokens, self.vocab, generator=generator, device=self.device)
             tokens = logits.argmax(-1)
         else:
             samples = sample_responses(
-                self.lm.model, prefix, rows, config.max_tokens, self.stop_ids, generator,
+                self.lm.model, state.spec.prefix, rows, config.max_tokens, self.stop_ids, generator,
                 config.temperature, config.top_p, keep_log_probs=True,
             )
             usage.forward_token_passes += samples.forward_token_passes
@@ -132,8 +147,7 @@ class Engine:
             logits.scatter_(-1, tokens[..., None], top + INIT_MARGIN)
         state.logits = logits
         state.initial_tokens = tokens
-        state.timings.init = time.perf_counter() - started
-        return state
+        state.timings.init = time.perf_counter() - state.started
 
     def cancel(self, state: RequestState) -> None:
         state.cancelled = True
@@ -141,7 +155,7 @@ class Engine:
 
     def run(self, jobs: list[AlignJob], on_tick=None) -> list[AlignResult]:
         """Run jobs to completion in one batch (the CLI and tests; the service drives ``start``/``tick`` itself)."""
-        states = [self.start(job) for job in jobs]
+        states = self.start_many(jobs)
         while any(not s.done for s in states):
             self.tick([s for s in states if not s.done])
             if on_tick is not None:
@@ -180,7 +194,7 @@ class Engine:
         for state in states:
             rows = slice(offset, offset + state.chains)
             offset += state.chains
-            self._record(state, evaluation, rows, need_grad)
+            self._record(state, evaluation, rows, need_grad and state.needs_grad)
             state.timings.langevin += elapsed
             if state.done:
                 state.result = self.result(state)

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 import math
+import sys
 import threading
 import time
 
@@ -150,12 +151,8 @@ class EngineWorker:
                     return
                 self._expire_queued_locked()
                 admitted = self._admit_locked()
-            for job in admitted:
-                try:
-                    self._start(job)
-                except Exception:
-                    log.exception("worker failed to start job %s", job.id)
-                    self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+            if admitted:
+                self._start(admitted)
             try:
                 self._drop_cancelled()
                 if self._active:
@@ -192,33 +189,56 @@ class EngineWorker:
         self.metrics.queue_depth.set(len(self._pending))
         return admitted
 
-    def _start(self, job: Job) -> None:
-        if job.cancel_requested:
-            self._finish_cancelled(job, "cancelled", "cancelled by the client")
+    def _start(self, admitted: list[Job]) -> None:
+        """Start the jobs admitted together in one batch; if that fails, one by one, so a bad job fails alone."""
+        jobs = []
+        for job in admitted:
+            if job.cancel_requested:
+                self._finish_cancelled(job, "cancelled", "cancelled by the client")
+            elif job.deadline is not None and time.monotonic() > job.deadline:
+                self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
+            else:
+                job.started = time.monotonic()
+                self._call(job.mark_running, job.started)  # the stamp travels with the call: the loop may run it later
+                self.metrics.queue_wait.observe(job.started - job.enqueued)
+                jobs.append(job)
+        if not jobs:
             return
-        if job.deadline is not None and time.monotonic() > job.deadline:
-            self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
-            return
-        job.started = time.monotonic()
-        self._call(job.mark_running, job.started)  # the stamp travels with the call: the loop may run it after the start
-        self.metrics.queue_wait.observe(job.started - job.enqueued)
         try:
-            state = self.engine.start(job.work)
-        except torch.OutOfMemoryError:
+            states = self.engine.start_many([job.work for job in jobs])
+        except Exception:
+            if len(jobs) == 1:
+                self._start_failed(jobs[0])
+                return
+            log.warning("starting %d jobs together failed; starting them one by one", len(jobs), exc_info=True)
+            states = []
+            for job in jobs:
+                try:
+                    states.append(self.engine.start(job.work))
+                except Exception:  # noqa: BLE001 -- logged with its traceback by _start_failed
+                    self._start_failed(job)
+                    states.append(None)
+        for job, state in zip(jobs, states):
+            if state is not None:
+                self._started(job, state)
+        self._update_gauges()
+
+    def _start_failed(self, job: Job) -> None:
+        """Fail a job whose start raised (called inside the ``except`` that caught it)."""
+        if isinstance(sys.exc_info()[1], torch.OutOfMemoryError):
             log.exception("out of memory starting job %s", job.id)
             self._call(job.finish, JobStatus.failed, None, "out of memory: ask for fewer chains, samples or tokens", "overloaded")
-            return
-        except Exception:
+        else:
             log.exception("engine failed to start job %s", job.id)
             self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
-            return
+
+    def _started(self, job: Job, state: RequestState) -> None:
         if state.step == 0 and state.initial:  # started with its initial chains already scored (the discrete update)
             self._call(job.publish, self._step_event(job, state))
         if state.done:
             self._complete(job, state)
         else:
             self._active.append((job, state))
-        self._update_gauges()
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
