@@ -139,20 +139,40 @@ def forward_after_prefix(
     return out.last_hidden_state, cache
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 22  # float32 logits held at once when only the picked tokens' log-probs are needed (16 MiB)
+
+
 def response_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, response, return_table: bool = False):
     """Per-token ``log pi(y_t | x, y_<t)`` of a response batch ``(B, L)``, differentiable through the STE.
 
     ``response`` is a :class:`models.ste.ResponseBatch`. With ``return_table`` also returns the full
     ``(B, L, V)`` log-prob table. With the straight-through estimator the value
     is the exact log-prob of the hard tokens; the gradient reaches both the inputs and the targets.
+    Exact scoring without a gradient or a table never builds the ``(B, L, V)`` table: it takes the picked
+    logit minus the logsumexp, a few rows at a time.
     """
-    log_probs = prefix.first_log_probs[:, None, :]  # (B, 1, V)
-    if response.length > 1:
-        # The last position's prediction is not needed: feed y_0 .. y_{L-2}.
-        backbone = getattr(model, model.base_model_prefix)
-        embeds = response.embed(model.get_input_embeddings().weight, upto=response.length - 1)  # (B, L-1, d)
-        hidden, _ = forward_after_prefix(backbone, prefix, embeds)
-        logits = model.get_output_embeddings()(hidden).float()  # (B, L-1, V)
-        log_probs = torch.cat([log_probs, F.log_softmax(logits, dim=-1)], dim=1)  # (B, L, V)
+    first = prefix.first_log_probs[:, None, :]  # (B, 1, V)
+    if response.length == 1:
+        return (response.pick(first), first) if return_table else response.pick(first)
+    # The last position's prediction is not needed: feed y_0 .. y_{L-2}.
+    backbone = getattr(model, model.base_model_prefix)
+    embeds = response.embed(model.get_input_embeddings().weight, upto=response.length - 1)  # (B, L-1, d)
+    hidden, _ = forward_after_prefix(backbone, prefix, embeds)
+    head = model.get_output_embeddings()
+    if response.probs is None and not return_table and not torch.is_grad_enabled():
+        return torch.cat([first.gather(-1, response.tokens[:, :1, None])[..., 0], _picked_log_probs(head, hidden, response.tokens[:, 1:])], 1)
+    logits = head(hidden).float()  # (B, L-1, V)
+    log_probs = torch.cat([first, F.log_softmax(logits, dim=-1)], dim=1)  # (B, L, V)
     picked = response.pick(log_probs)
     return (picked, log_probs) if return_table else picked
+
+
+def _picked_log_probs(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """``log_softmax(head(hidden))[targets]`` of ``(B, T)`` targets, with only a few rows' logits alive at a time."""
+    vocab = head.weight.shape[0]
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // (targets.shape[1] * vocab))
+    picked = []
+    for hidden_rows, target_rows in zip(hidden.split(rows), targets.split(rows)):
+        logits = head(hidden_rows).float()  # (rows, T, V)
+        picked.append(logits.gather(-1, target_rows[..., None])[..., 0] - torch.logsumexp(logits, dim=-1))
+    return torch.cat(picked)

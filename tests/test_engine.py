@@ -282,3 +282,18 @@ def test_compute_budget_stops_the_request(lm, engine, make_prompt):
     assert limited.usage.compute <= budget < unlimited.usage.compute
     assert limited.timings.steps < 20
 
+
+def test_scoring_without_a_table_matches_the_full_log_softmax_in_any_chunking(lm, make_prompt, monkeypatch):
+    """Exact scoring picks logit − logsumexp a few rows at a time instead of building the (B, L, V) table."""
+    import models.lm as lm_module
+
+    prefix = lm_module.stack_prefixes([encode_prefix(lm.model, make_prompt("a question about rain").ids)] * 5)
+    tokens = torch.randint(0, lm.model.config.vocab_size, (5, 7), generator=torch.Generator().manual_seed(0))
+    response = ResponseBatch(tokens=tokens, mask=torch.ones(5, 7))
+    with torch.no_grad():
+        _, table = lm_module.response_token_log_probs(lm.model, prefix, response, return_table=True)
+        expected = table.gather(-1, tokens[..., None])[..., 0]
+        for chunk_rows in (1, 2, 5):
+            monkeypatch.setattr(lm_module, "LOGIT_CHUNK_ELEMENTS", chunk_rows * 6 * lm.model.config.vocab_size)
+            picked = lm_module.response_token_log_probs(lm.model, prefix, response)
+            torch.testing.assert_close(picked, expected, atol=1e-5, rtol=0)

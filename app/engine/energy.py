@@ -76,9 +76,13 @@ def evaluate(
 
     with torch.set_grad_enabled(probs is not None):
         prefixes = stack_prefixes([s.prefix for s in specs for _ in range(s.rows)])
-        token_log_probs, table = response_token_log_probs(lm.model, prefixes, response, return_table=True)  # (B, L_max)
-        ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
-        table = table.detach() if keep_table else None
+        table = ref_top_k = None
+        if top_k or keep_table:
+            token_log_probs, table = response_token_log_probs(lm.model, prefixes, response, return_table=True)  # (B, L_max)
+            ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
+            table = table.detach() if keep_table else None
+        else:
+            token_log_probs = response_token_log_probs(lm.model, prefixes, response)
         log_prob_ref = (token_log_probs * mask).sum(1)
         response.log_prob_ref = log_prob_ref
         reward = score_rewards(specs, response)
