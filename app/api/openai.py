@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field
 
-from app.api.routes import ERRORS, UNAUTHORIZED, engine_config, get_service, require_api_key
+from app.api.routes import ERRORS, UNAUTHORIZED, client_gone, engine_config, get_service, require_api_key
 from app.api.schemas import MAX_SEED, ErrorResponse, LimitError, SEAParams, StrictRequest
 from app.engine.types import AlignResult
 from app.errors import BadRequest, NotFound, Unprocessable
@@ -230,7 +230,7 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if not body.stream:
-        result = await service.wait(job, request.is_disconnected)
+        result = await service.wait(job, client_gone(request))
         choices = _choices(result, body.n, config.select, stops, chat)
         completion_tokens = result.usage.completion_tokens
         return {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,

@@ -19,9 +19,6 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DISCONNECT_POLL_SECONDS = 0.25
-
-
 @contextlib.contextmanager
 def _shared_store_errors():
     """Redis unreachable: 503 with Retry-After, the details in the log."""
@@ -118,13 +115,28 @@ class AlignService:
         self.store.add(job)
         return job
 
-    async def wait(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AlignResult:
-        while not await job.wait(DISCONNECT_POLL_SECONDS):
-            if is_disconnected is not None and await is_disconnected():
-                self.cancel(job)
-                raise ClientClosed("the client closed the connection")
-            if job.deadline is not None and time.monotonic() > job.deadline + 1.0:
-                self.cancel(job, kind="timeout", reason="the request ran past its deadline")
+    async def wait(self, job: Job, client_gone: Callable[[], Awaitable[None]] | None = None) -> AlignResult:
+        """The job's result; ``client_gone()`` returns when the client leaves, which cancels the job.
+
+        Nothing polls: the wait wakes when the job finishes, the client leaves, or the deadline passes.
+        """
+        finished = asyncio.ensure_future(job.wait())
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        try:
+            if not finished.done():
+                timeout = None if job.deadline is None else max(0.0, job.deadline + 1.0 - time.monotonic())
+                await asyncio.wait([t for t in (finished, gone) if t is not None], timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not finished.done() and gone is not None and gone.done():
+                    self.cancel(job)
+                    raise ClientClosed("the client closed the connection")
+                if not finished.done():  # the deadline passed: this finishes the job
+                    self.cancel(job, kind="timeout", reason="the request ran past its deadline")
+                    await finished
+        finally:
+            for task in (finished, gone):
+                if task is not None and not task.done():
+                    task.cancel()
         return self.outcome(job)
 
     def outcome(self, job: Job) -> AlignResult:
