@@ -25,12 +25,19 @@ _FORK_SERVER = multiprocessing.get_context("forkserver")
 _FORK_SERVER.set_forkserver_preload(["app.cli", "app.main"])
 
 
-def run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
-    """The body of a forked `sea` process: the environment and output of a fresh one, then the console script's main."""
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
+def run_cli(argv: list[str], env: dict[str, str], log_path: str, stdout_path: str | None = None) -> None:
+    """The body of a forked `sea` process: the environment and output of a fresh one, then the console script's main.
+
+    Both output streams go to ``log_path``, or stdout alone to ``stdout_path`` when given.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    log = os.open(log_path, flags, 0o644)
+    out = os.open(stdout_path, flags, 0o644) if stdout_path else log
+    os.dup2(out, 1)
     os.dup2(log, 2)
     os.close(log)
+    if out != log:
+        os.close(out)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     os.environ.clear()
@@ -43,9 +50,10 @@ def run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
 class ForkedProcess:
     """The part of `subprocess.Popen` the tests use, over a process forked from the fork server."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, stdout_path: Path | None = None):
         # daemon: a server that a failed test leaves behind is stopped when pytest exits, not waited for.
-        self._process = _FORK_SERVER.Process(target=run_cli, args=(argv, env, str(log_path)), daemon=True)
+        args = (argv, env, str(log_path), str(stdout_path) if stdout_path else None)
+        self._process = _FORK_SERVER.Process(target=run_cli, args=args, daemon=True)
         self._process.start()
         self.pid = self._process.pid
 
