@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import pytest
 import torch
@@ -297,3 +298,27 @@ def test_scoring_without_a_table_matches_the_full_log_softmax_in_any_chunking(lm
             monkeypatch.setattr(lm_module, "LOGIT_CHUNK_ELEMENTS", chunk_rows * 6 * lm.model.config.vocab_size)
             picked = lm_module.response_token_log_probs(lm.model, prefix, response)
             torch.testing.assert_close(picked, expected, atol=1e-5, rtol=0)
+
+
+def test_jobs_started_together_count_the_whole_start_as_engine_time(lm, engine, make_prompt, monkeypatch):
+    """The last of several jobs started together waited for every job's prompt encoding; its engine time says so.
+
+    (Its queue wait ends when the batch's start begins, so time not counted here would show up nowhere.)
+    """
+    import app.engine.sea as sea_module
+
+    encode = sea_module.encode_prefix
+    delay = 0.2
+
+    def slow_encode(model, ids):
+        time.sleep(delay)
+        return encode(model, ids)
+
+    monkeypatch.setattr(sea_module, "encode_prefix", slow_encode)
+    reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["cat"]), 1.0)])
+    jobs = [_job(make_prompt(f"prompt {i}"), reward, max_tokens=4, chains=1, steps=1, seed=i) for i in range(3)]
+    before = time.perf_counter()
+    states = engine.start_many(jobs)
+    elapsed = time.perf_counter() - before
+    for state in states:
+        assert 3 * delay <= state.timings.init <= elapsed

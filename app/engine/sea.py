@@ -99,7 +99,8 @@ class Engine:
         """Start requests admitted together; the discrete update's initial samples of all of them come in one batch."""
         from app.engine.baselines import run_baseline  # baselines build on this module
 
-        states = [self._prepare(job) for job in jobs]
+        started = time.perf_counter()  # one stamp for all: each job waits for the others' prompts to be encoded too
+        states = [self._prepare(job, started) for job in jobs]
         discrete_states = [s for s in states if s.config.method == "sea" and s.config.update == "discrete"]
         if discrete_states:
             discrete.start(self, discrete_states)
@@ -115,8 +116,7 @@ class Engine:
                 self._start_logits(state)
         return states
 
-    def _prepare(self, job: AlignJob) -> RequestState:
-        started = time.perf_counter()
+    def _prepare(self, job: AlignJob, started: float) -> RequestState:
         config = job.config
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
