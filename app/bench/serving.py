@@ -93,13 +93,11 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float,
     return latency, response.json()
 
 
-async def _burst(url: str, bodies: list[dict]) -> tuple[float, list[tuple[float, dict]]]:
+async def _burst(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> tuple[float, list[tuple[float, dict]]]:
     """Send ``bodies`` at once; returns the wall seconds until the last answer and each (latency, response)."""
-    limits = httpx.Limits(max_connections=len(bodies) + 1)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
-        tick = time.perf_counter()
-        answers = await asyncio.gather(*[_post(client, url, body) for body in bodies])
-        return time.perf_counter() - tick, list(answers)
+    tick = time.perf_counter()
+    answers = await asyncio.gather(*[_post(client, url, body) for body in bodies])
+    return time.perf_counter() - tick, list(answers)
 
 
 def _level_figures(concurrency: int, wall: float, answers: list[tuple[float, dict]]) -> dict:
@@ -132,17 +130,23 @@ def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 3) -> lis
     Level 1 sends ``alone_rounds`` requests one after the other, so its latency percentiles have a few samples.
     A first request warms the server up and is not counted.
     """
-    asyncio.run(_burst(url, [{**body, "seed": 10_000}]))
-    results = []
-    for concurrency in levels:
-        bodies = [{**body, "seed": seed} for seed in range(concurrency)]
-        if concurrency == 1:
-            wall, answers = 0.0, []
-            for seed in range(max(alone_rounds, 1)):
-                seconds, answer = asyncio.run(_burst(url, [{**body, "seed": seed}]))
-                wall += seconds
-                answers += answer
-        else:
-            wall, answers = asyncio.run(_burst(url, bodies))
-        results.append(_level_figures(concurrency, wall, answers))
-    return results
+    return asyncio.run(_sweep(url, levels, body, alone_rounds))
+
+
+async def _sweep(url: str, levels: list[int], body: dict, alone_rounds: int) -> list[dict]:
+    # One client with keep-alive connections, as a real client keeps them: connecting is not the server's overhead.
+    limits = httpx.Limits(max_connections=max(levels, default=1) + 1, max_keepalive_connections=max(levels, default=1) + 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+        await _burst(client, url, [{**body, "seed": 10_000}])
+        results = []
+        for concurrency in levels:
+            if concurrency == 1:
+                wall, answers = 0.0, []
+                for seed in range(max(alone_rounds, 1)):
+                    seconds, answer = await _burst(client, url, [{**body, "seed": seed}])
+                    wall += seconds
+                    answers += answer
+            else:
+                wall, answers = await _burst(client, url, [{**body, "seed": seed} for seed in range(concurrency)])
+            results.append(_level_figures(concurrency, wall, answers))
+        return results
