@@ -7,6 +7,8 @@ response then starts at the same column for every row, with per-row position ids
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,17 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     return sorted(ids)
 
 
+@functools.cache
+def _cache_keyword(module_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
+
+
+def with_cache(module: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The keyword argument that hands ``cache`` to ``module``'s forward: ``cache`` in recent transformers, which
+    deprecate ``past_key_values`` (removal announced for 5.40), and ``past_key_values`` in the older ones we support."""
+    return {_cache_keyword(type(module)): cache}
+
+
 @dataclass
 class Prefix:
     """Keys/values of one prompt (per layer ``(1, heads, P, head_dim)``) and the log-probs of the first reply token."""
@@ -78,7 +91,7 @@ def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = T
     input_ids = torch.tensor([ids], device=device)
     cache = DynamicCache()
     backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = backbone(input_ids=input_ids, use_cache=True, **with_cache(backbone, cache))
     first_log_probs = None
     if with_lm_head:
         last_hidden = out.last_hidden_state[:, -1]
@@ -133,8 +146,8 @@ def forward_after_prefix(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=True,
+        **with_cache(module, cache),
     )
     return out.last_hidden_state, cache
 

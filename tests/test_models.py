@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from transformers import DynamicCache
 
-from models.lm import encode_prefix, stack_prefixes
+from models.lm import encode_prefix, forward_after_prefix, stack_prefixes, with_cache
 from models.loading import ModelLoadError, load_lm
 from models.rewards import LexiconReward, SequenceClassifierReward, check_shared_vocabulary, keyword_coverage
 from models.ste import ResponseBatch
@@ -73,3 +76,24 @@ def test_stacked_prefixes_are_left_padded(lm):
     assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert batch.lengths.tolist() == [3, 5]
     torch.testing.assert_close(batch.keys[0][0, :, 2:], short.keys[0][0])
+
+
+def test_cached_passes_use_the_cache_keyword_the_installed_transformers_expects(lm, make_prompt):
+    """Recent transformers deprecate ``past_key_values`` (a FutureWarning now, removal announced); older ones lack ``cache``."""
+
+    class Recent(torch.nn.Module):
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None):
+            return None
+
+    class Older(torch.nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None):
+            return None
+
+    cache = DynamicCache()
+    assert with_cache(Recent(), cache) == {"cache": cache}
+    assert with_cache(Older(), cache) == {"past_key_values": cache}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        prefix = stack_prefixes([encode_prefix(lm.model, make_prompt("rain").ids)])
+        backbone = getattr(lm.model, lm.model.base_model_prefix)
+        forward_after_prefix(backbone, prefix, lm.model.get_input_embeddings()(torch.tensor([[1, 2, 3]])))

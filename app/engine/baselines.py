@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from app.engine.energy import evaluate, passes_per_row, reward_passes_per_row, score_rewards
 from app.engine.sampling import sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
-from models.lm import stack_prefixes
+from models.lm import stack_prefixes, with_cache
 from models.ste import ResponseBatch, response_mask
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
@@ -84,7 +84,7 @@ def run_args(engine, state) -> AlignResult:
             break
         mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
         out = backbone(inputs_embeds=model.get_input_embeddings()(torch.tensor([[token]])), attention_mask=mask,
-                       position_ids=torch.tensor([[state.spec.prefix.length + t]]), past_key_values=cache, use_cache=True)
+                       position_ids=torch.tensor([[state.spec.prefix.length + t]]), use_cache=True, **with_cache(backbone, cache))
         log_probs = torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), -1)[0]
         state.usage.forward_token_passes += 1
     chain = _chain(engine, state, torch.tensor(tokens, dtype=torch.long))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-from models.lm import Prefix, stack_prefixes
+from models.lm import Prefix, stack_prefixes, with_cache
 
 
 @dataclass
@@ -105,7 +105,7 @@ def sample_groups(
         start = given.shape[1]
         mask = torch.cat([mask, torch.ones(rows, start, dtype=mask.dtype, device=device)], dim=1)
         positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
-        out = backbone(inputs_embeds=embed(given), attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = backbone(inputs_embeds=embed(given), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
                        position_ids=positions)
         log_probs = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
         finished |= torch.isin(given, stop_ids).any(1)
@@ -121,8 +121,8 @@ def sample_groups(
                 inputs_embeds=embed(tokens[:, t - 1 : t]),
                 attention_mask=mask,
                 position_ids=batch.lengths[:, None] + (start + t - 1),
-                past_key_values=cache,
                 use_cache=True,
+                **with_cache(backbone, cache),
             )
             fresh = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
             if tables is None:
