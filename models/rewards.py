@@ -8,6 +8,7 @@ weights in a :class:`RewardMix`; the engine batches each component over all rows
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,6 +122,57 @@ def check_shared_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         )
 
 
+# Endings a matched word may take and still count (as ``keyword_coverage`` counts "dogs" for "dog").
+WORD_SUFFIXES = ("s", "es", "ed", "ing")
+
+
+@dataclass
+class WordEdges:
+    """Per vocabulary id, how a token joins its neighbours in decoded text (so a word is matched whole).
+
+    ``opens[v]``: v starts a new word after a letter (it begins with a space or a punctuation mark, or the
+    tokenizer puts a space between tokens); ``closes[v]``: a word that follows v starts a new word;
+    ``suffix[v]``: v is a plural/-ed/-ing ending glued to the word before it.
+    """
+
+    opens: Tensor  # (V,) bool
+    closes: Tensor
+    suffix: Tensor
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> WordEdges:
+        size = len(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer decodes a batch in Rust, several times faster
+
+        def decode(batch: list[list[int]]) -> list[str]:
+            return backend.decode_batch(batch, skip_special_tokens=False) if backend is not None else tokenizer.batch_decode(batch)
+
+        pieces = decode([[i] for i in range(size)])
+        # A plain lowercase word token, to see what decoding puts at each side of every token.
+        probe = next(i for i, p in enumerate(pieces) if p.isalpha() and p.islower() and len(p) > 1)
+        head = pieces[probe]
+        after = decode([[probe, i] for i in range(size)])  # head + [separator] + piece
+        before = decode([[i, probe] for i in range(size)])  # piece + [separator] + head
+        opens, closes, suffix = [], [], []
+        for piece, a, b in zip(pieces, after, before):
+            tail = a[len(head):] if a.startswith(head) else " "
+            opens.append(not tail[:1].isalnum())
+            lead = b[: -len(head)] if b.endswith(head) else " "
+            closes.append(not lead[-1:].isalnum())
+            suffix.append(tail in WORD_SUFFIXES)
+        return cls(torch.tensor(opens), torch.tensor(closes), torch.tensor(suffix))
+
+
+_word_edges: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def word_edges(tokenizer: PreTrainedTokenizerBase) -> WordEdges:
+    """:class:`WordEdges` of ``tokenizer``, computed once per tokenizer (under a second for a 50k vocabulary)."""
+    if tokenizer not in _word_edges:
+        _word_edges[tokenizer] = WordEdges.of(tokenizer)
+    return _word_edges[tokenizer]
+
+
 @dataclass
 class _WordPattern:
     word: str
@@ -132,15 +184,18 @@ class LexiconReward:
     """Weighted word presence: ``Σ_w weight_w · [w appears in the response]``, exact under the STE forward.
 
     Each word is matched as any of its spellings' token sequences (" word", "word", " Word", "Word");
-    a multi-token word counts when all its tokens stand in a row. The gradient of a missing word
-    points at its tokens at every position, so it names words the base model rarely proposes.
-    With ``weights = 1/n`` it is the keyword coverage in [0, 1].
+    a multi-token word counts when all its tokens stand in a row, as a whole word: not glued to a letter
+    before it or after it (a plural/-ed/-ing ending is allowed), so "riverboat" holds neither "river"
+    nor "boat". The gradient of a missing word points at its tokens at every position where it would
+    stand as a word, so it names words the base model rarely proposes. With ``weights = 1/n`` it is the
+    keyword coverage in [0, 1].
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, weights: dict[str, float], name: str = "lexicon"):
         self.name = name
         self.lm_passes = 0
         self.patterns: list[_WordPattern] = []
+        self.edges = word_edges(tokenizer)
         for word, weight in weights.items():
             spellings = {f" {word}", word, f" {word.capitalize()}", word.capitalize()}
             seqs = {tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in spellings}
@@ -167,6 +222,12 @@ class LexiconReward:
         """
         device = response.tokens.device
         mask = response.mask[..., None]  # (B, L, 1)
+        edges = [table.to(device) for table in (self.edges.opens, self.edges.closes, self.edges.suffix)]
+        # Ids past the tokenizer's (padding rows of the embedding) count as word boundaries.
+        tokens = response.tokens.clamp(max=len(edges[0]) - 1)
+        outside = response.tokens >= len(edges[0])
+        opens, closes, suffix = (table[tokens] | outside for table in edges)  # (B, L) each, from the hard tokens
+        ends = (response.mask == 0) | opens | suffix  # a word may end before these
         words = []
         for pattern in self.patterns:
             absent = torch.ones(response.rows, device=device)
@@ -179,7 +240,17 @@ class LexiconReward:
                 starts = response.length - k + 1
                 # All k tokens in a row starting at t: min over j of cols[t + j, j].
                 aligned = torch.stack([cols[:, j : j + starts, j] for j in range(k)], dim=-1)  # (B, starts, k)
-                absent = absent * (1.0 - aligned.amin(-1)).prod(-1)
+                # Whole words only: a boundary before t (the first token opens a word, or t = 0, or the token
+                # before closes one) and after t + k − 1 (the end, or a token that opens a word or is an ending).
+                # Taken from the hard neighbours: constant under the straight-through gradient.
+                first_opens = bool(self.edges.opens[int(seq[0])]) if int(seq[0]) < len(self.edges.opens) else True
+                left = torch.ones_like(ends[:, :starts])
+                if not first_opens:
+                    left[:, 1:] = closes[:, : starts - 1]
+                right = torch.ones_like(left)
+                right[:, : starts - 1] = ends[:, k:]
+                whole = (left & right).to(aligned.dtype)  # (B, starts)
+                absent = absent * (1.0 - aligned.amin(-1) * whole).prod(-1)
             words.append(1.0 - absent)
         return torch.stack(words, dim=-1)
 

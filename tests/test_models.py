@@ -6,7 +6,9 @@ import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from models.lm import encode_prefix, forward_after_prefix, stack_prefixes, with_cache
 from models.loading import ModelLoadError, load_lm
@@ -63,6 +65,56 @@ def test_keyword_reward_is_exact_coverage_and_has_gradient(lm):
     # The missing word is pushed up wherever no other keyword stands (there, softmax trades it against that keyword).
     assert (logits.grad[0, [0, 2], violin] > 0).all()
 
+
+def _glueing_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (like SmolLM2's) that spells ``words`` as single tokens, with and without a leading space
+    (``Ġ``) and capitalised: tokens glue unless a space or a punctuation mark stands between them."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    for word in words:
+        for spelled in (word, word.capitalize()):
+            joined = spelled[0]
+            for char in spelled[1:]:
+                merges.append((joined, char))
+                joined += char
+                vocab.setdefault(joined, len(vocab))
+            merges.append(("Ġ", spelled))
+            vocab.setdefault("Ġ" + spelled, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges))))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize(("text", "river", "boat"), [
+    ("the river boat.", 1, 1),
+    ("the riverboat", 0, 0),  # neither word stands whole
+    ("Theboat", 0, 0),
+    ("rivers", 1, 0),  # a plural ending still counts, as in keyword_coverage
+    ("(river)", 1, 0),
+])
+def test_keyword_reward_counts_whole_words_only(text, river, boat):
+    tokenizer = _glueing_tokenizer(["river", "boat", "the"])
+    reward = LexiconReward.keywords(tokenizer, ["river", "boat"])
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    presence = reward.presence(ResponseBatch(tokens=ids, mask=torch.ones(ids.shape)))
+    assert presence.tolist() == [[river, boat]]
+    assert keyword_coverage(text, ["river", "boat"]) == (river + boat) / 2
+
+
+def test_keyword_gradient_points_only_where_the_word_would_stand_whole():
+    tokenizer = _glueing_tokenizer(["river", "the", "dog"])
+    reward = LexiconReward.keywords(tokenizer, ["river"])
+    ids = tokenizer("the dog. the")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["the", "Ġdog", ".", "Ġthe"]
+    probs = F.one_hot(torch.tensor([ids]), len(tokenizer)).float().requires_grad_(True)
+    reward.score([None], ResponseBatch(tokens=torch.tensor([ids]), mask=torch.ones(1, len(ids)), probs=probs)).sum().backward()
+    glued, spaced = (probs.grad[0, :, tokenizer.convert_tokens_to_ids(t)] for t in ("river", "Ġriver"))
+    assert glued[0] > 0  # "river dog. the"
+    assert spaced[2] > 0  # "the dog river the"
+    assert glued[2] == 0  # "the dogriver the": no reward, so no pull towards it
+    assert glued[1] == 0  # "theriver. the"
+    assert glued[3] > 0  # "the dog.river"
 
 def test_keyword_coverage_on_text():
     assert keyword_coverage("The dogs played in the Park.", ["dog", "park", "violin"]) == pytest.approx(2 / 3)
