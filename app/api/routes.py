@@ -25,11 +25,13 @@ UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or invalid
 bearer = HTTPBearer(auto_error=False, description="An API key from SEA_API_KEYS or SEA_API_KEYS_FILE (needed only when the server sets keys).")
 
 
-def get_service(request: Request) -> AlignService:
+# Dependencies are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in a worker
+# thread, and each such hop costs the event loop a thread hand-off (worse while the engine thread holds the GIL).
+async def get_service(request: Request) -> AlignService:
     return request.app.state.service
 
 
-def require_api_key(request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+async def require_api_key(request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
     """When API keys are configured, require ``Authorization: Bearer <key>`` (compared in constant time).
 
     ``ApiKeyAuth`` (app.api.middleware) already guards every path but ``public_paths``; this dependency repeats
