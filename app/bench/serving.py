@@ -124,7 +124,7 @@ def _level_figures(concurrency: int, wall: float, answers: list[tuple[float, dic
     }
 
 
-def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 3) -> list[dict]:
+def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 5) -> list[dict]:
     """For each concurrency level N, N simultaneous ``/align`` requests (distinct seeds); figures per level.
 
     Level 1 sends ``alone_rounds`` requests one after the other, so its latency percentiles have a few samples.
