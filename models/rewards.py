@@ -195,7 +195,7 @@ class LexiconReward:
         self.name = name
         self.lm_passes = 0
         self.patterns: list[_WordPattern] = []
-        self.edges = word_edges(tokenizer)
+        self.tokenizer = tokenizer
         for word, weight in weights.items():
             spellings = {f" {word}", word, f" {word.capitalize()}", word.capitalize()}
             seqs = {tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in spellings}
@@ -209,6 +209,11 @@ class LexiconReward:
         """Keyword coverage reward: the fraction of ``words`` that the response uses."""
         unique = list(dict.fromkeys(w.strip() for w in words if w.strip()))
         return cls(tokenizer, {w: 1.0 / len(unique) for w in unique}, name="keywords")
+
+    @property
+    def edges(self) -> WordEdges:
+        # Looked up on first use, in the engine's thread: building them (once per tokenizer) must not hold up the event loop.
+        return word_edges(self.tokenizer)
 
     def prepare(self, prompt: Prompt) -> object:
         return None
