@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "args": {"method": "args", "temperature": 0.0},
     "cbs": {"method": "cbs"},
     "sea": {"method": "sea"},
+    "sea-energy": {"method": "sea", "select": "energy"},  # returns its lowest-energy chain, as bon-energy does
     "sea-lm": {"method": "sea", "proposal": "lm"},
     "sea-1chain": {"method": "sea", "chains": 1},
     "sea-noreward": {"method": "sea", "use_reward": False},
