@@ -227,11 +227,13 @@ class LexiconReward:
         """
         device = response.tokens.device
         mask = response.mask[..., None]  # (B, L, 1)
-        edges = [table.to(device) for table in (self.edges.opens, self.edges.closes, self.edges.suffix)]
+        edges = self.edges
+        size = len(edges.opens)
         # Ids past the tokenizer's (padding rows of the embedding) count as word boundaries.
-        tokens = response.tokens.clamp(max=len(edges[0]) - 1)
-        outside = response.tokens >= len(edges[0])
-        opens, closes, suffix = (table[tokens] | outside for table in edges)  # (B, L) each, from the hard tokens
+        outside = response.tokens >= size
+        tokens = response.tokens.clamp(max=size - 1)
+        opens, closes, suffix = (table.to(device)[tokens] | outside  # (B, L) each, from the hard tokens
+                                 for table in (edges.opens, edges.closes, edges.suffix))
         ends = (response.mask == 0) | opens | suffix  # a word may end before these
         words = []
         for pattern in self.patterns:
@@ -248,7 +250,8 @@ class LexiconReward:
                 # Whole words only: a boundary before t (the first token opens a word, or t = 0, or the token
                 # before closes one) and after t + k − 1 (the end, or a token that opens a word or is an ending).
                 # Taken from the hard neighbours: constant under the straight-through gradient.
-                first_opens = bool(self.edges.opens[int(seq[0])]) if int(seq[0]) < len(self.edges.opens) else True
+                first = int(seq[0])
+                first_opens = first >= size or bool(edges.opens[first])
                 left = torch.ones_like(ends[:, :starts])
                 if not first_opens:
                     left[:, 1:] = closes[:, : starts - 1]

@@ -116,6 +116,7 @@ def test_keyword_gradient_points_only_where_the_word_would_stand_whole():
     assert glued[1] == 0  # "theriver. the"
     assert glued[3] > 0  # "the dog.river"
 
+
 def test_keyword_coverage_on_text():
     assert keyword_coverage("The dogs played in the Park.", ["dog", "park", "violin"]) == pytest.approx(2 / 3)
     assert keyword_coverage("dogma", ["dog"]) == 0.0

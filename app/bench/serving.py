@@ -135,7 +135,8 @@ def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 5) -> lis
 
 async def _sweep(url: str, levels: list[int], body: dict, alone_rounds: int) -> list[dict]:
     # One client with keep-alive connections, as a real client keeps them: connecting is not the server's overhead.
-    limits = httpx.Limits(max_connections=max(levels, default=1) + 1, max_keepalive_connections=max(levels, default=1) + 1)
+    connections = max(levels, default=1) + 1
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         await _burst(client, url, [{**body, "seed": 10_000}])
         results = []
