@@ -3,12 +3,17 @@
 A prompt's keys/values are computed once (``encode_prefix``) and reused for every forward pass of
 its responses. Prompts of different lengths share a batch by left padding (``stack_prefixes``); the
 response then starts at the same column for every row, with per-row position ids.
+
+A full pass over a response can also leave a :class:`ResponseMemory` (its per-token log-probs and its
+own keys/values). An edit of that response changes nothing before its first edited position, so it is
+scored by running only the positions from there on, after the prompt and the memory's unchanged head.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +89,77 @@ class PrefixBatch:
         return int(self.mask.shape[0])
 
 
+@dataclass
+class ResponseMemory:
+    """What a full pass over a batch of responses leaves for scoring edits of them later.
+
+    Keys/values cover the pass's inputs, positions ``0 .. L-2``; they never carry a gradient.
+    """
+
+    log_probs: Tensor  # (B, L) float32 per-token log-probs of the responses
+    keys: list[Tensor]  # per layer (B, heads, L-1, head_dim)
+    values: list[Tensor]
+
+    def rows(self, index: Tensor | slice) -> ResponseMemory:
+        return ResponseMemory(self.log_probs[index], [k[index] for k in self.keys], [v[index] for v in self.values])
+
+    def widened(self, length: int) -> ResponseMemory:
+        """The same memory with zero columns up to responses of ``length`` tokens (the extra columns are never read)."""
+        extra = length - self.log_probs.shape[1]
+        if extra <= 0:
+            return self
+        keys = [F.pad(k, (0, 0, 0, extra)) for k in self.keys]  # (B, heads, L-1, d): pad the position axis
+        values = [F.pad(v, (0, 0, 0, extra)) for v in self.values]
+        return ResponseMemory(F.pad(self.log_probs, (0, extra)), keys, values)
+
+    @staticmethod
+    def cat(memories: list[ResponseMemory]) -> ResponseMemory:
+        length = max(m.log_probs.shape[1] for m in memories)
+        memories = [m.widened(length) for m in memories]
+        layers = range(len(memories[0].keys))
+        return ResponseMemory(torch.cat([m.log_probs for m in memories]),
+                              [torch.cat([m.keys[i] for m in memories]) for i in layers],
+                              [torch.cat([m.values[i] for m in memories]) for i in layers])
+
+    def zeros_like(self, rows: int) -> ResponseMemory:
+        return ResponseMemory(self.log_probs.new_zeros(rows, *self.log_probs.shape[1:]),
+                              [k.new_zeros(rows, *k.shape[1:]) for k in self.keys],
+                              [v.new_zeros(rows, *v.shape[1:]) for v in self.values])
+
+
+class MemoryRecorder:
+    """Collects, per scorer key, the :class:`ResponseMemory` of every row of a batch (scorers may see sub-batches)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.memories: dict[Hashable, ResponseMemory] = {}
+
+    def put(self, key: Hashable, index: Tensor | None, memory: ResponseMemory) -> None:
+        if index is None:
+            self.memories[key] = memory
+            return
+        full = self.memories.setdefault(key, memory.zeros_like(self.rows))
+        full.log_probs.index_copy_(0, index, memory.log_probs)
+        for mine, theirs in zip(full.keys + full.values, memory.keys + memory.values):
+            mine.index_copy_(0, index, theirs)
+
+
+@dataclass
+class Reuse:
+    """Edited responses to score from a memory of their unedited sources.
+
+    Row ``b`` runs input positions ``starts[b] .. L-2`` only: its log-probs at positions ``1 .. starts[b]``
+    and its keys/values before ``starts[b]`` are read from ``memories[key]`` (row ``b`` holds its source's),
+    so its tokens before ``starts[b] + 1`` must equal the source's.
+    """
+
+    starts: Tensor  # (B,) long
+    memories: dict[Hashable, ResponseMemory]
+
+    def rows(self, index: Tensor) -> Reuse:
+        return Reuse(self.starts[index], {key: memory.rows(index) for key, memory in self.memories.items()})
+
+
 @torch.no_grad()
 def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = True) -> Prefix:
     """Run a prompt once and keep its keys/values. Uses ``no_grad`` (not inference mode): the tensors feed autograd later."""
@@ -155,7 +231,8 @@ def forward_after_prefix(
 LOGIT_CHUNK_ELEMENTS = 1 << 22  # float32 logits held at once when only the picked tokens' log-probs are needed (16 MiB)
 
 
-def response_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, response, return_table: bool = False):
+def response_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, response, return_table: bool = False,
+                             key: Hashable | None = None):
     """Per-token ``log pi(y_t | x, y_<t)`` of a response batch ``(B, L)``, differentiable through the STE.
 
     ``response`` is a :class:`models.ste.ResponseBatch`. With ``return_table`` also returns the full
@@ -163,21 +240,68 @@ def response_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, respon
     is the exact log-prob of the hard tokens; the gradient reaches both the inputs and the targets.
     Exact scoring without a gradient or a table never builds the ``(B, L, V)`` table: it takes the picked
     logit minus the logsumexp, a few rows at a time.
+
+    ``key`` names this scorer (model and prompt) for memories: a full pass puts its :class:`ResponseMemory`
+    in ``response.recorder``, and a response with ``response.reuse`` holding a memory under ``key`` is scored
+    from its starts on (exact scoring only).
     """
+    reuse = getattr(response, "reuse", None)
+    if key is not None and reuse is not None and key in reuse.memories and response.length > 1:
+        if response.probs is not None or return_table:
+            raise ValueError("edited responses are scored from a memory only exactly: no gradient, no table")
+        return _resumed_token_log_probs(model, prefix, response.tokens, reuse.starts, reuse.memories[key])
     first = prefix.first_log_probs[:, None, :]  # (B, 1, V)
     if response.length == 1:
         return (response.pick(first), first) if return_table else response.pick(first)
     # The last position's prediction is not needed: feed y_0 .. y_{L-2}.
     backbone = getattr(model, model.base_model_prefix)
     embeds = response.embed(model.get_input_embeddings().weight, upto=response.length - 1)  # (B, L-1, d)
-    hidden, _ = forward_after_prefix(backbone, prefix, embeds)
+    hidden, cache = forward_after_prefix(backbone, prefix, embeds)
     head = model.get_output_embeddings()
+    table = None
     if response.probs is None and not return_table and not torch.is_grad_enabled():
-        return torch.cat([first.gather(-1, response.tokens[:, :1, None])[..., 0], _picked_log_probs(head, hidden, response.tokens[:, 1:])], 1)
-    logits = head(hidden).float()  # (B, L-1, V)
-    log_probs = torch.cat([first, F.log_softmax(logits, dim=-1)], dim=1)  # (B, L, V)
-    picked = response.pick(log_probs)
-    return (picked, log_probs) if return_table else picked
+        picked = torch.cat([first.gather(-1, response.tokens[:, :1, None])[..., 0], _picked_log_probs(head, hidden, response.tokens[:, 1:])], 1)
+    else:
+        logits = head(hidden).float()  # (B, L-1, V)
+        table = torch.cat([first, F.log_softmax(logits, dim=-1)], dim=1)  # (B, L, V)
+        picked = response.pick(table)
+    recorder = getattr(response, "recorder", None)
+    if key is not None and recorder is not None:
+        columns = prefix.mask.shape[1]  # the response's keys/values follow the (padded) prompt's
+        recorder.put(key, response.index, ResponseMemory(
+            picked.detach(),
+            [layer.keys[:, :, columns:].detach().contiguous() for layer in cache.layers],
+            [layer.values[:, :, columns:].detach().contiguous() for layer in cache.layers]))
+    return (picked, table) if return_table else picked
+
+
+@torch.no_grad()
+def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens: Tensor, starts: Tensor,
+                             memory: ResponseMemory) -> Tensor:
+    """Exact per-token log-probs ``(B, L)`` of edited responses, running input positions ``starts[b] .. L-2`` only.
+
+    Rows with the same start share one forward pass after the prompt and their sources' first ``start``
+    keys/values; the rest comes from the memory (see :class:`Reuse`).
+    """
+    rows, length = tokens.shape
+    backbone = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    weight = model.get_input_embeddings().weight
+    out = torch.empty(rows, length, device=tokens.device)
+    out[:, 0] = prefix.first_log_probs.gather(-1, tokens[:, :1])[:, 0]
+    for start in starts.unique().tolist():
+        index = (starts == start).nonzero()[:, 0]
+        out[index, 1 : start + 1] = memory.log_probs[index, 1 : start + 1]
+        head_rows = PrefixBatch(
+            keys=[torch.cat([k[index], m[index, :, :start]], dim=2) for k, m in zip(prefix.keys, memory.keys)],
+            values=[torch.cat([v[index], m[index, :, :start]], dim=2) for v, m in zip(prefix.values, memory.values)],
+            mask=torch.cat([prefix.mask[index], prefix.mask.new_ones(len(index), start)], dim=1),
+            lengths=prefix.lengths[index] + start,
+            first_log_probs=None,
+        )
+        hidden, _ = forward_after_prefix(backbone, head_rows, F.embedding(tokens[index, start : length - 1], weight))
+        out[index, start + 1 :] = _picked_log_probs(head, hidden, tokens[index, start + 1 :])
+    return out
 
 
 def _picked_log_probs(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:

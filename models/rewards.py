@@ -36,6 +36,9 @@ class Prompt:
 
 
 class RewardComponent(Protocol):
+    """A reward. A component may also set ``resumes = True`` when ``score`` reads ``response.reuse`` (scores an
+    edit from its first edited position on, at that lower cost); without it an edit costs a full pass."""
+
     name: str
     lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
 
@@ -58,12 +61,13 @@ class PrincipleReward:
         self.principle = principle
         self.name = name
         self.lm_passes = 1
+        self.resumes = True
 
     def prepare(self, prompt: Prompt) -> object:
         return encode_prefix(self.lm.model, render_prompt(self.lm.tokenizer, prompt.messages, system=self.principle))
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
-        token_log_probs = response_token_log_probs(self.lm.model, stack_prefixes(contexts), response)  # (B, L)
+        token_log_probs = response_token_log_probs(self.lm.model, stack_prefixes(contexts), response, key=self)  # (B, L)
         return (token_log_probs * response.mask).sum(1) - response.log_prob_ref
 
 

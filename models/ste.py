@@ -6,11 +6,15 @@ gradients flow to the soft one-hots ``probs = softmax(y)`` and from there to the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from models.lm import MemoryRecorder, Reuse
 
 
 class _StraightThroughEmbedding(torch.autograd.Function):
@@ -43,7 +47,9 @@ class ResponseBatch:
     mask: Tensor  # (B, L) float: 1 where the token counts (up to and including the first end-of-turn)
     probs: Tensor | None = None  # (B, L, V) softmax of the logits state
     log_prob_ref: Tensor | None = None  # (B,) log pi_ref(y|x), filled in by the engine before rewards run
-    extras: dict = field(default_factory=dict)
+    reuse: Reuse | None = None  # edits of responses scored before: where each row's edit starts, and their memories
+    recorder: MemoryRecorder | None = None  # where LM scorers leave the memories of a full pass over these rows
+    index: Tensor | None = None  # of a sub-batch: its rows in the batch the recorder covers
 
     @property
     def rows(self) -> int:
@@ -84,6 +90,9 @@ class ResponseBatch:
             mask=self.mask[rows],
             probs=None if self.probs is None else self.probs[rows],
             log_prob_ref=None if self.log_prob_ref is None else self.log_prob_ref[rows],
+            reuse=None if self.reuse is None else self.reuse.rows(rows),
+            recorder=self.recorder,
+            index=rows if self.index is None else self.index[rows],
         )
 
 

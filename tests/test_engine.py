@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -10,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from app.engine.discrete import shared_starts
 from app.engine.energy import RowSpec, evaluate
 from app.engine.sampling import SampleGroup, sample_groups
 from app.engine.types import AlignJob, SEAConfig
-from models.lm import encode_prefix, render_prompt
+from models.lm import Reuse, encode_prefix, render_prompt
 from models.rewards import LexiconReward, PrincipleReward, RewardMix
 from models.ste import ResponseBatch, response_mask
 
@@ -322,3 +324,72 @@ def test_jobs_started_together_count_the_whole_start_as_engine_time(lm, engine, 
     elapsed = time.perf_counter() - before
     for state in states:
         assert 3 * delay <= state.timings.init <= elapsed
+
+
+def test_edits_scored_from_their_sources_memory_match_a_full_pass(lm, engine, make_prompt, monkeypatch):
+    """An edit runs only from its first edited position on, reading the unchanged head from its source's memory,
+    and scores exactly what a full pass scores: reference, principle reward and keyword reward, across prompts
+    of different lengths, with an edit that ends the response early."""
+    import models.lm as lm_module
+
+    principle = PrincipleReward(lm, "be safe and kind")
+    keyword = LexiconReward.keywords(lm.tokenizer, ["cat"])
+    specs = [_spec(lm, make_prompt("write a long story about the moon and the river"), [(principle, 1.0), (keyword, 2.0)], 2, 7),
+             _spec(lm, make_prompt("hi"), [(principle, 1.0)], 1, 7, alpha=3.0)]
+    sources = torch.tensor([[30, 31, 32, 33, 34, 35, 36], [40, 41, 42, 43, 44, 45, 46], [50, 51, 52, 53, 54, 55, 56]])
+    with torch.enable_grad():
+        recorded = evaluate(lm, specs, engine.stop_ids, sources, one_hot_grad=True, record=True)
+    stop = int(engine.stop_ids[0])
+    edits, source_rows, starts = [], [], []
+    for row, (position, token) in enumerate([(0, 60), (3, 61), (6, 62), (1, stop), (5, 63)]):
+        source = [0, 0, 1, 1, 2][row]
+        edit = sources[source].clone()
+        edit[position] = token
+        edits.append(edit)
+        source_rows.append(source)
+        starts.append(max(position - 1, 0))
+    edit_specs = [dataclasses.replace(specs[0], rows=4), dataclasses.replace(specs[1], rows=1)]
+    memories = {key: memory.rows(torch.tensor(source_rows)) for key, memory in recorded.memories.items()}
+    assert len(memories) == 2  # the reference and the principle reward
+    run_lengths = []
+    forward = lm_module.forward_after_prefix
+    monkeypatch.setattr(lm_module, "forward_after_prefix", lambda *a, **k: run_lengths.append(a[2].shape[:2]) or forward(*a, **k))
+    with torch.no_grad():
+        resumed = evaluate(lm, edit_specs, engine.stop_ids, torch.stack(edits), reuse=Reuse(torch.tensor(starts), memories))
+        resumed_lengths, run_lengths[:] = list(run_lengths), []
+        full = evaluate(lm, edit_specs, engine.stop_ids, torch.stack(edits))
+    torch.testing.assert_close(resumed.log_prob_ref, full.log_prob_ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(resumed.reward, full.reward, atol=1e-4, rtol=0)
+    torch.testing.assert_close(resumed.energy, full.energy, atol=1e-4, rtol=0)
+    # One call per start and scorer, running only each row's positions from its start on.
+    assert sorted(resumed_lengths) == sorted(2 * [(starts.count(s), 6 - s) for s in set(starts)])
+    assert sum(rows * length for rows, length in resumed_lengths) < sum(rows * length for rows, length in run_lengths)
+
+
+def _brute_force_grouping_cost(needs: list[int], length: int, overhead: int) -> float:
+    values = sorted(set(needs))
+    best = math.inf
+    for cuts in itertools.product([False, True], repeat=len(values) - 1):  # where a new group begins
+        cost, start = 0.0, values[0]
+        groups = [[values[0]]]
+        for value, cut in zip(values[1:], cuts):
+            groups.append([value]) if cut else groups[-1].append(value)
+        for group in groups:
+            start = group[0]
+            cost += overhead + sum(needs.count(v) for v in group) * (length - 1 - start)
+        best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("overhead", [0, 3, 8, 100])
+def test_edits_share_the_cheapest_starts(overhead):
+    generator = torch.Generator().manual_seed(overhead)
+    for _ in range(20):
+        length = int(torch.randint(2, 12, (1,), generator=generator))
+        first_edited = torch.randint(0, length, (int(torch.randint(1, 9, (1,), generator=generator)),), generator=generator).tolist()
+        starts = shared_starts(first_edited, length, overhead)
+        assert all(0 <= s <= max(t - 1, 0) for s, t in zip(starts, first_edited))  # never later than the edit allows
+        cost = overhead * len(set(starts)) + sum(length - 1 - s for s in starts)
+        assert cost == _brute_force_grouping_cost([max(t - 1, 0) for t in first_edited], length, overhead)
+    assert shared_starts([5, 9, 9], 10, overhead=0) == [4, 8, 8]
+    assert shared_starts([5, 9, 9], 10, overhead=1000) == [4, 4, 4]

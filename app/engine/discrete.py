@@ -5,6 +5,10 @@ straight-through gradient ``dE/d one_hot(y)`` at its tokens; (2) :func:`proposal
 ``candidates`` edits from it; (3) all edits of all chains of all requests are scored exactly in one
 batched forward pass; (4) a chain takes its best edit if that lowers its exact energy. The chain
 never gets worse than its starting sample, and every energy reported is exact.
+
+An edit leaves every position before its first edited one unchanged, so step (3) runs each edit only
+from there on: the gradient pass of step (1) leaves the chain's keys/values and per-token log-probs
+(its memory), and each edit reads its unchanged head from it. That about halves the cost of scoring.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from app.engine.energy import evaluate, passes_per_row
 from app.engine.proposals import apply, edit_scores, propose
 from app.engine.sampling import SampleGroup, sample_groups
 from app.engine.types import StepStats
+from models.lm import ResponseMemory, Reuse
+
+# Token-passes that one more forward call is worth when edits are grouped by where their scoring starts
+# (a call's fixed cost: reading every weight once, launching ~30 layers of kernels; on a CPU core about 30 token-passes).
+CALL_OVERHEAD_PASSES = 32
 
 
 def noise_at(config, step: int) -> float:
@@ -93,6 +102,69 @@ def _left(state) -> float:
     return math.inf if limit is None else limit - state.usage.compute
 
 
+def shared_starts(first_edited: list[int], length: int, overhead: int = CALL_OVERHEAD_PASSES) -> list[int]:
+    """The input position each edit's scoring pass starts at, for edits of responses of ``length`` tokens.
+
+    An edit whose first edited position is ``t`` needs its inputs from ``max(t − 1, 0)`` on (the prediction of
+    position t needs position t − 1's hidden state), and may start earlier. Edits with one start share a
+    forward call, so they are grouped (by first edited position, into contiguous groups starting at each
+    group's smallest need) to minimise the positions run plus ``overhead`` per group; an exact dynamic
+    programme over the distinct needs.
+    """
+    needs = [max(t - 1, 0) for t in first_edited]
+    values = sorted(set(needs))
+    counts = [needs.count(v) for v in values]
+    best = [0.0] + [math.inf] * len(values)  # best[j]: cost of grouping values[:j]
+    cut = [0] * (len(values) + 1)
+    for j in range(1, len(values) + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):  # group values[i:j], starting at values[i]
+            rows += counts[i]
+            cost = best[i] + overhead + rows * (length - 1 - values[i])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    start_of: dict[int, int] = {}
+    j = len(values)
+    while j > 0:
+        i = cut[j]
+        for v in values[i:j]:
+            start_of[v] = values[i]
+        j = i
+    return [start_of[n] for n in needs]
+
+
+def _reuse(states: list, owners: list, rows: int) -> tuple[Reuse | None, list[int]]:
+    """Starts and chain memories of the candidate rows (``owners[i] = (state, chain, move)``); per state, the
+    starts are grouped from its own edits only, so a request's scoring does not depend on its batch."""
+    starts = [0] * rows
+    per_state: dict[int, list[int]] = {}
+    for index, (state, _, _) in enumerate(owners):
+        per_state.setdefault(id(state), []).append(index)
+    keys: dict = {}
+    for state in states:
+        indices = per_state.get(id(state), [])
+        if not indices or not state.memories:
+            continue
+        for index, start in zip(indices, shared_starts([owners[i][2].position for i in indices], state.spec.length)):
+            starts[index] = start
+        for key, memory in state.memories.items():
+            keys.setdefault(key, memory)
+    if not any(starts):
+        return None, starts
+    device = owners[0][0].tokens.device
+    memories = {}
+    for key, template in keys.items():
+        parts = []
+        for state in states:
+            chains = torch.tensor([owners[i][1] for i in per_state.get(id(state), [])], dtype=torch.long, device=device)
+            if not len(chains):
+                continue
+            memory = (state.memories or {}).get(key)
+            parts.append(memory.rows(chains) if memory is not None else template.zeros_like(len(chains)))
+        memories[key] = ResponseMemory.cat(parts)
+    return Reuse(torch.tensor(starts, device=device), memories), starts
+
+
 def tick(engine, states: list) -> None:
     """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance."""
     budgeted = []
@@ -128,10 +200,11 @@ def tick(engine, states: list) -> None:
         specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in states if s.candidate_rows]
         length = max(s.spec.length for s in states)
         padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
+        reuse, starts = _reuse(states, owners, len(rows))
         with torch.no_grad():
-            scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded))
-        for state in states:
-            state.usage.forward_token_passes += passes_per_row(state.spec) * state.candidate_rows
+            scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse=reuse)
+        for (state, _, _), start in zip(owners, starts):
+            state.usage.forward_token_passes += passes_per_row(state.spec, start)
     best: dict[tuple[int, int], tuple[float, int]] = {}
     for index, (state, c, move) in enumerate(owners):
         energy = float(scored.energy[index])
@@ -156,7 +229,7 @@ def tick(engine, states: list) -> None:
                 state.tried[c] = set()
                 moved = True
         if moved:
-            state.grad = None  # the chains that moved need a gradient at their new tokens
+            state.grad = state.memories = None  # the chains that moved need a gradient (and a memory) at their new tokens
             state.steps_since_improved = 0
         else:
             state.steps_since_improved += 1
@@ -177,7 +250,7 @@ def _gradients(engine, states: list) -> None:
     with_grad = any(s.config.proposal == "gradient" for s in states)
     with torch.set_grad_enabled(with_grad):
         scored = evaluate(engine.lm, [s.spec for s in states], engine.stop_ids, tokens, one_hot_grad=with_grad,
-                          keep_table=any(s.config.proposal == "lm" for s in states))
+                          keep_table=any(s.config.proposal == "lm" for s in states), record=True)
     offset = 0
     for state in states:
         rows = slice(offset, offset + state.chains)
@@ -194,3 +267,4 @@ def _gradients(engine, states: list) -> None:
         else:
             state.grad = torch.zeros(0)  # marks "computed"; the table drives the proposals
         state.table = scored.table[rows, : state.spec.length] if scored.table is not None else None
+        state.memories = {key: memory.rows(rows) for key, memory in scored.memories.items()}

@@ -2,6 +2,9 @@
 
 Rows may come from different requests (different prompts, lengths, rewards and alphas). Each reward
 component runs once over all the rows that use it.
+
+A pass can record the memories of its rows (``record``), and edits of those rows are then scored from
+their first edited position on (``reuse``): the unchanged head of each row is read, not recomputed.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.lm import Prefix, response_token_log_probs, stack_prefixes
+from models.lm import MemoryRecorder, Prefix, ResponseMemory, Reuse, response_token_log_probs, stack_prefixes
 from models.loading import LoadedLM
 from models.rewards import RewardComponent
 from models.ste import ResponseBatch, response_mask
 
+REFERENCE = "reference"  # the memory key of the reference LM's own pass
 
 @dataclass
 class RowSpec:
@@ -40,6 +44,7 @@ class Evaluation:
     grad: Tensor | None  # (B, L_max, V) dE/dy (or dE/d one-hot), None when not asked for
     table: Tensor | None  # (B, L_max, V) log pi_ref at each position, detached, when asked for
     ref_top_k: Tensor | None  # (B, L_max, k) the reference LM's top-k tokens per position, when asked for
+    memories: dict[object, ResponseMemory] | None = None  # per LM scorer, what the pass leaves for scoring edits
 
 
 def evaluate(
@@ -52,6 +57,8 @@ def evaluate(
     top_k: int | None = None,
     one_hot_grad: bool = False,
     keep_table: bool = False,
+    record: bool = False,
+    reuse: Reuse | None = None,
 ) -> Evaluation:
     """Score ``tokens`` (B, L_max); with ``logits`` (B, L_max, V) also return ``dE/dlogits`` via the STE.
 
@@ -59,6 +66,8 @@ def evaluate(
     first-order change of the energy when position t becomes token v (the discrete proposals' input).
     ``allowed`` (B, L_max, V) bool restricts the softmax to a candidate set (top-k decoding).
     Rows are laid out group after group, in the order of ``specs``.
+    ``record`` returns each LM scorer's :class:`ResponseMemory` of the rows; ``reuse`` scores rows that are
+    edits of rows recorded earlier from their starts on (exact scoring only).
     """
     device = tokens.device
     lengths = torch.cat([torch.full((s.rows,), s.length, device=device) for s in specs])
@@ -72,17 +81,18 @@ def evaluate(
     elif one_hot_grad:
         vocab = lm.model.get_output_embeddings().weight.shape[0]
         probs = leaf = torch.nn.functional.one_hot(tokens, vocab).float().requires_grad_(True)  # (B, L_max, V)
-    response = ResponseBatch(tokens=tokens, mask=mask, probs=probs)
+    recorder = MemoryRecorder(tokens.shape[0]) if record else None
+    response = ResponseBatch(tokens=tokens, mask=mask, probs=probs, reuse=reuse, recorder=recorder)
 
     with torch.set_grad_enabled(probs is not None):
         prefixes = stack_prefixes([s.prefix for s in specs for _ in range(s.rows)])
         table = ref_top_k = None
         if top_k or keep_table:
-            token_log_probs, table = response_token_log_probs(lm.model, prefixes, response, return_table=True)  # (B, L_max)
+            token_log_probs, table = response_token_log_probs(lm.model, prefixes, response, return_table=True, key=REFERENCE)  # (B, L_max)
             ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
             table = table.detach() if keep_table else None
         else:
-            token_log_probs = response_token_log_probs(lm.model, prefixes, response)
+            token_log_probs = response_token_log_probs(lm.model, prefixes, response, key=REFERENCE)
         log_prob_ref = (token_log_probs * mask).sum(1)
         response.log_prob_ref = log_prob_ref
         reward = score_rewards(specs, response)
@@ -108,6 +118,7 @@ def evaluate(
         grad=grad,
         table=table,
         ref_top_k=ref_top_k,
+        memories=None if recorder is None else recorder.memories,
     )
 
 
@@ -139,11 +150,16 @@ def reward_passes_per_row(spec: RowSpec) -> int:
     return sum(component.lm_passes for component, _, _ in spec.reward_terms) * spec.length
 
 
-def scoring_passes(length: int, components) -> int:
-    """LM token-passes (one direction) of scoring one response of ``length`` tokens: reference + LM-based rewards."""
-    return (length - 1) + sum(component.lm_passes for component in components) * length
+def scoring_passes(length: int, components, start: int = 0) -> int:
+    """LM token-passes (one direction) of scoring one response of ``length`` tokens: reference + LM-based rewards.
+
+    An edit scored from input position ``start`` on (see :class:`models.lm.Reuse`) costs only the positions
+    it runs, in the reference and in every reward component that resumes from a memory.
+    """
+    return (length - 1 - start) + sum(
+        component.lm_passes * (length - (start if getattr(component, "resumes", False) else 0)) for component in components)
 
 
-def passes_per_row(spec: RowSpec) -> int:
-    """LM token-passes (one direction) that scoring one row of ``spec`` costs: reference + LM-based rewards."""
-    return scoring_passes(spec.length, [component for component, _, _ in spec.reward_terms])
+def passes_per_row(spec: RowSpec, start: int = 0) -> int:
+    """LM token-passes (one direction) that scoring one row of ``spec`` costs (from input position ``start`` on)."""
+    return scoring_passes(spec.length, [component for component, _, _ in spec.reward_terms], start)

@@ -59,6 +59,7 @@ class RequestState:
     table: Tensor | None = None  # discrete, gradient-free ablation: (C, L, V) reference log-probs
     counted: Tensor | None = None  # discrete: (C,) tokens that count per chain
     tried: list[set] = field(default_factory=list)  # discrete: edits already rejected at the current tokens
+    memories: dict | None = None  # discrete: per LM scorer, the memory of the gradient pass at the current tokens
     candidate_rows: int = 0
     steps_since_improved: int = 0
     nonfinite_steps: int = 0
@@ -178,7 +179,7 @@ class Engine:
                 state.timings.langevin += elapsed
                 if state.done:
                     state.result = self.result(state)
-                    state.grad = state.table = None
+                    state.grad = state.table = state.memories = None
         states = [s for s in states if s.config.update != "discrete"]
         if not states:
             return
