@@ -53,11 +53,14 @@ class PrincipleReward:
     """Contrastive principle reward ``log pi(y | principle, x) − log pi(y | x)`` with the reference LM itself.
 
     At ``alpha = 1`` the SEA target is exactly the principle-prompted model. Reuses the reference
-    log-prob the engine has already computed, so it costs one extra LM pass, not two.
+    log-prob the engine has already computed, so it costs one extra LM pass, not two; and since it reads
+    the reference network (``model``, under its own prompt: the contexts are prefixes), the engine runs it
+    in the reference's own forward pass and hands it the per-token log-probs (``from_log_probs``).
     """
 
     def __init__(self, lm: LoadedLM, principle: str = SAFETY_PRINCIPLE, name: str = "principle"):
         self.lm = lm
+        self.model = lm.model
         self.principle = principle
         self.name = name
         self.lm_passes = 1
@@ -67,7 +70,10 @@ class PrincipleReward:
         return encode_prefix(self.lm.model, render_prompt(self.lm.tokenizer, prompt.messages, system=self.principle))
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
-        token_log_probs = response_token_log_probs(self.lm.model, stack_prefixes(contexts), response, key=self)  # (B, L)
+        return self.from_log_probs(response_token_log_probs(self.lm.model, stack_prefixes(contexts), response, key=self), response)
+
+    def from_log_probs(self, token_log_probs: Tensor, response: ResponseBatch) -> Tensor:
+        """The reward from ``log pi(y_t | principle, x, y_<t)`` ``(B, L)``."""
         return (token_log_probs * response.mask).sum(1) - response.log_prob_ref
 
 

@@ -80,6 +80,23 @@ def test_cached_gradient_equals_dense_uncached_gradient(lm, engine, make_prompt)
     torch.testing.assert_close(scored.grad[0], y.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_one_hot_gradient_of_the_principle_energy_equals_the_dense_uncached_gradient(lm, engine, make_prompt):
+    """The principle reward runs in the reference's own pass; its gradient is still that of two separate passes."""
+    prompt = make_prompt("tell me about the sun")
+    principle = PrincipleReward(lm, "be safe and kind")
+    tokens = torch.tensor([[30, 31, 32, 33, 34], [44, 43, 42, 41, 40]])
+    spec = _spec(lm, prompt, [(principle, 1.0)], rows=2, length=5, alpha=2.0)
+    scored = evaluate(lm, [spec], engine.stop_ids, tokens, one_hot_grad=True)
+    principled_ids = render_prompt(lm.tokenizer, prompt.messages, system="be safe and kind")
+    for row in range(2):
+        one_hot = F.one_hot(tokens[row], lm.model.config.vocab_size).float().requires_grad_(True)
+        log_prob = _plain_log_prob(lm, prompt.ids, tokens[row].tolist(), one_hot=one_hot)
+        energy = -(log_prob + 2.0 * (_plain_log_prob(lm, principled_ids, tokens[row].tolist(), one_hot=one_hot) - log_prob))
+        energy.backward()
+        assert scored.energy[row] == pytest.approx(energy.item(), abs=1e-4)
+        torch.testing.assert_close(scored.grad[row], one_hot.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_positions_after_end_of_turn_do_not_count(lm, engine, make_prompt):
     prompt = make_prompt("hello")
     eos = int(engine.stop_ids[0])
@@ -329,7 +346,8 @@ def test_jobs_started_together_count_the_whole_start_as_engine_time(lm, engine, 
 def test_edits_scored_from_their_sources_memory_match_a_full_pass(lm, engine, make_prompt, monkeypatch):
     """An edit runs only from its first edited position on, reading the unchanged head from its source's memory,
     and scores exactly what a full pass scores: reference, principle reward and keyword reward, across prompts
-    of different lengths, with an edit that ends the response early."""
+    of different lengths, with an edit that ends the response early. The principle reward runs in the
+    reference's own forward calls."""
     import models.lm as lm_module
 
     principle = PrincipleReward(lm, "be safe and kind")
@@ -361,8 +379,10 @@ def test_edits_scored_from_their_sources_memory_match_a_full_pass(lm, engine, ma
     torch.testing.assert_close(resumed.log_prob_ref, full.log_prob_ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(resumed.reward, full.reward, atol=1e-4, rtol=0)
     torch.testing.assert_close(resumed.energy, full.energy, atol=1e-4, rtol=0)
-    # One call per start and scorer, running only each row's positions from its start on.
-    assert sorted(resumed_lengths) == sorted(2 * [(starts.count(s), 6 - s) for s in set(starts)])
+    # The reference and the principle reward (the same network) share one call per start, and a full pass is
+    # one call too; a resumed row runs only its positions from its start on.
+    assert sorted(resumed_lengths) == sorted((2 * starts.count(s), 6 - s) for s in set(starts))
+    assert run_lengths == [(10, 6)]
     assert sum(rows * length for rows, length in resumed_lengths) < sum(rows * length for rows, length in run_lengths)
 
 

@@ -2,8 +2,10 @@
 
 A step is one tick of the default (discrete) update for one request of ``chains`` chains: a forward and
 backward pass of the reference LM and the principle reward at the chains' tokens (the straight-through
-gradient), ``candidates`` proposals per chain, their exact scoring in one forward pass, and the
-acceptance bookkeeping. Every step here recomputes the gradient (the worst case: every chain moved).
+gradient), ``candidates`` proposals per chain, their exact scoring (each edit from its first edited
+position on, after the chain's cached keys/values), and the acceptance bookkeeping. Every step here
+recomputes the gradient (the worst case: every chain moved). The uncached step runs both prompts and
+whole responses through the LM every time.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from app.engine.discrete import reuse_for_edits
 from app.engine.energy import RowSpec, evaluate
-from app.engine.proposals import edit_scores, propose
+from app.engine.proposals import apply, edit_scores, propose
 from app.engine.sea import Engine, RequestState
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import render_prompt
@@ -103,8 +106,6 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
     lm, stop = setup.lm, engine.stop_ids
     spec = state.spec
     reference_only = dataclasses.replace(spec, reward_terms=[])
-    candidate_rows = state.chains * setup.candidates
-    candidate_spec = dataclasses.replace(spec, rows=candidate_rows)
 
     def step():
         state.grad = None  # every chain needs a gradient at its tokens (as after a step where all moved)
@@ -118,8 +119,9 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
         return run
 
     with torch.enable_grad():
-        scored = evaluate(lm, [spec], stop, state.tokens, one_hot_grad=True)
+        scored = evaluate(lm, [spec], stop, state.tokens, one_hot_grad=True, record=True)
     grad = scored.grad  # (C, L, V)
+    state.memories = {key: memory for key, memory in scored.memories.items()}
 
     def proposal():
         for c in range(state.chains):
@@ -136,11 +138,18 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
             for _ in setup.prompts:  # one g @ Wᵀ per LM pass (reference, principle)
                 torch.autograd.grad(embeds.sum(), probs, retain_graph=True)
 
-    candidates = state.tokens.repeat(setup.candidates, 1)  # (C·K, L)
+    owners = []  # the edits a step scores: (state, chain, move)
+    for c in range(state.chains):
+        moves = propose(edit_scores(grad[c], None, state.tokens[c]), state.tokens[c], int(state.counted[c]), setup.candidates, 0.05,
+                        torch.Generator(device=state.tokens.device).manual_seed(c), set(), float("inf"))
+        owners.extend((state, c, move) for move in moves)
+    candidates = torch.stack([apply(state.tokens[c], move) for _, c, move in owners])  # (C·K, L)
+    candidate_spec = dataclasses.replace(spec, rows=len(owners))
+    reuse, _ = reuse_for_edits([state], owners, len(owners))
 
     def scoring():
         with torch.no_grad():
-            evaluate(lm, [candidate_spec], stop, candidates)
+            evaluate(lm, [candidate_spec], stop, candidates, reuse=reuse)
 
     figures = {
         "step": timed(step, repeats),
@@ -155,7 +164,7 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
     figures["bookkeeping"] = figures["step"] - parts
     if uncached:
         figures["gradient_forward_backward_uncached"] = timed(lambda: _uncached_energy(setup, state.tokens, True), repeats)
-        figures["exact_scoring_forward_uncached"] = timed(lambda: _uncached_energy(setup, candidates[:candidate_rows], False), repeats)
+        figures["exact_scoring_forward_uncached"] = timed(lambda: _uncached_energy(setup, candidates, False), repeats)
         figures["step_uncached"] = (figures["gradient_forward_backward_uncached"] + figures["exact_scoring_forward_uncached"]
                                     + figures["proposal"] + max(figures["bookkeeping"], 0.0))
     return figures

@@ -133,7 +133,7 @@ def shared_starts(first_edited: list[int], length: int, overhead: int = CALL_OVE
     return [start_of[n] for n in needs]
 
 
-def _reuse(states: list, owners: list, rows: int) -> tuple[Reuse | None, list[int]]:
+def reuse_for_edits(states: list, owners: list, rows: int) -> tuple[Reuse | None, list[int]]:
     """Starts and chain memories of the candidate rows (``owners[i] = (state, chain, move)``); per state, the
     starts are grouped from its own edits only, so a request's scoring does not depend on its batch."""
     starts = [0] * rows
@@ -200,7 +200,7 @@ def tick(engine, states: list) -> None:
         specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in states if s.candidate_rows]
         length = max(s.spec.length for s in states)
         padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
-        reuse, starts = _reuse(states, owners, len(rows))
+        reuse, starts = reuse_for_edits(states, owners, len(rows))
         with torch.no_grad():
             scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse=reuse)
         for (state, _, _), start in zip(owners, starts):

@@ -83,19 +83,32 @@ def evaluate(
         probs = leaf = torch.nn.functional.one_hot(tokens, vocab).float().requires_grad_(True)  # (B, L_max, V)
     recorder = MemoryRecorder(tokens.shape[0]) if record else None
     response = ResponseBatch(tokens=tokens, mask=mask, probs=probs, reuse=reuse, recorder=recorder)
+    rows = tokens.shape[0]
+    groups = _component_rows(specs)
+    # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass.
+    joint = [g for g in groups.values() if getattr(g[0], "from_log_probs", None) and getattr(g[0], "model", None) is lm.model]
 
     with torch.set_grad_enabled(probs is not None):
-        prefixes = stack_prefixes([s.prefix for s in specs for _ in range(s.rows)])
+        prefixes = [s.prefix for s in specs for _ in range(s.rows)] + [c for _, _, _, contexts in joint for c in contexts]
+        together = _joined(response, [(g[0], torch.tensor(g[1], device=device)) for g in joint])
         table = ref_top_k = None
         if top_k or keep_table:
-            token_log_probs, table = response_token_log_probs(lm.model, prefixes, response, return_table=True, key=REFERENCE)  # (B, L_max)
+            token_log_probs, table = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, return_table=True, key=REFERENCE)
+            table = table[:rows]  # (B, L_max, V)
             ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
             table = table.detach() if keep_table else None
         else:
-            token_log_probs = response_token_log_probs(lm.model, prefixes, response, key=REFERENCE)
-        log_prob_ref = (token_log_probs * mask).sum(1)
+            token_log_probs = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, key=REFERENCE)
+        if joint and recorder is not None and REFERENCE in together.recorder.memories:
+            _split_memory(together.recorder.memories[REFERENCE], recorder, rows, joint)
+        log_prob_ref = (token_log_probs[:rows] * mask).sum(1)
         response.log_prob_ref = log_prob_ref
-        reward = score_rewards(specs, response)
+        precomputed, offset = {}, rows
+        for component, component_rows, _, _ in joint:
+            index = torch.tensor(component_rows, device=device)
+            precomputed[id(component)] = component.from_log_probs(token_log_probs[offset : offset + len(index)], response.select(index))
+            offset += len(index)
+        reward = score_rewards(specs, response, precomputed)
         alpha = torch.cat([torch.full((s.rows,), s.alpha * s.use_reward, device=device) for s in specs])
         ref_on = torch.cat([torch.full((s.rows,), float(s.use_reference), device=device) for s in specs])
         energy = -(ref_on * log_prob_ref + alpha * reward)  # (B,)
@@ -122,13 +135,8 @@ def evaluate(
     )
 
 
-def score_rewards(specs: list[RowSpec], response: ResponseBatch) -> Tensor:
-    """The weighted reward of every row ``(B,)``; each component runs once over all the rows that use it.
-
-    ``response.log_prob_ref`` must be set (the principle reward subtracts it).
-    """
-    device = response.tokens.device
-    reward = torch.zeros(response.rows, device=device)
+def _component_rows(specs: list[RowSpec]) -> dict[int, tuple[RewardComponent, list[int], list[float], list[object]]]:
+    """Per reward component: the rows that use it, with their weights and prepared contexts."""
     groups: dict[int, tuple[RewardComponent, list[int], list[float], list[object]]] = {}
     start = 0
     for spec in specs:
@@ -138,10 +146,53 @@ def score_rewards(specs: list[RowSpec], response: ResponseBatch) -> Tensor:
             entry[2].extend([weight] * spec.rows)
             entry[3].extend([context] * spec.rows)
         start += spec.rows
-    for component, rows, weights, contexts in groups.values():
+    return groups
+
+
+def _joined(response: ResponseBatch, joint: list[tuple[RewardComponent, Tensor]]) -> ResponseBatch:
+    """``response`` followed by a copy of each joined reward's rows: one pass of the reference network scores the
+    reference and the rewards that read it. Memories to reuse are laid out the same way."""
+    if not joint:
+        return response
+    index = torch.cat([torch.arange(response.rows, device=response.tokens.device), *(rows for _, rows in joint)])
+    reuse = response.reuse
+    if reuse is not None:
+        parts = [reuse.memories.get(key) for key in [REFERENCE, *(component for component, _ in joint)]]
+        if any(part is None for part in parts):
+            reuse = None  # nothing recorded to resume from: a full pass
+        else:
+            picked = [parts[0]] + [part.rows(rows) for part, (_, rows) in zip(parts[1:], joint)]
+            reuse = Reuse(reuse.starts[index], {REFERENCE: ResponseMemory.cat(picked)})
+    return ResponseBatch(tokens=response.tokens[index], mask=response.mask[index],
+                         probs=None if response.probs is None else response.probs[index], reuse=reuse,
+                         recorder=None if response.recorder is None else MemoryRecorder(len(index)))
+
+
+def _split_memory(memory: ResponseMemory, recorder: MemoryRecorder, rows: int, joint: list) -> None:
+    """Hand the joined pass's memory back as the reference's (first ``rows`` rows) and each joined reward's."""
+    recorder.put(REFERENCE, None, memory.rows(slice(0, rows)))
+    offset = rows
+    for component, component_rows, _, _ in joint:
+        index = torch.tensor(component_rows, device=memory.log_probs.device)
+        recorder.put(component, index, memory.rows(slice(offset, offset + len(index))))
+        offset += len(index)
+
+
+def score_rewards(specs: list[RowSpec], response: ResponseBatch, precomputed: dict[int, Tensor] | None = None) -> Tensor:
+    """The weighted reward of every row ``(B,)``; each component runs once over all the rows that use it.
+
+    ``response.log_prob_ref`` must be set (the principle reward subtracts it). ``precomputed`` holds, by
+    component id, scores already computed for the component's rows (in spec order).
+    """
+    device = response.tokens.device
+    reward = torch.zeros(response.rows, device=device)
+    for key, (component, rows, weights, contexts) in _component_rows(specs).items():
         index = torch.tensor(rows, device=device)
-        scores = component.score(contexts, response.select(index)).float()
-        reward = reward.index_add(0, index, scores * torch.tensor(weights, device=device))
+        if precomputed and key in precomputed:
+            scores = precomputed[key]
+        else:
+            scores = component.score(contexts, response.select(index))
+        reward = reward.index_add(0, index, scores.float() * torch.tensor(weights, device=device))
     return reward
 
 
