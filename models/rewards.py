@@ -158,8 +158,10 @@ class WordEdges:
             return backend.decode_batch(batch, skip_special_tokens=False) if backend is not None else tokenizer.batch_decode(batch)
 
         pieces = decode([[i] for i in range(size)])
-        # A plain lowercase word token, to see what decoding puts at each side of every token.
-        probe = next(i for i, p in enumerate(pieces) if p.isalpha() and p.islower() and len(p) > 1)
+        # A plain word token (lowercase and longer than a letter where there is one), to see what decoding puts at
+        # each side of every token.
+        letters = [i for i, p in enumerate(pieces) if p.isalpha()] or [0]
+        probe = next((i for i in letters if pieces[i].islower() and len(pieces[i]) > 1), letters[0])
         head = pieces[probe]
         after = decode([[probe, i] for i in range(size)])  # head + [separator] + piece
         before = decode([[i, probe] for i in range(size)])  # piece + [separator] + head

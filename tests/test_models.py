@@ -102,6 +102,14 @@ def test_keyword_reward_counts_whole_words_only(text, river, boat):
     assert keyword_coverage(text, ["river", "boat"]) == (river + boat) / 2
 
 
+def test_keyword_reward_keeps_words_whole_with_a_vocabulary_of_single_letters():
+    tokenizer = _glueing_tokenizer([])  # bytes only: every word is spelled letter by letter
+    reward = LexiconReward.keywords(tokenizer, ["cat"])
+    for text, present in [("the cat sat", 1.0), ("concatenate", 0.0), ("cats", 1.0)]:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        assert reward.presence(ResponseBatch(tokens=ids, mask=torch.ones(ids.shape))).tolist() == [[present]]
+
+
 def test_keyword_gradient_points_only_where_the_word_would_stand_whole():
     tokenizer = _glueing_tokenizer(["river", "the", "dog"])
     reward = LexiconReward.keywords(tokenizer, ["river"])
