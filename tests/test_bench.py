@@ -16,7 +16,7 @@ import torch
 from app.bench import add_arguments, run_steps, targets
 from app.bench.memory import measure_in_subprocess, per_chain_slope
 from app.bench.serving import percentile, sweep
-from app.bench.steps import ModelShape, matmul_peak, pass_flops
+from app.bench.steps import ModelShape, matmul_peak, pass_flops, setup, step_flops
 from app.cli import build_parser
 from models.loading import compile_forward
 from tests.server import serve_tiny
@@ -59,6 +59,15 @@ def test_flop_count_follows_the_documented_formula(lm):
     assert forward == pytest.approx(3 * 5 * (2 * shape.linear_params + 4 * shape.layers * shape.attention_width * (10 + 2.5)))
     assert pass_flops(shape, 3, 10, 5, backward=True) > forward
     assert pass_flops(shape, 3, 10, 6, backward=False) > forward  # longer responses, more work
+
+
+def test_step_flops_count_only_the_positions_each_edit_runs(lm):
+    prepared = setup(lm, chains=2, max_tokens=6, candidates=2)
+    whole = step_flops(prepared)
+    prepared.edit_starts = [0, 0, 0, 0]
+    assert step_flops(prepared) == pytest.approx(whole)
+    prepared.edit_starts = [0, 2, 4, 4]
+    assert step_flops(prepared) < whole
 
 
 def test_memory_of_a_step_in_a_fresh_process(tiny_folder):

@@ -55,6 +55,7 @@ class StepSetup:
     state: RequestState
     prompts: list[list[int]]  # token ids of the reference prompt and the principle-prompted one
     candidates: int
+    edit_starts: list[int] | None = None  # where each scored edit's pass starts (set by breakdown); None: whole responses
 
     @property
     def lm(self) -> LoadedLM:
@@ -145,7 +146,7 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
         owners.extend((state, c, move) for move in moves)
     candidates = torch.stack([apply(state.tokens[c], move) for _, c, move in owners])  # (C·K, L)
     candidate_spec = dataclasses.replace(spec, rows=len(owners))
-    reuse, _ = reuse_for_edits([state], owners, len(owners))
+    reuse, setup.edit_starts = reuse_for_edits([state], owners, len(owners))
 
     def scoring():
         with torch.no_grad():
@@ -208,15 +209,21 @@ def pass_flops(shape: ModelShape, rows: int, prompt: int, length: int, backward:
 
 
 def step_flops(setup: StepSetup) -> float:
-    """FLOPs of one step as timed by :func:`breakdown`: gradient pass (forward + backward) and exact scoring (forward)."""
+    """FLOPs of one step as timed by :func:`breakdown`: gradient pass (forward + backward) and exact scoring (forward).
+
+    An edit scored from input position ``s`` on runs ``L − 1 − s`` positions after a context of the prompt and ``s``
+    response tokens.
+    """
     shape = ModelShape.of(setup.lm.model)
     state = setup.state
     length = state.spec.length - 1  # the first position's log-probs come with the prompt's cache
+    starts = setup.edit_starts if setup.edit_starts is not None else [0] * (state.chains * setup.candidates)
     total = 0.0
     for prompt in setup.prompts:  # reference and principle passes
         total += pass_flops(shape, state.chains, len(prompt), length, backward=False)
         total += pass_flops(shape, state.chains, len(prompt), length, backward=True)
-        total += pass_flops(shape, state.chains * setup.candidates, len(prompt), length, backward=False)
+        for start in set(starts):
+            total += pass_flops(shape, starts.count(start), len(prompt) + start, length - start, backward=False)
     return total
 
 
