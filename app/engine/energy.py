@@ -84,13 +84,15 @@ def evaluate(
     recorder = MemoryRecorder(tokens.shape[0]) if record else None
     response = ResponseBatch(tokens=tokens, mask=mask, probs=probs, reuse=reuse, recorder=recorder)
     rows = tokens.shape[0]
-    groups = _component_rows(specs)
-    # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass.
-    joint = [g for g in groups.values() if getattr(g[0], "from_log_probs", None) and getattr(g[0], "model", None) is lm.model]
+    # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass:
+    # (component, its rows, their contexts, which are prefixes).
+    joint = [(component, torch.tensor(component_rows, device=device), contexts)
+             for component, component_rows, _, contexts in _component_rows(specs).values()
+             if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is lm.model]
 
     with torch.set_grad_enabled(probs is not None):
-        prefixes = [s.prefix for s in specs for _ in range(s.rows)] + [c for _, _, _, contexts in joint for c in contexts]
-        together = _joined(response, [(g[0], torch.tensor(g[1], device=device)) for g in joint])
+        prefixes = [s.prefix for s in specs for _ in range(s.rows)] + [c for _, _, contexts in joint for c in contexts]
+        together = _joined(response, joint)
         table = ref_top_k = None
         if top_k or keep_table:
             token_log_probs, table = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, return_table=True, key=REFERENCE)
@@ -104,8 +106,7 @@ def evaluate(
         log_prob_ref = (token_log_probs[:rows] * mask).sum(1)
         response.log_prob_ref = log_prob_ref
         precomputed, offset = {}, rows
-        for component, component_rows, _, _ in joint:
-            index = torch.tensor(component_rows, device=device)
+        for component, index, _ in joint:
             precomputed[id(component)] = component.from_log_probs(token_log_probs[offset : offset + len(index)], response.select(index))
             offset += len(index)
         reward = score_rewards(specs, response, precomputed)
@@ -149,19 +150,19 @@ def _component_rows(specs: list[RowSpec]) -> dict[int, tuple[RewardComponent, li
     return groups
 
 
-def _joined(response: ResponseBatch, joint: list[tuple[RewardComponent, Tensor]]) -> ResponseBatch:
+def _joined(response: ResponseBatch, joint: list[tuple[RewardComponent, Tensor, list]]) -> ResponseBatch:
     """``response`` followed by a copy of each joined reward's rows: one pass of the reference network scores the
     reference and the rewards that read it. Memories to reuse are laid out the same way."""
     if not joint:
         return response
-    index = torch.cat([torch.arange(response.rows, device=response.tokens.device), *(rows for _, rows in joint)])
+    index = torch.cat([torch.arange(response.rows, device=response.tokens.device), *(rows for _, rows, _ in joint)])
     reuse = response.reuse
     if reuse is not None:
-        parts = [reuse.memories.get(key) for key in [REFERENCE, *(component for component, _ in joint)]]
+        parts = [reuse.memories.get(key) for key in [REFERENCE, *(component for component, _, _ in joint)]]
         if any(part is None for part in parts):
             reuse = None  # nothing recorded to resume from: a full pass
         else:
-            picked = [parts[0]] + [part.rows(rows) for part, (_, rows) in zip(parts[1:], joint)]
+            picked = [parts[0]] + [part.rows(rows) for part, (_, rows, _) in zip(parts[1:], joint)]
             reuse = Reuse(reuse.starts[index], {REFERENCE: ResponseMemory.cat(picked)})
     return ResponseBatch(tokens=response.tokens[index], mask=response.mask[index],
                          probs=None if response.probs is None else response.probs[index], reuse=reuse,
@@ -172,8 +173,7 @@ def _split_memory(memory: ResponseMemory, recorder: MemoryRecorder, rows: int, j
     """Hand the joined pass's memory back as the reference's (first ``rows`` rows) and each joined reward's."""
     recorder.put(REFERENCE, None, memory.rows(slice(0, rows)))
     offset = rows
-    for component, component_rows, _, _ in joint:
-        index = torch.tensor(component_rows, device=memory.log_probs.device)
+    for component, index, _ in joint:
         recorder.put(component, index, memory.rows(slice(offset, offset + len(index))))
         offset += len(index)
 
