@@ -125,16 +125,18 @@ def test_same_seed_same_output_and_other_seed_differs(lm, engine, make_prompt, u
     assert [c.tokens for c in first.chains] != [c.tokens for c in other.chains]
 
 
-@pytest.mark.parametrize("update", ["discrete", "logits"])
+@pytest.mark.parametrize("update", ["discrete", "logits", "discrete-restarts"])
 def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     keyword = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["cat"]), 2.0)])
-    alone = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3, update=update)])[0]
+    update, restart_after = ("discrete", 1) if update == "discrete-restarts" else (update, None)
+    alone = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3, update=update,
+                             restart_after=restart_after)])[0]
     together = engine.run(
         [
             _job(make_prompt("write a long story about the moon and the sun and the river"), keyword, max_tokens=9, chains=3, steps=5, seed=4,
-                 update="discrete"),
-            _job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3, update=update),
+                 update="discrete", restart_after=1),
+            _job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3, update=update, restart_after=restart_after),
             _job(make_prompt("tell me about tea"), keyword, max_tokens=7, chains=2, steps=4, seed=5, update="logits"),
         ]
     )[1]
@@ -413,3 +415,22 @@ def test_edits_share_the_cheapest_starts(overhead):
         assert cost == _brute_force_grouping_cost([max(t - 1, 0) for t in first_edited], length, overhead)
     assert shared_starts([5, 9, 9], 10, overhead=0) == [4, 8, 8]
     assert shared_starts([5, 9, 9], 10, overhead=1000) == [4, 4, 4]
+
+
+def test_a_stalled_request_draws_fresh_samples_that_replace_its_worst_chains(lm, engine, make_prompt):
+    """With no edit to try, the chains stall; with ``restart_after`` a stalled step draws base samples instead, and
+    a sample that beats the worst chain takes its place: energies only fall and stay exact."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    prompt = make_prompt("what is a boat")
+    config = {"max_tokens": 6, "chains": 2, "steps": 6, "seed": 5, "init_samples": 2, "candidates": 1, "max_estimate": -1e9}
+    stalled = engine.run([_job(prompt, reward, **config)])[0]
+    restarted = engine.run([_job(prompt, reward, **config, restart_after=1)])[0]
+    assert [c.energy for c in stalled.chains] == [c.initial.energy for c in stalled.chains]  # nothing to try: no move
+    assert sum(c.energy for c in restarted.chains) < sum(c.energy for c in stalled.chains) - 1e-6
+    assert restarted.usage.compute > stalled.usage.compute  # the samples are counted
+    spec = _spec(lm, prompt, [(c, w) for c, w in reward.terms], rows=1, length=6)
+    for chain in restarted.chains:
+        energies = [chain.initial.energy] + [s.energy for s in chain.trace]
+        assert all(b <= a + 1e-6 for a, b in itertools.pairwise(energies))
+        rescored = evaluate(lm, [spec], engine.stop_ids, torch.tensor([chain.tokens]))
+        assert float(rescored.energy[0]) == pytest.approx(chain.energy, abs=1e-4)

@@ -169,7 +169,10 @@ def tick(engine, states: list) -> None:
     """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance."""
     budgeted = []
     for state in states:
-        needed = passes_per_row(state.spec) * state.chains * (4 if state.grad is None else 1)  # a gradient pass + one edit each
+        if _restarting(state):
+            needed = _sample_cost(state)  # one fresh sample
+        else:
+            needed = passes_per_row(state.spec) * state.chains * (4 if state.grad is None else 1)  # a gradient pass + one edit each
         if _left(state) < needed:
             state.done = True  # not even one more step fits the compute budget
         else:
@@ -177,11 +180,13 @@ def tick(engine, states: list) -> None:
     states = budgeted
     if not states:
         return
-    need = [s for s in states if s.grad is None]
+    restarting = [s for s in states if _restarting(s)]
+    editing = [s for s in states if not _restarting(s)]
+    need = [s for s in editing if s.grad is None]
     if need:
         _gradients(engine, need)
     rows, owners = [], []  # candidate token rows and (state, chain, move) for each
-    for state in states:
+    for state in editing:
         temperature = noise_at(state.config, state.step + 1)
         per_state = []
         for c in range(state.chains):
@@ -197,10 +202,10 @@ def tick(engine, states: list) -> None:
         rows.extend(per_state)
     scored = None
     if rows:
-        specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in states if s.candidate_rows]
-        length = max(s.spec.length for s in states)
+        specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
+        length = max(s.spec.length for s in editing)
         padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
-        reuse, starts = reuse_for_edits(states, owners, len(rows))
+        reuse, starts = reuse_for_edits(editing, owners, len(rows))
         with torch.no_grad():
             scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse=reuse)
         for (state, _, _), start in zip(owners, starts):
@@ -212,21 +217,14 @@ def tick(engine, states: list) -> None:
         key = (id(state), c)
         if math.isfinite(energy) and energy < best.get(key, (math.inf, -1))[0]:
             best[key] = (energy, index)
+    restarted = _restart(engine, restarting) if restarting else set()
     for state in states:
         state.step += 1
-        moved = False
+        moved = id(state) in restarted
         for c in range(state.chains):
             energy, index = best.get((id(state), c), (math.inf, -1))
             if index >= 0 and energy < float(state.best_energy[c]) - 1e-6:
-                length = state.spec.length
-                state.tokens[c] = scored.tokens[index, :length]
-                state.best_tokens[c] = state.tokens[c]
-                state.best_energy[c] = scored.energy[index]
-                state.best_reward[c] = scored.reward[index]
-                state.best_log_prob[c] = scored.log_prob_ref[index]
-                state.best_step[c] = state.step
-                state.counted[c] = int(scored.mask[index, :length].sum())
-                state.tried[c] = set()
+                _take(state, c, scored, index, state.step)
                 moved = True
         if moved:
             state.grad = state.memories = None  # the chains that moved need a gradient (and a memory) at their new tokens
@@ -239,8 +237,62 @@ def tick(engine, states: list) -> None:
             state.traces[c].append(StepStats(float(state.best_energy[c]), float(state.best_reward[c]),
                                              float(state.best_log_prob[c]), changed, True))
         no_moves = state.candidate_rows == 0
+        if no_moves and state.config.restart_after and state.config.init == "sample":
+            state.steps_since_improved = max(state.steps_since_improved, state.config.restart_after)  # nothing left to try: sample next
+            no_moves = False
         if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
             state.done = True
+
+
+def _take(state, chain: int, scored, index: int, step: int) -> None:
+    """Make scored row ``index`` chain ``chain``'s tokens (and best iterate) from ``step`` on."""
+    length = state.spec.length
+    state.tokens[chain] = scored.tokens[index, :length]
+    state.best_tokens[chain] = state.tokens[chain]
+    state.best_energy[chain] = scored.energy[index]
+    state.best_reward[chain] = scored.reward[index]
+    state.best_log_prob[chain] = scored.log_prob_ref[index]
+    state.best_step[chain] = step
+    state.counted[chain] = int(scored.mask[index, :length].sum())
+    state.tried[chain] = set()
+
+
+def _restarting(state) -> bool:
+    after = state.config.restart_after
+    return bool(after) and state.config.init == "sample" and state.steps_since_improved >= after
+
+
+def _sample_cost(state) -> int:
+    """Token-passes of drawing one base sample and scoring it."""
+    return state.spec.length + passes_per_row(state.spec)
+
+
+def _restart(engine, states: list) -> set[int]:
+    """Draw ``2 × chains`` fresh base samples per stalled state (as many as its budget allows), score them in one
+    batch, and let each, best first, replace the state's worst chain if it beats it. Returns the ids of the
+    states where a chain was replaced."""
+    counts = [min(2 * s.chains, int(_left(s) // _sample_cost(s))) if math.isfinite(_left(s)) else 2 * s.chains for s in states]
+    groups = [SampleGroup(s.spec.prefix, n, s.spec.length, s.generator, s.config.temperature, s.config.top_p) for s, n in zip(states, counts)]
+    drawn = sample_groups(engine.lm.model, groups, engine.stop_ids)
+    length = max(s.spec.length for s in states)
+    pad = int(engine.stop_ids[0])
+    tokens = torch.cat([torch.nn.functional.pad(d.tokens, (0, length - d.tokens.shape[1]), value=pad) for d in drawn])
+    specs = [dataclasses.replace(s.spec, rows=n) for s, n in zip(states, counts)]
+    with torch.no_grad():
+        scored = evaluate(engine.lm, specs, engine.stop_ids, tokens)
+    restarted, offset = set(), 0
+    for state, samples, spec in zip(states, drawn, specs):
+        state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec) * spec.rows
+        state.candidate_rows = spec.rows
+        energies = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
+        for index in (offset + torch.argsort(energies[offset : offset + spec.rows])).tolist():
+            worst = int(torch.argmax(state.best_energy))
+            if float(energies[index]) < float(state.best_energy[worst]) - 1e-6:
+                _take(state, worst, scored, index, state.step + 1)
+                state.initial_tokens[worst] = state.tokens[worst]
+                restarted.add(id(state))
+        offset += spec.rows
+    return restarted
 
 
 def _gradients(engine, states: list) -> None:
