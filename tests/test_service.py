@@ -268,3 +268,10 @@ def test_drain_past_the_grace_period_reports_unfinished_jobs_failed():
 
     jobs = run(scenario())
     assert all(job.status == JobStatus.failed and job.error_kind == "shutdown" for job in jobs)
+
+
+def test_every_discrete_option_of_a_request_reaches_the_engine():
+    from app.api.schemas import AlignRequest
+
+    config = AlignRequest(prompt="hi", candidates=6, restart_after=3, init_samples=5, proposal="lm").to_config(Settings())
+    assert (config.candidates, config.restart_after, config.init_samples, config.proposal) == (6, 3, 5, "lm")
