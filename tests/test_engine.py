@@ -129,7 +129,7 @@ def test_same_seed_same_output_and_other_seed_differs(lm, engine, make_prompt, u
 def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     keyword = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["cat"]), 2.0)])
-    update, restart_after = ("discrete", 1) if update == "discrete-restarts" else (update, None)
+    update, restart_after = ("discrete", 1) if update == "discrete-restarts" else (update, None)  # None: edits only
     alone = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=6, chains=2, steps=3, seed=3, update=update,
                              restart_after=restart_after)])[0]
     together = engine.run(
@@ -423,7 +423,7 @@ def test_a_stalled_request_draws_fresh_samples_that_replace_its_worst_chains(lm,
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     prompt = make_prompt("what is a boat")
     config = {"max_tokens": 6, "chains": 2, "steps": 6, "seed": 5, "init_samples": 2, "candidates": 1, "max_estimate": -1e9}
-    stalled = engine.run([_job(prompt, reward, **config)])[0]
+    stalled = engine.run([_job(prompt, reward, **config, restart_after=None)])[0]
     restarted = engine.run([_job(prompt, reward, **config, restart_after=1)])[0]
     assert [c.energy for c in stalled.chains] == [c.initial.energy for c in stalled.chains]  # nothing to try: no move
     assert sum(c.energy for c in restarted.chains) < sum(c.energy for c in stalled.chains) - 1e-6

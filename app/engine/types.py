@@ -26,7 +26,7 @@ class SEAConfig:
     candidates: int = 4  # discrete: edits evaluated exactly per chain per step
     # discrete: when no chain improved for this many steps, a step draws 2×chains fresh base samples instead of
     # edits, and each that beats a chain takes the place of the worst one (None: never; needs init "sample")
-    restart_after: int | None = None
+    restart_after: int | None = 2
     proposal: Literal["gradient", "lm"] = "gradient"  # discrete: rank edits by the STE gradient, or by the LM alone (ablation)
     max_estimate: float = 0.0  # discrete: only edits whose first-order energy change is at most this (nats) are scored
     max_compute: int | None = None  # discrete: stop before a step would push compute (see Usage.compute) past this
