@@ -122,7 +122,7 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
     with torch.enable_grad():
         scored = evaluate(lm, [spec], stop, state.tokens, one_hot_grad=True, record=True)
     grad = scored.grad  # (C, L, V)
-    state.memories = {key: memory for key, memory in scored.memories.items()}
+    state.memories = scored.memories
 
     def proposal():
         for c in range(state.chains):

@@ -48,28 +48,49 @@ def start(engine, states: list) -> None:
     drawn: dict[int, torch.Tensor] = {}
     sampled = [s for s in states if s.config.init != "random"]
     if sampled:
-        groups = [SampleGroup(s.spec.prefix, max(s.config.init_samples or 2 * s.chains, s.chains), s.config.max_tokens,
-                              s.generator, s.config.temperature, s.config.top_p) for s in sampled]
-        for state, samples in zip(sampled, sample_groups(engine.lm.model, groups, engine.stop_ids)):
-            state.usage.forward_token_passes += samples.forward_token_passes
-            drawn[id(state)] = samples.tokens
+        counts = [max(s.config.init_samples or 2 * s.chains, s.chains) for s in sampled]
+        for state, samples in zip(sampled, _base_samples(engine, sampled, counts)):
+            drawn[id(state)] = samples
     for state in states:
         if state.config.init == "random":
             shape = (state.chains, state.config.max_tokens)
             drawn[id(state)] = torch.randint(0, engine.vocab, shape, generator=state.generator, device=engine.device)
-    specs = [dataclasses.replace(s.spec, rows=drawn[id(s)].shape[0]) for s in states]
+    scored, slices = _score_drawn(engine, states, [drawn[id(s)] for s in states])
+    for state, rows in zip(states, slices):
+        length = state.spec.length
+        _keep_best(engine, state, scored.tokens[rows, :length], scored.energy[rows], scored.reward[rows],
+                   scored.log_prob_ref[rows], scored.mask[rows, :length])
+
+
+def _base_samples(engine, states: list, counts: list[int]) -> list[torch.Tensor]:
+    """``counts[i]`` base samples ``(n, L)`` for each of ``states``, drawn in one batch, each state from its own
+    generator (so alone or beside others it draws the same); the drawing is counted in each state's usage."""
+    groups = [SampleGroup(s.spec.prefix, n, s.spec.length, s.generator, s.config.temperature, s.config.top_p)
+              for s, n in zip(states, counts)]
+    drawn = []
+    for state, samples in zip(states, sample_groups(engine.lm.model, groups, engine.stop_ids)):
+        state.usage.forward_token_passes += samples.forward_token_passes
+        drawn.append(samples.tokens)
+    return drawn
+
+
+def _score_drawn(engine, states: list, drawn: list[torch.Tensor]) -> tuple:
+    """Score every state's drawn responses exactly in one batched pass, counted in each state's usage.
+
+    Returns the evaluation and each state's rows in it.
+    """
+    specs = [dataclasses.replace(s.spec, rows=d.shape[0]) for s, d in zip(states, drawn)]
     length = max(s.spec.length for s in states)
     pad = int(engine.stop_ids[0])
-    tokens = torch.cat([torch.nn.functional.pad(drawn[id(s)], (0, length - s.spec.length), value=pad) for s in states])
+    tokens = torch.cat([torch.nn.functional.pad(d, (0, length - d.shape[1]), value=pad) for d in drawn])
     with torch.no_grad():
         scored = evaluate(engine.lm, specs, engine.stop_ids, tokens)
-    offset = 0
+    slices, offset = [], 0
     for state, spec in zip(states, specs):
-        rows = slice(offset, offset + spec.rows)
-        offset += spec.rows
         state.usage.forward_token_passes += passes_per_row(spec) * spec.rows
-        _keep_best(engine, state, scored.tokens[rows, : spec.length], scored.energy[rows], scored.reward[rows],
-                   scored.log_prob_ref[rows], scored.mask[rows, : spec.length])
+        slices.append(slice(offset, offset + spec.rows))
+        offset += spec.rows
+    return scored, slices
 
 
 def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
@@ -272,26 +293,17 @@ def _restart(engine, states: list) -> set[int]:
     batch, and let each, best first, replace the state's worst chain if it beats it. Returns the ids of the
     states where a chain was replaced."""
     counts = [min(2 * s.chains, int(_left(s) // _sample_cost(s))) if math.isfinite(_left(s)) else 2 * s.chains for s in states]
-    groups = [SampleGroup(s.spec.prefix, n, s.spec.length, s.generator, s.config.temperature, s.config.top_p) for s, n in zip(states, counts)]
-    drawn = sample_groups(engine.lm.model, groups, engine.stop_ids)
-    length = max(s.spec.length for s in states)
-    pad = int(engine.stop_ids[0])
-    tokens = torch.cat([torch.nn.functional.pad(d.tokens, (0, length - d.tokens.shape[1]), value=pad) for d in drawn])
-    specs = [dataclasses.replace(s.spec, rows=n) for s, n in zip(states, counts)]
-    with torch.no_grad():
-        scored = evaluate(engine.lm, specs, engine.stop_ids, tokens)
-    restarted, offset = set(), 0
-    for state, samples, spec in zip(states, drawn, specs):
-        state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec) * spec.rows
-        state.candidate_rows = spec.rows
-        energies = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
-        for index in (offset + torch.argsort(energies[offset : offset + spec.rows])).tolist():
+    scored, slices = _score_drawn(engine, states, _base_samples(engine, states, counts))
+    energies = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
+    restarted = set()
+    for state, rows in zip(states, slices):
+        state.candidate_rows = rows.stop - rows.start
+        for index in (rows.start + torch.argsort(energies[rows])).tolist():
             worst = int(torch.argmax(state.best_energy))
             if float(energies[index]) < float(state.best_energy[worst]) - 1e-6:
                 _take(state, worst, scored, index, state.step + 1)
                 state.initial_tokens[worst] = state.tokens[worst]
                 restarted.add(id(state))
-        offset += spec.rows
     return restarted
 
 
