@@ -121,6 +121,19 @@ class ResponseMemory:
                               [torch.cat([m.keys[i] for m in memories]) for i in layers],
                               [torch.cat([m.values[i] for m in memories]) for i in layers])
 
+    def trimmed(self, length: int) -> ResponseMemory:
+        """The memory of responses of ``length`` tokens (drops the columns of a batch padded past them)."""
+        if self.log_probs.shape[1] == length:
+            return self
+        return ResponseMemory(self.log_probs[:, :length], [k[:, :, : length - 1] for k in self.keys],
+                              [v[:, :, : length - 1] for v in self.values])
+
+    def put_rows(self, index: Tensor, other: ResponseMemory) -> None:
+        """Overwrite rows ``index`` with ``other``'s rows, in place."""
+        self.log_probs.index_copy_(0, index, other.log_probs)
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine.index_copy_(0, index, theirs)
+
     def zeros_like(self, rows: int) -> ResponseMemory:
         return ResponseMemory(self.log_probs.new_zeros(rows, *self.log_probs.shape[1:]),
                               [k.new_zeros(rows, *k.shape[1:]) for k in self.keys],
@@ -138,10 +151,7 @@ class MemoryRecorder:
         if index is None:
             self.memories[key] = memory
             return
-        full = self.memories.setdefault(key, memory.zeros_like(self.rows))
-        full.log_probs.index_copy_(0, index, memory.log_probs)
-        for mine, theirs in zip(full.keys + full.values, memory.keys + memory.values):
-            mine.index_copy_(0, index, theirs)
+        self.memories.setdefault(key, memory.zeros_like(self.rows)).put_rows(index, memory)
 
 
 @dataclass

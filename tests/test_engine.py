@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.discrete import shared_starts
-from app.engine.energy import RowSpec, evaluate
+from app.engine.energy import RowSpec, evaluate, scoring_passes
 from app.engine.sampling import SampleGroup, sample_groups
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
@@ -275,10 +275,12 @@ def test_straight_through_columns_and_embedding_gradients():
     torch.testing.assert_close(logits.grad, dense_logits.grad)
 
 
-def test_discrete_energy_never_rises_and_stays_exact(lm, engine, make_prompt):
+@pytest.mark.parametrize("proposal", ["gradient", "lm"])
+def test_discrete_energy_never_rises_and_stays_exact(lm, engine, make_prompt, proposal):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     prompt = make_prompt("what is a boat")
-    result = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=6, seed=2, init_samples=6)])[0]
+    result = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=6, seed=2, init_samples=6, proposal=proposal)])[0]
+    assert any(c.energy < c.initial.energy - 1e-6 for c in result.chains)
     _assert_energies_only_fall_and_are_exact(lm, engine, prompt, reward, result, length=8)
 
 
@@ -433,3 +435,34 @@ def test_a_stalled_request_draws_fresh_samples_that_replace_its_worst_chains(lm,
     assert sum(c.energy for c in restarted.chains) < sum(c.energy for c in stalled.chains) - 1e-6
     assert restarted.usage.compute > stalled.usage.compute  # the samples are counted
     _assert_energies_only_fall_and_are_exact(lm, engine, prompt, reward, restarted, length=6)
+
+
+def test_a_step_recomputes_gradients_only_for_the_chains_that_moved(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    state = engine.start(_job(make_prompt("what is a boat"), reward, max_tokens=8, chains=4, steps=8, seed=7, restart_after=None))
+    passes = scoring_passes(8, [PrincipleReward(lm)])
+    moved_last = list(range(4))  # the first step needs every chain's gradient
+    partial = False
+    while not state.done:
+        before, tokens = state.usage.backward_token_passes, state.tokens.clone()
+        engine.tick([state])
+        assert state.usage.backward_token_passes - before == passes * len(moved_last)
+        moved_last = [c for c in range(4) if not torch.equal(tokens[c], state.tokens[c])]
+        partial = partial or 0 < len(moved_last) < 4
+    assert partial  # some step moved some chains and not others
+    _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("what is a boat"), reward, engine.result(state), length=8)
+
+
+def test_chains_that_stopped_improving_are_parked_while_others_still_improve(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    state = engine.start(_job(make_prompt("what is a boat"), reward, max_tokens=8, chains=4, steps=12, seed=8, restart_after=2))
+    parked_while_others_edited = False
+    while not state.done:
+        parked = [c for c in range(4) if state.stalls[c] >= 2]
+        tried = [set(t) for t in state.tried]
+        tokens = state.tokens.clone()
+        engine.tick([state])
+        if parked and len(parked) < 4:  # an editing step: the parked chains are left alone
+            parked_while_others_edited = True
+            assert all(state.tried[c] == tried[c] and torch.equal(state.tokens[c], tokens[c]) for c in parked)
+    assert parked_while_others_edited

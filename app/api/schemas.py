@@ -68,9 +68,9 @@ class SEAParams(StrictRequest):
                                 "logits: the paper-literal Langevin update over all logits.")
     init_samples: int | None = Field(None, ge=1, description="discrete: base samples drawn to start from (the best `chains` by energy); default 2×chains.")
     candidates: int = Field(4, ge=1, le=64, description="discrete: edits scored exactly per chain per step.")
-    restart_after: int | None = Field(2, ge=1, le=1000, description="discrete: when no chain improved for this many steps, "
-                                      "draw 2×chains fresh base samples instead of edits; each that beats a chain replaces the worst. "
-                                      "null: never.")
+    restart_after: int | None = Field(2, ge=1, le=1000, description="discrete: a chain that has not improved for this many steps "
+                                      "gets no more edits; when no chain has, draw 2×chains fresh base samples instead; each that "
+                                      "beats a chain replaces the worst. null: never.")
     proposal: Literal["gradient", "lm"] = Field("gradient", description="discrete: rank edits by the straight-through gradient, or by the LM alone (ablation).")
     step_size: float = Field(0.3, ge=0, le=100, allow_inf_nan=False, description="logits: step size of the logit update.")
     noise: float = Field(0.05, ge=0, le=100, allow_inf_nan=False,

@@ -4,7 +4,9 @@ Each tick, for every chain: (1) where the chain moved last tick, one forward/bac
 straight-through gradient ``dE/d one_hot(y)`` at its tokens; (2) :func:`proposals.propose` draws
 ``candidates`` edits from it; (3) all edits of all chains of all requests are scored exactly in one
 batched forward pass; (4) a chain takes its best edit if that lowers its exact energy. The chain
-never gets worse than its starting sample, and every energy reported is exact.
+never gets worse than its starting sample, and every energy reported is exact. A chain that has not
+improved for ``restart_after`` steps is parked and costs nothing; once all are, steps draw fresh base
+samples that replace the worst chains they beat (restarts).
 
 An edit leaves every position before its first edited one unchanged, so step (3) runs each edit only
 from there on: the gradient pass of step (1) leaves the chain's keys/values and per-token log-probs
@@ -113,6 +115,8 @@ def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
     ]
     state.traces = [[] for _ in range(chains)]
     state.tried = [set() for _ in range(chains)]
+    state.stalls = [0] * chains
+    state.grad = state.table = state.memories = None  # every chain needs a gradient pass
     state.step = 0
     state.done = state.config.steps == 0
 
@@ -186,6 +190,22 @@ def reuse_for_edits(states: list, owners: list, rows: int) -> tuple[Reuse | None
     return Reuse(torch.tensor(starts, device=device), memories), starts
 
 
+def active_chains(state) -> list[int]:
+    """The chains a step edits: all but those parked. With restarts on, a chain that has not improved for
+    ``restart_after`` steps is parked (it costs nothing) until a restart replaces it or every chain is parked."""
+    after = state.config.restart_after
+    if not after or state.config.init != "sample":
+        return list(range(state.chains))
+    return [c for c in range(state.chains) if state.stalls[c] < after]
+
+
+def _stale(state, chains: list[int]) -> list[int]:
+    """Those of ``chains`` without a gradient (and memory) at their current tokens."""
+    if state.grad is None:
+        return list(chains)
+    return [c for c in chains if c in state.stale]
+
+
 def tick(engine, states: list) -> None:
     """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance."""
     budgeted = []
@@ -193,7 +213,8 @@ def tick(engine, states: list) -> None:
         if _restarting(state):
             needed = _sample_cost(state)  # one fresh sample
         else:
-            needed = passes_per_row(state.spec) * state.chains * (4 if state.grad is None else 1)  # a gradient pass + one edit each
+            active = active_chains(state)  # a gradient pass where stale (3×: forward + backward) and one edit each
+            needed = passes_per_row(state.spec) * (3 * len(_stale(state, active)) + len(active))
         if _left(state) < needed:
             state.done = True  # not even one more step fits the compute budget
         else:
@@ -203,18 +224,20 @@ def tick(engine, states: list) -> None:
         return
     restarting = [s for s in states if _restarting(s)]
     editing = [s for s in states if not _restarting(s)]
-    need = [s for s in editing if s.grad is None]
+    need = [(s, _stale(s, active_chains(s))) for s in editing]
+    need = [(s, chains) for s, chains in need if chains]
     if need:
         _gradients(engine, need)
     rows, owners = [], []  # candidate token rows and (state, chain, move) for each
     for state in editing:
         temperature = noise_at(state.config, state.step + 1)
         per_state = []
-        for c in range(state.chains):
+        active = active_chains(state)
+        for c in active:
             scores = edit_scores(state.grad[c] if state.config.proposal == "gradient" else None,
                                  state.table[c] if state.config.proposal == "lm" else None, state.tokens[c])
             left = _left(state)
-            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * state.chains))
+            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * len(active)))
             for move in propose(scores, state.tokens[c], int(state.counted[c]), min(state.config.candidates, affordable),
                                 temperature, state.generator, state.tried[c], state.config.max_estimate):
                 per_state.append(apply(state.tokens[c], move))
@@ -238,17 +261,19 @@ def tick(engine, states: list) -> None:
         key = (id(state), c)
         if math.isfinite(energy) and energy < best.get(key, (math.inf, -1))[0]:
             best[key] = (energy, index)
-    restarted = _restart(engine, restarting) if restarting else set()
+    replaced = _restart(engine, restarting) if restarting else {}
     for state in states:
         state.step += 1
-        moved = id(state) in restarted
+        fresh = replaced.get(id(state), set())
+        moved = bool(fresh)
         for c in range(state.chains):
             energy, index = best.get((id(state), c), (math.inf, -1))
             if index >= 0 and energy < float(state.best_energy[c]) - 1e-6:
                 _take(state, c, scored, index, state.step)
                 moved = True
+            elif c not in fresh:
+                state.stalls[c] += 1
         if moved:
-            state.grad = state.memories = None  # the chains that moved need a gradient (and a memory) at their new tokens
             state.steps_since_improved = 0
         else:
             state.steps_since_improved += 1
@@ -276,6 +301,8 @@ def _take(state, chain: int, scored, index: int, step: int) -> None:
     state.best_step[chain] = step
     state.counted[chain] = int(scored.mask[index, :length].sum())
     state.tried[chain] = set()
+    state.stalls[chain] = 0
+    state.stale.add(chain)  # its gradient and memory are of its old tokens
 
 
 def _restarting(state) -> bool:
@@ -288,14 +315,14 @@ def _sample_cost(state) -> int:
     return state.spec.length + passes_per_row(state.spec)
 
 
-def _restart(engine, states: list) -> set[int]:
+def _restart(engine, states: list) -> dict[int, set[int]]:
     """Draw ``2 × chains`` fresh base samples per stalled state (as many as its budget allows), score them in one
-    batch, and let each, best first, replace the state's worst chain if it beats it. Returns the ids of the
-    states where a chain was replaced."""
+    batch, and let each, best first, replace the state's worst chain if it beats it. Returns, per state id, the
+    chains replaced."""
     counts = [min(2 * s.chains, int(_left(s) // _sample_cost(s))) if math.isfinite(_left(s)) else 2 * s.chains for s in states]
     scored, slices = _score_drawn(engine, states, _base_samples(engine, states, counts))
     energies = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
-    restarted = set()
+    replaced: dict[int, set[int]] = {}
     for state, rows in zip(states, slices):
         state.candidate_rows = rows.stop - rows.start
         for index in (rows.start + torch.argsort(energies[rows])).tolist():
@@ -303,32 +330,48 @@ def _restart(engine, states: list) -> set[int]:
             if float(energies[index]) < float(state.best_energy[worst]) - 1e-6:
                 _take(state, worst, scored, index, state.step + 1)
                 state.initial_tokens[worst] = state.tokens[worst]
-                restarted.add(id(state))
-    return restarted
+                replaced.setdefault(id(state), set()).add(worst)
+    return replaced
 
 
-def _gradients(engine, states: list) -> None:
-    """dE/d one_hot at each state's current tokens (or, for the gradient-free ablation, the LM's log-prob table)."""
+def _gradients(engine, needs: list) -> None:
+    """dE/d one_hot at the tokens of the given chains (``needs``: (state, chains) pairs), in one batched pass, with
+    their memories (or, for the gradient-free ablation, the LM's log-prob table); the other chains keep theirs."""
+    states = [state for state, _ in needs]
     length = max(s.spec.length for s in states)
-    tokens = torch.cat([torch.nn.functional.pad(s.tokens, (0, length - s.spec.length), value=int(engine.stop_ids[0])) for s in states])
+    pad = int(engine.stop_ids[0])
+    tokens = torch.cat([torch.nn.functional.pad(s.tokens[chains], (0, length - s.spec.length), value=pad) for s, chains in needs])
+    specs = [dataclasses.replace(s.spec, rows=len(chains)) for s, chains in needs]
     with_grad = any(s.config.proposal == "gradient" for s in states)
     with torch.set_grad_enabled(with_grad):
-        scored = evaluate(engine.lm, [s.spec for s in states], engine.stop_ids, tokens, one_hot_grad=with_grad,
+        scored = evaluate(engine.lm, specs, engine.stop_ids, tokens, one_hot_grad=with_grad,
                           keep_table=any(s.config.proposal == "lm" for s in states), record=True)
     offset = 0
-    for state in states:
-        rows = slice(offset, offset + state.chains)
-        offset += state.chains
-        passes = passes_per_row(state.spec) * state.chains
+    for state, chains in needs:
+        rows = slice(offset, offset + len(chains))
+        offset += len(chains)
+        own = state.spec.length
+        index = torch.tensor(chains, dtype=torch.long, device=state.tokens.device)
+        passes = passes_per_row(state.spec) * len(chains)
         state.usage.forward_token_passes += passes
         if with_grad:
             state.usage.backward_token_passes += passes
-            state.grad = scored.grad[rows, : state.spec.length]
-            finite = torch.isfinite(state.grad).flatten(1).all(1)
+            grad = scored.grad[rows, :own]
+            finite = torch.isfinite(grad).flatten(1).all(1)
             if not bool(finite.all()):
                 state.nonfinite_steps += 1
-                state.grad = torch.where(finite[:, None, None], state.grad, torch.zeros_like(state.grad))
+                grad = torch.where(finite[:, None, None], grad, torch.zeros_like(grad))
         else:
-            state.grad = torch.zeros(0)  # marks "computed"; the table drives the proposals
-        state.table = scored.table[rows, : state.spec.length] if scored.table is not None else None
-        state.memories = {key: memory.rows(rows) for key, memory in scored.memories.items()}
+            grad = torch.zeros(len(chains), 0, 0, device=tokens.device)  # marks "computed"; the table drives the proposals
+        if state.grad is None:
+            state.stale = set(range(state.chains)) - set(chains)
+            state.grad = grad.new_zeros(state.chains, *grad.shape[1:])
+            state.memories = {key: memory.trimmed(own).zeros_like(state.chains) for key, memory in scored.memories.items()}
+            if scored.table is not None:
+                state.table = scored.table.new_zeros(state.chains, own, scored.table.shape[-1])
+        state.grad[index] = grad
+        if scored.table is not None and state.table is not None:
+            state.table[index] = scored.table[rows, :own]
+        for key, memory in scored.memories.items():
+            state.memories[key].put_rows(index, memory.rows(rows).trimmed(own))
+        state.stale.difference_update(chains)

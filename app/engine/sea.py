@@ -60,6 +60,8 @@ class RequestState:
     counted: Tensor | None = None  # discrete: (C,) tokens that count per chain
     tried: list[set] = field(default_factory=list)  # discrete: edits already rejected at the current tokens
     memories: dict | None = None  # discrete: per LM scorer, the memory of the gradient pass at the current tokens
+    stale: set[int] = field(default_factory=set)  # discrete: chains whose grad and memory are of tokens they left
+    stalls: list[int] = field(default_factory=list)  # discrete: per chain, steps since it last improved
     candidate_rows: int = 0
     steps_since_improved: int = 0
     nonfinite_steps: int = 0

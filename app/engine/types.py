@@ -24,8 +24,9 @@ class SEAConfig:
     update: Literal["discrete", "logits"] = "discrete"
     init_samples: int | None = None  # discrete: base samples drawn to start from (best `chains` by energy); None: 2×chains
     candidates: int = 4  # discrete: edits evaluated exactly per chain per step
-    # discrete: when no chain improved for this many steps, a step draws 2×chains fresh base samples instead of
-    # edits, and each that beats a chain takes the place of the worst one (None: never; needs init "sample")
+    # discrete: a chain that has not improved for this many steps is parked (no more edits); when every chain is,
+    # a step draws 2×chains fresh base samples instead, and each that beats a chain takes the place of the worst
+    # one (None: never park or restart; needs init "sample")
     restart_after: int | None = 2
     proposal: Literal["gradient", "lm"] = "gradient"  # discrete: rank edits by the STE gradient, or by the LM alone (ablation)
     max_estimate: float = 0.0  # discrete: only edits whose first-order energy change is at most this (nats) are scored
