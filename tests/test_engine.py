@@ -466,3 +466,22 @@ def test_chains_that_stopped_improving_are_parked_while_others_still_improve(lm,
             parked_while_others_edited = True
             assert all(state.tried[c] == tried[c] and torch.equal(state.tokens[c], tokens[c]) for c in parked)
     assert parked_while_others_edited
+
+
+@pytest.mark.parametrize("proposals", [("gradient", "gradient"), ("lm", "gradient"), ("gradient", "lm")])
+def test_a_request_keeps_editing_when_a_batch_mate_with_another_reward_joins(lm, engine, make_prompt, proposals):
+    """Continuous batching: a keyword-only request runs a step alone, then a principle-reward request (which adds a
+    second LM scorer) joins its batch, with the same or the other proposal; both finish with exact energies, and
+    the second as it does alone."""
+    keywords = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["boat"]), 1.0)])
+    principle = RewardMix([(PrincipleReward(lm), 1.0)])
+    config = {"max_tokens": 6, "chains": 2, "steps": 4, "seed": 9, "restart_after": None}
+    first = engine.start(_job(make_prompt("what is a boat"), keywords, **config, proposal=proposals[0]))
+    engine.tick([first])
+    second = engine.start(_job(make_prompt("sing a song"), principle, **config, proposal=proposals[1]))
+    while not (first.done and second.done):
+        engine.tick([s for s in (first, second) if not s.done])
+    alone = engine.run([_job(make_prompt("sing a song"), principle, **config, proposal=proposals[1])])[0]
+    assert engine.result(second).energy == pytest.approx(alone.energy, abs=1e-4)
+    _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("sing a song"), principle, engine.result(second), length=6)
+    _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("what is a boat"), keywords, engine.result(first), length=6)

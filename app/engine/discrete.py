@@ -356,22 +356,24 @@ def _gradients(engine, needs: list) -> None:
         state.usage.forward_token_passes += passes
         if with_grad:
             state.usage.backward_token_passes += passes
+        grad = None  # the gradient-free ablation keeps an empty marker: the table drives its proposals
+        if state.config.proposal == "gradient":
             grad = scored.grad[rows, :own]
             finite = torch.isfinite(grad).flatten(1).all(1)
             if not bool(finite.all()):
                 state.nonfinite_steps += 1
                 grad = torch.where(finite[:, None, None], grad, torch.zeros_like(grad))
-        else:
-            grad = torch.zeros(len(chains), 0, 0, device=tokens.device)  # marks "computed"; the table drives the proposals
         if state.grad is None:
             state.stale = set(range(state.chains)) - set(chains)
-            state.grad = grad.new_zeros(state.chains, *grad.shape[1:])
+            state.grad = grad.new_zeros(state.chains, *grad.shape[1:]) if grad is not None else tokens.new_zeros(state.chains, 0, 0)
             state.memories = {key: memory.trimmed(own).zeros_like(state.chains) for key, memory in scored.memories.items()}
             if scored.table is not None:
                 state.table = scored.table.new_zeros(state.chains, own, scored.table.shape[-1])
-        state.grad[index] = grad
+        if grad is not None:
+            state.grad[index] = grad
         if scored.table is not None and state.table is not None:
             state.table[index] = scored.table[rows, :own]
-        for key, memory in scored.memories.items():
-            state.memories[key].put_rows(index, memory.rows(rows).trimmed(own))
+        for key, memory in scored.memories.items():  # a batch mate may bring a scorer this state lacks: zeros, never read
+            mine = memory.rows(rows).trimmed(own)
+            state.memories.setdefault(key, mine.zeros_like(state.chains)).put_rows(index, mine)
         state.stale.difference_update(chains)
