@@ -366,7 +366,7 @@ def _gradients(engine, needs: list) -> None:
         if state.grad is None:
             state.stale = set(range(state.chains)) - set(chains)
             state.grad = grad.new_zeros(state.chains, *grad.shape[1:]) if grad is not None else tokens.new_zeros(state.chains, 0, 0)
-            state.memories = {key: memory.trimmed(own).zeros_like(state.chains) for key, memory in scored.memories.items()}
+            state.memories = {}
             if scored.table is not None:
                 state.table = scored.table.new_zeros(state.chains, own, scored.table.shape[-1])
         if grad is not None:
