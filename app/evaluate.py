@@ -59,7 +59,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--budget-samples", type=float, default=None, help="Compute of N base samples per prompt and method.")
     budget.add_argument("--budget-token-passes", type=int, default=None, help="Compute in token-passes per prompt and method.")
     budget.add_argument("--budget-seconds", type=float, default=None, help="Wall time per prompt and method, converted to token-passes.")
-    parser.add_argument("--out", required=True, help="Output folder (results.json, report.md, plots).")
+    parser.add_argument("--out", required=True, help="Output folder: records.jsonl as the runs finish; results.json, report.md and plots at the end.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds; every prompt runs once per seed.")
     parser.add_argument("--max-tokens", type=int, default=None, help="Response length (default: SEA_DEFAULT_MAX_TOKENS).")
@@ -138,6 +138,10 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     )
     seconds_per_pass = None
     records = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = out / "records.jsonl"  # one line per finished run, so a stopped evaluation keeps what it did
+    progress.write_text("")
     total = len(rows) * len(seeds) * len(methods)
     started = time.perf_counter()
     done = 0
@@ -166,6 +170,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 tick = time.perf_counter()
                 result = runtime.engine.run([job])[0]
                 records.append(_record(name, row, seed, result, time.perf_counter() - tick, budget))
+                with progress.open("a") as handle:
+                    handle.write(json.dumps(records[-1]) + "\n")
                 done += 1
                 print(f"\r[{done}/{total}] {name:<12} {time.perf_counter() - started:7.0f}s", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -174,8 +180,6 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
         "prompts": str(args.prompts), "methods": methods, "seeds": seeds, "max_tokens": base.max_tokens, "alpha": base.alpha,
         "chains": base.chains, "budget_samples": args.budget_samples, "budget_token_passes": args.budget_token_passes,
         "budget_seconds": args.budget_seconds, "seconds_per_token_pass": seconds_per_pass, "keywords_mode": args.keywords_mode, "set": extra, "model": runtime.lm.name}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(report(results))
     _plots(results, out)

@@ -27,6 +27,8 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     assert (out / "reward_vs_compute.png").stat().st_size > 0 and (out / "sea_steps.png").stat().st_size > 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert len(records) == 2 * 2 * 6
+    progress = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert progress == records  # written one by one as the runs finish
     budget = 6 * (6 + 5)  # six samples of 6 tokens, each drawn and scored by the reference LM (keyword reward: no LM pass)
     for record in records:
         assert {"method", "prompt", "text", "reward", "energy", "energy_per_token", "log_prob_ref", "refused", "seconds"} <= set(record)
