@@ -70,7 +70,7 @@ def measure(model: str, chains: int, max_tokens: int, candidates: int, device: s
             method = "ru_maxrss delta"
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     bench = setup(lm, chains, max_tokens, candidates)  # draws and scores the initial chains
-    bench.state.grad = None
+    bench.state.stale = set(range(bench.state.chains))
     bench.engine.tick([bench.state])  # gradient pass + exact scoring of chains × candidates rows
     if cuda:
         torch.cuda.synchronize()

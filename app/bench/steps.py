@@ -109,7 +109,7 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
     reference_only = dataclasses.replace(spec, reward_terms=[])
 
     def step():
-        state.grad = None  # every chain needs a gradient at its tokens (as after a step where all moved)
+        state.stale = set(range(state.chains))  # every chain needs a gradient at its tokens (as after a step where all moved)
         state.tried = [set() for _ in range(state.chains)]
         engine.tick([state])
 

@@ -116,7 +116,7 @@ def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
     state.traces = [[] for _ in range(chains)]
     state.tried = [set() for _ in range(chains)]
     state.stalls = [0] * chains
-    state.grad = state.table = state.memories = None  # every chain needs a gradient pass
+    state.stale = set(range(chains))  # every chain needs a gradient pass
     state.step = 0
     state.done = state.config.steps == 0
 
@@ -199,45 +199,39 @@ def active_chains(state) -> list[int]:
     return [c for c in range(state.chains) if state.stalls[c] < after]
 
 
-def _stale(state, chains: list[int]) -> list[int]:
-    """Those of ``chains`` without a gradient (and memory) at their current tokens."""
-    if state.grad is None:
-        return list(chains)
-    return [c for c in chains if c in state.stale]
-
-
 def tick(engine, states: list) -> None:
     """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance."""
-    budgeted = []
+    budgeted, restarting, editing = [], [], []
+    active: dict[int, list[int]] = {}  # per editing state: the chains this step edits
+    stale: dict[int, list[int]] = {}  # and those of them that need a gradient pass first
     for state in states:
-        if _restarting(state):
+        restarts = _restarting(state)
+        if restarts:
             needed = _sample_cost(state)  # one fresh sample
         else:
-            active = active_chains(state)  # a gradient pass where stale (3×: forward + backward) and one edit each
-            needed = passes_per_row(state.spec) * (3 * len(_stale(state, active)) + len(active))
+            active[id(state)] = active_chains(state)
+            stale[id(state)] = [c for c in active[id(state)] if c in state.stale]
+            needed = passes_per_row(state.spec) * (3 * len(stale[id(state)]) + len(active[id(state)]))  # 3×: forward + backward
         if _left(state) < needed:
             state.done = True  # not even one more step fits the compute budget
-        else:
-            budgeted.append(state)
+            continue
+        budgeted.append(state)
+        (restarting if restarts else editing).append(state)
     states = budgeted
     if not states:
         return
-    restarting = [s for s in states if _restarting(s)]
-    editing = [s for s in states if not _restarting(s)]
-    need = [(s, _stale(s, active_chains(s))) for s in editing]
-    need = [(s, chains) for s, chains in need if chains]
+    need = [(s, stale[id(s)]) for s in editing if stale[id(s)]]
     if need:
         _gradients(engine, need)
     rows, owners = [], []  # candidate token rows and (state, chain, move) for each
     for state in editing:
         temperature = noise_at(state.config, state.step + 1)
         per_state = []
-        active = active_chains(state)
-        for c in active:
+        for c in active[id(state)]:
             scores = edit_scores(state.grad[c] if state.config.proposal == "gradient" else None,
                                  state.table[c] if state.config.proposal == "lm" else None, state.tokens[c])
             left = _left(state)
-            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * len(active)))
+            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * len(active[id(state)])))
             for move in propose(scores, state.tokens[c], int(state.counted[c]), min(state.config.candidates, affordable),
                                 temperature, state.generator, state.tried[c], state.config.max_estimate):
                 per_state.append(apply(state.tokens[c], move))
@@ -356,21 +350,21 @@ def _gradients(engine, needs: list) -> None:
         state.usage.forward_token_passes += passes
         if with_grad:
             state.usage.backward_token_passes += passes
-        grad = None  # the gradient-free ablation keeps an empty marker: the table drives its proposals
+        grad = None  # the gradient-free ablation has none: the table drives its proposals
         if state.config.proposal == "gradient":
             grad = scored.grad[rows, :own]
             finite = torch.isfinite(grad).flatten(1).all(1)
             if not bool(finite.all()):
                 state.nonfinite_steps += 1
                 grad = torch.where(finite[:, None, None], grad, torch.zeros_like(grad))
-        if state.grad is None:
-            state.stale = set(range(state.chains)) - set(chains)
-            state.grad = grad.new_zeros(state.chains, *grad.shape[1:]) if grad is not None else tokens.new_zeros(state.chains, 0, 0)
-            state.memories = {}
-            if scored.table is not None:
-                state.table = scored.table.new_zeros(state.chains, own, scored.table.shape[-1])
         if grad is not None:
+            if state.grad is None:
+                state.grad = grad.new_zeros(state.chains, *grad.shape[1:])
             state.grad[index] = grad
+        if scored.table is not None and state.table is None:
+            state.table = scored.table.new_zeros(state.chains, own, scored.table.shape[-1])
+        if state.memories is None:
+            state.memories = {}
         if scored.table is not None and state.table is not None:
             state.table[index] = scored.table[rows, :own]
         for key, memory in scored.memories.items():  # a batch mate may bring a scorer this state lacks: zeros, never read
