@@ -48,7 +48,9 @@ VARIANTS: dict[str, dict] = {
     "sea-noref": {"method": "sea", "use_reference": False},
     "sea-nonoise": {"method": "sea", "noise": 0.0},
     "sea-random": {"method": "sea", "init": "random"},
-    "sea-logits": {"method": "sea", "update": "logits"},
+    "sea-base": {"method": "sea", "init": "sample"},  # chains start from base samples, not guided ones
+    "sea-energy-base": {"method": "sea", "select": "energy", "init": "sample"},
+    "sea-logits": {"method": "sea", "update": "logits", "init": "sample"},  # the paper-literal update, start and all
 }
 
 
@@ -92,8 +94,11 @@ def _parse_value(value: str):
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
-def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int) -> SEAConfig:
-    """Size a method to a compute budget (token-passes): N for Best-of-N, steps for SEA, k for ARGS, K for CBS."""
+def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int, guides: int = 0) -> SEAConfig:
+    """Size a method to a compute budget (token-passes): N for Best-of-N, steps for SEA, k for ARGS, K for CBS.
+
+    ``guides``: prompts a guided SEA start draws beside the reference's (each token runs once per prompt).
+    """
     if budget is None:
         return config
     length = config.max_tokens
@@ -102,7 +107,8 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int)
     if config.method == "bon":
         return dataclasses.replace(config, samples=max(1, int(budget // sample_cost)))
     if config.method == "sea" and config.update == "discrete":
-        init = config.init_samples or max(config.chains, int(0.25 * budget // sample_cost))
+        draw_cost = length * (1 + guides) + passes_per_row
+        init = config.init_samples or max(config.chains, int(0.25 * budget // draw_cost))
         return dataclasses.replace(config, init_samples=init, max_compute=int(budget), steps=10_000)
     if config.method == "sea":
         left = budget - config.chains * sample_cost
@@ -166,7 +172,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                         print(f"{args.budget_seconds:g} s = {args.budget_seconds / seconds_per_pass:.0f} token-passes per prompt and method "
                               f"(about {args.budget_seconds / seconds_per_pass / (config.max_tokens + per_row):.1f} base samples)", file=sys.stderr)
                     budget = args.budget_seconds / seconds_per_pass
-                job.config = size_to_budget(config, budget, per_row)
+                guides = sum(getattr(component, "contrastive", False) for component, _ in job.reward.terms)
+                job.config = size_to_budget(config, budget, per_row, guides if config.init == "guided" and config.use_reward else 0)
                 tick = time.perf_counter()
                 result = runtime.engine.run([job])[0]
                 records.append(_record(name, row, seed, result, time.perf_counter() - tick, budget))

@@ -37,7 +37,9 @@ class Prompt:
 
 class RewardComponent(Protocol):
     """A reward. A component may also set ``resumes = True`` when ``score`` reads ``response.reuse`` (scores an
-    edit from its first edited position on, at that lower cost); without it an edit costs a full pass."""
+    edit from its first edited position on, at that lower cost); without it an edit costs a full pass. It may set
+    ``contrastive = True`` when its score is ``log pi(y | context) − log pi_ref(y | x)`` for ``model`` and a
+    prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it."""
 
     name: str
     lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
@@ -65,6 +67,7 @@ class PrincipleReward:
         self.name = name
         self.lm_passes = 1
         self.resumes = True
+        self.contrastive = True
 
     def prepare(self, prompt: Prompt) -> object:
         return encode_prefix(self.lm.model, render_prompt(self.lm.tokenizer, prompt.messages, system=self.principle))

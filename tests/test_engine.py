@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.discrete import shared_starts
-from app.engine.energy import RowSpec, evaluate, scoring_passes
-from app.engine.sampling import SampleGroup, sample_groups
+from app.engine.energy import RowSpec, evaluate, scoring_passes, token_tilt
+from app.engine.sampling import SampleGroup, Tilt, sample_groups
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
 from models.rewards import LexiconReward, PrincipleReward, RewardMix
@@ -155,6 +155,8 @@ def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prom
                         3, 9, torch.Generator().manual_seed(1), 1.0, 0.9),
             SampleGroup(encode_prefix(lm.model, make_prompt("hi").ids), 2, 4, torch.Generator().manual_seed(2), 0.0),
             SampleGroup(encode_prefix(lm.model, make_prompt("tea?").ids), 4, 6, torch.Generator().manual_seed(3), 1.5),
+            SampleGroup(encode_prefix(lm.model, make_prompt("a boat").ids), 3, 7, torch.Generator().manual_seed(4), 1.0,
+                        tilt=Tilt(((encode_prefix(lm.model, make_prompt("be safe").ids), 2.0),), -1.0, 5)),
         ]
 
     alone_groups, together_groups = groups(), groups()
@@ -168,6 +170,58 @@ def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prom
             torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
         # each generator is left where sampling alone leaves it, so the request's later draws match too
         assert torch.equal(group.generator.get_state(), group_alone.generator.get_state())
+
+
+def _next_log_probs(lm, ids):
+    return F.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+
+
+def test_a_tilted_draw_follows_the_tilted_top_k_of_uncached_passes(lm, engine, make_prompt):
+    """Each token is drawn from softmax(−2·log pi_ref + 3·log pi(· | guide)) over the reference's top 6, replayed here
+    with uncached passes and the same generator."""
+    prompt, guide = make_prompt("tell me about the river"), make_prompt("please be safe")
+    tilt = Tilt(((encode_prefix(lm.model, guide.ids), 3.0),), -2.0, 6)
+    drawn = sample_groups(lm.model, [SampleGroup(encode_prefix(lm.model, prompt.ids), 1, 10, torch.Generator().manual_seed(0),
+                                                 tilt=tilt)], engine.stop_ids)[0]
+    generator = torch.Generator().manual_seed(0)
+    expected: list[int] = []
+    while len(expected) < 10 and not (expected and expected[-1] in engine.stop_ids.tolist()):
+        ref, guided = _next_log_probs(lm, prompt.ids + expected), _next_log_probs(lm, guide.ids + expected)
+        top = ref.topk(6).indices
+        mixed = torch.full_like(ref, float("-inf"))
+        mixed[top] = (-2.0 * ref + 3.0 * guided)[top]
+        expected.append(int(torch.multinomial(torch.softmax(mixed, -1)[None], 1, generator=generator)[0, 0]))
+    assert drawn.tokens[0, : len(expected)].tolist() == expected
+    assert len(set(expected)) > 1  # not one token over and over
+    assert drawn.forward_token_passes == 2 * (len(expected) - 1)  # each step runs the row under both prompts
+
+
+def test_the_tilt_is_the_per_token_part_of_the_energy(lm, make_prompt):
+    prompt = make_prompt("what is a boat")
+    principle = PrincipleReward(lm)
+    keywords = LexiconReward.keywords(lm.tokenizer, ["boat"])
+    tilt = token_tilt(_spec(lm, prompt, [(principle, 0.5), (keywords, 1.0)], rows=1, length=4, alpha=3.0), lm.model, 7)
+    assert [weight for _, weight in tilt.guides] == [1.5] and tilt.ref_weight == -0.5 and tilt.top_k == 7
+    assert token_tilt(_spec(lm, prompt, [(keywords, 1.0)], rows=1, length=4), lm.model, 7) is None  # nothing per token
+    no_reward = dataclasses.replace(_spec(lm, prompt, [(principle, 1.0)], rows=1, length=4), use_reward=False)
+    assert token_tilt(no_reward, lm.model, 7) is None
+
+
+def test_guided_starts_have_lower_energy_than_base_samples(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    config = {"max_tokens": 8, "chains": 32, "steps": 0, "seed": 3, "init_samples": 32, "alpha": 3.0}
+    guided = engine.run([_job(make_prompt("how do i make a fire"), reward, **config, init="guided")])[0]
+    base = engine.run([_job(make_prompt("how do i make a fire"), reward, **config, init="sample")])[0]
+    assert sum(c.energy for c in guided.chains) < sum(c.energy for c in base.chains)
+    assert guided.usage.forward_token_passes > base.usage.forward_token_passes  # the guide prompt's rows are counted
+
+
+def test_guided_and_base_starts_are_the_same_for_a_reward_with_no_per_token_part(lm, engine, make_prompt):
+    keywords = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["boat", "river"]), 1.0)])
+    config = {"max_tokens": 8, "chains": 2, "steps": 3, "seed": 3}
+    guided = engine.run([_job(make_prompt("tell me a story"), keywords, **config, init="guided")])[0]
+    base = engine.run([_job(make_prompt("tell me a story"), keywords, **config, init="sample")])[0]
+    assert [c.tokens for c in guided.chains] == [c.tokens for c in base.chains] and guided.usage == base.usage
 
 
 @pytest.mark.parametrize("update", ["discrete", "logits"])
@@ -295,7 +349,8 @@ def _assert_energies_only_fall_and_are_exact(lm, engine, prompt, reward, result,
 
 def test_discrete_chains_start_from_the_best_initial_samples(lm, engine, make_prompt):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
-    job = _job(make_prompt("what is a boat"), reward, max_tokens=6, chains=2, steps=0, seed=4, init_samples=8, select="energy")
+    job = _job(make_prompt("what is a boat"), reward, max_tokens=6, chains=2, steps=0, seed=4, init_samples=8, select="energy",
+               init="sample")
     bon = engine.run([_job(make_prompt("what is a boat"), reward, max_tokens=6, seed=4, method="bon", samples=8, select="energy")])[0]
     sea = engine.run([job])[0]
     assert sea.energy == pytest.approx(bon.energy, abs=1e-5)  # same draws: the best of 8 by exact energy

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from app.evaluate import add_eval_arguments, distinct_n, refused, run_eval
+from app.engine.types import SEAConfig
+from app.evaluate import add_eval_arguments, distinct_n, refused, run_eval, size_to_budget
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -39,6 +40,15 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     assert [r["id"] for r in records if r["method"] == "sample"] == ["a", "a", "b", "b"]
     assert set(results["summary"]) == {"sea", "bon", "args", "cbs", "sample", "sea-lm"}
     assert "| sea |" in (out / "report.md").read_text()
+
+
+def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():
+    """A guided draw runs each token under the guide prompt too, so fewer of them fit the start's quarter."""
+    config = SEAConfig(max_tokens=24, chains=2)
+    base = size_to_budget(config, 8000, 47)
+    guided = size_to_budget(config, 8000, 47, guides=1)
+    assert base.init_samples == 2000 // (24 + 47) and guided.init_samples == 2000 // (2 * 24 + 47)
+    assert base.max_compute == guided.max_compute == 8000
 
 
 def test_refusal_detector_looks_only_at_the_opening():

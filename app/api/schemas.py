@@ -66,10 +66,10 @@ class SEAParams(StrictRequest):
     update: Literal["discrete", "logits"] = Field(
         "discrete", description="discrete: gradient-ranked token edits accepted on exact energy (default); "
                                 "logits: the paper-literal Langevin update over all logits.")
-    init_samples: int | None = Field(None, ge=1, description="discrete: base samples drawn to start from (the best `chains` by energy); default 2×chains.")
+    init_samples: int | None = Field(None, ge=1, description="discrete: samples drawn to start from (the best `chains` by energy); default 2×chains.")
     candidates: int = Field(4, ge=1, le=64, description="discrete: edits scored exactly per chain per step.")
     restart_after: int | None = Field(2, ge=1, le=1000, description="discrete: a chain that has not improved for this many steps "
-                                      "gets no more edits; when no chain has, draw 2×chains fresh base samples instead; each that "
+                                      "gets no more edits; when no chain has, draw 2×chains fresh samples (as `init` does) instead; each that "
                                       "beats a chain replaces the worst. null: never.")
     proposal: Literal["gradient", "lm"] = Field("gradient", description="discrete: rank edits by the straight-through gradient, or by the LM alone (ablation).")
     step_size: float = Field(0.3, ge=0, le=100, allow_inf_nan=False, description="logits: step size of the logit update.")
@@ -78,7 +78,11 @@ class SEAParams(StrictRequest):
     noise_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="How the noise anneals over the steps.")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Direction of the logit update.")
     top_k: int | None = Field(None, ge=1, le=1000, description="Decode each position among the reference model's top-k (COLD-style).")
-    init: Literal["sample", "random"] = Field("sample", description="Start chains from base samples or random logits.")
+    init: Literal["guided", "sample", "random"] = Field(
+        "guided", description="Start chains from guided samples (each token drawn from the reference tilted by the "
+                              "contrastive rewards' per-token terms, among its top `guide_top_k`; base samples when no "
+                              "reward has such terms), from base samples (the paper), or from random tokens/logits.")
+    guide_top_k: int = Field(10, ge=1, le=1000, description="init guided: tokens drawn only among the reference's top-k.")
     temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="Base sampling temperature; below 1e-4, greedy (as 0).")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Base sampling nucleus.")
     select: Literal["reward", "energy"] = Field("reward", description="Return the chain with the highest reward or the lowest energy.")
@@ -110,6 +114,7 @@ class SEAParams(StrictRequest):
             optimizer=self.optimizer,
             top_k=self.top_k,
             init=self.init,
+            guide_top_k=self.guide_top_k,
             temperature=self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0,  # log p / 1e-300 overflows
             top_p=self.top_p,
             select=self.select,

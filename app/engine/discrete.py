@@ -1,11 +1,11 @@
-"""The discrete SEA update: start from the best base samples, then gradient-ranked edits with exact acceptance.
+"""The discrete SEA update: start from the best of many samples, then gradient-ranked edits with exact acceptance.
 
 Each tick, for every chain: (1) where the chain moved last tick, one forward/backward pass gives the
 straight-through gradient ``dE/d one_hot(y)`` at its tokens; (2) :func:`proposals.propose` draws
 ``candidates`` edits from it; (3) all edits of all chains of all requests are scored exactly in one
 batched forward pass; (4) a chain takes its best edit if that lowers its exact energy. The chain
 never gets worse than its starting sample, and every energy reported is exact. A chain that has not
-improved for ``restart_after`` steps is parked and costs nothing; once all are, steps draw fresh base
+improved for ``restart_after`` steps is parked and costs nothing; once all are, steps draw fresh
 samples that replace the worst chains they beat (restarts).
 
 An edit leaves every position before its first edited one unchanged, so step (3) runs each edit only
@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from app.engine.energy import evaluate, passes_per_row
+from app.engine.energy import evaluate, passes_per_row, token_tilt
 from app.engine.proposals import apply, edit_scores, propose
-from app.engine.sampling import SampleGroup, sample_groups
+from app.engine.sampling import SampleGroup, Tilt, sample_groups
 from app.engine.types import StepStats
 from models.lm import ResponseMemory, Reuse
 
@@ -51,7 +51,7 @@ def start(engine, states: list) -> None:
     sampled = [s for s in states if s.config.init != "random"]
     if sampled:
         counts = [max(s.config.init_samples or 2 * s.chains, s.chains) for s in sampled]
-        for state, samples in zip(sampled, _base_samples(engine, sampled, counts)):
+        for state, samples in zip(sampled, _draw_samples(engine, sampled, counts)):
             drawn[id(state)] = samples
     for state in states:
         if state.config.init == "random":
@@ -64,10 +64,15 @@ def start(engine, states: list) -> None:
                    scored.log_prob_ref[rows], scored.mask[rows, :length])
 
 
-def _base_samples(engine, states: list, counts: list[int]) -> list[torch.Tensor]:
-    """``counts[i]`` base samples ``(n, L)`` for each of ``states``, drawn in one batch, each state from its own
-    generator (so alone or beside others it draws the same); the drawing is counted in each state's usage."""
-    groups = [SampleGroup(s.spec.prefix, n, s.spec.length, s.generator, s.config.temperature, s.config.top_p)
+def _tilt(engine, state) -> Tilt | None:
+    return token_tilt(state.spec, engine.lm.model, state.config.guide_top_k) if state.config.init == "guided" else None
+
+
+def _draw_samples(engine, states: list, counts: list[int]) -> list[torch.Tensor]:
+    """``counts[i]`` samples ``(n, L)`` for each of ``states`` (base samples, or guided ones: see ``SEAConfig.init``),
+    drawn in one batch, each state from its own generator (so alone or beside others it draws the same); the
+    drawing is counted in each state's usage."""
+    groups = [SampleGroup(s.spec.prefix, n, s.spec.length, s.generator, s.config.temperature, s.config.top_p, _tilt(engine, s))
               for s, n in zip(states, counts)]
     drawn = []
     for state, samples in zip(states, sample_groups(engine.lm.model, groups, engine.stop_ids)):
@@ -194,7 +199,7 @@ def active_chains(state) -> list[int]:
     """The chains a step edits: all but those parked. With restarts on, a chain that has not improved for
     ``restart_after`` steps is parked (it costs nothing) until a restart replaces it or every chain is parked."""
     after = state.config.restart_after
-    if not after or state.config.init != "sample":
+    if not after or state.config.init == "random":
         return list(range(state.chains))
     return [c for c in range(state.chains) if state.stalls[c] < after]
 
@@ -207,7 +212,7 @@ def tick(engine, states: list) -> None:
     for state in states:
         restarts = _restarting(state)
         if restarts:
-            needed = _sample_cost(state)  # one fresh sample
+            needed = _sample_cost(engine, state)  # one fresh sample
         else:
             active[id(state)] = active_chains(state)
             stale[id(state)] = [c for c in active[id(state)] if c in state.stale]
@@ -277,7 +282,7 @@ def tick(engine, states: list) -> None:
             state.traces[c].append(StepStats(float(state.best_energy[c]), float(state.best_reward[c]),
                                              float(state.best_log_prob[c]), changed, True))
         no_moves = state.candidate_rows == 0
-        if no_moves and state.config.restart_after and state.config.init == "sample":
+        if no_moves and state.config.restart_after and state.config.init != "random":
             state.steps_since_improved = max(state.steps_since_improved, state.config.restart_after)  # nothing left to try: sample next
             no_moves = False
         if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
@@ -301,20 +306,21 @@ def _take(state, chain: int, scored, index: int, step: int) -> None:
 
 def _restarting(state) -> bool:
     after = state.config.restart_after
-    return bool(after) and state.config.init == "sample" and state.steps_since_improved >= after
+    return bool(after) and state.config.init != "random" and state.steps_since_improved >= after
 
 
-def _sample_cost(state) -> int:
-    """Token-passes of drawing one base sample and scoring it."""
-    return state.spec.length + passes_per_row(state.spec)
+def _sample_cost(engine, state) -> int:
+    """Token-passes of drawing one sample (a guided one runs a row per guide prompt too) and scoring it."""
+    tilt = _tilt(engine, state)
+    return state.spec.length * (1 + (len(tilt.guides) if tilt else 0)) + passes_per_row(state.spec)
 
 
 def _restart(engine, states: list) -> dict[int, set[int]]:
-    """Draw ``2 × chains`` fresh base samples per stalled state (as many as its budget allows), score them in one
-    batch, and let each, best first, replace the state's worst chain if it beats it. Returns, per state id, the
-    chains replaced."""
-    counts = [min(2 * s.chains, int(_left(s) // _sample_cost(s))) if math.isfinite(_left(s)) else 2 * s.chains for s in states]
-    scored, slices = _score_drawn(engine, states, _base_samples(engine, states, counts))
+    """Draw ``2 × chains`` fresh samples per stalled state (as its start drew them; as many as its budget allows),
+    score them in one batch, and let each, best first, replace the state's worst chain if it beats it. Returns,
+    per state id, the chains replaced."""
+    counts = [min(2 * s.chains, int(_left(s) // _sample_cost(engine, s))) if math.isfinite(_left(s)) else 2 * s.chains for s in states]
+    scored, slices = _score_drawn(engine, states, _draw_samples(engine, states, counts))
     energies = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
     replaced: dict[int, set[int]] = {}
     for state, rows in zip(states, slices):

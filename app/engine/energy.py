@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from app.engine.sampling import Tilt
 from models.lm import MemoryRecorder, Prefix, ResponseMemory, Reuse, response_token_log_probs, stack_prefixes
 from models.loading import LoadedLM
 from models.rewards import RewardComponent
@@ -214,3 +215,20 @@ def scoring_passes(length: int, components, start: int = 0) -> int:
 def passes_per_row(spec: RowSpec, start: int = 0) -> int:
     """LM token-passes (one direction) that scoring one row of ``spec`` costs (from input position ``start`` on)."""
     return scoring_passes(spec.length, [component for component, _, _ in spec.reward_terms], start)
+
+
+def token_tilt(spec: RowSpec, model, top_k: int) -> Tilt | None:
+    """The per-token part of ``spec``'s energy that a sampler can draw by (None when the rewards have none).
+
+    A contrastive reward ``log pi(y | c) − log pi_ref(y | x)`` of the reference network is a sum over tokens, so
+    ``−E = (use_reference − a)·log pi_ref + a·log pi(y | c) + (the other rewards)`` with ``a = alpha·weight``:
+    drawing each token from ``pi_ref^(use_reference − a) · pi(· | c)^a`` (among the reference's top-k) follows
+    the energy token by token, blind only to how a token changes the later terms and to the other rewards.
+    """
+    if not spec.use_reward:
+        return None
+    guides = tuple((context, spec.alpha * weight) for component, weight, context in spec.reward_terms
+                   if getattr(component, "contrastive", False) and getattr(component, "model", None) is model)
+    if not guides:
+        return None
+    return Tilt(guides, float(spec.use_reference) - sum(weight for _, weight in guides), top_k)

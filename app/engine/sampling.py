@@ -3,6 +3,10 @@
 Requests started together draw their samples in one batch (:func:`sample_groups`): a group's random draws
 use only its own generator and happen at the same steps as when it samples alone, so a seeded request
 gets the same samples alone or beside others.
+
+A group can also draw from a *tilted* policy (:class:`Tilt`): each token from
+``q(v) ∝ exp(ref_weight·log pi_ref(v) + Σ_k weight_k·log pi(v | guide prompt k))`` among the reference's
+top-k tokens. The guide prompts run as extra rows of the same batch that read the drawn tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ class Samples:
     forward_token_passes: int
 
 
+@dataclass(frozen=True)
+class Tilt:
+    """Per-token tilt of the reference policy by the log-probs of the same network under other prompts."""
+
+    guides: tuple[tuple[Prefix, float], ...]  # (guide prompt, weight of its log-probs)
+    ref_weight: float  # weight of the reference's own log-probs
+    top_k: int  # draw only among the reference's top-k tokens (keeps the text plausible where the tilt extrapolates)
+
+
 @dataclass
 class SampleGroup:
     """One request's share of a sampling batch."""
@@ -34,6 +47,7 @@ class SampleGroup:
     generator: torch.Generator
     temperature: float = 1.0  # 0: greedy decoding
     top_p: float = 1.0
+    tilt: Tilt | None = None  # None: plain samples of the reference
 
 
 def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
@@ -44,6 +58,15 @@ def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
     drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def _tilted(ref: Tensor, guides: list[Tensor], tilt: Tilt) -> Tensor:
+    """Unnormalised log-probs of the tilted policy ``(n, V)``: ``-inf`` outside the reference's top-k."""
+    mixed = tilt.ref_weight * ref
+    for log_probs, (_, weight) in zip(guides, tilt.guides):
+        mixed = mixed + weight * log_probs
+    top = ref.topk(min(tilt.top_k, ref.shape[-1]), dim=-1).indices
+    return torch.full_like(mixed, float("-inf")).scatter(-1, top, mixed.gather(-1, top))
 
 
 def _draw(log_probs: Tensor, group: SampleGroup) -> Tensor:
@@ -65,13 +88,14 @@ def sample_responses(
     top_p: float = 1.0,
     keep_log_probs: bool = False,
     given: Tensor | None = None,
+    tilt: Tilt | None = None,
 ) -> Samples:
     """Draw ``n`` responses of at most ``max_tokens`` tokens; ``temperature = 0`` is greedy decoding.
 
     With ``given`` (n, g) the responses continue those tokens (their keys/values are computed first):
     ``max_tokens`` new tokens are drawn and returned after them.
     """
-    group = SampleGroup(prefix, n, max_tokens, generator, temperature, top_p)
+    group = SampleGroup(prefix, n, max_tokens, generator, temperature, top_p, tilt)
     return sample_groups(model, [group], stop_ids, keep_log_probs, given)[0]
 
 
@@ -91,34 +115,47 @@ def sample_groups(
     backbone = getattr(model, model.base_model_prefix)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    batch = stack_prefixes([g.prefix for g in groups for _ in range(g.n)])
-    rows = batch.rows
-    device = batch.mask.device
+    rows = sum(g.n for g in groups)
     bounds = torch.tensor([0, *[g.n for g in groups]]).cumsum(0).tolist()
     slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(groups))]
+    # The batch: every group's own rows first, then one copy of a tilted group's rows per guide prompt.
+    prefixes = [g.prefix for g in groups for _ in range(g.n)]
+    owners = list(range(rows))  # batch row -> the drawn row whose tokens it reads
+    guide_rows: list[list[slice]] = []  # per group, per guide: its rows in the batch
+    for group, rows_of in zip(groups, slices):
+        mine = []
+        for guide, _ in group.tilt.guides if group.tilt else ():
+            mine.append(slice(len(prefixes), len(prefixes) + group.n))
+            prefixes.extend([guide] * group.n)
+            owners.extend(range(rows_of.start, rows_of.stop))
+        guide_rows.append(mine)
+    batch = stack_prefixes(prefixes)
+    device = batch.mask.device
+    owner = torch.tensor(owners, device=device)
+    width = [1 + len(g.tilt.guides if g.tilt else ()) for g in groups]  # batch rows per drawn row
     cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
     mask = batch.mask
-    log_probs = batch.first_log_probs  # (rows, V)
+    log_probs = batch.first_log_probs  # (batch rows, V)
     start = 0
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     if given is not None and given.shape[1] > 0:
         start = given.shape[1]
-        mask = torch.cat([mask, torch.ones(rows, start, dtype=mask.dtype, device=device)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(owners), start, dtype=mask.dtype, device=device)], dim=1)
         positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
-        out = backbone(inputs_embeds=embed(given), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
+        out = backbone(inputs_embeds=embed(given[owner]), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
                        position_ids=positions)
         log_probs = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
         finished |= torch.isin(given, stop_ids).any(1)
-    passes = [g.n * start for g in groups]
+    passes = [g.n * start * w for g, w in zip(groups, width)]
     longest = max(g.max_tokens for g in groups)
     tokens = torch.full((rows, longest), int(stop_ids[0]), dtype=torch.long, device=device)
     tables = [] if keep_log_probs else None
     drawing = [g.max_tokens > 0 for g in groups]
     for t in range(longest):
         if t > 0:
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+            mask = torch.cat([mask, torch.ones(len(owners), 1, dtype=mask.dtype, device=device)], dim=1)
             out = backbone(
-                inputs_embeds=embed(tokens[:, t - 1 : t]),
+                inputs_embeds=embed(tokens[owner, t - 1 : t]),
                 attention_mask=mask,
                 position_ids=batch.lengths[:, None] + (start + t - 1),
                 use_cache=True,
@@ -128,25 +165,29 @@ def sample_groups(
             if tables is None:
                 log_probs = fresh
             else:  # a group that stopped repeats its last table row, as it does alone
-                active = torch.zeros(rows, dtype=torch.bool, device=device)
+                active = torch.zeros(len(owners), dtype=torch.bool, device=device)
                 for i, rows_of in enumerate(slices):
                     active[rows_of] = drawing[i]
+                active = active[owner]
                 log_probs = torch.where(active[:, None], fresh, log_probs)
             for i, group in enumerate(groups):
-                passes[i] += group.n * drawing[i]
+                passes[i] += group.n * width[i] * drawing[i]
         if tables is not None:
-            tables.append(log_probs)
+            tables.append(log_probs[:rows])
         for i, group in enumerate(groups):
             if not drawing[i]:
                 continue
             rows_of = slices[i]
-            drawn = torch.where(finished[rows_of], tokens[rows_of, t], _draw(log_probs[rows_of], group))
+            own = log_probs[rows_of]
+            if group.tilt is not None:
+                own = _tilted(own, [log_probs[r] for r in guide_rows[i]], group.tilt)
+            drawn = torch.where(finished[rows_of], tokens[rows_of, t], _draw(own, group))
             tokens[rows_of, t] = drawn
             finished[rows_of] |= torch.isin(drawn, stop_ids)
             drawing[i] = t + 1 < group.max_tokens and not bool(finished[rows_of].all())
         if not any(drawing):
             if tables is not None:  # positions after every row stopped: uniform stop tokens, table unused
-                tables.extend([log_probs] * (longest - t - 1))
+                tables.extend([log_probs[:rows]] * (longest - t - 1))
             break
     table = torch.stack(tables, dim=1) if tables is not None else None
     if given is not None and given.shape[1] > 0:

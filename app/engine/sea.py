@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from app.engine import discrete
-from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
+from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row, token_tilt
 from app.engine.sampling import sample_responses
 from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage, best_chain
 from models.lm import encode_prefix, stop_token_ids
@@ -132,15 +132,16 @@ class Engine:
         return RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started)
 
     def _start_logits(self, state: RequestState) -> None:
-        """Initial logits of the paper-literal update: random, or the LM's log-probs around base samples."""
+        """Initial logits of the paper-literal update: random, or the LM's log-probs around (base or guided) samples."""
         config, rows, generator, usage = state.config, state.chains, state.generator, state.usage
         if config.init == "random":
             logits = torch.randn(rows, config.max_tokens, self.vocab, generator=generator, device=self.device)
             tokens = logits.argmax(-1)
         else:
+            tilt = token_tilt(state.spec, self.lm.model, config.guide_top_k) if config.init == "guided" else None
             samples = sample_responses(
                 self.lm.model, state.spec.prefix, rows, config.max_tokens, self.stop_ids, generator,
-                config.temperature, config.top_p, keep_log_probs=True,
+                config.temperature, config.top_p, keep_log_probs=True, tilt=tilt,
             )
             usage.forward_token_passes += samples.forward_token_passes
             tokens = samples.tokens

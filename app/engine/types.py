@@ -22,7 +22,7 @@ class SEAConfig:
     # "discrete": gradient-informed token edits with exact acceptance (default; app/engine/proposals.py).
     # "logits": the paper-literal update y ← y − step·∇E + noise over all L×V logits.
     update: Literal["discrete", "logits"] = "discrete"
-    init_samples: int | None = None  # discrete: base samples drawn to start from (best `chains` by energy); None: 2×chains
+    init_samples: int | None = None  # discrete: samples drawn to start from (best `chains` by energy); None: 2×chains
     candidates: int = 4  # discrete: edits evaluated exactly per chain per step
     # discrete: a chain that has not improved for this many steps is parked (no more edits); when every chain is,
     # a step draws 2×chains fresh base samples instead, and each that beats a chain takes the place of the worst
@@ -36,7 +36,11 @@ class SEAConfig:
     noise_schedule: Literal["constant", "linear", "cosine"] = "linear"  # annealed towards 0 over the steps
     optimizer: Literal["adam", "sgd"] = "adam"  # logits only
     top_k: int | None = None  # decode each position among the reference LM's top-k (COLD-style); None: full vocabulary
-    init: Literal["sample", "random"] = "sample"
+    # "guided": chains start from samples drawn token by token from the reference tilted by the rewards' per-token
+    # terms (a contrastive reward; see energy.token_tilt), among its top `guide_top_k`; base samples when the rewards
+    # have none. "sample": base samples of the reference (the paper). "random": random tokens or logits.
+    init: Literal["guided", "sample", "random"] = "guided"
+    guide_top_k: int = 10
     temperature: float = 1.0  # base-policy sampling temperature (initial chains, samples, Best-of-N)
     top_p: float = 1.0
     select: Literal["reward", "energy"] = "reward"  # how the returned chain is picked (the paper: by reward)
