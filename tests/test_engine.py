@@ -333,16 +333,18 @@ def test_straight_through_columns_and_embedding_gradients():
 def test_discrete_energy_never_rises_and_stays_exact(lm, engine, make_prompt, proposal):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     prompt = make_prompt("what is a boat")
-    result = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=6, seed=2, init_samples=6, proposal=proposal)])[0]
-    assert any(c.energy < c.initial.energy - 1e-6 for c in result.chains)
+    result = engine.run([_job(prompt, reward, max_tokens=8, chains=3, steps=6, seed=2, init_samples=6, proposal=proposal,
+                              init="sample", restart_after=None)])[0]
+    assert any(c.energy < c.initial.energy - 1e-6 for c in result.chains)  # edits lowered it
     _assert_energies_only_fall_and_are_exact(lm, engine, prompt, reward, result, length=8)
 
 
 def _assert_energies_only_fall_and_are_exact(lm, engine, prompt, reward, result, length):
     spec = _spec(lm, prompt, [(c, w) for c, w in reward.terms], rows=1, length=length)
     for chain in result.chains:
-        energies = [chain.initial.energy] + [s.energy for s in chain.trace]
+        energies = [s.energy for s in chain.trace]
         assert all(b <= a + 1e-6 for a, b in itertools.pairwise(energies))
+        assert chain.energy <= chain.initial.energy + 1e-6  # the sample it (re)started from
         rescored = evaluate(lm, [spec], engine.stop_ids, torch.tensor([chain.tokens]))
         assert float(rescored.energy[0]) == pytest.approx(chain.energy, abs=1e-4)
 
@@ -489,6 +491,9 @@ def test_a_stalled_request_draws_fresh_samples_that_replace_its_worst_chains(lm,
     assert [c.energy for c in stalled.chains] == [c.initial.energy for c in stalled.chains]  # nothing to try: no move
     assert sum(c.energy for c in restarted.chains) < sum(c.energy for c in stalled.chains) - 1e-6
     assert restarted.usage.compute > stalled.usage.compute  # the samples are counted
+    for chain in restarted.chains:  # no edit moved a chain, so each returns the sample it (re)started from
+        assert chain.energy == pytest.approx(chain.initial.energy, abs=1e-6)
+        assert all(step.changed == 0 for step in chain.trace)
     _assert_energies_only_fall_and_are_exact(lm, engine, prompt, reward, restarted, length=6)
 
 

@@ -190,7 +190,7 @@ class StepOut(BaseModel):
     energy: float
     reward: float
     log_prob_ref: float
-    changed: float = Field(description="Fraction of tokens that differ from the chain's initial sample.")
+    changed: float = Field(description="Fraction of tokens that differ from the chain's initial sample (after a restart: the sample it restarted from).")
     finite: bool
 
 
@@ -200,7 +200,7 @@ class ChainOut(BaseModel):
     log_prob_ref: float
     energy: float
     best_step: int = Field(description="Step of the returned iterate (0 = the initial sample).")
-    initial: StepOut
+    initial: StepOut = Field(description="The sample the chain started from; after a restart replaced it, the sample it restarted from.")
     trace: list[StepOut] | None = Field(None, description="One entry per step (with return_trace).")
 
 

@@ -329,7 +329,9 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
             worst = int(torch.argmax(state.best_energy))
             if float(energies[index]) < float(state.best_energy[worst]) - 1e-6:
                 _take(state, worst, scored, index, state.step + 1)
-                state.initial_tokens[worst] = state.tokens[worst]
+                state.initial_tokens[worst] = state.tokens[worst]  # the chain starts again from this sample
+                state.initial[worst] = StepStats(float(state.best_energy[worst]), float(state.best_reward[worst]),
+                                                 float(state.best_log_prob[worst]), 0.0, True)
                 replaced.setdefault(id(state), set()).add(worst)
     return replaced
 
