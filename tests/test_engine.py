@@ -156,7 +156,7 @@ def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prom
             SampleGroup(encode_prefix(lm.model, make_prompt("hi").ids), 2, 4, torch.Generator().manual_seed(2), 0.0),
             SampleGroup(encode_prefix(lm.model, make_prompt("tea?").ids), 4, 6, torch.Generator().manual_seed(3), 1.5),
             SampleGroup(encode_prefix(lm.model, make_prompt("a boat").ids), 3, 7, torch.Generator().manual_seed(4), 1.0,
-                        tilt=Tilt(((encode_prefix(lm.model, make_prompt("be safe").ids), 2.0),), -1.0, 5)),
+                        tilt=Tilt(((encode_prefix(lm.model, make_prompt("be safe").ids), 2.0),), -1.0, 5), greedy_rows=1),
         ]
 
     alone_groups, together_groups = groups(), groups()
@@ -214,6 +214,17 @@ def test_guided_starts_have_lower_energy_than_base_samples(lm, engine, make_prom
     base = engine.run([_job(make_prompt("how do i make a fire"), reward, **config, init="sample")])[0]
     assert sum(c.energy for c in guided.chains) < sum(c.energy for c in base.chains)
     assert guided.usage.forward_token_passes > base.usage.forward_token_passes  # the guide prompt's rows are counted
+
+
+def test_a_guided_start_includes_the_greedy_tilted_decode_which_is_the_args_answer(lm, engine, make_prompt):
+    """For a contrastive reward, ARGS's greedy pick (reference top-k by log pi_ref + alpha·r) is the tilted policy's
+    greedy decode, so a guided SEA start holds ARGS's answer and SEA by energy is never worse than ARGS."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    prompt = make_prompt("how do i make a fire")
+    args = engine.run([_job(prompt, reward, max_tokens=8, alpha=3.0, method="args", args_top_k=10, temperature=0.0)])[0]
+    sea = engine.run([_job(prompt, reward, max_tokens=8, alpha=3.0, chains=4, init_samples=4, steps=0, seed=1, select="energy")])[0]
+    assert args.chains[0].tokens in [c.tokens for c in sea.chains]
+    assert sea.energy <= args.energy + 1e-5
 
 
 def test_guided_and_base_starts_are_the_same_for_a_reward_with_no_per_token_part(lm, engine, make_prompt):

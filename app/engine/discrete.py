@@ -51,7 +51,7 @@ def start(engine, states: list) -> None:
     sampled = [s for s in states if s.config.init != "random"]
     if sampled:
         counts = [max(s.config.init_samples or 2 * s.chains, s.chains) for s in sampled]
-        for state, samples in zip(sampled, _draw_samples(engine, sampled, counts)):
+        for state, samples in zip(sampled, _draw_samples(engine, sampled, counts, first=True)):
             drawn[id(state)] = samples
     for state in states:
         if state.config.init == "random":
@@ -68,12 +68,16 @@ def _tilt(engine, state) -> Tilt | None:
     return token_tilt(state.spec, engine.lm.model, state.config.guide_top_k) if state.config.init == "guided" else None
 
 
-def _draw_samples(engine, states: list, counts: list[int]) -> list[torch.Tensor]:
+def _draw_samples(engine, states: list, counts: list[int], first: bool = False) -> list[torch.Tensor]:
     """``counts[i]`` samples ``(n, L)`` for each of ``states`` (base samples, or guided ones: see ``SEAConfig.init``),
     drawn in one batch, each state from its own generator (so alone or beside others it draws the same); the
-    drawing is counted in each state's usage."""
-    groups = [SampleGroup(s.spec.prefix, n, s.spec.length, s.generator, s.config.temperature, s.config.top_p, _tilt(engine, s))
-              for s, n in zip(states, counts)]
+    drawing is counted in each state's usage. A guided state's ``first`` draw includes the tilted policy's greedy
+    decode (which, for a contrastive reward, is ARGS's answer), so SEA starts no worse than that."""
+    groups = []
+    for state, n in zip(states, counts):
+        tilt = _tilt(engine, state)
+        groups.append(SampleGroup(state.spec.prefix, n, state.spec.length, state.generator, state.config.temperature,
+                                  state.config.top_p, tilt, greedy_rows=int(first and tilt is not None)))
     drawn = []
     for state, samples in zip(states, sample_groups(engine.lm.model, groups, engine.stop_ids)):
         state.usage.forward_token_passes += samples.forward_token_passes

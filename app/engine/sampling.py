@@ -48,6 +48,7 @@ class SampleGroup:
     temperature: float = 1.0  # 0: greedy decoding
     top_p: float = 1.0
     tilt: Tilt | None = None  # None: plain samples of the reference
+    greedy_rows: int = 0  # the first rows take the most likely token instead (their random draws are still made)
 
 
 def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
@@ -73,7 +74,10 @@ def _draw(log_probs: Tensor, group: SampleGroup) -> Tensor:
     if group.temperature <= 0:
         return log_probs.argmax(-1)
     probs = torch.softmax(_filter_top_p(log_probs / group.temperature, group.top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=group.generator)[:, 0]
+    drawn = torch.multinomial(probs, 1, generator=group.generator)[:, 0]
+    if group.greedy_rows:
+        drawn[: group.greedy_rows] = log_probs[: group.greedy_rows].argmax(-1)
+    return drawn
 
 
 @torch.no_grad()
