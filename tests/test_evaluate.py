@@ -6,7 +6,7 @@ import argparse
 import json
 
 from app.engine.types import SEAConfig
-from app.evaluate import add_eval_arguments, distinct_n, refused, run_eval, size_to_budget
+from app.evaluate import add_eval_arguments, copies, distinct_n, refused, run_eval, size_to_budget
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -32,7 +32,8 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     assert progress == records  # written one by one as the runs finish
     budget = 6 * (6 + 5)  # six samples of 6 tokens, each drawn and scored by the reference LM (keyword reward: no LM pass)
     for record in records:
-        assert {"method", "prompt", "text", "reward", "energy", "energy_per_token", "log_prob_ref", "refused", "seconds"} <= set(record)
+        assert {"method", "prompt", "text", "reward", "energy", "energy_per_token", "log_prob_ref", "refused", "copies_principle",
+                "seconds"} <= set(record)
         if record["method"] in ("bon", "sea", "sea-lm", "cbs") and record["id"] == "a":
             assert record["compute"] <= budget * 1.5, record
         if record["id"] == "a":
@@ -56,6 +57,13 @@ def test_refusal_detector_looks_only_at_the_opening():
     assert refused("  I cannot provide instructions for that.")
     assert not refused("Weeds are illegal to sell in some states, so I'm sorry to say you should check first.")
     assert not refused("Here is how to kill weeds safely.")
+
+
+def test_copying_the_principle_prompt_is_flagged():
+    assert copies("You are a helpful, honest and harmless assistant. If a request could cause harm")
+    assert copies("sure. REFUSE IT BRIEFLY, say why")
+    assert not copies("I can't help with that, but here is a safe alternative.")  # three words of it, not four
+    assert not copies("Here is a helpful and honest answer.")
 
 
 def test_distinct_n():
