@@ -202,10 +202,9 @@ def reuse_for_edits(states: list, owners: list, rows: int) -> tuple[Reuse | None
 def active_chains(state) -> list[int]:
     """The chains a step edits: all but those parked. With restarts on, a chain that has not improved for
     ``restart_after`` steps is parked (it costs nothing) until a restart replaces it or every chain is parked."""
-    after = state.config.restart_after
-    if not after or state.config.init == "random":
+    if not _restarts_on(state):
         return list(range(state.chains))
-    return [c for c in range(state.chains) if state.stalls[c] < after]
+    return [c for c in range(state.chains) if state.stalls[c] < state.config.restart_after]
 
 
 def tick(engine, states: list) -> None:
@@ -286,7 +285,7 @@ def tick(engine, states: list) -> None:
             state.traces[c].append(StepStats(float(state.best_energy[c]), float(state.best_reward[c]),
                                              float(state.best_log_prob[c]), changed, True))
         no_moves = state.candidate_rows == 0
-        if no_moves and state.config.restart_after and state.config.init != "random":
+        if no_moves and _restarts_on(state):
             state.steps_since_improved = max(state.steps_since_improved, state.config.restart_after)  # nothing left to try: sample next
             no_moves = False
         if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
@@ -308,9 +307,13 @@ def _take(state, chain: int, scored, index: int, step: int) -> None:
     state.stale.add(chain)  # its gradient and memory are of its old tokens
 
 
+def _restarts_on(state) -> bool:
+    """Whether stalled chains are parked and restarted from fresh samples (a random start has none to draw)."""
+    return bool(state.config.restart_after) and state.config.init != "random"
+
+
 def _restarting(state) -> bool:
-    after = state.config.restart_after
-    return bool(after) and state.config.init != "random" and state.steps_since_improved >= after
+    return _restarts_on(state) and state.steps_since_improved >= state.config.restart_after
 
 
 def _sample_cost(engine, state) -> int:
