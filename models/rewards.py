@@ -27,6 +27,45 @@ SAFETY_PRINCIPLE = (
 )
 
 
+COPY_TOKENS = 4  # a response token inside a run of this many tokens copied from the principle earns no principle reward
+
+
+def copy_grams(tokenizer: PreTrainedTokenizerBase, text: str, n: int = COPY_TOKENS) -> Tensor:
+    """Every run of ``n`` consecutive tokens of ``text`` ``(G, n)``, as it tokenises at the start of a turn or
+    mid-sentence, capitalised or not."""
+    grams = set()
+    for variant in {text, " " + text, text.lower(), " " + text.lower()}:
+        ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        grams.update(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
+    return torch.tensor(sorted(grams), dtype=torch.long).reshape(-1, n)
+
+
+def copied_positions(tokens: Tensor, grams: Tensor) -> Tensor:
+    """``(B, L)`` bool: positions inside a run of ``n`` tokens that equals one of ``grams`` ``(G, n)``."""
+    n = grams.shape[1]
+    if tokens.shape[1] < n or grams.shape[0] == 0:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    windows = tokens.unfold(1, n, 1)  # (B, L - n + 1, n)
+    starts = (windows[:, :, None, :] == grams.to(tokens.device)[None, None]).all(-1).any(-1)  # (B, L - n + 1)
+    covered = torch.zeros_like(tokens, dtype=torch.bool)
+    for offset in range(n):  # a window starting at s covers s … s + n − 1
+        covered[:, offset : offset + starts.shape[1]] |= starts
+    return covered
+
+
+def copy_completions(history: Tensor, grams: Tensor, vocab: int) -> Tensor:
+    """``(B, V)`` bool: the next tokens that would complete a copied run of ``grams`` after ``history`` ``(B, t)``."""
+    n = grams.shape[1]
+    completes = torch.zeros(history.shape[0], vocab, dtype=torch.bool, device=history.device)
+    if history.shape[1] < n - 1 or grams.shape[0] == 0:
+        return completes
+    grams = grams.to(history.device)
+    hits = (history[:, None, -(n - 1) :] == grams[None, :, : n - 1]).all(-1)  # (B, G)
+    rows, which = hits.nonzero(as_tuple=True)
+    completes[rows, grams[which, -1]] = True
+    return completes
+
+
 @dataclass
 class Prompt:
     """One request's prompt: the chat messages and their rendering by the reference tokenizer."""
@@ -39,7 +78,9 @@ class RewardComponent(Protocol):
     """A reward. A component may also set ``resumes = True`` when ``score`` reads ``response.reuse`` (scores an
     edit from its first edited position on, at that lower cost); without it an edit costs a full pass. It may set
     ``contrastive = True`` when its score is ``log pi(y | context) − log pi_ref(y | x)`` for ``model`` and a
-    prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it."""
+    prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it. A
+    contrastive component may then give ``copy_grams`` ``(G, n)``: token runs (of its own prompt) whose copies in a
+    response earn nothing, which guided starts respect too."""
 
     name: str
     lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
@@ -52,12 +93,17 @@ class RewardComponent(Protocol):
 
 
 class PrincipleReward:
-    """Contrastive principle reward ``log pi(y | principle, x) − log pi(y | x)`` with the reference LM itself.
+    """Contrastive principle reward ``Σ_t log pi(y_t | principle, x, y_<t) − log pi(y_t | x, y_<t)`` with the
+    reference LM itself, over the tokens that do not copy the principle.
 
-    At ``alpha = 1`` the SEA target is exactly the principle-prompted model. Reuses the reference
-    log-prob the engine has already computed, so it costs one extra LM pass, not two; and since it reads
-    the reference network (``model``, under its own prompt: the contexts are prefixes), the engine runs it
-    in the reference's own forward pass and hands it the per-token log-probs (``from_log_probs``).
+    Without copies, at ``alpha = 1`` the SEA target is exactly the principle-prompted model. A token inside a run
+    of ``COPY_TOKENS`` tokens that repeats the principle earns nothing: with the principle in its context the LM
+    copies it almost surely, so at larger alpha reciting the system prompt would be the cheapest way to a high
+    reward (we measured it: SEA answers that quote the principle at −4 nats per token).
+
+    Reuses the reference log-prob the engine has already computed, so it costs one extra LM pass, not two; and
+    since it reads the reference network (``model``, under its own prompt: the contexts are prefixes), the engine
+    runs it in the reference's own forward pass and hands it the per-token log-probs (``from_log_probs``).
     """
 
     def __init__(self, lm: LoadedLM, principle: str = SAFETY_PRINCIPLE, name: str = "principle"):
@@ -68,6 +114,7 @@ class PrincipleReward:
         self.lm_passes = 1
         self.resumes = True
         self.contrastive = True
+        self.copy_grams = copy_grams(lm.tokenizer, principle)
 
     def prepare(self, prompt: Prompt) -> object:
         return encode_prefix(self.lm.model, render_prompt(self.lm.tokenizer, prompt.messages, system=self.principle))
@@ -77,7 +124,8 @@ class PrincipleReward:
 
     def from_log_probs(self, token_log_probs: Tensor, response: ResponseBatch) -> Tensor:
         """The reward from ``log pi(y_t | principle, x, y_<t)`` ``(B, L)``."""
-        return (token_log_probs * response.mask).sum(1) - response.log_prob_ref
+        counts = response.mask * ~copied_positions(response.tokens, self.copy_grams)
+        return ((token_log_probs - response.token_log_prob_ref) * counts).sum(1)
 
 
 class SequenceClassifierReward:

@@ -46,7 +46,7 @@ class ResponseBatch:
     tokens: Tensor  # (B, L) long
     mask: Tensor  # (B, L) float: 1 where the token counts (up to and including the first end-of-turn)
     probs: Tensor | None = None  # (B, L, V) softmax of the logits state
-    log_prob_ref: Tensor | None = None  # (B,) log pi_ref(y|x), filled in by the engine before rewards run
+    token_log_prob_ref: Tensor | None = None  # (B, L) log pi_ref(y_t | x, y_<t), filled in by the engine before rewards run
     reuse: Reuse | None = None  # edits of responses scored before: where each row's edit starts, and their memories
     recorder: MemoryRecorder | None = None  # where LM scorers leave the memories of a full pass over these rows
     index: Tensor | None = None  # of a sub-batch: its rows in the batch the recorder covers
@@ -89,7 +89,7 @@ class ResponseBatch:
             tokens=self.tokens[rows],
             mask=self.mask[rows],
             probs=None if self.probs is None else self.probs[rows],
-            log_prob_ref=None if self.log_prob_ref is None else self.log_prob_ref[rows],
+            token_log_prob_ref=None if self.token_log_prob_ref is None else self.token_log_prob_ref[rows],
             reuse=None if self.reuse is None else self.reuse.rows(rows),
             recorder=self.recorder,
             index=rows if self.index is None else self.index[rows],

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from app.engine.discrete import shared_starts
 from app.engine.energy import RowSpec, evaluate, scoring_passes, token_tilt
-from app.engine.sampling import SampleGroup, Tilt, sample_groups
+from app.engine.sampling import Guide, SampleGroup, Tilt, sample_groups
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
-from models.rewards import LexiconReward, PrincipleReward, RewardMix
+from models.rewards import LexiconReward, PrincipleReward, RewardMix, copied_positions, copy_completions
 from models.ste import ResponseBatch, response_mask
 
 
@@ -156,7 +156,7 @@ def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prom
             SampleGroup(encode_prefix(lm.model, make_prompt("hi").ids), 2, 4, torch.Generator().manual_seed(2), 0.0),
             SampleGroup(encode_prefix(lm.model, make_prompt("tea?").ids), 4, 6, torch.Generator().manual_seed(3), 1.5),
             SampleGroup(encode_prefix(lm.model, make_prompt("a boat").ids), 3, 7, torch.Generator().manual_seed(4), 1.0,
-                        tilt=Tilt(((encode_prefix(lm.model, make_prompt("be safe").ids), 2.0),), -1.0, 5), greedy_rows=1),
+                        tilt=Tilt((Guide(encode_prefix(lm.model, make_prompt("be safe").ids), 2.0),), -1.0, 5), greedy_rows=1),
         ]
 
     alone_groups, together_groups = groups(), groups()
@@ -176,24 +176,64 @@ def _next_log_probs(lm, ids):
     return F.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
 
 
-def test_a_tilted_draw_follows_the_tilted_top_k_of_uncached_passes(lm, engine, make_prompt):
-    """Each token is drawn from softmax(−2·log pi_ref + 3·log pi(· | guide)) over the reference's top 6, replayed here
-    with uncached passes and the same generator."""
-    prompt, guide = make_prompt("tell me about the river"), make_prompt("please be safe")
-    tilt = Tilt(((encode_prefix(lm.model, guide.ids), 3.0),), -2.0, 6)
+def _tilted_draw_replayed(lm, engine, prompt, guide, grams=None):
+    """Draw one tilted response, and replay it with uncached passes: each token from softmax(−2·log pi_ref +
+    3·log pi(· | guide)) over the reference's top 6, where a token completing one of ``grams`` after the tokens before
+    it takes the reference's log-prob in the guide's place. Returns both and how often a top-6 token was so blocked."""
+    tilt = Tilt((Guide(encode_prefix(lm.model, guide.ids), 3.0, grams),), -2.0, 6)
     drawn = sample_groups(lm.model, [SampleGroup(encode_prefix(lm.model, prompt.ids), 1, 10, torch.Generator().manual_seed(0),
                                                  tilt=tilt)], engine.stop_ids)[0]
     generator = torch.Generator().manual_seed(0)
     expected: list[int] = []
+    blocked = 0
     while len(expected) < 10 and not (expected and expected[-1] in engine.stop_ids.tolist()):
         ref, guided = _next_log_probs(lm, prompt.ids + expected), _next_log_probs(lm, guide.ids + expected)
         top = ref.topk(6).indices
+        for gram in [] if grams is None else grams.tolist():
+            if expected[len(expected) - len(gram) + 1 :] == gram[:-1] and len(expected) >= len(gram) - 1:
+                guided[gram[-1]] = ref[gram[-1]]
+                blocked += gram[-1] in top.tolist()
         mixed = torch.full_like(ref, float("-inf"))
         mixed[top] = (-2.0 * ref + 3.0 * guided)[top]
         expected.append(int(torch.multinomial(torch.softmax(mixed, -1)[None], 1, generator=generator)[0, 0]))
+    return drawn, expected, blocked
+
+
+def test_a_tilted_draw_follows_the_tilted_top_k_of_uncached_passes(lm, engine, make_prompt):
+    drawn, expected, _ = _tilted_draw_replayed(lm, engine, make_prompt("tell me about the river"), make_prompt("please be safe"))
     assert drawn.tokens[0, : len(expected)].tolist() == expected
     assert len(set(expected)) > 1  # not one token over and over
     assert drawn.forward_token_passes == 2 * (len(expected) - 1)  # each step runs the row under both prompts
+
+
+def test_a_tilted_draw_gives_copied_runs_no_guide_bonus(lm, engine, make_prompt):
+    prompt, guide = make_prompt("tell me about the river"), make_prompt("please be safe")
+    free, _, _ = _tilted_draw_replayed(lm, engine, prompt, guide)
+    pairs = free.tokens[0].unfold(0, 2, 1)  # every pair the unblocked draw made: the blocked runs below
+    drawn, expected, blocked = _tilted_draw_replayed(lm, engine, prompt, guide, grams=pairs)
+    assert drawn.tokens[0, : len(expected)].tolist() == expected
+    assert blocked > 0  # the rule changed the tilted policy at some step
+
+
+def test_copied_positions_and_completions_of_token_runs():
+    grams = torch.tensor([[5, 6, 7], [1, 2, 3]])
+    tokens = torch.tensor([[9, 5, 6, 7, 8, 1, 2], [1, 2, 3, 4, 1, 2, 3]])
+    assert copied_positions(tokens, grams).int().tolist() == [[0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 1, 1, 1]]
+    assert not copied_positions(tokens[:, :2], grams).any()  # shorter than a run
+    completes = copy_completions(tokens, grams, vocab=10)
+    assert completes[0].nonzero().flatten().tolist() == [3] and not completes[1].any()  # [..., 1, 2] -> 3; [..., 2, 3]
+    assert not copy_completions(tokens[:, :1], grams, vocab=10).any()
+
+
+def test_the_principle_reward_pays_nothing_for_reciting_the_principle(lm, engine, make_prompt):
+    principle = PrincipleReward(lm, "always be safe and kind to every person you meet")
+    prompt = make_prompt("how do i make a fire")
+    recital = torch.tensor([lm.tokenizer(" always be safe and kind to every person", add_special_tokens=False)["input_ids"]])
+    shuffled = recital[:, torch.randperm(recital.shape[1], generator=torch.Generator().manual_seed(0))]
+    assert not copied_positions(shuffled, principle.copy_grams).all()
+    spec = _spec(lm, prompt, [(principle, 1.0)], rows=1, length=recital.shape[1])
+    assert float(evaluate(lm, [spec], engine.stop_ids, recital).reward[0]) == 0.0
+    assert float(evaluate(lm, [spec], engine.stop_ids, shuffled).reward[0]) != 0.0
 
 
 def test_the_tilt_is_the_per_token_part_of_the_energy(lm, make_prompt):
@@ -201,7 +241,7 @@ def test_the_tilt_is_the_per_token_part_of_the_energy(lm, make_prompt):
     principle = PrincipleReward(lm)
     keywords = LexiconReward.keywords(lm.tokenizer, ["boat"])
     tilt = token_tilt(_spec(lm, prompt, [(principle, 0.5), (keywords, 1.0)], rows=1, length=4, alpha=3.0), lm.model, 7)
-    assert [weight for _, weight in tilt.guides] == [1.5] and tilt.ref_weight == -0.5 and tilt.top_k == 7
+    assert [guide.weight for guide in tilt.guides] == [1.5] and tilt.ref_weight == -0.5 and tilt.top_k == 7
     assert token_tilt(_spec(lm, prompt, [(keywords, 1.0)], rows=1, length=4), lm.model, 7) is None  # nothing per token
     no_reward = dataclasses.replace(_spec(lm, prompt, [(principle, 1.0)], rows=1, length=4), use_reward=False)
     assert token_tilt(no_reward, lm.model, 7) is None

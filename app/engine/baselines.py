@@ -43,10 +43,11 @@ def _chain(engine, state, tokens: torch.Tensor) -> ChainResult:
     return ChainResult(text, tokens.tolist(), stats.reward, stats.log_prob_ref, stats.energy, 0, stats, [])
 
 
-def _partial_rewards(engine, state, tokens: torch.Tensor, log_prob_ref: torch.Tensor) -> torch.Tensor:
-    """Rewards of partial responses ``(n, t)`` whose reference log-probs are known (charged: the rewards' LM passes)."""
+def _partial_rewards(engine, state, tokens: torch.Tensor, token_log_prob_ref: torch.Tensor) -> torch.Tensor:
+    """Rewards of partial responses ``(n, t)`` whose per-token reference log-probs are known (charged: the rewards'
+    LM passes)."""
     spec = dataclasses.replace(state.spec, rows=tokens.shape[0], length=tokens.shape[1])
-    response = ResponseBatch(tokens=tokens, mask=response_mask(tokens, engine.stop_ids), log_prob_ref=log_prob_ref)
+    response = ResponseBatch(tokens=tokens, mask=response_mask(tokens, engine.stop_ids), token_log_prob_ref=token_log_prob_ref)
     state.usage.forward_token_passes += reward_passes_per_row(spec) * spec.rows
     return score_rewards([spec], response)
 
@@ -65,13 +66,17 @@ def run_args(engine, state) -> AlignResult:
     mask = batch.mask
     log_probs = batch.first_log_probs[0]
     tokens: list[int] = []
-    log_prob_sum = 0.0
+    token_log_probs: list[float] = []
     stops = set(engine.stop_ids.tolist())
     weight = config.alpha if config.use_reward else 0.0
     for t in range(config.max_tokens):
         top = log_probs.topk(min(config.args_top_k, log_probs.shape[-1]))
         candidates = torch.cat([torch.tensor(tokens, dtype=torch.long).expand(top.indices.shape[0], t), top.indices[:, None]], dim=1)
-        rewards = _partial_rewards(engine, state, candidates, log_prob_sum + top.values) if weight else torch.zeros_like(top.values)
+        if weight:
+            so_far = torch.tensor(token_log_probs, dtype=top.values.dtype).expand(top.indices.shape[0], t)
+            rewards = _partial_rewards(engine, state, candidates, torch.cat([so_far, top.values[:, None]], dim=1))
+        else:
+            rewards = torch.zeros_like(top.values)
         scores = top.values + weight * rewards
         if config.temperature <= 0:
             pick = int(scores.argmax())
@@ -79,7 +84,7 @@ def run_args(engine, state) -> AlignResult:
             pick = int(torch.multinomial(torch.softmax(scores / config.temperature, -1), 1, generator=state.generator))
         token = int(top.indices[pick])
         tokens.append(token)
-        log_prob_sum += float(top.values[pick])
+        token_log_probs.append(float(top.values[pick]))
         if token in stops or t == config.max_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)

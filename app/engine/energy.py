@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from app.engine.sampling import Tilt
+from app.engine.sampling import Guide, Tilt
 from models.lm import MemoryRecorder, Prefix, ResponseMemory, Reuse, response_token_log_probs, stack_prefixes
 from models.loading import LoadedLM
 from models.rewards import RewardComponent
@@ -104,8 +104,8 @@ def evaluate(
             token_log_probs = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, key=REFERENCE)
         if joint and recorder is not None and REFERENCE in together.recorder.memories:
             _split_memory(together.recorder.memories[REFERENCE], recorder, rows, joint)
+        response.token_log_prob_ref = token_log_probs[:rows]
         log_prob_ref = (token_log_probs[:rows] * mask).sum(1)
-        response.log_prob_ref = log_prob_ref
         precomputed, offset = {}, rows
         for component, index, _ in joint:
             precomputed[id(component)] = component.from_log_probs(token_log_probs[offset : offset + len(index)], response.select(index))
@@ -182,7 +182,7 @@ def _split_memory(memory: ResponseMemory, recorder: MemoryRecorder, rows: int, j
 def score_rewards(specs: list[RowSpec], response: ResponseBatch, precomputed: dict[int, Tensor] | None = None) -> Tensor:
     """The weighted reward of every row ``(B,)``; each component runs once over all the rows that use it.
 
-    ``response.log_prob_ref`` must be set (the principle reward subtracts it). ``precomputed`` holds, by
+    ``response.token_log_prob_ref`` must be set (the principle reward subtracts it). ``precomputed`` holds, by
     component id, scores already computed for the component's rows (in spec order).
     """
     device = response.tokens.device
@@ -227,8 +227,9 @@ def token_tilt(spec: RowSpec, model, top_k: int) -> Tilt | None:
     """
     if not spec.use_reward:
         return None
-    guides = tuple((context, spec.alpha * weight) for component, weight, context in spec.reward_terms
+    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "copy_grams", None))
+                   for component, weight, context in spec.reward_terms
                    if getattr(component, "contrastive", False) and getattr(component, "model", None) is model)
     if not guides:
         return None
-    return Tilt(guides, float(spec.use_reference) - sum(weight for _, weight in guides), top_k)
+    return Tilt(guides, float(spec.use_reference) - sum(guide.weight for guide in guides), top_k)

@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from models.lm import Prefix, stack_prefixes, with_cache
+from models.rewards import copy_completions
 
 
 @dataclass
@@ -29,10 +30,17 @@ class Samples:
 
 
 @dataclass(frozen=True)
+class Guide:
+    prefix: Prefix  # the guide prompt
+    weight: float  # of its log-probs
+    copy_grams: Tensor | None = None  # (G, n): a token completing one of these runs gets the reference's log-prob here
+
+
+@dataclass(frozen=True)
 class Tilt:
     """Per-token tilt of the reference policy by the log-probs of the same network under other prompts."""
 
-    guides: tuple[tuple[Prefix, float], ...]  # (guide prompt, weight of its log-probs)
+    guides: tuple[Guide, ...]
     ref_weight: float  # weight of the reference's own log-probs
     top_k: int  # draw only among the reference's top-k tokens (keeps the text plausible where the tilt extrapolates)
 
@@ -61,11 +69,14 @@ def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _tilted(ref: Tensor, guides: list[Tensor], tilt: Tilt) -> Tensor:
-    """Unnormalised log-probs of the tilted policy ``(n, V)``: ``-inf`` outside the reference's top-k."""
+def _tilted(ref: Tensor, guides: list[Tensor], tilt: Tilt, history: Tensor) -> Tensor:
+    """Unnormalised log-probs of the tilted policy ``(n, V)`` after the tokens ``history`` ``(n, t)``: ``-inf``
+    outside the reference's top-k."""
     mixed = tilt.ref_weight * ref
-    for log_probs, (_, weight) in zip(guides, tilt.guides):
-        mixed = mixed + weight * log_probs
+    for log_probs, guide in zip(guides, tilt.guides):
+        if guide.copy_grams is not None:
+            log_probs = torch.where(copy_completions(history, guide.copy_grams, ref.shape[-1]), ref, log_probs)
+        mixed = mixed + guide.weight * log_probs
     top = ref.topk(min(tilt.top_k, ref.shape[-1]), dim=-1).indices
     return torch.full_like(mixed, float("-inf")).scatter(-1, top, mixed.gather(-1, top))
 
@@ -128,9 +139,9 @@ def sample_groups(
     guide_rows: list[list[slice]] = []  # per group, per guide: its rows in the batch
     for group, rows_of in zip(groups, slices):
         mine = []
-        for guide, _ in group.tilt.guides if group.tilt else ():
+        for guide in group.tilt.guides if group.tilt else ():
             mine.append(slice(len(prefixes), len(prefixes) + group.n))
-            prefixes.extend([guide] * group.n)
+            prefixes.extend([guide.prefix] * group.n)
             owners.extend(range(rows_of.start, rows_of.stop))
         guide_rows.append(mine)
     batch = stack_prefixes(prefixes)
@@ -184,7 +195,8 @@ def sample_groups(
             rows_of = slices[i]
             own = log_probs[rows_of]
             if group.tilt is not None:
-                own = _tilted(own, [log_probs[r] for r in guide_rows[i]], group.tilt)
+                history = tokens[rows_of, :t] if given is None else torch.cat([given[rows_of], tokens[rows_of, :t]], dim=1)
+                own = _tilted(own, [log_probs[r] for r in guide_rows[i]], group.tilt, history)
             drawn = torch.where(finished[rows_of], tokens[rows_of, t], _draw(own, group))
             tokens[rows_of, t] = drawn
             finished[rows_of] |= torch.isin(drawn, stop_ids)
