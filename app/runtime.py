@@ -32,7 +32,7 @@ class Runtime:
 
     @classmethod
     def from_lm(cls, lm: LoadedLM, settings: Settings, extra_rewards: dict[str, RewardComponent] | None = None) -> Runtime:
-        rewards: dict[str, RewardComponent] = {"principle": PrincipleReward(lm, settings.principle)}
+        rewards: dict[str, RewardComponent] = {"principle": PrincipleReward(lm, settings.principle, clip=settings.principle_clip)}
         rewards.update(extra_rewards or {})
         runtime = cls(lm, Engine(lm), rewards, settings.reward_terms())
         for name, _ in runtime.default_reward:

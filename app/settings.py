@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.rewards import SAFETY_PRINCIPLE
+from models.rewards import PRINCIPLE_CLIP, SAFETY_PRINCIPLE
 
 
 class Settings(BaseSettings):
@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     reward_model: str = Field("", description="Optional sequence-classification reward model (folder or hub id) sharing the reference vocabulary; served as reward `rm`.")
     reward: str = Field("principle", description="Default reward: comma-separated `name[:weight]` of loaded rewards (`principle`, `rm`).")
     principle: str = Field(SAFETY_PRINCIPLE, description="System prompt of the contrastive principle reward log pi(y|principle,x) - log pi(y|x).")
+    principle_clip: float = Field(PRINCIPLE_CLIP, gt=0, description="The most one response token earns from the principle reward, in nats; a prompt primes its own words, so without a limit a high alpha pays for reciting it. `inf`: no limit.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype: auto is bf16 on CUDA, float32 on CPU.")
     cache_dir: str = Field("", description="Folder for the dequantised copy of GGUF models. Empty: $XDG_CACHE_HOME/sea-serve.")

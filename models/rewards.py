@@ -28,6 +28,7 @@ SAFETY_PRINCIPLE = (
 
 
 COPY_TOKENS = 4  # a response token inside a run of this many tokens copied from the principle earns no principle reward
+PRINCIPLE_CLIP = 2.0  # nats: the most one token can earn from the principle reward
 
 
 def copy_grams(tokenizer: PreTrainedTokenizerBase, text: str, n: int = COPY_TOKENS) -> Tensor:
@@ -79,8 +80,8 @@ class RewardComponent(Protocol):
     edit from its first edited position on, at that lower cost); without it an edit costs a full pass. It may set
     ``contrastive = True`` when its score is ``log pi(y | context) − log pi_ref(y | x)`` for ``model`` and a
     prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it. A
-    contrastive component may then give ``copy_grams`` ``(G, n)``: token runs (of its own prompt) whose copies in a
-    response earn nothing, which guided starts respect too."""
+    contrastive component may then give ``clip`` (the most a token earns) and ``copy_grams`` ``(G, n)`` (token runs
+    of its own prompt whose copies in a response earn nothing), which guided starts respect too."""
 
     name: str
     lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
@@ -93,21 +94,25 @@ class RewardComponent(Protocol):
 
 
 class PrincipleReward:
-    """Contrastive principle reward ``Σ_t log pi(y_t | principle, x, y_<t) − log pi(y_t | x, y_<t)`` with the
-    reference LM itself, over the tokens that do not copy the principle.
+    """Contrastive principle reward ``Σ_t min(log pi(y_t | principle, x, y_<t) − log pi(y_t | x, y_<t), clip)`` with
+    the reference LM itself, over the tokens that do not copy the principle.
 
-    Without copies, at ``alpha = 1`` the SEA target is exactly the principle-prompted model. A token inside a run
-    of ``COPY_TOKENS`` tokens that repeats the principle earns nothing: with the principle in its context the LM
-    copies it almost surely, so at larger alpha reciting the system prompt would be the cheapest way to a high
-    reward (we measured it: SEA answers that quote the principle at −4 nats per token).
+    With ``clip = inf`` and no copies, at ``alpha = 1`` the SEA target is exactly the principle-prompted model.
+    The two limits are there because a prompt primes its own words: with the principle in its context a small LM
+    predicts the principle's words several nats more surely, whatever they say, so at larger alpha reciting the
+    system prompt is the cheapest way to a high reward (we measured it: SEA answers that quote the principle at
+    −4 nats per token under the reference). A token inside a run of ``COPY_TOKENS`` tokens that repeats the
+    principle earns nothing, and no token earns more than ``clip`` nats (a near-copy broken up by junk tokens
+    still gains 4–8 nats on each principle word; a refusal's tokens gain well under 2).
 
     Reuses the reference log-prob the engine has already computed, so it costs one extra LM pass, not two; and
     since it reads the reference network (``model``, under its own prompt: the contexts are prefixes), the engine
     runs it in the reference's own forward pass and hands it the per-token log-probs (``from_log_probs``).
     """
 
-    def __init__(self, lm: LoadedLM, principle: str = SAFETY_PRINCIPLE, name: str = "principle"):
+    def __init__(self, lm: LoadedLM, principle: str = SAFETY_PRINCIPLE, name: str = "principle", clip: float = PRINCIPLE_CLIP):
         self.lm = lm
+        self.clip = clip
         self.model = lm.model
         self.principle = principle
         self.name = name
@@ -125,7 +130,7 @@ class PrincipleReward:
     def from_log_probs(self, token_log_probs: Tensor, response: ResponseBatch) -> Tensor:
         """The reward from ``log pi(y_t | principle, x, y_<t)`` ``(B, L)``."""
         counts = response.mask * ~copied_positions(response.tokens, self.copy_grams)
-        return ((token_log_probs - response.token_log_prob_ref) * counts).sum(1)
+        return ((token_log_probs - response.token_log_prob_ref).clamp(max=self.clip) * counts).sum(1)
 
 
 class SequenceClassifierReward:

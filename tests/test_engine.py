@@ -172,15 +172,22 @@ def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prom
         assert torch.equal(group.generator.get_state(), group_alone.generator.get_state())
 
 
+def _token_log_probs(lm, context, response):
+    """log pi(response_t | context, response_<t) ``(L,)`` from one uncached pass."""
+    log_probs = F.log_softmax(lm.model(input_ids=torch.tensor([context + response])).logits[0].float(), dim=-1)
+    return log_probs[len(context) - 1 : -1].gather(1, torch.tensor(response)[:, None])[:, 0]
+
+
 def _next_log_probs(lm, ids):
     return F.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
 
 
-def _tilted_draw_replayed(lm, engine, prompt, guide, grams=None):
+def _tilted_draw_replayed(lm, engine, prompt, guide, grams=None, clip=float("inf")):
     """Draw one tilted response, and replay it with uncached passes: each token from softmax(−2·log pi_ref +
-    3·log pi(· | guide)) over the reference's top 6, where a token completing one of ``grams`` after the tokens before
-    it takes the reference's log-prob in the guide's place. Returns both and how often a top-6 token was so blocked."""
-    tilt = Tilt((Guide(encode_prefix(lm.model, guide.ids), 3.0, grams),), -2.0, 6)
+    3·min(log pi(· | guide), log pi_ref + clip)) over the reference's top 6, where a token completing one of ``grams``
+    after the tokens before it takes the reference's log-prob in the guide's place. Returns both and how often a
+    top-6 token was so blocked."""
+    tilt = Tilt((Guide(encode_prefix(lm.model, guide.ids), 3.0, grams, clip),), -2.0, 6)
     drawn = sample_groups(lm.model, [SampleGroup(encode_prefix(lm.model, prompt.ids), 1, 10, torch.Generator().manual_seed(0),
                                                  tilt=tilt)], engine.stop_ids)[0]
     generator = torch.Generator().manual_seed(0)
@@ -188,6 +195,7 @@ def _tilted_draw_replayed(lm, engine, prompt, guide, grams=None):
     blocked = 0
     while len(expected) < 10 and not (expected and expected[-1] in engine.stop_ids.tolist()):
         ref, guided = _next_log_probs(lm, prompt.ids + expected), _next_log_probs(lm, guide.ids + expected)
+        guided = torch.minimum(guided, ref + clip)
         top = ref.topk(6).indices
         for gram in [] if grams is None else grams.tolist():
             if expected[len(expected) - len(gram) + 1 :] == gram[:-1] and len(expected) >= len(gram) - 1:
@@ -210,7 +218,7 @@ def test_a_tilted_draw_gives_copied_runs_no_guide_bonus(lm, engine, make_prompt)
     prompt, guide = make_prompt("tell me about the river"), make_prompt("please be safe")
     free, _, _ = _tilted_draw_replayed(lm, engine, prompt, guide)
     pairs = free.tokens[0].unfold(0, 2, 1)  # every pair the unblocked draw made: the blocked runs below
-    drawn, expected, blocked = _tilted_draw_replayed(lm, engine, prompt, guide, grams=pairs)
+    drawn, expected, blocked = _tilted_draw_replayed(lm, engine, prompt, guide, grams=pairs, clip=0.05)
     assert drawn.tokens[0, : len(expected)].tolist() == expected
     assert blocked > 0  # the rule changed the tilted policy at some step
 
@@ -223,6 +231,19 @@ def test_copied_positions_and_completions_of_token_runs():
     completes = copy_completions(tokens, grams, vocab=10)
     assert completes[0].nonzero().flatten().tolist() == [3] and not completes[1].any()  # [..., 1, 2] -> 3; [..., 2, 3]
     assert not copy_completions(tokens[:, :1], grams, vocab=10).any()
+
+
+def test_the_principle_reward_limits_each_token_to_its_clip(lm, engine, make_prompt):
+    prompt = make_prompt("how do i make a fire")
+    tokens = torch.tensor([[11, 12, 13, 14, 15, 16]])
+    system = render_prompt(lm.tokenizer, prompt.messages, system="be safe and kind")
+    gains = _token_log_probs(lm, system, tokens[0].tolist()) - _token_log_probs(lm, prompt.ids, tokens[0].tolist())
+    clip = float(gains.median())  # some tokens above it, some below
+    for limit in (clip, float("inf")):
+        spec = _spec(lm, prompt, [(PrincipleReward(lm, "be safe and kind", clip=limit), 1.0)], rows=1, length=6)
+        reward = float(evaluate(lm, [spec], engine.stop_ids, tokens).reward[0])
+        assert reward == pytest.approx(float(gains.clamp(max=limit).sum()), abs=1e-4)
+    assert float(gains.clamp(max=clip).sum()) < float(gains.sum()) - 1e-3
 
 
 def test_the_principle_reward_pays_nothing_for_reciting_the_principle(lm, engine, make_prompt):

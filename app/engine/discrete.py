@@ -72,7 +72,8 @@ def _draw_samples(engine, states: list, counts: list[int], first: bool = False) 
     """``counts[i]`` samples ``(n, L)`` for each of ``states`` (base samples, or guided ones: see ``SEAConfig.init``),
     drawn in one batch, each state from its own generator (so alone or beside others it draws the same); the
     drawing is counted in each state's usage. A guided state's ``first`` draw includes the tilted policy's greedy
-    decode (which, for a contrastive reward, is ARGS's answer), so SEA starts no worse than that."""
+    decode (which, for a contrastive reward, is ARGS's answer unless that answer completes a copy of the reward's
+    prompt: ARGS then also takes back the copied run's earlier tokens), so SEA starts no worse than that."""
     groups = []
     for state, n in zip(states, counts):
         tilt = _tilt(engine, state)

@@ -227,7 +227,8 @@ def token_tilt(spec: RowSpec, model, top_k: int) -> Tilt | None:
     """
     if not spec.use_reward:
         return None
-    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "copy_grams", None))
+    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "copy_grams", None),
+                         getattr(component, "clip", float("inf")))
                    for component, weight, context in spec.reward_terms
                    if getattr(component, "contrastive", False) and getattr(component, "model", None) is model)
     if not guides:

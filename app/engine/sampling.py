@@ -6,7 +6,7 @@ gets the same samples alone or beside others.
 
 A group can also draw from a *tilted* policy (:class:`Tilt`): each token from
 ``q(v) ∝ exp(ref_weight·log pi_ref(v) + Σ_k weight_k·log pi(v | guide prompt k))`` among the reference's
-top-k tokens. The guide prompts run as extra rows of the same batch that read the drawn tokens.
+top-k tokens (a guide's log-prob limited as its reward limits it: see :class:`Guide`). The guide prompts run as extra rows of the same batch that read the drawn tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Guide:
     prefix: Prefix  # the guide prompt
     weight: float  # of its log-probs
     copy_grams: Tensor | None = None  # (G, n): a token completing one of these runs gets the reference's log-prob here
+    clip: float = float("inf")  # a token's log-prob here is at most the reference's plus this
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def _tilted(ref: Tensor, guides: list[Tensor], tilt: Tilt, history: Tensor) -> T
     outside the reference's top-k."""
     mixed = tilt.ref_weight * ref
     for log_probs, guide in zip(guides, tilt.guides):
+        log_probs = torch.minimum(log_probs, ref + guide.clip)
         if guide.copy_grams is not None:
             log_probs = torch.where(copy_completions(history, guide.copy_grams, ref.shape[-1]), ref, log_probs)
         mixed = mixed + guide.weight * log_probs
