@@ -119,7 +119,7 @@ class PrincipleReward:
         self.lm_passes = 1
         self.resumes = True
         self.contrastive = True
-        self.copy_grams = copy_grams(lm.tokenizer, principle)
+        self.copy_grams = copy_grams(lm.tokenizer, principle).to(lm.device)
 
     def prepare(self, prompt: Prompt) -> object:
         return encode_prefix(self.lm.model, render_prompt(self.lm.tokenizer, prompt.messages, system=self.principle))

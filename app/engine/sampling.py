@@ -6,7 +6,8 @@ gets the same samples alone or beside others.
 
 A group can also draw from a *tilted* policy (:class:`Tilt`): each token from
 ``q(v) ∝ exp(ref_weight·log pi_ref(v) + Σ_k weight_k·log pi(v | guide prompt k))`` among the reference's
-top-k tokens (a guide's log-prob limited as its reward limits it: see :class:`Guide`). The guide prompts run as extra rows of the same batch that read the drawn tokens.
+top-k tokens, each guide's log-prob limited as its reward limits it (:class:`Guide`). The guide prompts run as
+extra rows of the same batch that read the drawn tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Samples:
 
 @dataclass(frozen=True)
 class Guide:
+    """One prompt of a tilt, and the limits its reward puts on what a token earns from it."""
+
     prefix: Prefix  # the guide prompt
     weight: float  # of its log-probs
     copy_grams: Tensor | None = None  # (G, n): a token completing one of these runs gets the reference's log-prob here
