@@ -67,6 +67,13 @@ def copy_completions(history: Tensor, grams: Tensor, vocab: int) -> Tensor:
     return completes
 
 
+def limited_log_probs(log_probs: Tensor, ref: Tensor, history: Tensor, clip: float, grams: Tensor) -> Tensor:
+    """Next-token log-probs ``(B, V)`` under a contrastive reward's prompt, limited as that reward limits what a token
+    earns: at most ``ref + clip``, and ``ref`` itself for a token that would complete a copied run of ``grams``."""
+    log_probs = torch.minimum(log_probs, ref + clip)
+    return torch.where(copy_completions(history, grams, ref.shape[-1]), ref, log_probs)
+
+
 @dataclass
 class Prompt:
     """One request's prompt: the chat messages and their rendering by the reference tokenizer."""
@@ -80,8 +87,8 @@ class RewardComponent(Protocol):
     edit from its first edited position on, at that lower cost); without it an edit costs a full pass. It may set
     ``contrastive = True`` when its score is ``log pi(y | context) − log pi_ref(y | x)`` for ``model`` and a
     prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it. A
-    contrastive component may then give ``clip`` (the most a token earns) and ``copy_grams`` ``(G, n)`` (token runs
-    of its own prompt whose copies in a response earn nothing), which guided starts respect too."""
+    contrastive component that limits what a token earns gives ``limit_candidates(log_probs, ref, history)``
+    (next-token log-probs under its context, limited the same way), which guided starts draw by."""
 
     name: str
     lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
@@ -126,6 +133,10 @@ class PrincipleReward:
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
         return self.from_log_probs(response_token_log_probs(self.lm.model, stack_prefixes(contexts), response, key=self), response)
+
+    def limit_candidates(self, log_probs: Tensor, ref: Tensor, history: Tensor) -> Tensor:
+        """What each next token ``(B, V)`` after ``history`` ``(B, t)`` earns here, as the reward below limits it."""
+        return limited_log_probs(log_probs, ref, history, self.clip, self.copy_grams)
 
     def from_log_probs(self, token_log_probs: Tensor, response: ResponseBatch) -> Tensor:
         """The reward from ``log pi(y_t | principle, x, y_<t)`` ``(B, L)``."""

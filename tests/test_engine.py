@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -16,7 +17,7 @@ from app.engine.energy import RowSpec, evaluate, scoring_passes, token_tilt
 from app.engine.sampling import Guide, SampleGroup, Tilt, sample_groups
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
-from models.rewards import LexiconReward, PrincipleReward, RewardMix, copied_positions, copy_completions
+from models.rewards import LexiconReward, PrincipleReward, RewardMix, copied_positions, copy_completions, limited_log_probs
 from models.ste import ResponseBatch, response_mask
 
 
@@ -187,7 +188,8 @@ def _tilted_draw_replayed(lm, engine, prompt, guide, grams=None, clip=float("inf
     3·min(log pi(· | guide), log pi_ref + clip)) over the reference's top 6, where a token completing one of ``grams``
     after the tokens before it takes the reference's log-prob in the guide's place. Returns both and how often a
     top-6 token was so blocked."""
-    tilt = Tilt((Guide(encode_prefix(lm.model, guide.ids), 3.0, grams, clip),), -2.0, 6)
+    limit = None if grams is None else functools.partial(limited_log_probs, clip=clip, grams=grams)
+    tilt = Tilt((Guide(encode_prefix(lm.model, guide.ids), 3.0, limit),), -2.0, 6)
     drawn = sample_groups(lm.model, [SampleGroup(encode_prefix(lm.model, prompt.ids), 1, 10, torch.Generator().manual_seed(0),
                                                  tilt=tilt)], engine.stop_ids)[0]
     generator = torch.Generator().manual_seed(0)

@@ -227,8 +227,7 @@ def token_tilt(spec: RowSpec, model, top_k: int) -> Tilt | None:
     """
     if not spec.use_reward:
         return None
-    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "copy_grams", None),
-                         getattr(component, "clip", float("inf")))
+    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "limit_candidates", None))
                    for component, weight, context in spec.reward_terms
                    if getattr(component, "contrastive", False) and getattr(component, "model", None) is model)
     if not guides:

@@ -12,6 +12,7 @@ extra rows of the same batch that read the drawn tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,6 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from models.lm import Prefix, stack_prefixes, with_cache
-from models.rewards import copy_completions
 
 
 @dataclass
@@ -36,8 +36,8 @@ class Guide:
 
     prefix: Prefix  # the guide prompt
     weight: float  # of its log-probs
-    copy_grams: Tensor | None = None  # (G, n): a token completing one of these runs gets the reference's log-prob here
-    clip: float = float("inf")  # a token's log-prob here is at most the reference's plus this
+    # (log-probs here (n, V), the reference's (n, V), the tokens so far (n, t)) -> the log-probs as the reward limits them
+    limit: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,8 @@ def _tilted(ref: Tensor, guides: list[Tensor], tilt: Tilt, history: Tensor) -> T
     outside the reference's top-k."""
     mixed = tilt.ref_weight * ref
     for log_probs, guide in zip(guides, tilt.guides):
-        log_probs = torch.minimum(log_probs, ref + guide.clip)
-        if guide.copy_grams is not None:
-            log_probs = torch.where(copy_completions(history, guide.copy_grams, ref.shape[-1]), ref, log_probs)
+        if guide.limit is not None:
+            log_probs = guide.limit(log_probs, ref, history)
         mixed = mixed + guide.weight * log_probs
     top = ref.topk(min(tilt.top_k, ref.shape[-1]), dim=-1).indices
     return torch.full_like(mixed, float("-inf")).scatter(-1, top, mixed.gather(-1, top))
