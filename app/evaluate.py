@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import random
 import re
 import statistics
 import sys
@@ -57,7 +58,7 @@ VARIANTS: dict[str, dict] = {
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", required=True, help="JSONL with a `prompt` field (a `keywords` list adds a keyword reward).")
+    parser.add_argument("--prompts", help="JSONL with a `prompt` field (a `keywords` list adds a keyword reward).")
     parser.add_argument("--methods", default="sea,bon,args,cbs,sample", help=f"Comma-separated, from: {', '.join(VARIANTS)}.")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-samples", type=float, default=None, help="Compute of N base samples per prompt and method.")
@@ -73,6 +74,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="For rows with `keywords`: the keyword reward replaces the configured reward, or is added to it.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra SEAConfig field for the sea variants, e.g. --set candidates=6 (repeatable).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the runs already in OUT/records.jsonl (same settings) and run only the missing ones.")
+    parser.add_argument("--from", dest="from_dirs", action="append", default=[], metavar="DIR",
+                        help="Run nothing: report on the records.jsonl of earlier runs (repeatable, e.g. one folder per shard or seed).")
+    parser.add_argument("--baseline", default=None,
+                        help="Method every other one is paired with, prompt by prompt and seed by seed (default: bon-energy, else bon).")
 
 
 def refused(text: str) -> bool:
@@ -147,6 +154,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     """Run the evaluation and write results.json, report.md and the plots. Returns the results."""
     from app.runtime import Runtime
 
+    if not args.prompts:
+        raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
     runtime = runtime or Runtime.load(settings)
     rows = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     rows = rows[: args.limit] if args.limit else rows
@@ -161,12 +170,26 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
         chains=args.chains or settings.default_chains,
         alpha=settings.default_alpha if args.alpha is None else args.alpha,
     )
+    # What a run's result depends on besides its prompt, method and seed: records made under other settings
+    # are never mixed into one report (--resume and --from check it).
+    run_settings = {"model": runtime.lm.name, "max_tokens": base.max_tokens, "alpha": base.alpha, "chains": base.chains,
+                    "budget_samples": args.budget_samples, "budget_token_passes": args.budget_token_passes,
+                    "budget_seconds": args.budget_seconds, "keywords_mode": args.keywords_mode, "set": extra}
     seconds_per_pass = None
-    records = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = out / "records.jsonl"  # one line per finished run, so a stopped evaluation keeps what it did
-    progress.write_text("")
+    finished = {}
+    if args.resume and progress.exists():
+        for record in _read_records(progress):
+            if record.get("run") != run_settings:
+                raise SystemExit(f"{progress} holds runs made with other settings ({record.get('run')}, now {run_settings}): "
+                                 "resume with the same ones, or choose another --out")
+            finished[_run_key(record)] = record
+        print(f"resuming: {len(finished)} runs already in {progress}", file=sys.stderr)
+    else:
+        progress.write_text("")
+    records = []
     total = len(rows) * len(seeds) * len(methods)
     started = time.perf_counter()
     done = 0
@@ -176,6 +199,11 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
         reward_options = {"keywords": keywords, "keywords_only": args.keywords_mode == "replace"} if keywords else {}
         for seed in seeds:
             for name in methods:
+                done += 1
+                earlier = finished.get((name, _prompt_key(row), seed))
+                if earlier is not None:
+                    records.append(earlier)
+                    continue
                 overrides = dict(VARIANTS[name])
                 if name.startswith("sea"):
                     overrides.update({k: _parse_value(v) for k, v in extra.items()})
@@ -195,21 +223,111 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 job.config = size_to_budget(config, budget, per_row, guides if config.init == "guided" and config.use_reward else 0)
                 tick = time.perf_counter()
                 result = runtime.engine.run([job])[0]
-                records.append(_record(name, row, seed, result, time.perf_counter() - tick, budget))
+                records.append({**_record(name, row, seed, result, time.perf_counter() - tick, budget), "run": run_settings})
                 with progress.open("a") as handle:
                     handle.write(json.dumps(records[-1]) + "\n")
-                done += 1
                 print(f"\r[{done}/{total}] {name:<12} {time.perf_counter() - started:7.0f}s", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    results = summarise_runs(records, methods, args.baseline, {
+        **run_settings, "prompts": str(args.prompts), "methods": methods, "seeds": seeds, "seconds_per_token_pass": seconds_per_pass})
+    _write(results, out)
+    return results
+
+
+def report_from(args: argparse.Namespace) -> dict:
+    """``--from DIR...``: the results and report of earlier runs' records (shards, seeds), without running anything."""
+    records = []
+    for folder in args.from_dirs:
+        path = Path(folder) / "records.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"no records at {path}")
+        records += _read_records(path)
+    runs = {json.dumps(r.get("run"), sort_keys=True) for r in records if r.get("run") is not None}
+    if len(runs) > 1:
+        raise SystemExit("the records were made with different settings, which one report must not mix:\n" + "\n".join(sorted(runs)))
+    unique = {}
+    for record in records:
+        unique.setdefault(_run_key(record), record)  # the same run in two folders (overlapping shards) counts once
+    records = list(unique.values())
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    run_settings = json.loads(runs.pop()) if runs else {}
+    results = summarise_runs(records, methods, args.baseline, {
+        **run_settings, "prompts": ", ".join(args.from_dirs), "methods": methods,
+        "seeds": sorted({r["seed"] for r in records})})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    _write(results, Path(args.out))
+    return results
+
+
+def _read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _prompt_key(row: dict) -> str:
+    """A prompt row's identity: its id, else its text, else its messages."""
+    return str(row.get("id") or row.get("prompt") or json.dumps(row.get("messages"), sort_keys=True))
+
+
+def _run_key(record: dict) -> tuple:
+    """One run: its method, prompt and seed."""
+    return record["method"], _prompt_key(record), record["seed"]
+
+
+def paired_comparison(records: list[dict], method: str, baseline: str, resamples: int = 2000, level: float = 0.90) -> dict:
+    """``method`` against ``baseline`` on the runs both made (same prompt, same seed), by energy per token.
+
+    The intervals come from a bootstrap that resamples prompts with all their seeds (the seeds of one prompt are
+    not independent draws of the method's quality), with a fixed generator, so a report is reproducible. The
+    ratio of mean energies is given only when both means are positive (a large reward makes an energy negative).
+    """
+    by_key = {(_prompt_key(r), r["seed"]): r for r in records if r["method"] == baseline}
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        other = by_key.get((_prompt_key(r), r["seed"])) if r["method"] == method else None
+        if other is not None and math.isfinite(r["energy_per_token"]) and math.isfinite(other["energy_per_token"]):
+            pairs.setdefault(_prompt_key(r), []).append((r["energy_per_token"], other["energy_per_token"]))
+    flat = [pair for prompt_pairs in pairs.values() for pair in prompt_pairs]
+    if not flat:
+        return {"pairs": 0}
+
+    def means(groups) -> tuple[float, float]:
+        chosen = [pair for group in groups for pair in group]
+        return statistics.fmean(a for a, _ in chosen), statistics.fmean(b for _, b in chosen)
+
+    mine, theirs = means(pairs.values())
+    generator = random.Random(0)
+    groups = list(pairs.values())
+    draws = [means(generator.choices(groups, k=len(groups))) for _ in range(resamples)]
+    tail = (1 - level) / 2
+
+    def interval(values: list[float]) -> list[float]:
+        ordered = sorted(values)
+        return [ordered[round(tail * (len(ordered) - 1))], ordered[round((1 - tail) * (len(ordered) - 1))]]
+
+    positive = mine > 0 and theirs > 0 and all(b > 0 for _, b in draws)
+    return {
+        "pairs": len(flat), "prompts": len(groups), "energy_per_token": mine, "baseline_energy_per_token": theirs,
+        "difference": mine - theirs, "difference_interval": interval([a - b for a, b in draws]),
+        "ratio": mine / theirs if positive else None, "ratio_interval": interval([a / b for a, b in draws]) if positive else None,
+        "lower": sum(a < b for a, b in flat), "higher": sum(a > b for a, b in flat), "level": level,
+    }
+
+
+def summarise_runs(records: list[dict], methods: list[str], baseline: str | None, settings: dict) -> dict:
+    """Per-method summaries and each method paired with the baseline (same prompt, same seed)."""
+    if baseline is None:
+        baseline = next((name for name in ("bon-energy", "bon") if name in methods), None)
+    elif baseline not in methods:
+        raise SystemExit(f"--baseline {baseline} was not run (methods: {', '.join(methods)})")
     summary = {name: _summarise([r for r in records if r["method"] == name]) for name in methods}
-    results = {"summary": summary, "records": records, "settings": {
-        "prompts": str(args.prompts), "methods": methods, "seeds": seeds, "max_tokens": base.max_tokens, "alpha": base.alpha,
-        "chains": base.chains, "budget_samples": args.budget_samples, "budget_token_passes": args.budget_token_passes,
-        "budget_seconds": args.budget_seconds, "seconds_per_token_pass": seconds_per_pass, "keywords_mode": args.keywords_mode, "set": extra, "model": runtime.lm.name}}
+    paired = {name: paired_comparison(records, name, baseline) for name in methods if baseline and name != baseline}
+    return {"summary": summary, "paired": paired, "baseline": baseline, "records": records, "settings": settings}
+
+
+def _write(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(report(results))
     _plots(results, out)
-    return results
 
 
 def _calibrate(runtime, job) -> float:
@@ -267,17 +385,18 @@ def _summarise(records: list[dict]) -> dict:
 
 
 def report(results: dict) -> str:
-    """A Markdown table of the per-method summary."""
+    """A Markdown table of the per-method summary, then each method paired with the baseline."""
     settings = results["settings"]
     keyword = any("coverage" in s for s in results["summary"].values())
     head = ["method", "n", "reward", "energy/token", "log pi_ref/token", "refusal", "copies principle"]
     head += ["coverage", "all covered"] if keyword else []
     head += ["distinct-2", "compute (token-passes)", "seconds"]
-    lines = [f"Model {settings['model']}, prompts `{settings['prompts']}`, L = {settings['max_tokens']}, alpha = {settings['alpha']}, "
-             f"seeds {settings['seeds']}, budget: " + (f"{settings['budget_samples']:g} samples" if settings["budget_samples"]
-                                                       else f"{settings['budget_token_passes']} token-passes" if settings["budget_token_passes"]
-                                                       else f"{settings['budget_seconds']} s" if settings["budget_seconds"] else "none"),
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    budget = (f"{settings['budget_samples']:g} samples" if settings.get("budget_samples")
+              else f"{settings['budget_token_passes']} token-passes" if settings.get("budget_token_passes")
+              else f"{settings['budget_seconds']} s" if settings.get("budget_seconds") else "none")
+    title = (f"Model {settings.get('model', '?')}, prompts `{settings.get('prompts')}`, L = {settings.get('max_tokens', '?')}, "
+             f"alpha = {settings.get('alpha', '?')}, seeds {settings.get('seeds')}, budget: {budget}")
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(stat, digits=2):
         return "–" if stat is None or stat.get("mean") is None else f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
@@ -289,6 +408,17 @@ def report(results: dict) -> str:
             cells += [f"{s.get('coverage', 0):.2f}", f"{s.get('all_covered', 0):.2f}"]
         cells += [f"{s['distinct_2']:.2f}", f"{s['compute']['mean']:.0f}", f"{s['seconds']['mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    paired = {name: pair for name, pair in results.get("paired", {}).items() if pair["pairs"]}
+    if paired:
+        baseline = results["baseline"]
+        level = round(100 * next(iter(paired.values()))["level"])
+        lines += ["", f"Paired with {baseline} (same prompt, same seed; {level} % intervals from a bootstrap over prompts):", "",
+                  f"| method | pairs | energy/token | {baseline} | difference | ratio | lower / higher |", "|---|---|---|---|---|---|---|"]
+        for name, pair in paired.items():
+            low, high = pair["difference_interval"]
+            ratio = "–" if pair["ratio"] is None else f"{pair['ratio']:.2f}× [{pair['ratio_interval'][0]:.2f}, {pair['ratio_interval'][1]:.2f}]"
+            lines.append(f"| {name} | {pair['pairs']} | {pair['energy_per_token']:.3f} | {pair['baseline_energy_per_token']:.3f} | "
+                         f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {ratio} | {pair['lower']} / {pair['higher']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -335,6 +465,6 @@ def _plots(results: dict, out: Path) -> None:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    results = run_eval(args, settings)
+    results = report_from(args) if args.from_dirs else run_eval(args, settings)
     print(report(results))
     return 0

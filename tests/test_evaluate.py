@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from app.engine.types import SEAConfig
-from app.evaluate import add_eval_arguments, copies, distinct_n, refused, run_eval, size_to_budget
+from app.evaluate import add_eval_arguments, copies, distinct_n, paired_comparison, refused, report_from, run_eval, size_to_budget
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -84,3 +86,77 @@ def test_budget_in_seconds_is_one_token_pass_budget_for_every_method(lm, tmp_pat
     assert 0 < seconds_per_pass < 0.5
     budgets = {record["budget"] for record in results["records"]}
     assert budgets == {0.5 / seconds_per_pass}
+
+
+def _eval_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_resume_runs_only_what_is_missing_and_refuses_other_settings(lm, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": name, "prompt": f"tell me about {name}"}) + "\n" for name in ("tea", "rain")))
+    out = tmp_path / "out"
+    argv = ["--prompts", str(prompts), "--methods", "bon-energy,sample", "--budget-samples", "3", "--max-tokens", "4",
+            "--out", str(out), "--seeds", "0,1"]
+    runtime = Runtime.from_lm(lm, Settings())
+    first = run_eval(_eval_args(*argv), Settings(), runtime=runtime)["records"]
+    lines = (out / "records.jsonl").read_text().splitlines()
+    (out / "records.jsonl").write_text("\n".join(lines[:5]) + "\n")  # stopped after five of the eight runs
+
+    calls = []
+    run = runtime.engine.run
+    runtime.engine.run = lambda jobs: calls.append(jobs) or run(jobs)
+    resumed = run_eval(_eval_args(*argv, "--resume"), Settings(), runtime=runtime)["records"]
+    assert len(calls) == 3
+    drop_time = lambda record: {k: v for k, v in record.items() if k != "seconds"}
+    assert [drop_time(r) for r in resumed] == [drop_time(r) for r in first]  # same order, same (seeded) results
+    assert len((out / "records.jsonl").read_text().splitlines()) == 8
+
+    with pytest.raises(SystemExit, match="other settings"):
+        run_eval(_eval_args(*argv[:-4], "--alpha", "7", "--out", str(out), "--resume"), Settings(), runtime=runtime)
+    assert len(calls) == 3
+
+
+def test_report_from_shards_pairs_each_method_with_the_baseline(lm, tmp_path):
+    runtime = Runtime.from_lm(lm, Settings())
+    shards = []
+    for index, names in enumerate((("tea", "rain"), ("rain", "snow"))):  # overlapping shards: "rain" runs twice
+        prompts = tmp_path / f"prompts{index}.jsonl"
+        prompts.write_text("".join(json.dumps({"id": name, "prompt": f"tell me about {name}"}) + "\n" for name in names))
+        shards.append(str(tmp_path / f"shard{index}"))
+        run_eval(_eval_args("--prompts", str(prompts), "--methods", "sample,bon-energy", "--budget-samples", "3",
+                            "--max-tokens", "4", "--out", shards[-1]), Settings(), runtime=runtime)
+    out = tmp_path / "all"
+    results = report_from(_eval_args("--from", shards[0], "--from", shards[1], "--out", str(out)))
+    assert results["summary"]["sample"]["n"] == results["summary"]["bon-energy"]["n"] == 3
+    assert results["baseline"] == "bon-energy" and results["paired"]["sample"]["pairs"] == 3
+    assert "Paired with bon-energy" in (out / "report.md").read_text()
+    assert results["settings"]["max_tokens"] == 4
+
+    other = tmp_path / "other"
+    run_eval(_eval_args("--prompts", str(tmp_path / "prompts0.jsonl"), "--methods", "sample", "--budget-samples", "3",
+                        "--max-tokens", "5", "--out", str(other)), Settings(), runtime=runtime)
+    with pytest.raises(SystemExit, match="different settings"):
+        report_from(_eval_args("--from", shards[0], "--from", str(other), "--out", str(out)))
+
+
+def _record(method, prompt, seed, energy_per_token):
+    return {"method": method, "id": prompt, "prompt": prompt, "seed": seed, "energy_per_token": energy_per_token}
+
+
+def test_paired_comparison_intervals_follow_the_prompts():
+    lower = [_record("a", p, s, 1.0 + 0.1 * p) for p in range(8) for s in range(3)]
+    base = [_record("b", p, s, 2.0 + 0.1 * p + 0.05 * s) for p in range(8) for s in range(3)]
+    pair = paired_comparison(lower + base + [_record("a", 99, 0, 0.5)], "a", "b")  # prompt 99 has no baseline run
+    assert pair["pairs"] == 24 and pair["prompts"] == 8 and pair["lower"] == 24 and pair["higher"] == 0
+    assert pair["difference_interval"][1] < 0 and pair["ratio_interval"][1] < 1
+    assert pair["ratio_interval"][0] <= pair["ratio"] <= pair["ratio_interval"][1]
+
+    same = paired_comparison(base + [{**r, "method": "c"} for r in base], "c", "b")
+    assert same["difference"] == 0 and same["difference_interval"] == [0, 0] and same["lower"] == same["higher"] == 0
+
+    negative = paired_comparison([_record("a", 0, 0, -1.0), _record("b", 0, 0, 0.5)], "a", "b")
+    assert negative["ratio"] is None and negative["difference"] == -1.5  # no ratio of energies of opposite signs
+    assert paired_comparison(base, "a", "b") == {"pairs": 0}
