@@ -281,35 +281,38 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
     ratio of mean energies is given only when both means are positive (a large reward makes an energy negative).
     """
     by_key = {(_prompt_key(r), r["seed"]): r for r in records if r["method"] == baseline}
-    pairs: dict[str, list[tuple[float, float]]] = {}
+    pairs: dict[str, list[tuple[int, float, float]]] = {}  # prompt -> (seed, method's, baseline's energy per token)
     for r in records:
         other = by_key.get((_prompt_key(r), r["seed"])) if r["method"] == method else None
         if other is not None and math.isfinite(r["energy_per_token"]) and math.isfinite(other["energy_per_token"]):
-            pairs.setdefault(_prompt_key(r), []).append((r["energy_per_token"], other["energy_per_token"]))
+            pairs.setdefault(_prompt_key(r), []).append((r["seed"], r["energy_per_token"], other["energy_per_token"]))
     flat = [pair for prompt_pairs in pairs.values() for pair in prompt_pairs]
     if not flat:
         return {"pairs": 0}
 
-    def means(groups) -> tuple[float, float]:
-        chosen = [pair for group in groups for pair in group]
-        return statistics.fmean(a for a, _ in chosen), statistics.fmean(b for _, b in chosen)
+    def means(chosen) -> tuple[float, float]:
+        return statistics.fmean(a for _, a, _ in chosen), statistics.fmean(b for _, _, b in chosen)
 
-    mine, theirs = means(pairs.values())
+    mine, theirs = means(flat)
     generator = random.Random(0)
     groups = list(pairs.values())
-    draws = [means(generator.choices(groups, k=len(groups))) for _ in range(resamples)]
+    draws = [means([pair for group in generator.choices(groups, k=len(groups)) for pair in group]) for _ in range(resamples)]
     tail = (1 - level) / 2
 
     def interval(values: list[float]) -> list[float]:
         ordered = sorted(values)
         return [ordered[round(tail * (len(ordered) - 1))], ordered[round((1 - tail) * (len(ordered) - 1))]]
 
+    by_seed = {}
+    for seed in sorted({seed for seed, _, _ in flat}):
+        a, b = means([pair for pair in flat if pair[0] == seed])
+        by_seed[seed] = {"pairs": sum(pair[0] == seed for pair in flat), "difference": a - b, "ratio": a / b if a > 0 and b > 0 else None}
     positive = mine > 0 and theirs > 0 and all(b > 0 for _, b in draws)
     return {
         "pairs": len(flat), "prompts": len(groups), "energy_per_token": mine, "baseline_energy_per_token": theirs,
         "difference": mine - theirs, "difference_interval": interval([a - b for a, b in draws]),
         "ratio": mine / theirs if positive else None, "ratio_interval": interval([a / b for a, b in draws]) if positive else None,
-        "lower": sum(a < b for a, b in flat), "higher": sum(a > b for a, b in flat), "level": level,
+        "lower": sum(a < b for _, a, b in flat), "higher": sum(a > b for _, a, b in flat), "level": level, "by_seed": by_seed,
     }
 
 
@@ -413,12 +416,14 @@ def report(results: dict) -> str:
         baseline = results["baseline"]
         level = round(100 * next(iter(paired.values()))["level"])
         lines += ["", f"Paired with {baseline} (same prompt, same seed; {level} % intervals from a bootstrap over prompts):", "",
-                  f"| method | pairs | energy/token | {baseline} | difference | ratio | lower / higher |", "|---|---|---|---|---|---|---|"]
+                  f"| method | pairs | energy/token | {baseline} | difference | ratio | lower / higher | by seed |", "|---|---|---|---|---|---|---|---|"]
         for name, pair in paired.items():
             low, high = pair["difference_interval"]
             ratio = "–" if pair["ratio"] is None else f"{pair['ratio']:.2f}× [{pair['ratio_interval'][0]:.2f}, {pair['ratio_interval'][1]:.2f}]"
+            seeds = ", ".join(f"{seed}: " + (f"{one['difference']:+.3f}" if one["ratio"] is None else f"{one['ratio']:.2f}×")
+                              for seed, one in pair["by_seed"].items())
             lines.append(f"| {name} | {pair['pairs']} | {pair['energy_per_token']:.3f} | {pair['baseline_energy_per_token']:.3f} | "
-                         f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {ratio} | {pair['lower']} / {pair['higher']} |")
+                         f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {ratio} | {pair['lower']} / {pair['higher']} | {seeds} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pytest
 
@@ -160,3 +161,5 @@ def test_paired_comparison_intervals_follow_the_prompts():
     negative = paired_comparison([_record("a", 0, 0, -1.0), _record("b", 0, 0, 0.5)], "a", "b")
     assert negative["ratio"] is None and negative["difference"] == -1.5  # no ratio of energies of opposite signs
     assert paired_comparison(base, "a", "b") == {"pairs": 0}
+    assert pair["by_seed"][2]["pairs"] == 8 and pair["by_seed"][0]["difference"] == pytest.approx(-1.0)
+    assert pair["by_seed"][2]["ratio"] == pytest.approx(statistics.fmean(1.0 + 0.1 * p for p in range(8)) / statistics.fmean(2.1 + 0.1 * p for p in range(8)))
