@@ -123,21 +123,23 @@ def _parse_value(value: str):
 def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int, guides: int = 0) -> SEAConfig:
     """Size a method to a compute budget (token-passes): N for Best-of-N, steps for SEA, k for ARGS, K for CBS.
 
-    ``guides``: prompts a guided SEA start draws beside the reference's (each token runs once per prompt).
+    ``passes_per_row``: scoring one response exactly (reference and rewards). A draw computes its tokens'
+    reference log-probs, and a guided draw their log-probs under each of its ``guides`` prompts (each token runs
+    once per prompt), so scoring a drawn sample costs only the rest.
     """
     if budget is None:
         return config
     length = config.max_tokens
-    sample_cost = length + passes_per_row  # draw and score one base sample
     reward_passes = max(0, passes_per_row - (length - 1))
+    sample_cost = base_sample_cost(length, passes_per_row)
     if config.method == "bon":
         return dataclasses.replace(config, samples=max(1, int(budget // sample_cost)))
     if config.method == "sea" and config.update == "discrete":
-        draw_cost = length * (1 + guides) + passes_per_row
+        draw_cost = length * (1 + guides) + max(0, reward_passes - guides * length)
         init = config.init_samples or max(config.chains, int(0.25 * budget // draw_cost))
         return dataclasses.replace(config, init_samples=init, max_compute=int(budget), steps=10_000)
-    if config.method == "sea":
-        left = budget - config.chains * sample_cost
+    if config.method == "sea":  # the paper-literal update: draw the chains, then forward and backward every step
+        left = budget - config.chains * length
         steps = max(1, int(left // (3 * config.chains * passes_per_row)))
         return dataclasses.replace(config, steps=steps)
     if config.method == "args" and reward_passes:
@@ -148,6 +150,12 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
         per_successor = sum(config.beams * ((t + config.chunk) + passes_per_row * (t + config.chunk) / length) for t in chunks)
         return dataclasses.replace(config, successors=max(1, int(budget // per_successor)))
     return config
+
+
+def base_sample_cost(length: int, passes_per_row: int) -> int:
+    """Token-passes of one base sample, drawn and exactly scored: the draw gives its reference log-probs, so
+    scoring it costs only the reward's passes. ``--budget-samples N`` is N of these."""
+    return length + max(0, passes_per_row - (length - 1))
 
 
 def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict:
@@ -212,12 +220,13 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 per_row = scoring_passes(config.max_tokens, [component for component, _ in job.reward.terms])
                 budget = args.budget_token_passes
                 if args.budget_samples is not None:
-                    budget = args.budget_samples * (config.max_tokens + per_row)
+                    budget = args.budget_samples * base_sample_cost(config.max_tokens, per_row)
                 if args.budget_seconds is not None:
                     if seconds_per_pass is None:
                         seconds_per_pass = _calibrate(runtime, job)
                         print(f"{args.budget_seconds:g} s = {args.budget_seconds / seconds_per_pass:.0f} token-passes per prompt and method "
-                              f"(about {args.budget_seconds / seconds_per_pass / (config.max_tokens + per_row):.1f} base samples)", file=sys.stderr)
+                              f"(about {args.budget_seconds / seconds_per_pass / base_sample_cost(config.max_tokens, per_row):.1f} base samples)",
+                              file=sys.stderr)
                     budget = args.budget_seconds / seconds_per_pass
                 guides = sum(getattr(component, "contrastive", False) for component, _ in job.reward.terms)
                 job.config = size_to_budget(config, budget, per_row, guides if config.init == "guided" and config.use_reward else 0)

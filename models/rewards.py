@@ -88,7 +88,9 @@ class RewardComponent(Protocol):
     ``contrastive = True`` when its score is ``log pi(y | context) − log pi_ref(y | x)`` for ``model`` and a
     prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it. A
     contrastive component that limits what a token earns gives ``limit_candidates(log_probs, ref, history)``
-    (next-token log-probs under its context, limited the same way), which guided starts draw by."""
+    (next-token log-probs under its context, limited the same way), which guided starts draw by; with
+    ``from_log_probs(token_log_probs, response)`` (the score from the drawn tokens' log-probs under its context) a
+    drawn sample is scored from its draw, without another pass."""
 
     name: str
     lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.discrete import shared_starts
-from app.engine.energy import RowSpec, evaluate, scoring_passes, token_tilt
+from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, passes_per_row, scoring_passes, token_tilt
 from app.engine.sampling import Guide, SampleGroup, Tilt, sample_groups
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
@@ -276,7 +276,29 @@ def test_guided_starts_have_lower_energy_than_base_samples(lm, engine, make_prom
     guided = engine.run([_job(make_prompt("how do i make a fire"), reward, **config, init="guided")])[0]
     base = engine.run([_job(make_prompt("how do i make a fire"), reward, **config, init="sample")])[0]
     assert sum(c.energy for c in guided.chains) < sum(c.energy for c in base.chains)
-    assert guided.usage.forward_token_passes > base.usage.forward_token_passes  # the guide prompt's rows are counted
+
+
+def test_drawn_samples_are_scored_from_their_draw_as_a_full_pass_scores_them(lm, make_prompt):
+    """A draw computes each token's log-prob under the reference (and, guided, under the guide prompts): scoring
+    from those equals a full scoring pass, with stops inside the responses, and costs only the passes not drawn."""
+    prompt = make_prompt("how do i make a fire")
+    terms = [(PrincipleReward(lm), 1.0), (LexiconReward.keywords(lm.tokenizer, ["fire"]), 0.5)]
+    stops = torch.arange(40, 52)  # many stop tokens, so that some responses end early
+    spec = _spec(lm, prompt, terms, rows=6, length=7, alpha=3.0)
+    tilt = token_tilt(spec, lm.model, 20)
+    groups = [SampleGroup(spec.prefix, 6, 7, torch.Generator().manual_seed(seed), tilt=group_tilt)
+              for seed, group_tilt in ((1, tilt), (2, None))]
+    stopped = 0
+    for group, samples in zip(groups, sample_groups(lm.model, groups, stops)):
+        known = drawn_log_probs(samples.token_log_probs, group.tilt)
+        assert set(known) == ({REFERENCE, terms[0][0]} if group.tilt else {REFERENCE})
+        full = evaluate(lm, [spec], stops, samples.tokens)
+        drawn = evaluate(lm, [spec], stops, samples.tokens, known=known)
+        for name in ("energy", "reward", "log_prob_ref"):
+            torch.testing.assert_close(getattr(drawn, name), getattr(full, name), rtol=1e-4, atol=1e-4)
+        stopped += int((full.mask.sum(1) < 7).sum())
+        assert passes_per_row(spec, known=frozenset(known)) == (0 if group.tilt else 7)  # the principle's pass is left
+    assert passes_per_row(spec) == 6 + 7 and stopped > 0
 
 
 def test_a_guided_start_includes_the_greedy_tilted_decode_which_is_the_args_answer(lm, engine, make_prompt):

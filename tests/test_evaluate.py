@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 
@@ -47,12 +48,17 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
 
 
 def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():
-    """A guided draw runs each token under the guide prompt too, so fewer of them fit the start's quarter."""
+    """A draw gives its tokens' reference log-probs, and a guided draw (each token run under the guide prompt too)
+    their guide log-probs: scoring a drawn sample costs only what the draw did not compute."""
     config = SEAConfig(max_tokens=24, chains=2)
-    base = size_to_budget(config, 8000, 47)
-    guided = size_to_budget(config, 8000, 47, guides=1)
-    assert base.init_samples == 2000 // (24 + 47) and guided.init_samples == 2000 // (2 * 24 + 47)
+    principle = 23 + 24  # the reference's passes and the principle's
+    base = size_to_budget(config, 8000, principle)
+    guided = size_to_budget(config, 8000, principle, guides=1)
+    assert base.init_samples == 2000 // (24 + 24) and guided.init_samples == 2000 // (2 * 24)
     assert base.max_compute == guided.max_compute == 8000
+    with_rm = size_to_budget(config, 8000, principle + 24, guides=1)  # a reward model's pass is left to score
+    assert with_rm.init_samples == 2000 // (2 * 24 + 24)
+    assert size_to_budget(dataclasses.replace(config, method="bon", select="energy"), 8000, principle).samples == 8000 // (24 + 24)
 
 
 def test_refusal_detector_looks_only_at_the_opening():

@@ -12,7 +12,7 @@ import math
 import torch
 from transformers import DynamicCache
 
-from app.engine.energy import evaluate, passes_per_row, reward_passes_per_row, score_rewards
+from app.engine.energy import drawn_log_probs, evaluate, passes_per_row, reward_passes_per_row, score_rewards
 from app.engine.sampling import sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import stack_prefixes, with_cache
@@ -140,8 +140,9 @@ def run_best_of_n(engine, state) -> AlignResult:
                 config.temperature, config.top_p,
             )
             spec = dataclasses.replace(state.spec, rows=n)
-            scored = evaluate(engine.lm, [spec], engine.stop_ids, samples.tokens)
-            state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec) * n
+            known = drawn_log_probs(samples.token_log_probs, None)  # the reference's log-probs come with the draw
+            scored = evaluate(engine.lm, [spec], engine.stop_ids, samples.tokens, known=known)
+            state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec, known=frozenset(known)) * n
             for row in range(n):
                 stats = StepStats(float(scored.energy[row]), float(scored.reward[row]), float(scored.log_prob_ref[row]), 0.0,
                                   bool(torch.isfinite(scored.energy[row])))

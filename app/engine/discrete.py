@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from app.engine.energy import evaluate, passes_per_row, token_tilt
+from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, passes_per_row, token_tilt
 from app.engine.proposals import apply, edit_scores, propose
 from app.engine.sampling import SampleGroup, Tilt, sample_groups
 from app.engine.types import StepStats
@@ -45,9 +45,10 @@ def start(engine, states: list) -> None:
     """Draw the initial samples of every state, score them exactly, and keep each state's best ``chains`` by energy.
 
     States started together sample in one batch and are scored in one batched pass; each draws from its own
-    generator, so a seeded request starts the same alone or beside others.
+    generator, so a seeded request starts the same alone or beside others. The draw's own log-probs score what
+    they can (the reference's, and a guided draw's guide prompts'), so a drawn sample is not run twice.
     """
-    drawn: dict[int, torch.Tensor] = {}
+    drawn: dict[int, Drawn] = {}
     sampled = [s for s in states if s.config.init != "random"]
     if sampled:
         counts = [max(s.config.init_samples or 2 * s.chains, s.chains) for s in sampled]
@@ -56,7 +57,7 @@ def start(engine, states: list) -> None:
     for state in states:
         if state.config.init == "random":
             shape = (state.chains, state.config.max_tokens)
-            drawn[id(state)] = torch.randint(0, engine.vocab, shape, generator=state.generator, device=engine.device)
+            drawn[id(state)] = Drawn(torch.randint(0, engine.vocab, shape, generator=state.generator, device=engine.device), {})
     scored, slices = _score_drawn(engine, states, [drawn[id(s)] for s in states])
     for state, rows in zip(states, slices):
         length = state.spec.length
@@ -68,41 +69,65 @@ def _tilt(engine, state) -> Tilt | None:
     return token_tilt(state.spec, engine.lm.model, state.config.guide_top_k) if state.config.init == "guided" else None
 
 
-def _draw_samples(engine, states: list, counts: list[int], first: bool = False) -> list[torch.Tensor]:
+@dataclasses.dataclass
+class Drawn:
+    """A state's drawn responses and the per-token log-probs the draw computed, by scorer (``evaluate``'s ``known``)."""
+
+    tokens: torch.Tensor  # (n, L)
+    known: dict[object, torch.Tensor]  # scorer -> (n, L)
+
+
+def _draw_samples(engine, states: list, counts: list[int], first: bool = False) -> list[Drawn]:
     """``counts[i]`` samples ``(n, L)`` for each of ``states`` (base samples, or guided ones: see ``SEAConfig.init``),
     drawn in one batch, each state from its own generator (so alone or beside others it draws the same); the
     drawing is counted in each state's usage. A guided state's ``first`` draw includes the tilted policy's greedy
     decode (which, for a contrastive reward, is ARGS's answer unless that answer completes a copy of the reward's
     prompt: ARGS then also takes back the copied run's earlier tokens), so SEA starts no worse than that."""
-    groups = []
+    groups, tilts = [], []
     for state, n in zip(states, counts):
-        tilt = _tilt(engine, state)
+        tilts.append(_tilt(engine, state))
         groups.append(SampleGroup(state.spec.prefix, n, state.spec.length, state.generator, state.config.temperature,
-                                  state.config.top_p, tilt, greedy_rows=int(first and tilt is not None)))
+                                  state.config.top_p, tilts[-1], greedy_rows=int(first and tilts[-1] is not None)))
     drawn = []
-    for state, samples in zip(states, sample_groups(engine.lm.model, groups, engine.stop_ids)):
+    for state, tilt, samples in zip(states, tilts, sample_groups(engine.lm.model, groups, engine.stop_ids)):
         state.usage.forward_token_passes += samples.forward_token_passes
-        drawn.append(samples.tokens)
+        drawn.append(Drawn(samples.tokens, drawn_log_probs(samples.token_log_probs, tilt)))
     return drawn
 
 
-def _score_drawn(engine, states: list, drawn: list[torch.Tensor]) -> tuple:
-    """Score every state's drawn responses exactly in one batched pass, counted in each state's usage.
+def _score_drawn(engine, states: list, drawn: list[Drawn]) -> tuple[Evaluation, list[slice]]:
+    """Score every state's drawn responses exactly, counted in each state's usage: the log-probs their draw
+    computed are read, not recomputed; states that know the same scorers are scored in one batched pass.
 
-    Returns the evaluation and each state's rows in it.
+    Returns the evaluation (rows state after state) and each state's rows in it.
     """
-    specs = [dataclasses.replace(s.spec, rows=d.shape[0]) for s, d in zip(states, drawn)]
     length = max(s.spec.length for s in states)
     pad = int(engine.stop_ids[0])
-    tokens = torch.cat([torch.nn.functional.pad(d, (0, length - d.shape[1]), value=pad) for d in drawn])
-    with torch.no_grad():
-        scored = evaluate(engine.lm, specs, engine.stop_ids, tokens)
     slices, offset = [], 0
-    for state, spec in zip(states, specs):
-        state.usage.forward_token_passes += passes_per_row(spec) * spec.rows
-        slices.append(slice(offset, offset + spec.rows))
-        offset += spec.rows
-    return scored, slices
+    for d in drawn:
+        slices.append(slice(offset, offset + d.tokens.shape[0]))
+        offset += d.tokens.shape[0]
+    rows = offset
+    device = drawn[0].tokens.device
+    tokens = torch.full((rows, length), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(rows, length, device=device)
+    energy, reward, log_prob = (torch.zeros(rows, device=device) for _ in range(3))
+    by_known: dict[frozenset, list[int]] = {}
+    for i, d in enumerate(drawn):
+        by_known.setdefault(frozenset(d.known), []).append(i)
+    for keys, members in by_known.items():
+        specs = [dataclasses.replace(states[i].spec, rows=drawn[i].tokens.shape[0]) for i in members]
+        batch = torch.cat([torch.nn.functional.pad(drawn[i].tokens, (0, length - drawn[i].tokens.shape[1]), value=pad) for i in members])
+        known = {key: torch.cat([torch.nn.functional.pad(drawn[i].known[key], (0, length - drawn[i].tokens.shape[1])) for i in members])
+                 for key in keys}
+        with torch.no_grad():
+            scored = evaluate(engine.lm, specs, engine.stop_ids, batch, known=known)
+        index = torch.cat([torch.arange(slices[i].start, slices[i].stop, device=device) for i in members])
+        tokens[index], mask[index] = scored.tokens, scored.mask
+        energy[index], reward[index], log_prob[index] = scored.energy, scored.reward, scored.log_prob_ref
+        for i, spec in zip(members, specs):
+            states[i].usage.forward_token_passes += passes_per_row(spec, known=keys) * spec.rows
+    return Evaluation(tokens, mask, energy, reward, log_prob, None, None, None), slices
 
 
 def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
@@ -318,9 +343,10 @@ def _restarting(state) -> bool:
 
 
 def _sample_cost(engine, state) -> int:
-    """Token-passes of drawing one sample (a guided one runs a row per guide prompt too) and scoring it."""
+    """Token-passes of drawing one sample (a guided one runs a row per guide prompt too) and scoring what the draw
+    did not."""
     tilt = _tilt(engine, state)
-    return state.spec.length * (1 + (len(tilt.guides) if tilt else 0)) + passes_per_row(state.spec)
+    return state.spec.length * (1 + (len(tilt.guides) if tilt else 0)) + passes_per_row(state.spec, known=drawn_scorers(tilt))
 
 
 def _restart(engine, states: list) -> dict[int, set[int]]:

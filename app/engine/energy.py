@@ -60,6 +60,7 @@ def evaluate(
     keep_table: bool = False,
     record: bool = False,
     reuse: Reuse | None = None,
+    known: dict[object, Tensor] | None = None,
 ) -> Evaluation:
     """Score ``tokens`` (B, L_max); with ``logits`` (B, L_max, V) also return ``dE/dlogits`` via the STE.
 
@@ -69,7 +70,13 @@ def evaluate(
     Rows are laid out group after group, in the order of ``specs``.
     ``record`` returns each LM scorer's :class:`ResponseMemory` of the rows; ``reuse`` scores rows that are
     edits of rows recorded earlier from their starts on (exact scoring only).
+    ``known`` holds per-token log-probs ``(B, L_max)`` of every row that were computed already (a sampler's, see
+    :attr:`app.engine.sampling.Samples.token_log_probs`), keyed by ``REFERENCE`` or by the reward component whose
+    log-probs they are (one that scores ``from_log_probs``): those scorers do not run again (exact scoring only).
     """
+    known = known or {}
+    if known and (logits is not None or one_hot_grad or keep_table or top_k or record or reuse is not None):
+        raise ValueError("known log-probs serve exact scoring only: no gradient, table, memory or reuse")
     device = tokens.device
     lengths = torch.cat([torch.full((s.rows,), s.length, device=device) for s in specs])
     mask = response_mask(tokens, stop_ids, lengths)  # (B, L_max)
@@ -87,29 +94,41 @@ def evaluate(
     rows = tokens.shape[0]
     # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass:
     # (component, its rows, their contexts, which are prefixes).
-    joint = [(component, torch.tensor(component_rows, device=device), contexts)
-             for component, component_rows, _, contexts in _component_rows(specs).values()
+    joint = [(component, index, contexts) for component, index, contexts in _component_entries(specs, device)
              if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is lm.model]
 
     with torch.set_grad_enabled(probs is not None):
-        prefixes = [s.prefix for s in specs for _ in range(s.rows)] + [c for _, _, contexts in joint for c in contexts]
-        together = _joined(response, joint)
+        run = [entry for entry in joint if entry[0] not in known]  # joined rewards still to compute
         table = ref_top_k = None
-        if top_k or keep_table:
-            token_log_probs, table = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, return_table=True, key=REFERENCE)
-            table = table[:rows]  # (B, L_max, V)
-            ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
-            table = table.detach() if keep_table else None
+        if REFERENCE in known:
+            response.token_log_prob_ref = known[REFERENCE]
+            offset = 0
+            if run:
+                together = _joined(response, run, with_response=False)
+                token_log_probs = response_token_log_probs(lm.model, stack_prefixes([c for _, _, contexts in run for c in contexts]),
+                                                           together, key=REFERENCE)
         else:
-            token_log_probs = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, key=REFERENCE)
-        if joint and recorder is not None and REFERENCE in together.recorder.memories:
-            _split_memory(together.recorder.memories[REFERENCE], recorder, rows, joint)
-        response.token_log_prob_ref = token_log_probs[:rows]
-        log_prob_ref = (token_log_probs[:rows] * mask).sum(1)
-        precomputed, offset = {}, rows
-        for component, index, _ in joint:
+            prefixes = [s.prefix for s in specs for _ in range(s.rows)] + [c for _, _, contexts in run for c in contexts]
+            together = _joined(response, run)
+            if top_k or keep_table:
+                token_log_probs, table = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, return_table=True,
+                                                                  key=REFERENCE)
+                table = table[:rows]  # (B, L_max, V)
+                ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
+                table = table.detach() if keep_table else None
+            else:
+                token_log_probs = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, key=REFERENCE)
+            if run and recorder is not None and REFERENCE in together.recorder.memories:
+                _split_memory(together.recorder.memories[REFERENCE], recorder, rows, run)
+            response.token_log_prob_ref = token_log_probs[:rows]
+            offset = rows
+        log_prob_ref = (response.token_log_prob_ref * mask).sum(1)
+        precomputed = {}
+        for component, index, _ in run:
             precomputed[id(component)] = component.from_log_probs(token_log_probs[offset : offset + len(index)], response.select(index))
             offset += len(index)
+        for component, index, _ in (entry for entry in _component_entries(specs, device) if entry[0] in known):
+            precomputed[id(component)] = component.from_log_probs(known[component][index], response.select(index))
         reward = score_rewards(specs, response, precomputed)
         alpha = torch.cat([torch.full((s.rows,), s.alpha * s.use_reward, device=device) for s in specs])
         ref_on = torch.cat([torch.full((s.rows,), float(s.use_reference), device=device) for s in specs])
@@ -151,12 +170,19 @@ def _component_rows(specs: list[RowSpec]) -> dict[int, tuple[RewardComponent, li
     return groups
 
 
-def _joined(response: ResponseBatch, joint: list[tuple[RewardComponent, Tensor, list]]) -> ResponseBatch:
+def _component_entries(specs: list[RowSpec], device) -> list[tuple[RewardComponent, Tensor, list[object]]]:
+    """Per reward component: (the component, the rows that use it, their prepared contexts)."""
+    return [(component, torch.tensor(rows, device=device), contexts) for component, rows, _, contexts in _component_rows(specs).values()]
+
+
+def _joined(response: ResponseBatch, joint: list[tuple[RewardComponent, Tensor, list]], with_response: bool = True) -> ResponseBatch:
     """``response`` followed by a copy of each joined reward's rows: one pass of the reference network scores the
-    reference and the rewards that read it. Memories to reuse are laid out the same way."""
-    if not joint:
+    reference and the rewards that read it. Memories to reuse are laid out the same way. Without
+    ``with_response`` only the copies (the reference's own log-probs are known)."""
+    if not joint and with_response:
         return response
-    index = torch.cat([torch.arange(response.rows, device=response.tokens.device), *(rows for _, rows, _ in joint)])
+    own = [torch.arange(response.rows, device=response.tokens.device)] if with_response else []
+    index = torch.cat([*own, *(rows for _, rows, _ in joint)])
     reuse = response.reuse
     if reuse is not None:
         parts = [reuse.memories.get(key) for key in [REFERENCE, *(component for component, _, _ in joint)]]
@@ -212,9 +238,27 @@ def scoring_passes(length: int, components, start: int = 0) -> int:
         component.lm_passes * (length - (start if getattr(component, "resumes", False) else 0)) for component in components)
 
 
-def passes_per_row(spec: RowSpec, start: int = 0) -> int:
-    """LM token-passes (one direction) that scoring one row of ``spec`` costs (from input position ``start`` on)."""
-    return scoring_passes(spec.length, [component for component, _, _ in spec.reward_terms], start)
+def passes_per_row(spec: RowSpec, start: int = 0, known: frozenset = frozenset()) -> int:
+    """LM token-passes (one direction) that scoring one row of ``spec`` costs (from input position ``start`` on),
+    leaving out the scorers in ``known`` (``REFERENCE`` or reward components: their log-probs were given)."""
+    passes = scoring_passes(spec.length, [component for component, _, _ in spec.reward_terms if component not in known], start)
+    return passes - (spec.length - 1 - start) if REFERENCE in known else passes
+
+
+def drawn_scorers(tilt: Tilt | None) -> frozenset:
+    """The scorers whose per-token log-probs a draw (plain, or tilted by ``tilt``) computes: the reference's, and
+    each guide's reward component's. Keys of ``evaluate``'s ``known``."""
+    return frozenset(drawn_log_probs(None, tilt))
+
+
+def drawn_log_probs(token_log_probs: Tensor | None, tilt: Tilt | None) -> dict[object, Tensor | None]:
+    """``Samples.token_log_probs`` ``(n, 1 + guides, L)`` as ``evaluate``'s ``known`` log-probs, by scorer (only the
+    components that score ``from_log_probs``; ``None`` values with ``token_log_probs=None``)."""
+    known = {REFERENCE: None if token_log_probs is None else token_log_probs[:, 0]}
+    for k, guide in enumerate(tilt.guides if tilt else ()):
+        if getattr(guide.source, "from_log_probs", None):
+            known[guide.source] = None if token_log_probs is None else token_log_probs[:, 1 + k]
+    return known
 
 
 def token_tilt(spec: RowSpec, model, top_k: int) -> Tilt | None:
@@ -227,7 +271,7 @@ def token_tilt(spec: RowSpec, model, top_k: int) -> Tilt | None:
     """
     if not spec.use_reward:
         return None
-    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "limit_candidates", None))
+    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "limit_candidates", None), component)
                    for component, weight, context in spec.reward_terms
                    if getattr(component, "contrastive", False) and getattr(component, "model", None) is model)
     if not guides:

@@ -28,6 +28,9 @@ class Samples:
     tokens: Tensor  # (N, L) long; positions after the first stop token hold a stop token
     log_probs: Tensor | None  # (N, L, V) float32 log pi_ref at each position (only when asked for)
     forward_token_passes: int
+    # (N, 1 + guides, L) float32: each drawn token's log-prob under the reference, then under each guide prompt
+    # (computed by the draw anyway); 0 after a row's first stop token. Only the drawn tokens, not ``given`` ones.
+    token_log_probs: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Guide:
     weight: float  # of its log-probs
     # (log-probs here (n, V), the reference's (n, V), the tokens so far (n, t)) -> the log-probs as the reward limits them
     limit: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    source: object = None  # what these log-probs belong to, for the caller (the sampler never reads it)
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,10 @@ def sample_groups(
     longest = max(g.max_tokens for g in groups)
     tokens = torch.full((rows, longest), int(stop_ids[0]), dtype=torch.long, device=device)
     tables = [] if keep_log_probs else None
+    picked = torch.zeros(len(owners), longest, device=device)  # each batch row's log-prob of its drawn row's token
+    # per group: its batch rows (its own, then its guides'), as one index and as slices
+    group_rows = [[rows_of, *guide_rows[i]] for i, rows_of in enumerate(slices)]
+    group_index = [torch.cat([torch.arange(r.start, r.stop, device=device) for r in parts]) for parts in group_rows]
     drawing = [g.max_tokens > 0 for g in groups]
     for t in range(longest):
         if t > 0:
@@ -201,10 +209,13 @@ def sample_groups(
             if group.tilt is not None:
                 history = tokens[rows_of, :t] if given is None else torch.cat([given[rows_of], tokens[rows_of, :t]], dim=1)
                 own = _tilted(own, [log_probs[r] for r in guide_rows[i]], group.tilt, history)
-            drawn = torch.where(finished[rows_of], tokens[rows_of, t], _draw(own, group))
+            was_finished = finished[rows_of].clone()
+            drawn = torch.where(was_finished, tokens[rows_of, t], _draw(own, group))
             tokens[rows_of, t] = drawn
             finished[rows_of] |= torch.isin(drawn, stop_ids)
             drawing[i] = t + 1 < group.max_tokens and not bool(finished[rows_of].all())
+            index = group_index[i]
+            picked[index, t] = torch.where(was_finished.repeat(width[i]), 0.0, log_probs[index].gather(-1, tokens[owner[index], t, None])[:, 0])
         if not any(drawing):
             if tables is not None:  # positions after every row stopped: uniform stop tokens, table unused
                 tables.extend([log_probs[:rows]] * (longest - t - 1))
@@ -219,5 +230,6 @@ def sample_groups(
             tokens[slices[i], keep],
             None if table is None else table[slices[i], : group.max_tokens],
             passes[i],
+            torch.stack([picked[r, : group.max_tokens] for r in group_rows[i]], dim=1),
         ))
     return results
