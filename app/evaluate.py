@@ -147,7 +147,8 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
         return dataclasses.replace(config, args_top_k=int(min(50, max(2, (budget - 2 * length) // per_k))))
     if config.method == "cbs":
         chunks = range(0, length, config.chunk)
-        per_successor = sum(config.beams * ((t + config.chunk) + passes_per_row * (t + config.chunk) / length) for t in chunks)
+        # each chunk re-runs a successor's beam and draws its chunk; its scoring runs only the reward's passes
+        per_successor = sum(config.beams * ((t + config.chunk) + reward_passes * (t + config.chunk) / length) for t in chunks)
         return dataclasses.replace(config, successors=max(1, int(budget // per_successor)))
     return config
 

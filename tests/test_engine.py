@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from app.engine.discrete import shared_starts
 from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, passes_per_row, scoring_passes, token_tilt
-from app.engine.sampling import Guide, SampleGroup, Tilt, sample_groups
+from app.engine.sampling import Guide, SampleGroup, Tilt, sample_groups, sample_responses
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
 from models.rewards import LexiconReward, PrincipleReward, RewardMix, copied_positions, copy_completions, limited_log_probs
@@ -299,6 +299,23 @@ def test_drawn_samples_are_scored_from_their_draw_as_a_full_pass_scores_them(lm,
         stopped += int((full.mask.sum(1) < 7).sum())
         assert passes_per_row(spec, known=frozenset(known)) == (0 if group.tilt else 7)  # the principle's pass is left
     assert passes_per_row(spec) == 6 + 7 and stopped > 0
+
+
+def test_a_continued_draw_is_scored_from_its_parents_and_its_own_log_probs(lm, make_prompt):
+    """Chunk-level beam search continues drawn beams (``given``): the beams' log-probs and the continuation's
+    score the candidates as a full pass does, with stops inside the beams and inside the continuations."""
+    prompt = make_prompt("tell me about the sea")
+    stops = torch.arange(40, 52)
+    generator = torch.Generator().manual_seed(4)
+    parents = sample_responses(lm.model, encode_prefix(lm.model, prompt.ids), 8, 3, stops, generator)
+    more = sample_responses(lm.model, encode_prefix(lm.model, prompt.ids), 8, 4, stops, generator, given=parents.tokens)
+    spec = _spec(lm, prompt, [(PrincipleReward(lm), 1.0)], rows=8, length=7, alpha=3.0)
+    known = {REFERENCE: torch.cat([parents.token_log_probs[:, 0], more.token_log_probs[:, 0]], dim=1)}
+    full = evaluate(lm, [spec], stops, more.tokens)
+    drawn = evaluate(lm, [spec], stops, more.tokens, known=known)
+    torch.testing.assert_close(drawn.energy, full.energy, rtol=1e-4, atol=1e-4)
+    ended = full.mask.sum(1)
+    assert bool((ended <= 3).any()) and bool(((ended > 3) & (ended < 7)).any())  # stops in both parts
 
 
 def test_a_guided_start_includes_the_greedy_tilted_decode_which_is_the_args_answer(lm, engine, make_prompt):

@@ -12,7 +12,7 @@ import math
 import torch
 from transformers import DynamicCache
 
-from app.engine.energy import drawn_log_probs, evaluate, passes_per_row, reward_passes_per_row, score_rewards
+from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, passes_per_row, reward_passes_per_row, score_rewards
 from app.engine.sampling import sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import stack_prefixes, with_cache
@@ -69,11 +69,13 @@ def run_args(engine, state) -> AlignResult:
     token_log_probs: list[float] = []
     stops = set(engine.stop_ids.tolist())
     weight = config.alpha if config.use_reward else 0.0
+    device = engine.device
     for t in range(config.max_tokens):
         top = log_probs.topk(min(config.args_top_k, log_probs.shape[-1]))
-        candidates = torch.cat([torch.tensor(tokens, dtype=torch.long).expand(top.indices.shape[0], t), top.indices[:, None]], dim=1)
+        candidates = torch.cat([torch.tensor(tokens, dtype=torch.long, device=device).expand(top.indices.shape[0], t), top.indices[:, None]],
+                               dim=1)
         if weight:
-            so_far = torch.tensor(token_log_probs, dtype=top.values.dtype).expand(top.indices.shape[0], t)
+            so_far = torch.tensor(token_log_probs, dtype=top.values.dtype, device=device).expand(top.indices.shape[0], t)
             rewards = _partial_rewards(engine, state, candidates, torch.cat([so_far, top.values[:, None]], dim=1))
         else:
             rewards = torch.zeros_like(top.values)
@@ -87,12 +89,12 @@ def run_args(engine, state) -> AlignResult:
         token_log_probs.append(float(top.values[pick]))
         if token in stops or t == config.max_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-        out = backbone(inputs_embeds=model.get_input_embeddings()(torch.tensor([[token]])), attention_mask=mask,
-                       position_ids=torch.tensor([[state.spec.prefix.length + t]]), use_cache=True, **with_cache(backbone, cache))
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype, device=device)], dim=1)
+        out = backbone(inputs_embeds=model.get_input_embeddings()(torch.tensor([[token]], device=device)), attention_mask=mask,
+                       position_ids=torch.tensor([[state.spec.prefix.length + t]], device=device), use_cache=True, **with_cache(backbone, cache))
         log_probs = torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), -1)[0]
         state.usage.forward_token_passes += 1
-    chain = _chain(engine, state, torch.tensor(tokens, dtype=torch.long))
+    chain = _chain(engine, state, torch.tensor(tokens, dtype=torch.long, device=device))
     return engine.finish(state, [chain], 0, "args")
 
 
@@ -101,14 +103,16 @@ def run_cbs(engine, state) -> AlignResult:
     """Chunk-level beam search (Zhou et al., 2024, weak-to-strong search): W beams, K sampled successors of C tokens each.
 
     After each chunk the W best partial responses by reward stay. Finished beams (ended by a stop token) carry over.
+    A beam's reference log-probs come from its draws, so a candidate's scoring runs only the reward's passes.
     """
     config = state.config
     width, successors, chunk = config.beams, config.successors, config.chunk
-    beams = torch.zeros(1, 0, dtype=torch.long)
+    beams = torch.zeros(1, 0, dtype=torch.long, device=engine.device)
+    beam_log_probs = torch.zeros(1, 0, device=engine.device)  # (W, t) each beam token's log pi_ref
     stops = engine.stop_ids
     while beams.shape[1] < config.max_tokens:
         size = min(chunk, config.max_tokens - beams.shape[1])
-        finished = torch.isin(beams, stops).any(1) if beams.shape[1] else torch.zeros(beams.shape[0], dtype=torch.bool)
+        finished = torch.isin(beams, stops).any(1) if beams.shape[1] else torch.zeros(beams.shape[0], dtype=torch.bool, device=engine.device)
         if bool(finished.all()):
             break
         parents = beams.repeat_interleave(successors, dim=0)
@@ -116,12 +120,14 @@ def run_cbs(engine, state) -> AlignResult:
                                    config.temperature, config.top_p, given=parents)
         state.usage.forward_token_passes += samples.forward_token_passes
         candidates = samples.tokens  # (W·K, t + C)
+        known = {REFERENCE: torch.cat([beam_log_probs.repeat_interleave(successors, dim=0), samples.token_log_probs[:, 0]], dim=1)}
         spec = dataclasses.replace(state.spec, rows=candidates.shape[0], length=candidates.shape[1])
-        scored = evaluate(engine.lm, [spec], stops, candidates)
-        state.usage.forward_token_passes += passes_per_row(spec) * spec.rows
+        scored = evaluate(engine.lm, [spec], stops, candidates, known=known)
+        state.usage.forward_token_passes += passes_per_row(spec, known=frozenset(known)) * spec.rows
         order = torch.argsort(torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf)),
                               descending=True)
         beams = candidates[order[:width]]
+        beam_log_probs = known[REFERENCE][order[:width]]
     chains = [_chain(engine, state, beam) for beam in beams]
     chosen = best_chain(chains, "reward")
     return engine.finish(state, chains, chosen, "cbs")
