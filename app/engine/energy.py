@@ -94,7 +94,8 @@ def evaluate(
     rows = tokens.shape[0]
     # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass:
     # (component, its rows, their contexts, which are prefixes).
-    joint = [(component, index, contexts) for component, index, contexts in _component_entries(specs, device)
+    entries = _component_entries(specs, device)
+    joint = [(component, index, contexts) for component, index, contexts in entries
              if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is lm.model]
 
     with torch.set_grad_enabled(probs is not None):
@@ -127,7 +128,7 @@ def evaluate(
         for component, index, _ in run:
             precomputed[id(component)] = component.from_log_probs(token_log_probs[offset : offset + len(index)], response.select(index))
             offset += len(index)
-        for component, index, _ in (entry for entry in _component_entries(specs, device) if entry[0] in known):
+        for component, index, _ in (entry for entry in entries if entry[0] in known):
             precomputed[id(component)] = component.from_log_probs(known[component][index], response.select(index))
         reward = score_rewards(specs, response, precomputed)
         alpha = torch.cat([torch.full((s.rows,), s.alpha * s.use_reward, device=device) for s in specs])
