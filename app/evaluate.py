@@ -71,7 +71,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="Reward weight (default: SEA_DEFAULT_ALPHA).")
     parser.add_argument("--chains", type=int, default=None, help="SEA chains (default: SEA_DEFAULT_CHAINS).")
     parser.add_argument("--keywords-mode", choices=["replace", "add"], default="replace",
-                        help="For rows with `keywords`: the keyword reward replaces the configured reward, or is added to it.")
+                        help="For rows with `keywords`: the keyword reward (weighted SEA_KEYWORD_WEIGHT) replaces the configured reward, or is added to it.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra SEAConfig field for the sea variants, e.g. --set candidates=6 (repeatable).")
     parser.add_argument("--resume", action="store_true",
@@ -182,6 +182,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     # What a run's result depends on besides its prompt, method and seed: records made under other settings
     # are never mixed into one report (--resume and --from check it).
     run_settings = {"model": runtime.lm.name, "max_tokens": base.max_tokens, "alpha": base.alpha, "chains": base.chains,
+                    "keyword_weight": runtime.keyword_weight,
                     "budget_samples": args.budget_samples, "budget_token_passes": args.budget_token_passes,
                     "budget_seconds": args.budget_seconds, "keywords_mode": args.keywords_mode, "set": extra}
     seconds_per_pass = None

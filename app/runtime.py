@@ -12,7 +12,15 @@ from app.engine.types import AlignJob, SEAConfig
 from app.settings import Settings
 from models.lm import Message, render_prompt
 from models.loading import LoadedLM, compile_forward, load_lm
-from models.rewards import LexiconReward, PrincipleReward, Prompt, RewardComponent, RewardMix, load_sequence_classifier_reward
+from models.rewards import (
+    KEYWORD_WEIGHT,
+    LexiconReward,
+    PrincipleReward,
+    Prompt,
+    RewardComponent,
+    RewardMix,
+    load_sequence_classifier_reward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +37,13 @@ class Runtime:
     engine: Engine
     rewards: dict[str, RewardComponent]
     default_reward: list[tuple[str, float]]
+    keyword_weight: float = KEYWORD_WEIGHT
 
     @classmethod
     def from_lm(cls, lm: LoadedLM, settings: Settings, extra_rewards: dict[str, RewardComponent] | None = None) -> Runtime:
         rewards: dict[str, RewardComponent] = {"principle": PrincipleReward(lm, settings.principle, clip=settings.principle_clip)}
         rewards.update(extra_rewards or {})
-        runtime = cls(lm, Engine(lm), rewards, settings.reward_terms())
+        runtime = cls(lm, Engine(lm), rewards, settings.reward_terms(), settings.keyword_weight)
         for name, _ in runtime.default_reward:
             if name not in rewards:
                 raise UnknownRewardError(f"SEA_REWARD names {name!r}, but the loaded rewards are {sorted(rewards)}")
@@ -62,10 +71,11 @@ class Runtime:
         self,
         terms: list[tuple[str, float]] | None = None,
         keywords: list[str] | None = None,
-        keyword_weight: float = 1.0,
+        keyword_weight: float | None = None,
         keywords_only: bool = False,
     ) -> RewardMix:
-        """A reward mix of named components plus an optional keyword-coverage term built for this request."""
+        """A reward mix of named components plus an optional keyword-coverage term built for this request
+        (weighted ``keyword_weight``, by default the server's)."""
         chosen: list[tuple[RewardComponent, float]] = []
         if not (keywords and keywords_only):
             for name, weight in terms if terms is not None else self.default_reward:
@@ -76,7 +86,7 @@ class Runtime:
             lexicon = LexiconReward.keywords(self.lm.tokenizer, keywords)
             if not lexicon.patterns:  # e.g. only blanks, or words the tokenizer cannot spell: nothing to reward
                 raise ValueError("none of the keywords can be spelled with the model's vocabulary")
-            chosen.append((lexicon, keyword_weight))
+            chosen.append((lexicon, self.keyword_weight if keyword_weight is None else keyword_weight))
         return RewardMix(chosen)
 
     def job(self, messages: list[Message], config: SEAConfig, **reward_options) -> AlignJob:

@@ -11,6 +11,7 @@ import pytest
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.rewards import KEYWORD_WEIGHT
 from tests.server import ServerProcess, wait_for
 from tests.tiny import save_tiny_lm, tiny_lm
 
@@ -64,7 +65,8 @@ def test_align_returns_text_chains_traces_usage_and_timings(http):
 def test_align_with_messages_keywords_and_baselines(http):
     chat = {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "write about a dog"}], "max_tokens": 5, "seed": 1}
     sea = http.post("/align", json={**chat, "reward": {"keywords": ["penguin"], "keywords_only": True}, "alpha": 5}).json()
-    assert 0.0 <= sea["reward"] <= 1.0  # keyword coverage only
+    assert sea["reward"] in (0.0, KEYWORD_WEIGHT)  # keyword coverage only (one word), at the server's default weight
+    assert sea["energy"] == pytest.approx(-(sea["log_prob_ref"] + 5 * sea["reward"]), abs=1e-3)
     bon = http.post("/align", json={**chat, "method": "bon", "samples": 6}).json()
     assert bon["method"] == "bon" and len(bon["chains"]) == 6
     assert bon["reward"] == max(c["reward"] for c in bon["chains"])

@@ -10,9 +10,18 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
+from app.runtime import Runtime
+from app.settings import Settings
 from models.lm import encode_prefix, forward_after_prefix, stack_prefixes, with_cache
 from models.loading import ModelLoadError, load_lm
-from models.rewards import LexiconReward, SequenceClassifierReward, check_shared_vocabulary, keyword_coverage
+from models.rewards import (
+    KEYWORD_WEIGHT,
+    LexiconReward,
+    PrincipleReward,
+    SequenceClassifierReward,
+    check_shared_vocabulary,
+    keyword_coverage,
+)
 from models.ste import ResponseBatch
 from tests.tiny import save_tiny_lm, tiny_reward_model
 
@@ -128,6 +137,16 @@ def test_keyword_gradient_points_only_where_the_word_would_stand_whole():
 def test_keyword_coverage_on_text():
     assert keyword_coverage("The dogs played in the Park.", ["dog", "park", "violin"]) == pytest.approx(2 / 3)
     assert keyword_coverage("dogma", ["dog"]) == 0.0
+
+
+def test_a_request_keyword_reward_has_the_server_weight_unless_the_request_gives_one(lm):
+    runtime = Runtime.from_lm(lm, Settings(keyword_weight=7.0))
+    (principle, principle_weight), (keywords, keyword_weight) = runtime.reward(keywords=["dog"]).terms
+    assert isinstance(principle, PrincipleReward) and principle_weight == 1.0
+    assert isinstance(keywords, LexiconReward) and keyword_weight == 7.0
+    assert runtime.reward(keywords=["dog"], keyword_weight=2.0).terms[-1][1] == 2.0
+    assert runtime.reward(keywords=["dog"], keyword_weight=0.0).terms[-1][1] == 0.0
+    assert Runtime.from_lm(lm, Settings()).reward(keywords=["dog"], keywords_only=True).terms[0][1] == KEYWORD_WEIGHT
 
 
 def test_stacked_prefixes_are_left_padded(lm):

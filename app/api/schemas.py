@@ -49,7 +49,9 @@ class RewardSpec(StrictRequest):
     keywords: list[Annotated[str, Field(min_length=1, max_length=100, pattern=r"\S")]] | None = Field(
         None, max_length=32, description="Words to work into the response: adds a keyword-coverage reward (0..1). "
                                          "422 when the model cannot spell any of them.")
-    keyword_weight: float = Field(1.0, ge=0, le=1000, allow_inf_nan=False, description="Weight of the keyword reward.")
+    keyword_weight: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False,
+                                         description="Weight of the keyword reward: at alpha 1 an answer with every word gains this "
+                                                     "many nats. Default: the server's (SEA_KEYWORD_WEIGHT, 50).")
     keywords_only: bool = Field(False, description="Use only the keyword reward (drop the server's reward).")
 
 
