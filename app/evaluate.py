@@ -182,9 +182,10 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     # What a run's result depends on besides its prompt, method and seed: records made under other settings
     # are never mixed into one report (--resume and --from check it).
     run_settings = {"model": runtime.lm.name, "max_tokens": base.max_tokens, "alpha": base.alpha, "chains": base.chains,
-                    "keyword_weight": runtime.keyword_weight,
                     "budget_samples": args.budget_samples, "budget_token_passes": args.budget_token_passes,
                     "budget_seconds": args.budget_seconds, "keywords_mode": args.keywords_mode, "set": extra}
+    if any(row.get("keywords") for row in rows):
+        run_settings["keyword_weight"] = runtime.keyword_weight
     seconds_per_pass = None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     assert len(records) == 2 * 2 * 6
     progress = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert progress == records  # written one by one as the runs finish
+    assert all(record["run"]["keyword_weight"] == settings.keyword_weight for record in records)  # the prompts have keywords
     budget = 6 * (6 + 5)  # six samples of 6 tokens, each drawn and scored by the reference LM (keyword reward: no LM pass)
     for record in records:
         assert {"method", "prompt", "text", "reward", "energy", "energy_per_token", "log_prob_ref", "refused", "copies_principle",
@@ -109,6 +110,7 @@ def test_resume_runs_only_what_is_missing_and_refuses_other_settings(lm, tmp_pat
             "--out", str(out), "--seeds", "0,1"]
     runtime = Runtime.from_lm(lm, Settings())
     first = run_eval(_eval_args(*argv), Settings(), runtime=runtime)["records"]
+    assert "keyword_weight" not in first[0]["run"]  # no keywords in these prompts: the weight changes nothing
     lines = (out / "records.jsonl").read_text().splitlines()
     (out / "records.jsonl").write_text("\n".join(lines[:5]) + "\n")  # stopped after five of the eight runs
 
