@@ -71,7 +71,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="Reward weight (default: SEA_DEFAULT_ALPHA).")
     parser.add_argument("--chains", type=int, default=None, help="SEA chains (default: SEA_DEFAULT_CHAINS).")
     parser.add_argument("--keywords-mode", choices=["replace", "add"], default="replace",
-                        help="For rows with `keywords`: the keyword reward (weighted SEA_KEYWORD_WEIGHT) replaces the configured reward, or is added to it.")
+                        help="For rows with `keywords`: the keyword reward (weighted SEA_DEFAULT_KEYWORD_WEIGHT) replaces the configured reward, or is added to it.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra SEAConfig field for the sea variants, e.g. --set candidates=6 (repeatable).")
     parser.add_argument("--resume", action="store_true",
@@ -445,6 +445,7 @@ def _plots(results: dict, out: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'sea-serve[eval]')", file=sys.stderr)
         return
@@ -473,6 +474,7 @@ def _plots(results: dict, out: Path) -> None:
             mean = [statistics.fmean(c[i] for c in curves) for i in range(longest)]
             ax.plot(range(1, longest + 1), mean, label=name)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(f"mean {label} (chains, prompts)")
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)

@@ -43,7 +43,7 @@ class Runtime:
     def from_lm(cls, lm: LoadedLM, settings: Settings, extra_rewards: dict[str, RewardComponent] | None = None) -> Runtime:
         rewards: dict[str, RewardComponent] = {"principle": PrincipleReward(lm, settings.principle, clip=settings.principle_clip)}
         rewards.update(extra_rewards or {})
-        runtime = cls(lm, Engine(lm), rewards, settings.reward_terms(), settings.keyword_weight)
+        runtime = cls(lm, Engine(lm), rewards, settings.reward_terms(), settings.default_keyword_weight)
         for name, _ in runtime.default_reward:
             if name not in rewards:
                 raise UnknownRewardError(f"SEA_REWARD names {name!r}, but the loaded rewards are {sorted(rewards)}")

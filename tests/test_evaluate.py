@@ -34,7 +34,7 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     assert len(records) == 2 * 2 * 6
     progress = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert progress == records  # written one by one as the runs finish
-    assert all(record["run"]["keyword_weight"] == settings.keyword_weight for record in records)  # the prompts have keywords
+    assert all(record["run"]["keyword_weight"] == settings.default_keyword_weight for record in records)  # the prompts have keywords
     budget = 6 * (6 + 5)  # six samples of 6 tokens, each drawn and scored by the reference LM (keyword reward: no LM pass)
     for record in records:
         assert {"method", "prompt", "text", "reward", "energy", "energy_per_token", "log_prob_ref", "refused", "copies_principle",

@@ -140,7 +140,7 @@ def test_keyword_coverage_on_text():
 
 
 def test_a_request_keyword_reward_has_the_server_weight_unless_the_request_gives_one(lm):
-    runtime = Runtime.from_lm(lm, Settings(keyword_weight=7.0))
+    runtime = Runtime.from_lm(lm, Settings(default_keyword_weight=7.0))
     (principle, principle_weight), (keywords, keyword_weight) = runtime.reward(keywords=["dog"]).terms
     assert isinstance(principle, PrincipleReward) and principle_weight == 1.0
     assert isinstance(keywords, LexiconReward) and keyword_weight == 7.0

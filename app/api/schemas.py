@@ -51,7 +51,7 @@ class RewardSpec(StrictRequest):
                                          "422 when the model cannot spell any of them.")
     keyword_weight: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False,
                                          description="Weight of the keyword reward: at alpha 1 an answer with every word gains this "
-                                                     "many nats. Default: the server's (SEA_KEYWORD_WEIGHT, 50).")
+                                                     "many nats. Default: the server's (SEA_DEFAULT_KEYWORD_WEIGHT, 50).")
     keywords_only: bool = Field(False, description="Use only the keyword reward (drop the server's reward).")
 
 
