@@ -481,6 +481,17 @@ def test_compute_budget_stops_the_request(lm, engine, make_prompt):
     assert limited.timings.steps < 20
 
 
+def test_a_compute_budget_is_spent_until_not_even_one_chains_step_fits(lm, engine, make_prompt):
+    """When a whole step of every chain no longer fits the budget, the chains that fit still take it."""
+    reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["moon", "river"]), 50.0)])  # no LM passes: a row costs L − 1
+    length, chains = 8, 4
+    one_chain_step = 4 * (length - 1)  # the dearest step of one chain: its gradient pass (3 passes) and one edit
+    for budget in range(400, 700, 37):
+        result = engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=length, chains=chains, steps=10_000, seed=3,
+                                  init="sample", max_compute=budget)])[0]
+        assert budget - one_chain_step < result.usage.compute <= budget, budget
+
+
 def test_scoring_without_a_table_matches_the_full_log_softmax_in_any_chunking(lm, make_prompt, monkeypatch):
     """Exact scoring picks logit − logsumexp a few rows at a time instead of building the (B, L, V) table."""
     import models.lm as lm_module
