@@ -31,13 +31,16 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], s
             messages = [{"role": "system", "content": system + "\n\n" + messages[0]["content"]}, *messages[1:]]
         else:
             messages = [{"role": "system", "content": system}, *messages]
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    text = "\n\n".join(m["content"] for m in messages)
-    return list(tokenizer(text)["input_ids"])
+    if not tokenizer.chat_template:
+        return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
+    # Rendered, then encoded as apply_chat_template(tokenize=True) does (no special tokens added), but straight
+    # through the Rust tokenizer where there is one: the wrapper's batch path costs more than the encoding itself,
+    # on every request.
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:

@@ -12,7 +12,7 @@ from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from app.runtime import Runtime
 from app.settings import Settings
-from models.lm import encode_prefix, forward_after_prefix, stack_prefixes, with_cache
+from models.lm import encode_prefix, forward_after_prefix, render_prompt, stack_prefixes, with_cache
 from models.loading import ModelLoadError, load_lm
 from models.rewards import (
     KEYWORD_WEIGHT,
@@ -32,6 +32,22 @@ def test_load_from_folder_is_frozen_and_in_eval_mode(lm, tmp_path):
     assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
     assert not loaded.model.training
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hello world ."}],
+    [{"role": "system", "content": "you are kind ."}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "good day"},
+     {"role": "user", "content": "tell me a story ."}],
+])
+def test_rendered_prompts_are_the_templates_own_tokens(lm, messages, system):
+    """render_prompt encodes through the Rust tokenizer; the ids are those of apply_chat_template(tokenize=True)."""
+    tokenizer = lm.tokenizer
+    merged = messages if system is None else ([{"role": "system", "content": system + "\n\n" + messages[0]["content"]}, *messages[1:]]
+                                              if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages])
+    expected = tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids = render_prompt(tokenizer, messages, system=system)
+    assert ids == list(expected) and len(ids) > 5
 
 
 def test_missing_model_gives_clear_error(tmp_path):
