@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 GIL_SWITCH_SECONDS = 0.001
 
 
+def _deliver(job: Job, last_event: dict | None, result) -> None:
+    if last_event is not None:
+        job.publish(last_event)
+    job.finish(JobStatus.succeeded, result)
+
+
 class QueueFullError(RuntimeError):
     def __init__(self, retry_after: int):
         super().__init__("the queue is full")
@@ -271,10 +277,11 @@ class EngineWorker:
             if id(state) in failed:
                 self._call(job.finish, JobStatus.failed, None, failed[id(state)], "engine")
                 continue
-            self._call(job.publish, self._step_event(job, state))
+            event = self._step_event(job, state)
             if state.done:
-                self._complete(job, state)
+                self._complete(job, state, event)
             else:
+                self._call(job.publish, event)
                 still.append((job, state))
         self._active = still
         self._update_gauges()
@@ -325,11 +332,12 @@ class EngineWorker:
             changed.append(token != initial[position])
         return {"text": text, "pieces": pieces, "changed_positions": changed}
 
-    def _complete(self, job: Job, state: RequestState) -> None:
+    def _complete(self, job: Job, state: RequestState, last_event: dict | None = None) -> None:
+        """Hand the result to the event loop (after the last step event, in the same callback), then count it."""
         result = state.result
+        self._call(_deliver, job, last_event, result)
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * result.timings.total
         self.metrics.observe_result(result)
-        self._call(job.finish, JobStatus.succeeded, result)
 
     def _update_gauges(self) -> None:
         self.metrics.jobs_running.set(len(self._active))
