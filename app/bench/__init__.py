@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-chains", type=int, default=4, help="Chains per /align request in the server part.")
     parser.add_argument("--request-steps", type=int, default=3, help="Steps per /align request in the server part.")
     parser.add_argument("--request-max-tokens", type=int, default=24, help="max_tokens per /align request in the server part.")
+    parser.add_argument("--alone-rounds", type=int, default=10,
+                        help="Requests sent one after another at concurrency 1 (its latency and overhead percentiles).")
     parser.add_argument("--out", default="runs/bench.json", help="Where to write the JSON results ('' for none).")
 
 
@@ -187,7 +189,7 @@ def _server_part(args: argparse.Namespace, settings: Settings) -> tuple[dict, li
     body = {"prompt": PROMPT, "chains": args.request_chains, "steps": args.request_steps, "max_tokens": args.request_max_tokens, "alpha": 1.0}
     print("server: starting sea serve...", flush=True)
     with serving.BenchServer(env) as server:
-        levels = serving.sweep(server.url, _ints(args.concurrency), body)
+        levels = serving.sweep(server.url, _ints(args.concurrency), body, alone_rounds=args.alone_rounds)
     _print_server(levels)
     return body, levels
 
