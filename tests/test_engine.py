@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from app.engine.discrete import shared_starts
 from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, passes_per_row, scoring_passes, token_tilt
-from app.engine.sampling import Guide, SampleGroup, Tilt, sample_groups, sample_responses
+from app.engine.sampling import Guide, SampleGroup, Tilt, categorical, sample_groups, sample_responses
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
 from models.rewards import LexiconReward, PrincipleReward, RewardMix, copied_positions, copy_completions, limited_log_probs
@@ -205,7 +205,7 @@ def _tilted_draw_replayed(lm, engine, prompt, guide, grams=None, clip=float("inf
                 blocked += gram[-1] in top.tolist()
         mixed = torch.full_like(ref, float("-inf"))
         mixed[top] = (-2.0 * ref + 3.0 * guided)[top]
-        expected.append(int(torch.multinomial(torch.softmax(mixed, -1)[None], 1, generator=generator)[0, 0]))
+        expected.append(int(categorical(torch.softmax(mixed, -1)[None], generator)[0]))
     return drawn, expected, blocked
 
 
@@ -669,3 +669,16 @@ def test_a_request_keeps_editing_when_a_batch_mate_with_another_reward_joins(lm,
     assert engine.result(second).energy == pytest.approx(alone.energy, abs=1e-4)
     _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("sing a song"), principle, engine.result(second), length=6)
     _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("what is a boat"), keywords, engine.result(first), length=6)
+
+
+def test_categorical_draws_follow_the_probabilities_and_never_a_zero():
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0]).expand(40_000, 6) * 3.0  # unnormalised rows
+    drawn = categorical(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=6).float() / drawn.numel()
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts[[1, 3, 4]], torch.tensor([0.2, 0.5, 0.3]), atol=0.01)
+    again = categorical(probs[:100], torch.Generator().manual_seed(0))
+    assert torch.equal(again, drawn[:100])  # a seeded generator draws the same
+    edge = torch.zeros(3, 4)
+    edge[:, 2] = 1.0  # all the mass on one token, zeros on both ends
+    assert categorical(edge, torch.Generator().manual_seed(1)).tolist() == [2, 2, 2]

@@ -89,11 +89,26 @@ def _tilted(ref: Tensor, guides: list[Tensor], tilt: Tilt, history: Tensor) -> T
     return torch.full_like(mixed, float("-inf")).scatter(-1, top, mixed.gather(-1, top))
 
 
+def categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One index per row of ``probs`` ``(n, V)`` (non-negative, not necessarily normalised), by inverse CDF: one
+    uniform per row, a cumulative sum and a binary search. A zero-probability index is never drawn.
+
+    ``torch.multinomial`` takes about 30 ms for 9 rows of a 49 152-token vocabulary on a CPU core (every drawn
+    token of every sample pays it); this takes about 1.5 ms.
+    """
+    cumulative = probs.float().cumsum(-1)
+    total = cumulative[:, -1:]
+    uniform = torch.rand(total.shape, generator=generator, device=probs.device)
+    # Strictly below the total, so that the first index whose cumulative sum exceeds it has probability > 0.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, target, right=True)[:, 0]
+
+
 def _draw(log_probs: Tensor, group: SampleGroup) -> Tensor:
     if group.temperature <= 0:
         return log_probs.argmax(-1)
     probs = torch.softmax(_filter_top_p(log_probs / group.temperature, group.top_p), dim=-1)
-    drawn = torch.multinomial(probs, 1, generator=group.generator)[:, 0]
+    drawn = categorical(probs, group.generator)
     if group.greedy_rows:
         drawn[: group.greedy_rows] = log_probs[: group.greedy_rows].argmax(-1)
     return drawn
