@@ -6,6 +6,7 @@ No timing is asserted (figures depend on the machine and its load); these tests 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from app.bench import add_arguments, run_steps, targets
+from app.bench import add_arguments, run_steps, serving, targets
 from app.bench.memory import measure_in_subprocess, per_chain_slope
 from app.bench.serving import percentile, sweep
 from app.bench.steps import ModelShape, matmul_peak, pass_flops, setup, step_flops
@@ -147,3 +148,22 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
         second = lm.model(input_ids=ids).logits
     assert torch.allclose(first, expected) and torch.allclose(second, expected)
     assert sum("running it eagerly" in record.message for record in caplog.records) == 1
+
+
+def test_a_server_that_never_answers_fails_the_sweep_instead_of_hanging_it(monkeypatch):
+    monkeypatch.setattr(serving, "REQUEST_TIMEOUT_SECONDS", 0.3)
+
+    async def scenario() -> None:
+        async def silent(reader, writer):
+            await reader.read(1 << 16)  # takes the request, never answers
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(RuntimeError, match="no answer within 0.3 s"):
+                await serving._sweep(f"http://127.0.0.1:{port}", [1], {"prompt": "hi"}, alone_rounds=1)
+        finally:
+            server.close()
+
+    asyncio.run(scenario())

@@ -91,6 +91,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+REQUEST_TIMEOUT_SECONDS = 900.0  # per request: a burst of 16 default requests takes minutes on a small CPU
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection that posts JSON and reads a response framed by Content-Length
     (every JSON answer of the server is)."""
@@ -130,7 +133,11 @@ async def _post(connections: asyncio.Queue, body: dict) -> tuple[float, dict]:
     connection = await connections.get()
     try:
         tick = time.perf_counter()
-        status, payload = await connection.post_json("/align", body)
+        try:
+            status, payload = await asyncio.wait_for(connection.post_json("/align", body), REQUEST_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            await connection.close()  # a late answer must not be read as the next request's
+            raise RuntimeError(f"POST /align: no answer within {REQUEST_TIMEOUT_SECONDS:g} s") from None
         latency = time.perf_counter() - tick
     finally:
         connections.put_nowait(connection)
@@ -170,7 +177,7 @@ def _level_figures(concurrency: int, wall: float, answers: list[tuple[float, dic
     }
 
 
-def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 5) -> list[dict]:
+def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 10) -> list[dict]:
     """For each concurrency level N, N simultaneous ``/align`` requests (distinct seeds); figures per level.
 
     Level 1 sends ``alone_rounds`` requests one after the other, so its latency percentiles have a few samples.
