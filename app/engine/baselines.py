@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, passes_per_row, reward_passes_per_row, score_rewards
-from app.engine.sampling import sample_responses
+from app.engine.sampling import categorical, sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import stack_prefixes, with_cache
 from models.ste import ResponseBatch, response_mask
@@ -83,7 +83,7 @@ def run_args(engine, state) -> AlignResult:
         if config.temperature <= 0:
             pick = int(scores.argmax())
         else:
-            pick = int(torch.multinomial(torch.softmax(scores / config.temperature, -1), 1, generator=state.generator))
+            pick = int(categorical(torch.softmax(scores / config.temperature, -1)[None], state.generator)[0])
         token = int(top.indices[pick])
         tokens.append(token)
         token_log_probs.append(float(top.values[pick]))
