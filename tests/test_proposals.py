@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.proposals import Move, apply, edit_scores, propose
+from app.engine.proposals import Move, apply, edit_scores, propose, propose_chains
 
 
 def test_the_edit_the_gradient_favours_comes_first():
@@ -43,3 +43,34 @@ def test_move_application():
     assert apply(tokens, Move("pair", 3, (98, 99), 0.0)).tolist() == [10, 11, 12, 98]
     assert apply(tokens, Move("insert", 1, (99,), 0.0)).tolist() == [10, 99, 11, 12]
     assert tokens.tolist() == [10, 11, 12, 13]
+
+
+def test_chains_proposed_together_get_the_moves_each_gets_alone():
+    generator = torch.Generator().manual_seed(3)
+    grad = torch.randn(3, 6, 12, generator=generator)
+    tokens = torch.randint(0, 12, (3, 6), generator=generator)
+    counted = [6, 2, 4]
+    first = propose(edit_scores(grad[0], None, tokens[0]), tokens[0], counted[0], 6, 0.0, torch.Generator(), set())
+    tried = [set(first[:2]), set(), set()]  # a chain's rejected moves stay its own
+    alone = [propose(edit_scores(grad[c], None, tokens[c]), tokens[c], counted[c], 6, 0.0, torch.Generator(), tried[c])
+             for c in range(3)]
+    together = propose_chains(edit_scores(grad, None, tokens), tokens, counted, 6, 0.0, torch.Generator(), tried)
+    assert together == alone and not set(together[0]) & tried[0]
+    assert all(m.position < counted[c] for c in range(3) for m in together[c])
+    assert all(m.position + 1 < counted[c] for c in range(3) for m in together[c] if m.kind == "pair")
+
+
+def test_the_first_swap_follows_the_softmax_of_the_scores_at_the_noise_temperature():
+    # Gumbel-max: with noise at temperature T, the best noisy swap is swap (t, v) with probability ∝ exp(−score/T).
+    grad = torch.tensor([[0.0, 0.3, -0.2, 0.5], [0.1, 0.0, -0.4, 0.2]])
+    tokens = torch.tensor([0, 1])
+    scores = edit_scores(grad, None, tokens)
+    temperature, draws = 0.25, 40_000
+    moves = propose_chains(scores.expand(draws, 2, 4), tokens.expand(draws, 2), [2] * draws, 1, temperature,
+                           torch.Generator().manual_seed(0), [set() for _ in range(draws)])
+    counts = torch.zeros(2, 4)
+    for (move,) in moves:
+        assert move.kind == "swap" and move.tokens[0] != int(tokens[move.position])  # never a "change" to the same token
+        counts[move.position, move.tokens[0]] += 1
+    expected = torch.softmax((-scores / temperature).scatter(-1, tokens[:, None], -torch.inf).flatten(), 0).view(2, 4)
+    assert torch.allclose(counts / draws, expected, atol=0.01)

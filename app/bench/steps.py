@@ -21,7 +21,7 @@ from torch import Tensor
 
 from app.engine.discrete import reuse_for_edits
 from app.engine.energy import RowSpec, evaluate
-from app.engine.proposals import apply, edit_scores, propose
+from app.engine.proposals import apply, edit_scores, propose, propose_chains
 from app.engine.sea import Engine, RequestState
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import render_prompt
@@ -125,9 +125,9 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
     state.memories = scored.memories
 
     def proposal():
-        for c in range(state.chains):
-            scores = edit_scores(grad[c], None, state.tokens[c])
-            propose(scores, state.tokens[c], int(state.counted[c]), setup.candidates, 0.05, state.generator, set(), float("inf"))
+        counted = [int(n) for n in state.counted]
+        propose_chains(edit_scores(grad, None, state.tokens), state.tokens, counted, setup.candidates, 0.05, state.generator,
+                       [set() for _ in counted], float("inf"))
 
     def straight_through():
         # One-hot leaves and the embedding backward g @ Wᵀ (B, L, V) of both LM passes: the L×V parts of the gradient.

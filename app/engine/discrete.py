@@ -21,7 +21,7 @@ import math
 import torch
 
 from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, passes_per_row, token_tilt
-from app.engine.proposals import apply, edit_scores, propose
+from app.engine.proposals import apply, edit_scores, propose_chains
 from app.engine.sampling import SampleGroup, Tilt, sample_groups
 from app.engine.types import StepStats
 from models.lm import ResponseMemory, Reuse
@@ -281,15 +281,20 @@ def tick(engine, states: list) -> None:
     for state in editing:
         temperature = noise_at(state.config, state.step + 1)
         per_state = []
-        for c in active[id(state)]:
-            scores = edit_scores(state.grad[c] if state.config.proposal == "gradient" else None,
-                                 state.table[c] if state.config.proposal == "lm" else None, state.tokens[c])
+        chains = active[id(state)]
+        if chains:
             left = _left(state)
-            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * len(active[id(state)])))
-            for move in propose(scores, state.tokens[c], int(state.counted[c]), min(state.config.candidates, affordable),
-                                temperature, state.generator, state.tried[c], state.config.max_estimate):
-                per_state.append(apply(state.tokens[c], move))
-                owners.append((state, c, move))
+            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * len(chains)))
+            which = slice(None) if len(chains) == state.chains else torch.tensor(chains, device=state.tokens.device)
+            scores = edit_scores(state.grad[which] if state.config.proposal == "gradient" else None,
+                                 state.table[which] if state.config.proposal == "lm" else None, state.tokens[which])
+            drawn = propose_chains(scores, state.tokens[which], [int(state.counted[c]) for c in chains],
+                                   min(state.config.candidates, affordable), temperature, state.generator,
+                                   [state.tried[c] for c in chains], state.config.max_estimate)
+            for c, moves in zip(chains, drawn):
+                for move in moves:
+                    per_state.append(apply(state.tokens[c], move))
+                    owners.append((state, c, move))
         state.candidate_rows = len(per_state)
         rows.extend(per_state)
     scored = None

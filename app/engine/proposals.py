@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+EDITS_PER_POSITION = 64  # the edits per position, best first by their estimate, that a proposal draws among
+
 
 @dataclass(frozen=True)
 class Move:
@@ -29,15 +31,15 @@ class Move:
 
 
 def edit_scores(grad: Tensor | None, table: Tensor | None, tokens: Tensor) -> Tensor:
-    """First-order energy change of putting token v at position t: ``(L, V)``.
+    """First-order energy change of putting token v at position t: ``(..., L, V)`` for tokens ``(..., L)``.
 
     With ``grad`` (dE/d one-hot) this is ``G[t, v] − G[t, y_t]``: the exact change of the position's
     own log-prob plus the linearised change of every later term and of the reward. Without it (the
     gradient-free ablation) only the reference LM's own term is used: ``−(log p[t, v] − log p[t, y_t])``.
     """
     if grad is not None:
-        return grad - grad.gather(-1, tokens[:, None])
-    return -(table - table.gather(-1, tokens[:, None]))
+        return grad - grad.gather(-1, tokens[..., None])
+    return -(table - table.gather(-1, tokens[..., None]))
 
 
 def propose(
@@ -50,56 +52,89 @@ def propose(
     tried: set[Move],
     max_estimate: float = math.inf,
 ) -> list[Move]:
-    """Up to ``budget`` distinct untried moves of one chain, drawn by estimated gain with Gumbel noise.
+    """Up to ``budget`` distinct untried moves of one chain: :func:`propose_chains` for a single chain."""
+    return propose_chains(scores[None], tokens[None], [counted], budget, temperature, generator, [tried], max_estimate)[0]
 
-    Moves whose first-order estimate is above ``max_estimate`` nats are not worth an exact evaluation.
 
-    ``scores`` (L, V) from :func:`edit_scores`; ``counted`` positions take part (up to the first stop).
-    About half the budget goes to single swaps, a quarter to adjacent pairs and a quarter to insertions.
+def propose_chains(
+    scores: Tensor,
+    tokens: Tensor,
+    counted: list[int],
+    budget: int,
+    temperature: float,
+    generator: torch.Generator,
+    tried: list[set[Move]],
+    max_estimate: float = math.inf,
+) -> list[list[Move]]:
+    """Per chain, up to ``budget`` distinct untried moves, drawn by estimated gain with Gumbel noise.
+
+    ``scores`` (C, L, V) from :func:`edit_scores`, ``tokens`` (C, L); chain c's first ``counted[c]`` positions take
+    part (up to its first stop). The noise and the ranking run on all chains at once; only picking moves out of each
+    chain's short ranked lists is per chain. Moves whose first-order estimate is above ``max_estimate`` nats are
+    not worth an exact evaluation. About half the budget goes to single swaps, a quarter to adjacent pairs and a
+    quarter to insertions.
     """
-    length, vocab = scores.shape
-    span = max(1, min(counted, length))
-    scores = scores[:span].clone()
-    scores.scatter_(-1, tokens[:span, None], float("inf"))  # "change" to the same token is no move
+    chains, length, vocab = scores.shape
+    spans = [max(1, min(n, length)) for n in counted]
+    span = max(spans)
+    pool = 4 * budget + max(len(t) for t in tried)  # enough ranked swaps to skip those already tried
+    # Only each position's best edits by estimate get noise: drawing an exponential for each of the L×V entries was
+    # most of a proposal's time on a CPU, and at the noise's small temperature an edit outside them almost never wins.
+    width = min(vocab, max(EDITS_PER_POSITION, pool))
+    estimates, edits = torch.topk(scores[:, :span], width, dim=-1, largest=False)  # (C, span, width)
+    beyond = torch.arange(span, device=scores.device)[None, :] >= torch.tensor(spans, device=scores.device)[:, None]
+    no_move = (edits == tokens[:, :span, None]) | beyond[..., None]  # "change" to the same token; after a chain's stop
+    estimates = estimates.masked_fill(no_move, math.inf)
     if temperature > 0:
-        uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-12, 1 - 1e-12)
-        noisy = scores + temperature * torch.log(-torch.log(uniform))  # minus a Gumbel sample: lower is better
+        # estimate − temperature·Gumbel, with Gumbel = −log(Exponential(1)): lower is better
+        noise = torch.empty_like(estimates).exponential_(generator=generator).clamp_min_(torch.finfo(estimates.dtype).tiny)
+        noisy = noise.log_().mul_(temperature).add_(estimates)
     else:
-        noisy = scores
+        noisy = estimates
+    ranked = torch.topk(noisy.flatten(1), min(pool, span * width), largest=False).indices  # (C, pool) into (span, width)
+    swap_estimates = estimates.flatten(1).gather(-1, ranked).tolist()
+    swap_tokens = edits.flatten(1).gather(-1, ranked).tolist()
+    swap_positions = (ranked // width).tolist()
+    best_value, best = noisy.min(-1)  # (C, span)
+    best_token = edits.gather(-1, best[..., None])[..., 0].tolist()
+    exact_best = estimates.gather(-1, best[..., None])[..., 0].tolist()
+    pair_order = torch.argsort(best_value[:, :-1] + best_value[:, 1:]).tolist() if span > 1 else [[] for _ in range(chains)]
+    insert_order = torch.argsort(best_value).tolist()
+    return [
+        _pick(spans[c], budget, tried[c], max_estimate, zip(swap_positions[c], swap_tokens[c], swap_estimates[c]),
+              best_token[c], exact_best[c], pair_order[c], insert_order[c])
+        for c in range(chains)
+    ]
+
+
+def _pick(span, budget, tried, max_estimate, swaps, best_token, exact_best, pair_order, insert_order) -> list[Move]:
+    """One chain's moves from its ranked lists (plain Python over a few dozen entries)."""
     moves: list[Move] = []
     seen: set[tuple] = set()
 
     def add(move: Move, quota: int) -> bool:
         """Add an untried move if the kind's quota allows; True once the quota is full."""
         key = (move.kind, move.position, move.tokens)
-        if key not in seen and move not in tried and len(moves) < budget and move.estimate <= max_estimate:
+        if key not in seen and move not in tried and len(moves) < budget and math.isfinite(move.estimate) and move.estimate <= max_estimate:
             seen.add(key)
             moves.append(move)
         return sum(m.kind == move.kind for m in moves) >= quota or len(moves) >= budget
 
-    pool = min(scores.numel(), 4 * budget + len(tried))  # enough ranked swaps to skip those already tried
-    ranked = torch.topk(-noisy.flatten(), pool).indices.tolist()
-    n_swaps = max(1, budget // 2)
-    for index in ranked:
-        t, v = divmod(index, vocab)
-        if add(Move("swap", t, (v,), float(scores[t, v])), n_swaps):
+    swaps = [Move("swap", t, (v,), estimate) for t, v, estimate in swaps if t < span]
+    for move in swaps:
+        if add(move, max(1, budget // 2)):
             break
-    best_value, best_token = noisy.min(-1)  # (span,)
-    exact_best = scores.gather(-1, best_token[:, None])[:, 0]
     quota = max(1, budget // 4)
-    if span > 1:
-        for t in torch.argsort(best_value[:-1] + best_value[1:]).tolist():
-            pair = Move("pair", t, (int(best_token[t]), int(best_token[t + 1])), float(exact_best[t] + exact_best[t + 1]))
-            if add(pair, quota):
-                break
-    for t in torch.argsort(best_value).tolist():
-        if add(Move("insert", t, (int(best_token[t]),), float(exact_best[t])), quota):
+    for t in pair_order:
+        if t + 1 < span and add(Move("pair", t, (best_token[t], best_token[t + 1]), exact_best[t] + exact_best[t + 1]), quota):
             break
-    for index in ranked:  # fill what pairs and insertions left over with more swaps
+    for t in insert_order:
+        if t < span and add(Move("insert", t, (best_token[t],), exact_best[t]), quota):
+            break
+    for move in swaps:  # fill what pairs and insertions left over with more swaps
         if len(moves) >= budget:
             break
-        t, v = divmod(index, vocab)
-        add(Move("swap", t, (v,), float(scores[t, v])), budget)
+        add(move, budget)
     return moves
 
 
