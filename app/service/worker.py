@@ -82,9 +82,11 @@ class EngineWorker:
             return not self._draining and not self._pending and sum(job.chains for job, _ in self._active) < self.max_batch_chains
 
     def retry_after(self) -> int:
-        """Seconds until a queue slot is likely free: the queue drained at the recent job rate."""
+        """Seconds until a queue slot is likely free: a queued job moves into the batch whenever a running one ends,
+        and with ``running`` jobs in flight one ends about every mean job time / ``running`` (not when the whole
+        queue has drained, which is what a client waiting for one slot would otherwise be told)."""
         running = max(1, len(self._active))
-        return max(1, math.ceil(self._job_seconds * (len(self._pending) + 1) / (running * 2)))
+        return max(1, math.ceil(self._job_seconds / running))
 
     def position(self, job: Job) -> int | None:
         with self._cond:
