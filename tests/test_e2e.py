@@ -11,6 +11,8 @@ import pytest
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.api.openai import _generated
+from app.engine.types import ChainResult, StepStats
 from models.rewards import KEYWORD_WEIGHT
 from tests.server import ServerProcess, wait_for
 from tests.tiny import save_tiny_lm, tiny_lm
@@ -149,8 +151,12 @@ def test_official_openai_client(server):
     assert completion.usage.completion_tokens <= 5 and completion.usage.prompt_tokens > 0
 
     chat = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1, n=2,
-                                          extra_body={"sea": {"steps": 2, "alpha": 2.0}})
+                                          extra_body={"sea": {"steps": 2, "alpha": 2.0, "chains": 2}})
     assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    one = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1, n=1,
+                                         extra_body={"sea": {"steps": 2, "alpha": 2.0, "chains": 2}})
+    assert one.choices[0].message.content == chat.choices[0].message.content  # the same two chains, n = 2 returns both
+    assert chat.usage.completion_tokens > one.usage.completion_tokens  # the usage counts every choice's tokens
     assert chat.model_extra["sea"]["energy"] == pytest.approx(-(chat.model_extra["sea"]["log_prob_ref"] + 2.0 * chat.model_extra["sea"]["reward"]), abs=1e-3)
 
     stream = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1,
@@ -195,3 +201,17 @@ def test_metrics_count_the_calls(http):
     assert delta("sea_completion_tokens_total") > 0 and delta("sea_prompt_tokens_total") > 0
     assert after[("sea_queue_depth", ())] == 0
     assert ("sea_model_info", (("device", "cpu"), ("dtype", "float32"), ("model", "tiny-llama"), ("rewards", "principle"))) in after
+
+
+def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):
+    ids = lm.tokenizer("the dog , the cat", add_special_tokens=False)["input_ids"]
+    end = int(engine.stop_ids[0])
+
+    def chain(tokens):
+        return ChainResult("", tokens, 0.0, 0.0, 0.0, 0, StepStats(0.0, 0.0, 0.0, 0.0, True))
+
+    text = lm.tokenizer.decode(ids, skip_special_tokens=True)
+    assert _generated(chain(ids + [end, end]), [], engine) == (text, len(ids) + 1, "stop")  # the end-of-turn token counts
+    assert _generated(chain(ids), [], engine) == (text, len(ids), "length")
+    cut = text.find(",")
+    assert _generated(chain(ids + [end, end]), [",", "cat"], engine) == (text[:cut], 3, "stop")  # "the", "dog", ","

@@ -18,7 +18,8 @@ from pydantic import ConfigDict, Field
 
 from app.api.routes import ERRORS, UNAUTHORIZED, client_gone, engine_config, get_service, require_api_key
 from app.api.schemas import MAX_SEED, ErrorResponse, LimitError, SEAParams, StrictRequest
-from app.engine.types import AlignResult
+from app.engine.sea import Engine
+from app.engine.types import AlignResult, ChainResult
 from app.errors import BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
@@ -56,7 +57,7 @@ class _OpenAIBase(StrictRequest):
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=64, description="Choices: the n best chains of one run (n <= chains); 1 with method `sample`.")
+    n: int = Field(1, ge=1, le=64, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with method `sample`.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
     stream: bool = False
@@ -173,9 +174,24 @@ def _check(body: _OpenAIBase, service: AlignService) -> None:
             raise Unprocessable(str(exc), param=f"sea.{exc.field}") from None
 
 
-def _truncate(text: str, stops: list[str], finish: str) -> tuple[str, str]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], "stop") if cut >= 0 else (text, finish)
+def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[str, int, str]:
+    """A chain as one choice: its text up to the first stop string, the tokens generated to get there (with the
+    end-of-turn token or the tokens that spell the stop string, as a server that stopped there would have generated),
+    and the finish reason."""
+    text, counted, stopped = engine.text_of(chain.tokens)
+    found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
+    if not found:
+        return text, counted, "stop" if stopped else "length"
+    cut, stop = min(found)
+    ids = chain.tokens[: counted - stopped]
+    spelled, low, high = cut + len(stop), 1, len(ids)
+    while low < high:  # the fewest tokens whose text reaches the end of the stop string
+        middle = (low + high) // 2
+        if len(engine.lm.tokenizer.decode(ids[:middle], skip_special_tokens=True)) >= spelled:
+            high = middle
+        else:
+            low = middle + 1
+    return text[:cut], low, "stop"
 
 
 def _ranked_chains(result: AlignResult, n: int, select: str) -> list[int]:
@@ -206,17 +222,17 @@ def _usage(result: AlignResult, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool) -> list[dict]:
-    choices = []
+def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, engine: Engine) -> tuple[list[dict], int]:
+    """The n best chains as choices, and the tokens generated for them all (OpenAI's ``completion_tokens``)."""
+    choices, generated = [], 0
     for index, chain_index in enumerate(_ranked_chains(result, n, select)):
-        chain = result.chains[chain_index]
-        finish = result.finish_reason if chain_index == result.chosen else "length"
-        text, finish = _truncate(chain.text, stops, finish)
+        text, tokens, finish = _generated(result.chains[chain_index], stops, engine)
+        generated += tokens
         if chat:
             choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None})
         else:
             choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": None})
-    return choices
+    return choices, generated
 
 
 async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens: int | None, request: Request,
@@ -231,8 +247,7 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     created = int(time.time())
     if not body.stream:
         result = await service.wait(job, client_gone(request))
-        choices = _choices(result, body.n, config.select, stops, chat)
-        completion_tokens = result.usage.completion_tokens
+        choices, completion_tokens = _choices(result, body.n, config.select, stops, chat, service.runtime.engine)
         return {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
                 "usage": _usage(result, completion_tokens), "sea": _sea_extra(job, result)}
     return StreamingResponse(
@@ -269,7 +284,8 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             yield f"data: {json.dumps({'error': {'message': message, 'type': getattr(exc, 'type', 'server_error')}})}\n\n"
             yield "data: [DONE]\n\n"
             return
-        for choice in _choices(result, body.n, select, stops, chat):
+        choices, completion_tokens = _choices(result, body.n, select, stops, chat, service.runtime.engine)
+        for choice in choices:
             index, finish = choice["index"], choice["finish_reason"]
             if chat:
                 text = choice["message"]["content"]
@@ -278,7 +294,7 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             else:
                 yield chunk([{"index": index, "text": choice["text"], "finish_reason": finish, "logprobs": None}])
         if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], usage=_usage(result, result.usage.completion_tokens), sea=_sea_extra(job, result))
+            yield chunk([], usage=_usage(result, completion_tokens), sea=_sea_extra(job, result))
         yield "data: [DONE]\n\n"
     finally:
         job.unsubscribe(queue)

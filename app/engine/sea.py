@@ -324,9 +324,9 @@ class Engine:
 
     # ----- results -----------------------------------------------------------------------------
 
-    def text_of(self, tokens: Tensor) -> tuple[str, int, bool]:
+    def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
         """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
-        ids = tokens.tolist()
+        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
         stop = set(self.stop_ids.tolist())
         end = next((i for i, t in enumerate(ids) if t in stop), None)
         kept = ids if end is None else ids[:end]
