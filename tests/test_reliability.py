@@ -335,11 +335,14 @@ def test_limits_answer_422_naming_the_field_and_the_limit(http):
     assert unknown["param"] == "chainz"
     unspellable = assert_error(http.post("/align", json={**SHORT, "reward": {"keywords": ["zzzq"], "keywords_only": True}}), 422)
     assert unspellable["param"] == "reward"
-    # The OpenAI endpoints: the same limits, for the OpenAI fields and for the `sea` extra.
+    # The OpenAI endpoints: the same limits, for the OpenAI fields and for the `sea` extra, as 400 (what OpenAI answers).
     for body, param in (({"max_tokens": 65}, "max_tokens"), ({"n": 9}, "n"), ({"sea": {"steps": 2001}}, "sea.steps"),
                         ({"max_tokens": 3, "sea": {"max_tokens": 65}}, "sea.max_tokens")):
-        error = assert_error(http.post("/v1/completions", json={"model": "sea", "prompt": "hi", **body}), 422)
+        error = assert_error(http.post("/v1/completions", json={"model": "sea", "prompt": "hi", **body}), 400)
         assert error["param"] == param, error
+    long_chat = assert_error(http.post("/v1/chat/completions", json={"model": "sea", "messages": [{"role": "user", "content": "the dog " * 20}]}),
+                             400)
+    assert "the limit is 16" in long_chat["message"]
 
 
 def test_bodies_over_the_limit_answer_413_declared_or_streamed(http):

@@ -24,7 +24,8 @@ def _request_id(request: Request) -> str:
 
 
 def _invalid_status(request: Request) -> int:
-    """OpenAI clients expect 400 for a bad request body; our own endpoints answer 422."""
+    """OpenAI clients expect 400 for a bad request body or parameter (its SDK raises one error class for all of them,
+    ``BadRequestError``); our own endpoints answer 422."""
     return 400 if request.url.path.startswith("/v1/") else 422
 
 
@@ -65,7 +66,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         note_error(request.scope, exc.message)
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
+        status = _invalid_status(request) if exc.status == 422 else exc.status  # a limit is a bad parameter to OpenAI clients
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -27,8 +27,9 @@ from app.service.service import AlignService
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 MODEL_ALIASES = {"sea", "default"}
-# OpenAI clients expect 400 for a bad parameter (validation errors answer 400 under /v1); server limits answer 422.
-V1_ERRORS = {**ERRORS, 400: {"model": ErrorResponse, "description": "A malformed body or an invalid or unsupported parameter."}}
+# OpenAI clients expect 400 for a bad parameter: under /v1 validation errors and server limits answer 400, not 422
+# (declared here all the same, so that FastAPI adds no 422 of its own; the OpenAPI document drops it for /v1).
+V1_ERRORS = {**ERRORS, 400: {"model": ErrorResponse, "description": "A malformed body, or an invalid, unsupported or over-the-limit parameter."}}
 V1_RESPONSES = {200: {"description": "The completion; with `stream`, Server-Sent Events (`data:` chunks, then `data: [DONE]`).",
                       "content": {"application/json": {}, "text/event-stream": {}}}, **V1_ERRORS}
 
