@@ -98,6 +98,15 @@ def test_malformed_json_is_rejected_with_the_documented_error(http, path, status
     assert response.headers["x-request-id"]
 
 
+@pytest.mark.parametrize("path", ["/align", "/jobs", "/v1/completions"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded; charset=utf-8"])
+def test_a_body_not_sent_as_json_gets_415_naming_its_content_type(http, path, content_type):
+    # curl -d without -H sends a form content type: the body below is fine JSON, only its label is wrong
+    response = http.post(path, content=b'{"prompt": "hi", "model": "sea"}', headers={"content-type": content_type})
+    assert response.status_code == 415, response.text
+    assert content_type.split(";")[0] in response.json()["error"]["message"] and response.headers["x-request-id"]
+
+
 @pytest.mark.parametrize("field, value", [("steps", "3"), ("steps", 2.5), ("chains", True), ("use_reward", 1), ("alpha", "1.0"),
                                           ("prompt", 5), ("reward", {"terms": {"principle": "1"}}), ("seed", -1)])
 def test_wrongly_typed_fields_are_rejected_naming_the_field(http, field, value):

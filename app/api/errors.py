@@ -36,6 +36,12 @@ def validation_response(request: Request, exc: RequestValidationError) -> JSONRe
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
     if first.get("type") == "json_invalid":
         return _malformed_body(request)
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if tuple(first.get("loc", ())) == ("body",) and media_type and not (media_type == "application/json" or media_type.endswith("+json")):
+        # FastAPI reads a body it was not told is JSON as raw bytes and then calls it "not a valid dictionary"
+        message = f"the body must be JSON, sent with `Content-Type: application/json` (got {media_type})"
+        note_error(request.scope, message)
+        return JSONResponse(error_body(message, "invalid_request_error", None, "unsupported_media_type"), status_code=415)
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     note_error(request.scope, message)
     return JSONResponse(error_body(message, "invalid_request_error", param, first.get("type")), status_code=_invalid_status(request))

@@ -16,7 +16,7 @@ from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 499, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 429, 499, 500, 503, 504)}
 ERRORS[429]["headers"] = {"Retry-After": {"description": "Seconds until a queue slot is likely free, from the recent job rate.",
                                           "schema": {"type": "integer"}}}
 UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or invalid API key (only when the server has keys)."}}
