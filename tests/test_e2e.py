@@ -200,6 +200,7 @@ def test_metrics_count_the_calls(http):
     assert delta("sea_langevin_step_duration_seconds_count") >= 1
     assert delta("sea_completion_tokens_total") > 0 and delta("sea_prompt_tokens_total") > 0
     assert after[("sea_queue_depth", ())] == 0
+    assert not [name for name, _ in after if name.endswith("_created")]  # no creation-time series beside each counter
     assert ("sea_model_info", (("device", "cpu"), ("dtype", "float32"), ("model", "tiny-llama"), ("rewards", "principle"))) in after
 
 
