@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.api import openai as openai_routes
+from app.api.docs import DOCS_ASSETS, assets_folder, install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import ApiKeyAuth, BodySizeLimit, RequestContext
 from app.api.playground import install_playground
@@ -24,7 +25,7 @@ from app.settings import Settings
 
 log = logging.getLogger("app")
 
-# Pages that hold no data (the interactive docs, the OpenAPI document, the playground and its assets) load
+# Pages that hold no data (the interactive docs, the OpenAPI document, the playground, the assets of both) load
 # without an API key, so that a browser can open them; every API operation behind them still needs the key.
 PUBLIC_PAGES = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/", "/playground"})
 
@@ -71,11 +72,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 loader.cancel()
             await service.shutdown()
 
+    docs_assets = assets_folder()
+    if docs_assets is None:
+        log.warning("fastapi-offline is not installed: /docs and /redoc load their scripts from a CDN")
+    offline_docs = {"docs_url": None, "redoc_url": None} if docs_assets else {}
     app = FastAPI(
         title="sea-serve",
         version="0.1.0",
         summary="Inference-time alignment with Simple Energy Adaptation (Langevin sampling over token logits).",
         lifespan=lifespan,
+        **offline_docs,
     )
     app.state.service = service
     _document_limits(app, settings)
@@ -85,7 +91,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     # add_middleware wraps what was added before: BodySizeLimit is innermost, RequestContext outermost.
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, keys=app.state.api_keys, public=public_paths(settings) | PUBLIC_PAGES, public_prefixes=("/static/",))
+    app.add_middleware(ApiKeyAuth, keys=app.state.api_keys, public=public_paths(settings) | PUBLIC_PAGES,
+                       public_prefixes=("/static/", f"{DOCS_ASSETS}/"))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After"])
@@ -93,6 +100,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     install_routes(app, settings)
     app.include_router(openai_routes.router)
     install_playground(app)
+    if docs_assets:
+        install_docs(app, docs_assets)
     return app
 
 

@@ -128,6 +128,19 @@ def test_page_and_assets_load_without_console_errors(page, server):
     assert httpx.get(server.url + "/static/playground.js").status_code == 200
 
 
+@pytest.mark.parametrize("path, rendered", [("/docs", ".opblock"), ("/redoc", "[data-section-id]")])
+def test_interactive_docs_render_from_this_server_alone(page, locked_server, path, rendered):
+    # Everything they run comes from the server (it often runs without internet access: so does this test, and the
+    # page still has to render); no API key is needed to read them. ReDoc's footer logo alone is an external image.
+    loads = []
+    page.on("request", lambda request: loads.append((request.resource_type, request.url)))
+    page.goto(locked_server.url + path)
+    page.wait_for_selector(rendered, timeout=30_000)
+    assert "/align" in page.inner_text("body")
+    code = [url for kind, url in loads if kind in ("document", "script", "stylesheet", "fetch", "xhr", "font")]
+    assert code and all(url.startswith((locked_server.url, "blob:")) for url in code), loads
+
+
 def test_run_draws_a_line_per_chain_and_shows_the_aligned_and_reference_texts(page, server):
     request = align_request(RUN)
     aligned = httpx.post(server.url + "/align", json=request, timeout=60).json()  # same seed, same output as the page's job
