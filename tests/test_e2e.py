@@ -146,6 +146,9 @@ def test_errors_name_the_field(http):
 
 def test_official_openai_client(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("tiny-llama").id == client.models.retrieve("sea").id == client.models.list().data[0].id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     completion = client.completions.create(model="tiny-llama", prompt="the dog", max_tokens=5, seed=2, extra_body={"sea": {"steps": 2, "chains": 2}})
     assert completion.choices[0].text == completion.model_extra["sea"]["chains"][completion.model_extra["sea"]["chosen"]]["text"]
     assert completion.usage.completion_tokens <= 5 and completion.usage.prompt_tokens > 0

@@ -303,9 +303,20 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             service.cancel(job)
 
 
+def _model(service: AlignService) -> dict:
+    return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "sea-serve"}
+
+
 @router.get("/models", responses=UNAUTHORIZED, summary="The served model.")
 async def list_models(service: AlignService = Depends(get_service)) -> dict:
-    return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "sea-serve"}]}
+    return {"object": "list", "data": [_model(service)]}
+
+
+@router.get("/models/{model:path}", responses={**UNAUTHORIZED, 404: {"model": ErrorResponse}}, summary="The served model, by its id or `sea`.")
+async def retrieve_model(model: str, service: AlignService = Depends(get_service)) -> dict:
+    if model != service.model_name and model.lower() not in MODEL_ALIASES:
+        raise NotFound(f"the model {model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
+    return _model(service)
 
 
 @router.post("/completions", responses=V1_RESPONSES, summary="OpenAI-compatible text completion, aligned with SEA.")
