@@ -167,3 +167,25 @@ def test_a_server_that_never_answers_fails_the_sweep_instead_of_hanging_it(monke
             server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_connection_the_server_closed_while_idle_is_opened_again():
+    # uvicorn closes a keep-alive connection after 5 s idle; the sweep's connections wait longer between bursts.
+    async def scenario() -> list[tuple[int, bytes]]:
+        async def one_answer_then_close(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            writer.close()  # no "Connection: close" announced, as when an idle timeout fires
+
+        server = await asyncio.start_server(one_answer_then_close, "127.0.0.1", 0)
+        connection = serving.Connection(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        try:
+            first = await connection.post_json("/align", {})
+            await asyncio.sleep(0.2)  # the close reaches the client while it is idle
+            return [first, await connection.post_json("/align", {})]
+        finally:
+            await connection.close()
+            server.close()
+
+    assert asyncio.run(scenario()) == [(200, b"{}"), (200, b"{}")]

@@ -105,6 +105,8 @@ class Connection:
 
     async def post_json(self, path: str, body: dict) -> tuple[int, bytes]:
         """(status, response body) of ``POST path`` with ``body`` as JSON."""
+        if self._streams is not None and (self._streams[0].at_eof() or self._streams[1].is_closing()):
+            await self.close()  # the server closed it while idle (uvicorn keeps an idle connection 5 s), as HTTP allows
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams

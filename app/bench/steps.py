@@ -111,7 +111,10 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
     def step():
         state.stale = set(range(state.chains))  # every chain needs a gradient at its tokens (as after a step where all moved)
         state.tried = [set() for _ in range(state.chains)]
+        state.stalls = [0] * state.chains  # and none is parked: every chain is edited, none restarts
+        state.steps_since_improved = 0
         engine.tick([state])
+        assert state.candidate_rows == state.chains * setup.candidates, "a timed step must score every chain's edits"
 
     def gradient(which: RowSpec):
         def run():
