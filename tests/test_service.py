@@ -150,6 +150,22 @@ def test_queue_wait_ends_when_the_engine_takes_the_job_even_if_the_loop_hears_of
     assert job.queue_seconds < 1.0
 
 
+@pytest.mark.parametrize("window_ms, first", [(1000, ["a", "b", "c"]), (0, ["a"])])
+def test_requests_sent_together_to_an_idle_engine_start_in_one_batch(window_ms, first):
+    async def scenario():
+        engine = FakeEngine()
+        service = await make_service(engine, max_batch_chains=8, batch_window_ms=window_ms)
+        jobs = [await submit(service, "a", steps=3)]
+        await asyncio.sleep(0.3)  # with no window the engine has long started "a"; with one it is still waiting
+        jobs += [await submit(service, "b", steps=3), await submit(service, "c", steps=3)]
+        for job in jobs:
+            await service.wait(job)
+        await service.shutdown()
+        return engine.started_together
+
+    assert run(scenario())[0] == first
+
+
 def test_full_queue_answers_429_with_retry_after_until_one_slot_frees():
     async def scenario():
         service = await make_service(FakeEngine(tick_seconds=0.05), max_queue=4, max_batch_chains=2)

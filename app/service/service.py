@@ -59,7 +59,8 @@ class AlignService:
             return
         self.runtime = runtime
         self._loop = loop
-        worker = EngineWorker(runtime.engine, loop, self.metrics, self.settings.max_batch_chains, self.settings.max_queue)
+        worker = EngineWorker(runtime.engine, loop, self.metrics, self.settings.max_batch_chains, self.settings.max_queue,
+                              self.settings.batch_window_ms / 1000)
         if self.settings.redis_url.get_secret_value():
             s = self.settings
             self.shared = SharedJobs.connect(
