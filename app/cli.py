@@ -10,11 +10,21 @@ import typing
 
 from app.settings import Settings
 
+# Settings of the HTTP service alone: `sea align` and `sea prepare`, which run the engine in-process, do not offer them.
+SERVER_SETTINGS = frozenset({
+    "host", "port", "api_keys", "api_keys_file", "metrics_require_key", "cors_origins", "max_batch_chains", "max_queue",
+    "batch_window_ms", "job_ttl_seconds", "request_timeout_seconds", "drain_seconds", "redis_url", "redis_prefix",
+    "replica_lease_seconds", "job_max_attempts", "max_body_bytes",
+})
 
-def _settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per settings field, with the field's description as help (env ``SEA_<NAME>`` also works)."""
+
+def _settings_flags(parser: argparse.ArgumentParser, server: bool = True) -> None:
+    """One ``--flag`` per settings field (without ``server``, only those that apply outside the HTTP service), with
+    the field's description as help (env ``SEA_<NAME>`` also works)."""
     group = parser.add_argument_group("settings (also from SEA_<NAME> environment variables)")
     for name, field in Settings.model_fields.items():
+        if not server and name in SERVER_SETTINGS:
+            continue
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
         origin = typing.get_origin(kind)
@@ -133,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     prepare = sub.add_parser("prepare", help="Load the model once and write its cache (e.g. at image build time).")
-    _settings_flags(prepare)
+    _settings_flags(prepare, server=False)
     prepare.set_defaults(func=cmd_prepare)
 
     align = sub.add_parser("align", help="Align one prompt and print the text and its trace.")
@@ -148,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--select", choices=["reward", "energy"], default="reward", help="How the returned chain is picked.")
     align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
     align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")
-    _settings_flags(align)
+    _settings_flags(align, server=False)
     align.set_defaults(func=cmd_align)
 
     from app.evaluate import add_eval_arguments
