@@ -8,15 +8,12 @@ folder is used. Without it the pages fall back to FastAPI's CDN ones.
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
-
-log = logging.getLogger(__name__)
 
 DOCS_ASSETS = "/docs-assets"
 

@@ -157,11 +157,16 @@ class ChatCompletionRequest(_OpenAIBase):
         return bad
 
 
+def _check_model(model: str, service: AlignService) -> None:
+    """404 unless ``model`` names the served model (its id, or an alias such as `sea`)."""
+    if model != service.model_name and model.lower() not in MODEL_ALIASES:
+        raise NotFound(f"the model {model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
+
+
 def _check(body: _OpenAIBase, service: AlignService) -> None:
     for name in body.unsupported():
         raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
-    if body.model != service.model_name and body.model.lower() not in MODEL_ALIASES:
-        raise NotFound(f"the model {body.model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
+    _check_model(body.model, service)
     settings = service.settings
     limits = {"max_tokens": settings.max_tokens_limit, "max_completion_tokens": settings.max_tokens_limit,  # both, even when one wins
               "n": min(settings.max_chains, settings.max_batch_chains, settings.max_samples)}  # n chains (sea) or n samples (bon)
@@ -314,8 +319,7 @@ async def list_models(service: AlignService = Depends(get_service)) -> dict:
 
 @router.get("/models/{model:path}", responses={**UNAUTHORIZED, 404: {"model": ErrorResponse}}, summary="The served model, by its id or `sea`.")
 async def retrieve_model(model: str, service: AlignService = Depends(get_service)) -> dict:
-    if model != service.model_name and model.lower() not in MODEL_ALIASES:
-        raise NotFound(f"the model {model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
+    _check_model(model, service)
     return _model(service)
 
 

@@ -286,9 +286,10 @@ def tick(engine, states: list) -> None:
             left = _left(state)
             affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * len(chains)))
             which = slice(None) if len(chains) == state.chains else torch.tensor(chains, device=state.tokens.device)
+            tokens = state.tokens[which]
             scores = edit_scores(state.grad[which] if state.config.proposal == "gradient" else None,
-                                 state.table[which] if state.config.proposal == "lm" else None, state.tokens[which])
-            drawn = propose_chains(scores, state.tokens[which], [int(state.counted[c]) for c in chains],
+                                 state.table[which] if state.config.proposal == "lm" else None, tokens)
+            drawn = propose_chains(scores, tokens, [int(state.counted[c]) for c in chains],
                                    min(state.config.candidates, affordable), temperature, state.generator,
                                    [state.tried[c] for c in chains], state.config.max_estimate)
             for c, moves in zip(chains, drawn):
