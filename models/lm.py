@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -191,25 +192,44 @@ def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = T
 
 
 def stack_prefixes(prefixes: list[Prefix]) -> PrefixBatch:
-    """Left-pad and concatenate one prefix per row (repeat a prefix object for each of its chains)."""
+    """Left-pad and concatenate one prefix per row (repeat a prefix object for each of its chains).
+
+    Each distinct prefix is padded once and its rows are gathered in one copy per layer; a batch of one prompt
+    gets expanded views and no copy at all (the forward pass's cache concatenates them with the response anyway).
+    """
     p_max = max(p.length for p in prefixes)
     device = prefixes[0].keys[0].device
-    layers = len(prefixes[0].keys)
+    by_id = {id(p): p for p in prefixes}  # the distinct prefixes, in order of first use
+    distinct = list(by_id.values())
+    slot = {key: i for i, key in enumerate(by_id)}
+    rows = len(prefixes)
 
     def padded(t: Tensor, length: int) -> Tensor:
-        if length == p_max:
-            return t
-        pad = t.new_zeros(t.shape[0], t.shape[1], p_max - length, t.shape[3])
-        return torch.cat([pad, t], dim=2)
+        return t if length == p_max else F.pad(t, (0, 0, p_max - length, 0))  # (1, heads, P, d): pad the position axis on the left
 
-    keys = [torch.cat([padded(p.keys[i], p.length) for p in prefixes]) for i in range(layers)]
-    values = [torch.cat([padded(p.values[i], p.length) for p in prefixes]) for i in range(layers)]
+    def gathered(per_prefix: list[Tensor]) -> Tensor:
+        if len(per_prefix) == 1:
+            return per_prefix[0].expand(rows, *per_prefix[0].shape[1:])
+        return torch.cat(per_prefix).index_select(0, source)
+
+    source = torch.tensor([slot[id(p)] for p in prefixes], device=device)
+    keys = [gathered([padded(p.keys[i], p.length) for p in distinct]) for i in range(len(distinct[0].keys))]
+    values = [gathered([padded(p.values[i], p.length) for p in distinct]) for i in range(len(distinct[0].values))]
     lengths = torch.tensor([p.length for p in prefixes], device=device)
     mask = (torch.arange(p_max, device=device)[None, :] >= (p_max - lengths)[:, None]).long()
     first = None
     if prefixes[0].first_log_probs is not None:
-        first = torch.stack([p.first_log_probs for p in prefixes])
+        first = gathered([p.first_log_probs[None] for p in distinct])
     return PrefixBatch(keys, values, mask, lengths, first)
+
+
+def cache_over(keys: list[Tensor], values: list[Tensor]) -> DynamicCache:
+    """A cache holding the given per-layer keys/values ``(B, heads, P, d)`` without copying them (a cache built from
+    data concatenates it onto an empty tensor); its first update concatenates the new tokens' onto them, never in place."""
+    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in zip(keys, values)])
+    for layer, k, v in zip(cache.layers, keys, values):
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def forward_after_prefix(
@@ -224,7 +244,7 @@ def forward_after_prefix(
     The prefix tensors are wrapped in a fresh cache each call, so they are never grown or mutated.
     """
     rows, length = inputs_embeds.shape[:2]
-    cache = DynamicCache(ddp_cache_data=list(zip(prefix.keys, prefix.values)))
+    cache = cache_over(prefix.keys, prefix.values)
     if response_mask is None:
         response_mask = torch.ones(rows, length, dtype=prefix.mask.dtype, device=prefix.mask.device)
     attention_mask = torch.cat([prefix.mask, response_mask.to(prefix.mask.dtype)], dim=1)
@@ -275,9 +295,9 @@ def response_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, respon
     if response.probs is None and not return_table and not torch.is_grad_enabled():
         picked = torch.cat([first.gather(-1, response.tokens[:, :1, None])[..., 0], _picked_log_probs(head, hidden, response.tokens[:, 1:])], 1)
     else:
-        logits = head(hidden).float()  # (B, L-1, V)
-        table = torch.cat([first, F.log_softmax(logits, dim=-1)], dim=1)  # (B, L, V)
-        picked = response.pick(table)
+        picked, later = response.pick_log_softmax(head(hidden).float(), first[:, 0])  # (B, L), (B, L-1, V)
+        if return_table:
+            table = torch.cat([first, later], dim=1)  # (B, L, V)
     recorder = getattr(response, "recorder", None)
     if key is not None and recorder is not None:
         columns = prefix.mask.shape[1]  # the response's keys/values follow the (padded) prompt's
@@ -294,27 +314,35 @@ def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens
     """Exact per-token log-probs ``(B, L)`` of edited responses, running input positions ``starts[b] .. L-2`` only.
 
     Rows with the same start share one forward pass after the prompt and their sources' first ``start``
-    keys/values; the rest comes from the memory (see :class:`Reuse`).
+    keys/values; the rest comes from the memory (see :class:`Reuse`). The rows are put in order of their start
+    once, prompt and memory side by side, so that each start's rows are a slice: its pass reads views of them.
     """
     rows, length = tokens.shape
     backbone = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     weight = model.get_input_embeddings().weight
+    order = torch.argsort(starts, stable=True)
+    starts, tokens = starts[order], tokens[order]
+    columns = prefix.mask.shape[1]
+    keys = [torch.cat([k, m], dim=2).index_select(0, order) for k, m in zip(prefix.keys, memory.keys)]  # (B, heads, P + L-1, d)
+    values = [torch.cat([v, m], dim=2).index_select(0, order) for v, m in zip(prefix.values, memory.values)]
+    mask, lengths = prefix.mask[order], prefix.lengths[order]
     out = torch.empty(rows, length, device=tokens.device)
-    out[:, 0] = prefix.first_log_probs.gather(-1, tokens[:, :1])[:, 0]
-    for start in starts.unique().tolist():
-        index = (starts == start).nonzero()[:, 0]
-        out[index, 1 : start + 1] = memory.log_probs[index, 1 : start + 1]
+    out[:, 0] = prefix.first_log_probs[order].gather(-1, tokens[:, :1])[:, 0]
+    out[:, 1:] = memory.log_probs[order, 1:]  # each row's own positions are overwritten below
+    bounds = torch.searchsorted(starts, starts.unique()).tolist() + [rows]
+    for low, high in itertools.pairwise(bounds):
+        start = int(starts[low])
         head_rows = PrefixBatch(
-            keys=[torch.cat([k[index], m[index, :, :start]], dim=2) for k, m in zip(prefix.keys, memory.keys)],
-            values=[torch.cat([v[index], m[index, :, :start]], dim=2) for v, m in zip(prefix.values, memory.values)],
-            mask=torch.cat([prefix.mask[index], prefix.mask.new_ones(len(index), start)], dim=1),
-            lengths=prefix.lengths[index] + start,
+            keys=[k[low:high, :, : columns + start] for k in keys],
+            values=[v[low:high, :, : columns + start] for v in values],
+            mask=torch.cat([mask[low:high], mask.new_ones(high - low, start)], dim=1),
+            lengths=lengths[low:high] + start,
             first_log_probs=None,
         )
-        hidden, _ = forward_after_prefix(backbone, head_rows, F.embedding(tokens[index, start : length - 1], weight))
-        out[index, start + 1 :] = _picked_log_probs(head, hidden, tokens[index, start + 1 :])
-    return out
+        hidden, _ = forward_after_prefix(backbone, head_rows, F.embedding(tokens[low:high, start : length - 1], weight))
+        out[low:high, start + 1 :] = _picked_log_probs(head, hidden, tokens[low:high, start + 1 :])
+    return torch.empty_like(out).index_copy_(0, order, out)
 
 
 def _picked_log_probs(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:

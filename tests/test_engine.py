@@ -98,6 +98,24 @@ def test_one_hot_gradient_of_the_principle_energy_equals_the_dense_uncached_grad
         torch.testing.assert_close(scored.grad[row], one_hot.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_one_hot_gradients_of_requests_batched_together_equal_each_alone(lm, engine, make_prompt):
+    """Rows of a batch map to the soft one-hots they were selected from: a joined reward that covers some rows only
+    (here the second request's, between two plain ones) must still send each row exactly its own gradient."""
+    principle = PrincipleReward(lm, "be safe and kind")
+    tokens = torch.tensor([[30, 31, 32, 33, 34], [44, 43, 42, 41, 40], [50, 51, 52, 53, 54], [60, 61, 62, 63, 64]])
+    specs = [_spec(lm, make_prompt("hello"), [], rows=1, length=5, alpha=0.0),
+             _spec(lm, make_prompt("tell me about the sun"), [(principle, 1.0)], rows=2, length=5, alpha=2.0),
+             _spec(lm, make_prompt("a poem"), [], rows=1, length=5, alpha=0.0)]
+    together = evaluate(lm, specs, engine.stop_ids, tokens, one_hot_grad=True)
+    offset = 0
+    for spec in specs:
+        rows = slice(offset, offset + spec.rows)
+        offset += spec.rows
+        alone = evaluate(lm, [spec], engine.stop_ids, tokens[rows], one_hot_grad=True)
+        torch.testing.assert_close(together.energy[rows], alone.energy, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(together.grad[rows], alone.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_positions_after_end_of_turn_do_not_count(lm, engine, make_prompt):
     prompt = make_prompt("hello")
     eos = int(engine.stop_ids[0])
@@ -386,7 +404,7 @@ class _NaNAfterFirstScore:
         self.calls += 1
         value = torch.zeros(response.rows) if self.calls == 1 else torch.full((response.rows,), math.nan)
         if response.probs is not None:
-            value = value + 0.0 * response.probs.sum((1, 2))
+            value = value + 0.0 * response.soft().sum((1, 2))
         return value
 
 

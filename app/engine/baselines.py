@@ -10,12 +10,11 @@ import dataclasses
 import math
 
 import torch
-from transformers import DynamicCache
 
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, passes_per_row, reward_passes_per_row, score_rewards
 from app.engine.sampling import categorical, sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
-from models.lm import stack_prefixes, with_cache
+from models.lm import cache_over, stack_prefixes, with_cache
 from models.ste import ResponseBatch, response_mask
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
@@ -62,7 +61,7 @@ def run_args(engine, state) -> AlignResult:
     model = engine.lm.model
     backbone = getattr(model, model.base_model_prefix)
     batch = stack_prefixes([state.spec.prefix])
-    cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
+    cache = cache_over(batch.keys, batch.values)
     mask = batch.mask
     log_probs = batch.first_log_probs[0]
     tokens: list[int] = []

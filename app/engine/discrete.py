@@ -421,20 +421,23 @@ def _gradients(engine, needs: list) -> None:
         grad = None  # the gradient-free ablation has none: the table drives its proposals
         if state.config.proposal == "gradient":
             grad = scored.grad[rows, :own]
-            finite = torch.isfinite(grad).flatten(1).all(1)
+            finite = torch.isfinite(grad.sum((1, 2)))  # one read of the (C, L, V) gradient; a sum overflows only past 1e38
             if not bool(finite.all()):
                 state.nonfinite_steps += 1
                 grad = torch.where(finite[:, None, None], grad, torch.zeros_like(grad))
         if grad is not None:
-            if state.grad is None:
-                state.grad = grad.new_zeros(state.chains, *grad.shape[1:])
-            state.grad[index] = grad
+            if len(chains) == state.chains:
+                state.grad = grad
+            else:
+                if state.grad is None:
+                    state.grad = grad.new_zeros(state.chains, *grad.shape[1:])
+                state.grad.index_copy_(0, index, grad)
         if scored.table is not None and state.table is None:
             state.table = scored.table.new_zeros(state.chains, own, scored.table.shape[-1])
         if state.memories is None:
             state.memories = {}
         if scored.table is not None and state.table is not None:
-            state.table[index] = scored.table[rows, :own]
+            state.table.index_copy_(0, index, scored.table[rows, :own])
         for key, memory in scored.memories.items():  # a batch mate may bring a scorer this state lacks: zeros, never read
             mine = memory.rows(rows).trimmed(own)
             state.memories.setdefault(key, mine.zeros_like(state.chains)).put_rows(index, mine)

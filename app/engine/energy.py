@@ -193,7 +193,7 @@ def _joined(response: ResponseBatch, joint: list[tuple[RewardComponent, Tensor, 
             picked = [parts[0]] + [part.rows(rows) for part, (_, rows, _) in zip(parts[1:], joint)]
             reuse = Reuse(reuse.starts[index], {REFERENCE: ResponseMemory.cat(picked)})
     return ResponseBatch(tokens=response.tokens[index], mask=response.mask[index],
-                         probs=None if response.probs is None else response.probs[index], reuse=reuse,
+                         probs=response.probs, probs_rows=None if response.probs is None else response.source_rows(index), reuse=reuse,
                          recorder=None if response.recorder is None else MemoryRecorder(len(index)))
 
 

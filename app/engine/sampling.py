@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from models.lm import Prefix, stack_prefixes, with_cache
+from models.lm import Prefix, cache_over, stack_prefixes, with_cache
 
 
 @dataclass
@@ -171,7 +171,7 @@ def sample_groups(
     device = batch.mask.device
     owner = torch.tensor(owners, device=device)
     width = [1 + len(g.tilt.guides if g.tilt else ()) for g in groups]  # batch rows per drawn row
-    cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
+    cache = cache_over(batch.keys, batch.values)
     mask = batch.mask
     log_probs = batch.first_log_probs  # (batch rows, V)
     start = 0
