@@ -39,10 +39,13 @@ def _positive(value) -> bool:
 
 
 def test_step_breakdown_has_every_part_with_and_without_the_cache(lm):
-    peak = matmul_peak(64, repeats=1)
-    rows = run_steps(lm, chains=[2], lengths=[4], candidates=2, repeats=1, uncached=[2], peak=peak)
-    assert [(r["chains"], r["max_tokens"]) for r in rows] == [(2, 4)]
-    for row in rows:
+    measured = iter([3e9, 5e9, 4e9])  # a peak measured in a slow moment must not inflate the utilisation
+    rows, peaks = run_steps(lm, chains=[2, 3], lengths=[4], candidates=2, repeats=1, uncached=[2], measure_peak=lambda: next(measured))
+    assert peaks == [3e9, 5e9, 4e9]
+    assert [r["utilisation"] for r in rows] == pytest.approx([r["flops_per_second"] / 5e9 for r in rows])
+    assert _positive(matmul_peak(64, repeats=1))
+    assert [(r["chains"], r["max_tokens"]) for r in rows] == [(2, 4), (3, 4)]
+    for row in rows[:1]:
         for key in ("step", "step_uncached", "reference_forward_backward", "gradient_forward_backward", "straight_through",
                     "proposal", "exact_scoring_forward", "gradient_forward_backward_uncached", "exact_scoring_forward_uncached"):
             assert _positive(row["seconds"][key]), key
