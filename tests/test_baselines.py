@@ -26,6 +26,7 @@ def test_same_seed_same_result_and_all_fields(engine, make_prompt, reward, metho
     assert first.energy == pytest.approx(-(first.log_prob_ref + first.reward), abs=1e-4)
     assert first.usage.forward_token_passes > 0 and first.usage.completion_tokens <= 8
     assert first.timings.total > 0
+    assert first.timings.init == first.timings.total and first.timings.langevin == 0  # all drawing and scoring, no steps
 
 
 def test_best_of_one_is_a_plain_sample(engine, make_prompt, reward):

@@ -216,7 +216,7 @@ class UsageOut(BaseModel):
 
 class TimingsOut(BaseModel):
     queue: float = Field(description="Seconds waiting for the engine.")
-    init: float = Field(description="Seconds for the prompt and the initial samples.")
+    init: float = Field(description="Seconds for the prompt and the initial samples (a baseline's whole run).")
     langevin: float = Field(description="Seconds in Langevin steps.")
     total: float = Field(description="Seconds from entering the engine to the result.")
     steps: int = Field(description="Steps run.")

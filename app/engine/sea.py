@@ -359,6 +359,8 @@ class Engine:
         text, counted, stopped = self.text_of(torch.tensor(chains[chosen].tokens))
         state.usage.completion_tokens = counted
         state.timings.total = time.perf_counter() - state.started
+        if method != "sea":
+            state.timings.init = state.timings.total  # a baseline's whole run is drawing and scoring: no steps
         best = chains[chosen]
         return AlignResult(
             method=method,
