@@ -120,6 +120,21 @@ def test_wrongly_typed_fields_are_rejected_naming_the_field(http, field, value):
         assert openai.status_code == 400 and openai.json()["error"]["param"].startswith(f"sea.{field}")
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 3, "sea": {"max_tokens": 3}}, "sea.max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "sea": {"seed": 2}}, "sea.seed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "sea": {"temperature": 1.0}}, "sea.temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_completion_tokens": 3},
+     "max_completion_tokens"),
+])
+def test_no_setting_can_be_given_twice_under_v1(http, path, body, param):
+    """/v1 takes max_tokens, seed, temperature and top_p from its own fields only, and one of the two length fields."""
+    response = http.post(path, json={"model": "sea", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and ("OpenAI field" in error["message"] or "not both" in error["message"]), error
+
+
 def test_whole_numbers_are_integers(http):
     """JSON Schema counts 2.0 as an integer, so the server does too."""
     response = http.post("/align", json={"prompt": "hi", "steps": 1.0, "max_tokens": 2.0, "chains": 1})

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from app.api.routes import ERRORS, UNAUTHORIZED, client_gone, engine_config, get_service, require_api_key
 from app.api.schemas import MAX_SEED, ErrorResponse, LimitError, SEAParams, StrictRequest
@@ -40,8 +40,24 @@ def _only(*values: Any, schema: dict | None = None) -> dict:
     return {"anyOf": [*allowed, {"type": "null"}]}
 
 
+OPENAI_FIELDS = ("max_tokens", "seed", "temperature", "top_p")  # /align parameters that /v1 takes from its own fields only
+
+
+def _without_openai_fields(schema: dict) -> None:
+    for name in OPENAI_FIELDS:
+        schema["properties"].pop(name, None)
+
+
 class SEAOptions(SEAParams):
-    """The ``sea`` extra: every /align parameter except the prompt (max_tokens, seed, temperature, top_p come from the OpenAI fields)."""
+    """The ``sea`` extra: every /align parameter except the prompt and those the OpenAI fields of the same names carry
+    (max_tokens, seed, temperature, top_p), so that no setting can be given twice."""
+
+    model_config = ConfigDict(json_schema_extra=_without_openai_fields)
+
+    @field_validator(*OPENAI_FIELDS, mode="before")
+    @classmethod
+    def _set_by_the_openai_field(cls, value, info: ValidationInfo):
+        raise ValueError(f"set `{info.field_name}` with the OpenAI field of that name, not in `sea`")
 
 
 class StreamOptions(StrictRequest):
@@ -136,6 +152,9 @@ class ChatMessageIn(StrictRequest):
 
 
 class ChatCompletionRequest(_OpenAIBase):
+    model_config = ConfigDict(json_schema_extra={**_OpenAIBase.model_config["json_schema_extra"],
+                                                 "not": {"required": ["max_tokens", "max_completion_tokens"]}})
+
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=64)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="Only false or null.", json_schema_extra=_only(False))
@@ -333,5 +352,7 @@ async def completions(body: CompletionRequest, request: Request, service: AlignS
 
 @router.post("/chat/completions", responses=V1_RESPONSES, summary="OpenAI-compatible chat completion, aligned with SEA.")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: AlignService = Depends(get_service)):
+    if {"max_tokens", "max_completion_tokens"} <= body.model_fields_set:
+        raise BadRequest("give `max_completion_tokens` or `max_tokens` (its older name), not both", param="max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _respond(body, [m.as_dict() for m in body.messages], max_tokens, request, service, chat=True)
