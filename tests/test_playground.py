@@ -215,6 +215,25 @@ def test_chat_mode_and_sample_method(page, server):
     assert page.log.errors == []
 
 
+@pytest.mark.parametrize("method, width, label", [("cbs", {"beams": 3}, "Beams (W)"), ("args", {}, None)])
+def test_the_decoding_baselines_run_from_the_page(page, server, method, width, label):
+    page.goto(server.url + "/")
+    fill_form(page, chains=3, steps=2, max_tokens=5, seed=2, alpha=4.0, keywords=["sun"])
+    page.click(f"[data-method='{method}']")
+    assert page.is_hidden("#steps")
+    if label is None:
+        assert page.is_hidden("#chains")  # ARGS decodes one response
+    else:
+        assert page.inner_text("#chains-label") == label
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+    expected = httpx.post(server.url + "/align", json={"prompt": PROMPT, "method": method, "max_tokens": 5, "seed": 2, "alpha": 4.0,
+                                                        "temperature": 1, "reward": {"keywords": ["sun"]}, **width}, timeout=60).json()
+    assert page.inner_text("#final-text") == expected["text"]
+    assert page.locator("#chain-list .chain").count() == len(expected["chains"])
+    assert page.is_hidden("#charts")
+    assert page.log.errors == []
+
+
 def test_api_key_is_sent_from_the_page_and_kept_in_the_browser(page, locked_server):
     page.goto(locked_server.url + "/playground")
     fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=[])

@@ -8,6 +8,7 @@ const KEY_STORAGE = "sea-serve.apiKey";
 const apiKey = () => $("api-key").value.trim();
 const api = new Api(apiKey);
 const ui = { mode: "text", method: "sea", run: null };
+const UNITS = { bon: "Sample", cbs: "Beam", args: "Decoding" }; // what a method's result rows are (SEA's: chains)
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -62,6 +63,8 @@ function buildRequest() {
     body.steps = number("steps");
   } else if (ui.method === "bon") {
     body.samples = number("chains");
+  } else if (ui.method === "cbs") {
+    body.beams = number("chains");
   }
   body.alpha = number("alpha");
   body.max_tokens = number("max-tokens");
@@ -82,6 +85,7 @@ function referenceRequest(body) {
   delete ref.chains;
   delete ref.steps;
   delete ref.samples;
+  delete ref.beams;
   return ref;
 }
 
@@ -129,8 +133,8 @@ function setMethod(method) {
     button.setAttribute("aria-pressed", String(on));
   }
   for (const node of document.querySelectorAll(".sea-only")) node.hidden = method !== "sea";
-  $("chains").closest(".field").hidden = method === "sample";
-  $("chains-label").textContent = method === "bon" ? "Samples (N)" : "Chains";
+  $("chains").closest(".field").hidden = method === "sample" || method === "args";
+  $("chains-label").textContent = { bon: "Samples (N)", cbs: "Beams (W)" }[method] || "Chains";
 }
 
 // ---------------------------------------------------------------- live chains
@@ -170,7 +174,7 @@ function chainCard(run, i) {
   const name = el("span", "chain-name");
   const swatch = el("span", "swatch");
   swatch.style.background = color(i);
-  name.append(swatch, document.createTextNode(run.method === "bon" ? `Sample #${i}` : `Chain #${i}`));
+  name.append(swatch, document.createTextNode(`${UNITS[run.method] || "Chain"} #${i}`));
   const badge = el("span", "badge", "chosen");
   badge.hidden = true;
   head.append(name, badge);
@@ -252,9 +256,9 @@ function showResult(run, result) {
   });
   drawCharts(run);
 
-  const label = { sea: "SEA", bon: "Best-of-N", sample: "Sample" }[result.method] || result.method;
-  const unit = result.method === "bon" ? "sample" : "chain";
-  $("aligned-title").textContent = result.method === "sample" ? "Sample (π_ref)" : `${label} · ${unit} #${result.chosen}`;
+  const label = { sea: "SEA", bon: "Best-of-N", args: "ARGS", cbs: "Beam search", sample: "Sample" }[result.method] || result.method;
+  const unit = (UNITS[result.method] || "chain").toLowerCase();
+  $("aligned-title").textContent = { sample: "Sample (π_ref)", args: "ARGS" }[result.method] || `${label} · ${unit} #${result.chosen}`;
   $("final-text").textContent = result.text;
   scoreList($("aligned-scores"), result, null);
   $("result-meta").textContent = `${result.model} · finish: ${result.finish_reason} · ${result.usage.completion_tokens} tokens`;
@@ -288,7 +292,8 @@ async function showReference(run, signal) {
 // ---------------------------------------------------------------- a run
 
 function resetOutput(method) {
-  $("chains-title").textContent = { sea: "Langevin chains", bon: "Best-of-N samples", sample: "Reference sample" }[method];
+  $("chains-title").textContent = { sea: "Langevin chains", bon: "Best-of-N samples", args: "ARGS decoding", cbs: "Beam search beams",
+    sample: "Reference sample" }[method];
   $("charts").hidden = method !== "sea";
   $("legend-note").hidden = method !== "sea";
   $("chain-list").replaceChildren();
