@@ -61,7 +61,9 @@ def test_flop_count_follows_the_documented_formula(lm):
     assert shape.linear_params == params + shape.vocab * shape.hidden  # tied LM head counted once
     forward = pass_flops(shape, rows=3, prompt=10, length=5, backward=False)
     assert forward == pytest.approx(3 * 5 * (2 * shape.linear_params + 4 * shape.layers * shape.attention_width * (10 + 2.5)))
-    assert pass_flops(shape, 3, 10, 5, backward=True) > forward
+    backward = pass_flops(shape, 3, 10, 5, backward=True)
+    assert backward - pass_flops(shape, 3, 10, 5, backward=True, straight_through=False) == pytest.approx(3 * 5 * 2 * shape.hidden * shape.vocab)
+    assert backward > forward
     assert pass_flops(shape, 3, 10, 6, backward=False) > forward  # longer responses, more work
 
 

@@ -133,14 +133,15 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
                        [set() for _ in counted], float("inf"))
 
     def straight_through():
-        # One-hot leaves and the embedding backward g @ Wᵀ (B, L, V) of both LM passes: the L×V parts of the gradient.
+        # One-hot leaves and the embedding backward g @ Wᵀ (C, L, V) of the joint pass (each chain's rows under both
+        # prompts, their gradients summed before the one matmul): the L×V matmul of the gradient.
         weight = lm.model.get_input_embeddings().weight
         probs = F.one_hot(state.tokens, weight.shape[0]).float().requires_grad_(True)
         response = ResponseBatch(tokens=state.tokens, mask=torch.ones(state.tokens.shape, device=state.tokens.device), probs=probs)
+        joint = response.select(torch.arange(state.chains, device=state.tokens.device).repeat(len(setup.prompts)))
         with torch.enable_grad():
-            embeds = response.embed(weight, upto=state.tokens.shape[1] - 1)  # (C, L-1, d)
-            for _ in setup.prompts:  # one g @ Wᵀ per LM pass (reference, principle)
-                torch.autograd.grad(embeds.sum(), probs, retain_graph=True)
+            embeds = joint.embed(weight, upto=state.tokens.shape[1] - 1)  # (2C, L-1, d)
+            torch.autograd.grad(embeds.sum(), probs)
 
     owners = []  # the edits a step scores: (state, chain, move)
     for c in range(state.chains):
@@ -195,20 +196,21 @@ class ModelShape:
         return cls(body + vocab * hidden, hidden, vocab, config.num_hidden_layers, heads * head_dim)
 
 
-def pass_flops(shape: ModelShape, rows: int, prompt: int, length: int, backward: bool) -> float:
+def pass_flops(shape: ModelShape, rows: int, prompt: int, length: int, backward: bool, straight_through: bool = True) -> float:
     """FLOPs of one LM pass over ``length`` response tokens after a cached prompt of ``prompt`` tokens, for ``rows`` rows.
 
     Forward per token: ``2·linear_params`` (every matmul, LM head included) plus attention
     ``4·layers·attention_width·context`` (QKᵀ and A·V) with the mean context ``prompt + length/2``.
     Backward (weights frozen, so only input gradients): the matmuls once more (``dX = dY·Wᵀ``), attention twice
-    (both factors of QKᵀ and A·V are activations), and the straight-through ``g @ Wᵀ`` (``2·hidden·vocab``).
+    (both factors of QKᵀ and A·V are activations), and, with ``straight_through``, the straight-through ``g @ Wᵀ``
+    (``2·hidden·vocab``; passes over the same rows share one: their embedding gradients are summed first).
     """
     tokens = rows * length
     linear = 2 * shape.linear_params * tokens
     attention = 4 * shape.layers * shape.attention_width * (prompt + length / 2) * tokens
     if not backward:
         return linear + attention
-    return linear + 2 * attention + 2 * shape.hidden * shape.vocab * tokens
+    return linear + 2 * attention + 2 * shape.hidden * shape.vocab * tokens * straight_through
 
 
 def step_flops(setup: StepSetup) -> float:
@@ -222,9 +224,9 @@ def step_flops(setup: StepSetup) -> float:
     length = state.spec.length - 1  # the first position's log-probs come with the prompt's cache
     starts = setup.edit_starts if setup.edit_starts is not None else [0] * (state.chains * setup.candidates)
     total = 0.0
-    for prompt in setup.prompts:  # reference and principle passes
+    for k, prompt in enumerate(setup.prompts):  # reference and principle passes; one straight-through g @ Wᵀ for both
         total += pass_flops(shape, state.chains, len(prompt), length, backward=False)
-        total += pass_flops(shape, state.chains, len(prompt), length, backward=True)
+        total += pass_flops(shape, state.chains, len(prompt), length, backward=True, straight_through=k == 0)
         for start in set(starts):
             total += pass_flops(shape, starts.count(start), len(prompt) + start, length - start, backward=False)
     return total
