@@ -31,6 +31,12 @@ def _into_base(contributions: Tensor, rows: Tensor | None, shape: torch.Size) ->
     return base
 
 
+def _picked(first: Tensor, log_probs: Tensor, tokens: Tensor) -> Tensor:
+    """Per-token log-probs ``(B, L)`` of ``tokens``: position 0 from ``first`` ``(B, V)``, the rest from ``log_probs``
+    ``(B, L-1, V)``."""
+    return torch.cat([first.gather(-1, tokens[:, :1]), log_probs.gather(-1, tokens[:, 1:, None])[..., 0]], dim=1)
+
+
 class _StraightThroughEmbedding(torch.autograd.Function):
     """``W[tokens]`` forward; backward treats the input as the soft one-hot ``probs``: ``d probs = g @ Wᵀ``.
 
@@ -87,7 +93,7 @@ class _StraightThroughLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, probs: Tensor, rows: Tensor | None, tokens: Tensor, first: Tensor):
         log_probs = F.log_softmax(logits, dim=-1)
-        picked = torch.cat([first.gather(-1, tokens[:, :1]), log_probs.gather(-1, tokens[:, 1:, None])[..., 0]], dim=1)
+        picked = _picked(first, log_probs, tokens)
         ctx.save_for_backward(log_probs, rows, tokens, first)
         ctx.probs_shape = probs.shape
         ctx.mark_non_differentiable(log_probs)
@@ -159,8 +165,7 @@ class ResponseBatch:
         when there is a gradient). The same as ``pick`` of the whole table, with the gradient's ``L×V`` passes fused."""
         if self.probs is None:
             log_probs = F.log_softmax(logits, dim=-1)
-            later = log_probs.gather(-1, self.tokens[:, 1:, None])[..., 0]
-            return torch.cat([first.gather(-1, self.tokens[:, :1]), later], dim=1), log_probs
+            return _picked(first, log_probs, self.tokens), log_probs
         return _StraightThroughLogProbs.apply(logits, self.probs, self.probs_rows, self.tokens, first)
 
     def columns(self, ids: Tensor) -> Tensor:

@@ -187,12 +187,12 @@ def _check(body: _OpenAIBase, service: AlignService) -> None:
         raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
     _check_model(body.model, service)
     settings = service.settings
-    limits = {"max_tokens": settings.max_tokens_limit, "max_completion_tokens": settings.max_tokens_limit,  # both, even when one wins
+    limits = {"max_tokens": settings.max_tokens_limit, "max_completion_tokens": settings.max_tokens_limit,
               "n": min(settings.max_chains, settings.max_batch_chains, settings.max_samples)}  # n chains (sea) or n samples (bon)
     for name, limit in limits.items():
         if (getattr(body, name, None) or 0) > limit:
             raise Unprocessable(f"{name} must be at most {limit} (server limit), got {getattr(body, name)}", param=name)
-    if body.sea is not None:  # the `sea` values obey the server limits too, even one an OpenAI field overrides
+    if body.sea is not None:  # the `sea` values obey the server limits too
         try:
             body.sea.to_config(service.settings)
         except LimitError as exc:
