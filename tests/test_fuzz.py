@@ -107,6 +107,18 @@ def test_a_body_not_sent_as_json_gets_415_naming_its_content_type(http, path, co
     assert content_type.split(";")[0] in response.json()["error"]["message"] and response.headers["x-request-id"]
 
 
+@pytest.mark.parametrize("body, param", [({"prompt": ""}, "prompt"), ({"prompt": " \n\t"}, "prompt"),
+                                         ({"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "  "}]}, "messages")])
+def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
+    response = http.post("/align", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "text" in error["message"]
+    # one message with text is enough (a system turn may be empty)
+    assert http.post("/align", json={"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}],
+                                     "chains": 1, "steps": 1, "max_tokens": 2}).status_code == 200
+
+
 @pytest.mark.parametrize("field, value", [("steps", "3"), ("steps", 2.5), ("chains", True), ("use_reward", 1), ("alpha", "1.0"),
                                           ("prompt", 5), ("reward", {"terms": {"principle": "1"}}), ("seed", -1)])
 def test_wrongly_typed_fields_are_rejected_naming_the_field(http, field, value):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.engine.types import AlignResult, SEAConfig
 from app.settings import Settings
@@ -12,8 +13,8 @@ from app.settings import Settings
 # Request models are strict (no "3" for 3, no 1 for true) and refuse NaN and Infinity (which Python's JSON parser
 # lets through), so that what the OpenAPI document calls invalid is rejected, not coerced.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-MAX_SEED = 2**53 - 1
-MIN_TEMPERATURE = 1e-4  # lower sampling temperatures are taken as 0 (greedy)  # the largest integer that JSON clients (JavaScript, float-based validators) hold exactly
+MAX_SEED = 2**53 - 1  # the largest integer that JSON clients (JavaScript, float-based validators) hold exactly
+MIN_TEMPERATURE = 1e-4  # lower sampling temperatures are taken as 0 (greedy)
 
 
 class StrictRequest(BaseModel):
@@ -162,9 +163,29 @@ class SEAParams(StrictRequest):
         }
 
 
+def _has_text(prompt: str) -> str:
+    if not prompt.strip():
+        raise PydanticCustomError("blank", "must contain some text (it is empty or only whitespace)")
+    return prompt
+
+
+def _chat_has_text(messages: list[ChatMessage]) -> list[ChatMessage]:
+    if not any(message.content.strip() for message in messages):
+        raise PydanticCustomError("blank", "no message contains any text (every content is empty or only whitespace)")
+    return messages
+
+
+# The JSON Schema twins of the blank checks above, beside the field's anyOf (they constrain only a string, an array)
+TEXT = r"\S"
+HAS_TEXT = {"pattern": TEXT}
+A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "properties": {"content": {"type": "string", "pattern": TEXT}}}}
+
+
 class AlignRequest(SEAParams):
-    prompt: str | None = Field(None, max_length=100_000, description="A plain-text prompt (sent as one user turn).")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=64, description="A chat, rendered with the model's chat template.")
+    prompt: Annotated[str, Field(max_length=100_000), AfterValidator(_has_text)] | None = Field(
+        None, description="A plain-text prompt (sent as one user turn).", json_schema_extra=HAS_TEXT)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64), AfterValidator(_chat_has_text)] | None = Field(
+        None, description="A chat, rendered with the model's chat template; some message must hold text.", json_schema_extra=A_MESSAGE_HAS_TEXT)
     return_trace: bool = Field(False, description="Include every chain's per-step trace.")
 
     model_config = ConfigDict(
