@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import time
 
@@ -112,10 +113,15 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = document_limits(build(), settings)
-            for path, operations in schema["paths"].items():  # /v1 answers 400 where our own routes answer 422
-                if path.startswith("/v1/"):
-                    for operation in operations.values():
-                        operation.get("responses", {}).pop("422", None)
+            # FastAPI declares a 422 of its own shape on every route with parameters; ours answer with the error body
+            # (declared where a route can answer 422), and /v1 answers 400 instead.
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                        del responses["422"]
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
             app.openapi_schema = schema
         return app.openapi_schema
 

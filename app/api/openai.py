@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from app.api.routes import ERRORS, UNAUTHORIZED, client_gone, engine_config, get_service, require_api_key
+from app.api.routes import UNAUTHORIZED, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import MAX_SEED, ErrorResponse, LimitError, SEAParams, StrictRequest
 from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult
@@ -27,9 +27,9 @@ from app.service.service import AlignService
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 MODEL_ALIASES = {"sea", "default"}
-# OpenAI clients expect 400 for a bad parameter: under /v1 validation errors and server limits answer 400, not 422
-# (declared here all the same, so that FastAPI adds no 422 of its own; the OpenAPI document drops it for /v1).
-V1_ERRORS = {**ERRORS, 400: {"model": ErrorResponse, "description": "A malformed body, or an invalid, unsupported or over-the-limit parameter."}}
+# OpenAI clients expect 400 for a bad parameter: under /v1 validation errors and server limits answer 400, not 422.
+MODEL_NOT_FOUND = {404: {"model": ErrorResponse, "description": "The model is not served here."}}
+V1_ERRORS = {**error_responses(400, 401), **MODEL_NOT_FOUND, **error_responses(413, 415, 429, 499, 500, 503, 504)}
 V1_RESPONSES = {200: {"description": "The completion; with `stream`, Server-Sent Events (`data:` chunks, then `data: [DONE]`).",
                       "content": {"application/json": {}, "text/event-stream": {}}}, **V1_ERRORS}
 
@@ -336,7 +336,7 @@ async def list_models(service: AlignService = Depends(get_service)) -> dict:
     return {"object": "list", "data": [_model(service)]}
 
 
-@router.get("/models/{model:path}", responses={**UNAUTHORIZED, 404: {"model": ErrorResponse}}, summary="The served model, by its id or `sea`.")
+@router.get("/models/{model:path}", responses={**UNAUTHORIZED, **MODEL_NOT_FOUND}, summary="The served model, by its id or `sea`.")
 async def retrieve_model(model: str, service: AlignService = Depends(get_service)) -> dict:
     _check_model(model, service)
     return _model(service)

@@ -16,10 +16,32 @@ from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 429, 499, 500, 503, 504)}
-ERRORS[429]["headers"] = {"Retry-After": {"description": "Seconds until a queue slot is likely free, from the recent job rate.",
-                                          "schema": {"type": "integer"}}}
-UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or invalid API key (only when the server has keys)."}}
+ERROR_MEANINGS = {
+    400: "A malformed body, or an invalid, unsupported or over-the-limit parameter (named in `param`).",
+    401: "Missing or invalid API key (only when the server has keys).",
+    404: "No such job: unknown, or expired after SEA_JOB_TTL_SECONDS.",
+    413: "The body is over SEA_MAX_BODY_BYTES.",
+    415: "The body is not sent as JSON (`Content-Type: application/json`).",
+    422: "A malformed body, or an invalid or over-the-limit parameter (named in `param`).",
+    429: "The queue is full.",
+    499: "The client closed the connection before the job finished; the job was cancelled.",
+    500: "An internal error (the message carries the request id).",
+    503: "The models are still loading, the server is draining, or the shared job store is unreachable.",
+    504: "The request's `timeout` passed before its job finished.",
+}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds until a queue slot is likely free, from the recent job rate.", "schema": {"type": "integer"}}}
+
+
+def error_responses(*codes: int) -> dict:
+    """The OpenAPI ``responses`` of the error statuses a route can answer, each with the error body."""
+    return {code: {"model": ErrorResponse, "description": ERROR_MEANINGS[code], **({"headers": RETRY_AFTER} if code == 429 else {})}
+            for code in codes}
+
+
+UNAUTHORIZED = error_responses(401)
+SUBMIT_ERRORS = error_responses(401, 413, 415, 422, 429, 500, 503)  # taking a job
+WAIT_ERRORS = error_responses(499, 504)  # waiting for its result in the request
+JOB_ERRORS = error_responses(401, 404, 500, 503)  # reading or cancelling a job by id
 
 # Declares the bearer scheme in the OpenAPI document (the docs page's "Authorize" button); the check is ours.
 bearer = HTTPBearer(auto_error=False, description="An API key from SEA_API_KEYS or SEA_API_KEYS_FILE (needed only when the server sets keys).")
@@ -91,7 +113,7 @@ async def metrics(service: AlignService = Depends(get_service)) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@protected.post("/align", response_model=AlignResponse, responses=ERRORS, summary="Align one prompt and wait for the result.")
+@protected.post("/align", response_model=AlignResponse, responses={**SUBMIT_ERRORS, **WAIT_ERRORS}, summary="Align one prompt and wait for the result.")
 async def align(body: AlignRequest, request: Request, service: AlignService = Depends(get_service)) -> Response:
     job = await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout)
     result = await service.wait(job, client_gone(request))
@@ -99,7 +121,7 @@ async def align(body: AlignRequest, request: Request, service: AlignService = De
     return Response(align_response(job, result, body.return_trace).model_dump_json(), media_type="application/json")
 
 
-@protected.post("/jobs", status_code=202, response_model=JobCreated, responses=ERRORS, summary="Queue an alignment job.")
+@protected.post("/jobs", status_code=202, response_model=JobCreated, responses=SUBMIT_ERRORS, summary="Queue an alignment job.")
 async def create_job(body: AlignRequest, response: Response, service: AlignService = Depends(get_service)) -> JobCreated:
     job = await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout, stream_events=True,
                                return_trace=body.return_trace)
@@ -113,12 +135,12 @@ async def job_out(job: Job, service: AlignService) -> JobOut:
     return JobOut(id=job.id, status=job.status.value, position=await service.position(job), created=job.created, error=job.error, result=result)
 
 
-@protected.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS, summary="A job's status, queue position and result.")
+@protected.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="A job's status, queue position and result.")
 async def get_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
     return await job_out(await service.get(job_id), service)
 
 
-@protected.delete("/jobs/{job_id}", response_model=JobOut, responses=ERRORS, summary="Cancel a job (its chains leave the batch at the next step).")
+@protected.delete("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="Cancel a job (its chains leave the batch at the next step).")
 async def cancel_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
     job = await service.get(job_id)
     service.cancel(job)
@@ -128,7 +150,7 @@ async def cancel_job(job_id: str, service: AlignService = Depends(get_service)) 
 
 @protected.get(
     "/jobs/{job_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event."}, **ERRORS},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event."}, **JOB_ERRORS},
     summary="Server-Sent Events: one `step` event per Langevin step, then a `result` event.",
 )
 async def job_events(job_id: str, service: AlignService = Depends(get_service)):
