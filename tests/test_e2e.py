@@ -189,6 +189,8 @@ def test_metrics_count_the_calls(http):
     before = metric_samples(http.get("/metrics").text)
     assert http.post("/align", json={"prompt": "hi", "steps": 2, "max_tokens": 3}).status_code == 200
     assert http.post("/align", json={"prompt": "hi", "chains": 1000}).status_code == 422
+    # answered by the body limit before routing (the declared length is over it): still counted under its path
+    assert http.post("/align", content=b"x" * 2_000_000, headers={"content-type": "application/json"}).status_code == 413
     after = metric_samples(http.get("/metrics").text)
 
     def delta(name, **labels):
@@ -197,7 +199,8 @@ def test_metrics_count_the_calls(http):
 
     assert delta("sea_requests_total", endpoint="/align", status="200") == 1
     assert delta("sea_requests_total", endpoint="/align", status="422") == 1
-    assert delta("sea_request_duration_seconds_count", endpoint="/align") == 2
+    assert delta("sea_requests_total", endpoint="/align", status="413") == 1
+    assert delta("sea_request_duration_seconds_count", endpoint="/align") == 3
     assert delta("sea_final_reward_count", method="sea") == 1
     assert delta("sea_reward_gain_count", method="sea") == 1
     assert delta("sea_langevin_step_duration_seconds_count") >= 1

@@ -16,6 +16,7 @@ import time
 import uuid
 
 from fastapi.responses import JSONResponse
+from starlette.routing import compile_path
 
 from app.api.errors import error_body, note_error
 from app.service.metrics import Metrics
@@ -58,6 +59,7 @@ class RequestContext:
     def __init__(self, app, metrics: Metrics):
         self.app = app
         self.metrics = metrics
+        self._documented: list[tuple[re.Pattern, str]] | None = None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -88,14 +90,25 @@ class RequestContext:
             if not response_started:
                 await _send_error(scope, send_with_id, 500, f"internal error (request id {request_id})", "server_error")
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "other")
+            endpoint = self._endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
             if status >= 400:
                 reason = _printable(state.get("error_message", ""))
                 log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s",
                         request_id, scope["method"], path, status, reason)
+
+
+    def _endpoint(self, scope) -> str:
+        """The route's path template as the metrics label. A request answered before routing (a 401 or a 413 from the
+        middleware below) is matched against the documented paths; anything else is ``other`` (bounded labels)."""
+        route = scope.get("route")
+        if route is not None:
+            return getattr(route, "path", "other")
+        if self._documented is None:
+            app = scope.get("app")
+            self._documented = [(compile_path(path)[0], path) for path in app.openapi()["paths"]] if app is not None else []
+        return next((path for pattern, path in self._documented if pattern.match(scope["path"])), "other")
 
 
 class ApiKeyAuth:
