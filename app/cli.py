@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--seed", type=int, default=None, help="Random seed (same seed, same output).")
     align.add_argument("--method", choices=["sea", "bon", "sample", "args", "cbs"], default="sea")
     align.add_argument("--samples", type=int, default=16, help="N for Best-of-N.")
-    align.add_argument("--select", choices=["reward", "energy"], default="reward", help="How the returned chain is picked.")
+    align.add_argument("--select", choices=["reward", "energy"], help="How the returned chain is picked (default: SEA_DEFAULT_SELECT, reward).")
     align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
     align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")
     _settings_flags(align, server=False)

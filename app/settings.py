@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     default_alpha: float = Field(1.0, ge=0, description="Reward weight alpha when the request does not say.")
     default_keyword_weight: float = Field(KEYWORD_WEIGHT, ge=0, le=1000, description="Weight of a request's keyword reward (the fraction of its words used) when the request does not say: at alpha 1 an answer with every word gains this many nats, enough to bring in words the model would not propose.")
     default_max_tokens: int = Field(32, ge=1, description="Response length in tokens when the request does not say.")
+    default_select: Literal["reward", "energy"] = Field(
+        "reward", description="How the returned chain (sea) or sample (bon) is picked when the request does not say: the highest "
+                              "reward (the paper's pick) or the lowest energy (with the principle reward, the more fluent answer: "
+                              "docs/quality.md).")
     max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
     max_chains: int = Field(16, ge=1, description="Largest chains a request may ask for.")
     max_steps: int = Field(200, ge=0, description="Largest steps a request may ask for.")

@@ -294,3 +294,11 @@ def test_every_discrete_option_of_a_request_reaches_the_engine():
 
     config = AlignRequest(prompt="hi", candidates=6, restart_after=3, init_samples=5, proposal="lm").to_config(Settings())
     assert (config.candidates, config.restart_after, config.init_samples, config.proposal) == (6, 3, 5, "lm")
+
+
+def test_the_pick_defaults_to_the_server_setting_unless_the_request_names_one():
+    from app.api.schemas import AlignRequest
+
+    assert AlignRequest(prompt="hi").to_config(Settings()).select == "reward"  # the paper's pick
+    assert AlignRequest(prompt="hi").to_config(Settings(default_select="energy")).select == "energy"
+    assert AlignRequest(prompt="hi", select="reward").to_config(Settings(default_select="energy")).select == "reward"

@@ -88,7 +88,9 @@ class SEAParams(StrictRequest):
     guide_top_k: int = Field(10, ge=1, le=1000, description="init guided: tokens drawn only among the reference's top-k.")
     temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="Base sampling temperature; below 1e-4, greedy (as 0).")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Base sampling nucleus.")
-    select: Literal["reward", "energy"] = Field("reward", description="Return the chain with the highest reward or the lowest energy.")
+    select: Literal["reward", "energy"] | None = Field(
+        None, description="Return the chain (sea) or sample (bon) with the highest reward or the lowest energy. Default: SEA_DEFAULT_SELECT "
+                          "(reward).")
     track_best: bool = Field(True, description="Each chain keeps its lowest-energy iterate.")
     patience: int | None = Field(None, ge=1, description="Stop early when no chain improved for this many steps.")
     use_reward: bool = Field(True, description="Ablation: drop the reward term.")
@@ -120,7 +122,7 @@ class SEAParams(StrictRequest):
             guide_top_k=self.guide_top_k,
             temperature=self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0,  # log p / 1e-300 overflows
             top_p=self.top_p,
-            select=self.select,
+            select=self.select or settings.default_select,
             track_best=self.track_best,
             patience=self.patience,
             use_reward=self.use_reward,
