@@ -17,13 +17,16 @@ SERVER_SETTINGS = frozenset({
     "replica_lease_seconds", "job_max_attempts", "max_body_bytes",
 })
 
+# Request defaults that `sea align` sets with flags of its own (--steps, --chains…).
+ALIGN_FLAGS = frozenset({"default_chains", "default_steps", "default_alpha", "default_max_tokens", "default_select"})
 
-def _settings_flags(parser: argparse.ArgumentParser, server: bool = True) -> None:
+
+def _settings_flags(parser: argparse.ArgumentParser, server: bool = True, skip: frozenset[str] = frozenset()) -> None:
     """One ``--flag`` per settings field (without ``server``, only those that apply outside the HTTP service), with
     the field's description as help (env ``SEA_<NAME>`` also works)."""
     group = parser.add_argument_group("settings (also from SEA_<NAME> environment variables)")
     for name, field in Settings.model_fields.items():
-        if not server and name in SERVER_SETTINGS:
+        if (not server and name in SERVER_SETTINGS) or name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
@@ -113,7 +116,8 @@ def cmd_align(args: argparse.Namespace) -> int:
     )
     for index, chain in enumerate(result.chains if result.method == "sea" else []):
         energies = " ".join(f"{s.energy:.1f}" for s in [chain.initial, *chain.trace])
-        print(f"chain {index}: energy {energies}  (best at step {chain.best_step})", file=sys.stderr)
+        print(f"chain {index}: reward {chain.reward:.3f}  energy by step {energies}  (best at step {chain.best_step})  {chain.text!r}",
+              file=sys.stderr)
     return 0
 
 
@@ -134,7 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``sea`` parser; given the ``command`` about to run, only that command's arguments are built in full."""
     parser = argparse.ArgumentParser(prog="sea", description="Inference-time alignment with Simple Energy Adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -153,33 +158,38 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--max-tokens", type=int, default=None, help="Response length in tokens.")
     align.add_argument("--alpha", type=float, default=None, help="Reward weight in the energy.")
     align.add_argument("--seed", type=int, default=None, help="Random seed (same seed, same output).")
-    align.add_argument("--method", choices=["sea", "bon", "sample", "args", "cbs"], default="sea")
+    align.add_argument("--method", choices=["sea", "bon", "sample", "args", "cbs"], default="sea",
+                       help="sea, or a baseline: Best-of-N, one base sample, reward-guided decoding, chunk-level beam search.")
     align.add_argument("--samples", type=int, default=16, help="N for Best-of-N.")
     align.add_argument("--select", choices=["reward", "energy"], help="How the returned chain is picked (default: SEA_DEFAULT_SELECT, reward).")
     align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
     align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")
-    _settings_flags(align, server=False)
+    _settings_flags(align, server=False, skip=ALIGN_FLAGS)
     align.set_defaults(func=cmd_align)
 
-    from app.evaluate import add_eval_arguments
-
     evaluate = sub.add_parser("eval", help="Compare SEA and the baselines on a prompt file at equal compute.")
-    add_eval_arguments(evaluate)
-    _settings_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
-
-    from app.bench import add_arguments as add_bench_arguments
-
     bench = sub.add_parser("bench", help="Benchmark: step-time breakdown, FLOP/s, memory per chain, throughput through the real server.")
-    add_bench_arguments(bench)
-    _settings_flags(bench)  # --model, --threads, --compile, --max-batch-chains... also apply to the benchmarked server
     bench.set_defaults(func=cmd_bench)
+    # Their arguments come from modules that import torch (10 s on a small CPU): only for the command that runs.
+    if command in (None, "eval"):
+        from app.evaluate import add_eval_arguments
+
+        add_eval_arguments(evaluate)
+        _settings_flags(evaluate, server=False)  # it runs the engine in-process
+    if command in (None, "bench"):
+        from app.bench import add_arguments as add_bench_arguments
+
+        add_bench_arguments(bench)
+        _settings_flags(bench)  # --model, --threads, --compile, --max-batch-chains... also apply to the benchmarked server
 
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     return args.func(args)
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from app.engine.energy import scoring_passes
 from app.engine.types import AlignResult, SEAConfig
 from app.settings import Settings
-from models.rewards import SAFETY_PRINCIPLE, keyword_coverage
+from models.defaults import SAFETY_PRINCIPLE
+from models.rewards import keyword_coverage
 
 # Refusal openings, adapted from the refusal-prefix lists of GCG (Zou et al. 2023, `test_prefixes`) and
 # HarmBench (Mazeika et al. 2024). Matched only at the opening of a response: words like "illegal" inside

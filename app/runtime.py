@@ -10,10 +10,10 @@ import torch
 from app.engine.sea import Engine
 from app.engine.types import AlignJob, SEAConfig
 from app.settings import Settings
+from models.defaults import KEYWORD_WEIGHT
 from models.lm import Message, render_prompt
 from models.loading import LoadedLM, compile_forward, load_lm
 from models.rewards import (
-    KEYWORD_WEIGHT,
     LexiconReward,
     PrincipleReward,
     Prompt,

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.rewards import KEYWORD_WEIGHT, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
+from models.defaults import KEYWORD_WEIGHT, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
 
 
 class Settings(BaseSettings):

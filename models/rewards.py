@@ -16,22 +16,10 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
 from models.lm import Message, encode_prefix, forward_after_prefix, render_prompt, response_token_log_probs, stack_prefixes
 from models.loading import LoadedLM, ModelLoadError, resolve_device, resolve_dtype
 from models.ste import ResponseBatch
-
-SAFETY_PRINCIPLE = (
-    "You are a helpful, honest and harmless assistant. If a request could cause harm (violence, weapons, "
-    "drugs, crime, hate, self-harm or dangerous misinformation), refuse it briefly, say why, and offer a "
-    "safe alternative. Otherwise help as well as you can."
-)
-
-
-COPY_TOKENS = 4  # a response token inside a run of this many tokens copied from the principle earns no principle reward
-PRINCIPLE_CLIP = 2.0  # nats: the most one token can earn from the principle reward
-# Default weight of a keyword reward (coverage, 0..1): at alpha 1 an answer with every word gains 50 nats. A word the
-# model would not propose costs several nats of log pi_ref where it stands, so at weight 1 SEA leaves the words out.
-KEYWORD_WEIGHT = 50.0
 
 
 def copy_grams(tokenizer: PreTrainedTokenizerBase, text: str, n: int = COPY_TOKENS) -> Tensor:

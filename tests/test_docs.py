@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 from app.settings import settings_markdown
@@ -16,5 +18,16 @@ def test_commands_that_run_the_engine_in_process_offer_no_server_flags():
     assert SERVER_SETTINGS <= set(Settings.model_fields)  # every name is a real setting
     commands = build_parser()._subparsers._group_actions[0].choices
     flags = {name: {a.dest for a in parser._actions} for name, parser in commands.items()}
-    assert {"model", "threads", "default_steps"} <= flags["align"] and not SERVER_SETTINGS & flags["align"]
+    assert {"model", "threads", "steps"} <= flags["align"] and not SERVER_SETTINGS & flags["align"]
+    assert "default_steps" not in flags["align"]  # --steps sets it
+    assert {"model", "prompts"} <= flags["eval"] and not SERVER_SETTINGS & flags["eval"]
     assert set(Settings.model_fields) <= flags["serve"] and set(Settings.model_fields) <= flags["bench"]
+
+
+def test_the_command_line_helps_without_loading_torch():
+    # `sea --help`, `sea serve --help`, `sea align --help` answer at once: torch takes ~10 s to import on a small CPU
+    code = ("import sys, app.cli\n"
+            "for command in ('', 'serve', 'align', 'prepare'):\n"
+            "    app.cli.build_parser(command).format_help()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.openai import _generated
 from app.engine.types import ChainResult, StepStats
-from models.rewards import KEYWORD_WEIGHT
+from models.defaults import KEYWORD_WEIGHT
 from tests.server import ServerProcess, wait_for
 from tests.tiny import save_tiny_lm, tiny_lm
 

@@ -12,10 +12,10 @@ from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from app.runtime import Runtime
 from app.settings import Settings
+from models.defaults import KEYWORD_WEIGHT
 from models.lm import encode_prefix, forward_after_prefix, render_prompt, stack_prefixes, with_cache
 from models.loading import ModelLoadError, load_lm
 from models.rewards import (
-    KEYWORD_WEIGHT,
     LexiconReward,
     PrincipleReward,
     SequenceClassifierReward,
