@@ -144,6 +144,30 @@ def test_same_seed_same_output_and_other_seed_differs(lm, engine, make_prompt, u
     assert [c.tokens for c in first.chains] != [c.tokens for c in other.chains]
 
 
+def test_an_abandoned_start_stops_drawing_and_its_batch_mates_get_what_they_get_alone(lm, engine, make_prompt):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    calls = []
+
+    def abandoned_after_three_tokens() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    def kept():
+        return _job(make_prompt("sing a song"), reward, max_tokens=12, chains=2, steps=2, seed=3, init_samples=4)
+
+    gone = _job(make_prompt("tell me about tea"), reward, max_tokens=12, chains=2, steps=2, seed=5, init_samples=4)
+    gone.abandoned = abandoned_after_three_tokens
+    states = engine.start_many([kept(), gone])
+    assert states[1].cancelled and states[1].done and states[1].result is None and not states[1].initial  # not scored
+    assert states[1].usage.forward_token_passes < engine.start(_job(make_prompt("tell me about tea"), reward, max_tokens=12, chains=2,
+                                                                     steps=2, seed=5, init_samples=4)).usage.forward_token_passes
+    while not states[0].done:
+        engine.tick([states[0]])
+    alone = engine.run([kept()])[0]
+    assert [c.tokens for c in states[0].result.chains] == [c.tokens for c in alone.chains]
+    assert states[0].usage == alone.usage
+
+
 @pytest.mark.parametrize("update", ["discrete", "logits", "discrete-restarts"])
 def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])

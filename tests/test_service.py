@@ -26,6 +26,7 @@ class FakeState:
         self.step = -1
         self.done = False
         self.result = None
+        self.cancelled = False
         self.tokens = None
         self.initial = [StepStats(1.0, 0.0, -1.0, 0.0)] * chains
         self.traces = [[] for _ in range(chains)]
@@ -34,8 +35,9 @@ class FakeState:
 class FakeEngine:
     """Each request needs ``config.steps + 1`` ticks; records which requests shared each tick."""
 
-    def __init__(self, tick_seconds: float = 0.005, fail_when=None, oom_when=None):
+    def __init__(self, tick_seconds: float = 0.005, fail_when=None, oom_when=None, start_seconds: float = 0.0):
         self.tick_seconds = tick_seconds
+        self.start_seconds = start_seconds  # a start that draws for this long, checking `abandoned` as the real one does
         self.batches: list[list[str]] = []
         self.fail_when = fail_when or (lambda states: False)
         self.oom_when = oom_when or (lambda states: False)
@@ -46,7 +48,14 @@ class FakeEngine:
 
     def start_many(self, jobs):
         self.started_together.append([job.prompt.messages[0]["content"] for job in jobs])
-        return [self.start(job) for job in jobs]
+        states = [self.start(job) for job in jobs]
+        until = time.monotonic() + self.start_seconds
+        while time.monotonic() < until and not all(job.abandoned and job.abandoned() for job in jobs):
+            time.sleep(0.01)
+        for state in states:
+            if state.job.abandoned and state.job.abandoned():
+                state.cancelled = state.done = True
+        return states
 
     def cancel(self, state):
         state.done = True
@@ -204,6 +213,29 @@ def test_cancel_queued_and_running_jobs_without_blocking_others():
     running, queued, other = run(scenario())
     assert queued.status == JobStatus.cancelled and running.status == JobStatus.cancelled
     assert other.status == JobStatus.succeeded
+
+
+@pytest.mark.parametrize("ending", ["cancel", "deadline"])
+def test_a_request_abandoned_while_it_starts_ends_then_and_the_next_is_served(ending):
+    async def scenario():
+        engine = FakeEngine(start_seconds=25)
+        service = await make_service(engine)
+        starting = await submit(service, "starting", timeout=1 if ending == "deadline" else None)
+        while starting.status != JobStatus.running:
+            await asyncio.sleep(0.01)
+        if ending == "cancel":
+            service.cancel(starting)
+        await starting.wait(10)  # the start would take 25 s
+        ended = starting.status, starting.error_kind
+        engine.start_seconds = 0
+        after = await submit(service, "after")
+        await service.wait(after)
+        await service.shutdown()
+        return ended, after
+
+    ended, after = run(scenario())
+    assert ended == ((JobStatus.cancelled, "cancelled") if ending == "cancel" else (JobStatus.failed, "timeout"))
+    assert after.status == JobStatus.succeeded
 
 
 def test_engine_failure_fails_only_that_batch_and_the_worker_goes_on():

@@ -109,10 +109,12 @@ class Engine:
             discrete.start(self, discrete_states)
             for state in discrete_states:
                 state.timings.init = time.perf_counter() - state.started
-                if state.done:
+                if state.done and not state.cancelled:
                     state.result = self.result(state)
         for state in states:
-            if state.config.method != "sea":
+            if state.job.abandoned is not None and state.job.abandoned():
+                self.cancel(state)  # e.g. a Best-of-N request cancelled while the one before it ran
+            elif state.config.method != "sea":
                 state.result = run_baseline(self, state)
                 state.done = True
             elif state.config.update != "discrete":

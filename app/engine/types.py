@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -64,6 +65,9 @@ class AlignJob:
     prompt: Prompt
     config: SEAConfig
     reward: RewardMix
+    # True once nobody waits for the result (cancelled, past its deadline). Checked at each token the start draws
+    # (tens of seconds on a CPU), so that an abandoned start stops there, as a running request stops at its next step.
+    abandoned: Callable[[], bool] | None = None
 
 
 @dataclass

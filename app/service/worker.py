@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import sys
@@ -31,6 +32,11 @@ def _deliver(job: Job, last_event: dict | None, result) -> None:
         job.publish(last_event)
     job.finish(JobStatus.succeeded, result)
 
+
+
+def _unwanted(job: Job, now: float | None = None) -> bool:
+    """Whether nobody waits for a job's result any more: cancelled, or past its deadline."""
+    return job.cancel_requested or (job.deadline is not None and (time.monotonic() if now is None else now) > job.deadline)
 
 class QueueFullError(RuntimeError):
     def __init__(self, retry_after: int):
@@ -232,6 +238,7 @@ class EngineWorker:
                 self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
             else:
                 job.started = time.monotonic()
+                job.work.abandoned = functools.partial(_unwanted, job)
                 self._call(job.mark_running, job.started)  # the stamp travels with the call: the loop may run it later
                 self.metrics.queue_wait.observe(job.started - job.enqueued)
                 jobs.append(job)
@@ -266,6 +273,9 @@ class EngineWorker:
             self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
 
     def _started(self, job: Job, state: RequestState) -> None:
+        if state.cancelled:  # abandoned while it started
+            self._end_unwanted(job)
+            return
         if state.step == 0 and state.initial:  # started with its initial chains already scored (the discrete update)
             self._call(job.publish, self._step_event(job, state))
         if state.done:
@@ -277,16 +287,19 @@ class EngineWorker:
         now = time.monotonic()
         keep = []
         for job, state in self._active:
-            if job.cancel_requested:
+            if _unwanted(job, now):
                 self.engine.cancel(state)
-                self._finish_cancelled(job, "cancelled", "cancelled by the client")
-            elif job.deadline is not None and now > job.deadline:
-                self.engine.cancel(state)
-                self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
+                self._end_unwanted(job)
             else:
                 keep.append((job, state))
         self._active = keep
         self._update_gauges()
+
+    def _end_unwanted(self, job: Job) -> None:
+        if job.cancel_requested:
+            self._finish_cancelled(job, "cancelled", "cancelled by the client")
+        else:
+            self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
 
     def _step(self) -> None:
         states = [state for _, state in self._active]
