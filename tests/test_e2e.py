@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -202,6 +204,7 @@ def test_metrics_count_the_calls(http):
     assert delta("sea_requests_total", endpoint="/align", status="413") == 1
     assert delta("sea_request_duration_seconds_count", endpoint="/align") == 3
     assert delta("sea_final_reward_count", method="sea") == 1
+    assert delta("sea_returned_reward_count", method="sea") == 1 and ("sea_returned_reward_sum", (("method", "sea"),)) in after
     assert delta("sea_reward_gain_count", method="sea") == 1
     assert delta("sea_langevin_step_duration_seconds_count") >= 1
     assert delta("sea_completion_tokens_total") > 0 and delta("sea_prompt_tokens_total") > 0
@@ -222,3 +225,15 @@ def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):
     assert _generated(chain(ids), [], engine) == (text, len(ids), "length")
     cut = text.find(",")
     assert _generated(chain(ids + [end, end]), [",", "cat"], engine) == (text[:cut], 3, "stop")  # "the", "dog", ","
+
+
+def test_every_series_the_dashboard_and_the_autoscaler_query_is_served(http):
+    assert http.post("/align", json={"prompt": "hi", "steps": 1, "max_tokens": 3}).status_code == 200
+    text = http.get("/metrics").text
+    served = {name for name, _ in metric_samples(text)} | {family.name for family in text_string_to_metric_families(text)}
+    root = Path(__file__).parents[1]
+    queried = set()
+    for path in [*root.glob("docker/grafana/**/*.json"), *root.glob("deploy/**/*.yaml")]:
+        queried |= set(re.findall(r"\bsea_[a-z_]+", path.read_text()))
+    queried -= {"sea_shared_queue_depth"}  # registered by the shared Redis store (tests/test_shared_store.py)
+    assert queried and queried <= served, sorted(queried - served)

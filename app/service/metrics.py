@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary, disable_created_metrics
 
 from app.engine.types import AlignResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)  # 32 chains take ~18 s a step on 2 CPU cores
-REWARD_BUCKETS = (-20, -10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20)
+REWARD_BUCKETS = (-50, -20, -10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 50, 100)  # a keyword reward reaches 50
 CHAIN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -30,11 +30,18 @@ class Metrics:
         self.completion_tokens = Counter("sea_completion_tokens_total", "Completion tokens of finished requests.", registry=r)
         self.final_reward = Histogram("sea_final_reward", "Reward of the returned response.", ["method"], buckets=REWARD_BUCKETS, registry=r)
         self.reward_gain = Histogram("sea_reward_gain", "Returned chain's reward minus its initial sample's.", ["method"], buckets=REWARD_BUCKETS, registry=r)
+        # The histograms above give quantiles but no `_sum` (prometheus_client leaves it out when a bucket is below 0):
+        # these give the means, as rate(_sum) / rate(_count).
+        self.reward_sum = Summary("sea_returned_reward", "Reward of the returned response (sum and count).", ["method"], registry=r)
+        self.reward_gain_sum = Summary("sea_returned_reward_gain", "Returned chain's reward minus its initial sample's (sum and count).",
+                                       ["method"], registry=r)
         self.model_info = Info("sea_model", "The served models.", registry=r)
 
     def observe_result(self, result: AlignResult) -> None:
         self.prompt_tokens.inc(result.usage.prompt_tokens)
         self.completion_tokens.inc(result.usage.completion_tokens)
+        gain = result.reward - result.chains[result.chosen].initial.reward
         self.final_reward.labels(result.method).observe(result.reward)
-        chosen = result.chains[result.chosen]
-        self.reward_gain.labels(result.method).observe(result.reward - chosen.initial.reward)
+        self.reward_gain.labels(result.method).observe(gain)
+        self.reward_sum.labels(result.method).observe(result.reward)
+        self.reward_gain_sum.labels(result.method).observe(gain)
