@@ -119,6 +119,28 @@ def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
                                      "chains": 1, "steps": 1, "max_tokens": 2}).status_code == 200
 
 
+@pytest.mark.parametrize("path, body, param, words", [
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),  # not "should be a valid string"
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "at most 1"),
+    ("/v1/completions", {"prompt": ""}, "prompt", "some text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type", "'text'"),
+    ("/v1/completions", {"prompt": "hi", "sea": {"seed": 1}}, "sea.seed", "set `seed` with the OpenAI field"),
+    ("/align", {"prompt": "hi", "reward": {"keywords": []}}, "reward.keywords", "at least 1"),
+    ("/align", {"prompt": "hi", "reward": {"keywords_only": True}}, "reward", "needs `keywords`"),
+])
+def test_errors_name_the_field_and_what_is_wrong_with_it(http, path, body, param, words):
+    response = http.post(path, json={"model": "sea", **body} if path.startswith("/v1/") else body)
+    assert response.status_code == (400 if path.startswith("/v1/") else 422), response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"] and "Value error" not in error["message"], error
+
+
+def test_json_nested_too_deeply_is_a_malformed_body(http):
+    response = http.post("/align", content=b"[" * 5000 + b"]" * 5000, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "json_invalid", response.text
+
+
 @pytest.mark.parametrize("field, value", [("steps", "3"), ("steps", 2.5), ("chains", True), ("use_reward", 1), ("alpha", "1.0"),
                                           ("prompt", 5), ("reward", {"terms": {"principle": "1"}}), ("seed", -1)])
 def test_wrongly_typed_fields_are_rejected_naming_the_field(http, field, value):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,11 +30,34 @@ def _invalid_status(request: Request) -> int:
     return 400 if request.url.path.startswith("/v1/") else 422
 
 
+# A union member's tag in a pydantic error location ("str", "list[str]", "function-after[...]"), not a field name
+_BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict)$|\[")
+
+
+def _is_branch(part, error: dict, index: int) -> bool:
+    unknown_field = error.get("type") == "extra_forbidden" and index == len(error.get("loc", ())) - 1  # a name the client chose
+    return isinstance(part, str) and not unknown_field and bool(_BRANCH.search(part))
+
+
+def _reported_error(errors: list[dict]) -> dict:
+    """The error to report: the first, except that of a union's branches pydantic lists each one's error, the first
+    often only that the value is not of that branch's type ("Input should be a valid string" for a list of five stop
+    strings): then the error of the branch whose type the value has ("at most 4 items")."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    tags = [i for i, part in enumerate(loc) if _is_branch(part, first, i)]
+    if not tags or not str(first.get("type", "")).endswith("_type"):
+        return first
+    union = loc[: tags[0]]
+    return next((e for e in errors if tuple(e.get("loc", ()))[: len(union)] == union and not str(e.get("type", "")).endswith("_type")), first)
+
+
 def validation_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     """The first validation error, naming the field (``param``) as a dotted path."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    first = _reported_error(errors) if errors else {"loc": (), "msg": "invalid request"}
+    loc = first.get("loc", ())
+    param = ".".join(str(part) for i, part in enumerate(loc) if part != "body" and not _is_branch(part, first, i)) or None
     if first.get("type") == "json_invalid":
         return _malformed_body(request)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -42,13 +66,13 @@ def validation_response(request: Request, exc: RequestValidationError) -> JSONRe
         message = f"the body must be JSON, sent with `Content-Type: application/json` (got {media_type})"
         note_error(request.scope, message)
         return JSONResponse(error_body(message, "invalid_request_error", None, "unsupported_media_type"), status_code=415)
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    reason = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a ValueError raised by our validators
+    message = f"{param}: {reason}" if param else reason
     note_error(request.scope, message)
     return JSONResponse(error_body(message, "invalid_request_error", param, first.get("type")), status_code=_invalid_status(request))
 
 
-def _malformed_body(request: Request) -> JSONResponse:
-    message = "the body is not valid JSON (UTF-8)"
+def _malformed_body(request: Request, message: str = "the body is not valid JSON (UTF-8)") -> JSONResponse:
     note_error(request.scope, message)
     return JSONResponse(error_body(message, "invalid_request_error", None, "json_invalid"), status_code=_invalid_status(request))
 
@@ -81,8 +105,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's "error parsing the body": the same answer as a JSON syntax error
         if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-            return _malformed_body(request)  # FastAPI's "error parsing the body": the same answer as a JSON syntax error
+            return _malformed_body(request)
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+            return _malformed_body(request, "the body's JSON is nested too deeply")
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:

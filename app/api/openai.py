@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from app.api.routes import UNAUTHORIZED, client_gone, engine_config, error_responses, get_service, require_api_key
-from app.api.schemas import MAX_SEED, ErrorResponse, LimitError, SEAParams, StrictRequest
+from app.api.schemas import MAX_SEED, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest
 from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult
 from app.errors import BadRequest, NotFound, Unprocessable
@@ -120,7 +120,8 @@ class _OpenAIBase(StrictRequest):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(description="A prompt (a list must hold exactly one).")
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
+        description="A prompt with some text (a list must hold exactly one).")
     echo: bool = Field(False, description="Only false.", json_schema_extra={"const": False})
     logprobs: int | None = Field(None, description="Only 0 or null.", json_schema_extra=_only(0))
     best_of: int | None = Field(None, description="Only 1 or null (use `n` and the `sea` options).", json_schema_extra=_only(1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from app.engine.types import AlignResult, SEAConfig
@@ -48,12 +48,23 @@ class RewardSpec(StrictRequest):
     terms: dict[str, Annotated[float, Field(ge=-1000, le=1000)]] | None = Field(
         None, description="Loaded rewards by name with their weights, e.g. {\"principle\": 1}. Default: the server's reward.")
     keywords: list[Annotated[str, Field(min_length=1, max_length=100, pattern=r"\S")]] | None = Field(
-        None, max_length=32, description="Words to work into the response: adds a keyword-coverage reward (0..1). "
+        None, min_length=1, max_length=32, description="Words to work into the response: adds a keyword-coverage reward (0..1). "
                                          "422 when the model cannot spell any of them.")
     keyword_weight: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False,
                                          description="Weight of the keyword reward: at alpha 1 an answer with every word gains this "
                                                      "many nats. Default: the server's (SEA_DEFAULT_KEYWORD_WEIGHT, 50).")
-    keywords_only: bool = Field(False, description="Use only the keyword reward (drop the server's reward).")
+    keywords_only: bool = Field(False, description="Use only the keyword reward (drop the server's reward); needs `keywords`.")
+
+    model_config = ConfigDict(json_schema_extra={  # what `_keywords_for_keywords_only` checks
+        "if": {"properties": {"keywords_only": {"const": True}}, "required": ["keywords_only"]},
+        "then": {"properties": {"keywords": {"type": "array"}}, "required": ["keywords"]},
+    })
+
+    @model_validator(mode="after")
+    def _keywords_for_keywords_only(self):
+        if self.keywords_only and not self.keywords:
+            raise PydanticCustomError("keywords_missing", "`keywords_only` needs `keywords` (it would leave no reward)")
+        return self
 
 
 class SEAParams(StrictRequest):
@@ -181,6 +192,10 @@ def _chat_has_text(messages: list[ChatMessage]) -> list[ChatMessage]:
 TEXT = r"\S"
 HAS_TEXT = {"pattern": TEXT}
 A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "properties": {"content": {"type": "string", "pattern": TEXT}}}}
+
+
+# A prompt string that must hold text, as a type (with its schema) for fields that are not themselves optional
+PromptText = Annotated[str, AfterValidator(_has_text), WithJsonSchema({"type": "string", "pattern": TEXT})]
 
 
 class AlignRequest(SEAParams):
