@@ -369,7 +369,7 @@ def _record(name: str, row: dict, seed: int, result: AlignResult, seconds: float
         "energy": result.energy, "energy_per_token": result.energy / tokens, "log_prob_ref": result.log_prob_ref,
         "log_prob_per_token": result.log_prob_ref / tokens, "refused": refused(result.text),
         "copies_principle": copies(result.text), "seconds": seconds,
-        "compute": result.usage.compute, "budget": budget, "steps": result.timings.steps, "completion_tokens": result.usage.completion_tokens,
+        "compute": result.usage.compute, "prompt_compute": result.usage.prompt_token_passes, "budget": budget, "steps": result.timings.steps, "completion_tokens": result.usage.completion_tokens,
         "trace": [[s.energy for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
         "trace_reward": [[s.reward for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
     })
@@ -437,7 +437,32 @@ def report(results: dict) -> str:
                               for seed, one in pair["by_seed"].items())
             lines.append(f"| {name} | {pair['pairs']} | {pair['energy_per_token']:.3f} | {pair['baseline_energy_per_token']:.3f} | "
                          f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {ratio} | {pair['lower']} / {pair['higher']} | {seeds} |")
+    warnings = budget_warnings(results.get("records", []))
+    if warnings:
+        lines += ["", "**Not at equal compute:**", "", *[f"- {w}" for w in warnings]]
     return "\n".join(lines) + "\n"
+
+
+OVERSPEND = 1.05  # compute past the budget by more than this factor is reported
+
+
+def budget_warnings(records: list[dict]) -> list[str]:
+    """Where a run did not spend the compute it was given: a method whose smallest run (one sample, one beam) costs
+    more than the budget, and SEA runs whose budget bought their initial samples but not one step."""
+    warnings = []
+    for name in dict.fromkeys(r["method"] for r in records):
+        runs = [r for r in records if r["method"] == name and r.get("budget")]
+        spent = {id(r): r["compute"] - r.get("prompt_compute", 0) for r in runs}  # a budget is for the response's work
+        over = [r for r in runs if spent[id(r)] > OVERSPEND * r["budget"]]
+        if over:
+            warnings.append(f"{name} spent more than its budget on {len(over)} of {len(runs)} runs (mean "
+                            f"{statistics.fmean(spent[id(r)] for r in over):.0f} against {statistics.fmean(r['budget'] for r in over):.0f} "
+                            f"token-passes besides the prompt): the budget is below the method's smallest run")
+        stepless = [r for r in runs if r.get("trace") is not None and not r.get("steps")]
+        if stepless:
+            warnings.append(f"{name} took no step on {len(stepless)} of {len(runs)} runs: the budget bought only its initial "
+                            f"samples, so it was Best-of-N by another name there; give a larger budget")
+    return warnings
 
 
 def _plots(results: dict, out: Path) -> None:
@@ -463,8 +488,10 @@ def _plots(results: dict, out: Path) -> None:
     sea = [r for r in results["records"] if r.get("trace")]
     if not sea:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     longest = max(len(chain) for r in sea for chain in r["trace"])
+    if longest == 0:  # no run took a step (report.md says so)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name in sorted({r["method"] for r in sea}):
         for ax, key, label in ((axes[0], "trace", "energy"), (axes[1], "trace_reward", "reward")):
             # A run that stopped early keeps its last value, so the mean is over the same prompts at every step.

@@ -519,7 +519,8 @@ def test_compute_budget_stops_the_request(lm, engine, make_prompt):
     unlimited = engine.run([_job(make_prompt("hi"), reward, max_tokens=6, chains=2, steps=20, seed=1)])[0]
     budget = unlimited.usage.compute // 3
     limited = engine.run([_job(make_prompt("hi"), reward, max_tokens=6, chains=2, steps=20, seed=1, max_compute=budget)])[0]
-    assert limited.usage.compute <= budget < unlimited.usage.compute
+    spent = limited.usage.compute - limited.usage.prompt_token_passes  # a budget is for the response's work
+    assert limited.usage.prompt_token_passes > 0 and spent <= budget < unlimited.usage.compute
     assert limited.timings.steps < 20
 
 
@@ -531,7 +532,7 @@ def test_a_compute_budget_is_spent_until_not_even_one_chains_step_fits(lm, engin
     for budget in range(400, 700, 37):
         result = engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=length, chains=chains, steps=10_000, seed=3,
                                   init="sample", max_compute=budget)])[0]
-        assert budget - one_chain_step < result.usage.compute <= budget, budget
+        assert budget - one_chain_step < result.usage.compute - result.usage.prompt_token_passes <= budget, budget
 
 
 def test_scoring_without_a_table_matches_the_full_log_softmax_in_any_chunking(lm, make_prompt, monkeypatch):

@@ -10,7 +10,17 @@ import statistics
 import pytest
 
 from app.engine.types import SEAConfig
-from app.evaluate import add_eval_arguments, copies, distinct_n, paired_comparison, refused, report_from, run_eval, size_to_budget
+from app.evaluate import (
+    add_eval_arguments,
+    budget_warnings,
+    copies,
+    distinct_n,
+    paired_comparison,
+    refused,
+    report_from,
+    run_eval,
+    size_to_budget,
+)
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -46,6 +56,7 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     assert [r["id"] for r in records if r["method"] == "sample"] == ["a", "a", "b", "b"]
     assert set(results["summary"]) == {"sea", "bon", "args", "cbs", "sample", "sea-lm"}
     assert "| sea |" in (out / "report.md").read_text()
+    assert "Not at equal compute" not in (out / "report.md").read_text()  # every method spent its budget, SEA took steps
 
 
 def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():
@@ -171,3 +182,17 @@ def test_paired_comparison_intervals_follow_the_prompts():
     assert paired_comparison(base, "a", "b") == {"pairs": 0}
     assert pair["by_seed"][2]["pairs"] == 8 and pair["by_seed"][0]["difference"] == pytest.approx(-1.0)
     assert pair["by_seed"][2]["ratio"] == pytest.approx(statistics.fmean(1.0 + 0.1 * p for p in range(8)) / statistics.fmean(2.1 + 0.1 * p for p in range(8)))
+
+
+def test_runs_that_did_not_spend_their_budget_are_named_in_the_report():
+    def run(method, compute, steps, trace):
+        return {"method": method, "budget": 64, "compute": compute, "steps": steps, "trace": trace}
+
+    records = [run("bon", 160, 0, None), run("bon", 60, 0, None), run("sea", 60, 0, [[], []]), run("sea", 64, 3, [[1.0] * 3] * 2),
+               run("sample", 20, 0, None)]
+    warnings = budget_warnings(records)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("bon spent more than its budget on 1 of 2 runs") and "160 against 64" in warnings[0]
+    assert budget_warnings([{**run("bon", 160, 0, None), "prompt_compute": 100}]) == []  # the prompt's passes are not the budget's
+    assert warnings[1].startswith("sea took no step on 1 of 2 runs")
+    assert budget_warnings([run("sea", 64, 3, [[1.0] * 3] * 2)]) == []

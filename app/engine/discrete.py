@@ -164,9 +164,10 @@ def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
 
 
 def _left(state) -> float:
-    """Compute (token-passes) the state may still spend."""
+    """Compute (token-passes) the state may still spend. A budget covers the response's work: the prompt's encoding,
+    which every method pays alike, is not charged to it (as ``sea eval`` sizes the baselines)."""
     limit = state.config.max_compute
-    return math.inf if limit is None else limit - state.usage.compute
+    return math.inf if limit is None else limit - (state.usage.compute - state.usage.prompt_token_passes)
 
 
 def shared_starts(first_edited: list[int], length: int, overhead: int = CALL_OVERHEAD_PASSES) -> list[int]:

@@ -130,7 +130,8 @@ class Engine:
         rows = config.chains if config.method == "sea" else 1
         spec = RowSpec(prefix, terms, config.alpha, config.use_reward, config.use_reference, config.max_tokens, rows)
         prompt_tokens = len(job.prompt.ids)
-        usage = Usage(prompt_tokens=prompt_tokens, forward_token_passes=prompt_tokens * (1 + len(terms)))
+        prompt_passes = prompt_tokens * (1 + len(terms))
+        usage = Usage(prompt_tokens=prompt_tokens, forward_token_passes=prompt_passes, prompt_token_passes=prompt_passes)
         return RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started)
 
     def _start_logits(self, state: RequestState) -> None:

@@ -31,7 +31,7 @@ class SEAConfig:
     restart_after: int | None = 2
     proposal: Literal["gradient", "lm"] = "gradient"  # discrete: rank edits by the STE gradient, or by the LM alone (ablation)
     max_estimate: float = 0.0  # discrete: only edits whose first-order energy change is at most this (nats) are scored
-    max_compute: int | None = None  # discrete: stop before a step would push compute (see Usage.compute) past this
+    max_compute: int | None = None  # discrete: stop before a step would push compute (Usage.compute, less the prompt's) past this
     step_size: float = 0.3  # logits: learning rate of the logit update
     noise: float = 0.05  # logits: std of the noise on the logits; discrete: temperature (nats) of the Gumbel proposal noise
     noise_schedule: Literal["constant", "linear", "cosine"] = "linear"  # annealed towards 0 over the steps
@@ -106,6 +106,7 @@ class Usage:
     completion_tokens: int = 0
     forward_token_passes: int = 0  # tokens run forward through an LM (prompts, samples, energies), all models
     backward_token_passes: int = 0  # tokens run backward through an LM
+    prompt_token_passes: int = 0  # of the forward ones, encoding the prompt (the reference's, and each reward's own)
 
     @property
     def compute(self) -> int:
