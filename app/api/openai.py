@@ -74,7 +74,7 @@ class _OpenAIBase(StrictRequest):
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=64, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with method `sample`.")
+    n: int = Field(1, ge=1, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with method `sample`.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
     stream: bool = False

@@ -353,7 +353,7 @@ def document_limits(openapi: dict, settings: Settings) -> dict:
         "init_samples": settings.max_samples,
         "beams": chains,
         "successors": settings.max_samples,
-        "n": min(chains, settings.max_samples, 64),
+        "n": min(chains, settings.max_samples),  # as /v1's _check
     }
     components = openapi.get("components", {}).get("schemas", {})
     for name in REQUEST_SCHEMAS:
