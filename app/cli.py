@@ -48,6 +48,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar in the log at every start; our own line says it
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
