@@ -33,10 +33,10 @@ def _deliver(job: Job, last_event: dict | None, result) -> None:
     job.finish(JobStatus.succeeded, result)
 
 
-
 def _unwanted(job: Job, now: float | None = None) -> bool:
     """Whether nobody waits for a job's result any more: cancelled, or past its deadline."""
     return job.cancel_requested or (job.deadline is not None and (time.monotonic() if now is None else now) > job.deadline)
+
 
 class QueueFullError(RuntimeError):
     def __init__(self, retry_after: int):
