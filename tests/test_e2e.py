@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,7 @@ def test_health_ready_and_models(http):
     assert http.get("/ready").json()["status"] == "ready"
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny-llama"
+    assert time.time() - 3600 < models["data"][0]["created"] <= time.time()  # since when it is served (a Unix time, not 0)
 
 
 def test_align_returns_text_chains_traces_usage_and_timings(http):

@@ -329,7 +329,7 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
 
 
 def _model(service: AlignService) -> dict:
-    return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "sea-serve"}
+    return {"id": service.model_name, "object": "model", "created": service.serving_since, "owned_by": "sea-serve"}
 
 
 @router.get("/models", responses=UNAUTHORIZED, summary="The served model.")

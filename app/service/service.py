@@ -37,6 +37,7 @@ class AlignService:
         self.metrics = metrics
         self.store = JobStore(settings.job_ttl_seconds)
         self.runtime: Runtime | None = None
+        self.serving_since = 0  # Unix time the models were attached (the served model's `created` on /v1/models)
         self.worker: EngineWorker | None = None
         self.shared: SharedJobs | None = None  # the Redis job store, when SEA_REDIS_URL is set
         self.draining = False
@@ -58,6 +59,7 @@ class AlignService:
         if self.draining:
             return
         self.runtime = runtime
+        self.serving_since = int(time.time())
         self._loop = loop
         worker = EngineWorker(runtime.engine, loop, self.metrics, self.settings.max_batch_chains, self.settings.max_queue,
                               self.settings.batch_window_ms / 1000)
