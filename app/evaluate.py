@@ -142,6 +142,9 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
     if config.method == "sea" and config.update == "discrete":
         draw_cost = length * (1 + guides) + max(0, reward_passes - guides * length)
         init = config.init_samples or max(config.chains, int(0.25 * budget // draw_cost))
+        one_chain_step = 4 * passes_per_row  # its gradient pass (3 passes) and one edit scored
+        if not config.init_samples and budget - init * draw_cost < one_chain_step:
+            init = max(config.chains, int(budget // draw_cost))  # no step would fit after a quarter: the budget is all samples
         return dataclasses.replace(config, init_samples=init, max_compute=int(budget), steps=10_000)
     if config.method == "sea":  # the paper-literal update: draw the chains, then forward and backward every step
         left = budget - config.chains * length

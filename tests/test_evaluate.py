@@ -70,6 +70,9 @@ def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():
     assert base.max_compute == guided.max_compute == 8000
     with_rm = size_to_budget(config, 8000, principle + 24, guides=1)  # a reward model's pass is left to score
     assert with_rm.init_samples == 2000 // (2 * 24 + 24)
+    # a budget that would not buy one chain's step after a quarter of it goes to samples whole (it used to be left unspent)
+    tiny = size_to_budget(config, 4 * 48, principle, guides=1)
+    assert tiny.init_samples == 4 * 48 // (2 * 24)
     assert size_to_budget(dataclasses.replace(config, method="bon", select="energy"), 8000, principle).samples == 8000 // (24 + 24)
 
 
