@@ -123,6 +123,8 @@ def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),  # not "should be a valid string"
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "at most 1"),
     ("/v1/completions", {"prompt": ""}, "prompt", "some text"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": [{"type": "text", "text": " "}]}]},
+     "messages", "no message contains any text"),
     ("/v1/completions", {"prompt": "hi", "n": 100}, "n", "(server limit)"),  # one limit, whatever the value
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type", "'text'"),
