@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from app.engine.types import AlignResult, SEAConfig
@@ -199,10 +208,12 @@ PromptText = Annotated[str, AfterValidator(_has_text), WithJsonSchema({"type": "
 
 
 class AlignRequest(SEAParams):
-    prompt: Annotated[str, Field(max_length=100_000), AfterValidator(_has_text)] | None = Field(
-        None, description="A plain-text prompt (sent as one user turn).", json_schema_extra=HAS_TEXT)
+    # `messages` before `prompt`: the check that exactly one is given runs on `prompt`, so that a request without
+    # either names `prompt` as the missing field.
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64), AfterValidator(_chat_has_text)] | None = Field(
         None, description="A chat, rendered with the model's chat template; some message must hold text.", json_schema_extra=A_MESSAGE_HAS_TEXT)
+    prompt: Annotated[str, Field(max_length=100_000), AfterValidator(_has_text)] | None = Field(
+        None, description="A plain-text prompt (sent as one user turn).", json_schema_extra=HAS_TEXT, validate_default=True)
     return_trace: bool = Field(False, description="Include every chain's per-step trace.")
 
     model_config = ConfigDict(
@@ -214,11 +225,12 @@ class AlignRequest(SEAParams):
         },
     )
 
-    @model_validator(mode="after")
-    def _one_prompt(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
-        return self
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _one_prompt(cls, prompt: str | None, info: ValidationInfo) -> str | None:
+        if "messages" in info.data and (prompt is None) == (info.data["messages"] is None):  # absent from data: invalid
+            raise PydanticCustomError("prompt_or_messages", "give exactly one of `prompt` or `messages`")
+        return prompt
 
     def chat(self) -> list[dict[str, str]]:
         if self.messages is not None:
