@@ -453,17 +453,21 @@ def report(results: dict) -> str:
 OVERSPEND = 1.05  # compute past the budget by more than this factor is reported
 
 
+def _spent(record: dict) -> float:
+    """A run's compute charged to its budget: the response's work (the prompt's encoding is every method's alike)."""
+    return record["compute"] - record.get("prompt_compute", 0)
+
+
 def budget_warnings(records: list[dict]) -> list[str]:
     """Where a run did not spend the compute it was given: a method whose smallest run (one sample, one beam) costs
     more than the budget, and SEA runs whose budget bought their initial samples but not one step."""
     warnings = []
     for name in dict.fromkeys(r["method"] for r in records):
         runs = [r for r in records if r["method"] == name and r.get("budget")]
-        spent = {id(r): r["compute"] - r.get("prompt_compute", 0) for r in runs}  # a budget is for the response's work
-        over = [r for r in runs if spent[id(r)] > OVERSPEND * r["budget"]]
+        over = [r for r in runs if _spent(r) > OVERSPEND * r["budget"]]
         if over:
             warnings.append(f"{name} spent more than its budget on {len(over)} of {len(runs)} runs (mean "
-                            f"{statistics.fmean(spent[id(r)] for r in over):.0f} against {statistics.fmean(r['budget'] for r in over):.0f} "
+                            f"{statistics.fmean(_spent(r) for r in over):.0f} against {statistics.fmean(r['budget'] for r in over):.0f} "
                             f"token-passes besides the prompt): the budget is below the method's smallest run")
         stepless = [r for r in runs if r.get("trace") is not None and not r.get("steps")]
         if stepless:

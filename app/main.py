@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import time
 
@@ -118,7 +117,8 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
             for operations in schema["paths"].values():
                 for operation in operations.values():
                     responses = operation.get("responses", {})
-                    if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                    schema_ref = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+                    if schema_ref.endswith("/HTTPValidationError"):
                         del responses["422"]
             for unused in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(unused, None)

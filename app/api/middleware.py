@@ -98,7 +98,6 @@ class RequestContext:
                 log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s",
                         request_id, scope["method"], path, status, reason)
 
-
     def _endpoint(self, scope) -> str:
         """The route's path template as the metrics label. A request answered before routing (a 401 or a 413 from the
         middleware below) is matched against the documented paths; anything else is ``other`` (bounded labels)."""

@@ -15,10 +15,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
 
 from app.api.routes import UNAUTHORIZED, client_gone, engine_config, error_responses, get_service, require_api_key
-from app.api.schemas import MAX_SEED, TEXT, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest
+from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult
 from app.errors import BadRequest, NotFound, Unprocessable
@@ -148,28 +147,24 @@ class ChatMessageIn(StrictRequest):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
 
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
     def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
-def _chat_has_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
-    if not any(message.as_dict()["content"].strip() for message in messages):
-        raise PydanticCustomError("blank", "no message contains any text (every content is empty or only whitespace)")
-    return messages
-
-
-HAS_TEXT = {"type": "string", "pattern": TEXT}
-# The JSON Schema of `_chat_has_text`: some message's content is text, or parts of which one is text
+# The JSON Schema of `chat_has_text` here: some message's content is text, or parts of which one is text
 A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "required": ["content"], "properties": {"content": {"anyOf": [
-    HAS_TEXT, {"type": "array", "contains": {"type": "object", "properties": {"text": HAS_TEXT}}}]}}}}
+    TEXT_STRING, {"type": "array", "contains": {"type": "object", "properties": {"text": TEXT_STRING}}}]}}}}
 
 
 class ChatCompletionRequest(_OpenAIBase):
     model_config = ConfigDict(json_schema_extra={**_OpenAIBase.model_config["json_schema_extra"],
                                                  "not": {"required": ["max_tokens", "max_completion_tokens"]}})
 
-    messages: Annotated[list[ChatMessageIn], AfterValidator(_chat_has_text)] = Field(
+    messages: Annotated[list[ChatMessageIn], AfterValidator(chat_has_text)] = Field(
         min_length=1, max_length=64, description="The chat; some message must hold text.", json_schema_extra=A_MESSAGE_HAS_TEXT)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="Only false or null.", json_schema_extra=_only(False))

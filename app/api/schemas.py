@@ -52,6 +52,10 @@ class ChatMessage(StrictRequest):
     role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
     content: str = Field(max_length=100_000, description="What they say.")
 
+    @property
+    def text(self) -> str:
+        return self.content
+
 
 class RewardSpec(StrictRequest):
     terms: dict[str, Annotated[float, Field(ge=-1000, le=1000)]] | None = Field(
@@ -191,8 +195,9 @@ def _has_text(prompt: str) -> str:
     return prompt
 
 
-def _chat_has_text(messages: list[ChatMessage]) -> list[ChatMessage]:
-    if not any(message.content.strip() for message in messages):
+def chat_has_text(messages: list) -> list:
+    """A chat's messages (each with its ``text``: /align's and /v1's message models), if some message holds text."""
+    if not any(message.text.strip() for message in messages):
         raise PydanticCustomError("blank", "no message contains any text (every content is empty or only whitespace)")
     return messages
 
@@ -200,17 +205,18 @@ def _chat_has_text(messages: list[ChatMessage]) -> list[ChatMessage]:
 # The JSON Schema twins of the blank checks above, beside the field's anyOf (they constrain only a string, an array)
 TEXT = r"\S"
 HAS_TEXT = {"pattern": TEXT}
-A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "properties": {"content": {"type": "string", "pattern": TEXT}}}}
+TEXT_STRING = {"type": "string", **HAS_TEXT}
+A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "properties": {"content": TEXT_STRING}}}
 
 
 # A prompt string that must hold text, as a type (with its schema) for fields that are not themselves optional
-PromptText = Annotated[str, AfterValidator(_has_text), WithJsonSchema({"type": "string", "pattern": TEXT})]
+PromptText = Annotated[str, AfterValidator(_has_text), WithJsonSchema(TEXT_STRING)]
 
 
 class AlignRequest(SEAParams):
     # `messages` before `prompt`: the check that exactly one is given runs on `prompt`, so that a request without
     # either names `prompt` as the missing field.
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64), AfterValidator(_chat_has_text)] | None = Field(
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64), AfterValidator(chat_has_text)] | None = Field(
         None, description="A chat, rendered with the model's chat template; some message must hold text.", json_schema_extra=A_MESSAGE_HAS_TEXT)
     prompt: Annotated[str, Field(max_length=100_000), AfterValidator(_has_text)] | None = Field(
         None, description="A plain-text prompt (sent as one user turn).", json_schema_extra=HAS_TEXT, validate_default=True)

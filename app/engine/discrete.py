@@ -59,7 +59,7 @@ def start(engine, states: list) -> None:
             shape = (state.chains, state.config.max_tokens)
             drawn[id(state)] = Drawn(torch.randint(0, engine.vocab, shape, generator=state.generator, device=engine.device), {})
     for state in states:
-        if state.job.abandoned is not None and state.job.abandoned():
+        if state.job.is_abandoned():
             engine.cancel(state)  # its draw stopped early; nobody waits for its scores
     states = [s for s in states if not s.cancelled]
     if not states:
@@ -94,7 +94,7 @@ def _draw_samples(engine, states: list, counts: list[int], first: bool = False) 
         tilts.append(_tilt(engine, state))
         groups.append(SampleGroup(state.spec.prefix, n, state.spec.length, state.generator, state.config.temperature,
                                   state.config.top_p, tilts[-1], greedy_rows=int(first and tilts[-1] is not None),
-                                  abandoned=state.job.abandoned))
+                                  abandoned=state.job.is_abandoned))
     drawn = []
     for state, tilt, samples in zip(states, tilts, sample_groups(engine.lm.model, groups, engine.stop_ids)):
         state.usage.forward_token_passes += samples.forward_token_passes

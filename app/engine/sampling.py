@@ -229,7 +229,7 @@ def sample_groups(
             drawn = torch.where(was_finished, tokens[rows_of, t], _draw(own, group))
             tokens[rows_of, t] = drawn
             finished[rows_of] |= torch.isin(drawn, stop_ids)
-            drawing[i] = t + 1 < group.max_tokens and not bool(finished[rows_of].all()) and not (group.abandoned and group.abandoned())
+            drawing[i] = t + 1 < group.max_tokens and not bool(finished[rows_of].all()) and not (group.abandoned is not None and group.abandoned())
             index = group_index[i]
             picked[index, t] = torch.where(was_finished.repeat(width[i]), 0.0, log_probs[index].gather(-1, tokens[owner[index], t, None])[:, 0])
         if not any(drawing):

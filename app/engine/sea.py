@@ -112,7 +112,7 @@ class Engine:
                 if state.done and not state.cancelled:
                     state.result = self.result(state)
         for state in states:
-            if state.job.abandoned is not None and state.job.abandoned():
+            if state.job.is_abandoned():
                 self.cancel(state)  # e.g. a Best-of-N request cancelled while the one before it ran
             elif state.config.method != "sea":
                 state.result = run_baseline(self, state)

@@ -69,6 +69,9 @@ class AlignJob:
     # (tens of seconds on a CPU), so that an abandoned start stops there, as a running request stops at its next step.
     abandoned: Callable[[], bool] | None = None
 
+    def is_abandoned(self) -> bool:
+        return self.abandoned is not None and self.abandoned()
+
 
 @dataclass
 class StepStats:
