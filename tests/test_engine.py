@@ -189,6 +189,21 @@ def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, upd
     assert alone.usage == together.usage
 
 
+def test_a_short_top_k_logits_request_beside_a_longer_one_stays_finite(lm, engine, make_prompt):
+    """The logits update with top_k masks each position to the reference's top k; the positions that only pad a
+    short request up to its longer batch mate must stay unmasked (an all-masked softmax is NaN, and the keyword
+    reward's straight-through presence would carry the NaN into every chain of the short request)."""
+    keyword = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["dog", "park"]), 1.0)])
+    config = {"chains": 2, "steps": 3, "seed": 1, "update": "logits", "top_k": 5, "alpha": 2.0}
+    alone = engine.run([_job(make_prompt("dog park"), keyword, max_tokens=6, **config)])[0]
+    together = engine.run([_job(make_prompt("dog park"), keyword, max_tokens=6, **config),
+                           _job(make_prompt("dog park"), keyword, max_tokens=12, **config)])[0]
+    assert together.nonfinite_steps == 0
+    assert all(s.finite for chain in together.chains for s in chain.trace)
+    for a, b in zip(alone.chains, together.chains):
+        assert [s.energy for s in a.trace] == pytest.approx([s.energy for s in b.trace], abs=1e-4)
+
+
 @pytest.mark.parametrize("keep_log_probs", [False, True])
 def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prompt, keep_log_probs):
     """Requests started together sample in one batch; prompts, lengths, temperatures and generators differ per group."""

@@ -243,10 +243,14 @@ class Engine:
         return candidates.gather(-1, best)[..., 0]
 
     def _allowed(self, state: RequestState, length: int) -> Tensor:
+        """(C, length, V) mask of the tokens each position may take. Positions past this request's own length (padding
+        up to a longer batch mate's) stay all allowed: an all-masked row's softmax is NaN, and NaN times a zero mask
+        is still NaN in the reward."""
         allowed = torch.ones(state.chains, length, self.vocab, dtype=torch.bool, device=self.device)
         if state.config.top_k and state.top_k is not None:
-            allowed = torch.zeros_like(allowed)
-            allowed[:, : state.spec.length].scatter_(-1, state.top_k[..., : state.config.top_k], True)
+            own = allowed[:, : state.spec.length]
+            own.zero_()
+            own.scatter_(-1, state.top_k[..., : state.config.top_k], True)
         return allowed
 
     def _update(self, state: RequestState) -> None:
