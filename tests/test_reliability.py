@@ -25,6 +25,9 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.middleware import bearer_key_valid
+from app.api.routes import health, ready
+from app.engine.types import SEAConfig
+from app.errors import ServiceUnavailable
 from app.main import PUBLIC_PAGES, create_app
 from app.runtime import Runtime
 from app.service.jobs import JobStatus
@@ -238,16 +241,24 @@ def test_out_of_memory_when_starting_fails_only_that_request():
     assert result.text == "text"
 
 
-def test_ready_turns_503_if_the_worker_thread_is_gone():
+def test_a_service_whose_worker_thread_is_gone_refuses_work_and_fails_its_probes():
+    """Nothing queued would ever run: new work gets a 503 at once (not a 504 at its deadline), and /ready and the
+    liveness check /health answer 503 so that an orchestrator takes the pod out and restarts it."""
     async def scenario():
         service = await make_service(FakeEngine())
-        before = service.ready
-        await asyncio.to_thread(service.worker.stop)
+        before = service.ready, await health(service)
+        await asyncio.to_thread(service.worker.stop)  # the thread ends without a drain: what an uncaught bug would do
+        with pytest.raises(ServiceUnavailable, match="worker stopped"):
+            await service.submit(SEAConfig(chains=1, steps=1), [{"role": "user", "content": "hi"}])
+        with pytest.raises(ServiceUnavailable, match="worker stopped"):
+            await health(service)
+        with pytest.raises(ServiceUnavailable, match="worker stopped"):
+            await ready(service)
         after = service.ready
         await service.shutdown()
         return before, after
 
-    assert run(scenario()) == (True, False)
+    assert run(scenario()) == ((True, {"status": "ok"}), False)
 
 
 def test_drain_logs_the_final_status_of_every_accepted_job(caplog):

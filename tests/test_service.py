@@ -255,6 +255,34 @@ def test_engine_failure_fails_only_that_batch_and_the_worker_goes_on():
     assert result.text == "text"
 
 
+class BrokenStartEvent(FakeEngine):
+    """A start whose initial scores the worker cannot publish: a bug in the worker's own code around a start."""
+
+    def start(self, job):
+        state = super().start(job)
+        if job.prompt.messages[0]["content"] == "poison":
+            state.step = 0
+            state.initial = [None] * state.chains
+        return state
+
+
+def test_a_worker_bug_while_starting_fails_only_those_jobs_and_the_worker_goes_on():
+    async def scenario():
+        service = await make_service(BrokenStartEvent(), batch_window_ms=0)
+        bad = await submit(service, "poison", timeout=5)
+        with pytest.raises(RuntimeError, match="failed"):
+            await service.wait(bad)
+        good = await submit(service, "fine", timeout=5)
+        result = await service.wait(good)
+        alive = service.worker.alive and not service.worker_stopped
+        await service.shutdown()
+        return bad, result, alive
+
+    bad, result, alive = run(scenario())
+    assert bad.status == JobStatus.failed and bad.error == "internal engine error"
+    assert result.text == "text" and alive
+
+
 def test_out_of_memory_splits_the_batch():
     async def scenario():
         engine = FakeEngine(oom_when=lambda states: len(states) > 1)

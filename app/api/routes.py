@@ -14,7 +14,7 @@ from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreat
 from app.engine.types import SEAConfig
 from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
 from app.service.jobs import Job
-from app.service.service import AlignService
+from app.service.service import WORKER_STOPPED, AlignService
 
 ERROR_MEANINGS = {
     400: "A malformed body, or an invalid, unsupported or over-the-limit parameter (named in `param`).",
@@ -97,14 +97,19 @@ public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@public.get("/health", summary="Liveness: 200 while the process runs.")
-async def health() -> dict:
+@public.get("/health", summary="Liveness: 200 while the process serves; 503 if its engine worker stopped.",
+            responses={503: {"model": ErrorResponse}})
+async def health(service: AlignService = Depends(get_service)) -> dict:
+    if service.worker_stopped:
+        raise ServiceUnavailable(WORKER_STOPPED)
     return {"status": "ok"}
 
 
 @public.get("/ready", summary="Readiness: 503 while models load or while draining.", responses={503: {"model": ErrorResponse}})
 async def ready(service: AlignService = Depends(get_service)) -> dict:
     if not service.ready:
+        if service.worker_stopped:
+            raise ServiceUnavailable(WORKER_STOPPED)
         raise ServiceUnavailable("draining" if service.draining else "the models are still loading", headers={"Retry-After": "5"})
     return {"status": "ready", "model": service.model_name}
 

@@ -19,6 +19,8 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+WORKER_STOPPED = "the engine worker stopped; the service needs a restart"
+
 @contextlib.contextmanager
 def _shared_store_errors():
     """Redis unreachable: 503 with Retry-After, the details in the log."""
@@ -49,6 +51,12 @@ class AlignService:
     def ready(self) -> bool:
         shared_ok = self.shared is None or self.shared.healthy
         return self.worker is not None and self.worker.alive and not self.draining and shared_ok
+
+    @property
+    def worker_stopped(self) -> bool:
+        """Whether the engine thread ended while the service should be running (a bug no handler caught): nothing
+        queued would ever run, so the service refuses work and fails its liveness check to get restarted."""
+        return self.worker is not None and not self.worker.alive and not self.draining
 
     @property
     def model_name(self) -> str:
@@ -90,7 +98,9 @@ class AlignService:
         if self.worker is None or self.runtime is None:
             raise ServiceUnavailable("the models are still loading", headers={"Retry-After": "5"})
         if self.draining:
-            raise ServiceUnavailable("the service is shutting down")
+            raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "5"})
+        if self.worker_stopped:
+            raise ServiceUnavailable(WORKER_STOPPED)
         try:
             work = self.runtime.job(messages, config, **(reward_options or {}))
         except UnknownRewardError as exc:
@@ -114,7 +124,7 @@ class AlignService:
         except QueueFullError as exc:
             raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(exc.retry_after)}) from None
         except DrainingError:
-            raise ServiceUnavailable("the service is shutting down") from None
+            raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "5"}) from None
         self.store.add(job)
         return job
 
@@ -151,7 +161,7 @@ class AlignService:
         if job.error_kind == "cancelled":
             raise ClientClosed(job.error or "cancelled")
         if job.error_kind in ("overloaded", "shutdown"):
-            raise ServiceUnavailable(job.error or "overloaded")
+            raise ServiceUnavailable(job.error or "overloaded", headers={"Retry-After": "5"})
         raise RuntimeError(f"job {job.id} failed: {job.error}")
 
     # ----- jobs ---------------------------------------------------------------------------------

@@ -173,17 +173,18 @@ class EngineWorker:
                 self._gather_locked()
                 self._expire_queued_locked()
                 admitted = self._admit_locked()
-            if admitted:
-                self._start(admitted)
             try:
+                if admitted:
+                    self._start(admitted)
                 self._drop_cancelled()
                 if self._active:
                     self._step()
             except Exception:
-                # A bug outside the engine's own step (which _tick_resilient guards) must not kill the thread:
-                # fail the running batch, keep serving the queue.
-                log.exception("worker error with %d requests running; failing them", len(self._active))
-                for job, _ in self._active:
+                # A bug outside the engine's own calls (which _start and _tick_resilient guard) must not kill the
+                # thread: fail the running batch and the jobs being started, keep serving the queue.
+                failing = {job.id: job for job in admitted + [job for job, _ in self._active]}
+                log.exception("worker error with %d requests running or starting; failing them", len(failing))
+                for job in failing.values():  # finish() ignores a job that already finished
                     self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
                 self._active = []
                 self._update_gauges()
