@@ -126,6 +126,8 @@ def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
     ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": [{"type": "text", "text": " "}]}]},
      "messages", "no message contains any text"),
     ("/v1/completions", {"prompt": "hi", "n": 100}, "n", "(server limit)"),  # one limit, whatever the value
+    ("/v1/completions", {"prompt": "hi", "n": 2, "sea": {"method": "cbs"}}, "n", "needs method `sea` or `bon`"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2, "sea": {"method": "args"}}, "n", "not `args`"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type", "'text'"),
     ("/v1/completions", {"prompt": "hi", "sea": {"seed": 1}}, "sea.seed", "set `seed` with the OpenAI field"),

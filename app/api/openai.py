@@ -74,7 +74,7 @@ class _OpenAIBase(StrictRequest):
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with method `sample`.")
+    n: int = Field(1, ge=1, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with methods `sample`, `args` and `cbs`.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
     stream: bool = False
@@ -111,8 +111,8 @@ class _OpenAIBase(StrictRequest):
                                             "top_p": self.top_p}.items() if v is not None})
         params = SEAParams(**options)
         if self.n > 1:
-            if params.method == "sample":
-                raise BadRequest("n > 1 needs method `sea` or `bon`", param="n")
+            if params.method not in ("sea", "bon"):  # sample, ARGS and beam search return fewer than n distinct answers
+                raise BadRequest(f"n > 1 needs method `sea` or `bon` (not `{params.method}`)", param="n")
             params.chains = max(params.chains or 0, self.n) if params.method == "sea" else params.chains
             if self.n > params.samples:  # noqa: PLR1730 -- assign only when needed: an unset `samples` stays unset
                 params.samples = self.n
