@@ -215,6 +215,28 @@ def test_cancel_queued_and_running_jobs_without_blocking_others():
     assert other.status == JobStatus.succeeded
 
 
+@pytest.mark.parametrize("where", ["queued", "running"])
+def test_the_worker_ends_a_job_cancelled_for_a_timeout_as_a_timeout(where):
+    """What the worker records is what the shared store writes for other replicas: a job cancelled because its
+    waiter saw the deadline pass ends as a timeout (504), not as cancelled by the client."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
+        running = await submit(service, "running", steps=500)
+        queued = await submit(service, "queued", steps=2)
+        while running.status != JobStatus.running:
+            await asyncio.sleep(0.01)
+        job = running if where == "running" else queued
+        service.worker.cancel(job, "timeout", "the request ran past its deadline")
+        await job.wait(5)
+        for other in (running, queued):
+            service.cancel(other)
+        await service.shutdown()
+        return job
+
+    job = run(scenario())
+    assert (job.status, job.error_kind, job.error) == (JobStatus.failed, "timeout", "the request ran past its deadline")
+
+
 @pytest.mark.parametrize("ending", ["cancel", "deadline"])
 def test_a_request_abandoned_while_it_starts_ends_then_and_the_next_is_served(ending):
     async def scenario():

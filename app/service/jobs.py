@@ -61,12 +61,16 @@ class Job:
     result: AlignResult | None = None
     error: str | None = None
     error_kind: str | None = None  # "timeout", "cancelled", "engine", "overloaded", "shutdown"
-    cancel_requested: bool = False  # read by the worker thread at step boundaries
+    cancellation: tuple[str, str] | None = None  # (error kind, reason) once cancelled; read by the worker thread
     queue_seconds_final: float | None = None  # set on mirrors of a job another replica ran: its runner's figure
     events: list[dict[str, Any]] = field(default_factory=list)
     listeners: list[Callable[[Job, dict[str, Any]], None]] = field(default_factory=list)  # e.g. the shared store's writer
     _subscribers: list[asyncio.Queue] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancellation is not None
 
     @property
     def chains(self) -> int:

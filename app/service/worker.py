@@ -105,7 +105,7 @@ class EngineWorker:
 
     def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
         """Cancel a job: a queued one at once, a running one at the next step boundary."""
-        job.cancel_requested = True
+        job.cancellation = (kind, reason)
         with self._cond:
             if job in self._pending:
                 self._pending.remove(job)
@@ -233,8 +233,8 @@ class EngineWorker:
         """Start the jobs admitted together in one batch; if that fails, one by one, so a bad job fails alone."""
         jobs = []
         for job in admitted:
-            if job.cancel_requested:
-                self._finish_cancelled(job, "cancelled", "cancelled by the client")
+            if job.cancellation is not None:
+                self._finish_cancelled(job, *job.cancellation)
             elif job.deadline is not None and time.monotonic() > job.deadline:
                 self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
             else:
@@ -297,8 +297,8 @@ class EngineWorker:
         self._update_gauges()
 
     def _end_unwanted(self, job: Job) -> None:
-        if job.cancel_requested:
-            self._finish_cancelled(job, "cancelled", "cancelled by the client")
+        if job.cancellation is not None:  # by the client, or by the service (a deadline its waiter saw pass first)
+            self._finish_cancelled(job, *job.cancellation)
         else:
             self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
 
