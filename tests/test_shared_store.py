@@ -188,3 +188,64 @@ def test_after_the_last_attempt_a_dead_replicas_job_is_failed_not_lost(redis_url
     assert events == ['{"event": "end", "status": "failed"}']
     assert again["status"] == "queued" and queue == ["again"]
     assert members == set(), "a reaped replica leaves the replica set"
+
+
+def test_a_job_claimed_as_its_replica_begins_to_drain_goes_back_to_the_queue(redis_url):
+    """The claimer waits in BLMOVE up to a second; a job it takes after the drain began is handed back (attempt
+    not counted) and another replica runs it, instead of it waiting out a lease on a replica that is leaving."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        prefix = "drain-" + uuid.uuid4().hex[:8]
+        leaving = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        other = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        other.shared.stop_claiming()
+        blmove = leaving.shared._claim_redis.blmove
+
+        async def drain_begins_while_waiting(*args):
+            job_id = await blmove(*args)
+            if job_id is not None:
+                leaving.shared.stop_claiming()
+            return job_id
+
+        leaving.shared._claim_redis.blmove = drain_begins_while_waiting
+        await asyncio.sleep(1.2)  # a BLMOVE that started before the patch has timed out (1 s)
+        job = await submit(other, "hello", timeout=30)
+        client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        claimed_by = time.monotonic() + 10
+        while leaving.shared._claiming and time.monotonic() < claimed_by:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the hand-back runs right after the claim
+        handed_back = await client.hgetall(f"{prefix}:job:{job.id}")
+        other.shared._claiming = True
+        result = await other.wait(job)
+        attempts = await client.hget(f"{prefix}:job:{job.id}", "attempts")
+        await client.aclose()
+        for service in (leaving, other):
+            await service.shutdown()
+        return handed_back, result, attempts
+
+    handed_back, result, attempts = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert handed_back["status"] == "queued" and handed_back["attempts"] == "0" and handed_back["owner"] == ""
+    assert result.text == "text" and attempts == "1"
+
+
+def test_a_job_redis_did_not_take_is_not_kept_waiting_forever(redis_url):
+    from app.errors import ServiceUnavailable
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="fail-" + uuid.uuid4().hex[:8])
+
+        async def redis_down(**_):
+            raise redis.ConnectionError("Connection refused")
+
+        service.shared._scripts["enqueue"] = redis_down
+        with pytest.raises(ServiceUnavailable):
+            await submit(service, "hello")
+        left = dict(service.store.jobs), dict(service.shared._mirrored)
+        await service.shutdown()
+        return left
+
+    jobs, mirrored = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert jobs == {} and mirrored == {}

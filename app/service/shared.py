@@ -273,12 +273,15 @@ class SharedJobs:
                 "stream_events": job.stream_events, "return_trace": job.return_trace, "model": job.model}
         self._jobs[job.id] = job
         self._mirrored[job.id] = 0
-        ok = await self._scripts["enqueue"](
-            keys=[self.key("queue"), self.key("job", job.id)],
-            args=[self.max_queue, job.id, json.dumps(spec), job.created, self._unfinished_ttl])
-        if not ok:
-            self._jobs.pop(job.id, None)
-            self._mirrored.pop(job.id, None)
+        ok = 0
+        try:
+            ok = await self._scripts["enqueue"](
+                keys=[self.key("queue"), self.key("job", job.id)],
+                args=[self.max_queue, job.id, json.dumps(spec), job.created, self._unfinished_ttl])
+        finally:
+            if not ok:  # refused, or Redis failed (the client gets a 503): no local job may wait for it forever
+                self._jobs.pop(job.id, None)
+                self._mirrored.pop(job.id, None)
         return bool(ok)
 
     async def lookup(self, job_id: str) -> Job | None:
@@ -377,6 +380,12 @@ class SharedJobs:
                     continue
                 claim = await self._scripts["claim"](keys=[self.key("job", job_id), claimed_key], args=[job_id, self.replica])
                 if not claim:
+                    continue
+                if not self._claiming or self._is_draining():  # the drain began while BLMOVE waited: let another replica run it
+                    await self._scripts["release"](
+                        keys=[self.key("job", job_id), self.key("events", job_id), claimed_key, self.key("queue")],
+                        args=[job_id, self.replica, int(claim[0]), self.key("wake")])
+                    log.info("job %s: claimed as this replica began to drain; handed back to the shared queue", job_id)
                     continue
                 self._start(job_id, int(claim[0]), json.loads(claim[1]), float(claim[2]))
             except asyncio.CancelledError:
