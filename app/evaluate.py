@@ -154,10 +154,13 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
         per_k = sum((t + 1) for t in range(length)) * reward_passes / length
         return dataclasses.replace(config, args_top_k=int(min(50, max(2, (budget - 2 * length) // per_k))))
     if config.method == "cbs":
-        chunks = range(0, length, config.chunk)
-        # each chunk re-runs a successor's beam and draws its chunk; its scoring runs only the reward's passes
-        per_successor = sum(config.beams * ((t + config.chunk) + reward_passes * (t + config.chunk) / length) for t in chunks)
-        return dataclasses.replace(config, successors=max(1, int(budget // per_successor)))
+        # Each chunk runs every open beam's t tokens once (its successors share them); each successor draws its
+        # chunk and is scored by the reward's passes over t + chunk tokens. The first chunk grows from one empty
+        # beam; the W answers are scored exactly at the end.
+        chunks = [(t, min(config.chunk, length - t), 1 if t == 0 else config.beams) for t in range(0, length, config.chunk)]
+        shared = sum(beams * t for t, _, beams in chunks) + config.beams * passes_per_row
+        per_successor = sum(beams * (size + reward_passes * (t + size) / length) for t, size, beams in chunks)
+        return dataclasses.replace(config, successors=max(1, int((budget - shared) // per_successor)))
     return config
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from app.engine.sampling import sample_responses
+from app.engine.sea import Engine
 from app.engine.types import AlignJob, SEAConfig
+from models.lm import encode_prefix
 from models.rewards import LexiconReward, PrincipleReward, RewardMix
 
 
@@ -69,3 +73,30 @@ def test_chunk_beam_search_keeps_the_best_beams(engine, make_prompt, reward):
     result = run(engine, make_prompt("what is a boat"), reward, method="cbs", beams=3, successors=4, chunk=4)
     assert len(result.chains) == 3
     assert result.reward == max(c.reward for c in result.chains)
+
+
+def test_chunk_beam_search_keeps_distinct_beams_and_carries_a_finished_one_once(lm, make_prompt, reward):
+    """With stops likely (a third of the vocabulary ends a response), beams finish early: a finished beam carries
+    over as it is and draws no successors, so it cannot fill every beam with K copies of itself."""
+    engine = Engine(lm)
+    engine.stop_ids = torch.arange(0, lm.model.config.vocab_size, 3)
+    for seed in range(6):
+        result = engine.run([AlignJob(make_prompt("what is a boat"), SEAConfig(method="cbs", max_tokens=10, chunk=2, beams=3, successors=4,
+                                                                               seed=seed, temperature=2.0), reward)])[0]
+        beams = [tuple(chain.tokens) for chain in result.chains]
+        assert len(set(beams)) == len(beams) == 3, (seed, [chain.text for chain in result.chains])
+        assert result.reward == max(chain.reward for chain in result.chains)
+
+
+def test_successors_sharing_their_beams_pass_draw_what_they_draw_from_copies(lm, make_prompt):
+    prefix = encode_prefix(lm.model, make_prompt("what is a boat").ids)
+    beams = torch.tensor([[30, 31, 32], [40, 41, 42]])
+    stops = Engine(lm).stop_ids
+
+    def draw(**given):
+        return sample_responses(lm.model, prefix, 6, 4, stops, torch.Generator().manual_seed(3), **given)
+
+    shared, copies = draw(given=beams, given_repeats=3), draw(given=beams.repeat_interleave(3, dim=0))
+    assert torch.equal(shared.tokens, copies.tokens)
+    assert torch.allclose(shared.token_log_probs, copies.token_log_probs, atol=1e-5)
+    assert copies.forward_token_passes - shared.forward_token_passes == 3 * (6 - 2)  # each beam's 3 tokens run once, not 3 times

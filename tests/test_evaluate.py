@@ -9,9 +9,11 @@ import statistics
 
 import pytest
 
-from app.engine.types import SEAConfig
+from app.engine.energy import passes_per_row
+from app.engine.types import AlignJob, SEAConfig
 from app.evaluate import (
     add_eval_arguments,
+    base_sample_cost,
     budget_warnings,
     copies,
     distinct_n,
@@ -23,6 +25,7 @@ from app.evaluate import (
 )
 from app.runtime import Runtime
 from app.settings import Settings
+from models.rewards import LexiconReward, PrincipleReward, RewardMix
 
 
 def test_eval_writes_results_report_and_plots(lm, tmp_path):
@@ -74,6 +77,21 @@ def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():
     tiny = size_to_budget(config, 4 * 48, principle, guides=1)
     assert tiny.init_samples == 4 * 48 // (2 * 24)
     assert size_to_budget(dataclasses.replace(config, method="bon", select="energy"), 8000, principle).samples == 8000 // (24 + 24)
+
+
+@pytest.mark.parametrize("reward_name", ["keywords", "principle"])
+def test_beam_search_sized_to_a_budget_spends_most_of_it_and_no_more(lm, engine, make_prompt, reward_name):
+    """CBS's successors share their beam's tokens: its sizing counts each beam's pass once per chunk (it counted
+    it once per successor, about 1.6x what the search runs at 24 tokens, so beam search got fewer successors)."""
+    reward = {"keywords": RewardMix([(LexiconReward.keywords(lm.tokenizer, ["dog"]), 1.0)]),
+              "principle": RewardMix([(PrincipleReward(lm), 1.0)])}[reward_name]
+    prompt = make_prompt("write about a dog")
+    row = engine.start(AlignJob(prompt, SEAConfig(method="bon", samples=1, max_tokens=24), reward)).spec
+    budget = 32 * base_sample_cost(24, passes_per_row(row))
+    config = size_to_budget(SEAConfig(method="cbs", max_tokens=24, seed=0, temperature=0.7), budget, passes_per_row(row))
+    usage = engine.run([AlignJob(prompt, config, reward)])[0].usage
+    spent = usage.compute - usage.prompt_token_passes
+    assert 0.8 * budget <= spent <= budget, (config.successors, spent, budget)
 
 
 def test_refusal_detector_looks_only_at_the_opening():

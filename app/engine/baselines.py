@@ -101,35 +101,59 @@ def run_args(engine, state) -> AlignResult:
 def run_cbs(engine, state) -> AlignResult:
     """Chunk-level beam search (Zhou et al., 2024, weak-to-strong search): W beams, K sampled successors of C tokens each.
 
-    After each chunk the W best partial responses by reward stay. Finished beams (ended by a stop token) carry over.
-    A beam's reference log-probs come from its draws, so a candidate's scoring runs only the reward's passes.
+    After each chunk the W best distinct partial responses by reward stay. A finished beam (ended by a stop token)
+    carries over as it is, once, with its reward: it draws no successors. Each open beam's tokens run once and its
+    K successors share them; a beam's reference log-probs come from its draws, so a candidate's scoring runs only
+    the reward's passes.
     """
     config = state.config
     width, successors, chunk = config.beams, config.successors, config.chunk
-    beams = torch.zeros(1, 0, dtype=torch.long, device=engine.device)
-    beam_log_probs = torch.zeros(1, 0, device=engine.device)  # (W, t) each beam token's log pi_ref
+    device = engine.device
+    beams = torch.zeros(1, 0, dtype=torch.long, device=device)
+    beam_log_probs = torch.zeros(1, 0, device=device)  # (W, t) each beam token's log pi_ref
+    beam_rewards = torch.zeros(1, device=device)
     stops = engine.stop_ids
     while beams.shape[1] < config.max_tokens:
         size = min(chunk, config.max_tokens - beams.shape[1])
-        finished = torch.isin(beams, stops).any(1) if beams.shape[1] else torch.zeros(beams.shape[0], dtype=torch.bool, device=engine.device)
+        finished = torch.isin(beams, stops).any(1)
         if bool(finished.all()):
             break
-        parents = beams.repeat_interleave(successors, dim=0)
-        samples = sample_responses(engine.lm.model, state.spec.prefix, parents.shape[0], size, stops, state.generator,
-                                   config.temperature, config.top_p, given=parents)
+        growing = ~finished
+        parents = beams[growing]
+        samples = sample_responses(engine.lm.model, state.spec.prefix, parents.shape[0] * successors, size, stops, state.generator,
+                                   config.temperature, config.top_p, given=parents, given_repeats=successors)
         state.usage.forward_token_passes += samples.forward_token_passes
-        candidates = samples.tokens  # (W·K, t + C)
-        known = {REFERENCE: torch.cat([beam_log_probs.repeat_interleave(successors, dim=0), samples.token_log_probs[:, 0]], dim=1)}
+        candidates = samples.tokens  # (open beams·K, t + C)
+        known = {REFERENCE: torch.cat([beam_log_probs[growing].repeat_interleave(successors, dim=0), samples.token_log_probs[:, 0]], dim=1)}
         spec = dataclasses.replace(state.spec, rows=candidates.shape[0], length=candidates.shape[1])
         scored = evaluate(engine.lm, [spec], stops, candidates, known=known)
         state.usage.forward_token_passes += passes_per_row(spec, known=frozenset(known)) * spec.rows
-        order = torch.argsort(torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf)),
-                              descending=True)
-        beams = candidates[order[:width]]
-        beam_log_probs = known[REFERENCE][order[:width]]
+        rewards = torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf))
+        log_probs = known[REFERENCE]
+        if bool(finished.any()):  # padded with stop tokens, which neither the reward nor the reference counts
+            padding = torch.full((int(finished.sum()), size), int(stops[0]), dtype=torch.long, device=device)
+            candidates = torch.cat([candidates, torch.cat([beams[finished], padding], dim=1)])
+            log_probs = torch.cat([log_probs, torch.nn.functional.pad(beam_log_probs[finished], (0, size))])
+            rewards = torch.cat([rewards, beam_rewards[finished]])
+        kept = _best_distinct(candidates, rewards, width)
+        beams, beam_log_probs, beam_rewards = candidates[kept], log_probs[kept], rewards[kept]
     chains = [_chain(engine, state, beam) for beam in beams]
     chosen = best_chain(chains, "reward")
     return engine.finish(state, chains, chosen, "cbs")
+
+
+def _best_distinct(candidates: torch.Tensor, rewards: torch.Tensor, width: int) -> list[int]:
+    """Indices of the ``width`` best rows by reward, each token sequence once (K successors that all stopped at once
+    are one sequence, and would otherwise fill every beam)."""
+    kept, seen = [], set()
+    for index in torch.argsort(rewards, descending=True, stable=True).tolist():
+        key = tuple(candidates[index].tolist())
+        if key not in seen:
+            seen.add(key)
+            kept.append(index)
+            if len(kept) == width:
+                break
+    return kept
 
 
 def run_best_of_n(engine, state) -> AlignResult:

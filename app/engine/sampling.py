@@ -128,14 +128,16 @@ def sample_responses(
     keep_log_probs: bool = False,
     given: Tensor | None = None,
     tilt: Tilt | None = None,
+    given_repeats: int = 1,
 ) -> Samples:
     """Draw ``n`` responses of at most ``max_tokens`` tokens; ``temperature = 0`` is greedy decoding.
 
-    With ``given`` (n, g) the responses continue those tokens (their keys/values are computed first):
-    ``max_tokens`` new tokens are drawn and returned after them.
+    With ``given`` (n / given_repeats, g) the responses continue those tokens, each given row shared by
+    ``given_repeats`` consecutive responses (its keys/values are computed once, then shared): ``max_tokens`` new
+    tokens are drawn and returned after them.
     """
     group = SampleGroup(prefix, n, max_tokens, generator, temperature, top_p, tilt)
-    return sample_groups(model, [group], stop_ids, keep_log_probs, given)[0]
+    return sample_groups(model, [group], stop_ids, keep_log_probs, given, given_repeats)[0]
 
 
 @torch.no_grad()
@@ -145,11 +147,13 @@ def sample_groups(
     stop_ids: Tensor,
     keep_log_probs: bool = False,
     given: Tensor | None = None,
+    given_repeats: int = 1,
 ) -> list[Samples]:
     """Draw every group's responses in one batch of decoding steps; one :class:`Samples` per group.
 
     A group stops drawing (and counting passes) once all its rows have stopped or reached its
-    ``max_tokens``, exactly when it would stop alone. ``given`` (rows, g) is a shared start of every row.
+    ``max_tokens``, exactly when it would stop alone. ``given`` (rows / given_repeats, g) starts the rows, each
+    given row those of ``given_repeats`` consecutive rows (run once, then shared: beam search's successors).
     """
     backbone = getattr(model, model.base_model_prefix)
     embed = model.get_input_embeddings()
@@ -177,15 +181,33 @@ def sample_groups(
     log_probs = batch.first_log_probs  # (batch rows, V)
     start = 0
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    if given is not None and given_repeats > 1:
+        if len(owners) != rows or given.shape[0] * given_repeats != rows:
+            raise ValueError("shared given rows need one row per given_repeats drawn rows and no guide prompts")
+        given_rows = torch.arange(0, rows, given_repeats, device=device)  # the first row of each given row's share
+    else:
+        given_rows = owner
     if given is not None and given.shape[1] > 0:
         start = given.shape[1]
         mask = torch.cat([mask, torch.ones(len(owners), start, dtype=mask.dtype, device=device)], dim=1)
         positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
-        out = backbone(inputs_embeds=embed(given[owner]), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
-                       position_ids=positions)
-        log_probs = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
+        if given_repeats > 1:
+            shared = cache_over([k[given_rows] for k in batch.keys], [v[given_rows] for v in batch.values])
+            out = backbone(inputs_embeds=embed(given), attention_mask=mask[given_rows], use_cache=True,
+                           **with_cache(backbone, shared), position_ids=positions[given_rows])
+            cache = cache_over([layer.keys.repeat_interleave(given_repeats, 0) for layer in shared.layers],
+                               [layer.values.repeat_interleave(given_repeats, 0) for layer in shared.layers])
+            given = given.repeat_interleave(given_repeats, 0)
+            hidden = out.last_hidden_state[:, -1].repeat_interleave(given_repeats, 0)
+        else:
+            out = backbone(inputs_embeds=embed(given[owner]), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
+                           position_ids=positions)
+            hidden = out.last_hidden_state[:, -1]
+        log_probs = F.log_softmax(head(hidden).float(), dim=-1)
         finished |= torch.isin(given, stop_ids).any(1)
-    passes = [g.n * start * w for g, w in zip(groups, width)]
+    elif given is not None:
+        given = given.repeat_interleave(given_repeats, 0)
+    passes = [g.n * start * w // given_repeats for g, w in zip(groups, width)]
     longest = max(g.max_tokens for g in groups)
     tokens = torch.full((rows, longest), int(stop_ids[0]), dtype=torch.long, device=device)
     tables = [] if keep_log_probs else None
