@@ -539,14 +539,16 @@ def test_compute_budget_stops_the_request(lm, engine, make_prompt):
     assert limited.timings.steps < 20
 
 
-def test_a_compute_budget_is_spent_until_not_even_one_chains_step_fits(lm, engine, make_prompt):
+@pytest.mark.parametrize("proposal", ["gradient", "lm"])
+def test_a_compute_budget_is_spent_until_not_even_one_chains_step_fits(lm, engine, make_prompt, proposal):
     """When a whole step of every chain no longer fits the budget, the chains that fit still take it."""
     reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["moon", "river"]), 50.0)])  # no LM passes: a row costs L − 1
     length, chains = 8, 4
-    one_chain_step = 4 * (length - 1)  # the dearest step of one chain: its gradient pass (3 passes) and one edit
+    # the dearest step of one chain: its gradient pass (3 passes; the gradient-free ablation's table pass, 1) and one edit
+    one_chain_step = (4 if proposal == "gradient" else 2) * (length - 1)
     for budget in range(400, 700, 37):
         result = engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=length, chains=chains, steps=10_000, seed=3,
-                                  init="sample", max_compute=budget)])[0]
+                                  init="sample", max_compute=budget, proposal=proposal)])[0]
         assert budget - one_chain_step < result.usage.compute - result.usage.prompt_token_passes <= budget, budget
 
 
@@ -725,6 +727,7 @@ def test_a_request_keeps_editing_when_a_batch_mate_with_another_reward_joins(lm,
         engine.tick([s for s in (first, second) if not s.done])
     alone = engine.run([_job(make_prompt("sing a song"), principle, **config, proposal=proposals[1])])[0]
     assert engine.result(second).energy == pytest.approx(alone.energy, abs=1e-4)
+    assert engine.result(second).usage == alone.usage  # an LM-ranked request beside a gradient one is charged no backward pass
     _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("sing a song"), principle, engine.result(second), length=6)
     _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("what is a boat"), keywords, engine.result(first), length=6)
 

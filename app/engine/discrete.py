@@ -243,11 +243,12 @@ def active_chains(state) -> list[int]:
 
 def affordable_chains(state, chains: list[int]) -> list[int]:
     """The chains a step can edit within the compute budget: all of them when the budget allows, else as many as fit,
-    cheapest first (a chain that moved last step needs a gradient pass, 3 passes, before its edits) and, at equal
-    cost, lowest energy first. Without this a run would end with up to one whole step's compute unspent: with
-    4 chains on a word-list reward at a 32-sample budget, up to half of it."""
+    cheapest first (a chain that moved last step needs a gradient pass, 3 passes, or for the gradient-free ablation
+    a forward pass, before its edits) and, at equal cost, lowest energy first. Without this a run would end with up
+    to one whole step's compute unspent: with 4 chains on a word-list reward at a 32-sample budget, up to half of it."""
     unit = passes_per_row(state.spec)
-    cost = {c: unit * (3 * (c in state.stale) + 1) for c in chains}  # a gradient pass where needed, one edit
+    refresh = 3 if state.config.proposal == "gradient" else 1
+    cost = {c: unit * (refresh * (c in state.stale) + 1) for c in chains}  # a gradient (or table) pass where needed, one edit
     left = _left(state)
     if sum(cost.values()) <= left:
         return chains
@@ -424,7 +425,7 @@ def _gradients(engine, needs: list) -> None:
         index = torch.tensor(chains, dtype=torch.long, device=state.tokens.device)
         passes = passes_per_row(state.spec) * len(chains)
         state.usage.forward_token_passes += passes
-        if with_grad:
+        if state.config.proposal == "gradient":  # not with_grad: an LM-ranked request's usage must not depend on its batch mates
             state.usage.backward_token_passes += passes
         grad = None  # the gradient-free ablation has none: the table drives its proposals
         if state.config.proposal == "gradient":
