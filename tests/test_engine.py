@@ -529,6 +529,18 @@ def test_discrete_chains_start_from_the_best_initial_samples(lm, engine, make_pr
     assert sorted(c.energy for c in sea.chains) == pytest.approx(sorted(c.energy for c in bon.chains)[:2], abs=1e-5)
 
 
+def test_a_request_is_charged_the_prompt_encodings_it_runs(lm, engine, make_prompt):
+    """The reference's prompt, and each reward's own context: the principle's prompt is longer (the principle as
+    the system turn), a word list encodes none."""
+    prompt = make_prompt("what is a boat")
+    principle = PrincipleReward(lm)
+    keywords = LexiconReward.keywords(lm.tokenizer, ["boat"])
+    principled = render_prompt(lm.tokenizer, prompt.messages, system=principle.principle)
+    for terms, expected in (([(keywords, 1.0)], len(prompt.ids)), ([(principle, 1.0), (keywords, 1.0)], len(prompt.ids) + len(principled))):
+        usage = engine.run([_job(prompt, RewardMix(terms), max_tokens=4, chains=1, steps=1, seed=0)])[0].usage
+        assert usage.prompt_token_passes == expected
+
+
 def test_compute_budget_stops_the_request(lm, engine, make_prompt):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     unlimited = engine.run([_job(make_prompt("hi"), reward, max_tokens=6, chains=2, steps=20, seed=1)])[0]

@@ -19,7 +19,7 @@ from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row, token_tilt
 from app.engine.sampling import sample_responses
 from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage, best_chain
-from models.lm import encode_prefix, stop_token_ids
+from models.lm import Prefix, encode_prefix, stop_token_ids
 from models.loading import LoadedLM
 
 ADAM_BETAS = (0.9, 0.999)
@@ -130,7 +130,8 @@ class Engine:
         rows = config.chains if config.method == "sea" else 1
         spec = RowSpec(prefix, terms, config.alpha, config.use_reward, config.use_reference, config.max_tokens, rows)
         prompt_tokens = len(job.prompt.ids)
-        prompt_passes = prompt_tokens * (1 + len(terms))
+        # the reference's prompt and each reward's own context (the principle's is longer; a word list encodes none)
+        prompt_passes = prefix.length + sum(context.length for _, _, context in terms if isinstance(context, Prefix))
         usage = Usage(prompt_tokens=prompt_tokens, forward_token_passes=prompt_passes, prompt_token_passes=prompt_passes)
         return RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started)
 
