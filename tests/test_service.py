@@ -384,3 +384,27 @@ def test_the_pick_defaults_to_the_server_setting_unless_the_request_names_one():
     assert AlignRequest(prompt="hi").to_config(Settings()).select == "reward"  # the paper's pick
     assert AlignRequest(prompt="hi").to_config(Settings(default_select="energy")).select == "energy"
     assert AlignRequest(prompt="hi", select="reward").to_config(Settings(default_select="energy")).select == "reward"
+
+
+def test_an_openai_stream_sends_keep_alives_while_its_job_waits_to_start(monkeypatch):
+    """No step event comes while a job is queued or drawing its initial samples (tens of seconds on a loaded CPU):
+    the stream sends SSE comments meanwhile (the openai client skips them), so idle-timeout proxies keep it open."""
+    from app.api import openai as v1
+
+    monkeypatch.setattr(v1, "KEEP_ALIVE_SECONDS", 0.05)
+
+    async def scenario():
+        service = await make_service(FakeEngine(start_seconds=0.5))
+        body = v1.ChatCompletionRequest(model="sea", messages=[{"role": "user", "content": "hi"}], stream=True)
+        job = await submit(service, "hi")
+        stream = v1._stream(job, body, "reward", [], True, "chatcmpl-1", 0, service)
+        pieces = [await anext(stream) for _ in range(3)]
+        await stream.aclose()  # the client leaves: the job is cancelled
+        await job.wait(5)
+        await service.shutdown()
+        return pieces, job
+
+    pieces, job = run(scenario())
+    assert pieces[0].startswith("data: ") and '"role": "assistant"' in pieces[0]
+    assert pieces[1:] == [": keep-alive\n\n", ": keep-alive\n\n"]
+    assert job.status == JobStatus.cancelled

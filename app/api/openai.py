@@ -7,6 +7,7 @@ result but are not supported answer 400 naming the field.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -40,6 +41,7 @@ def _only(*values: Any, schema: dict | None = None) -> dict:
     return {"anyOf": [*allowed, {"type": "null"}]}
 
 
+KEEP_ALIVE_SECONDS = 15.0  # a stream sends a comment at least this often while its job waits or starts (idle proxies cut it)
 OPENAI_FIELDS = ("max_tokens", "seed", "temperature", "top_p")  # /align parameters that /v1 takes from its own fields only
 
 
@@ -307,7 +309,14 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(body.n)])
         pending = list(past)
         while True:
-            event = pending.pop(0) if pending else await queue.get()
+            if pending:
+                event = pending.pop(0)
+            else:
+                try:
+                    event = await asyncio.wait_for(queue.get(), KEEP_ALIVE_SECONDS)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
             if event["event"] == "end":
                 break
             if event["event"] == "step":
