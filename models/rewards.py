@@ -81,7 +81,9 @@ class RewardComponent(Protocol):
     contrastive component that limits what a token earns gives ``limit_candidates(log_probs, ref, history)``
     (next-token log-probs under its context, limited the same way), which guided starts draw by; with
     ``from_log_probs(token_log_probs, response)`` (the score from the drawn tokens' log-probs under its context) a
-    drawn sample is scored from its draw, without another pass."""
+    drawn sample is scored from its draw, without another pass. A component that pays for token sequences as a
+    whole may give ``phrases()`` (per word, its spellings of two or more tokens), which the discrete update's
+    phrase moves write whole."""
 
     name: str
     lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
@@ -290,6 +292,11 @@ class LexiconReward:
     def prepare(self, prompt: Prompt) -> object:
         return None
 
+    def phrases(self) -> list[list[tuple[int, ...]]]:
+        """Per rewarded word, its spellings of two or more tokens (the proposals' phrase moves write them whole)."""
+        words = [[tuple(v.tolist()) for v in p.variants if len(v) > 1] for p in self.patterns if p.weight > 0]
+        return [spellings for spellings in words if spellings]
+
     def presence(self, response: ResponseBatch) -> Tensor:
         """Per word presence ``(B, W)`` in {0, 1} (straight-through).
 
@@ -348,6 +355,10 @@ class RewardMix:
     def __post_init__(self) -> None:
         if not self.terms:
             raise ValueError("a reward needs at least one component")
+
+    def phrases(self) -> list[list[tuple[int, ...]]]:
+        """The multi-token words that components with a positive weight pay for as a whole (``phrases()``)."""
+        return [words for component, weight in self.terms if weight > 0 and hasattr(component, "phrases") for words in component.phrases()]
 
 
 def keyword_coverage(text: str, words: list[str]) -> float:

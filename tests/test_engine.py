@@ -519,6 +519,22 @@ def _assert_energies_only_fall_and_are_exact(lm, engine, prompt, reward, result,
         assert float(rescored.energy[0]) == pytest.approx(chain.energy, abs=1e-4)
 
 
+def test_phrase_moves_bring_in_words_of_several_tokens(lm, engine, make_prompt):
+    """Three-token "words" (the tiny tokenizer splits at spaces): a single or paired edit gains nothing until all
+    three tokens stand together, so without phrase moves SEA seldom finds them; with them, nearly always."""
+    reward = RewardMix([(LexiconReward(lm.tokenizer, {"frisbee park river": 1.0, "onion cry knife": 1.0}), 20.0)])
+    assert reward.phrases() == [[tuple(lm.tokenizer("frisbee park river", add_special_tokens=False)["input_ids"])],
+                                [tuple(lm.tokenizer("onion cry knife", add_special_tokens=False)["input_ids"])]]
+    found = {}
+    for phrase_moves in (True, False):
+        results = [engine.run([_job(make_prompt("tell me about tea"), reward, max_tokens=10, chains=2, steps=6, seed=seed,
+                                    phrase_moves=phrase_moves)])[0] for seed in range(6)]
+        found[phrase_moves] = sum(round(result.reward / 20.0) for result in results)  # words in the returned answers, of 12
+        for result in results:
+            _assert_energies_only_fall_and_are_exact(lm, engine, make_prompt("tell me about tea"), reward, result, length=10)
+    assert found[True] >= 10 and found[False] <= 4, found
+
+
 def test_discrete_chains_start_from_the_best_initial_samples(lm, engine, make_prompt):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     job = _job(make_prompt("what is a boat"), reward, max_tokens=6, chains=2, steps=0, seed=4, init_samples=8, select="energy",

@@ -42,6 +42,9 @@ def test_move_application():
     assert apply(tokens, Move("pair", 2, (98, 99), 0.0)).tolist() == [10, 11, 98, 99]
     assert apply(tokens, Move("pair", 3, (98, 99), 0.0)).tolist() == [10, 11, 12, 98]
     assert apply(tokens, Move("insert", 1, (99,), 0.0)).tolist() == [10, 99, 11, 12]
+    assert apply(tokens, Move("insert", 1, (98, 99), 0.0)).tolist() == [10, 98, 99, 11]
+    assert apply(tokens, Move("insert", 3, (97, 98, 99), 0.0)).tolist() == [10, 11, 12, 97]
+    assert apply(tokens, Move("phrase", 1, (97, 98, 99), 0.0)).tolist() == [10, 97, 98, 99]
     assert tokens.tolist() == [10, 11, 12, 13]
 
 
@@ -74,3 +77,19 @@ def test_the_first_swap_follows_the_softmax_of_the_scores_at_the_noise_temperatu
         counts[move.position, move.tokens[0]] += 1
     expected = torch.softmax((-scores / temperature).scatter(-1, tokens[:, None], -torch.inf).flatten(), 0).view(2, 4)
     assert torch.allclose(counts / draws, expected, atol=0.01)
+
+
+def test_a_missing_phrase_is_written_whole_where_its_tokens_are_estimated_to_cost_least():
+    """Chain 0 lacks both words: each is offered (written over, and inserted) at the start with the lowest summed
+    estimate of its tokens, over its spellings, best first; chain 1 already holds (5, 6) and only counts 3 positions."""
+    scores = torch.zeros(2, 5, 10)
+    scores[:, 2, 5] = scores[:, 3, 6] = -4.0  # (5, 6) is cheapest at position 2
+    scores[:, 0, 7] = -1.0  # the spelling (7, 8, 9) is cheapest at 0, (8, 9) at 3 (estimate 0): the first wins
+    tokens = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 1, 2, 3]])
+    moves = propose_chains(scores, tokens, [5, 3], 8, 0.0, torch.Generator(), [set(), set()], phrases=[[(5, 6)], [(8, 9), (7, 8, 9)]])
+    phrased = [m for m in moves[0] if len(m.tokens) > 1 and m.kind != "pair"]
+    assert phrased[:2] == [Move("phrase", 2, (5, 6), -8.0), Move("insert", 2, (5, 6), -8.0)]
+    held = [m for m in moves[1] if len(m.tokens) > 1 and m.kind != "pair"]
+    assert all(m.tokens == (7, 8, 9) and m.position == 0 for m in held)  # (5, 6) is there; (7, 8, 9) fits only at 0
+    plain = propose_chains(scores, tokens, [5, 3], 8, 0.0, torch.Generator(), [set(), set()])
+    assert all(m.kind in ("swap", "pair", "insert") and (len(m.tokens) == 1 or m.kind == "pair") for chain in plain for m in chain)

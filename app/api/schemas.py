@@ -99,6 +99,8 @@ class SEAParams(StrictRequest):
                                       "gets no more edits; when no chain has, draw 2×chains fresh samples (as `init` does) instead; each that "
                                       "beats a chain replaces the worst. null: never.")
     proposal: Literal["gradient", "lm"] = Field("gradient", description="discrete: rank edits by the straight-through gradient, or by the LM alone (ablation).")
+    phrase_moves: bool = Field(True, description="discrete: also propose writing a missing multi-token keyword whole (no single-token "
+                               "edit can: each of its tokens gains only beside the others); accepted only if the exact energy drops.")
     step_size: float = Field(0.3, ge=0, le=100, allow_inf_nan=False, description="logits: step size of the logit update.")
     noise: float = Field(0.05, ge=0, le=100, allow_inf_nan=False,
                          description="logits: std of the noise on the logits; discrete: temperature (nats) of the proposal noise.")
@@ -159,6 +161,7 @@ class SEAParams(StrictRequest):
             candidates=self.candidates,
             restart_after=self.restart_after,
             proposal=self.proposal,
+            phrase_moves=self.phrase_moves,
             args_top_k=self.args_top_k,
             beams=self.beams,
             successors=self.successors,

@@ -300,7 +300,7 @@ def tick(engine, states: list) -> None:
                                  state.table[which] if state.config.proposal == "lm" else None, tokens)
             drawn = propose_chains(scores, tokens, [int(state.counted[c]) for c in chains],
                                    min(state.config.candidates, affordable), temperature, state.generator,
-                                   [state.tried[c] for c in chains], state.config.max_estimate)
+                                   [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state))
             for c, moves in zip(chains, drawn):
                 for move in moves:
                     per_state.append(apply(state.tokens[c], move))
@@ -351,6 +351,15 @@ def tick(engine, states: list) -> None:
             no_moves = False
         if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
             state.done = True
+
+
+def _phrases(state) -> list[list[tuple[int, ...]]]:
+    """The multi-token words the request's reward pays for, when its proposals are gradient-ranked and it counts the
+    reward (the ablations that drop either keep their plain moves)."""
+    config = state.config
+    if not (config.phrase_moves and config.proposal == "gradient" and config.use_reward and config.alpha > 0):
+        return []
+    return state.job.reward.phrases()
 
 
 def _take(state, chain: int, scored, index: int, step: int) -> None:

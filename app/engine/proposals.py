@@ -9,6 +9,12 @@ drawn by ``Δ`` with Gumbel noise (temperature = the Langevin noise), evaluated 
 batched forward pass, and the best is accepted only if it lowers the exact energy. Moves: swaps,
 pairs of adjacent swaps (so a two-token word can appear in one move), and insertions (a word can be
 added without overwriting its neighbour).
+
+A reward may name token sequences it pays for as a whole (a word-list reward: each word's multi-token
+spellings). No single-token edit can bring such a word in: under the straight-through gradient each of its
+tokens gains only when the others already stand beside it, so the first-order ranking never puts its pieces
+together. For each one missing from a chain, a phrase move writes it (or inserts it) whole where the gradient
+estimates it costs least; like every move, it is accepted only if the exact energy drops.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ EDITS_PER_POSITION = 64  # the edits per position, best first by their estimate,
 
 @dataclass(frozen=True)
 class Move:
-    kind: str  # "swap", "pair" or "insert"
+    kind: str  # "swap", "pair", "insert" (its tokens pushed in before position), or "phrase" (its tokens written from position)
     position: int
     tokens: tuple[int, ...]
     estimate: float  # first-order energy change (nats; lower is better)
@@ -51,9 +57,10 @@ def propose(
     generator: torch.Generator,
     tried: set[Move],
     max_estimate: float = math.inf,
+    phrases: list[list[tuple[int, ...]]] = (),
 ) -> list[Move]:
     """Up to ``budget`` distinct untried moves of one chain: :func:`propose_chains` for a single chain."""
-    return propose_chains(scores[None], tokens[None], [counted], budget, temperature, generator, [tried], max_estimate)[0]
+    return propose_chains(scores[None], tokens[None], [counted], budget, temperature, generator, [tried], max_estimate, phrases)[0]
 
 
 def propose_chains(
@@ -65,6 +72,7 @@ def propose_chains(
     generator: torch.Generator,
     tried: list[set[Move]],
     max_estimate: float = math.inf,
+    phrases: list[list[tuple[int, ...]]] = (),
 ) -> list[list[Move]]:
     """Per chain, up to ``budget`` distinct untried moves, drawn by estimated gain with Gumbel noise.
 
@@ -72,7 +80,8 @@ def propose_chains(
     part (up to its first stop). The noise and the ranking run on all chains at once; only picking moves out of each
     chain's short ranked lists is per chain. Moves whose first-order estimate is above ``max_estimate`` nats are
     not worth an exact evaluation. About half the budget goes to single swaps, a quarter to adjacent pairs and a
-    quarter to insertions.
+    quarter to insertions; with ``phrases`` (per rewarded word, its spellings of two or more tokens), a quarter first
+    to writing or inserting a missing word whole (:func:`phrase_moves`).
     """
     chains, length, vocab = scores.shape
     spans = [max(1, min(n, length)) for n in counted]
@@ -100,14 +109,48 @@ def propose_chains(
     exact_best = estimates.gather(-1, best[..., None])[..., 0].tolist()
     pair_order = torch.argsort(best_value[:, :-1] + best_value[:, 1:]).tolist() if span > 1 else [[] for _ in range(chains)]
     insert_order = torch.argsort(best_value).tolist()
+    phrased = phrase_moves(scores, tokens, spans, phrases)
     return [
         _pick(spans[c], budget, tried[c], max_estimate, zip(swap_positions[c], swap_tokens[c], swap_estimates[c]),
-              best_token[c], exact_best[c], pair_order[c], insert_order[c])
+              best_token[c], exact_best[c], pair_order[c], insert_order[c], phrased[c])
         for c in range(chains)
     ]
 
 
-def _pick(span, budget, tried, max_estimate, swaps, best_token, exact_best, pair_order, insert_order) -> list[Move]:
+def phrase_moves(scores: Tensor, tokens: Tensor, spans: list[int], phrases: list[list[tuple[int, ...]]]) -> list[list[Move]]:
+    """Per chain, for each word of ``phrases`` it lacks: its spelling and place with the lowest first-order estimate
+    (the sum of its tokens' single-edit estimates there), written over the tokens there and inserted before them;
+    all chains' moves best first."""
+    chains, length, _ = scores.shape
+    rows = tokens.tolist()
+    moves: list[list[Move]] = [[] for _ in range(chains)]
+    limit = torch.tensor(spans, device=scores.device)[:, None]
+    for spellings in phrases:
+        best: list[tuple[float, int, tuple[int, ...]]] = [(math.inf, 0, ())] * chains
+        for spelling in spellings:
+            k = len(spelling)
+            if k > length:
+                continue
+            starts = length - k + 1
+            columns = scores[:, :, list(spelling)]  # (C, L, k)
+            estimate = sum(columns[:, j : j + starts, j] for j in range(k))  # (C, starts)
+            estimate = estimate.masked_fill(torch.arange(starts, device=scores.device)[None, :] + k > limit, math.inf)
+            value, where = estimate.min(-1)
+            for c, (v, t) in enumerate(zip(value.tolist(), where.tolist())):
+                if v < best[c][0]:
+                    best[c] = (v, t, spelling)
+        for c, (estimate, t, spelling) in enumerate(best):
+            if math.isfinite(estimate) and not any(_holds(rows[c][: spans[c]], s) for s in spellings):
+                moves[c] += [Move("phrase", t, spelling, estimate), Move("insert", t, spelling, estimate)]
+    return [sorted(chain_moves, key=lambda move: move.estimate) for chain_moves in moves]
+
+
+def _holds(row: list[int], spelling: tuple[int, ...]) -> bool:
+    k = len(spelling)
+    return any(tuple(row[t : t + k]) == spelling for t in range(len(row) - k + 1))
+
+
+def _pick(span, budget, tried, max_estimate, swaps, best_token, exact_best, pair_order, insert_order, phrased) -> list[Move]:
     """One chain's moves from its ranked lists (plain Python over a few dozen entries)."""
     moves: list[Move] = []
     seen: set[tuple] = set()
@@ -120,6 +163,9 @@ def _pick(span, budget, tried, max_estimate, swaps, best_token, exact_best, pair
             moves.append(move)
         return sum(m.kind == move.kind for m in moves) >= quota or len(moves) >= budget
 
+    for move in phrased:
+        if add(move, max(1, budget // 4)):
+            break
     swaps = [Move("swap", t, (v,), estimate) for t, v, estimate in swaps if t < span]
     for move in swaps:
         if add(move, max(1, budget // 2)):
@@ -139,12 +185,13 @@ def _pick(span, budget, tried, max_estimate, swaps, best_token, exact_best, pair
 
 
 def apply(tokens: Tensor, move: Move) -> Tensor:
-    """The token sequence after ``move`` (same length: an insertion pushes the last token out)."""
+    """The token sequence after ``move`` (same length: an insertion pushes the last tokens out)."""
     out = tokens.clone()
     t = move.position
     if move.kind == "insert":
-        out[t + 1 :] = tokens[t:-1].clone()
-        out[t] = move.tokens[0]
+        k = min(len(move.tokens), tokens.shape[0] - t)
+        out[t + k :] = tokens[t : tokens.shape[0] - k].clone()
+        out[t : t + k] = torch.tensor(move.tokens[:k], dtype=tokens.dtype, device=tokens.device)
     else:
         new = torch.tensor(move.tokens, dtype=tokens.dtype, device=tokens.device)[: tokens.shape[0] - t]
         out[t : t + len(new)] = new

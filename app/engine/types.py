@@ -30,6 +30,7 @@ class SEAConfig:
     # one (None: never park or restart; needs init "sample")
     restart_after: int | None = 2
     proposal: Literal["gradient", "lm"] = "gradient"  # discrete: rank edits by the STE gradient, or by the LM alone (ablation)
+    phrase_moves: bool = True  # discrete: also propose writing a missing multi-token rewarded word whole (proposals.py)
     max_estimate: float = 0.0  # discrete: only edits whose first-order energy change is at most this (nats) are scored
     max_compute: int | None = None  # discrete: stop before a step would push compute (Usage.compute, less the prompt's) past this
     step_size: float = 0.3  # logits: learning rate of the logit update
