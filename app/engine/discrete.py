@@ -434,10 +434,9 @@ def _gradients(engine, needs: list) -> None:
         index = torch.tensor(chains, dtype=torch.long, device=state.tokens.device)
         passes = passes_per_row(state.spec) * len(chains)
         state.usage.forward_token_passes += passes
+        grad = None  # the gradient-free ablation has none: the table drives its proposals
         if state.config.proposal == "gradient":  # not with_grad: an LM-ranked request's usage must not depend on its batch mates
             state.usage.backward_token_passes += passes
-        grad = None  # the gradient-free ablation has none: the table drives its proposals
-        if state.config.proposal == "gradient":
             grad = scored.grad[rows, :own]
             finite = torch.isfinite(grad.sum((1, 2)))  # one read of the (C, L, V) gradient; a sum overflows only past 1e38
             if not bool(finite.all()):

@@ -122,8 +122,10 @@ def phrase_moves(scores: Tensor, tokens: Tensor, spans: list[int], phrases: list
     (the sum of its tokens' single-edit estimates there), written over the tokens there and inserted before them;
     all chains' moves best first."""
     chains, length, _ = scores.shape
-    rows = tokens.tolist()
     moves: list[list[Move]] = [[] for _ in range(chains)]
+    if not phrases:  # most rewards: no reading of the tokens back to the host
+        return moves
+    rows = tokens.tolist()
     limit = torch.tensor(spans, device=scores.device)[:, None]
     for spellings in phrases:
         best: list[tuple[float, int, tuple[int, ...]]] = [(math.inf, 0, ())] * chains

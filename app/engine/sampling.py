@@ -181,23 +181,22 @@ def sample_groups(
     log_probs = batch.first_log_probs  # (batch rows, V)
     start = 0
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    if given is not None and given_repeats > 1:
-        if len(owners) != rows or given.shape[0] * given_repeats != rows:
-            raise ValueError("shared given rows need one row per given_repeats drawn rows and no guide prompts")
-        given_rows = torch.arange(0, rows, given_repeats, device=device)  # the first row of each given row's share
-    else:
-        given_rows = owner
+    if given is not None and given_repeats > 1 and (len(owners) != rows or given.shape[0] * given_repeats != rows):
+        raise ValueError("shared given rows need one row per given_repeats drawn rows and no guide prompts")
+    shared_given = given  # (rows / given_repeats, g): each row runs once
+    if given is not None:
+        given = given.repeat_interleave(given_repeats, 0)  # (rows, g)
     if given is not None and given.shape[1] > 0:
         start = given.shape[1]
         mask = torch.cat([mask, torch.ones(len(owners), start, dtype=mask.dtype, device=device)], dim=1)
         positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
         if given_repeats > 1:
-            shared = cache_over([k[given_rows] for k in batch.keys], [v[given_rows] for v in batch.values])
-            out = backbone(inputs_embeds=embed(given), attention_mask=mask[given_rows], use_cache=True,
-                           **with_cache(backbone, shared), position_ids=positions[given_rows])
+            first = torch.arange(0, rows, given_repeats, device=device)  # the first row of each given row's share
+            shared = cache_over([k[first] for k in batch.keys], [v[first] for v in batch.values])
+            out = backbone(inputs_embeds=embed(shared_given), attention_mask=mask[first], use_cache=True,
+                           **with_cache(backbone, shared), position_ids=positions[first])
             cache = cache_over([layer.keys.repeat_interleave(given_repeats, 0) for layer in shared.layers],
                                [layer.values.repeat_interleave(given_repeats, 0) for layer in shared.layers])
-            given = given.repeat_interleave(given_repeats, 0)
             hidden = out.last_hidden_state[:, -1].repeat_interleave(given_repeats, 0)
         else:
             out = backbone(inputs_embeds=embed(given[owner]), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
@@ -205,8 +204,6 @@ def sample_groups(
             hidden = out.last_hidden_state[:, -1]
         log_probs = F.log_softmax(head(hidden).float(), dim=-1)
         finished |= torch.isin(given, stop_ids).any(1)
-    elif given is not None:
-        given = given.repeat_interleave(given_repeats, 0)
     passes = [g.n * start * w // given_repeats for g, w in zip(groups, width)]
     longest = max(g.max_tokens for g in groups)
     tokens = torch.full((rows, longest), int(stop_ids[0]), dtype=torch.long, device=device)

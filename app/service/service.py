@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 WORKER_STOPPED = "the engine worker stopped; the service needs a restart"
 
+
 @contextlib.contextmanager
 def _shared_store_errors():
     """Redis unreachable: 503 with Retry-After, the details in the log."""

@@ -382,9 +382,7 @@ class SharedJobs:
                 if not claim:
                     continue
                 if not self._claiming or self._is_draining():  # the drain began while BLMOVE waited: let another replica run it
-                    await self._scripts["release"](
-                        keys=[self.key("job", job_id), self.key("events", job_id), claimed_key, self.key("queue")],
-                        args=[job_id, self.replica, int(claim[0]), self.key("wake")])
+                    await self._hand_back(job_id, int(claim[0]))
                     log.info("job %s: claimed as this replica began to drain; handed back to the shared queue", job_id)
                     continue
                 self._start(job_id, int(claim[0]), json.loads(claim[1]), float(claim[2]))
@@ -412,6 +410,13 @@ class SharedJobs:
         job.listeners.append(self._on_event)
         log.info("job %s: claimed (attempt %d)", job_id, attempt)
         self.worker.submit(job, bounded=False)
+
+    async def _hand_back(self, job_id: str, attempt: int) -> bool:
+        """Put a job this replica holds back at the front of the shared queue, its attempt not counted; False when it
+        is no longer this replica's (its lease lapsed and another replica took it)."""
+        return bool(await self._scripts["release"](
+            keys=[self.key("job", job_id), self.key("events", job_id), self.key("claimed", self.replica), self.key("queue")],
+            args=[job_id, self.replica, attempt, self.key("wake")]))
 
     def _on_event(self, job: Job, event: dict) -> None:
         self._writes.put_nowait((job, event))
@@ -443,8 +448,7 @@ class SharedJobs:
         del self._running[job.id]
         job.listeners.remove(self._on_event)
         if job.error_kind == "shutdown":  # this replica is going away: let another one run it
-            done = await self._scripts["release"](keys=[*keys, self.key("queue")],
-                                                  args=[job.id, self.replica, running.attempt, self.key("wake")])
+            done = await self._hand_back(job.id, running.attempt)
             log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
             return
         result = result_to_json(job.result) if job.result is not None else ""
