@@ -427,6 +427,21 @@ def test_select_by_energy_returns_lowest_energy_chain(lm, engine, make_prompt):
     assert result.energy == min(c.energy for c in result.chains)
 
 
+def test_equal_rewards_go_to_the_chain_that_reads_best_per_token():
+    """A word-list reward ties often; the energy's sum over tokens would favour a short fragment holding the same
+    words (here: lower energy, worse per token), so the tie goes to log pi_ref per token."""
+    from app.engine.types import ChainResult, StepStats, best_chain
+
+    def chain(reward, log_prob, counted, energy=0.0):
+        return ChainResult("", [], reward, log_prob, energy, 0, StepStats(energy, reward, log_prob, 0.0, True), [], counted)
+
+    fragment, sentence, poorer = chain(50.0, -30.0, 4, energy=-20.0), chain(50.0, -60.0, 24, energy=10.0), chain(25.0, -20.0, 24)
+    assert best_chain([fragment, sentence, poorer], "reward") == 1
+    assert best_chain([poorer, sentence, fragment], "reward") == 1
+    assert best_chain([fragment, sentence, poorer], "energy") == 0
+    assert best_chain([chain(50.0, -60.0, 24, energy=math.nan), fragment], "reward") == 1  # non-finite never wins
+
+
 class _NaNAfterFirstScore:
     """A reward that is finite for the initial chains and NaN afterwards."""
 

@@ -38,8 +38,8 @@ def _chain(engine, state, tokens: torch.Tensor) -> ChainResult:
     scored = evaluate(engine.lm, [spec], engine.stop_ids, tokens[None])
     state.usage.forward_token_passes += passes_per_row(spec)
     stats = StepStats(float(scored.energy[0]), float(scored.reward[0]), float(scored.log_prob_ref[0]), 0.0, bool(torch.isfinite(scored.energy[0])))
-    text, _, _ = engine.text_of(tokens)
-    return ChainResult(text, tokens.tolist(), stats.reward, stats.log_prob_ref, stats.energy, 0, stats, [])
+    text, counted, _ = engine.text_of(tokens)
+    return ChainResult(text, tokens.tolist(), stats.reward, stats.log_prob_ref, stats.energy, 0, stats, [], counted)
 
 
 def _partial_rewards(engine, state, tokens: torch.Tensor, token_log_prob_ref: torch.Tensor) -> torch.Tensor:
@@ -175,8 +175,8 @@ def run_best_of_n(engine, state) -> AlignResult:
             for row in range(n):
                 stats = StepStats(float(scored.energy[row]), float(scored.reward[row]), float(scored.log_prob_ref[row]), 0.0,
                                   bool(torch.isfinite(scored.energy[row])))
-                text, _, _ = engine.text_of(samples.tokens[row])
+                text, counted, _ = engine.text_of(samples.tokens[row])
                 chains.append(ChainResult(text, samples.tokens[row].tolist(), stats.reward, stats.log_prob_ref,
-                                          stats.energy, 0, stats, []))
+                                          stats.energy, 0, stats, [], counted))
     chosen = best_chain(chains, config.select)
     return engine.finish(state, chains, chosen, config.method)

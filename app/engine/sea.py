@@ -346,7 +346,7 @@ class Engine:
         config = state.config
         chains = []
         for c in range(state.chains):
-            text, _, _ = self.text_of(state.best_tokens[c])
+            text, counted, _ = self.text_of(state.best_tokens[c])
             chains.append(
                 ChainResult(
                     text=text,
@@ -357,6 +357,7 @@ class Engine:
                     best_step=int(state.best_step[c]),
                     initial=state.initial[c],
                     trace=state.traces[c],
+                    counted=counted,
                 )
             )
         chosen = best_chain(chains, config.select)

@@ -95,13 +95,21 @@ class ChainResult:
     best_step: int  # 0 = the initial sample
     initial: StepStats
     trace: list[StepStats] = field(default_factory=list)
+    counted: int = 1  # tokens that count (up to and including the first stop)
+
+    @property
+    def log_prob_per_token(self) -> float:
+        return self.log_prob_ref / max(self.counted, 1)
 
 
 def best_chain(chains: list[ChainResult], select: str) -> int:
-    """Index of the chain with the highest reward (or the lowest energy); chains with a non-finite energy never win."""
+    """Index of the chain with the highest reward, among equal rewards the one that reads best per token (log pi_ref
+    per token: a word-list reward ties often, and the energy's sum over tokens would favour a fragment); or of the
+    lowest energy. Chains with a non-finite energy never win."""
     if select == "energy":
         return min(range(len(chains)), key=lambda i: chains[i].energy if math.isfinite(chains[i].energy) else math.inf)
-    return max(range(len(chains)), key=lambda i: chains[i].reward if math.isfinite(chains[i].energy) else -math.inf)
+    return max(range(len(chains)), key=lambda i: (chains[i].reward, chains[i].log_prob_per_token)
+               if math.isfinite(chains[i].energy) else (-math.inf, -math.inf))
 
 
 @dataclass
