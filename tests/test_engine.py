@@ -430,7 +430,7 @@ def test_select_by_energy_returns_lowest_energy_chain(lm, engine, make_prompt):
 def test_equal_rewards_go_to_the_chain_that_reads_best_per_token():
     """A word-list reward ties often; the energy's sum over tokens would favour a short fragment holding the same
     words (here: lower energy, worse per token), so the tie goes to log pi_ref per token."""
-    from app.engine.types import ChainResult, StepStats, best_chain
+    from app.engine.types import ChainResult, StepStats, best_chain, chain_order
 
     def chain(reward, log_prob, counted, energy=0.0):
         return ChainResult("", [], reward, log_prob, energy, 0, StepStats(energy, reward, log_prob, 0.0, True), [], counted)
@@ -439,6 +439,7 @@ def test_equal_rewards_go_to_the_chain_that_reads_best_per_token():
     assert best_chain([fragment, sentence, poorer], "reward") == 1
     assert best_chain([poorer, sentence, fragment], "reward") == 1
     assert best_chain([fragment, sentence, poorer], "energy") == 0
+    assert chain_order([fragment, poorer, sentence], "reward") == [2, 0, 1]  # /v1's n choices come in this order
     assert best_chain([chain(50.0, -60.0, 24, energy=math.nan), fragment], "reward") == 1  # non-finite never wins
 
 

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_va
 from app.api.routes import UNAUTHORIZED, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.sea import Engine
-from app.engine.types import AlignResult, ChainResult
+from app.engine.types import AlignResult, ChainResult, chain_order
 from app.errors import BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
@@ -233,7 +233,7 @@ def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[st
 
 def _ranked_chains(result: AlignResult, n: int, select: str) -> list[int]:
     """The chosen chain first, then the others by the same criterion."""
-    order = sorted(range(len(result.chains)), key=lambda i: result.chains[i].energy if select == "energy" else -result.chains[i].reward)
+    order = chain_order(result.chains, select)
     order.remove(result.chosen)
     return [result.chosen, *order][:n]
 

@@ -102,14 +102,21 @@ class ChainResult:
         return self.log_prob_ref / max(self.counted, 1)
 
 
+def chain_order(chains: list[ChainResult], select: str) -> list[int]:
+    """Chain indices best first: by highest reward, among equal rewards the one that reads best per token (log pi_ref
+    per token: a word-list reward ties often, and the energy's sum over tokens would favour a fragment); or by lowest
+    energy. Chains with a non-finite energy come last."""
+    def key(i: int) -> tuple[float, ...]:
+        chain = chains[i]
+        if not math.isfinite(chain.energy):
+            return (math.inf, math.inf)
+        return (chain.energy,) if select == "energy" else (-chain.reward, -chain.log_prob_per_token)
+
+    return sorted(range(len(chains)), key=key)
+
+
 def best_chain(chains: list[ChainResult], select: str) -> int:
-    """Index of the chain with the highest reward, among equal rewards the one that reads best per token (log pi_ref
-    per token: a word-list reward ties often, and the energy's sum over tokens would favour a fragment); or of the
-    lowest energy. Chains with a non-finite energy never win."""
-    if select == "energy":
-        return min(range(len(chains)), key=lambda i: chains[i].energy if math.isfinite(chains[i].energy) else math.inf)
-    return max(range(len(chains)), key=lambda i: (chains[i].reward, chains[i].log_prob_per_token)
-               if math.isfinite(chains[i].energy) else (-math.inf, -math.inf))
+    return chain_order(chains, select)[0]
 
 
 @dataclass
