@@ -443,6 +443,27 @@ def test_equal_rewards_go_to_the_chain_that_reads_best_per_token():
     assert best_chain([chain(50.0, -60.0, 24, energy=math.nan), fragment], "reward") == 1  # non-finite never wins
 
 
+def test_picking_by_reward_starts_chains_from_samples_that_read_well_not_from_short_ones():
+    """Starting samples compete on the energy with the reference term per token over max_tokens when the pick is by
+    reward; by energy, on the energy (SEA then never returns worse than Best-of-N by energy from the same draws)."""
+    import types
+
+    from app.engine.discrete import _start_rank
+
+    def state(select):
+        return types.SimpleNamespace(config=SEAConfig(select=select), spec=types.SimpleNamespace(length=24))
+
+    # a 3-token fragment (-15 nats, -5 a token) and a full answer (-48, -2 a token), both with reward 25, alpha 1
+    log_prob, reward, counted = torch.tensor([-15.0, -48.0]), torch.tensor([25.0, 25.0]), torch.tensor([3, 24])
+    energy = -(log_prob + reward)
+    assert torch.argsort(_start_rank(state("energy"), energy, log_prob, counted)).tolist() == [0, 1]
+    ranks = _start_rank(state("reward"), energy, log_prob, counted)
+    assert torch.argsort(ranks).tolist() == [1, 0]
+    assert ranks.tolist() == pytest.approx([24 * 5.0 - 25, 48 - 25])
+    nan = _start_rank(state("reward"), torch.tensor([math.inf]), torch.tensor([math.nan]), torch.tensor([3]))
+    assert nan.tolist() == [math.inf]
+
+
 class _NaNAfterFirstScore:
     """A reward that is finite for the initial chains and NaN afterwards."""
 

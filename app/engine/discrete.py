@@ -138,10 +138,10 @@ def _score_drawn(engine, states: list, drawn: list[Drawn]) -> tuple[Evaluation, 
 
 
 def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
-    """Make the ``chains`` lowest-energy rows of the scored initial samples the state's chains."""
+    """Make the ``chains`` best rows of the scored initial samples (by :func:`_start_rank`) the state's chains."""
     chains = state.chains
     energy = torch.where(torch.isfinite(energy), energy, torch.full_like(energy, math.inf))
-    keep = torch.argsort(energy)[:chains]
+    keep = torch.argsort(_start_rank(state, energy, log_prob, mask.sum(1)))[:chains]
     state.tokens = tokens[keep].clone()
     state.initial_tokens = state.tokens.clone()
     state.best_tokens = state.tokens.clone()
@@ -161,6 +161,17 @@ def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
     state.stale = set(range(chains))  # every chain needs a gradient pass
     state.step = 0
     state.done = state.config.steps == 0
+
+
+def _start_rank(state, energy: torch.Tensor, log_prob: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """How samples compete for a chain (at the start and at restarts), lower first. Picking by energy: the energy.
+    Picking by reward: the energy with the reference term taken per token over the whole ``max_tokens``, as if a
+    sample that ends early went on as fluently; the energy sums over tokens, so a few-token fragment would otherwise
+    start a chain for being short, and edits rarely change a chain's length."""
+    if state.config.select == "energy" or not state.config.use_reference:
+        return energy
+    rank = energy - (state.spec.length / counted.clamp(min=1) - 1) * log_prob
+    return torch.where(torch.isfinite(rank), rank, torch.full_like(rank, math.inf))
 
 
 def _left(state) -> float:
@@ -403,9 +414,11 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
     replaced: dict[int, set[int]] = {}
     for state, rows in zip(states, slices):
         state.candidate_rows = rows.stop - rows.start
-        for index in (rows.start + torch.argsort(energies[rows])).tolist():
-            worst = int(torch.argmax(state.best_energy))
-            if float(energies[index]) < float(state.best_energy[worst]) - 1e-6:
+        ranks = _start_rank(state, energies[rows], scored.log_prob_ref[rows], scored.mask[rows].sum(1))
+        for index in (rows.start + torch.argsort(ranks)).tolist():
+            current = _start_rank(state, state.best_energy, state.best_log_prob, state.counted.to(state.best_energy.dtype))
+            worst = int(torch.argmax(current))
+            if float(ranks[index - rows.start]) < float(current[worst]) - 1e-6:
                 _take(state, worst, scored, index, state.step + 1)
                 state.initial_tokens[worst] = state.tokens[worst]  # the chain starts again from this sample
                 state.initial[worst] = StepStats(float(state.best_energy[worst]), float(state.best_reward[worst]),
