@@ -572,6 +572,31 @@ def test_phrase_moves_bring_in_words_of_several_tokens(lm, engine, make_prompt):
     assert found[True] >= 10 and found[False] <= 4, found
 
 
+def test_discrete_top_k_edits_only_to_the_reference_top_k(lm, engine, make_prompt):
+    """With top_k, an edit puts at its first changed position one of the reference's top-k tokens there (the
+    context before it is unchanged); without, the reward's gradient leads elsewhere too."""
+    reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["river", "onion"]), 5.0)])
+    prompt = make_prompt("tell me about tea")
+    outside = {}
+    for top_k in (3, None):
+        outside[top_k] = edited = 0
+        for seed in range(5):
+            config = {"max_tokens": 10, "chains": 2, "seed": seed, "top_k": top_k, "restart_after": None, "phrase_moves": False}
+            start = engine.run([_job(prompt, reward, steps=0, **config)])[0]
+            after = engine.run([_job(prompt, reward, steps=1, **config)])[0]
+            for before, chain in zip(start.chains, after.chains):
+                changed = [t for t, (a, b) in enumerate(zip(before.tokens, chain.tokens)) if a != b]
+                if not changed:
+                    continue
+                edited += 1
+                t = changed[0]
+                ids = torch.tensor([prompt.ids + before.tokens[:t]])
+                top = lm.model(ids).logits[0, -1].topk(3).indices.tolist()
+                outside[top_k] += chain.tokens[t] not in top
+        assert edited > 0
+    assert outside[3] == 0 and outside[None] > 0, outside
+
+
 def test_discrete_chains_start_from_the_best_initial_samples(lm, engine, make_prompt):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     job = _job(make_prompt("what is a boat"), reward, max_tokens=6, chains=2, steps=0, seed=4, init_samples=8, select="energy",

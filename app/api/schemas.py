@@ -93,7 +93,8 @@ class SEAParams(StrictRequest):
     update: Literal["discrete", "logits"] = Field(
         "discrete", description="discrete: gradient-ranked token edits accepted on exact energy (default); "
                                 "logits: the paper-literal Langevin update over all logits.")
-    init_samples: int | None = Field(None, ge=1, description="discrete: samples drawn to start from (the best `chains` by energy); default 2×chains.")
+    init_samples: int | None = Field(None, ge=1, description="discrete: samples drawn to start from (the best `chains` by energy; picking by reward, with the "
+                                      "reference term per token, so that a short reply does not start a chain for its length); default 2×chains.")
     candidates: int = Field(4, ge=1, le=64, description="discrete: edits scored exactly per chain per step.")
     restart_after: int | None = Field(2, ge=1, le=1000, description="discrete: a chain that has not improved for this many steps "
                                       "gets no more edits; when no chain has, draw 2×chains fresh samples (as `init` does) instead; each that "
@@ -106,7 +107,8 @@ class SEAParams(StrictRequest):
                          description="logits: std of the noise on the logits; discrete: temperature (nats) of the proposal noise.")
     noise_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="How the noise anneals over the steps.")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Direction of the logit update.")
-    top_k: int | None = Field(None, ge=1, le=1000, description="Decode each position among the reference model's top-k (COLD-style).")
+    top_k: int | None = Field(None, ge=1, le=1000, description="Keep each position among the reference model's top-k there (COLD-style): "
+                                 "logits, the softmax; discrete, the edits.")
     init: Literal["guided", "sample", "random"] = Field(
         "guided", description="Start chains from guided samples (each token drawn from the reference tilted by the "
                               "contrastive rewards' per-token terms, among its top `guide_top_k`; base samples when no "

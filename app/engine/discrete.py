@@ -21,7 +21,7 @@ import math
 import torch
 
 from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, passes_per_row, token_tilt
-from app.engine.proposals import apply, edit_scores, propose_chains
+from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
 from app.engine.sampling import SampleGroup, Tilt, sample_groups
 from app.engine.types import StepStats
 from models.lm import ResponseMemory, Reuse
@@ -309,6 +309,8 @@ def tick(engine, states: list) -> None:
             tokens = state.tokens[which]
             scores = edit_scores(state.grad[which] if state.config.proposal == "gradient" else None,
                                  state.table[which] if state.config.proposal == "lm" else None, tokens)
+            if state.config.top_k:
+                scores = within_top_k(scores, state.top_k[which])
             drawn = propose_chains(scores, tokens, [int(state.counted[c]) for c in chains],
                                    min(state.config.candidates, affordable), temperature, state.generator,
                                    [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state))
@@ -436,9 +438,10 @@ def _gradients(engine, needs: list) -> None:
     tokens = torch.cat([torch.nn.functional.pad(s.tokens[chains], (0, length - s.spec.length), value=pad) for s, chains in needs])
     specs = [dataclasses.replace(s.spec, rows=len(chains)) for s, chains in needs]
     with_grad = any(s.config.proposal == "gradient" for s in states)
+    top_k = max((s.config.top_k or 0) for s in states) or None
     with torch.set_grad_enabled(with_grad):
         scored = evaluate(engine.lm, specs, engine.stop_ids, tokens, one_hot_grad=with_grad,
-                          keep_table=any(s.config.proposal == "lm" for s in states), record=True)
+                          keep_table=any(s.config.proposal == "lm" for s in states), top_k=top_k, record=True)
     offset = 0
     for state, chains in needs:
         rows = slice(offset, offset + len(chains))
@@ -462,6 +465,11 @@ def _gradients(engine, needs: list) -> None:
                 if state.grad is None:
                     state.grad = grad.new_zeros(state.chains, *grad.shape[1:])
                 state.grad.index_copy_(0, index, grad)
+        if state.config.top_k:
+            top = scored.ref_top_k[rows, :own, : state.config.top_k]
+            if state.top_k is None:
+                state.top_k = top.new_zeros(state.chains, *top.shape[1:])
+            state.top_k.index_copy_(0, index, top)
         if scored.table is not None and state.table is None:
             state.table = scored.table.new_zeros(state.chains, own, scored.table.shape[-1])
         if state.memories is None:

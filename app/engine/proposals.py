@@ -48,6 +48,13 @@ def edit_scores(grad: Tensor | None, table: Tensor | None, tokens: Tensor) -> Te
     return -(table - table.gather(-1, tokens[..., None]))
 
 
+def within_top_k(scores: Tensor, top: Tensor) -> Tensor:
+    """``scores`` (..., L, V) with every token outside ``top`` (..., L, k), the reference's top-k at each position,
+    ruled out (+inf: never proposed)."""
+    allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+    return scores.masked_fill(~allowed, math.inf)
+
+
 def propose(
     scores: Tensor,
     tokens: Tensor,

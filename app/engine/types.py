@@ -23,7 +23,7 @@ class SEAConfig:
     # "discrete": gradient-informed token edits with exact acceptance (default; app/engine/proposals.py).
     # "logits": the paper-literal update y ← y − step·∇E + noise over all L×V logits.
     update: Literal["discrete", "logits"] = "discrete"
-    init_samples: int | None = None  # discrete: samples drawn to start from (best `chains` by energy); None: 2×chains
+    init_samples: int | None = None  # discrete: samples drawn to start from (best `chains`: discrete._start_rank); None: 2×chains
     candidates: int = 4  # discrete: edits evaluated exactly per chain per step
     # discrete: a chain that has not improved for this many steps is parked (no more edits); when every chain is,
     # a step draws 2×chains fresh base samples instead, and each that beats a chain takes the place of the worst
@@ -37,7 +37,7 @@ class SEAConfig:
     noise: float = 0.05  # logits: std of the noise on the logits; discrete: temperature (nats) of the Gumbel proposal noise
     noise_schedule: Literal["constant", "linear", "cosine"] = "linear"  # annealed towards 0 over the steps
     optimizer: Literal["adam", "sgd"] = "adam"  # logits only
-    top_k: int | None = None  # decode each position among the reference LM's top-k (COLD-style); None: full vocabulary
+    top_k: int | None = None  # each position among the reference LM's top-k there (COLD-style; logits: the softmax, discrete: the edits)
     # "guided": chains start from samples drawn token by token from the reference tilted by the rewards' per-token
     # terms (a contrastive reward; see energy.token_tilt), among its top `guide_top_k`; base samples when the rewards
     # have none. "sample": base samples of the reference (the paper). "random": random tokens or logits.
