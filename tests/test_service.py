@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -369,6 +370,43 @@ def test_drain_past_the_grace_period_reports_unfinished_jobs_failed():
 
     jobs = run(scenario())
     assert all(job.status == JobStatus.failed and job.error_kind == "shutdown" for job in jobs)
+
+
+@pytest.mark.parametrize("stuck_in", ["step", "start"])
+def test_drain_fails_unfinished_jobs_at_the_deadline_even_while_a_step_or_start_runs_on(stuck_in):
+    """The worker thread is inside a step (or a request's start) that outlasts the grace period: the jobs still get
+    their failure (503) at the deadline, not once the thread is free (when the server may have closed their
+    connections)."""
+    release = threading.Event()
+
+    def stuck(states):
+        release.wait(20)
+        return False
+
+    async def scenario():
+        engine = FakeEngine(tick_seconds=0.01, fail_when=stuck if stuck_in == "step" else None)
+        if stuck_in == "start":  # a start that does not look at `abandoned` meanwhile
+            original = engine.start_many
+
+            def start_many(jobs):
+                release.wait(20)
+                return original(jobs)
+
+            engine.start_many = start_many
+        service = await make_service(engine, drain_seconds=0.1)
+        job = await submit(service, "long", steps=3)
+        while job.status != JobStatus.running:
+            await asyncio.sleep(0.01)
+        shutdown = asyncio.create_task(service.shutdown())
+        while not job.status.finished:
+            await asyncio.sleep(0.01)
+        assert not release.is_set() and not shutdown.done()  # the thread is still stuck
+        release.set()
+        await shutdown
+        return job
+
+    job = run(scenario())
+    assert job.status == JobStatus.failed and job.error_kind == "shutdown"
 
 
 def test_every_discrete_option_of_a_request_reaches_the_engine():

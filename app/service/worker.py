@@ -34,8 +34,10 @@ def _deliver(job: Job, last_event: dict | None, result) -> None:
 
 
 def _unwanted(job: Job, now: float | None = None) -> bool:
-    """Whether nobody waits for a job's result any more: cancelled, or past its deadline."""
-    return job.cancel_requested or (job.deadline is not None and (time.monotonic() if now is None else now) > job.deadline)
+    """Whether nobody waits for a job's result any more: cancelled, past its deadline, or already ended (a shutdown
+    fails the jobs still running before the step they are in ends)."""
+    return (job.cancel_requested or job.status.finished
+            or (job.deadline is not None and (time.monotonic() if now is None else now) > job.deadline))
 
 
 class QueueFullError(RuntimeError):
@@ -59,6 +61,7 @@ class EngineWorker:
         self.batch_window = batch_window  # seconds an idle engine waits for more requests before starting (see _gather)
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[tuple[Job, RequestState]] = []
+        self._starting: list[Job] = []  # admitted, drawing their initial samples (not yet active)
         self._cond = threading.Condition()
         self._stopping = False
         self._draining = False
@@ -149,9 +152,13 @@ class EngineWorker:
             leftover = list(self._pending)
             self._pending.clear()
             self._cond.notify_all()
+        # Fail what is left before joining: the thread may be inside a long step, and a waiter must get its 503
+        # while its connection is open (a job that the step finishes meanwhile keeps this first ending).
+        for job in leftover + list(self._starting) + [job for job, _ in list(self._active)]:
+            self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        for job in leftover + [job for job, _ in self._active]:
+        for job, _ in list(self._active):  # started during the join (the thread admits nothing once stopping)
             self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
         self._active = []
 
@@ -175,7 +182,9 @@ class EngineWorker:
                 admitted = self._admit_locked()
             try:
                 if admitted:
+                    self._starting = admitted
                     self._start(admitted)
+                    self._starting = []
                 self._drop_cancelled()
                 if self._active:
                     self._step()
@@ -187,6 +196,7 @@ class EngineWorker:
                 for job in failing.values():  # finish() ignores a job that already finished
                     self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
                 self._active = []
+                self._starting = []
                 self._update_gauges()
 
     def _gather_locked(self) -> None:
