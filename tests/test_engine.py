@@ -464,6 +464,29 @@ def test_picking_by_reward_starts_chains_from_samples_that_read_well_not_from_sh
     assert nan.tolist() == [math.inf]
 
 
+def test_a_restart_keeps_the_chain_the_pick_by_reward_would_return(lm, engine, make_prompt, monkeypatch):
+    """Samples replace the chain they out-rank most, but never the one the pick would return unless the pick prefers
+    the sample: a short chain holding the top reward ranks worst per token and must not be swapped for less reward."""
+    from app.engine import discrete
+    from app.engine.energy import Evaluation
+
+    length = 12
+    reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["river"]), 1.0)])
+    for sample_reward, kept in ((5.0, [10.0, 5.0]), (12.0, [12.0, 0.0])):
+        state = engine.start(_job(make_prompt("tell me about tea"), reward, max_tokens=length, chains=2, steps=10, seed=0,
+                                  restart_after=1))
+        # chain 0: a 3-token fragment with the top reward (worst per token); chain 1: a full reply without it
+        state.best_reward, state.best_log_prob = torch.tensor([10.0, 0.0]), torch.tensor([-15.0, -30.0])
+        state.best_energy, state.counted = -(state.best_log_prob + state.best_reward), torch.tensor([3, length])
+        drawn = Evaluation(state.tokens[1:2].clone(), torch.ones(1, length), torch.tensor([20.0 - sample_reward]),
+                           torch.tensor([sample_reward]), torch.tensor([-20.0]), None, None, None)
+        with monkeypatch.context() as patch:  # the restart draws this one sample
+            patch.setattr(discrete, "_draw_samples", lambda engine, states, counts, first=False: [None])
+            patch.setattr(discrete, "_score_drawn", lambda engine, states, drawn_samples, drawn=drawn: (drawn, [slice(0, 1)]))
+            discrete._restart(engine, [state])
+        assert state.best_reward.tolist() == kept
+
+
 class _NaNAfterFirstScore:
     """A reward that is finite for the initial chains and NaN afterwards."""
 
@@ -595,6 +618,15 @@ def test_discrete_top_k_edits_only_to_the_reference_top_k(lm, engine, make_promp
                 outside[top_k] += chain.tokens[t] not in top
         assert edited > 0
     assert outside[3] == 0 and outside[None] > 0, outside
+
+
+@pytest.mark.parametrize("update", ["discrete", "logits"])
+def test_a_top_k_past_the_vocabulary_means_the_whole_vocabulary(lm, engine, make_prompt, update):
+    reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["river"]), 5.0)])
+    vocabulary = lm.model.config.vocab_size
+    runs = [engine.run([_job(make_prompt("tell me about tea"), reward, max_tokens=6, chains=2, steps=2, seed=1, update=update,
+                             top_k=top_k)])[0] for top_k in (vocabulary + 5, vocabulary)]
+    assert [c.tokens for c in runs[0].chains] == [c.tokens for c in runs[1].chains]
 
 
 def test_discrete_chains_start_from_the_best_initial_samples(lm, engine, make_prompt):

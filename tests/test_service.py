@@ -409,6 +409,25 @@ def test_drain_fails_unfinished_jobs_at_the_deadline_even_while_a_step_or_start_
     assert job.status == JobStatus.failed and job.error_kind == "shutdown"
 
 
+def test_a_result_crosses_the_shared_store_whole_and_ignores_what_a_newer_replica_adds():
+    import json
+
+    from app.engine.types import chain_order
+    from app.service.shared import result_from_json, result_to_json
+
+    stats = StepStats(0.5, 50.0, -30.0, 0.1)
+    chains = [ChainResult("fragment", [1, 2], 50.0, -30.0, -20.0, 2, stats, [stats], counted=4),
+              ChainResult("sentence", [3, 4], 50.0, -60.0, 10.0, 3, stats, [stats], counted=24)]
+    result = AlignResult("sea", "sentence", 50.0, -60.0, 10.0, 0.4, 1, chains, Usage(3, 24), Timings(total=0.5), "stop")
+    text = result_to_json(result)
+    assert result_from_json(text) == result
+    assert chain_order(result_from_json(text).chains, "reward") == [1, 0]
+    newer = json.loads(text)
+    for chain in newer["chains"]:
+        chain["added_later"] = "a field this version does not know"
+    assert result_from_json(json.dumps(newer)) == result
+
+
 def test_every_discrete_option_of_a_request_reaches_the_engine():
     from app.api.schemas import AlignRequest
 

@@ -416,9 +416,15 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
     replaced: dict[int, set[int]] = {}
     for state, rows in zip(states, slices):
         state.candidate_rows = rows.stop - rows.start
-        ranks = _start_rank(state, energies[rows], scored.log_prob_ref[rows], scored.mask[rows].sum(1))
+        counts = scored.mask[rows].sum(1)
+        ranks = _start_rank(state, energies[rows], scored.log_prob_ref[rows], counts)
         for index in (rows.start + torch.argsort(ranks)).tolist():
             current = _start_rank(state, state.best_energy, state.best_log_prob, state.counted.to(state.best_energy.dtype))
+            if state.config.select == "reward":  # the chain the pick would return goes only for a sample it prefers
+                kept = _picked(state)
+                sample = (float(scored.reward[index]), float(scored.log_prob_ref[index]) / max(float(counts[index - rows.start]), 1.0))
+                if sample <= _pick_key(state, kept):
+                    current[kept] = -math.inf
             worst = int(torch.argmax(current))
             if float(ranks[index - rows.start]) < float(current[worst]) - 1e-6:
                 _take(state, worst, scored, index, state.step + 1)
@@ -427,6 +433,15 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
                                                  float(state.best_log_prob[worst]), 0.0, True)
                 replaced.setdefault(id(state), set()).add(worst)
     return replaced
+
+
+def _pick_key(state, chain: int) -> tuple[float, float]:
+    """What picking by reward compares (types.chain_order): the reward, then log pi_ref per token."""
+    return float(state.best_reward[chain]), float(state.best_log_prob[chain]) / max(int(state.counted[chain]), 1)
+
+
+def _picked(state) -> int:
+    return max(range(state.chains), key=lambda c: _pick_key(state, c) if math.isfinite(float(state.best_energy[c])) else (-math.inf, -math.inf))
 
 
 def _gradients(engine, needs: list) -> None:

@@ -115,7 +115,7 @@ def evaluate(
                 token_log_probs, table = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, return_table=True,
                                                                   key=REFERENCE)
                 table = table[:rows]  # (B, L_max, V)
-                ref_top_k = table.detach().topk(top_k, dim=-1).indices if top_k else None
+                ref_top_k = table.detach().topk(min(top_k, table.shape[-1]), dim=-1).indices if top_k else None
                 table = table.detach() if keep_table else None
             else:
                 token_log_probs = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, key=REFERENCE)

@@ -186,7 +186,7 @@ class Engine:
                 state.timings.langevin += elapsed
                 if state.done:
                     state.result = self.result(state)
-                    state.grad = state.table = state.memories = None
+                    state.grad = state.table = state.memories = state.top_k = None
         states = [s for s in states if s.config.update != "discrete"]
         if not states:
             return

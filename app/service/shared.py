@@ -169,7 +169,9 @@ def result_from_json(text: str) -> AlignResult:
     def stats(d: dict) -> StepStats:
         return StepStats(**d)
 
-    chains = [ChainResult(**{**c, "initial": stats(c["initial"]), "trace": [stats(s) for s in c["trace"]]}) for c in data["chains"]]
+    known = {f.name for f in dataclasses.fields(ChainResult)}  # a result written by a newer replica may hold more
+    chains = [ChainResult(**{**{k: v for k, v in c.items() if k in known}, "initial": stats(c["initial"]),
+                             "trace": [stats(s) for s in c["trace"]]}) for c in data["chains"]]
     return AlignResult(**{**data, "chains": chains, "usage": Usage(**data["usage"]), "timings": Timings(**data["timings"])})
 
 
