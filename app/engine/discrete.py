@@ -23,7 +23,7 @@ import torch
 from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, passes_per_row, token_tilt
 from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
 from app.engine.sampling import SampleGroup, Tilt, sample_groups
-from app.engine.types import StepStats
+from app.engine.types import StepStats, reward_pick
 from models.lm import ResponseMemory, Reuse
 
 # Token-passes that one more forward call is worth when edits are grouped by where their scoring starts
@@ -422,7 +422,7 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
             current = _start_rank(state, state.best_energy, state.best_log_prob, state.counted.to(state.best_energy.dtype))
             if state.config.select == "reward":  # the chain the pick would return goes only for a sample it prefers
                 kept = _picked(state)
-                sample = (float(scored.reward[index]), float(scored.log_prob_ref[index]) / max(float(counts[index - rows.start]), 1.0))
+                sample = reward_pick(float(scored.reward[index]), float(scored.log_prob_ref[index]), int(counts[index - rows.start]))
                 if sample <= _pick_key(state, kept):
                     current[kept] = -math.inf
             worst = int(torch.argmax(current))
@@ -436,8 +436,7 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
 
 
 def _pick_key(state, chain: int) -> tuple[float, float]:
-    """What picking by reward compares (types.chain_order): the reward, then log pi_ref per token."""
-    return float(state.best_reward[chain]), float(state.best_log_prob[chain]) / max(int(state.counted[chain]), 1)
+    return reward_pick(float(state.best_reward[chain]), float(state.best_log_prob[chain]), int(state.counted[chain]))
 
 
 def _picked(state) -> int:

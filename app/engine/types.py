@@ -97,20 +97,22 @@ class ChainResult:
     trace: list[StepStats] = field(default_factory=list)
     counted: int = 1  # tokens that count (up to and including the first stop)
 
-    @property
-    def log_prob_per_token(self) -> float:
-        return self.log_prob_ref / max(self.counted, 1)
+
+def reward_pick(reward: float, log_prob_ref: float, counted: int) -> tuple[float, float]:
+    """What picking by reward compares, higher first: the reward, then log pi_ref per token (a word-list reward ties
+    often, and the energy's sum over tokens would favour a fragment)."""
+    return reward, log_prob_ref / max(counted, 1)
 
 
 def chain_order(chains: list[ChainResult], select: str) -> list[int]:
-    """Chain indices best first: by highest reward, among equal rewards the one that reads best per token (log pi_ref
-    per token: a word-list reward ties often, and the energy's sum over tokens would favour a fragment); or by lowest
-    energy. Chains with a non-finite energy come last."""
+    """Chain indices best first: by :func:`reward_pick`, or by lowest energy. Chains with a non-finite energy come last."""
     def key(i: int) -> tuple[float, ...]:
         chain = chains[i]
         if not math.isfinite(chain.energy):
             return (math.inf, math.inf)
-        return (chain.energy,) if select == "energy" else (-chain.reward, -chain.log_prob_per_token)
+        if select == "energy":
+            return (chain.energy,)
+        return tuple(-value for value in reward_pick(chain.reward, chain.log_prob_ref, chain.counted))
 
     return sorted(range(len(chains)), key=key)
 
