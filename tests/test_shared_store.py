@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,8 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from app.engine.types import SEAConfig
+from app.service.jobs import JobStatus
 from tests.server import ServerProcess, free_port, wait_for
 from tests.tiny import save_tiny_lm, tiny_lm
 
@@ -249,3 +252,76 @@ def test_a_job_redis_did_not_take_is_not_kept_waiting_forever(redis_url):
 
     jobs, mirrored = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert jobs == {} and mirrored == {}
+
+
+def test_a_cancel_whose_message_is_lost_still_stops_the_job_where_it_runs(redis_url):
+    """Pub/sub drops a message sent while the runner resubscribes: the runner reads the job's ``cancel`` flag on
+    its next poll, so the job ends cancelled within a poll instead of running to its last step."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        prefix = "lost-" + uuid.uuid4().hex[:8]
+        engine = FakeEngine(tick_seconds=0.01)
+        runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix)
+        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        asker.shared.stop_claiming()
+        job = await runner.submit(SEAConfig(chains=2, steps=3000), [{"role": "user", "content": "long"}])  # 30 s of ticks
+        while job.status == JobStatus.queued:
+            await asyncio.sleep(0.02)
+        watcher = next(task for task in runner.shared._tasks if task.get_name() == "sea-watcher")
+        watcher.cancel()  # the runner hears no pub/sub message from now on
+        mirror = await asker.shared.lookup(job.id)
+        asked = time.monotonic()
+        asker.cancel(mirror)
+        await asyncio.wait_for(mirror.wait(), 10)
+        took = time.monotonic() - asked
+        steps = len(engine.batches)
+        flag = await asker.shared.redis.hget(asker.shared.key("job", job.id), "cancel")
+        for service in (runner, asker):
+            await service.shutdown()
+        return job, mirror, took, steps, flag
+
+    job, mirror, took, steps, flag = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job.status == JobStatus.cancelled and mirror.status == JobStatus.cancelled
+    assert mirror.error_kind == "cancelled" and json.loads(flag) == {"kind": "cancelled", "reason": "cancelled by the client"}
+    assert steps < 3000 and took < 5
+
+
+def test_a_job_cancelled_while_its_runner_died_ends_as_asked_not_rerun(redis_url):
+    """The reaping and claiming scripts alone: a running job with a ``cancel`` flag whose replica died ends as its
+    cancel asked (cancelled, or failed for a timeout) instead of going back to the queue; one handed back with the
+    flag (a drain) is ended by the claim, not started."""
+    from app.service.shared import SharedJobs
+
+    async def scenario():
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(redis_url, decode_responses=True)
+        prefix = "reap-cancel-" + uuid.uuid4().hex[:8]
+        shared = SharedJobs(client, client, runtime=None, worker=None, prefix=prefix, ttl=60, lease=1.0, max_attempts=3,
+                            max_queue=8, jobs={}, is_draining=lambda: False)
+        await client.sadd(f"{prefix}:replicas", "dead-1")
+        for job_id, kind in (("by-client", "cancelled"), ("timed-out", "timeout")):
+            await client.hset(f"{prefix}:job:{job_id}", mapping={"status": "running", "owner": "dead-1", "attempts": 1, "spec": "{}",
+                                                                  "cancel": json.dumps({"kind": kind, "reason": f"{kind}!"})})
+            await client.lpush(f"{prefix}:claimed:dead-1", job_id)
+        await shared._reap()
+        reaped = {i: await client.hgetall(f"{prefix}:job:{i}") for i in ("by-client", "timed-out")}
+        events = await client.lrange(f"{prefix}:events:by-client", 0, -1)
+        queue_after_reap = await client.lrange(f"{prefix}:queue", 0, -1)
+
+        await client.hset(f"{prefix}:job:handed-back", mapping={"status": "queued", "attempts": 0, "spec": "{}",
+                                                                "cancel": json.dumps({"kind": "cancelled", "reason": "stop"})})
+        await client.lpush(f"{prefix}:claimed:me", "handed-back")
+        claim = await shared._scripts["claim"](keys=[f"{prefix}:job:handed-back", f"{prefix}:events:handed-back", f"{prefix}:claimed:me"],
+                                               args=["handed-back", "me", 60, f"{prefix}:wake"])
+        handed_back = await client.hgetall(f"{prefix}:job:handed-back")
+        claimed = await client.lrange(f"{prefix}:claimed:me", 0, -1)
+        await client.aclose()
+        return reaped, events, queue_after_reap, claim, handed_back, claimed
+
+    reaped, events, queue, claim, handed_back, claimed = asyncio.run(scenario())
+    assert reaped["by-client"]["status"] == "cancelled" and reaped["by-client"]["error"] == "cancelled!"
+    assert reaped["timed-out"]["status"] == "failed" and reaped["timed-out"]["error_kind"] == "timeout"
+    assert events == ['{"event": "end", "status": "cancelled"}'] and queue == []
+    assert claim is None and handed_back["status"] == "cancelled" and handed_back["attempts"] == "0" and claimed == []

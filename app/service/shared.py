@@ -8,18 +8,21 @@ Keys, under the prefix P (``SEA_REDIS_PREFIX``):
 
 - ``P:queue``: queued job ids, pushed on the left, taken from the right (first in, first out).
 - ``P:job:{id}``: a hash: ``spec`` (JSON: messages, engine config, reward options), ``status``, ``owner``
-  (the replica running it), ``attempts``, ``error``, ``error_kind``, ``result`` (JSON), ``created``.
+  (the replica running it), ``attempts``, ``error``, ``error_kind``, ``result`` (JSON), ``created``, and
+  ``cancel`` (JSON kind and reason) once a replica that does not run it was asked to cancel it while it ran.
 - ``P:events:{id}``: the job's events (JSON, the same ones the local SSE stream sends), in order.
 - ``P:claimed:{replica}``: ids a replica has taken. A replica takes a job by moving its id from the queue
   to its claimed list in one command (BLMOVE), so a job is always in one of the two lists until it ends.
 - ``P:alive:{replica}``: the replica's lease, renewed every third of ``SEA_REPLICA_LEASE_SECONDS``;
   ``P:replicas``: replicas that may hold claimed jobs. When a lease lapses, any replica puts the dead
-  one's running jobs back in the queue (or fails them after ``SEA_JOB_MAX_ATTEMPTS`` starts).
+  one's running jobs back in the queue (or fails them after ``SEA_JOB_MAX_ATTEMPTS`` starts, or ends them as
+  their ``cancel`` flag asks).
 - Channels ``P:wake`` (a job id whose events grew) and ``P:cancel`` (a job to stop where it runs).
 
 Every change of a job's state is one Lua script, so two replicas never both finish, requeue or fail the
 same job, and a result from a replica that lost its lease (a long pause) is dropped, not written.
-Pub/sub only wakes replicas up; a periodic poll catches anything a lost message would have missed.
+Pub/sub only wakes replicas up; a periodic poll catches anything a lost message would have missed (a running job's
+``cancel`` flag, a mirror's new events).
 """
 
 from __future__ import annotations
@@ -64,10 +67,33 @@ redis.call('LPUSH', KEYS[1], ARGV[2])
 return 1
 """
 
-# After BLMOVE put the id in this replica's claimed list: start it, unless it was cancelled meanwhile.
-_CLAIM = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then
-  redis.call('LREM', KEYS[2], 0, ARGV[1])
+# End a job without running it (more): its end event, its keys' expiry, a wake-up for mirrors. A cancel ends a job
+# as asked by its ``{kind, reason}``: kind 'cancelled' ends it cancelled; a timeout or shutdown, failed.
+_END_UNRUN = """
+local function end_unrun(job, events, id, status, error, kind, ttl, wake)
+  redis.call('HSET', job, 'status', status, 'error', error, 'error_kind', kind)
+  redis.call('RPUSH', events, '{"event": "end", "status": "' .. status .. '"}')
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', events, ttl)
+  redis.call('PUBLISH', wake, id)
+end
+local function end_cancelled(job, events, id, request, ttl, wake)
+  local final = 'failed'
+  if request['kind'] == 'cancelled' then final = 'cancelled' end
+  end_unrun(job, events, id, final, request['reason'], request['kind'], ttl, wake)
+end
+"""
+
+# After BLMOVE put the id in this replica's claimed list: start it, unless it was cancelled meanwhile, or was
+# cancelled while it ran on a replica that handed it back before it saw the cancel (its ``cancel`` flag).
+_CLAIM = _END_UNRUN + """
+local status = redis.call('HGET', KEYS[1], 'status')
+local cancel = redis.call('HGET', KEYS[1], 'cancel')
+if status == 'queued' and cancel then
+  end_cancelled(KEYS[1], KEYS[2], ARGV[1], cjson.decode(cancel), ARGV[3], ARGV[4])
+end
+if status ~= 'queued' or cancel then
+  redis.call('LREM', KEYS[3], 0, ARGV[1])
   return false
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -105,25 +131,24 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
 
-_CANCEL = """
-local status = redis.call('HGET', KEYS[2], 'status')
+# A queued job ends at once; a running one gets a ``cancel`` flag (JSON kind and reason), which its runner reads
+# when the pub/sub message is lost, and which ends it should its runner stop before seeing it.
+_CANCEL = _END_UNRUN + """
+local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
-  redis.call('LREM', KEYS[1], 0, ARGV[1])
-  local final = 'failed'
-  if ARGV[3] == 'cancelled' then final = 'cancelled' end
-  redis.call('HSET', KEYS[2], 'status', final, 'error', ARGV[2], 'error_kind', ARGV[3])
-  redis.call('RPUSH', KEYS[3], '{"event": "end", "status": "' .. final .. '"}')
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
-  redis.call('PUBLISH', ARGV[4], ARGV[1])
+  redis.call('LREM', KEYS[3], 0, ARGV[1])
+  end_cancelled(KEYS[1], KEYS[2], ARGV[1], {kind = ARGV[3], reason = ARGV[2]}, ARGV[5], ARGV[4])
   return 'finished'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', cjson.encode({kind = ARGV[3], reason = ARGV[2]}))
 end
 return status or 'missing'
 """
 
 # Put back (or fail) every job in a dead replica's claimed list. Atomic, so two replicas reaping the same
 # dead one cannot both requeue a job.
-_REAP = """
+_REAP = _END_UNRUN + """
 local moved = 0
 while true do
   local id = redis.call('RPOP', KEYS[1])
@@ -131,22 +156,22 @@ while true do
   local job = ARGV[1] .. ':job:' .. id
   local events = ARGV[1] .. ':events:' .. id
   local status = redis.call('HGET', job, 'status')
+  local cancel = redis.call('HGET', job, 'cancel')
   if status == 'queued' then
     redis.call('RPUSH', KEYS[2], id)
   elseif status == 'running' then
     local attempts = tonumber(redis.call('HGET', job, 'attempts'))
-    if attempts < tonumber(ARGV[2]) then
+    if cancel then  -- cancelled while its runner was dying: end it as asked
+      end_cancelled(job, events, id, cjson.decode(cancel), ARGV[4], ARGV[3])
+    elseif attempts < tonumber(ARGV[2]) then
       redis.call('HSET', job, 'status', 'queued', 'owner', '')
       redis.call('RPUSH', events, '{"event": "requeued"}')
       redis.call('RPUSH', KEYS[2], id)
+      redis.call('PUBLISH', ARGV[3], id)
     else
-      redis.call('HSET', job, 'status', 'failed', 'error_kind', 'engine',
-                 'error', 'the replica running the job stopped (' .. attempts .. ' attempts)')
-      redis.call('RPUSH', events, '{"event": "end", "status": "failed"}')
-      redis.call('EXPIRE', job, ARGV[4])
-      redis.call('EXPIRE', events, ARGV[4])
+      end_unrun(job, events, id, 'failed', 'the replica running the job stopped (' .. attempts .. ' attempts)', 'engine',
+                ARGV[4], ARGV[3])
     end
-    redis.call('PUBLISH', ARGV[3], id)
   end
   moved = moved + 1
 end
@@ -317,7 +342,7 @@ class SharedJobs:
     async def cancel(self, job: Job, kind: str, reason: str) -> None:
         """Cancel a job this replica does not run: at once if it is queued, else where it runs."""
         outcome = await self._scripts["cancel"](
-            keys=[self.key("queue"), self.key("job", job.id), self.key("events", job.id)],
+            keys=[self.key("job", job.id), self.key("events", job.id), self.key("queue")],
             args=[job.id, reason, kind, self.key("wake"), self.ttl])
         if outcome == "finished":
             await self.catch_up(job)
@@ -380,7 +405,8 @@ class SharedJobs:
                 job_id = await self._claim_redis.blmove(self.key("queue"), claimed_key, 1, "RIGHT", "LEFT")
                 if job_id is None:
                     continue
-                claim = await self._scripts["claim"](keys=[self.key("job", job_id), claimed_key], args=[job_id, self.replica])
+                claim = await self._scripts["claim"](keys=[self.key("job", job_id), self.key("events", job_id), claimed_key],
+                                                     args=[job_id, self.replica, self.ttl, self.key("wake")])
                 if not claim:
                     continue
                 if not self._claiming or self._is_draining():  # the drain began while BLMOVE waited: let another replica run it
@@ -519,6 +545,7 @@ class SharedJobs:
                 if time.monotonic() - last_reap >= reap_every:
                     await self._reap()
                     last_reap = time.monotonic()
+                await self._read_cancels()
                 for job in [j for j in self._jobs.values() if j.id in self._mirrored]:
                     await self.catch_up(job)
                 self.queue_depth.set(await self.queue_length())
@@ -528,6 +555,21 @@ class SharedJobs:
                 self.healthy = False
                 log.exception("Redis unavailable")
             await asyncio.sleep(min(self.lease / 3, POLL_SECONDS))
+
+    async def _read_cancels(self) -> None:
+        """Cancel the jobs run here that another replica asked to stop: the flag the cancel left on the job, for a
+        pub/sub message lost while this replica was (re)subscribing."""
+        running = [r.job for r in self._running.values() if r.job.cancellation is None and not r.job.status.finished]
+        if not running:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in running:
+                pipe.hget(self.key("job", job.id), "cancel")
+            flags = await pipe.execute()
+        for job, flag in zip(running, flags):
+            if flag:
+                request = json.loads(flag)
+                self.worker.cancel(job, request["kind"], request["reason"])
 
     async def _reap(self) -> None:
         for replica in await self.redis.smembers(self.key("replicas")):
