@@ -325,3 +325,33 @@ def test_a_job_cancelled_while_its_runner_died_ends_as_asked_not_rerun(redis_url
     assert reaped["timed-out"]["status"] == "failed" and reaped["timed-out"]["error_kind"] == "timeout"
     assert events == ['{"event": "end", "status": "cancelled"}'] and queue == []
     assert claim is None and handed_back["status"] == "cancelled" and handed_back["attempts"] == "0" and claimed == []
+
+
+def test_a_job_claimed_again_while_its_first_run_goes_on_here_runs_once(redis_url):
+    """A pause past the lease: another replica requeues this replica's running job, and this replica claims it again
+    while the first run still goes on. The run carries on as the new attempt: the job runs once and its result is
+    written (under the second attempt), instead of the job entering the batch twice."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        prefix = "reclaim-" + uuid.uuid4().hex[:8]
+        engine = FakeEngine(tick_seconds=0.01)
+        service = await make_service(engine, redis_url=redis_url, redis_prefix=prefix)
+        job = await service.submit(SEAConfig(chains=2, steps=150), [{"role": "user", "content": "paused"}])
+        while job.status == JobStatus.queued:
+            await asyncio.sleep(0.02)
+        client = service.shared.redis
+        # What a reaping replica does to a lapsed replica's running job (the _REAP script's requeue).
+        await client.hset(service.shared.key("job", job.id), mapping={"status": "queued", "owner": ""})
+        await client.lrem(service.shared.key("claimed", service.shared.replica), 0, job.id)
+        await client.rpush(service.shared.key("queue"), job.id)
+        await service.wait(job)
+        await service.shared._writes.join()
+        fields = await client.hgetall(service.shared.key("job", job.id))
+        await service.shutdown()
+        return engine, fields
+
+    engine, fields = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert fields["status"] == "succeeded" and fields["attempts"] == "2" and fields["result"]
+    assert max(batch.count("paused") for batch in engine.batches) == 1, "the job ran twice in one batch"
+    assert sum(batch.count("paused") for batch in engine.batches) == 151

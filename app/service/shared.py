@@ -421,6 +421,13 @@ class SharedJobs:
                 await asyncio.sleep(1.0)
 
     def _start(self, job_id: str, attempt: int, spec: dict, created: float) -> None:
+        if job_id in self._running and not self._running[job_id].job.status.finished:
+            # This replica's lease lapsed (a pause), another replica requeued the job, and this one took it again while
+            # its first run still goes on: that run carries on as the new attempt (submitting the job again would run
+            # it twice and let the first run's end be written under the second attempt).
+            self._running[job_id].attempt = attempt
+            log.info("job %s: claimed again while it still runs here (attempt %d); the run goes on", job_id, attempt)
+            return
         job = self._jobs.get(job_id)
         if job is None or job.status.finished:
             try:
