@@ -113,12 +113,29 @@ def test_job_lifecycle_with_server_sent_events(http):
     run_steps = result["result"]["timings"]["steps"]  # the discrete update may converge before `steps`
     assert 1 <= run_steps <= 4
     assert [s["step"] for s in steps] == list(range(run_steps + 1))
-    assert all(len(s["chains"]) == 2 and "energy" in s["chains"][0] and "pieces" in s["chains"][0] for s in steps)
+    assert all(len(s["chains"]) == 2 and "energy" in s["chains"][0] and "text" in s["chains"][0] for s in steps)
     assert result["status"] == "succeeded"
     chosen = result["result"]["chains"][result["result"]["chosen"]]
     assert chosen["best_step"] <= 4 and result["result"]["text"] == chosen["text"]
     job = http.get(location).json()
     assert job["status"] == "succeeded" and job["result"]["timings"]["steps"] == run_steps
+
+    # A replay of the ended job: the same steps and texts, token pieces only where a replay marks them.
+    with connect_sse(http, "GET", location + "/events") as source:
+        replay = [json.loads(event.data) for event in source.iter_sse() if event.event == "step"]
+    assert [[c["text"] for c in s["chains"]] for s in replay] == [[c["text"] for c in s["chains"]] for s in steps]
+    assert_light(replay, [chain["best_step"] for chain in result["result"]["chains"]])
+
+
+def assert_light(steps: list[dict], best_steps: list[int]) -> None:
+    """An ended job's stored step events: each chain's token pieces at its best step and in the last event only."""
+    stripped = 0
+    for index, event in enumerate(steps):
+        for chain, entry in enumerate(event["chains"]):
+            kept = index == len(steps) - 1 or event["step"] == best_steps[chain]
+            assert ("pieces" in entry) == ("changed_positions" in entry) == kept, (event["step"], chain, best_steps)
+            stripped += not kept
+    assert stripped > 0, "pick a run whose chains have steps other than their best and the last"
 
 
 def test_cancelling_a_long_job(http):

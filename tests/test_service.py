@@ -465,3 +465,27 @@ def test_an_openai_stream_sends_keep_alives_while_its_job_waits_to_start(monkeyp
     assert pieces[0].startswith("data: ") and '"role": "assistant"' in pieces[0]
     assert pieces[1:] == [": keep-alive\n\n", ": keep-alive\n\n"]
     assert job.status == JobStatus.cancelled
+
+
+def test_an_ended_job_keeps_token_pieces_only_where_a_replay_marks_them_and_live_readers_keep_theirs():
+    from app.service.jobs import Job
+
+    async def scenario():
+        job = Job(None, "m", stream_events=True)  # type: ignore[arg-type]
+        entry = {"energy": 1.0, "text": "a b", "pieces": ["a", " b"], "changed_positions": [False, True]}
+        for step in range(4):
+            job.publish({"event": "step", "step": step, "chains": [dict(entry), dict(entry)]})
+        past, live = job.subscribe()
+        stats = StepStats(0.5, 0.1, -0.4, 0.1)
+        chains = [ChainResult("a b", [1, 2], 0.1, -0.4, 0.5, best, stats, []) for best in (1, 3)]
+        job.finish(JobStatus.succeeded, AlignResult("sea", "a b", 0.1, -0.4, 0.5, 0.5, 0, chains, Usage(3, 1), Timings(total=0.01), "stop"))
+        return job, past, [live.get_nowait() for _ in range(live.qsize())]
+
+    job, past, live = asyncio.run(scenario())
+    kept = [[("pieces" in c, "changed_positions" in c, "text" in c) for c in e["chains"]] for e in job.events if e["event"] == "step"]
+    assert kept == [[(False, False, True)] * 2,
+                    [(True, True, True), (False, False, True)],  # chain 0's best step
+                    [(False, False, True)] * 2,
+                    [(True, True, True)] * 2]  # the last step, also chain 1's best
+    assert all("pieces" in c for e in past for c in e["chains"]), "a reader that subscribed before the end got full events"
+    assert [e["event"] for e in live] == ["end"]

@@ -18,12 +18,13 @@ from httpx_sse import connect_sse
 from app.engine.types import SEAConfig
 from app.service.jobs import JobStatus
 from tests.server import ServerProcess, free_port, wait_for
+from tests.test_e2e import assert_light
 from tests.tiny import save_tiny_lm, tiny_lm
 
 redis = pytest.importorskip("redis", reason="the `redis` client is not installed (pip install -e '.[redis]')")
 
 LONG = {"prompt": "tell me about the sun", "update": "logits", "steps": 200, "max_tokens": 8, "chains": 2, "seed": 3}
-SHORT = {"prompt": "a story about the moon", "steps": 3, "max_tokens": 6, "chains": 2, "seed": 1}
+SHORT = {"prompt": "a story about the moon", "steps": 4, "max_tokens": 6, "chains": 2, "seed": 1}
 
 
 def _redis_server_binary() -> str:
@@ -104,6 +105,9 @@ def test_any_replica_answers_for_any_job_and_both_take_from_one_queue(model_fold
             events = [(event.event, event.json()) for event in source.iter_sse()]
         assert events[-1][0] == "result" and events[-1][1]["status"] == "succeeded"
         assert [e for e, _ in events[:-1]] and all(e == "step" for e, _ in events[:-1])
+        stored = [json.loads(raw) for raw in redis.Redis.from_url(redis_url, decode_responses=True).lrange(f"{prefix}:events:{job_id}", 0, -1)]
+        assert stored[-1] == {"event": "end", "status": "succeeded"}
+        assert_light(stored[:-1], [chain["best_step"] for chain in events[-1][1]["result"]["chains"]])
 
         # Four 2-chain jobs posted to A alone, each replica with room for one: B takes some of them.
         ids = [httpx.post(f"{a.url}/jobs", json={**LONG, "steps": 40}, timeout=30).json()["id"] for _ in range(4)]

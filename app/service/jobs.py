@@ -31,6 +31,26 @@ def spawn_background(coro, tasks: set[asyncio.Task]) -> asyncio.Task:
     return task
 
 
+PIECE_KEYS = ("pieces", "changed_positions")
+
+
+def compact_step_events(events: list[dict[str, Any]], best_steps: list[int]) -> dict[int, dict[str, Any]]:
+    """The step events of an ended job to store in a lighter form, by their index: each chain keeps its scores and
+    its text, and its token pieces only where a replay marks them: at the step its returned text comes from
+    (``best_steps``, one per chain; none for a job without a result) and in the last step event. Pieces cost about
+    75 bytes per chain, token and step in memory: 60 MB for a job at the default limits, kept for the job's TTL."""
+    steps = [i for i, event in enumerate(events) if event["event"] == "step"]
+    lighter = {}
+    for i in steps[:-1]:
+        event = events[i]
+        chains = [chain if (k < len(best_steps) and best_steps[k] == event["step"]) or not any(key in chain for key in PIECE_KEYS)
+                  else {key: value for key, value in chain.items() if key not in PIECE_KEYS}
+                  for k, chain in enumerate(event["chains"])]
+        if any(new is not old for new, old in zip(chains, event["chains"])):
+            lighter[i] = {**event, "chains": chains}
+    return lighter
+
+
 class JobStatus(str, Enum):
     queued = "queued"
     running = "running"
@@ -114,6 +134,9 @@ class Job:
         self.error_kind = kind
         self.finished_at = time.monotonic()
         log.info("job %s %s%s", self.id, status.value, f": {error}" if error else "")  # every accepted job ends in the log
+        # New objects, not edits: a subscriber may not have sent the full events yet.
+        for index, event in compact_step_events(self.events, [c.best_step for c in result.chains] if result else []).items():
+            self.events[index] = event
         self.publish({"event": "end", "status": status.value})
         self._done.set()
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Gauge
 
 from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
-from app.service.jobs import Job, JobStatus, spawn_background
+from app.service.jobs import Job, JobStatus, compact_step_events, spawn_background
 
 try:
     from redis.exceptions import RedisError
@@ -108,9 +108,14 @@ local function mine()
 end
 """
 
+# ARGV[12]: the lighter forms of step events (jobs.compact_step_events) as [index, stored, lighter]; each replaces
+# its event only if that is still the one stored.
 _FINISH = _IS_MINE + """
 redis.call('LREM', KEYS[3], 0, ARGV[1])
 if not mine() then return 0 end
+for _, entry in ipairs(cjson.decode(ARGV[12])) do
+  if redis.call('LINDEX', KEYS[2], entry[1]) == entry[2] then redis.call('LSET', KEYS[2], entry[1], entry[3]) end
+end
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'error', ARGV[5], 'error_kind', ARGV[6], 'result', ARGV[7], 'queue_seconds', ARGV[11])
 redis.call('RPUSH', KEYS[2], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[9])
@@ -489,10 +494,19 @@ class SharedJobs:
         result = result_to_json(job.result) if job.result is not None else ""
         done = await self._scripts["finish"](keys=keys, args=[
             job.id, self.replica, running.attempt, job.status.value, job.error or "", job.error_kind or "", result,
-            json.dumps(event), self.ttl, self.key("wake"), repr(job.queue_seconds)])
+            json.dumps(event), self.ttl, self.key("wake"), repr(job.queue_seconds), await self._lighter_events(job)])
         if not done:  # reads of this job now go to Redis, where the retry's state is
             log.warning("job %s: finished here after this replica lost it (lease lapsed); result dropped", job.id)
             self._jobs.pop(job.id, None)
+
+    async def _lighter_events(self, job: Job) -> str:
+        """The stored step events of an ended job to replace with their lighter form, as the local job's were."""
+        if not job.stream_events:
+            return "[]"
+        stored = await self.redis.lrange(self.key("events", job.id), 0, -1)
+        best_steps = [chain.best_step for chain in job.result.chains] if job.result is not None else []
+        lighter = compact_step_events([json.loads(raw) for raw in stored], best_steps)
+        return json.dumps([[index, stored[index], json.dumps(event)] for index, event in lighter.items()])
 
     # ----- wake-ups, cancellations, leases ----------------------------------------------------------
 
