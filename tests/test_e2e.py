@@ -206,6 +206,47 @@ def test_official_openai_client(server):
     assert unknown.value.body["param"] == "sea.stepz"
 
 
+def test_the_openai_client_s_null_and_neutral_fields_and_the_fields_its_errors_name(server):
+    """What the official client sends besides the core fields: null for "not set", fields that change nothing here,
+    and fields this server does not know; and errors that name the field as the request spells it."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    hello, sea = [{"role": "user", "content": "hello"}], {"sea": {"steps": 1}}
+    chat = client.chat.completions.create(model="sea", messages=hello, max_tokens=None, max_completion_tokens=3, n=None, stream=None,
+                                          seed=1, extra_body=sea)
+    assert len(chat.choices) == 1 and chat.usage.completion_tokens <= 3
+    text = client.completions.create(model="sea", prompt="hi", max_tokens=3, echo=None, n=None, stream=None, seed=1, extra_body=sea)
+    assert len(text.choices) == 1
+    same = client.chat.completions.create(model="sea", messages=hello, max_completion_tokens=3, seed=1, metadata={"team": "a"},
+                                          store=False, service_tier="auto", prompt_cache_key="k", safety_identifier="u-1",
+                                          parallel_tool_calls=False, extra_body=sea)
+    assert same.choices[0].message.content == chat.choices[0].message.content
+    streamed = client.chat.completions.create(model="sea", messages=hello, max_completion_tokens=3, seed=1, stream=True,
+                                              stream_options={"include_usage": None, "include_obfuscation": False}, extra_body=sea)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert all(c.usage is None for c in chunks)
+
+    # n raises the server's default chains (4) to n, never lowers it: asking for two answers searches no less.
+    two = client.chat.completions.create(model="sea", messages=hello, max_tokens=3, n=2, seed=1, extra_body=sea)
+    assert len(two.choices) == 2 and len(two.model_extra["sea"]["chains"]) == 4
+    greedy = [client.completions.create(model="sea", prompt="the dog", max_tokens=4, top_p=0, seed=seed,
+                                        extra_body={"sea": {"method": "sample"}}).choices[0].text for seed in (1, 2)]
+    assert greedy[0] == greedy[1], "top_p 0 keeps only the most likely token, whatever the seed"
+
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(model="sea", messages=hello, extra_body={"reasoning_effort": "high"})
+    assert (unknown.value.code, unknown.value.param) == ("unsupported_parameter", "reasoning_effort")
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "the dog " * 2000}], max_tokens=3)
+    assert (long.value.code, long.value.param) == ("context_length_exceeded", "messages")
+    with pytest.raises(openai.BadRequestError) as reward:
+        client.chat.completions.create(model="sea", messages=hello, max_tokens=3, extra_body={"sea": {"reward": {"terms": {"nope": 1}}}})
+    assert reward.value.param == "sea.reward.terms"
+    with pytest.raises(openai.BadRequestError) as ids:
+        client.completions.create(model="sea", prompt=[1, 2, 3], max_tokens=3)
+    assert ids.value.param == "prompt" and "token ids are not supported" in ids.value.message
+
+
 def test_metrics_count_the_calls(http):
     before = metric_samples(http.get("/metrics").text)
     assert http.post("/align", json={"prompt": "hi", "steps": 2, "max_tokens": 3}).status_code == 200

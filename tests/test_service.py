@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -465,6 +466,23 @@ def test_an_openai_stream_sends_keep_alives_while_its_job_waits_to_start(monkeyp
     assert pieces[0].startswith("data: ") and '"role": "assistant"' in pieces[0]
     assert pieces[1:] == [": keep-alive\n\n", ": keep-alive\n\n"]
     assert job.status == JobStatus.cancelled
+
+
+def test_an_openai_stream_reports_a_failure_in_band_with_its_type_and_code():
+    from app.api import openai as v1
+
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.05))
+        body = v1.ChatCompletionRequest(model="sea", messages=[{"role": "user", "content": "hi"}], stream=True)
+        job = await service.submit(SEAConfig(chains=2, steps=200), [{"role": "user", "content": "hi"}], timeout=1)
+        pieces = [piece async for piece in v1._stream(job, body, "reward", [], True, "chatcmpl-1", 0, service)]
+        await service.shutdown()
+        return pieces
+
+    pieces = run(scenario())
+    errors = [json.loads(p.removeprefix("data: "))["error"] for p in pieces if p.startswith("data: {\"error\"")]
+    assert errors == [{"message": errors[0]["message"], "type": "timeout_error", "param": None, "code": "timeout"}]
+    assert pieces[-1] == "data: [DONE]\n\n"
 
 
 def test_an_ended_job_keeps_token_pieces_only_where_a_replay_marks_them_and_live_readers_keep_theirs():

@@ -67,9 +67,11 @@ def validation_response(request: Request, exc: RequestValidationError) -> JSONRe
         note_error(request.scope, message)
         return JSONResponse(error_body(message, "invalid_request_error", None, "unsupported_media_type"), status_code=415)
     reason = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a ValueError raised by our validators
-    message = f"{param}: {reason}" if param else reason
+    message, code = (f"{param}: {reason}" if param else reason), first.get("type")
+    if code == "extra_forbidden" and request.url.path.startswith("/v1/"):  # as /v1 answers the fields it knows but does not do
+        message, code = f"`{param}` is not supported by this server", "unsupported_parameter"
     note_error(request.scope, message)
-    return JSONResponse(error_body(message, "invalid_request_error", param, first.get("type")), status_code=_invalid_status(request))
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=_invalid_status(request))
 
 
 def _malformed_body(request: Request, message: str = "the body is not valid JSON (UTF-8)") -> JSONResponse:

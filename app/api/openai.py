@@ -21,7 +21,7 @@ from app.api.routes import UNAUTHORIZED, client_gone, engine_config, error_respo
 from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult, chain_order
-from app.errors import BadRequest, NotFound, Unprocessable
+from app.errors import APIError, BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
 
@@ -62,8 +62,16 @@ class SEAOptions(SEAParams):
         raise ValueError(f"set `{info.field_name}` with the OpenAI field of that name, not in `sea`")
 
 
+def _null_is_default(cls, value, info: ValidationInfo):
+    """OpenAI's clients type these fields as optional and send null for "not set": it means the default."""
+    return cls.model_fields[info.field_name].default if value is None else value
+
+
 class StreamOptions(StrictRequest):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = Field(None, description="Accepted and ignored (no obfuscation padding is sent).")
+
+    null_usage = field_validator("include_usage", mode="before")(classmethod(_null_is_default))
 
 
 class _OpenAIBase(StrictRequest):
@@ -76,19 +84,21 @@ class _OpenAIBase(StrictRequest):
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with methods `sample`, `args` and `cbs`.")
+    n: int | None = Field(1, ge=1, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with methods `sample`, `args` and `cbs`.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="Temperature of the base samples.")
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="Nucleus of the base samples (0: the most likely token).")
     user: str | None = None
     presence_penalty: float | None = Field(None, description="Only 0 (accepted for compatibility).", json_schema_extra=_only(0))
     frequency_penalty: float | None = Field(None, description="Only 0 (accepted for compatibility).", json_schema_extra=_only(0))
     logit_bias: dict[str, float] | None = Field(None, description="Only empty (accepted for compatibility).",
                                                 json_schema_extra=_only(schema={"type": "object", "maxProperties": 0}))
     sea: SEAOptions | None = Field(None, description="SEA parameters (see POST /align).")
+
+    null_n_or_stream = field_validator("n", "stream", mode="before")(classmethod(_null_is_default))
 
     def unsupported(self) -> dict[str, Any]:
         """Fields set to values that would change the result in ways this server does not implement."""
@@ -107,7 +117,7 @@ class _OpenAIBase(StrictRequest):
             raise BadRequest("at most 4 stop sequences", param="stop")
         return [s for s in stops if s]
 
-    def params(self, max_tokens: int | None) -> SEAParams:
+    def params(self, max_tokens: int | None, default_chains: int) -> SEAParams:
         options = (self.sea or SEAOptions()).model_dump(exclude_unset=True)
         options.update({k: v for k, v in {"max_tokens": max_tokens, "seed": self.seed, "temperature": self.temperature,
                                             "top_p": self.top_p}.items() if v is not None})
@@ -115,7 +125,7 @@ class _OpenAIBase(StrictRequest):
         if self.n > 1:
             if params.method not in ("sea", "bon"):  # sample, ARGS and beam search return fewer than n distinct answers
                 raise BadRequest(f"n > 1 needs method `sea` or `bon` (not `{params.method}`)", param="n")
-            params.chains = max(params.chains or 0, self.n) if params.method == "sea" else params.chains
+            params.chains = max(params.chains or default_chains, self.n) if params.method == "sea" else params.chains
             if self.n > params.samples:  # noqa: PLR1730 -- assign only when needed: an unset `samples` stays unset
                 params.samples = self.n
         return params
@@ -124,10 +134,19 @@ class _OpenAIBase(StrictRequest):
 class CompletionRequest(_OpenAIBase):
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
         description="A prompt with some text (a list must hold exactly one).")
-    echo: bool = Field(False, description="Only false.", json_schema_extra={"const": False})
+    echo: bool | None = Field(False, description="Only false or null.", json_schema_extra=_only(False))
     logprobs: int | None = Field(None, description="Only 0 or null.", json_schema_extra=_only(0))
     best_of: int | None = Field(None, description="Only 1 or null (use `n` and the `sea` options).", json_schema_extra=_only(1))
     suffix: str | None = Field(None, description="Only empty or null.", json_schema_extra=_only(""))
+
+    null_echo = field_validator("echo", mode="before")(classmethod(_null_is_default))
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_not_token_ids(cls, value):
+        if isinstance(value, list) and value and all(isinstance(item, (int, list)) for item in value):
+            raise ValueError("token ids are not supported: send the prompt as text")
+        return value
 
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
@@ -164,7 +183,9 @@ A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "required": ["content"], "p
 
 class ChatCompletionRequest(_OpenAIBase):
     model_config = ConfigDict(json_schema_extra={**_OpenAIBase.model_config["json_schema_extra"],
-                                                 "not": {"required": ["max_tokens", "max_completion_tokens"]}})
+                                                 "not": {"required": ["max_tokens", "max_completion_tokens"],
+                                                         "properties": {"max_tokens": {"type": "integer"},
+                                                                        "max_completion_tokens": {"type": "integer"}}}})
 
     messages: Annotated[list[ChatMessageIn], AfterValidator(chat_has_text)] = Field(
         min_length=1, max_length=64, description="The chat; some message must hold text.", json_schema_extra=A_MESSAGE_HAS_TEXT)
@@ -175,6 +196,13 @@ class ChatCompletionRequest(_OpenAIBase):
     tool_choice: Any = Field(None, description="Only `none` or null.", json_schema_extra=_only("none"))
     response_format: dict | None = Field(None, description="Only `{\"type\": \"text\"}` or null.", json_schema_extra=_only(
         schema={"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}))
+    # Accepted and ignored: they do not change the answer (nothing is stored, there is one service tier, no tool calls).
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
 
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
@@ -275,10 +303,17 @@ def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: b
 async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens: int | None, request: Request,
                    service: AlignService, chat: bool):
     _check(body, service)
-    params = body.params(max_tokens)
+    params = body.params(max_tokens, service.settings.default_chains)
     stops = body.stops()
     config = engine_config(params, service)
-    job = await service.submit(config, messages, params.reward_options(), params.timeout)
+    try:
+        job = await service.submit(config, messages, params.reward_options(), params.timeout)
+    except APIError as exc:  # name the field as this request spells it
+        if exc.param == "prompt" and chat:
+            exc.param = "messages"
+        elif exc.param is not None and exc.param != "prompt" and exc.param.split(".")[0] not in OPENAI_FIELDS:
+            exc.param = f"sea.{exc.param}"
+        raise
     object_name = "chat.completion" if chat else "text_completion"
     response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -324,8 +359,9 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
         try:
             result = service.outcome(job)
         except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
-            message = getattr(exc, "message", "internal error")
-            yield f"data: {json.dumps({'error': {'message': message, 'type': getattr(exc, 'type', 'server_error')}})}\n\n"
+            error = {"message": getattr(exc, "message", "internal error"), "type": getattr(exc, "type", "server_error"),
+                     "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}
+            yield f"data: {json.dumps({'error': error})}\n\n"
             yield "data: [DONE]\n\n"
             return
         choices, completion_tokens = _choices(result, body.n, select, stops, chat, service.runtime.engine)
@@ -371,7 +407,7 @@ async def completions(body: CompletionRequest, request: Request, service: AlignS
 
 @router.post("/chat/completions", responses=V1_RESPONSES, summary="OpenAI-compatible chat completion, aligned with SEA.")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: AlignService = Depends(get_service)):
-    if {"max_tokens", "max_completion_tokens"} <= body.model_fields_set:
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise BadRequest("give `max_completion_tokens` or `max_tokens` (its older name), not both", param="max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _respond(body, [m.as_dict() for m in body.messages], max_tokens, request, service, chat=True)

@@ -115,7 +115,7 @@ class SEAParams(StrictRequest):
                               "reward has such terms), from base samples (the paper), or from random tokens/logits.")
     guide_top_k: int = Field(10, ge=1, le=1000, description="init guided: tokens drawn only among the reference's top-k.")
     temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="Base sampling temperature; below 1e-4, greedy (as 0).")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Base sampling nucleus.")
+    top_p: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="Base sampling nucleus (0: the most likely token).")
     select: Literal["reward", "energy"] | None = Field(
         None, description="Return the chain (sea) or sample (bon) with the highest reward or the lowest energy. Default: SEA_DEFAULT_SELECT "
                           "(reward).")

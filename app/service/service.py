@@ -109,9 +109,8 @@ class AlignService:
         except ValueError as exc:  # e.g. an empty reward mix
             raise Unprocessable(str(exc), param="reward") from None
         if len(work.prompt.ids) > self.settings.max_prompt_tokens:
-            raise Unprocessable(
-                f"the prompt has {len(work.prompt.ids)} tokens; the limit is {self.settings.max_prompt_tokens}", param="prompt"
-            )
+            raise Unprocessable(f"the prompt has {len(work.prompt.ids)} tokens; the limit is {self.settings.max_prompt_tokens}",
+                                param="prompt", code="context_length_exceeded")
         timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
         job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace)
         if self.shared is not None:
@@ -158,11 +157,11 @@ class AlignService:
         if job.status == JobStatus.succeeded:
             return job.result
         if job.error_kind == "timeout":
-            raise GatewayTimeout(job.error or "timed out")
+            raise GatewayTimeout(job.error or "timed out", code="timeout")
         if job.error_kind == "cancelled":
-            raise ClientClosed(job.error or "cancelled")
+            raise ClientClosed(job.error or "cancelled", code="cancelled")
         if job.error_kind in ("overloaded", "shutdown"):
-            raise ServiceUnavailable(job.error or "overloaded", headers={"Retry-After": "5"})
+            raise ServiceUnavailable(job.error or "overloaded", code=job.error_kind, headers={"Retry-After": "5"})
         raise RuntimeError(f"job {job.id} failed: {job.error}")
 
     # ----- jobs ---------------------------------------------------------------------------------
