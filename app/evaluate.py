@@ -78,7 +78,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keywords-mode", choices=["replace", "add"], default="replace",
                         help="For rows with `keywords`: the keyword reward (weighted SEA_DEFAULT_KEYWORD_WEIGHT) replaces the configured reward, or is added to it.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="Extra SEAConfig field for the sea variants, e.g. --set candidates=6 (repeatable).")
+                        help="Extra SEAConfig field for the sea variants, e.g. --set candidates=6 (repeatable); a variant's own "
+                             "setting (sea-nonoise's noise, sea-1chain's chains…) is kept.")
     parser.add_argument("--resume", action="store_true",
                         help="Keep the runs already in OUT/records.jsonl (same settings) and run only the missing ones.")
     parser.add_argument("--from", dest="from_dirs", action="append", default=[], metavar="DIR",
@@ -125,6 +126,9 @@ def _parse_value(value: str):
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
+ARGS_MAX_TOP_K = 50
+
+
 def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int, guides: int = 0) -> SEAConfig:
     """Size a method to a compute budget (token-passes): N for Best-of-N, steps for SEA, k for ARGS, K for CBS.
 
@@ -150,24 +154,29 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
         left = budget - config.chains * length
         steps = max(1, int(left // (3 * config.chains * passes_per_row)))
         return dataclasses.replace(config, steps=steps)
-    if config.method == "args" and reward_passes:
+    if config.method == "args":  # k candidates per token, each scored by the reward over the t + 1 tokens so far
+        if not reward_passes:  # a reward without LM passes scores candidates for free: the largest k
+            return dataclasses.replace(config, args_top_k=ARGS_MAX_TOP_K)
         per_k = sum((t + 1) for t in range(length)) * reward_passes / length
-        return dataclasses.replace(config, args_top_k=int(min(50, max(2, (budget - 2 * length) // per_k))))
+        decode_and_score = (length - 1) + reward_passes
+        return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - decode_and_score) // per_k))))
     if config.method == "cbs":
         # Each chunk runs every open beam's t tokens once (its successors share them); each successor draws its
         # chunk and is scored by the reward's passes over t + chunk tokens. The first chunk grows from one empty
         # beam; the W answers are scored exactly at the end.
+        # A successor draws its chunk's first token from its beam's pass and feeds back the rest but the last.
         chunks = [(t, min(config.chunk, length - t), 1 if t == 0 else config.beams) for t in range(0, length, config.chunk)]
-        shared = sum(beams * t for t, _, beams in chunks) + config.beams * passes_per_row
-        per_successor = sum(beams * (size + reward_passes * (t + size) / length) for t, size, beams in chunks)
+        shared = sum(beams * t for t, _, beams in chunks)
+        per_successor = sum(beams * (size - 1 + reward_passes * (t + size) / length) for t, size, beams in chunks)
         return dataclasses.replace(config, successors=max(1, int((budget - shared) // per_successor)))
     return config
 
 
 def base_sample_cost(length: int, passes_per_row: int) -> int:
-    """Token-passes of one base sample, drawn and exactly scored: the draw gives its reference log-probs, so
-    scoring it costs only the reward's passes. ``--budget-samples N`` is N of these."""
-    return length + max(0, passes_per_row - (length - 1))
+    """Token-passes of one base sample, drawn and exactly scored: the draw feeds back every token but the last (the
+    first comes from the prompt's pass) and gives their reference log-probs, so scoring it costs only the reward's
+    passes. ``--budget-samples N`` is N of these: exactly what Best-of-N spends on its N samples."""
+    return (length - 1) + max(0, passes_per_row - (length - 1))
 
 
 def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict:
@@ -209,6 +218,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                                  "resume with the same ones, or choose another --out")
             finished[_run_key(record)] = record
         print(f"resuming: {len(finished)} runs already in {progress}", file=sys.stderr)
+        if args.budget_seconds is not None and finished:  # the same token-pass budget as those runs, not a new calibration
+            seconds_per_pass = args.budget_seconds / next(iter(finished.values()))["budget"]
     else:
         progress.write_text("")
     records = []
@@ -226,9 +237,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 if earlier is not None:
                     records.append(earlier)
                     continue
-                overrides = dict(VARIANTS[name])
-                if name.startswith("sea"):
-                    overrides.update({k: _parse_value(v) for k, v in extra.items()})
+                # --set tunes the sea variants; what defines a variant (its name says it) stays as the name says
+                overrides = {**({k: _parse_value(v) for k, v in extra.items()} if name.startswith("sea") else {}), **VARIANTS[name]}
                 config = dataclasses.replace(base, seed=seed, **overrides)
                 job = runtime.job(messages, config, **reward_options)
                 per_row = scoring_passes(config.max_tokens, [component for component, _ in job.reward.terms])
@@ -246,7 +256,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 job.config = size_to_budget(config, budget, per_row, guides if config.init == "guided" and config.use_reward else 0)
                 tick = time.perf_counter()
                 result = runtime.engine.run([job])[0]
-                records.append({**_record(name, row, seed, result, time.perf_counter() - tick, budget), "run": run_settings})
+                records.append({**_record(name, row, seed, result, time.perf_counter() - tick, budget, config.alpha), "run": run_settings})
                 with progress.open("a") as handle:
                     handle.write(json.dumps(records[-1]) + "\n")
                 print(f"\r[{done}/{total}] {name:<12} {time.perf_counter() - started:7.0f}s", end="", file=sys.stderr, flush=True)
@@ -268,6 +278,11 @@ def report_from(args: argparse.Namespace) -> dict:
     runs = {json.dumps(r.get("run"), sort_keys=True) for r in records if r.get("run") is not None}
     if len(runs) > 1:
         raise SystemExit("the records were made with different settings, which one report must not mix:\n" + "\n".join(sorted(runs)))
+    seconds_budgets = {r["budget"] for r in records if (r.get("run") or {}).get("budget_seconds") is not None}
+    if len(seconds_budgets) > 1:
+        raise SystemExit("the records' --budget-seconds were converted to different token-pass budgets "
+                         f"({', '.join(f'{b:.0f}' for b in sorted(seconds_budgets))}; each run calibrates its own): "
+                         "one report must not mix them (resume one output folder with --resume instead)")
     unique = {}
     for record in records:
         unique.setdefault(_run_key(record), record)  # the same run in two folders (overlapping shards) counts once
@@ -287,8 +302,9 @@ def _read_records(path: Path) -> list[dict]:
 
 
 def _prompt_key(row: dict) -> str:
-    """A prompt row's identity: its id, else its text, else its messages."""
-    return str(row.get("id") or row.get("prompt") or json.dumps(row.get("messages"), sort_keys=True))
+    """A prompt row's identity: its id with its text or messages and keywords (two files may use one id for two
+    prompts, which must not be merged by --from or taken for each other by --resume)."""
+    return json.dumps([row.get(key) for key in ("id", "prompt", "messages", "keywords")])
 
 
 def _run_key(record: dict) -> tuple:
@@ -330,7 +346,7 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
     for seed in sorted({seed for seed, _, _ in flat}):
         a, b = means([pair for pair in flat if pair[0] == seed])
         by_seed[seed] = {"pairs": sum(pair[0] == seed for pair in flat), "difference": a - b, "ratio": a / b if a > 0 and b > 0 else None}
-    positive = mine > 0 and theirs > 0 and all(b > 0 for _, b in draws)
+    positive = mine > 0 and theirs > 0 and all(a > 0 and b > 0 for a, b in draws)
     return {
         "pairs": len(flat), "prompts": len(groups), "energy_per_token": mine, "baseline_energy_per_token": theirs,
         "difference": mine - theirs, "difference_interval": interval([a - b for a, b in draws]),
@@ -345,6 +361,15 @@ def summarise_runs(records: list[dict], methods: list[str], baseline: str | None
         baseline = next((name for name in ("bon-energy", "bon") if name in methods), None)
     elif baseline not in methods:
         raise SystemExit(f"--baseline {baseline} was not run (methods: {', '.join(methods)})")
+    for record in records:  # the current measures, also for records written by an older version
+        alpha = (record.get("run") or {}).get("alpha")
+        if "own_energy" not in record and alpha is not None:
+            record["own_energy"] = record["energy"]
+            record["energy"] = -(record["log_prob_ref"] + alpha * record["reward"])
+            record["energy_per_token"] = record["energy"] / max(1, record.get("completion_tokens") or 1)
+        if record.get("keywords"):
+            record["coverage"] = keyword_coverage(record["text"], record["keywords"])
+            record["all_covered"] = record["coverage"] == 1.0
     summary = {name: _summarise([r for r in records if r["method"] == name]) for name in methods}
     paired = {name: paired_comparison(records, name, baseline) for name in methods if baseline and name != baseline}
     return {"summary": summary, "paired": paired, "baseline": baseline, "records": records, "settings": settings}
@@ -371,12 +396,15 @@ def _calibrate(runtime, job) -> float:
     return (time.perf_counter() - tick) / max(1, result.usage.compute)
 
 
-def _record(name: str, row: dict, seed: int, result: AlignResult, seconds: float, budget: float | None) -> dict:
+def _record(name: str, row: dict, seed: int, result: AlignResult, seconds: float, budget: float | None, alpha: float) -> dict:
+    """One run. ``energy`` is the full energy ``−(log pi_ref + alpha·r)`` for every method, so that the ablations
+    without the reward or the reference term compare with the rest; the energy such a run minimised is ``own_energy``."""
     tokens = max(1, result.usage.completion_tokens)
+    energy = -(result.log_prob_ref + alpha * result.reward)
     record = {k: v for k, v in row.items() if k != "prompt"}
     record.update({
         "method": name, "prompt": row.get("prompt"), "seed": seed, "text": result.text, "reward": result.reward,
-        "energy": result.energy, "energy_per_token": result.energy / tokens, "log_prob_ref": result.log_prob_ref,
+        "energy": energy, "energy_per_token": energy / tokens, "own_energy": result.energy, "log_prob_ref": result.log_prob_ref,
         "log_prob_per_token": result.log_prob_ref / tokens, "refused": refused(result.text),
         "copies_principle": copies(result.text), "seconds": seconds,
         "compute": result.usage.compute, "prompt_compute": result.usage.prompt_token_passes, "budget": budget, "steps": result.timings.steps, "completion_tokens": result.usage.completion_tokens,
@@ -416,7 +444,7 @@ def report(results: dict) -> str:
     keyword = any("coverage" in s for s in results["summary"].values())
     head = ["method", "n", "reward", "energy/token", "log pi_ref/token", "refusal", "copies principle"]
     head += ["coverage", "all covered"] if keyword else []
-    head += ["distinct-2", "compute (token-passes)", "seconds"]
+    head += ["distinct-2", "compute (token-passes, with the prompt's)", "seconds"]
     budget = (f"{settings['budget_samples']:g} samples" if settings.get("budget_samples")
               else f"{settings['budget_token_passes']} token-passes" if settings.get("budget_token_passes")
               else f"{settings['budget_seconds']} s" if settings.get("budget_seconds") else "none")
@@ -431,7 +459,7 @@ def report(results: dict) -> str:
         cells = [name, str(s["n"]), fmt(s["reward"]), fmt(s["energy_per_token"]), fmt(s["log_prob_per_token"]), f"{s['refusal_rate']:.2f}",
                  f"{s['principle_copy_rate']:.2f}"]
         if keyword:
-            cells += [f"{s.get('coverage', 0):.2f}", f"{s.get('all_covered', 0):.2f}"]
+            cells += [f"{s['coverage']:.2f}", f"{s['all_covered']:.2f}"] if "coverage" in s else ["–", "–"]
         cells += [f"{s['distinct_2']:.2f}", f"{s['compute']['mean']:.0f}", f"{s['seconds']['mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     paired = {name: pair for name, pair in results.get("paired", {}).items() if pair["pairs"]}

@@ -361,12 +361,73 @@ class RewardMix:
         return [words for component, weight in self.terms if weight > 0 and hasattr(component, "phrases") for words in component.phrases()]
 
 
+# Irregular plurals, past tenses and participles of common English words: "threw" uses "throw".
+IRREGULAR_FORMS = {word: forms.split() for word, forms in (
+    ("be", "am is are was were been"), ("begin", "began begun"), ("bite", "bit bitten"), ("bleed", "bled"),
+    ("blow", "blew blown"), ("break", "broke broken"), ("bring", "brought"), ("build", "built"), ("buy", "bought"),
+    ("catch", "caught"), ("child", "children"), ("choose", "chose chosen"), ("come", "came"), ("dig", "dug"),
+    ("do", "did done does"), ("draw", "drew drawn"), ("dream", "dreamt"), ("drink", "drank drunk"),
+    ("drive", "drove driven"), ("eat", "ate eaten"), ("fall", "fell fallen"), ("feed", "fed"), ("feel", "felt"),
+    ("fight", "fought"), ("find", "found"), ("fly", "flew flown"), ("foot", "feet"), ("forget", "forgot forgotten"),
+    ("freeze", "froze frozen"), ("get", "got gotten"), ("give", "gave given"), ("go", "went gone goes"),
+    ("goose", "geese"), ("grow", "grew grown"), ("hang", "hung"), ("have", "has had"), ("hear", "heard"),
+    ("hide", "hid hidden"), ("hold", "held"), ("keep", "kept"), ("kneel", "knelt"), ("know", "knew known"),
+    ("lay", "laid"), ("lead", "led"), ("leave", "left"), ("lend", "lent"), ("lie", "lay lain lying"), ("light", "lit"),
+    ("lose", "lost"), ("make", "made"), ("man", "men"), ("mean", "meant"), ("meet", "met"), ("mouse", "mice"),
+    ("pay", "paid"), ("person", "people"), ("ride", "rode ridden"), ("ring", "rang rung"), ("rise", "rose risen"),
+    ("run", "ran"), ("say", "said"), ("see", "saw seen"), ("sell", "sold"), ("send", "sent"), ("shake", "shook shaken"),
+    ("shine", "shone"), ("shoot", "shot"), ("sing", "sang sung"), ("sink", "sank sunk"), ("sit", "sat"),
+    ("sleep", "slept"), ("slide", "slid"), ("speak", "spoke spoken"), ("spend", "spent"), ("spin", "spun"),
+    ("stand", "stood"), ("steal", "stole stolen"), ("stick", "stuck"), ("sting", "stung"), ("strike", "struck"),
+    ("string", "strung"), ("sweep", "swept"), ("swim", "swam swum"), ("swing", "swung"), ("take", "took taken"),
+    ("teach", "taught"), ("tear", "tore torn"), ("tell", "told"), ("think", "thought"), ("throw", "threw thrown"),
+    ("tooth", "teeth"), ("wake", "woke woken"), ("wear", "wore worn"), ("weep", "wept"), ("win", "won"),
+    ("woman", "women"), ("write", "wrote written"),
+)}
+_VOWELS = set("aeiou")
+
+
+def word_forms(word: str) -> set[str]:
+    """The forms of ``word`` that count as using it: itself, its regular plural or third person, past tense and
+    -ing form (with the spelling changes: "drive" → "driving", "cry" → "cried", "sled" → "sledding", "shelf" →
+    "shelves", "fisherman" → "fishermen"), and its irregular forms (``IRREGULAR_FORMS``). Lowercase."""
+    w = word.lower()
+    forms = {w, *IRREGULAR_FORMS.get(w, ())}
+    consonant_y = len(w) > 1 and w.endswith("y") and w[-2] not in _VOWELS
+    # plural or third person
+    if w.endswith(("s", "x", "z", "ch", "sh")):
+        forms.add(w + "es")
+    elif consonant_y:
+        forms.add(w[:-1] + "ies")
+    else:
+        forms |= {w + "s", w + "es"} if w.endswith("o") else {w + "s"}
+    # past tense (a word with irregular forms has no regular one: "see" is not "seed") and -ing
+    regular_past = w not in IRREGULAR_FORMS
+    if w.endswith("e"):
+        forms |= {w + "ing" if w.endswith(("ee", "ye", "oe")) else w[:-1] + "ing", *([w + "d"] if regular_past else [])}
+    else:
+        forms |= {w + "ing", *([w[:-1] + "ied" if consonant_y else w + "ed"] if regular_past else [])}
+    if len(w) > 2 and w[-1] not in _VOWELS | set("wxy") and w[-2] in _VOWELS and w[-3] not in _VOWELS:  # "sled" → "sledding"
+        forms |= {w + w[-1] + "ing", w + w[-1] + "ed"}
+    if w.endswith("fe"):
+        forms.add(w[:-2] + "ves")
+    elif w.endswith("f"):
+        forms.add(w[:-1] + "ves")
+    if w.endswith("man"):
+        forms.add(w[:-3] + "men")
+    return forms
+
+
 def keyword_coverage(text: str, words: list[str]) -> float:
-    """Fraction of ``words`` found in ``text`` as whole words (case-insensitive, plural/-ed/-ing forms count)."""
+    """Fraction of ``words`` found in ``text`` as whole words, in any of their forms (``word_forms``; case-insensitive).
+
+    An evaluation measure, as a reader counts: broader than :class:`LexiconReward`, which pays for the word and its
+    glued plural/-ed/-ing endings only, so that baselines' natural inflections ("threw", "cried") count too."""
     if not words:
         return 0.0
     found = 0
     for word in words:
-        pattern = re.compile(rf"\b{re.escape(word)}(s|es|ed|ing)?\b", re.IGNORECASE)
+        forms = sorted(word_forms(word), key=len, reverse=True)
+        pattern = re.compile(rf"\b(?:{'|'.join(map(re.escape, forms))})\b", re.IGNORECASE)
         found += bool(pattern.search(text))
     return found / len(words)

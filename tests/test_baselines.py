@@ -100,3 +100,18 @@ def test_successors_sharing_their_beams_pass_draw_what_they_draw_from_copies(lm,
     assert torch.equal(shared.tokens, copies.tokens)
     assert torch.allclose(shared.token_log_probs, copies.token_log_probs, atol=1e-5)
     assert copies.forward_token_passes - shared.forward_token_passes == 3 * (6 - 2)  # each beam's 3 tokens run once, not 3 times
+
+
+@pytest.mark.parametrize("method", ["args", "cbs"])
+def test_an_answer_s_scores_are_its_exact_scores_though_the_search_does_not_score_it_again(engine, make_prompt, reward, method):
+    """ARGS keeps the reference log-probs of its decoding and beam search the scores of its last chunk: the answers
+    they return carry what a full scoring pass gives, without paying for one."""
+    from app.engine.energy import evaluate
+
+    result = run(engine, make_prompt("write about a dog"), reward, method=method, beams=2, successors=3, chunk=3)
+    spec = engine.start(AlignJob(make_prompt("write about a dog"), SEAConfig(max_tokens=8, seed=5, method=method), reward)).spec
+    for chain in result.chains:
+        exact = evaluate(engine.lm, [spec.__class__(**{**spec.__dict__, "rows": 1})], engine.stop_ids, torch.tensor([chain.tokens]))
+        assert chain.energy == pytest.approx(float(exact.energy[0]), abs=1e-3)
+        assert chain.reward == pytest.approx(float(exact.reward[0]), abs=1e-3)
+        assert chain.log_prob_ref == pytest.approx(float(exact.log_prob_ref[0]), abs=1e-3)

@@ -12,6 +12,7 @@ import pytest
 from app.engine.energy import passes_per_row
 from app.engine.types import AlignJob, SEAConfig
 from app.evaluate import (
+    ARGS_MAX_TOP_K,
     add_eval_arguments,
     base_sample_cost,
     budget_warnings,
@@ -37,7 +38,7 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(["--prompts", str(prompts), "--methods", "sea,bon,args,cbs,sample,sea-lm", "--budget-samples", "6",
+    args = parser.parse_args(["--prompts", str(prompts), "--methods", "sea,bon,args,cbs,sample,sea-lm", "--budget-samples", "8",
                               "--max-tokens", "6", "--chains", "2", "--out", str(out), "--seeds", "0,1"])
     settings = Settings(default_steps=3)
     results = run_eval(args, settings, runtime=Runtime.from_lm(lm, settings))
@@ -48,7 +49,7 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     progress = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert progress == records  # written one by one as the runs finish
     assert all(record["run"]["keyword_weight"] == settings.default_keyword_weight for record in records)  # the prompts have keywords
-    budget = 6 * (6 + 5)  # six samples of 6 tokens, each drawn and scored by the reference LM (keyword reward: no LM pass)
+    budget = 8 * (6 + 5)  # eight samples of 6 tokens, drawn and scored by the reference LM, and the prompt (a loose bound)
     for record in records:
         assert {"method", "prompt", "text", "reward", "energy", "energy_per_token", "log_prob_ref", "refused", "copies_principle",
                 "seconds"} <= set(record)
@@ -76,22 +77,27 @@ def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():
     # a budget that would not buy one chain's step after a quarter of it goes to samples whole (it used to be left unspent)
     tiny = size_to_budget(config, 4 * 48, principle, guides=1)
     assert tiny.init_samples == 4 * 48 // (2 * 24)
-    assert size_to_budget(dataclasses.replace(config, method="bon", select="energy"), 8000, principle).samples == 8000 // (24 + 24)
+    # a sample costs what its draw feeds back (23 tokens: the first comes from the prompt's pass) and the principle's 24
+    assert size_to_budget(dataclasses.replace(config, method="bon", select="energy"), 8000, principle).samples == 8000 // (23 + 24)
 
 
 @pytest.mark.parametrize("reward_name", ["keywords", "principle"])
 def test_beam_search_sized_to_a_budget_spends_most_of_it_and_no_more(lm, engine, make_prompt, reward_name):
     """CBS's successors share their beam's tokens: its sizing counts each beam's pass once per chunk (it counted
-    it once per successor, about 1.6x what the search runs at 24 tokens, so beam search got fewer successors)."""
+    it once per successor, about 1.6x what the search runs at 24 tokens, so beam search got fewer successors), a
+    successor's chunk at what its draw feeds back, and no rescoring of the answers (they were scored in the search)."""
     reward = {"keywords": RewardMix([(LexiconReward.keywords(lm.tokenizer, ["dog"]), 1.0)]),
               "principle": RewardMix([(PrincipleReward(lm), 1.0)])}[reward_name]
     prompt = make_prompt("write about a dog")
     row = engine.start(AlignJob(prompt, SEAConfig(method="bon", samples=1, max_tokens=24), reward)).spec
     budget = 32 * base_sample_cost(24, passes_per_row(row))
     config = size_to_budget(SEAConfig(method="cbs", max_tokens=24, seed=0, temperature=0.7), budget, passes_per_row(row))
-    usage = engine.run([AlignJob(prompt, config, reward)])[0].usage
-    spent = usage.compute - usage.prompt_token_passes
-    assert 0.8 * budget <= spent <= budget, (config.successors, spent, budget)
+    def spent(config):
+        usage = engine.run([AlignJob(prompt, config, reward)])[0].usage
+        return usage.compute - usage.prompt_token_passes
+
+    # the most successors the budget buys: one more would spend past it
+    assert spent(config) <= budget < spent(dataclasses.replace(config, successors=config.successors + 1)), (config.successors, budget)
 
 
 def test_refusal_detector_looks_only_at_the_opening():
@@ -123,11 +129,25 @@ def test_budget_in_seconds_is_one_token_pass_budget_for_every_method(lm, tmp_pat
     add_eval_arguments(parser)
     args = parser.parse_args(["--prompts", str(prompts), "--methods", "sea,bon,sample", "--budget-seconds", "0.5",
                               "--max-tokens", "4", "--chains", "2", "--out", str(tmp_path / "out")])
-    results = run_eval(args, Settings(), runtime=Runtime.from_lm(lm, Settings()))
+    runtime = Runtime.from_lm(lm, Settings())
+    results = run_eval(args, Settings(), runtime=runtime)
     seconds_per_pass = results["settings"]["seconds_per_token_pass"]
     assert 0 < seconds_per_pass < 0.5
     budgets = {record["budget"] for record in results["records"]}
     assert budgets == {0.5 / seconds_per_pass}
+
+    # Resumed, the missing runs get the same token-pass budget (a new calibration would give another one)
+    records = tmp_path / "out" / "records.jsonl"
+    records.write_text(records.read_text().splitlines()[0] + "\n")
+    args.resume = True
+    resumed = run_eval(args, Settings(), runtime=runtime)
+    assert {record["budget"] for record in resumed["records"]} == budgets
+    # and a report of two folders converted at different rates is refused
+    other = _eval_args("--prompts", str(prompts), "--methods", "sample", "--budget-seconds", "0.5", "--max-tokens", "4",
+                       "--chains", "2", "--out", str(tmp_path / "other"))
+    run_eval(other, Settings(), runtime=runtime)
+    with pytest.raises(SystemExit, match="different token-pass budgets"):
+        report_from(_eval_args("--from", str(tmp_path / "out"), "--from", str(tmp_path / "other"), "--out", str(tmp_path / "all")))
 
 
 def _eval_args(*argv):
@@ -219,3 +239,45 @@ def test_runs_that_did_not_spend_their_budget_are_named_in_the_report():
     assert budget_warnings([{**run("bon", 160, 0, None), "prompt_compute": 100}]) == []  # the prompt's passes are not the budget's
     assert warnings[1].startswith("sea took no step on 1 of 2 runs")
     assert budget_warnings([run("sea", 64, 3, [[1.0] * 3] * 2)]) == []
+
+
+def test_args_gets_the_most_candidates_its_budget_buys():
+    """ARGS scores k candidates per token with the reward: a reward without LM passes (a word list) scores them for
+    free, so it gets the largest k whatever the budget (it kept the default 10); the principle's passes buy fewer."""
+    config = SEAConfig(method="args", max_tokens=24)
+    assert size_to_budget(config, 32 * 23, 23).args_top_k == ARGS_MAX_TOP_K
+    principle = size_to_budget(config, 88 * 47, 23 + 24)
+    per_k = sum(t + 1 for t in range(24))  # the principle's passes over each prefix, per candidate
+    assert principle.args_top_k == (88 * 47 - (23 + 24)) // per_k
+
+
+def test_a_ratio_interval_holds_no_negative_ratio():
+    """When some bootstrap draws give the method a negative mean energy, a ratio interval would hold negative ratios
+    (meaningless): only the difference is reported."""
+    pairs = [(0.9, 1), (0.8, 1), (-1.5, 1), (0.7, 1), (1.2, 1), (-1.3, 1)]
+    records = [_record("a", p, 0, a) for p, (a, _) in enumerate(pairs)] + [_record("b", p, 0, b) for p, (_, b) in enumerate(pairs)]
+    pair = paired_comparison(records, "a", "b")
+    assert pair["energy_per_token"] > 0 and pair["ratio"] is None and pair["ratio_interval"] is None
+
+
+def test_ablations_report_the_full_energy_keep_their_variant_and_prompts_are_told_apart(lm, tmp_path):
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text(json.dumps({"id": "k01", "prompt": "write about a dog"}) + "\n")
+    second.write_text(json.dumps({"id": "k01", "prompt": "tell me about tea"}) + "\n")  # the same id, another prompt
+    runtime = Runtime.from_lm(lm, Settings())
+    configs = []
+    run = runtime.engine.run
+    runtime.engine.run = lambda jobs: configs.extend(job.config for job in jobs) or run(jobs)
+    common = ["--budget-samples", "12", "--max-tokens", "5", "--chains", "2", "--alpha", "2"]
+    results = run_eval(_eval_args("--prompts", str(first), "--methods", "sea-noref,sea-nonoise", *common, "--set", "noise=0.5",
+                                  "--set", "chains=3", "--out", str(tmp_path / "a")), Settings(), runtime=runtime)
+    noref = results["records"][0]
+    assert noref["energy"] == pytest.approx(-(noref["log_prob_ref"] + 2 * noref["reward"]))  # not the -alpha·r it minimised
+    assert noref["own_energy"] == pytest.approx(-2 * noref["reward"], abs=1e-4)
+    assert [(c.noise, c.chains) for c in configs] == [(0.5, 3), (0.0, 3)]  # --set tunes the variants, but no-noise keeps no noise
+
+    run_eval(_eval_args("--prompts", str(second), "--methods", "sea-noref", *common, "--set", "noise=0.5", "--set", "chains=3",
+                        "--out", str(tmp_path / "b")), Settings(), runtime=runtime)
+    merged = report_from(_eval_args("--from", str(tmp_path / "a"), "--from", str(tmp_path / "b"), "--out", str(tmp_path / "all")))
+    assert merged["summary"]["sea-noref"]["n"] == 2  # two prompts that share an id are two prompts
+    assert "| sea-nonoise | 1 |" in (tmp_path / "all" / "report.md").read_text()

@@ -155,6 +155,24 @@ def test_keyword_coverage_on_text():
     assert keyword_coverage("dogma", ["dog"]) == 0.0
 
 
+@pytest.mark.parametrize(("text", "word"), [
+    ("The child cried.", "cry"), ("A kite flies.", "fly"), ("She tried.", "try"), ("Driving home", "drive"),
+    ("He charged it.", "charge"), ("Children sledding", "child"), ("Children sledding", "sled"), ("They threw it.", "throw"),
+    ("on the shelves", "shelf"), ("two knives", "knife"), ("We sang.", "sing"), ("She slept.", "sleep"),
+    ("the fishermen", "fisherman"), ("the buses", "bus"), ("shopping", "shop"), ("The DOG-park", "dog"), ("seeing", "see"),
+])
+def test_keyword_coverage_counts_a_word_s_inflected_and_irregular_forms(text, word):
+    """As a reader counts: a baseline's natural "threw" or "cried" uses the word (the reward pays only its literal
+    spellings and glued endings, so a narrower measure would favour SEA's edits)."""
+    assert keyword_coverage(text, [word]) == 1.0
+
+
+@pytest.mark.parametrize(("text", "word"), [("hotdog", "dog"), ("dogma", "dog"), ("a seed", "see"), ("concatenate", "cat"),
+                                            ("the fixs", "fix"), ("seen", "seed")])
+def test_keyword_coverage_counts_no_other_word(text, word):
+    assert keyword_coverage(text, [word]) == 0.0
+
+
 def test_a_request_keyword_reward_has_the_server_weight_unless_the_request_gives_one(lm):
     runtime = Runtime.from_lm(lm, Settings(default_keyword_weight=7.0))
     (principle, principle_weight), (keywords, keyword_weight) = runtime.reward(keywords=["dog"]).terms

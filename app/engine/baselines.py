@@ -30,16 +30,16 @@ def run_baseline(engine, state) -> AlignResult:
     return run_best_of_n(engine, state)
 
 
-def _chain(engine, state, tokens: torch.Tensor) -> ChainResult:
-    """Score one full-length response exactly (charged to the request) and wrap it as a chain."""
+def _padded(engine, state, tokens: torch.Tensor) -> torch.Tensor:
     length = state.config.max_tokens
-    tokens = torch.nn.functional.pad(tokens, (0, length - tokens.shape[0]), value=int(engine.stop_ids[0]))[:length]
-    spec = dataclasses.replace(state.spec, rows=1)
-    scored = evaluate(engine.lm, [spec], engine.stop_ids, tokens[None])
-    state.usage.forward_token_passes += passes_per_row(spec)
-    stats = StepStats(float(scored.energy[0]), float(scored.reward[0]), float(scored.log_prob_ref[0]), 0.0, bool(torch.isfinite(scored.energy[0])))
+    return torch.nn.functional.pad(tokens, (0, length - tokens.shape[0]), value=int(engine.stop_ids[0]))[:length]
+
+
+def _chain(engine, tokens: torch.Tensor, energy: float, reward: float, log_prob_ref: float) -> ChainResult:
+    """A scored full-length response as a chain."""
+    stats = StepStats(energy, reward, log_prob_ref, 0.0, math.isfinite(energy))
     text, counted, _ = engine.text_of(tokens)
-    return ChainResult(text, tokens.tolist(), stats.reward, stats.log_prob_ref, stats.energy, 0, stats, [], counted)
+    return ChainResult(text, tokens.tolist(), reward, log_prob_ref, energy, 0, stats, [], counted)
 
 
 def _partial_rewards(engine, state, tokens: torch.Tensor, token_log_prob_ref: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,13 @@ def run_args(engine, state) -> AlignResult:
                        position_ids=torch.tensor([[state.spec.prefix.length + t]], device=device), use_cache=True, **with_cache(backbone, cache))
         log_probs = torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), -1)[0]
         state.usage.forward_token_passes += 1
-    chain = _chain(engine, state, torch.tensor(tokens, dtype=torch.long, device=device))
+    # The decoding computed every token's reference log-prob: scoring the answer runs only the reward's passes.
+    answer = _padded(engine, state, torch.tensor(tokens, dtype=torch.long, device=device))[None]
+    drawn = torch.nn.functional.pad(torch.tensor(token_log_probs, device=device), (0, answer.shape[1] - len(tokens)))[None]
+    spec = dataclasses.replace(state.spec, rows=1)
+    scored = evaluate(engine.lm, [spec], engine.stop_ids, answer, known={REFERENCE: drawn})
+    state.usage.forward_token_passes += passes_per_row(spec, known=frozenset({REFERENCE}))
+    chain = _chain(engine, answer[0], float(scored.energy[0]), float(scored.reward[0]), float(scored.log_prob_ref[0]))
     return engine.finish(state, [chain], 0, "args")
 
 
@@ -112,6 +118,7 @@ def run_cbs(engine, state) -> AlignResult:
     beams = torch.zeros(1, 0, dtype=torch.long, device=device)
     beam_log_probs = torch.zeros(1, 0, device=device)  # (W, t) each beam token's log pi_ref
     beam_rewards = torch.zeros(1, device=device)
+    beam_scores = torch.zeros(1, 3, device=device)  # (W, 3) each beam's exact energy, reward and log pi_ref
     stops = engine.stop_ids
     while beams.shape[1] < config.max_tokens:
         size = min(chunk, config.max_tokens - beams.shape[1])
@@ -130,14 +137,17 @@ def run_cbs(engine, state) -> AlignResult:
         state.usage.forward_token_passes += passes_per_row(spec, known=frozenset(known)) * spec.rows
         rewards = torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf))
         log_probs = known[REFERENCE]
+        scores = torch.stack([scored.energy, scored.reward, scored.log_prob_ref], dim=1)
         if bool(finished.any()):  # padded with stop tokens, which neither the reward nor the reference counts
             padding = torch.full((int(finished.sum()), size), int(stops[0]), dtype=torch.long, device=device)
             candidates = torch.cat([candidates, torch.cat([beams[finished], padding], dim=1)])
             log_probs = torch.cat([log_probs, torch.nn.functional.pad(beam_log_probs[finished], (0, size))])
             rewards = torch.cat([rewards, beam_rewards[finished]])
+            scores = torch.cat([scores, beam_scores[finished]])
         kept = _best_distinct(candidates, rewards, width)
-        beams, beam_log_probs, beam_rewards = candidates[kept], log_probs[kept], rewards[kept]
-    chains = [_chain(engine, state, beam) for beam in beams]
+        beams, beam_log_probs, beam_rewards, beam_scores = candidates[kept], log_probs[kept], rewards[kept], scores[kept]
+    # Each answer was scored exactly when its last chunk was (a finished beam's tokens past its stop count for nothing).
+    chains = [_chain(engine, _padded(engine, state, beam), *map(float, scores)) for beam, scores in zip(beams, beam_scores)]
     chosen = best_chain(chains, "reward")
     return engine.finish(state, chains, chosen, "cbs")
 
