@@ -150,8 +150,8 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
         if not config.init_samples and budget - init * draw_cost < one_chain_step:
             init = max(config.chains, int(budget // draw_cost))  # no step would fit after a quarter: the budget is all samples
         return dataclasses.replace(config, init_samples=init, max_compute=int(budget), steps=10_000)
-    if config.method == "sea":  # the paper-literal update: draw the chains, then forward and backward every step
-        left = budget - config.chains * length
+    if config.method == "sea":  # the paper-literal update: draw the chains, forward and backward every step, score the last
+        left = budget - config.chains * ((length - 1) + passes_per_row)
         steps = max(1, int(left // (3 * config.chains * passes_per_row)))
         return dataclasses.replace(config, steps=steps)
     if config.method == "args":  # k candidates per token, each scored by the reward over the t + 1 tokens so far

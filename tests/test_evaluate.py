@@ -281,3 +281,15 @@ def test_ablations_report_the_full_energy_keep_their_variant_and_prompts_are_tol
     merged = report_from(_eval_args("--from", str(tmp_path / "a"), "--from", str(tmp_path / "b"), "--out", str(tmp_path / "all")))
     assert merged["summary"]["sea-noref"]["n"] == 2  # two prompts that share an id are two prompts
     assert "| sea-nonoise | 1 |" in (tmp_path / "all" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("length", [8, 24])
+def test_the_paper_literal_update_sized_to_a_budget_spends_no_more(lm, engine, make_prompt, length):
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    prompt = make_prompt("write about a dog")
+    row = engine.start(AlignJob(prompt, SEAConfig(method="bon", samples=1, max_tokens=length), reward)).spec
+    budget = 32 * base_sample_cost(length, passes_per_row(row))
+    config = size_to_budget(SEAConfig(method="sea", update="logits", init="sample", max_tokens=length, chains=2, seed=0), budget,
+                            passes_per_row(row))
+    usage = engine.run([AlignJob(prompt, config, reward)])[0].usage
+    assert 0.8 * budget <= usage.compute - usage.prompt_token_passes <= budget, (config.steps, usage.compute, budget)
