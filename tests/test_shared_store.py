@@ -167,21 +167,30 @@ def test_a_job_whose_replica_dies_is_retried_elsewhere_and_no_other_job_is_lost(
         assert survivor.stop() == 0, survivor.log_path.read_text()[-3000:]
 
 
-def test_after_the_last_attempt_a_dead_replicas_job_is_failed_not_lost(redis_url):
-    """The reaping script alone: a job whose runner died on its last attempt ends failed, with its end event."""
+def _scripts_alone(redis_url: str, name: str, max_attempts: int):
+    """A client, a fresh prefix, and a store with no runtime or worker: for running its Redis scripts alone."""
+    from redis.asyncio import Redis
+
     from app.service.shared import SharedJobs
 
-    async def scenario():
-        from redis.asyncio import Redis
+    client = Redis.from_url(redis_url, decode_responses=True)
+    prefix = name + uuid.uuid4().hex[:8]
+    return client, prefix, SharedJobs(client, client, runtime=None, worker=None, prefix=prefix, ttl=60, lease=1.0,
+                                      max_attempts=max_attempts, max_queue=8, jobs={}, is_draining=lambda: False)
 
-        client = Redis.from_url(redis_url, decode_responses=True)
-        prefix = "reap-" + uuid.uuid4().hex[:8]
-        shared = SharedJobs(client, client, runtime=None, worker=None, prefix=prefix, ttl=60, lease=1.0, max_attempts=2,
-                            max_queue=8, jobs={}, is_draining=lambda: False)
-        await client.sadd(f"{prefix}:replicas", "dead-1")
+
+async def _running_on_a_dead_replica(client, prefix: str, job_id: str, **fields) -> None:
+    await client.sadd(f"{prefix}:replicas", "dead-1")
+    await client.hset(f"{prefix}:job:{job_id}", mapping={"status": "running", "owner": "dead-1", "spec": "{}", **fields})
+    await client.lpush(f"{prefix}:claimed:dead-1", job_id)
+
+
+def test_after_the_last_attempt_a_dead_replicas_job_is_failed_not_lost(redis_url):
+    """The reaping script alone: a job whose runner died on its last attempt ends failed, with its end event."""
+    async def scenario():
+        client, prefix, shared = _scripts_alone(redis_url, "reap-", max_attempts=2)
         for job_id, attempts in (("last", 2), ("again", 1)):
-            await client.hset(f"{prefix}:job:{job_id}", mapping={"status": "running", "owner": "dead-1", "attempts": attempts, "spec": "{}"})
-            await client.lpush(f"{prefix}:claimed:dead-1", job_id)
+            await _running_on_a_dead_replica(client, prefix, job_id, attempts=attempts)
         await shared._reap()
         last, again = [await client.hgetall(f"{prefix}:job:{i}") for i in ("last", "again")]
         queue = await client.lrange(f"{prefix}:queue", 0, -1)
@@ -295,20 +304,10 @@ def test_a_job_cancelled_while_its_runner_died_ends_as_asked_not_rerun(redis_url
     """The reaping and claiming scripts alone: a running job with a ``cancel`` flag whose replica died ends as its
     cancel asked (cancelled, or failed for a timeout) instead of going back to the queue; one handed back with the
     flag (a drain) is ended by the claim, not started."""
-    from app.service.shared import SharedJobs
-
     async def scenario():
-        from redis.asyncio import Redis
-
-        client = Redis.from_url(redis_url, decode_responses=True)
-        prefix = "reap-cancel-" + uuid.uuid4().hex[:8]
-        shared = SharedJobs(client, client, runtime=None, worker=None, prefix=prefix, ttl=60, lease=1.0, max_attempts=3,
-                            max_queue=8, jobs={}, is_draining=lambda: False)
-        await client.sadd(f"{prefix}:replicas", "dead-1")
+        client, prefix, shared = _scripts_alone(redis_url, "reap-cancel-", max_attempts=3)
         for job_id, kind in (("by-client", "cancelled"), ("timed-out", "timeout")):
-            await client.hset(f"{prefix}:job:{job_id}", mapping={"status": "running", "owner": "dead-1", "attempts": 1, "spec": "{}",
-                                                                  "cancel": json.dumps({"kind": kind, "reason": f"{kind}!"})})
-            await client.lpush(f"{prefix}:claimed:dead-1", job_id)
+            await _running_on_a_dead_replica(client, prefix, job_id, attempts=1, cancel=json.dumps({"kind": kind, "reason": f"{kind}!"}))
         await shared._reap()
         reaped = {i: await client.hgetall(f"{prefix}:job:{i}") for i in ("by-client", "timed-out")}
         events = await client.lrange(f"{prefix}:events:by-client", 0, -1)
