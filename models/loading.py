@@ -7,6 +7,7 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -79,15 +80,34 @@ def embedded_gguf_path() -> Path:
 
 
 def _freeze(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    # The rotary embedding's inverse frequencies stay float32, as ``from_pretrained(dtype=...)`` leaves them: in
+    # bfloat16 a 2000-token prompt's positions would be rotated by up to ~3 rad wrongly.
+    kept = {name: buffer for name, buffer in model.named_buffers() if name.endswith("inv_freq") and buffer.dtype == torch.float32}
     model.to(device=device, dtype=dtype)
+    for name, buffer in kept.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[leaf] = buffer.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
+FINGERPRINT_SAMPLES = 16  # 64 KiB reads spread over a GGUF file, besides its first MiB (its header and tensor table)
+
+
 def _cache_folder_for(gguf: Path, cache_dir: Path) -> Path:
-    stat = gguf.stat()
-    return cache_dir / f"{gguf.stem}-{stat.st_size}"
+    """The cache folder of a GGUF file: its name, size and a fingerprint of its contents (its first MiB and 64 KiB at
+    16 places through it), so that another file of the same name and size (a re-exported fine-tune) is not read
+    from this one's cache, while a copy of the same file (an image layer, another install) still is."""
+    size = gguf.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=6)
+    with gguf.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        for i in range(FINGERPRINT_SAMPLES):
+            handle.seek(size * i // FINGERPRINT_SAMPLES)
+            digest.update(handle.read(1 << 16))
+    return cache_dir / f"{gguf.stem}-{size}-{digest.hexdigest()}"
 
 
 def _write_dequantised_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
@@ -107,8 +127,10 @@ def _write_dequantised_copy(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         os.chmod(staging, 0o777 & ~umask)
         for path in staging.iterdir():
             os.chmod(path, 0o666 & ~umask)
+        if target.is_dir() and not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # what a crash left behind: replace it, or it blocks every write
         os.replace(staging, target)
-    except OSError:
+    except Exception:  # also a full disk, which safetensors reports as its own error, not an OSError
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
@@ -127,7 +149,7 @@ def load_gguf(gguf: Path, cache_dir: Path | None, device: torch.device, dtype: t
         try:
             _write_dequantised_copy(model, tokenizer, cached)
             log.info("cached dequantised copy at %s", cached)
-        except OSError as exc:  # a read-only cache must not stop the service
+        except Exception as exc:  # noqa: BLE001 -- a read-only or full cache must not stop the service
             log.warning("could not write the model cache at %s: %s", cached, exc)
     return LoadedLM(_freeze(model, device, dtype), tokenizer, name, device, dtype)
 
@@ -151,7 +173,7 @@ def load_lm(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if not source:
         return load_gguf(embedded_gguf_path(), cache, torch_device, torch_dtype, EMBEDDED_NAME)
     path = Path(source).expanduser()

@@ -50,6 +50,50 @@ def test_rendered_prompts_are_the_templates_own_tokens(lm, messages, system):
     assert ids == list(expected) and len(ids) > 5
 
 
+def test_bfloat16_weights_keep_the_rotary_frequencies_in_float32(lm, tmp_path):
+    """As ``from_pretrained(dtype=bfloat16)`` leaves them (moving the model to a dtype cast them too): rounded to
+    bfloat16, a long prompt's far positions are rotated by radians wrongly."""
+    folder = save_tiny_lm(lm, tmp_path / "tiny")
+    loaded = load_lm(str(folder), device="cpu", dtype="bfloat16")
+    frequencies = [buffer for name, buffer in loaded.model.named_buffers() if name.endswith("inv_freq")]
+    assert frequencies and all(buffer.dtype == torch.float32 for buffer in frequencies)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
+    assert torch.isfinite(loaded.model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_a_gguf_cache_folder_tells_files_apart_by_their_contents(tmp_path):
+    """Not by name and size alone: a re-exported file of the same name and size would have read the old weights."""
+    from models.loading import _cache_folder_for
+
+    first, second, copy = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf", tmp_path / "c" / "model.gguf"
+    for path, byte in ((first, 1), (second, 2), (copy, 1)):
+        path.parent.mkdir()
+        path.write_bytes(bytes([0] * 3_000_000 + [byte] * 1_000_000))  # they differ only past the first MiB
+    folders = [_cache_folder_for(path, tmp_path / "cache") for path in (first, second, copy)]
+    assert folders[0] != folders[1] and folders[0] == folders[2]  # a copy (an image layer, another install) still hits
+
+
+def test_a_failed_cache_write_leaves_nothing_behind_and_a_crashed_one_is_replaced(lm, tmp_path, monkeypatch):
+    from models.loading import _write_dequantised_copy
+
+    target = tmp_path / "cache" / "model-1"
+    original = type(lm.model).save_pretrained
+
+    def disk_full(self, folder, **kwargs):
+        original(self, folder, **kwargs)
+        raise RuntimeError("Error while serializing: I/O error: File too large (os error 27)")  # safetensors' own error type
+
+    monkeypatch.setattr(type(lm.model), "save_pretrained", disk_full)
+    with pytest.raises(RuntimeError, match="File too large"):
+        _write_dequantised_copy(lm.model, lm.tokenizer, target)
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written staging folder
+    monkeypatch.setattr(type(lm.model), "save_pretrained", original)
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"half")  # what a crash in the middle of a rename could leave
+    _write_dequantised_copy(lm.model, lm.tokenizer, target)
+    assert (target / "config.json").is_file() and load_lm(str(target), device="cpu").model is not None
+
+
 def test_missing_model_gives_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_lm(str(tmp_path / "nothing.gguf"))
