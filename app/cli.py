@@ -21,12 +21,13 @@ SERVER_SETTINGS = frozenset({
 ALIGN_FLAGS = frozenset({"default_chains", "default_steps", "default_alpha", "default_max_tokens", "default_select"})
 
 
-def _settings_flags(parser: argparse.ArgumentParser, server: bool = True, skip: frozenset[str] = frozenset()) -> None:
-    """One ``--flag`` per settings field (without ``server``, only those that apply outside the HTTP service), with
-    the field's description as help (env ``SEA_<NAME>`` also works)."""
+def _settings_flags(parser: argparse.ArgumentParser, server: bool = True, skip: frozenset[str] = frozenset(),
+                    only: frozenset[str] | None = None) -> None:
+    """One ``--flag`` per settings field (without ``server``, only those that apply outside the HTTP service; with
+    ``only``, those alone), with the field's description as help (env ``SEA_<NAME>`` also works)."""
     group = parser.add_argument_group("settings (also from SEA_<NAME> environment variables)")
     for name, field in Settings.model_fields.items():
-        if (not server and name in SERVER_SETTINGS) or name in skip:
+        if (not server and name in SERVER_SETTINGS) or name in skip or (only is not None and name not in only):
             continue
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
@@ -79,30 +80,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The settings `sea prepare` uses: what it loads and where it caches it.
+PREPARE_SETTINGS = frozenset({"model", "reward_model", "cache_dir", "log_level"})
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Load the configured model once, which writes the dequantised cache of a GGUF model."""
+    """Load the configured models once: a GGUF model's dequantised cache is written, and a hub model (the reference
+    or the reward model) is downloaded into the Hugging Face cache, so that a server started later finds both."""
     from models.loading import load_lm
+    from models.rewards import load_sequence_classifier_reward
 
     settings = settings_from(args)
     _setup_logging(settings.log_level)
     lm = load_lm(settings.model or None, device="cpu", dtype="float32", cache_dir=settings.cache_dir or None)
     print(f"{lm.name} ready ({sum(p.numel() for p in lm.model.parameters()) / 1e6:.0f}M parameters)")
+    if settings.reward_model:
+        reward = load_sequence_classifier_reward(settings.reward_model, lm, device="cpu", dtype="float32")
+        print(f"reward model {reward.name} ready ({sum(p.numel() for p in reward.model.parameters()) / 1e6:.0f}M parameters)")
     return 0
 
 
 def cmd_align(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from app.api.schemas import LimitError, SEAParams
     from app.runtime import Runtime
 
     settings = settings_from(args)
     _setup_logging("warning" if args.json else settings.log_level)
-    runtime = Runtime.load(settings)
-    params = SEAParams(max_tokens=args.max_tokens, chains=args.chains, steps=args.steps, alpha=args.alpha, seed=args.seed,
-                       method=args.method, samples=args.samples, select=args.select)
-    try:
-        config = params.to_config(settings)  # the same defaults and limits as the HTTP API
+    given = {"max_tokens": args.max_tokens, "chains": args.chains, "steps": args.steps, "alpha": args.alpha, "seed": args.seed,
+             "method": args.method, "samples": args.samples, "select": args.select}
+    try:  # the same defaults and limits as the HTTP API, checked before the models load
+        config = SEAParams(**{k: v for k, v in given.items() if v is not None}).to_config(settings)
     except LimitError as exc:
         raise SystemExit(f"sea align: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"sea align: {problems}") from None
+    runtime = Runtime.load(settings)
     keywords = [w for w in (args.keywords or "").split(",") if w.strip()]
     job = runtime.job([{"role": "user", "content": args.prompt}], config, terms=settings.reward_terms(), keywords=keywords or None)
     result = runtime.engine.run([job])[0]
@@ -150,8 +165,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    prepare = sub.add_parser("prepare", help="Load the model once and write its cache (e.g. at image build time).")
-    _settings_flags(prepare, server=False)
+    prepare = sub.add_parser("prepare", help="Load the models once and write their caches (e.g. at image build time).")
+    _settings_flags(prepare, only=PREPARE_SETTINGS)
     prepare.set_defaults(func=cmd_prepare)
 
     align = sub.add_parser("align", help="Align one prompt and print the text and its trace.")
@@ -163,7 +178,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     align.add_argument("--seed", type=int, default=None, help="Random seed (same seed, same output).")
     align.add_argument("--method", choices=["sea", "bon", "sample", "args", "cbs"], default="sea",
                        help="sea, or a baseline: Best-of-N, one base sample, reward-guided decoding, chunk-level beam search.")
-    align.add_argument("--samples", type=int, default=16, help="N for Best-of-N.")
+    align.add_argument("--samples", type=int, default=None, help="N for Best-of-N (default 16, or SEA_MAX_SAMPLES if lower).")
     align.add_argument("--select", choices=["reward", "energy"], help="How the returned chain is picked (default: SEA_DEFAULT_SELECT, reward).")
     align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
     align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.defaults import KEYWORD_WEIGHT, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
@@ -19,7 +20,7 @@ class Settings(BaseSettings):
     reward: str = Field("principle", description="Default reward: comma-separated `name[:weight]` of loaded rewards (`principle`, `rm`).")
     principle: str = Field(SAFETY_PRINCIPLE, description="System prompt of the contrastive principle reward log pi(y|principle,x) - log pi(y|x).")
     principle_clip: float = Field(PRINCIPLE_CLIP, gt=0, description="The most one response token earns from the principle reward, in nats; a prompt primes its own words, so without a limit a high alpha pays for reciting it. `inf`: no limit.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype: auto is bf16 on CUDA, float32 on CPU.")
     cache_dir: str = Field("", description="Folder for the dequantised copy of GGUF models. Empty: $XDG_CACHE_HOME/sea-serve.")
     threads: int = Field(0, ge=0, description="Torch CPU threads; 0 keeps torch's default.")
@@ -27,7 +28,7 @@ class Settings(BaseSettings):
     # Server
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
-    log_level: str = Field("info", description="Log level.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="Log level.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated API keys; when set, every API endpoint but /health, /ready and /metrics needs `Authorization: Bearer <key>` (the docs and playground pages load without one).")
     api_keys_file: str = Field("", description="File with more API keys, one per line (blank lines and `#` comments skipped); read once at start-up.")
     metrics_require_key: bool = Field(False, description="Also require the API key on /metrics.")
@@ -53,7 +54,7 @@ class Settings(BaseSettings):
     # Request defaults and limits
     default_chains: int = Field(4, ge=1, description="Chains per request when the request does not say.")
     default_steps: int = Field(20, ge=0, description="Langevin steps when the request does not say.")
-    default_alpha: float = Field(1.0, ge=0, description="Reward weight alpha when the request does not say.")
+    default_alpha: float = Field(1.0, ge=0, le=1000, allow_inf_nan=False, description="Reward weight alpha when the request does not say.")
     default_keyword_weight: float = Field(KEYWORD_WEIGHT, ge=0, le=1000, description="Weight of a request's keyword reward (the fraction of its words used) when the request does not say: at alpha 1 an answer with every word gains this many nats, enough to bring in words the model would not propose.")
     default_max_tokens: int = Field(32, ge=1, description="Response length in tokens when the request does not say.")
     default_select: Literal["reward", "energy"] = Field(
@@ -74,6 +75,26 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("reward")
+    @classmethod
+    def _a_reward_spec(cls, value: str) -> str:
+        parse_reward_spec(value)  # which names are served is checked when the models load
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Settings:
+        """A default past its own limit would answer every request that relies on it with an error naming the request."""
+        for default, limit in (("default_max_tokens", "max_tokens_limit"), ("default_steps", "max_steps"),
+                               ("default_chains", "max_chains"), ("default_chains", "max_batch_chains")):
+            if getattr(self, default) > getattr(self, limit):
+                raise ValueError(f"SEA_{default.upper()} ({getattr(self, default)}) is past SEA_{limit.upper()} ({getattr(self, limit)})")
+        return self
+
     def load_api_keys(self) -> list[bytes]:
         """Every accepted API key (SEA_API_KEYS plus the keys file) as bytes, for constant-time comparison."""
         keys = [key.get_secret_value() for key in self.api_keys]
@@ -90,15 +111,27 @@ class Settings(BaseSettings):
         return parse_reward_spec(self.reward)
 
 
+MAX_REWARD_WEIGHT = 1000.0  # as a request's reward weights
+
+
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """``"principle:1,rm:0.5"`` → ``[("principle", 1.0), ("rm", 0.5)]``."""
+    """``"principle:1,rm:0.5"`` → ``[("principle", 1.0), ("rm", 0.5)]``; a ValueError for a spec a reward cannot be
+    built from (no term, a nameless term, a weight that is not a finite number within ±1000)."""
     terms = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
         name, _, weight = part.partition(":")
-        terms.append((name.strip(), float(weight) if weight else 1.0))
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"the weight of {part!r} is not a number") from None
+        if not name.strip() or not math.isfinite(value) or abs(value) > MAX_REWARD_WEIGHT:
+            raise ValueError(f"{part!r}: write name[:weight] with a finite weight within ±{MAX_REWARD_WEIGHT:g}")
+        terms.append((name.strip(), value))
+    if not terms:
+        raise ValueError("name at least one reward, e.g. `principle`")
     return terms
 
 

@@ -89,7 +89,8 @@ class _LM:
 
 
 async def make_service(engine: FakeEngine, **settings) -> AlignService:
-    settings = Settings(**{"max_batch_chains": 4, "max_queue": 8, **settings})
+    batch = settings.get("max_batch_chains", 4)
+    settings = Settings(**{"max_batch_chains": batch, "default_chains": min(4, batch), "max_queue": 8, **settings})
     service = AlignService(settings, Metrics())
     runtime = Runtime(_LM(), engine, {"principle": object()}, [("principle", 1.0)])
     await service.attach(runtime, asyncio.get_running_loop())
@@ -507,3 +508,27 @@ def test_an_ended_job_keeps_token_pieces_only_where_a_replay_marks_them_and_live
                     [(True, True, True)] * 2]  # the last step, also chain 1's best
     assert all("pieces" in c for e in past for c in e["chains"]), "a reader that subscribed before the end got full events"
     assert [e["event"] for e in live] == ["end"]
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"reward": ""}, "name at least one reward"),
+    ({"reward": "principle:nan"}, "finite weight"),
+    ({"reward": "principle:1e9"}, "within ±1000"),
+    ({"reward": "principle:x"}, "not a number"),
+    ({"default_alpha": "inf"}, "finite number"),
+    ({"max_batch_chains": 2}, "SEA_DEFAULT_CHAINS \\(4\\) is past SEA_MAX_BATCH_CHAINS \\(2\\)"),
+    ({"default_max_tokens": 512}, "SEA_DEFAULT_MAX_TOKENS \\(512\\) is past SEA_MAX_TOKENS_LIMIT"),
+    ({"device": "gpu"}, "device"),
+    ({"log_level": "verbose"}, "log_level"),
+])
+def test_settings_refuse_at_start_what_would_fail_every_request(settings, message):
+    """Each of these started, then failed requests (blaming the client, or with NaN rewards) or the model load."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(**settings)
+
+
+def test_settings_accept_what_they_document():
+    settings = Settings(reward="principle, rm:0.5", log_level="INFO", device="cuda:1", max_batch_chains=2, default_chains=2)
+    assert settings.reward_terms() == [("principle", 1.0), ("rm", 0.5)] and settings.log_level == "info"

@@ -67,7 +67,7 @@ def model_folder(tmp_path_factory):
 def start_replicas(model_folder, redis_url, tmp_path, count=2, **settings) -> tuple[list[ServerProcess], str]:
     prefix = "test-" + uuid.uuid4().hex[:8]
     replicas = [ServerProcess(model_folder, tmp_path / f"replica{i}.log", redis_url=redis_url, redis_prefix=prefix,
-                              replica_lease_seconds=8, max_batch_chains=2, **settings) for i in range(count)]
+                              replica_lease_seconds=8, max_batch_chains=2, default_chains=2, **settings) for i in range(count)]
     try:
         for replica in replicas:
             replica.wait_ready(timeout=600)

@@ -1,0 +1,55 @@
+"""The `sea` command's own logic (the commands on the real model: tests/test_integration_cli.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import cli
+from tests.tiny import save_tiny_lm, tiny_reward_model
+
+
+def _flags(command: str) -> set[str]:
+    parser = cli.build_parser(command)
+    sub = next(action for action in parser._actions if action.dest == "command").choices[command]
+    return {option for action in sub._actions for option in action.option_strings}
+
+
+def test_prepare_offers_only_the_settings_it_uses():
+    """It listed every engine setting (threads, device, request defaults…) and used three of them."""
+    assert _flags("prepare") == {"-h", "--help", "--model", "--reward-model", "--cache-dir", "--log-level"}
+
+
+def test_prepare_loads_the_reward_model_too(lm, tmp_path, capsys):
+    """An image built with `sea prepare --reward-model X` must not fetch X when it serves."""
+    model = save_tiny_lm(lm, tmp_path / "lm")
+    reward = tmp_path / "rm"
+    tiny_reward_model(lm.model.config.vocab_size).save_pretrained(reward)
+    lm.tokenizer.save_pretrained(reward)
+    assert cli.main(["prepare", "--model", str(model), "--reward-model", str(reward), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "reward model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--chains", "0"], "--chains: Input should be greater than or equal to 1"),
+    (["--max-tokens", "100000"], "max_tokens must be at most"),
+])
+def test_align_refuses_bad_flags_before_loading_the_models(monkeypatch, argv, message):
+    def no_load(settings):
+        raise AssertionError("the models were loaded before the flags were checked")
+
+    monkeypatch.setattr("app.runtime.Runtime.load", no_load)
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["align", "hello", *argv])
+
+
+def test_align_with_sea_does_not_trip_the_best_of_n_limit(monkeypatch):
+    """`--samples` matters to Best-of-N only: its default no longer trips SEA_MAX_SAMPLES below 16 for `--method sea`."""
+    monkeypatch.setenv("SEA_MAX_SAMPLES", "8")
+
+    class Runtime:
+        def job(self, messages, config, **reward):
+            raise SystemExit(f"would run {config.method} with {config.chains} chains")
+
+    monkeypatch.setattr("app.runtime.Runtime.load", lambda settings: Runtime())
+    with pytest.raises(SystemExit, match="would run sea with 4 chains"):
+        cli.main(["align", "hello", "--method", "sea"])
