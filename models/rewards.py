@@ -271,7 +271,10 @@ class LexiconReward:
         self.patterns: list[_WordPattern] = []
         self.tokenizer = tokenizer
         for word, weight in weights.items():
-            spellings = {f" {word}", word, f" {word.capitalize()}", word.capitalize()}
+            # As written, in lowercase and with a capital first letter (not str.capitalize, which lowercases the rest:
+            # "iPhone" stays "iPhone"), after a space or not: "Violin" asked for is "violin" in a sentence.
+            cases = {word, word.lower(), word[:1].upper() + word[1:]}
+            spellings = {prefix + case for case in cases for prefix in ("", " ")}
             seqs = {tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in spellings}
             unknown = tokenizer.unk_token_id
             variants = [torch.tensor(s) for s in sorted(seqs) if s and unknown not in s]
@@ -281,7 +284,7 @@ class LexiconReward:
     @classmethod
     def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> LexiconReward:
         """Keyword coverage reward: the fraction of ``words`` that the response uses."""
-        unique = list(dict.fromkeys(w.strip() for w in words if w.strip()))
+        unique = list({w.strip().lower(): w.strip() for w in words if w.strip()}.values())  # "Dog" and "dog" are one word
         return cls(tokenizer, {w: 1.0 / len(unique) for w in unique}, name="keywords")
 
     @property

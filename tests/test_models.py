@@ -171,6 +171,16 @@ def test_keyword_reward_counts_whole_words_only(text, river, boat):
     assert keyword_coverage(text, ["river", "boat"]) == (river + boat) / 2
 
 
+def test_a_keyword_asked_for_with_a_capital_counts_in_lowercase_too():
+    """"Violin" asked for is "violin" in most sentences (the spellings were the word as written and str.capitalize)."""
+    tokenizer = _glueing_tokenizer(["river", "boat", "the"])
+    reward = LexiconReward.keywords(tokenizer, ["River", "river", "Boat"])
+    assert [p.word for p in reward.patterns] == ["river", "Boat"]  # one word, asked for twice
+    for text in ("the river boat", "River boat", "the boat river"):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        assert reward.presence(ResponseBatch(tokens=ids, mask=torch.ones(ids.shape))).tolist() == [[1.0, 1.0]], text
+
+
 def test_keyword_reward_keeps_words_whole_with_a_vocabulary_of_single_letters():
     tokenizer = _glueing_tokenizer([])  # bytes only: every word is spelled letter by letter
     reward = LexiconReward.keywords(tokenizer, ["cat"])
