@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from jinja2.exceptions import TemplateError
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,7 +38,18 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], s
     # Rendered, then encoded as apply_chat_template(tokenize=True) does (no special tokens added), but straight
     # through the Rust tokenizer where there is one: the wrapper's batch path costs more than the encoding itself,
     # on every request.
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError:
+        if not messages or messages[0]["role"] != "system":
+            raise
+        # A template without a system role (Gemma's refuses one): the system text opens the first user turn instead.
+        first, rest = messages[0], messages[1:]
+        if rest and rest[0]["role"] == "user":
+            rest = [{"role": "user", "content": first["content"] + "\n\n" + rest[0]["content"]}, *rest[1:]]
+        else:
+            rest = [{"role": "user", "content": first["content"]}, *rest]
+        text = tokenizer.apply_chat_template(rest, add_generation_prompt=True, tokenize=False)
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is not None:
         return backend.encode(text, add_special_tokens=False).ids

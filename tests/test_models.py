@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -92,6 +93,21 @@ def test_a_failed_cache_write_leaves_nothing_behind_and_a_crashed_one_is_replace
     (target / "model.safetensors").write_bytes(b"half")  # what a crash in the middle of a rename could leave
     _write_dequantised_copy(lm.model, lm.tokenizer, target)
     assert (target / "config.json").is_file() and load_lm(str(target), device="cpu").model is not None
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user_turn(lm):
+    """Gemma's template refuses a system turn: the principle reward's prompt (and a chat's own system turn) failed on
+    every request with such a model."""
+    tokenizer = copy.deepcopy(lm.tokenizer)
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    hello = [{"role": "user", "content": "hello ."}]
+    expected = render_prompt(tokenizer, [{"role": "user", "content": "be kind .\n\nhello ."}])
+    assert render_prompt(tokenizer, hello, system="be kind .") == expected
+    assert render_prompt(tokenizer, [{"role": "system", "content": "be kind ."}, *hello]) == expected
+    with pytest.raises(Exception, match="System role not supported"):
+        tokenizer.apply_chat_template([{"role": "system", "content": "x"}, *hello], tokenize=False)
 
 
 def test_missing_model_gives_clear_error(tmp_path):
