@@ -110,6 +110,18 @@ def _cache_folder_for(gguf: Path, cache_dir: Path) -> Path:
     return cache_dir / f"{gguf.stem}-{size}-{digest.hexdigest()}"
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where the system allows (setting it, even briefly, would give a
+    file that another thread creates meanwhile the wrong permissions)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o077)
+        os.umask(umask)
+        return umask
+
+
 def _write_dequantised_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """Save a plain safetensors copy atomically: a half-written cache must never be read back."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +134,7 @@ def _write_dequantised_copy(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         # mkdtemp and safetensors create owner-only files; a shared cache (e.g. baked into an image) must be readable.
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         os.chmod(staging, 0o777 & ~umask)
         for path in staging.iterdir():
             os.chmod(path, 0o666 & ~umask)

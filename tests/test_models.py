@@ -110,6 +110,23 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user
         tokenizer.apply_chat_template([{"role": "system", "content": "x"}, *hello], tokenize=False)
 
 
+def test_the_cache_reads_the_umask_without_setting_it(monkeypatch):
+    """Setting the umask to 0 to read it (as the cache write did) gives any file another thread creates meanwhile
+    world-writable permissions."""
+    import os
+
+    from models import loading
+
+    previous = os.umask(0o027)
+    calls = []
+    try:
+        monkeypatch.setattr(loading.os, "umask", lambda mask: calls.append(mask) or 0o022)
+        assert loading._umask() == 0o027 and calls == []
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+
+
 def test_missing_model_gives_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_lm(str(tmp_path / "nothing.gguf"))
