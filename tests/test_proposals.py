@@ -93,3 +93,23 @@ def test_a_missing_phrase_is_written_whole_where_its_tokens_are_estimated_to_cos
     assert all(m.tokens == (7, 8, 9) and m.position == 0 for m in held)  # (5, 6) is there; (7, 8, 9) fits only at 0
     plain = propose_chains(scores, tokens, [5, 3], 8, 0.0, torch.Generator(), [set(), set()])
     assert all(m.kind in ("swap", "pair", "insert") and (len(m.tokens) == 1 or m.kind == "pair") for chain in plain for m in chain)
+
+
+def test_edit_memories_are_as_long_as_the_rows_they_score():
+    """A batch's candidate rows are padded to the longest request that has edits; the memories of the requests whose
+    edits reuse a pass must be as long (a longer batch mate without edits, or without memories, made them shorter and
+    every request of the batch failed: 'The expanded size of the tensor (7) must match the existing size (5)')."""
+    from types import SimpleNamespace
+
+    from app.engine.discrete import reuse_for_edits
+    from models.lm import ResponseMemory
+
+    def memory(rows, length):
+        return ResponseMemory(torch.zeros(rows, length), [torch.zeros(rows, 2, length - 1, 4)], [torch.zeros(rows, 2, length - 1, 4)])
+
+    short = SimpleNamespace(spec=SimpleNamespace(length=5), memories={"ref": memory(2, 5)}, tokens=torch.zeros(2, 5, dtype=torch.long))
+    longer = SimpleNamespace(spec=SimpleNamespace(length=7), memories=None, tokens=torch.zeros(2, 7, dtype=torch.long))
+    owners = [(short, 0, Move("swap", 3, (1,), 0.0)), (short, 1, Move("swap", 4, (1,), 0.0)), (longer, 0, Move("swap", 2, (1,), 0.0))]
+    reuse, starts = reuse_for_edits([short, longer], owners, len(owners), 7)
+    assert starts[:2] != [0, 0] and starts[2] == 0  # the short request's edits reuse its pass; the other runs whole
+    assert reuse.memories["ref"].log_probs.shape == (3, 7) and reuse.memories["ref"].keys[0].shape == (3, 2, 6, 4)

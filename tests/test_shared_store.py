@@ -105,7 +105,11 @@ def test_any_replica_answers_for_any_job_and_both_take_from_one_queue(model_fold
             events = [(event.event, event.json()) for event in source.iter_sse()]
         assert events[-1][0] == "result" and events[-1][1]["status"] == "succeeded"
         assert [e for e, _ in events[:-1]] and all(e == "step" for e, _ in events[:-1])
-        stored = [json.loads(raw) for raw in redis.Redis.from_url(redis_url, decode_responses=True).lrange(f"{prefix}:events:{job_id}", 0, -1)]
+        def stored_when_ended():  # the runner writes the end to Redis after its own readers saw it (B may be the runner)
+            stored = [json.loads(raw) for raw in redis.Redis.from_url(redis_url, decode_responses=True).lrange(f"{prefix}:events:{job_id}", 0, -1)]
+            return stored if stored[-1]["event"] == "end" else None
+
+        stored = wait_for(stored_when_ended)
         assert stored[-1] == {"event": "end", "status": "succeeded"}
         assert_light(stored[:-1], [chain["best_step"] for chain in events[-1][1]["result"]["chains"]])
 

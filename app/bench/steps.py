@@ -150,7 +150,7 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
         owners.extend((state, c, move) for move in moves)
     candidates = torch.stack([apply(state.tokens[c], move) for _, c, move in owners])  # (C·K, L)
     candidate_spec = dataclasses.replace(spec, rows=len(owners))
-    reuse, setup.edit_starts = reuse_for_edits([state], owners, len(owners))
+    reuse, setup.edit_starts = reuse_for_edits([state], owners, len(owners), state.spec.length)
 
     def scoring():
         with torch.no_grad():

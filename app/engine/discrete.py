@@ -212,9 +212,10 @@ def shared_starts(first_edited: list[int], length: int, overhead: int = CALL_OVE
     return [start_of[n] for n in needs]
 
 
-def reuse_for_edits(states: list, owners: list, rows: int) -> tuple[Reuse | None, list[int]]:
-    """Starts and chain memories of the candidate rows (``owners[i] = (state, chain, move)``); per state, the
-    starts are grouped from its own edits only, so a request's scoring does not depend on its batch."""
+def reuse_for_edits(states: list, owners: list, rows: int, length: int) -> tuple[Reuse | None, list[int]]:
+    """Starts and chain memories of the candidate rows (``owners[i] = (state, chain, move)``, padded to ``length``
+    tokens); per state, the starts are grouped from its own edits only, so a request's scoring does not depend on its
+    batch."""
     starts = [0] * rows
     per_state: dict[int, list[int]] = {}
     for index, (state, _, _) in enumerate(owners):
@@ -240,7 +241,7 @@ def reuse_for_edits(states: list, owners: list, rows: int) -> tuple[Reuse | None
                 continue
             memory = (state.memories or {}).get(key)
             parts.append(memory.rows(chains) if memory is not None else template.zeros_like(len(chains)))
-        memories[key] = ResponseMemory.cat(parts)
+        memories[key] = ResponseMemory.cat(parts).widened(length)  # as long as the rows, whoever brought them
     return Reuse(torch.tensor(starts, device=device), memories), starts
 
 
@@ -323,9 +324,9 @@ def tick(engine, states: list) -> None:
     scored = None
     if rows:
         specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
-        length = max(s.spec.length for s in editing)
+        length = max(s.spec.length for s in editing if s.candidate_rows)  # a longer request without edits pads nothing
         padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
-        reuse, starts = reuse_for_edits(editing, owners, len(rows))
+        reuse, starts = reuse_for_edits(editing, owners, len(rows), length)
         with torch.no_grad():
             scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse=reuse)
         for (state, _, _), start in zip(owners, starts):
