@@ -63,7 +63,8 @@ VARIANTS: dict[str, dict] = {
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", help="JSONL with a `prompt` field (a `keywords` list adds a keyword reward).")
+    parser.add_argument("--prompts", help="JSONL with a `prompt` (or a chat's `messages`) field a line (a `keywords` list adds a "
+                                          "keyword reward), or a .txt file with one prompt a line.")
     parser.add_argument("--methods", default="sea,bon,args,cbs,sample", help=f"Comma-separated, from: {', '.join(VARIANTS)}.")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-samples", type=float, default=None, help="Compute of N base samples per prompt and method.")
@@ -86,6 +87,32 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Run nothing: report on the records.jsonl of earlier runs (repeatable, e.g. one folder per shard or seed).")
     parser.add_argument("--baseline", default=None,
                         help="Method every other one is paired with, prompt by prompt and seed by seed (default: bon-energy, else bon).")
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The prompt rows of ``path``: JSONL objects with a ``prompt`` (or a chat's ``messages``), or, for a ``.txt``
+    file, one prompt a line. A row that is neither stops the evaluation before it runs, naming its line."""
+    if not path.is_file():
+        raise SystemExit(f"--prompts {path}: no such file")
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if path.suffix == ".txt":
+        return [{"id": f"line{number}", "prompt": line.strip()} for number, line in lines]
+    rows = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{path}:{number}: not JSON ({exc.msg}); write one JSON object a line, or one prompt a line in a .txt file") from None
+        text = row.get("prompt") if isinstance(row, dict) else None
+        if not (isinstance(text, str) and text.strip()) and not (isinstance(row, dict) and row.get("messages")):
+            raise SystemExit(f"{path}:{number}: a row needs a `prompt` string (or `messages`)")
+        keywords = row.get("keywords")
+        if keywords is not None and not (isinstance(keywords, list) and all(isinstance(w, str) for w in keywords)):
+            raise SystemExit(f"{path}:{number}: `keywords` must be a list of words")
+        rows.append(row)
+    if not rows:
+        raise SystemExit(f"{path} holds no prompts")
+    return rows
 
 
 def refused(text: str) -> bool:
@@ -186,7 +213,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     if not args.prompts:
         raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
     runtime = runtime or Runtime.load(settings)
-    rows = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    rows = read_prompts(Path(args.prompts))
     rows = rows[: args.limit] if args.limit else rows
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in VARIANTS]

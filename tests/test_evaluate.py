@@ -293,3 +293,21 @@ def test_the_paper_literal_update_sized_to_a_budget_spends_no_more(lm, engine, m
                             passes_per_row(row))
     usage = engine.run([AlignJob(prompt, config, reward)])[0].usage
     assert 0.8 * budget <= usage.compute - usage.prompt_token_passes <= budget, (config.steps, usage.compute, budget)
+
+
+def test_prompt_files_are_read_or_refused_with_the_line_that_is_wrong(tmp_path):
+    from app.evaluate import read_prompts
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("Tell me about tea.\n\nWrite a haiku about rain.\n")
+    assert read_prompts(text) == [{"id": "line1", "prompt": "Tell me about tea."}, {"id": "line3", "prompt": "Write a haiku about rain."}]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "hi", "keywords": ["dog"]}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    assert len(read_prompts(rows)) == 2
+    for content, message in (("not json\n", ":1: not JSON"), (json.dumps({"text": "hi"}) + "\n", ":1: a row needs a `prompt`"),
+                             (json.dumps({"prompt": "hi", "keywords": "dog"}) + "\n", "`keywords` must be a list"), ("\n", "holds no prompts")):
+        rows.write_text(content)
+        with pytest.raises(SystemExit, match=message):
+            read_prompts(rows)
+    with pytest.raises(SystemExit, match="no such file"):
+        read_prompts(tmp_path / "missing.jsonl")
