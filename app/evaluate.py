@@ -212,8 +212,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
 
     if not args.prompts:
         raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
-    runtime = runtime or Runtime.load(settings)
     rows = read_prompts(Path(args.prompts))
+    runtime = runtime or Runtime.load(settings)
     rows = rows[: args.limit] if args.limit else rows
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in VARIANTS]
