@@ -213,14 +213,20 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     if not args.prompts:
         raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
     rows = read_prompts(Path(args.prompts))
-    runtime = runtime or Runtime.load(settings)
     rows = rows[: args.limit] if args.limit else rows
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(VARIANTS)}")
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds}: write whole numbers separated by commas") from None
+    bad = [item for item in args.set if "=" not in item or item.split("=", 1)[0] not in SEAConfig.__dataclass_fields__]
+    if bad:
+        raise SystemExit(f"--set {', '.join(bad)}: write KEY=VALUE with KEY a SEAConfig field (e.g. candidates=6)")
     extra = dict(item.split("=", 1) for item in args.set)
+    runtime = runtime or Runtime.load(settings)
     base = SEAConfig(
         max_tokens=args.max_tokens or settings.default_max_tokens,
         chains=args.chains or settings.default_chains,

@@ -311,3 +311,17 @@ def test_prompt_files_are_read_or_refused_with_the_line_that_is_wrong(tmp_path):
             read_prompts(rows)
     with pytest.raises(SystemExit, match="no such file"):
         read_prompts(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(("argv", "message"), [(["--methods", "sea,bestofn"], "unknown methods"), (["--seeds", "0,x"], "--seeds"),
+                                               (["--set", "stepz=3"], "--set stepz=3")])
+def test_bad_arguments_stop_the_evaluation_before_the_models_load(tmp_path, argv, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hi\n")
+
+    class Unloadable:
+        def __getattr__(self, name):
+            raise AssertionError("the models were used before the arguments were checked")
+
+    with pytest.raises(SystemExit, match=message):
+        run_eval(_eval_args("--prompts", str(prompts), "--out", str(tmp_path / "out"), *argv), Settings(), runtime=Unloadable())
