@@ -194,7 +194,8 @@ def check_shared_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         )
 
 
-# Endings a matched word may take and still count (as ``keyword_coverage`` counts "dogs" for "dog").
+# Endings glued to a matched word that may follow it and still count, where the word takes that ending ("dogs",
+# "kicked", "sledding" never "flys"; as ``keyword_coverage``, by ``word_forms``).
 WORD_SUFFIXES = ("s", "es", "ed", "ing")
 
 
@@ -204,12 +205,12 @@ class WordEdges:
 
     ``opens[v]``: v starts a new word after a letter (it begins with a space or a punctuation mark, or the
     tokenizer puts a space between tokens); ``closes[v]``: a word that follows v starts a new word;
-    ``suffix[v]``: v is a plural/-ed/-ing ending glued to the word before it.
+    ``ending[v]``: which of ``WORD_SUFFIXES`` v is, glued to the word before it (−1: none).
     """
 
     opens: Tensor  # (V,) bool
     closes: Tensor
-    suffix: Tensor
+    ending: Tensor  # (V,) long
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> WordEdges:
@@ -227,14 +228,14 @@ class WordEdges:
         head = pieces[probe]
         after = decode([[probe, i] for i in range(size)])  # head + [separator] + piece
         before = decode([[i, probe] for i in range(size)])  # piece + [separator] + head
-        opens, closes, suffix = [], [], []
+        opens, closes, ending = [], [], []
         for piece, a, b in zip(pieces, after, before):
             tail = a[len(head):] if a.startswith(head) else " "
             opens.append(not tail[:1].isalnum())
             lead = b[: -len(head)] if b.endswith(head) else " "
             closes.append(not lead[-1:].isalnum())
-            suffix.append(tail in WORD_SUFFIXES)
-        return cls(torch.tensor(opens), torch.tensor(closes), torch.tensor(suffix))
+            ending.append(WORD_SUFFIXES.index(tail) if tail in WORD_SUFFIXES else -1)
+        return cls(torch.tensor(opens), torch.tensor(closes), torch.tensor(ending))
 
 
 _word_edges: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -252,6 +253,7 @@ class _WordPattern:
     word: str
     weight: float
     variants: list[Tensor]  # token-id sequences that spell the word
+    endings: Tensor  # (len(WORD_SUFFIXES) + 1,) bool: which glued endings make a form of the word; the last, "none", False
 
 
 class LexiconReward:
@@ -259,7 +261,7 @@ class LexiconReward:
 
     Each word is matched as any of its spellings' token sequences (" word", "word", " Word", "Word");
     a multi-token word counts when all its tokens stand in a row, as a whole word: not glued to a letter
-    before it or after it (a plural/-ed/-ing ending is allowed), so "riverboat" holds neither "river"
+    before it or after it (a glued ending the word takes is allowed: "rivers", not "flys"), so "riverboat" holds neither "river"
     nor "boat". The gradient of a missing word points at its tokens at every position where it would
     stand as a word, so it names words the base model rarely proposes. With ``weights = 1/n`` it is the
     keyword coverage in [0, 1].
@@ -279,7 +281,9 @@ class LexiconReward:
             unknown = tokenizer.unk_token_id
             variants = [torch.tensor(s) for s in sorted(seqs) if s and unknown not in s]
             if variants:
-                self.patterns.append(_WordPattern(word, float(weight), variants))
+                forms = word_forms(word)
+                endings = torch.tensor([word.lower() + suffix in forms for suffix in WORD_SUFFIXES] + [False])
+                self.patterns.append(_WordPattern(word, float(weight), variants, endings))
 
     @classmethod
     def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> LexiconReward:
@@ -314,11 +318,12 @@ class LexiconReward:
         # Ids past the tokenizer's (padding rows of the embedding) count as word boundaries.
         outside = response.tokens >= size
         tokens = response.tokens.clamp(max=size - 1)
-        opens, closes, suffix = (table.to(device)[tokens] | outside  # (B, L) each, from the hard tokens
-                                 for table in (edges.opens, edges.closes, edges.suffix))
-        ends = (response.mask == 0) | opens | suffix  # a word may end before these
+        opens, closes = (table.to(device)[tokens] | outside for table in (edges.opens, edges.closes))  # (B, L), from the hard tokens
+        ending = torch.where(outside, -1, edges.ending.to(device)[tokens])
+        boundary = (response.mask == 0) | opens  # a word may end before these, or before an ending it takes
         words = []
         for pattern in self.patterns:
+            ends = boundary | pattern.endings.to(device)[ending]  # index -1: the "none" entry, False
             absent = torch.ones(response.rows, device=device)
             for seq in pattern.variants:
                 seq = seq.to(device)

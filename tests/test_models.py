@@ -214,6 +214,17 @@ def test_a_keyword_asked_for_with_a_capital_counts_in_lowercase_too():
         assert reward.presence(ResponseBatch(tokens=ids, mask=torch.ones(ids.shape))).tolist() == [[1.0, 1.0]], text
 
 
+@pytest.mark.parametrize(("text", "fly", "river"), [("the flys", 0, 0), ("flying river", 1, 1), ("rivers fly", 1, 1),
+                                                     ("flyed", 0, 0)])
+def test_keyword_reward_pays_a_glued_ending_only_where_the_word_takes_it(text, fly, river):
+    """As the keyword measure counts ("flying", "rivers", never "flys"): SEA wrote "the kite's a string flys"."""
+    tokenizer = _glueing_tokenizer(["fly", "river", "ing", "ed"])
+    reward = LexiconReward.keywords(tokenizer, ["fly", "river"])
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    assert reward.presence(ResponseBatch(tokens=ids, mask=torch.ones(ids.shape))).tolist() == [[fly, river]]
+    assert keyword_coverage(text, ["fly", "river"]) == (fly + river) / 2
+
+
 def test_keyword_reward_keeps_words_whole_with_a_vocabulary_of_single_letters():
     tokenizer = _glueing_tokenizer([])  # bytes only: every word is spelled letter by letter
     reward = LexiconReward.keywords(tokenizer, ["cat"])
