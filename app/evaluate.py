@@ -185,13 +185,13 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
         if not reward_passes:  # a reward without LM passes scores candidates for free: the largest k
             return dataclasses.replace(config, args_top_k=ARGS_MAX_TOP_K)
         per_k = sum((t + 1) for t in range(length)) * reward_passes / length
-        decode_and_score = (length - 1) + reward_passes
-        return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - decode_and_score) // per_k))))
+        # decoding the answer and scoring it cost what one base sample does
+        return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - sample_cost) // per_k))))
     if config.method == "cbs":
         # Each chunk runs every open beam's t tokens once (its successors share them); each successor draws its
-        # chunk and is scored by the reward's passes over t + chunk tokens. The first chunk grows from one empty
-        # beam; the W answers are scored exactly at the end.
-        # A successor draws its chunk's first token from its beam's pass and feeds back the rest but the last.
+        # chunk (its first token from its beam's pass, feeding back the rest but the last) and is scored by the
+        # reward's passes over t + chunk tokens. The first chunk grows from one empty beam; the answers keep the
+        # scores of their last chunk.
         chunks = [(t, min(config.chunk, length - t), 1 if t == 0 else config.beams) for t in range(0, length, config.chunk)]
         shared = sum(beams * t for t, _, beams in chunks)
         per_successor = sum(beams * (size - 1 + reward_passes * (t + size) / length) for t, size, beams in chunks)

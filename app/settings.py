@@ -111,7 +111,7 @@ class Settings(BaseSettings):
         return parse_reward_spec(self.reward)
 
 
-MAX_REWARD_WEIGHT = 1000.0  # as a request's reward weights
+MAX_REWARD_WEIGHT = 1000  # the largest weight of a reward term, here and in a request
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:

@@ -259,7 +259,8 @@ class _WordPattern:
 class LexiconReward:
     """Weighted word presence: ``Σ_w weight_w · [w appears in the response]``, exact under the STE forward.
 
-    Each word is matched as any of its spellings' token sequences (" word", "word", " Word", "Word");
+    Each word is matched as any of its spellings' token sequences (as written, in lowercase and capitalised, each
+    with a leading space or not);
     a multi-token word counts when all its tokens stand in a row, as a whole word: not glued to a letter
     before it or after it (a glued ending the word takes is allowed: "rivers", not "flys"), so "riverboat" holds neither "river"
     nor "boat". The gradient of a missing word points at its tokens at every position where it would
@@ -429,8 +430,9 @@ def word_forms(word: str) -> set[str]:
 def keyword_coverage(text: str, words: list[str]) -> float:
     """Fraction of ``words`` found in ``text`` as whole words, in any of their forms (``word_forms``; case-insensitive).
 
-    An evaluation measure, as a reader counts: broader than :class:`LexiconReward`, which pays for the word and its
-    glued plural/-ed/-ing endings only, so that baselines' natural inflections ("threw", "cried") count too."""
+    An evaluation measure, as a reader counts: broader than :class:`LexiconReward`, which pays for the word and the
+    glued -s/-es/-ed/-ing endings among these forms only, so that baselines' natural inflections ("threw", "cried")
+    count too."""
     if not words:
         return 0.0
     found = 0

@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.engine.types import AlignResult, SEAConfig
-from app.settings import Settings
+from app.settings import MAX_REWARD_WEIGHT, Settings
 
 # Request models are strict (no "3" for 3, no 1 for true) and refuse NaN and Infinity (which Python's JSON parser
 # lets through), so that what the OpenAPI document calls invalid is rejected, not coerced.
@@ -58,7 +58,7 @@ class ChatMessage(StrictRequest):
 
 
 class RewardSpec(StrictRequest):
-    terms: dict[str, Annotated[float, Field(ge=-1000, le=1000)]] | None = Field(
+    terms: dict[str, Annotated[float, Field(ge=-MAX_REWARD_WEIGHT, le=MAX_REWARD_WEIGHT)]] | None = Field(
         None, description="Loaded rewards by name with their weights, e.g. {\"principle\": 1}. Default: the server's reward.")
     keywords: list[Annotated[str, Field(min_length=1, max_length=100, pattern=r"\S")]] | None = Field(
         None, min_length=1, max_length=32, description="Words to work into the response: adds a keyword-coverage reward (0..1). "
