@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
 from models.lm import Message, encode_prefix, forward_after_prefix, render_prompt, response_token_log_probs, stack_prefixes
 from models.loading import LoadedLM, ModelLoadError, resolve_device, resolve_dtype
-from models.ste import ResponseBatch
+from models.ste import ResponseBatch, masked_sum
 
 
 def copy_grams(tokenizer: PreTrainedTokenizerBase, text: str, n: int = COPY_TOKENS) -> Tensor:
@@ -136,7 +136,7 @@ class PrincipleReward:
     def from_log_probs(self, token_log_probs: Tensor, response: ResponseBatch) -> Tensor:
         """The reward from ``log pi(y_t | principle, x, y_<t)`` ``(B, L)``."""
         counts = response.mask * ~copied_positions(response.tokens, self.copy_grams)
-        return ((token_log_probs - response.token_log_prob_ref).clamp(max=self.clip) * counts).sum(1)
+        return masked_sum((token_log_probs - response.token_log_prob_ref).clamp(max=self.clip), counts)
 
 
 class SequenceClassifierReward:

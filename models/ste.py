@@ -196,6 +196,12 @@ class ResponseBatch:
         return rows if self.probs_rows is None else self.probs_rows[rows]
 
 
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """``Σ_t values · mask`` per row, where a position outside the mask adds nothing even if its value is ±inf or NaN
+    (a model that gives a token −inf log-prob after the stop token must not make the row's sum NaN)."""
+    return torch.where(mask > 0, values * mask, 0.0).sum(1)
+
+
 def response_mask(tokens: Tensor, stop_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
     """1.0 for positions up to and including the first stop token (and below each row's length), else 0.0."""
     is_stop = torch.isin(tokens, stop_ids)

@@ -23,7 +23,7 @@ from models.rewards import (
     check_shared_vocabulary,
     keyword_coverage,
 )
-from models.ste import ResponseBatch
+from models.ste import ResponseBatch, masked_sum
 from tests.tiny import save_tiny_lm, tiny_reward_model
 
 
@@ -143,6 +143,16 @@ def test_sequence_classifier_reward_on_embeddings_matches_plain_forward(lm, make
         ids = torch.tensor([prompt.ids + tokens[row].tolist()])
         hidden = model.model(input_ids=ids).last_hidden_state[0, -1]
         assert scores[row] == pytest.approx(float(model.score(hidden)[0]), abs=1e-4)
+
+
+def test_positions_past_the_stop_add_nothing_even_at_minus_infinity():
+    """A model that gives a token after the stop −inf log-prob made the row's sum NaN (−inf · 0)."""
+    values = torch.tensor([[-1.0, -2.0, float("-inf")], [float("nan"), -1.0, -1.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    total = masked_sum(values, mask)
+    assert total.tolist() == [-3.0, -2.0]
+    (grad,) = torch.autograd.grad(total.sum(), values)
+    assert grad.tolist() == mask.tolist()
 
 
 def test_reward_model_with_another_vocabulary_is_refused(lm):

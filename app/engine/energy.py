@@ -18,7 +18,7 @@ from app.engine.sampling import Guide, Tilt
 from models.lm import MemoryRecorder, Prefix, ResponseMemory, Reuse, response_token_log_probs, stack_prefixes
 from models.loading import LoadedLM
 from models.rewards import RewardComponent
-from models.ste import ResponseBatch, response_mask
+from models.ste import ResponseBatch, masked_sum, response_mask
 
 REFERENCE = "reference"  # the memory key of the reference LM's own pass
 
@@ -123,7 +123,7 @@ def evaluate(
                 _split_memory(together.recorder.memories[REFERENCE], recorder, rows, run)
             response.token_log_prob_ref = token_log_probs[:rows]
             offset = rows
-        log_prob_ref = (response.token_log_prob_ref * mask).sum(1)
+        log_prob_ref = masked_sum(response.token_log_prob_ref, mask)
         precomputed = {}
         for component, index, _ in run:
             precomputed[id(component)] = component.from_log_probs(token_log_probs[offset : offset + len(index)], response.select(index))
