@@ -252,20 +252,31 @@ def word_edges(tokenizer: PreTrainedTokenizerBase) -> WordEdges:
 class _WordPattern:
     word: str
     weight: float
-    variants: list[Tensor]  # token-id sequences that spell the word
-    endings: Tensor  # (len(WORD_SUFFIXES) + 1,) bool: which glued endings make a form of the word; the last, "none", False
+    variants: list[Tensor]  # token-id sequences that spell the word or one of its forms
+    endings: list[Tensor]  # per variant, (len(WORD_SUFFIXES) + 1,) bool: which glued endings make a form of the word; the last, "none", False
+
+
+@dataclass
+class _SpellingGroup:
+    """The spellings of one number of tokens k, for matching them all at once."""
+
+    columns: Tensor  # (n, k) each spelling's tokens, as columns of the ids gathered once
+    word: Tensor  # (n,) which word each spelling spells
+    first_opens: Tensor  # (n,) bool: its first token starts a word by itself
+    endings: Tensor  # (n, len(WORD_SUFFIXES) + 1) bool: the glued endings that make a form after it
 
 
 class LexiconReward:
     """Weighted word presence: ``Σ_w weight_w · [w appears in the response]``, exact under the STE forward.
 
-    Each word is matched as any of its spellings' token sequences (as written, in lowercase and capitalised, each
-    with a leading space or not);
+    Each word is matched as any of its forms (``word_forms``: "threw" and "throwing" use "throw") and each form as
+    any of its spellings' token sequences (in lowercase and capitalised, the word also as written, each with a
+    leading space or not);
     a multi-token word counts when all its tokens stand in a row, as a whole word: not glued to a letter
-    before it or after it (a glued ending the word takes is allowed: "rivers", not "flys"), so "riverboat" holds neither "river"
-    nor "boat". The gradient of a missing word points at its tokens at every position where it would
-    stand as a word, so it names words the base model rarely proposes. With ``weights = 1/n`` it is the
-    keyword coverage in [0, 1].
+    before it or after it (a glued ending that makes another form is allowed: "river" + "s", not "fly" + "s"),
+    so "riverboat" holds neither "river" nor "boat". The gradient of a missing word points at its tokens at
+    every position where it would stand as a word, so it names words the base model rarely proposes. With
+    ``weights = 1/n`` it is the keyword coverage in [0, 1], as ``keyword_coverage`` reads it from the text.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, weights: dict[str, float], name: str = "lexicon"):
@@ -273,18 +284,24 @@ class LexiconReward:
         self.lm_passes = 0
         self.patterns: list[_WordPattern] = []
         self.tokenizer = tokenizer
+        self._groups: dict[torch.device, tuple[Tensor, list[_SpellingGroup]]] = {}
+        unknown = tokenizer.unk_token_id
         for word, weight in weights.items():
-            # As written, in lowercase and with a capital first letter (not str.capitalize, which lowercases the rest:
-            # "iPhone" stays "iPhone"), after a space or not: "Violin" asked for is "violin" in a sentence.
-            cases = {word, word.lower(), word[:1].upper() + word[1:]}
-            spellings = {prefix + case for case in cases for prefix in ("", " ")}
-            seqs = {tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in spellings}
-            unknown = tokenizer.unk_token_id
-            variants = [torch.tensor(s) for s in sorted(seqs) if s and unknown not in s]
-            if variants:
-                forms = word_forms(word)
-                endings = torch.tensor([word.lower() + suffix in forms for suffix in WORD_SUFFIXES] + [False])
-                self.patterns.append(_WordPattern(word, float(weight), variants, endings))
+            forms = word_forms(word)
+            endings_of = {}  # token sequence -> the glued endings that make a form after it
+            # Each form in lowercase and with a capital first letter (not str.capitalize, which lowercases the rest:
+            # "iPhone" stays "iPhone"), the word also as written, after a space or not: "Violin" asked for is
+            # "violin" in a sentence.
+            for form in sorted(forms):
+                cases = {form, form[:1].upper() + form[1:]} | ({word, word[:1].upper() + word[1:]} if form == word.lower() else set())
+                endings = torch.tensor([form + suffix in forms for suffix in WORD_SUFFIXES] + [False])
+                for spelling in (prefix + case for case in cases for prefix in ("", " ")):
+                    seq = tuple(tokenizer(spelling, add_special_tokens=False)["input_ids"])
+                    if seq and unknown not in seq:
+                        endings_of[seq] = endings
+            if endings_of:
+                seqs = sorted(endings_of)
+                self.patterns.append(_WordPattern(word, float(weight), [torch.tensor(s) for s in seqs], [endings_of[s] for s in seqs]))
 
     @classmethod
     def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> LexiconReward:
@@ -305,50 +322,67 @@ class LexiconReward:
         words = [[tuple(v.tolist()) for v in p.variants if len(v) > 1] for p in self.patterns if p.weight > 0]
         return [spellings for spellings in words if spellings]
 
+    def _spellings(self, device: torch.device) -> tuple[Tensor, list[_SpellingGroup]]:
+        """Every vocabulary id the spellings use ``(K,)``, and the spellings grouped by their number of tokens."""
+        if device not in self._groups:
+            ids = sorted({int(i) for p in self.patterns for v in p.variants for i in v})
+            column = {token: c for c, token in enumerate(ids)}
+            opens = self.edges.opens
+            by_length: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
+            for w, pattern in enumerate(self.patterns):
+                for seq, endings in zip(pattern.variants, pattern.endings):
+                    by_length.setdefault(len(seq), []).append((w, seq, endings))
+            groups = []
+            for k, rows in sorted(by_length.items()):
+                seqs = torch.stack([seq for _, seq, _ in rows])
+                groups.append(_SpellingGroup(
+                    columns=torch.tensor([[column[int(i)] for i in seq] for _, seq, _ in rows], device=device),
+                    word=torch.tensor([w for w, _, _ in rows], device=device),
+                    first_opens=torch.tensor([int(seq[0]) >= len(opens) or bool(opens[seq[0]]) for seq in seqs], device=device),
+                    endings=torch.stack([endings for _, _, endings in rows]).to(device),
+                ))
+            self._groups[device] = (torch.tensor(ids, device=device), groups)
+        return self._groups[device]
+
     def presence(self, response: ResponseBatch) -> Tensor:
         """Per word presence ``(B, W)`` in {0, 1} (straight-through).
 
         Presence is a noisy-or over start positions and spellings, ``1 − Π (1 − x)``: exact on hard
         tokens, and where the word is absent every position gets the full first-order gain of placing
-        it there (an ``amax`` would split that gain over the L tied positions).
+        it there (an ``amax`` would split that gain over the L tied positions). All spellings of one length are
+        matched at once, from one gather of the vocabulary columns they use (one gradient scatter into ``probs``).
         """
         device = response.tokens.device
-        mask = response.mask[..., None]  # (B, L, 1)
         edges = self.edges
         size = len(edges.opens)
+        ids, groups = self._spellings(device)
+        rows, length = response.rows, response.length
         # Ids past the tokenizer's (padding rows of the embedding) count as word boundaries.
         outside = response.tokens >= size
         tokens = response.tokens.clamp(max=size - 1)
         opens, closes = (table.to(device)[tokens] | outside for table in (edges.opens, edges.closes))  # (B, L), from the hard tokens
         ending = torch.where(outside, -1, edges.ending.to(device)[tokens])
         boundary = (response.mask == 0) | opens  # a word may end before these, or before an ending it takes
-        words = []
-        for pattern in self.patterns:
-            ends = boundary | pattern.endings.to(device)[ending]  # index -1: the "none" entry, False
-            absent = torch.ones(response.rows, device=device)
-            for seq in pattern.variants:
-                seq = seq.to(device)
-                k = len(seq)
-                if k > response.length:
-                    continue
-                cols = response.columns(seq) * mask  # (B, L, k)
-                starts = response.length - k + 1
-                # All k tokens in a row starting at t: min over j of cols[t + j, j].
-                aligned = torch.stack([cols[:, j : j + starts, j] for j in range(k)], dim=-1)  # (B, starts, k)
-                # Whole words only: a boundary before t (the first token opens a word, or t = 0, or the token
-                # before closes one) and after t + k − 1 (the end, or a token that opens a word or is an ending).
-                # Taken from the hard neighbours: constant under the straight-through gradient.
-                first = int(seq[0])
-                first_opens = first >= size or bool(edges.opens[first])
-                left = torch.ones_like(ends[:, :starts])
-                if not first_opens:
-                    left[:, 1:] = closes[:, : starts - 1]
-                right = torch.ones_like(left)
-                right[:, : starts - 1] = ends[:, k:]
-                whole = (left & right).to(aligned.dtype)  # (B, starts)
-                absent = absent * (1.0 - aligned.amin(-1) * whole).prod(-1)
-            words.append(1.0 - absent)
-        return torch.stack(words, dim=-1)
+        columns = response.columns(ids) * response.mask[..., None]  # (B, L, K)
+        absent = torch.ones(rows, len(self.patterns), device=device)
+        for group in groups:
+            k = group.columns.shape[1]
+            if k > length:
+                continue
+            starts = length - k + 1
+            cols = columns[:, :, group.columns]  # (B, L, n, k)
+            # All k tokens in a row starting at t: min over j of cols[t + j, j].
+            aligned = torch.stack([cols[:, j : j + starts, :, j] for j in range(k)], dim=-1).amin(-1)  # (B, starts, n)
+            # Whole words only: a boundary before t (the first token opens a word, or t = 0, or the token before
+            # closes one) and after t + k − 1 (the end, a token that opens a word, or an ending that makes a form
+            # of the word after this spelling). Taken from the hard neighbours: constant under the straight-through gradient.
+            before = torch.cat([torch.ones_like(closes[:, :1]), closes[:, : starts - 1]], dim=1)  # (B, starts)
+            left = group.first_opens | before[..., None]  # (B, starts, n)
+            ends = boundary[..., None] | group.endings[:, ending].permute(1, 2, 0)  # (B, L, n); ending −1: "none", False
+            right = torch.cat([ends[:, k:], torch.ones_like(ends[:, :1])], dim=1)  # (B, starts, n)
+            missing = (1.0 - aligned * (left & right).to(aligned.dtype)).prod(1)  # (B, n)
+            absent = absent * torch.stack([missing[:, group.word == w].prod(-1) for w in range(len(self.patterns))], dim=-1)
+        return 1.0 - absent
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
         weights = torch.tensor([p.weight for p in self.patterns], device=response.tokens.device)
@@ -430,9 +464,8 @@ def word_forms(word: str) -> set[str]:
 def keyword_coverage(text: str, words: list[str]) -> float:
     """Fraction of ``words`` found in ``text`` as whole words, in any of their forms (``word_forms``; case-insensitive).
 
-    An evaluation measure, as a reader counts: broader than :class:`LexiconReward`, which pays for the word and the
-    glued -s/-es/-ed/-ing endings among these forms only, so that baselines' natural inflections ("threw", "cried")
-    count too."""
+    An evaluation measure, as a reader counts, so that baselines' natural inflections ("threw", "cried") count too;
+    :class:`LexiconReward` pays for the same forms, read from the tokens."""
     if not words:
         return 0.0
     found = 0

@@ -235,6 +235,22 @@ def test_keyword_reward_pays_a_glued_ending_only_where_the_word_takes_it(text, f
     assert keyword_coverage(text, ["fly", "river"]) == (fly + river) / 2
 
 
+@pytest.mark.parametrize(("text", "throw", "child"), [
+    ("He threw it to the children.", 1, 1),  # irregular forms, each one token here
+    ("Thrown by a child", 1, 1),
+    ("the threws", 0, 0),  # a glued ending counts only where it makes a form of the word
+    ("throwing childhood", 1, 0),
+    ("overthrew", 0, 0),
+])
+def test_keyword_reward_pays_for_a_word_s_irregular_forms_as_the_measure_counts_them(text, throw, child):
+    """SEA could not write "threw" for "throw": the keyword measure counted it, the reward did not pay for it."""
+    tokenizer = _glueing_tokenizer(["throw", "threw", "thrown", "child", "children", "ing", "s"])
+    reward = LexiconReward.keywords(tokenizer, ["throw", "child"])
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    assert reward.presence(ResponseBatch(tokens=ids, mask=torch.ones(ids.shape))).tolist() == [[throw, child]]
+    assert keyword_coverage(text, ["throw", "child"]) == (throw + child) / 2
+
+
 def test_keyword_reward_keeps_words_whole_with_a_vocabulary_of_single_letters():
     tokenizer = _glueing_tokenizer([])  # bytes only: every word is spelled letter by letter
     reward = LexiconReward.keywords(tokenizer, ["cat"])
