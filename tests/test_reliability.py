@@ -22,6 +22,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.middleware import bearer_key_valid
@@ -543,6 +544,19 @@ def test_sigterm_drains_accepted_work_within_the_grace_period_and_exits_zero(mod
         quick = [client.post("/jobs", json={**SHORT, "steps": 10, "seed": i}).json()["id"] for i in range(3)]
     fits = threading.Thread(target=blocking, args=("fits", {**SHORT, "steps": 10}))
     fits.start()
+    streamed, listening = {}, threading.Event()
+
+    def listen(job: str) -> None:  # a job's event stream, open across the signal, ends with the job's result
+        streamed[job] = []
+        with httpx.Client(base_url=proc.url, timeout=60) as client, connect_sse(client, "GET", f"/jobs/{job}/events") as source:
+            for event in source.iter_sse():
+                listening.set()
+                if event.event == "result":
+                    streamed[job].append(json.loads(event.data)["status"])
+
+    listener = threading.Thread(target=listen, args=(endless,))
+    listener.start()
+    assert listening.wait(30)
     # The signal must come after the server accepted that request: the engine has then taken all six requests.
     wait_for(lambda: gauges(proc.url)["sea_queue_wait_seconds_count"] >= 6, 30)
     signalled = time.monotonic()
@@ -554,8 +568,9 @@ def test_sigterm_drains_accepted_work_within_the_grace_period_and_exits_zero(mod
     assert ready in (503, "closed")
     assert proc.process.wait(drain + 60) == 0
     elapsed = time.monotonic() - signalled
-    for thread in (too_long, fits):
+    for thread in (too_long, fits, listener):
         thread.join(60)
+    assert streamed == {endless: ["failed"]}  # the drain's end, not the signal, closed its stream (sse-starlette did)
     assert answers["fits"].status_code == 200
     assert_error(answers["too-long"], 503, "overloaded_error")
     assert answers["too-long"].json()["error"]["message"] == "the service shut down before the job could finish"

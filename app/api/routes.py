@@ -174,7 +174,9 @@ async def job_events(job_id: str, service: AlignService = Depends(get_service)):
         finally:
             job.unsubscribe(queue)
 
-    return EventSourceResponse(stream(), ping=15)
+    # sse-starlette closes every stream at SIGTERM unless given a grace period: the streams of jobs that end during the
+    # drain must carry their result (a job the drain fails ends its stream too, within the grace period).
+    return EventSourceResponse(stream(), ping=15, shutdown_grace_period=service.settings.drain_seconds + 2)
 
 
 def install_routes(app, settings) -> None:
