@@ -20,7 +20,7 @@ from app.api.routes import install_routes, public_paths
 from app.api.schemas import document_limits
 from app.runtime import Runtime
 from app.service.metrics import Metrics
-from app.service.service import AlignService
+from app.service.service import LOAD_FAILED, START_FAILED, AlignService
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -49,12 +49,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 try:
                     loaded = await asyncio.to_thread(Runtime.load, settings)
                 except Exception:
-                    log.exception("model loading failed; /ready stays 503")
+                    log.exception("model loading failed; /health and /ready answer 503 until a restart")
+                    service.load_error = LOAD_FAILED
                     return
                 try:
                     await service.attach(loaded, loop)
                 except Exception:
-                    log.exception("could not start serving (is the shared job store reachable?); /ready stays 503")
+                    log.exception("could not start serving; /health and /ready answer 503 until a restart")
+                    service.load_error = START_FAILED
                     return
                 # The models and libraries are millions of long-lived objects: move them out of the collector's sight,
                 # so that full collections (which hold the GIL) stay short while serving and at exit.

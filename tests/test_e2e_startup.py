@@ -1,29 +1,26 @@
-"""Start-up and shutdown of the real server: readiness while models are missing, clean exit on SIGTERM."""
+"""Start-up and shutdown of the real server: probes when the models fail to load, clean exit on SIGTERM."""
 
 from __future__ import annotations
 
 import httpx
 
-from tests.server import ServerProcess
+from app.service.service import LOAD_FAILED
+from tests.server import ServerProcess, wait_for
 
 
-def test_ready_stays_503_while_no_model_is_loaded_and_health_answers(tmp_path):
-    server = ServerProcess(str(tmp_path / "missing.gguf"), tmp_path / "server.log")
+def test_a_server_whose_model_fails_to_load_fails_its_liveness_check_and_says_why(tmp_path):
+    """It answered /health 200 forever and told clients to retry in 5 s: nothing would ever restart it."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(str(tmp_path / "missing.gguf"), log)
     try:
-        seen = []
-        for _ in range(200):
-            try:
-                seen.append(httpx.get(server.url + "/health", timeout=2).status_code)
-                break
-            except httpx.TransportError:
-                import time
-
-                time.sleep(0.05)
-        assert seen == [200]
-        ready = httpx.get(server.url + "/ready", timeout=2)
-        assert ready.status_code == 503 and ready.json()["error"]["type"] == "overloaded_error"
+        wait_for(lambda: "model loading failed" in log.read_text(), 60)
+        for path in ("/health", "/ready"):
+            probe = httpx.get(server.url + path, timeout=2)
+            assert probe.status_code == 503 and "Retry-After" not in probe.headers, path
+            assert probe.json()["error"]["message"] == LOAD_FAILED
+            assert httpx.head(server.url + path, timeout=2).status_code == 503  # load balancers probing with HEAD
         align = httpx.post(server.url + "/align", json={"prompt": "hi"}, timeout=5)
-        assert align.status_code == 503 and "Retry-After" in align.headers
+        assert align.status_code == 503 and "Retry-After" not in align.headers
+        assert align.json()["error"]["message"] == LOAD_FAILED
     finally:
         assert server.stop() == 0
-    assert "model loading failed" in (tmp_path / "server.log").read_text()

@@ -299,7 +299,7 @@ def test_a_worker_bug_while_starting_fails_only_those_jobs_and_the_worker_goes_o
             await service.wait(bad)
         good = await submit(service, "fine", timeout=5)
         result = await service.wait(good)
-        alive = service.worker.alive and not service.worker_stopped
+        alive = service.worker.alive and service.broken is None
         await service.shutdown()
         return bad, result, alive
 

@@ -37,10 +37,7 @@ def _redis_server_binary() -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
+def start_redis(port: int, folder) -> subprocess.Popen:
     process = subprocess.Popen([_redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
                                 "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     client = redis.Redis(port=port)
@@ -48,15 +45,25 @@ def redis_url(tmp_path_factory):
     while True:
         try:
             client.ping()
-            break
+            return process
         except redis.ConnectionError:
             if time.monotonic() > deadline or process.poll() is not None:
                 process.kill()
                 pytest.fail("redis-server did not start")
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    client.shutdown(nosave=True)
+
+
+def stop_redis(port: int, process: subprocess.Popen) -> None:
+    redis.Redis(port=port).shutdown(nosave=True)
     process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    process = start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_redis(port, process)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +255,31 @@ def test_a_job_claimed_as_its_replica_begins_to_drain_goes_back_to_the_queue(red
     handed_back, result, attempts = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert handed_back["status"] == "queued" and handed_back["attempts"] == "0" and handed_back["owner"] == ""
     assert result.text == "text" and attempts == "1"
+
+
+def test_a_replica_started_before_redis_waits_for_it_and_then_serves(tmp_path):
+    """It logged the failure and stayed unready for good (a compose file starts both at once; Kubernetes restarted it
+    only after its start-up probe's five minutes)."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    port = free_port()
+
+    async def scenario():
+        starting = asyncio.create_task(make_service(FakeEngine(), redis_url=f"redis://127.0.0.1:{port}/0", redis_prefix="late-redis"))
+        await asyncio.sleep(1.5)
+        assert not starting.done()
+        redis_server = await asyncio.to_thread(start_redis, port, tmp_path)
+        try:
+            service = await asyncio.wait_for(starting, 30)
+            assert service.ready
+            result = await service.wait(await submit(service, "hello"))
+            await service.shutdown()
+        finally:
+            await asyncio.to_thread(stop_redis, port, redis_server)
+        return result
+
+    result = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert result.text
 
 
 def test_a_job_redis_did_not_take_is_not_kept_waiting_forever(redis_url):

@@ -14,7 +14,7 @@ from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreat
 from app.engine.types import SEAConfig
 from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
 from app.service.jobs import Job
-from app.service.service import WORKER_STOPPED, AlignService
+from app.service.service import AlignService
 
 ERROR_MEANINGS = {
     400: "A malformed body, or an invalid, unsupported or over-the-limit parameter (named in `param`).",
@@ -97,21 +97,26 @@ public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@public.get("/health", summary="Liveness: 200 while the process serves; 503 if its engine worker stopped.",
-            responses={503: {"model": ErrorResponse}})
+@public.get("/health", responses={503: {"model": ErrorResponse}},
+            summary="Liveness: 200 while the process serves or loads its models; 503 if they failed to load or its engine worker stopped.")
 async def health(service: AlignService = Depends(get_service)) -> dict:
-    if service.worker_stopped:
-        raise ServiceUnavailable(WORKER_STOPPED)
+    if service.broken is not None:
+        raise ServiceUnavailable(service.broken)
     return {"status": "ok"}
 
 
 @public.get("/ready", summary="Readiness: 503 while models load or while draining.", responses={503: {"model": ErrorResponse}})
 async def ready(service: AlignService = Depends(get_service)) -> dict:
     if not service.ready:
-        if service.worker_stopped:
-            raise ServiceUnavailable(WORKER_STOPPED)
-        raise ServiceUnavailable("draining" if service.draining else "the models are still loading", headers={"Retry-After": "5"})
+        if service.broken is not None:
+            raise ServiceUnavailable(service.broken)
+        raise ServiceUnavailable(service.waiting_for, headers={"Retry-After": "5"})
     return {"status": "ready", "model": service.model_name}
+
+
+# Load balancers that probe with HEAD get the same status (uvicorn sends no body); one operation each in OpenAPI.
+for probe in (health, ready):
+    public.add_api_route(f"/{probe.__name__}", probe, methods=["HEAD"], include_in_schema=False)
 
 
 async def metrics(service: AlignService = Depends(get_service)) -> Response:

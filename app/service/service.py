@@ -20,6 +20,9 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 WORKER_STOPPED = "the engine worker stopped; the service needs a restart"
+LOAD_FAILED = "the models failed to load (see the server log); the service needs a restart"
+START_FAILED = "the service failed to start (see the server log); it needs a restart"
+SHARED_RETRY_MAX_SECONDS = 30.0
 
 
 @contextlib.contextmanager
@@ -44,6 +47,7 @@ class AlignService:
         self.worker: EngineWorker | None = None
         self.shared: SharedJobs | None = None  # the Redis job store, when SEA_REDIS_URL is set
         self.draining = False
+        self.load_error: str | None = None  # set when loading the models failed: a restart is needed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -54,10 +58,24 @@ class AlignService:
         return self.worker is not None and self.worker.alive and not self.draining and shared_ok
 
     @property
-    def worker_stopped(self) -> bool:
-        """Whether the engine thread ended while the service should be running (a bug no handler caught): nothing
-        queued would ever run, so the service refuses work and fails its liveness check to get restarted."""
-        return self.worker is not None and not self.worker.alive and not self.draining
+    def waiting_for(self) -> str:
+        """What a service that is not ready (and not broken) waits for, as a 503 says it."""
+        if self.draining:
+            return "the service is shutting down"
+        if self.runtime is None:
+            return "the models are still loading"
+        return "the shared job store is unavailable"
+
+    @property
+    def broken(self) -> str | None:
+        """Why this process can never serve, if it cannot: the models failed to load, or the engine thread ended while
+        the service should be running (a bug no handler caught). It then refuses work and fails its liveness check, to
+        get restarted."""
+        if self.load_error is not None:
+            return self.load_error
+        if self.worker is not None and not self.worker.alive and not self.draining:
+            return WORKER_STOPPED
+        return None
 
     @property
     def model_name(self) -> str:
@@ -78,11 +96,25 @@ class AlignService:
                 s.redis_url.get_secret_value(), runtime=runtime, worker=worker, prefix=s.redis_prefix, ttl=s.job_ttl_seconds,
                 lease=s.replica_lease_seconds, max_attempts=s.job_max_attempts, max_queue=s.max_queue, jobs=self.store.jobs,
                 is_draining=lambda: self.draining, registry=self.metrics.registry)
-            await self.shared.start()
+            await self._start_shared()
         worker.start()
         self.worker = worker
         self.metrics.model_info.info({"model": runtime.lm.name, "device": str(runtime.lm.device), "dtype": str(runtime.lm.dtype).replace("torch.", ""),
                                       "rewards": ",".join(sorted(runtime.rewards))})
+
+    async def _start_shared(self) -> None:
+        """Join the shared store, retrying while Redis is unreachable (it may start after this replica)."""
+        delay = 1.0
+        while True:
+            try:
+                await self.shared.start()
+                return
+            except (RedisError, OSError) as exc:
+                if self.draining:
+                    raise
+                log.warning("the shared job store is unreachable (%s); retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, SHARED_RETRY_MAX_SECONDS)
 
     # ----- submitting ---------------------------------------------------------------------------
 
@@ -96,12 +128,10 @@ class AlignService:
         return_trace: bool = False,
     ) -> Job:
         """Build the engine job, check the prompt limit, and queue it (429 when the queue is full)."""
-        if self.worker is None or self.runtime is None:
-            raise ServiceUnavailable("the models are still loading", headers={"Retry-After": "5"})
-        if self.draining:
-            raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "5"})
-        if self.worker_stopped:
-            raise ServiceUnavailable(WORKER_STOPPED)
+        if self.broken is not None:
+            raise ServiceUnavailable(self.broken)
+        if self.worker is None or self.draining:
+            raise ServiceUnavailable(self.waiting_for, headers={"Retry-After": "5"})
         try:
             work = self.runtime.job(messages, config, **(reward_options or {}))
         except UnknownRewardError as exc:
