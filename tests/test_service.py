@@ -197,6 +197,24 @@ def test_full_queue_answers_429_with_retry_after_until_one_slot_frees():
     assert error.status == 429 and 1 <= int(error.headers["Retry-After"]) <= 5
 
 
+def test_the_queue_limit_counts_only_jobs_that_do_not_fit_the_batch():
+    """Jobs that join the batch at the next step wait in the queue only for the step (or the batching window) in
+    progress: SEA_MAX_QUEUE=1 answered 429 to a second request that fitted beside the first."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.05, start_seconds=0.5), max_queue=1, max_batch_chains=8, batch_window_ms=0)
+        running = await submit(service, "starting", steps=50)
+        await asyncio.sleep(0.05)
+        joining = [await submit(service, f"joins {i}", steps=50) for i in range(3)]  # 2 + 3 × 2 chains: the batch is full
+        waiting = await submit(service, "waits", steps=50)  # the one queued job SEA_MAX_QUEUE allows
+        with pytest.raises(TooManyRequests):
+            await submit(service, "one too many")
+        for job in [running, *joining, waiting]:
+            service.cancel(job)
+        await service.shutdown()
+
+    run(scenario())
+
+
 def test_cancel_queued_and_running_jobs_without_blocking_others():
     async def scenario():
         service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)

@@ -81,11 +81,23 @@ class EngineWorker:
         with self._cond:
             if self._draining:
                 raise DrainingError("the service is shutting down")
-            if bounded and len(self._pending) >= self.max_queue:
+            if bounded and self._waiting_locked() >= self.max_queue:
                 raise QueueFullError(self.retry_after())
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
+
+    def _waiting_locked(self) -> int:
+        """Queued jobs that will not join the batch at the next step boundary: the queue limit counts only those (the
+        jobs that fit the batch's free chains sit in the queue only for the batching window or the step in progress)."""
+        chains = sum(job.chains for job, _ in self._active) + sum(job.chains for job in self._starting)
+        joining = 0
+        for job in self._pending:
+            if chains + job.chains > self.max_batch_chains and (chains or joining):
+                break
+            joining += 1
+            chains += job.chains
+        return len(self._pending) - joining
 
     def has_room(self) -> bool:
         """Whether a job taken now would join the batch at the next step (nothing waits, chains to spare)."""
@@ -179,10 +191,9 @@ class EngineWorker:
                     return
                 self._gather_locked()
                 self._expire_queued_locked()
-                admitted = self._admit_locked()
+                admitted = self._starting = self._admit_locked()
             try:
                 if admitted:
-                    self._starting = admitted
                     self._start(admitted)
                     self._starting = []
                 self._drop_cancelled()
