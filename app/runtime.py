@@ -29,6 +29,10 @@ class UnknownRewardError(ValueError):
     """A request named a reward that is not loaded."""
 
 
+class UnspellableKeywordsError(ValueError):
+    """None of a request's keywords can be written with the model's vocabulary."""
+
+
 @dataclass
 class Runtime:
     """Everything resident: the reference LM, its engine and the named reward components."""
@@ -85,7 +89,7 @@ class Runtime:
         if keywords:
             lexicon = LexiconReward.keywords(self.lm.tokenizer, keywords)
             if not lexicon.patterns:  # e.g. only blanks, or words the tokenizer cannot spell: nothing to reward
-                raise ValueError("none of the keywords can be spelled with the model's vocabulary")
+                raise UnspellableKeywordsError("none of the keywords can be spelled with the model's vocabulary")
             chosen.append((lexicon, self.keyword_weight if keyword_weight is None else keyword_weight))
         return RewardMix(chosen)
 

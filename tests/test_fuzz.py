@@ -99,12 +99,20 @@ def test_malformed_json_is_rejected_with_the_documented_error(http, path, status
 
 
 @pytest.mark.parametrize("path", ["/align", "/jobs", "/v1/completions"])
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded; charset=utf-8"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded; charset=utf-8", None])
 def test_a_body_not_sent_as_json_gets_415_naming_its_content_type(http, path, content_type):
-    # curl -d without -H sends a form content type: the body below is fine JSON, only its label is wrong
-    response = http.post(path, content=b'{"prompt": "hi", "model": "sea"}', headers={"content-type": content_type})
+    # curl -d without -H sends a form content type, requests.post(data=...) none: the body below is fine JSON, only its
+    # label is wrong or missing (without one it was a 422 "Input should be a valid dictionary")
+    response = http.post(path, content=b'{"prompt": "hi", "model": "sea"}', headers={"content-type": content_type} if content_type else {})
     assert response.status_code == 415, response.text
-    assert content_type.split(";")[0] in response.json()["error"]["message"] and response.headers["x-request-id"]
+    assert f"(got {(content_type or 'none').split(';')[0]})" in response.json()["error"]["message"] and response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("path, status", [("/align", 422), ("/v1/completions", 400)])
+def test_an_empty_body_is_called_empty(http, path, status):
+    response = http.post(path, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"] == "the request body is empty; send a JSON object"  # was "Field required"
 
 
 @pytest.mark.parametrize("body, param", [({"prompt": ""}, "prompt"), ({"prompt": " \n\t"}, "prompt"),
@@ -134,6 +142,10 @@ def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
     ("/align", {"chains": 2}, "prompt", "exactly one of `prompt` or `messages`"),
     ("/align", {"prompt": "hi", "reward": {"keywords": []}}, "reward.keywords", "at least 1"),
     ("/align", {"prompt": "hi", "reward": {"keywords_only": True}}, "reward", "needs `keywords`"),
+    ("/align", {"prompt": "hi", "reward": {"keywords": ["zzzqqq"]}}, "reward.keywords", "can be spelled"),  # was `reward`
+    ("/align", {"messages": [{"role": "user", "content": "hi " * 3000}]}, "messages", "the limit is 2048"),  # was `prompt`
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "sea": {"reward": {"keywords": ["zzzqqq"]}}},
+     "sea.reward.keywords", "can be spelled"),
 ])
 def test_errors_name_the_field_and_what_is_wrong_with_it(http, path, body, param, words):
     response = http.post(path, json={"model": "sea", **body} if path.startswith("/v1/") else body)

@@ -387,8 +387,21 @@ def test_error_responses_carry_the_request_id_and_no_internals(http, server):
         assert error["message"]
     assert responses[-1].headers["allow"] == "GET"
     assert http.request("OPTIONS", "/jobs/job-nope").headers["allow"] == "DELETE, GET"
+    assert http.post("/static/playground.js").headers["allow"] == "GET, HEAD"  # the mount's own (it was empty)
     log = server.log_path.read_text()
     assert f"request {supplied.headers['x-request-id']} POST /align -> 422 chains must be at most 8" in log
+
+
+def test_a_client_that_leaves_while_sending_its_body_counts_as_499_not_400(http, server):
+    """It was logged and counted as the client's bad request (400 "There was an error parsing the body")."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(("POST /align HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+                      f"Authorization: {AUTH['Authorization']}\r\n\r\n").encode() + b'{"prompt": "hi')
+    wait_for(lambda: "-> 499 the client closed the connection while sending the body" in server.log_path.read_text(), 30)
+    text = http.get("/metrics").text
+    assert 'sea_requests_total{endpoint="/align",status="499"}' in text
+    assert 'sea_requests_total{endpoint="/align",status="400"}' not in text
 
 
 def test_a_full_queue_answers_429_with_retry_after(http):

@@ -9,9 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from app.errors import APIError
+from app.errors import APIError, ClientClosed
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,14 @@ def validation_response(request: Request, exc: RequestValidationError) -> JSONRe
     if first.get("type") == "json_invalid":
         return _malformed_body(request)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if tuple(first.get("loc", ())) == ("body",) and media_type and not (media_type == "application/json" or media_type.endswith("+json")):
-        # FastAPI reads a body it was not told is JSON as raw bytes and then calls it "not a valid dictionary"
-        message = f"the body must be JSON, sent with `Content-Type: application/json` (got {media_type})"
+    if tuple(loc) == ("body",) and first.get("type") == "missing":
+        message = "the request body is empty; send a JSON object"
+        note_error(request.scope, message)
+        return JSONResponse(error_body(message, "invalid_request_error", None, "missing"), status_code=_invalid_status(request))
+    if tuple(loc) == ("body",) and not (media_type == "application/json" or media_type.endswith("+json")):
+        # FastAPI reads a body it was not told is JSON (no Content-Type or another) as raw bytes and then calls it
+        # "not a valid dictionary"
+        message = f"the body must be JSON, sent with `Content-Type: application/json` (got {media_type or 'none'})"
         note_error(request.scope, message)
         return JSONResponse(error_body(message, "invalid_request_error", None, "unsupported_media_type"), status_code=415)
     reason = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a ValueError raised by our validators
@@ -112,10 +118,13 @@ def install_error_handlers(app: FastAPI) -> None:
             return _malformed_body(request)
         if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
             return _malformed_body(request, "the body's JSON is nested too deeply")
+        if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):  # nobody reads this answer; the log and metrics do
+            note_error(request.scope, "the client closed the connection while sending the body")
+            return JSONResponse(error_body("the client closed the connection", ClientClosed.type), status_code=ClientClosed.status)
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         headers = dict(getattr(exc, "headers", None) or {})
-        if exc.status_code == 405:
-            headers["Allow"] = _allowed_methods(request)
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):  # a mount (/static) names its own
+            headers["Allow"] = allowed
         note_error(request.scope, str(exc.detail))
         return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=headers or None)
 

@@ -89,6 +89,15 @@ def client_gone(request: Request):
     return wait_for_disconnect
 
 
+async def submit(body: AlignRequest, service: AlignService, **options) -> Job:
+    try:
+        return await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout, **options)
+    except Unprocessable as exc:
+        if exc.param == "prompt" and body.messages is not None:  # the prompt's limit, for a request that sent messages
+            exc.param = "messages"
+        raise
+
+
 def align_response(job: Job, result, with_trace: bool) -> AlignResponse:
     return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace)
 
@@ -125,7 +134,7 @@ async def metrics(service: AlignService = Depends(get_service)) -> Response:
 
 @protected.post("/align", response_model=AlignResponse, responses={**SUBMIT_ERRORS, **WAIT_ERRORS}, summary="Align one prompt and wait for the result.")
 async def align(body: AlignRequest, request: Request, service: AlignService = Depends(get_service)) -> Response:
-    job = await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout)
+    job = await submit(body, service)
     result = await service.wait(job, client_gone(request))
     # Serialised here (pydantic's own JSON): the response model is built and checked once, not re-validated by FastAPI.
     return Response(align_response(job, result, body.return_trace).model_dump_json(), media_type="application/json")
@@ -133,8 +142,7 @@ async def align(body: AlignRequest, request: Request, service: AlignService = De
 
 @protected.post("/jobs", status_code=202, response_model=JobCreated, responses=SUBMIT_ERRORS, summary="Queue an alignment job.")
 async def create_job(body: AlignRequest, response: Response, service: AlignService = Depends(get_service)) -> JobCreated:
-    job = await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout, stream_events=True,
-                               return_trace=body.return_trace)
+    job = await submit(body, service, stream_events=True, return_trace=body.return_trace)
     location = f"/jobs/{job.id}"
     response.headers["Location"] = location
     return JobCreated(id=job.id, status=job.status.value, location=location)

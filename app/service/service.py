@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from app.engine.types import AlignResult, SEAConfig
 from app.errors import ClientClosed, GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
-from app.runtime import Runtime, UnknownRewardError
+from app.runtime import Runtime, UnknownRewardError, UnspellableKeywordsError
 from app.service.jobs import Job, JobStatus, JobStore, spawn_background
 from app.service.metrics import Metrics
 from app.service.shared import RedisError, SharedJobs
@@ -136,6 +136,8 @@ class AlignService:
             work = self.runtime.job(messages, config, **(reward_options or {}))
         except UnknownRewardError as exc:
             raise Unprocessable(str(exc), param="reward.terms") from None
+        except UnspellableKeywordsError as exc:
+            raise Unprocessable(str(exc), param="reward.keywords") from None
         except ValueError as exc:  # e.g. an empty reward mix
             raise Unprocessable(str(exc), param="reward") from None
         if len(work.prompt.ids) > self.settings.max_prompt_tokens:
