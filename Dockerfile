@@ -30,14 +30,29 @@ COPY . .
 RUN pip install --no-cache-dir "./[redis]"
 
 # Bake the dequantised embedded model into the image so a container is ready
-# in seconds instead of re-dequantising on every start. The cache is written
-# with private modes (0700/0600); the non-root runtime user must read it.
-ENV SEA_CACHE_DIR=/opt/sea-serve/cache
+# in seconds instead of re-dequantising on every start. With hub ids in the
+# SEA_MODEL / SEA_REWARD_MODEL build args, their download is baked too (only
+# the hub cache: HF_HOME, with hf-xet's chunk cache, stays in this stage).
+# The cache is written with private modes (0700/0600); the non-root runtime
+# user must read it.
+ARG SEA_MODEL=""
+ARG SEA_REWARD_MODEL=""
+ENV SEA_CACHE_DIR=/opt/sea-serve/cache \
+    HF_HUB_CACHE=/opt/sea-serve/huggingface/hub
 RUN sea prepare \
-    && chmod -R a+rX "${SEA_CACHE_DIR}"
+    && mkdir -p "${SEA_CACHE_DIR}" \
+    && chmod -R a+rX /opt/sea-serve
 
 
 FROM ${PYTHON_IMAGE} AS runtime
+
+# The image serves what the builder baked. BAKED_HUB is non-empty only when a
+# hub model was baked: then the hub cache is the baked, read-only one, read
+# offline (a newer upstream revision could not be written there).
+ARG SEA_MODEL=""
+ARG SEA_REWARD_MODEL=""
+ARG BAKED_HUB=${SEA_MODEL}${SEA_REWARD_MODEL}
+ARG BAKED_HUB_CACHE=${BAKED_HUB:+/opt/sea-serve/huggingface/hub}
 
 # HF_HOME/XDG_CACHE_HOME point under /tmp so the image also runs with a
 # read-only root filesystem (Kubernetes mounts an emptyDir there).
@@ -47,15 +62,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     SEA_HOST=0.0.0.0 \
     SEA_PORT=8000 \
     SEA_CACHE_DIR=/opt/sea-serve/cache \
+    SEA_MODEL=${SEA_MODEL} \
+    SEA_REWARD_MODEL=${SEA_REWARD_MODEL} \
     HF_HOME=/tmp/huggingface \
+    HF_HUB_CACHE=${BAKED_HUB_CACHE:-/tmp/huggingface/hub} \
+    HF_HUB_OFFLINE=${BAKED_HUB:+1} \
     XDG_CACHE_HOME=/tmp/.cache
 
 RUN groupadd --system --gid 10001 sea \
     && useradd --system --uid 10001 --gid sea --home-dir /home/sea --create-home --shell /usr/sbin/nologin sea
 
-# Left owned by root: `sea` can read but never modify its code or the baked cache.
+# Left owned by root: `sea` can read but never modify its code or the baked caches.
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/sea-serve/cache /opt/sea-serve/cache
+COPY --from=builder /opt/sea-serve /opt/sea-serve
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001

@@ -67,13 +67,26 @@ for dashboard in docker/grafana/dashboards/*.json; do
   echo "ok   $dashboard"
 done
 
-step "kubectl kustomize: every overlay"
+step "kubectl kustomize: every overlay, alone and with each component"
+# kustomize refuses absolute paths to other kustomizations.
+rel() { python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$ROOT/$1" "$2"; }
 rendered=()
 for overlay in deploy/overlays/*/; do
   name="$(basename "$overlay")"
   kubectl kustomize "$overlay" >"$WORK/$name.yaml"
   rendered+=("$WORK/$name.yaml")
   echo "ok   $overlay -> $(grep -c '^kind:' "$WORK/$name.yaml") resources"
+  for component in deploy/components/*/; do
+    [ -d "$component" ] || continue
+    # As a user's own overlay would include it.
+    dir="$WORK/$(basename "$component")/$name"
+    mkdir -p "$dir"
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\ncomponents:\n  - %s\n' \
+      "$(rel "$overlay" "$dir")" "$(rel "$component" "$dir")" >"$dir/kustomization.yaml"
+    kubectl kustomize "$dir" >"$dir.yaml"
+    rendered+=("$dir.yaml")
+    echo "ok   $overlay + $component -> $(grep -c '^kind:' "$dir.yaml") resources"
+  done
 done
 [ "${#rendered[@]}" -gt 0 ] || fail "no overlays under deploy/overlays/"
 
@@ -117,10 +130,21 @@ node scripts/validate_crds.mjs "${rendered[@]}"
 
 step "Manifest invariants"
 "$WORK/venv/bin/python" - "${rendered[@]}" <<'EOF'
+import re
 import sys
 import yaml
 
+# Shutdown after SEA_DRAIN_SECONDS: worker.stop joins the engine thread for up to
+# 30 s (app/service/worker.py), and the shared store's close() waits up to
+# 3 x CLOSE_SECONDS = 15 s (app/service/shared.py). Keep 10 s of slack on top.
+AFTER_DRAIN_S = 30 + 15 + 10
+
 errors = []
+compose = yaml.safe_load(open("docker-compose.yml"))["services"]["sea"]
+compose_drain = int(re.search(r"(\d+)\}?$", str(compose["environment"]["SEA_DRAIN_SECONDS"])).group(1))
+compose_grace = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in re.findall(r"(\d+)([hms])", compose["stop_grace_period"]))
+if compose_grace < compose_drain + AFTER_DRAIN_S:
+    errors.append(f"docker-compose.yml: stop_grace_period {compose_grace}s < SEA_DRAIN_SECONDS {compose_drain} + {AFTER_DRAIN_S}")
 for path in sys.argv[1:]:
     errors_before = len(errors)
     docs = [d for d in yaml.safe_load_all(open(path)) if d]
@@ -136,9 +160,8 @@ for path in sys.argv[1:]:
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         pre_stop_s = int(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        # `sea serve` gives uvicorn drain + 5 s to shut down; keep 10 s of slack.
-        if grace < pre_stop_s + drain + 10:
-            errors.append(f"{name}: terminationGracePeriodSeconds {grace} < preStop {pre_stop_s} + SEA_DRAIN_SECONDS {drain} + 10")
+        if grace < pre_stop_s + drain + AFTER_DRAIN_S:
+            errors.append(f"{name}: terminationGracePeriodSeconds {grace} < preStop {pre_stop_s} + SEA_DRAIN_SECONDS {drain} + {AFTER_DRAIN_S}")
         for probe, endpoint in [("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")]:
             if container.get(probe, {}).get("httpGet", {}).get("path") != endpoint:
                 errors.append(f"{name}: {probe} must GET {endpoint}")
@@ -151,11 +174,18 @@ for path in sys.argv[1:]:
             errors.append(f"{name}: the gpu overlay must limit nvidia.com/gpu to 1 (got {gpus})")
         if not path.endswith("/gpu.yaml") and gpus is not None:
             errors.append(f"{name}: only the gpu overlay asks for nvidia.com/gpu")
+        # Without the shared store, a job read from another replica is not found.
+        redis = [e for e in container.get("env", []) if e["name"] == "SEA_REDIS_URL"]
+        required = bool(redis) and not redis[0].get("valueFrom", {}).get("secretKeyRef", {}).get("optional", False)
+        for scaled in by_kind.get("ScaledObject", []):
+            if scaled["spec"].get("maxReplicaCount", 100) > 1 and not required:
+                errors.append(f"{path}: ScaledObject allows {scaled['spec'].get('maxReplicaCount', 100)} replicas but SEA_REDIS_URL is optional")
     for kind in ("Service", "PodDisruptionBudget", "ServiceMonitor", "ScaledObject"):
         if kind not in by_kind:
             errors.append(f"{path}: no {kind}")
     if len(errors) == errors_before:
-        print(f"ok   {path}: grace period covers preStop + drain, probes, non-root, read-only root, GPU request")
+        print(f"ok   {path}: grace period covers preStop + drain + shutdown, probes, non-root, read-only root, GPU request,"
+              " several replicas only with Redis")
 for error in errors:
     print("FAIL:", error, file=sys.stderr)
 sys.exit(1 if errors else 0)
