@@ -125,7 +125,12 @@ def test_page_and_assets_load_without_console_errors(page, server):
     assert all(url.startswith((server.url, "data:")) for url in page.log.requests), page.log.requests
     schema = httpx.get(server.url + "/openapi.json").json()
     assert not {"/", "/playground"} & set(schema["paths"])
-    assert httpx.get(server.url + "/static/playground.js").status_code == 200
+    script = httpx.get(server.url + "/static/playground.js")
+    assert script.status_code == 200
+    # Revalidated on each load like the page, so that an upgrade never runs old scripts with the new page.
+    assert script.headers["cache-control"] == "no-cache" and script.headers["etag"]
+    again = httpx.get(server.url + "/static/playground.js", headers={"If-None-Match": script.headers["etag"]})
+    assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
 
 
 @pytest.mark.parametrize("path, rendered", [("/docs", ".opblock"), ("/redoc", "[data-section-id]")])
@@ -252,3 +257,181 @@ def test_api_key_is_sent_from_the_page_and_kept_in_the_browser(page, locked_serv
 
     page.reload()
     assert page.input_value("#api-key") == "secret"  # kept in localStorage, never sent anywhere but the API
+
+
+RUNNING = {"id": "job-x", "status": "running", "position": None, "created": 0, "error": None, "result": None}
+
+
+def wait_state(page, state: str) -> None:
+    page.wait_for_selector(f"body[data-run-state={state}]", state="attached")
+
+
+def test_invalid_fields_are_reported_and_nothing_is_sent(page, server):
+    page.goto(server.url + "/")
+    posts = []
+    page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
+    page.click("#chains")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("3e")  # the browser reports text it cannot parse as ""; it must not become the server's default
+    page.click("#run")
+    wait_state(page, "invalid")
+    assert "Chains" in page.inner_text("#error") and "not a number" in page.inner_text("#error")
+    assert page.evaluate("document.activeElement.id") == "chains"
+
+    page.fill("#chains", "2")
+    page.fill("#keywords", " , ")
+    page.check("#keywords-only")
+    page.click("#run")  # "keyword reward only" without keywords: an error, not the server's reward
+    wait_state(page, "invalid")
+    assert "Keyword reward only" in page.inner_text("#error")
+    assert posts == []
+    assert page.log.errors == []
+
+
+def test_stop_while_the_reference_sample_runs_cancels_that_job(page, server):
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=["sun"])
+    streams = []
+
+    def hold_the_reference_stream(route):
+        streams.append(route)
+        if len(streams) == 1:
+            route.continue_()
+
+    page.route("**/events", hold_the_reference_stream)
+    deletes = []
+    page.on("request", lambda request: deletes.append(request.url) if request.method == "DELETE" else None)
+    events = []
+    with page.expect_request(lambda request: request.url.endswith("/events") and (events.append(request.url) or len(events) == 2)):
+        page.click("#run")
+    assert page.is_visible("#result")  # the aligned result is in; the reference job's events are held
+    page.click("#stop")
+    wait_state(page, "cancelled")
+    reference = events[1].rsplit("/", 2)[1]
+    assert deletes == [f"{server.url}/jobs/{reference}"]
+    assert "stopped" in page.inner_text("#reference-text") and page.is_visible("#result")
+
+
+def test_an_event_stream_cut_off_mid_job_is_reopened(page, server):
+    page.goto(server.url + "/")
+    fill_form(page, **RUN)
+    streams = []
+
+    def cut_the_first(route):
+        streams.append(route.request.url)
+        if len(streams) > 1:
+            route.continue_()
+            return
+        step = {"event": "step", "step": 0, "steps": RUN["steps"], "chains": [{"energy": 1, "reward": 0, "text": "x"}]}
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=f"event: step\r\ndata: {json.dumps(step)}\r\n\r\n")
+
+    def still_running(route):  # GET /jobs/{id} says "running" until the page opens the stream again
+        if route.request.method == "GET" and len(streams) < 2:
+            route.fulfill(status=200, json=RUNNING)
+        else:
+            route.continue_()
+
+    page.route("**/events", cut_the_first)
+    page.route("**/jobs/job-*", still_running)
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+    assert streams[1] == streams[0]  # the same job's events, replayed from the start
+    assert page.locator("#chart-energy polyline").count() == RUN["chains"]
+    assert page.log.errors == []
+
+
+def test_a_baseline_shows_when_it_runs_and_a_full_queue_says_when_to_retry(page, server):
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=["sun"])
+    page.click("[data-method='bon']")
+    held = []
+    page.route("**/events", lambda route: held.append(route) if not held else route.continue_())
+    page.route("**/jobs/job-*", lambda route: route.fulfill(status=200, json=RUNNING) if route.request.method == "GET" else route.continue_())
+    page.click("#run")
+    page.wait_for_selector("#run-status:has-text('Running job-')")  # no step events for Best-of-N: from GET /jobs/{id}
+    page.unroute("**/jobs/job-*")
+    held[0].continue_()
+    wait_state(page, "done")
+
+    page.route("**/jobs", lambda route: route.fulfill(status=429, headers={"Retry-After": "7"},
+                                                      json={"error": {"message": "the queue is full; retry later"}}))
+    assert run_and_wait(page) == "failed"
+    assert "Retry in 7 s" in page.inner_text("#error")
+
+
+def test_chart_breaks_lines_at_gaps_and_shows_lone_points(page, server):
+    page.goto(server.url + "/")
+    drawn = page.evaluate("""async () => {
+      const { drawChart } = await import("./static/chart.js");
+      const node = document.getElementById("chart-energy");
+      const read = () => ({
+        lines: [...node.querySelectorAll("polyline")].map((line) => [line.dataset.chain, line.dataset.points]),
+        dots: node.querySelectorAll("circle.dot").length,
+        steps: [...node.querySelectorAll("text.tick[text-anchor=middle]")].map((tick) => tick.textContent), // the x axis
+      });
+      drawChart(node, [[1, null, 3, 4], [2, NaN]], { steps: 3 });
+      const gaps = read();
+      drawChart(node, [[1], [2]], { steps: 0 });
+      return { gaps, steps0: read() };
+    }""")
+    # A gap starts a new line (never a segment across it); a line of one point gets a dot.
+    assert drawn["gaps"]["lines"] == [["0", "1"], ["0", "2"], ["1", "1"]] and drawn["gaps"]["dots"] == 2
+    assert drawn["gaps"]["steps"] == ["0", "1", "2", "3"]
+    assert drawn["steps0"]["dots"] == 2 and drawn["steps0"]["steps"] == ["0"]  # no step 1 on a run of 0 steps
+
+    # A finished run with nothing finite to plot says so instead of waiting for samples.
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = client.post("/jobs", json={"prompt": PROMPT, "chains": 2, "steps": 1, "max_tokens": 4}).json()
+        with connect_sse(client, "GET", f"/jobs/{job['id']}/events") as source:
+            result = next(s.data for s in source.iter_sse() if s.event == "result")
+    ended = json.loads(result)
+    for chain in ended["result"]["chains"]:
+        chain["initial"].update(energy=None, reward=None)
+    page.route("**/events", lambda route: route.fulfill(status=200, headers={"content-type": "text/event-stream"},
+                                                        body=f"event: result\r\ndata: {json.dumps(ended)}\r\n\r\n"))
+    fill_form(page, chains=2, steps=1, max_tokens=4, seed=0, alpha=1.0, keywords=["sun"])
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+    assert page.text_content("#chart-energy text.empty") == "No finite values to plot."
+
+
+def test_narrow_screens_and_keyboard_focus(browser, server):
+    context = browser.new_context(viewport={"width": 360, "height": 740})
+    page = context.new_page()
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=2, max_tokens=8, seed=0, alpha=1.0, keywords=["sun"])
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+    # Nothing wider than the phone's screen, and the form scrolls away instead of covering the results.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    assert page.evaluate("getComputedStyle(document.getElementById('run-form')).position") == "static"
+    page.set_viewport_size({"width": 1280, "height": 900})
+    assert page.evaluate("getComputedStyle(document.getElementById('run-form')).position") == "sticky"
+
+    # The focus ring of a toggle button is drawn inside it (the toggle clips outside) in the accent colour.
+    page.focus("#prompt")
+    page.keyboard.press("Tab")
+    focused = page.evaluate("(() => { const s = getComputedStyle(document.activeElement); return [document.activeElement.dataset.method, "
+                            "s.outlineOffset, s.outlineColor, s.outlineStyle]; })()")
+    assert focused == ["sea", "-2px", "rgb(15, 118, 110)", "solid"]
+    context.close()
+
+
+def test_run_progress_and_focus_for_assistive_technology(page, server):
+    page.goto(server.url + "/")
+    assert page.get_attribute("#run-status", "role") == "status" and page.get_attribute("#run-status", "aria-live") == "polite"
+    assert page.get_attribute("[data-method='sea']", "aria-pressed") == "true"
+    assert page.get_attribute(".toggle.wide", "role") == "group"  # toggle buttons (aria-pressed), not radios
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=0, alpha=1.0, keywords=["sun"])
+    page.focus("#run")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#stop:focus")  # Run is disabled while the job runs; focus goes to Stop, not to the page
+    wait_state(page, "done")
+    page.wait_for_selector("#run:focus")
+
+    page.click("#mode-chat")
+    page.click("#add-message")
+    assert page.locator("#messages .message").count() == 3
+    page.locator("#messages .message button").nth(2).click()
+    assert page.evaluate("document.activeElement === document.querySelectorAll('#messages textarea')[1]")
+    page.locator("#messages .message button").nth(0).click()
+    page.locator("#messages .message button").nth(0).click()
+    assert page.evaluate("document.activeElement.id") == "add-message"
+    assert page.log.errors == []

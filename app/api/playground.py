@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -28,6 +28,16 @@ HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
+class RevalidatedStaticFiles(StaticFiles):
+    """The page's assets, revalidated on each load like the page itself (ETag / Last-Modified, so a 304 costs little):
+    after an upgrade a browser never runs the old scripts with the new page."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = HEADERS["Cache-Control"]
+        return response
+
+
 @router.get("/", response_class=HTMLResponse)
 @router.get("/playground", response_class=HTMLResponse)
 async def playground() -> HTMLResponse:
@@ -37,4 +47,4 @@ async def playground() -> HTMLResponse:
 def install_playground(app: FastAPI) -> None:
     """Serve the page and its assets (``/static/...``); neither appears in the OpenAPI document."""
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", RevalidatedStaticFiles(directory=STATIC), name="static")

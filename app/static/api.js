@@ -25,19 +25,33 @@ export class Api {
   }
 
   // Follows a job's events, calling onStep for each `step`; returns the job JSON ({id, status, error, result}).
-  async followJob(id, signal, onStep) {
-    const path = `jobs/${encodeURIComponent(id)}`;
-    const response = await fetch(endpoint(`${path}/events`), { headers: this.headers(false), signal });
+  // A stream cut off while the job is queued or running is opened again (the server replays the past events), at
+  // most `retries` times.
+  async followJob(id, signal, onStep, retries = 5) {
+    for (let attempt = 1; ; attempt++) {
+      let job = null;
+      try {
+        const response = await fetch(endpoint(`jobs/${encodeURIComponent(id)}/events`), { headers: this.headers(false), signal });
+        if (!response.ok) throw await apiError(response);
+        await readEventStream(response, (name, data) => {
+          if (name === "step" && onStep) onStep(parseData(data));
+          else if (name === "result") job = parseData(data);
+        });
+        job ||= await this.getJob(id, signal); // the stream ended without the result
+      } catch (error) {
+        if (error.name === "AbortError" || error.status || attempt > retries) throw error; // not a dropped connection, or no retries left
+      }
+      if (job && job.status !== "queued" && job.status !== "running") return job;
+      if (attempt > retries) throw new Error(`lost the job's event stream ${attempt} times; ${id} is still ${job.status}`);
+      await pause(500 * attempt, signal);
+    }
+  }
+
+  // The job JSON of GET /jobs/{id}.
+  async getJob(id, signal) {
+    const response = await fetch(endpoint(`jobs/${encodeURIComponent(id)}`), { headers: this.headers(false), signal });
     if (!response.ok) throw await apiError(response);
-    let job = null;
-    await readEventStream(response, (name, data) => {
-      if (name === "step" && onStep) onStep(parseData(data));
-      else if (name === "result") job = parseData(data);
-    });
-    if (job) return job;
-    const fallback = await fetch(endpoint(path), { headers: this.headers(false), signal });
-    if (!fallback.ok) throw await apiError(fallback);
-    return fallback.json();
+    return response.json();
   }
 
   async cancelJob(id) {
@@ -60,9 +74,30 @@ export async function apiError(response) {
     if (body && body.error && body.error.message) message = `${body.error.message} (HTTP ${response.status})`;
   } catch (_) { /* not JSON: keep the status */ }
   if (response.status === 401) message += ". Set the API key field.";
+  const retry = response.headers.get("Retry-After");
+  if (retry && (response.status === 429 || response.status === 503)) message += `. Retry in ${retry} s.`;
   const error = new Error(message);
   error.status = response.status;
   return error;
+}
+
+// Resolves after `ms` milliseconds; rejects with the AbortError when `signal` aborts first.
+export function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) {
+      reject(signal.reason);
+      return;
+    }
+    const aborted = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", aborted);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", aborted, { once: true });
+  });
 }
 
 export function parseData(data) {

@@ -28,8 +28,9 @@ function tickLabel(value, step) {
 
 const finite = (v) => typeof v === "number" && Number.isFinite(v);
 
-// Draws into `node` (an <svg>) one <polyline data-chain data-points> per series.
-// series: one array per chain, indexed by step (missing steps are gaps). Options: steps (x runs 0..steps),
+// Draws into `node` (an <svg>) one <polyline data-chain data-points> per unbroken run of a series' points, and a dot
+// where such a run is a single point.
+// series: one array per chain, indexed by step (missing or non-finite values are gaps). Options: steps (x runs 0..steps),
 // highlight (a chain drawn on top, the others faded), heads (a dot at each line's latest point),
 // marker ({chain, step}: a larger dot), empty (the text shown without data).
 export function drawChart(node, series, { steps = 0, highlight = null, heads = false, marker = null, empty = "" } = {}) {
@@ -49,8 +50,8 @@ export function drawChart(node, series, { steps = 0, highlight = null, heads = f
   const pad = (hi - lo) * 0.08;
   lo -= pad;
   hi += pad;
-  const xMax = Math.max(1, steps);
-  const x = (step) => left + (step / xMax) * plotW;
+  const xMax = Math.max(steps, ...series.map((line) => line.length - 1));
+  const x = (step) => left + (xMax ? step / xMax : 0.5) * plotW; // a lone step 0 in the middle
   const y = (v) => top + (1 - (v - lo) / (hi - lo)) * plotH;
 
   const yStep = niceStep(hi - lo, 4);
@@ -58,7 +59,7 @@ export function drawChart(node, series, { steps = 0, highlight = null, heads = f
     node.append(svg("line", { x1: left, x2: left + plotW, y1: y(v), y2: y(v), class: "grid-line" }));
     node.append(svg("text", { x: left - 6, y: y(v) + 3.5, "text-anchor": "end", class: "tick" }, tickLabel(v, yStep)));
   }
-  const xStep = Math.max(1, niceStep(xMax, 6));
+  const xStep = xMax ? Math.max(1, niceStep(xMax, 6)) : 1;
   for (let s = 0; s <= xMax; s += xStep) {
     node.append(svg("text", { x: x(s), y: height - 8, "text-anchor": "middle", class: "tick" }, String(s)));
   }
@@ -67,19 +68,28 @@ export function drawChart(node, series, { steps = 0, highlight = null, heads = f
 
   const order = series.map((_, i) => i).sort((a, b) => (a === highlight) - (b === highlight)); // highlighted on top
   for (const i of order) {
-    const points = [];
-    series[i].forEach((v, step) => {
-      if (finite(v)) points.push([x(step), y(v)]);
-    });
+    const runs = [[]]; // the unbroken runs of points: a gap starts a new one
+    for (let step = 0; step < series[i].length; step++) {
+      const v = series[i][step];
+      if (finite(v)) runs[runs.length - 1].push([x(step), y(v)]);
+      else if (runs[runs.length - 1].length) runs.push([]);
+    }
     const faded = highlight !== null && i !== highlight;
-    node.append(svg("polyline", {
-      points: points.map(([px, py]) => `${px.toFixed(1)},${py.toFixed(1)}`).join(" "),
-      stroke: color(i), class: faded ? "faded" : "", "data-chain": String(i), "data-points": String(points.length),
-    }));
-    if (heads && points.length) {
+    for (const points of runs.filter((run) => run.length)) {
+      node.append(svg("polyline", {
+        points: points.map(([px, py]) => `${px.toFixed(1)},${py.toFixed(1)}`).join(" "),
+        stroke: color(i), class: faded ? "faded" : "", "data-chain": String(i), "data-points": String(points.length),
+      }));
+      if (points.length === 1) {
+        // A line of one point draws nothing.
+        const [[cx, cy]] = points;
+        node.append(svg("circle", { cx, cy, r: 2.5, fill: color(i), class: faded ? "dot faded" : "dot" }));
+      }
+    }
+    const last = runs.flat().pop();
+    if (heads && last) {
       // The latest point, so that a line shows from its first step on.
-      const [cx, cy] = points[points.length - 1];
-      node.append(svg("circle", { cx, cy, r: 3, fill: color(i), class: "head" }));
+      node.append(svg("circle", { cx: last[0], cy: last[1], r: 3, fill: color(i), class: "head" }));
     }
   }
   const marked = marker && series[marker.chain] && series[marker.chain][marker.step];

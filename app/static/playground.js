@@ -1,5 +1,5 @@
 // sea-serve playground: runs a job through the job API and draws it live. Plain ES modules, nothing from outside.
-import { Api, endpoint } from "./api.js";
+import { Api, endpoint, pause } from "./api.js";
 import { color, drawChart } from "./chart.js";
 import { curlCommand, fmt, seconds, segments } from "./format.js";
 
@@ -18,7 +18,7 @@ function el(tag, className, text) {
 }
 
 function setRunState(state) {
-  document.body.dataset.runState = state; // idle, running, done, failed, cancelled (tests wait on it)
+  document.body.dataset.runState = state; // idle, running, done, failed, cancelled, invalid (tests wait on it)
 }
 
 const setStatus = (text) => { $("run-status").textContent = text; };
@@ -36,7 +36,14 @@ function clearError() {
 
 // ---------------------------------------------------------------- the form
 
+// An invalid field: the message names it, and `field` is its id (to focus it).
+function invalid(id, problem) {
+  const label = $(id).closest(".field").querySelector(".label").firstChild.textContent.trim();
+  return Object.assign(new Error(`${label}: ${problem}`), { field: id });
+}
+
 function number(id) {
+  if ($(id).validity.badInput) throw invalid(id, "not a number."); // the browser reports such text as ""
   const text = $(id).value.trim();
   return text === "" ? undefined : Number(text);
 }
@@ -53,6 +60,7 @@ function readMessages() {
 }
 
 // The request body for POST /jobs and POST /align; empty fields are left out and take the server's defaults.
+// Throws invalid(...) for a field the server would not get as typed.
 function buildRequest() {
   const body = {};
   if (ui.mode === "chat") body.messages = readMessages();
@@ -71,6 +79,7 @@ function buildRequest() {
   body.seed = number("seed");
   body.temperature = number("temperature");
   const words = keywords();
+  if ($("keywords-only").checked && !words.length) throw invalid("keywords", "“Keyword reward only” needs at least one keyword.");
   if (words.length) {
     body.reward = { keywords: words };
     if ($("keywords-only").checked) body.reward.keywords_only = true;
@@ -106,7 +115,12 @@ function addMessage(role, content) {
   const remove = el("button", "ghost", "×");
   remove.type = "button";
   remove.title = "Remove this message";
-  remove.addEventListener("click", () => row.remove());
+  remove.addEventListener("click", () => {
+    // Keep keyboard focus nearby: the previous message, else the add button.
+    const previous = row.previousElementSibling;
+    row.remove();
+    (previous ? previous.querySelector("textarea") : $("add-message")).focus();
+  });
   row.append(select, text, remove);
   $("messages").append(row);
 }
@@ -148,7 +162,7 @@ function drawCharts(run) {
     highlight: chosen,
     heads: !run.result,
     marker: chosen === null ? null : { chain: chosen, step: run.result.chains[chosen].best_step }, // the returned iterate
-    empty: "Waiting for the initial samples…",
+    empty: run.result ? "No finite values to plot." : "Waiting for the initial samples…",
   };
   drawChart($("chart-energy"), energy, options);
   drawChart($("chart-reward"), reward, options);
@@ -191,6 +205,7 @@ function renderStats(node, entries) {
 }
 
 function onStep(run, event) {
+  run.stepped = true;
   run.steps = event.steps;
   event.chains.forEach((chain, i) => {
     (run.history[i] ||= [])[event.step] = chain;
@@ -278,14 +293,16 @@ async function showReference(run, signal) {
   setStatus("Sampling the reference model for comparison…");
   try {
     const created = await api.submitJob(referenceRequest(run.body), signal);
+    run.jobId = created.id; // what Stop cancels now
     const job = await api.followJob(created.id, signal, null);
     if (job.status !== "succeeded") throw new Error(job.error || `the job ${job.status}`);
     text.textContent = job.result.text;
     scoreList($("reference-scores"), job.result, null);
     scoreList($("aligned-scores"), run.result, job.result);
   } catch (error) {
+    const why = error.name === "AbortError" ? "stopped." : error.message;
+    text.replaceChildren(el("span", "muted", `No reference sample: ${why}`));
     if (error.name === "AbortError") throw error;
-    text.replaceChildren(el("span", "muted", `No reference sample: ${error.message}`));
   }
 }
 
@@ -305,18 +322,48 @@ function resetOutput(method) {
 }
 
 function setRunning(running) {
+  // Focus goes to the button that acts now: Stop when a run starts; Run when it ends, unless the user went elsewhere.
+  const focused = document.activeElement;
+  const refocus = running || focused === $("stop") || focused === document.body;
   $("run").disabled = running;
   $("stop").disabled = !running;
   $("run").textContent = running ? "Running…" : "Run";
+  if (refocus) $(running ? "stop" : "run").focus();
+}
+
+// While no step event says more (the baselines send none): the queue position, then "Running", from GET /jobs/{id}.
+async function watchJob(run, id, signal) {
+  try {
+    while (run.following && !run.stepped) {
+      const job = await api.getJob(id, signal);
+      if (!run.following || run.stepped) return;
+      if (job.status === "running") {
+        setStatus(`Running ${id}…`);
+        return;
+      }
+      if (job.status !== "queued") return;
+      setStatus(`Queued as ${id}${typeof job.position === "number" ? ` (${job.position} ahead)` : ""}`);
+      await pause(1000, signal);
+    }
+  } catch (_) { /* stopped, or the event stream reports the problem */ }
 }
 
 async function run(event) {
   event.preventDefault();
   if (ui.run) return;
   clearError();
-  const body = buildRequest();
+  let body;
+  try {
+    body = buildRequest();
+  } catch (error) {
+    showError(error.message);
+    $(error.field).focus();
+    setStatus("Not submitted: fix the form.");
+    setRunState("invalid");
+    return;
+  }
   const current = { body, method: body.method, controller: new AbortController(), jobId: null,
-    steps: body.steps ?? null, history: [], cards: [], result: null };
+    steps: body.steps ?? null, history: [], cards: [], result: null, following: false, stepped: false };
   ui.run = current;
   resetOutput(body.method);
   setRunning(true);
@@ -327,7 +374,10 @@ async function run(event) {
     const created = await api.submitJob(body, signal);
     current.jobId = created.id;
     setStatus(`Queued as ${created.id}`);
-    const job = await api.followJob(created.id, signal, (step) => onStep(current, step));
+    current.following = true;
+    watchJob(current, created.id, signal);
+    const job = await api.followJob(created.id, signal, (step) => onStep(current, step)).finally(() => { current.following = false; });
+    current.jobId = null; // it has ended: Stop now aborts what follows
     if (job.status === "cancelled") {
       setStatus("Cancelled.");
       setRunState("cancelled");
@@ -357,15 +407,13 @@ async function run(event) {
 async function stop() {
   const current = ui.run;
   if (!current) return;
-  if (!current.jobId) {
-    current.controller.abort();
-    return;
+  if (current.jobId) {
+    try {
+      await api.cancelJob(current.jobId); // the event stream then ends with the cancelled job
+      if (!current.result) return;
+    } catch (_) { /* gone or unreachable: stop waiting for it */ }
   }
-  try {
-    await api.cancelJob(current.jobId); // the event stream then ends with the cancelled job
-  } catch (_) {
-    current.controller.abort();
-  }
+  current.controller.abort(); // also while the reference sample runs: the aligned result stays
 }
 
 async function copyCurl() {
