@@ -9,12 +9,11 @@ import logging
 import time
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from app.api import openai as openai_routes
 from app.api.docs import DOCS_ASSETS, assets_folder, install_docs
 from app.api.errors import install_error_handlers
-from app.api.middleware import ApiKeyAuth, BodySizeLimit, RequestContext
+from app.api.middleware import ApiKeyAuth, BodySizeLimit, JsonCORSMiddleware, RequestContext, ServerErrors
 from app.api.playground import install_playground
 from app.api.routes import install_routes, public_paths
 from app.api.schemas import document_limits
@@ -91,12 +90,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.api_keys = settings.load_api_keys()
     install_error_handlers(app)
 
-    # add_middleware wraps what was added before: BodySizeLimit is innermost, RequestContext outermost.
+    # add_middleware wraps what was added before: BodySizeLimit is innermost, RequestContext outermost (middleware.py).
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(ApiKeyAuth, keys=app.state.api_keys, public=public_paths(settings) | PUBLIC_PAGES,
                        public_prefixes=("/static/", f"{DOCS_ASSETS}/"))
+    app.add_middleware(ServerErrors)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
+        app.add_middleware(JsonCORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After"])
     app.add_middleware(RequestContext, metrics=metrics)
     install_routes(app, settings)

@@ -524,6 +524,13 @@ def test_cors_on_a_real_server_for_configured_origins(faulty):
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
     assert "access-control-allow-origin" not in httpx.get(faulty.url + "/health", headers={"Origin": "https://evil.example"}).headers
+    # A 500 carries the CORS headers too (it was made outside CORS, so a browser client could not read it)
+    failed = httpx.post(faulty.url + "/align", json={"prompt": "poison", "steps": 2}, headers={"Origin": "https://app.example"}, timeout=60)
+    assert_error(failed, 500, "server_error")
+    assert failed.headers["access-control-allow-origin"] == "https://app.example"
+    # A refused preflight answers in the error body (it was plain text)
+    refused = httpx.options(faulty.url + "/align", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert assert_error(refused, 400, "invalid_request_error")["message"] == "Disallowed CORS origin"
 
 
 # ----- graceful shutdown on SIGTERM ---------------------------------------------------------------

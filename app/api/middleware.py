@@ -1,9 +1,9 @@
 """Pure ASGI middleware at the edge: request ids, metrics and last-resort errors; API keys; the body size limit.
 
-Order, outermost first: ``RequestContext`` → CORS (when configured) → ``ApiKeyAuth`` → ``BodySizeLimit`` → routes.
-``RequestContext`` is outermost so that every response, a 401, a 413 or a 500 included, carries ``X-Request-ID``
-and is counted; authentication runs before the body is read, so an unauthenticated client learns nothing
-about body limits or JSON syntax.
+Order, outermost first: ``RequestContext`` → CORS (when configured) → ``ServerErrors`` → ``ApiKeyAuth`` →
+``BodySizeLimit`` → routes. ``RequestContext`` is outermost so that every response, a 401, a 413 or a 500 included,
+carries ``X-Request-ID`` and is counted; a 500 is made inside CORS, so a browser can read it; authentication runs
+before the body is read, so an unauthenticated client learns nothing about body limits or JSON syntax.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import re
 import time
 import uuid
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import compile_path
 
 from app.api.errors import error_body, note_error
@@ -54,7 +55,7 @@ async def _send_error(scope, send, status: int, message: str, type_: str, code: 
 
 
 class RequestContext:
-    """Request id (``X-Request-ID`` in and out), request metrics, one log line per error, and a 500 for any uncaught exception."""
+    """Request id (``X-Request-ID`` in and out), request metrics and one log line per error (outermost)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -70,13 +71,11 @@ class RequestContext:
         state["request_id"] = request_id
         started = time.perf_counter()
         status = 500
-        response_started = False
 
         async def send_with_id(message):
-            nonlocal status, response_started
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                response_started = True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
@@ -84,11 +83,6 @@ class RequestContext:
         path = scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            # Never the exception text: the client gets the request id, the log gets the traceback.
-            log.exception("request %s %s %s raised", request_id, scope["method"], path)
-            if not response_started:
-                await _send_error(scope, send_with_id, 500, f"internal error (request id {request_id})", "server_error")
         finally:
             endpoint = self._endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -108,6 +102,44 @@ class RequestContext:
             app = scope.get("app")
             self._documented = [(compile_path(path)[0], path) for path in app.openapi()["paths"]] if app is not None else []
         return next((path for pattern, path in self._documented if pattern.match(scope["path"])), "other")
+
+
+class ServerErrors:
+    """A 500 with the error body for any uncaught exception, inside CORS so that a browser client can read it too."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        response_started = False
+
+        async def tracked(message):
+            nonlocal response_started
+            response_started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            # Never the exception text: the client gets the request id, the log gets the traceback.
+            request_id = scope.get("state", {}).get("request_id", "-")
+            path = scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
+            log.exception("request %s %s %s raised", request_id, scope["method"], path)
+            if not response_started:
+                await _send_error(scope, send, 500, f"internal error (request id {request_id})", "server_error")
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the error body every other error has (not plain text)."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return JSONResponse(error_body(bytes(response.body).decode(), "invalid_request_error"), status_code=400, headers=headers)
 
 
 class ApiKeyAuth:
