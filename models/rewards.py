@@ -254,6 +254,7 @@ class _WordPattern:
     weight: float
     variants: list[Tensor]  # token-id sequences that spell the word or one of its forms
     endings: list[Tensor]  # per variant, (len(WORD_SUFFIXES) + 1,) bool: which glued endings make a form of the word; the last, "none", False
+    spells_word: list[bool]  # per variant: it spells the word itself, not an irregular form
 
 
 @dataclass
@@ -269,11 +270,11 @@ class _SpellingGroup:
 class LexiconReward:
     """Weighted word presence: ``Σ_w weight_w · [w appears in the response]``, exact under the STE forward.
 
-    Each word is matched as any of its forms (``word_forms``: "threw" and "throwing" use "throw") and each form as
-    any of its spellings' token sequences (in lowercase and capitalised, the word also as written, each with a
-    leading space or not);
+    Each word is matched as itself or one of its irregular forms ("threw" uses "throw"), each as any of its
+    spellings' token sequences (in lowercase and capitalised, the word also as written, each with a leading space
+    or not);
     a multi-token word counts when all its tokens stand in a row, as a whole word: not glued to a letter
-    before it or after it (a glued ending that makes another form is allowed: "river" + "s", not "fly" + "s"),
+    before it or after it (a glued ending that makes a regular form is allowed: "river" + "s", not "fly" + "s"),
     so "riverboat" holds neither "river" nor "boat". The gradient of a missing word points at its tokens at
     every position where it would stand as a word, so it names words the base model rarely proposes. With
     ``weights = 1/n`` it is the keyword coverage in [0, 1], as ``keyword_coverage`` reads it from the text.
@@ -289,19 +290,24 @@ class LexiconReward:
         for word, weight in weights.items():
             forms = word_forms(word)
             endings_of = {}  # token sequence -> the glued endings that make a form after it
-            # Each form in lowercase and with a capital first letter (not str.capitalize, which lowercases the rest:
-            # "iPhone" stays "iPhone"), the word also as written, after a space or not: "Violin" asked for is
-            # "violin" in a sentence.
-            for form in sorted(forms):
-                cases = {form, form[:1].upper() + form[1:]} | ({word, word[:1].upper() + word[1:]} if form == word.lower() else set())
+            spells_word = {}  # token sequence -> whether it spells the word itself (not an irregular form)
+            # The word and its irregular forms, each in lowercase and with a capital first letter (not str.capitalize,
+            # which lowercases the rest: "iPhone" stays "iPhone"), the word also as written, after a space or not:
+            # "Violin" asked for is "violin" in a sentence. Regular forms come from glued endings: spelling them whole
+            # too ("doging", "frisbeed") gave the phrase moves nonsense to write (seed 0 of the keyword set: all four
+            # words 0.97 -> 0.73).
+            for form in sorted({word.lower(), *IRREGULAR_FORMS.get(word.lower(), ())}):
+                itself = form == word.lower()
+                cases = {form, form[:1].upper() + form[1:]} | ({word, word[:1].upper() + word[1:]} if itself else set())
                 endings = torch.tensor([form + suffix in forms for suffix in WORD_SUFFIXES] + [False])
                 for spelling in (prefix + case for case in cases for prefix in ("", " ")):
                     seq = tuple(tokenizer(spelling, add_special_tokens=False)["input_ids"])
                     if seq and unknown not in seq:
-                        endings_of[seq] = endings
+                        endings_of[seq], spells_word[seq] = endings, itself
             if endings_of:
                 seqs = sorted(endings_of)
-                self.patterns.append(_WordPattern(word, float(weight), [torch.tensor(s) for s in seqs], [endings_of[s] for s in seqs]))
+                self.patterns.append(_WordPattern(word, float(weight), [torch.tensor(s) for s in seqs], [endings_of[s] for s in seqs],
+                                                  [spells_word[s] for s in seqs]))
 
     @classmethod
     def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> LexiconReward:
@@ -318,8 +324,8 @@ class LexiconReward:
         return None
 
     def phrases(self) -> list[list[tuple[int, ...]]]:
-        """Per rewarded word, its spellings of two or more tokens (the proposals' phrase moves write them whole)."""
-        words = [[tuple(v.tolist()) for v in p.variants if len(v) > 1] for p in self.patterns if p.weight > 0]
+        """Per rewarded word, its own spellings of two or more tokens (the proposals' phrase moves write them whole)."""
+        words = [[tuple(v.tolist()) for v, own in zip(p.variants, p.spells_word) if own and len(v) > 1] for p in self.patterns if p.weight > 0]
         return [spellings for spellings in words if spellings]
 
     def _spellings(self, device: torch.device) -> tuple[Tensor, list[_SpellingGroup]]:
@@ -465,7 +471,8 @@ def keyword_coverage(text: str, words: list[str]) -> float:
     """Fraction of ``words`` found in ``text`` as whole words, in any of their forms (``word_forms``; case-insensitive).
 
     An evaluation measure, as a reader counts, so that baselines' natural inflections ("threw", "cried") count too;
-    :class:`LexiconReward` pays for the same forms, read from the tokens."""
+    :class:`LexiconReward` pays for the word, its irregular forms and the regular ones its tokenizer spells as the word
+    and a glued ending."""
     if not words:
         return 0.0
     found = 0

@@ -251,6 +251,17 @@ def test_keyword_reward_pays_for_a_word_s_irregular_forms_as_the_measure_counts_
     assert keyword_coverage(text, ["throw", "child"]) == (throw + child) / 2
 
 
+def test_phrase_moves_write_only_the_word_itself():
+    """The reward pays for "threw" but the proposals write "throw": spelling other forms whole gave them nonsense to
+    write ("doging", "frisbeed") and cost the keyword task a quarter of its all-four rate on a seed."""
+    tokenizer = _glueing_tokenizer([])  # letters only: every spelling has several tokens
+    reward = LexiconReward.keywords(tokenizer, ["throw"])
+    written = {tokenizer.decode(list(spelling)).strip() for spellings in reward.phrases() for spelling in spellings}
+    assert written == {"throw", "Throw"}
+    ids = torch.tensor([tokenizer("they threw")["input_ids"]])
+    assert reward.presence(ResponseBatch(tokens=ids, mask=torch.ones(ids.shape))).tolist() == [[1.0]]
+
+
 def test_keyword_reward_keeps_words_whole_with_a_vocabulary_of_single_letters():
     tokenizer = _glueing_tokenizer([])  # bytes only: every word is spelled letter by letter
     reward = LexiconReward.keywords(tokenizer, ["cat"])
