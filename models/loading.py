@@ -147,6 +147,15 @@ def _write_dequantised_copy(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
             raise
 
 
+def _remove_unfingerprinted_copy(gguf: Path, cache_dir: Path) -> None:
+    """Delete this file's copy in the cache layout of sea-serve before the fingerprint (``<name>-<size>``, ~540 MB for
+    the embedded model): nothing reads it any more, and it would stay on disk for good after an upgrade."""
+    old = cache_dir / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (old / "config.json").is_file():
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("removed %s, the cache of an older sea-serve", old)
+
+
 def load_gguf(gguf: Path, cache_dir: Path | None, device: torch.device, dtype: torch.dtype, name: str) -> LoadedLM:
     """Load a GGUF checkpoint, through its dequantised safetensors copy when one is cached."""
     cached = _cache_folder_for(gguf, cache_dir) if cache_dir is not None else None
@@ -160,6 +169,7 @@ def load_gguf(gguf: Path, cache_dir: Path | None, device: torch.device, dtype: t
         try:
             _write_dequantised_copy(model, tokenizer, cached)
             log.info("cached dequantised copy at %s", cached)
+            _remove_unfingerprinted_copy(gguf, cache_dir)
         except Exception as exc:  # noqa: BLE001 -- a read-only or full cache must not stop the service
             log.warning("could not write the model cache at %s: %s", cached, exc)
     return LoadedLM(_freeze(model, device, dtype), tokenizer, name, device, dtype)

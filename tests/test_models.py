@@ -74,6 +74,21 @@ def test_a_gguf_cache_folder_tells_files_apart_by_their_contents(tmp_path):
     assert folders[0] != folders[1] and folders[0] == folders[2]  # a copy (an image layer, another install) still hits
 
 
+def test_the_copy_in_the_cache_layout_before_the_fingerprint_is_removed(tmp_path):
+    """After upgrading, the embedded model's old ``<name>-<size>`` copy (~540 MB) stayed in the cache for good."""
+    from models.loading import _cache_folder_for, _remove_unfingerprinted_copy
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(bytes(2_000_000))
+    cache = tmp_path / "cache"
+    kept = [_cache_folder_for(gguf, cache), cache / "model-999", cache / "other-2000000"]  # ours, another size, another file
+    for folder in [cache / "model-2000000", *kept]:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    _remove_unfingerprinted_copy(gguf, cache)
+    assert sorted(cache.iterdir()) == sorted(kept)
+
+
 def test_a_failed_cache_write_leaves_nothing_behind_and_a_crashed_one_is_replaced(lm, tmp_path, monkeypatch):
     from models.loading import _write_dequantised_copy
 
