@@ -108,6 +108,14 @@ def test_a_body_not_sent_as_json_gets_415_naming_its_content_type(http, path, co
     assert f"(got {(content_type or 'none').split(';')[0]})" in response.json()["error"]["message"] and response.headers["x-request-id"]
 
 
+def test_a_compressed_body_gets_415_naming_its_encoding(http):
+    import gzip
+
+    response = http.post("/align", content=gzip.compress(b'{"prompt": "hi"}'), headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert response.status_code == 415, response.text  # was 422 "not valid JSON (UTF-8)"
+    assert response.json()["error"]["message"] == "compressed bodies are not accepted (Content-Encoding: gzip)"
+
+
 @pytest.mark.parametrize("path, status", [("/align", 422), ("/v1/completions", 400)])
 def test_an_empty_body_is_called_empty(http, path, status):
     response = http.post(path, headers={"content-type": "application/json"})

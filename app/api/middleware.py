@@ -167,7 +167,8 @@ class ApiKeyAuth:
 
 
 class BodySizeLimit:
-    """413 for bodies over ``limit`` bytes, whether declared (Content-Length) or streamed (chunked)."""
+    """413 for bodies over ``limit`` bytes, whether declared (Content-Length) or streamed (chunked); 415 for a
+    compressed body (its JSON would be read from the compressed bytes: "not valid JSON")."""
 
     def __init__(self, app, limit: int):
         self.app = app
@@ -176,9 +177,14 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(scope, send)
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        if encoding not in ("identity", ""):
+            return await _send_error(scope, send, 415, f"compressed bodies are not accepted (Content-Encoding: {_printable(encoding)[:40]})",
+                                     "invalid_request_error", code="unsupported_media_type")
         seen = 0
         too_large = False
         started = False
