@@ -346,7 +346,7 @@ def test_limits_answer_422_naming_the_field_and_the_limit(http):
     unknown = assert_error(http.post("/align", json={**SHORT, "chainz": 2}), 422)
     assert unknown["param"] == "chainz"
     unspellable = assert_error(http.post("/align", json={**SHORT, "reward": {"keywords": ["zzzq"], "keywords_only": True}}), 422)
-    assert unspellable["param"] == "reward"
+    assert unspellable["param"] == "reward.keywords"
     # The OpenAI endpoints: the same limits, for the OpenAI fields and for the `sea` extra, as 400 (what OpenAI answers).
     for body, param in (({"max_tokens": 65}, "max_tokens"), ({"n": 9}, "n"), ({"sea": {"steps": 2001}}, "sea.steps"),
                         ({"max_tokens": 3, "sea": {"max_tokens": 65}}, "sea.max_tokens")):
