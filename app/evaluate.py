@@ -63,8 +63,8 @@ VARIANTS: dict[str, dict] = {
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", help="JSONL with a `prompt` (or a chat's `messages`) field a line (a `keywords` list adds a "
-                                          "keyword reward), or a .txt file with one prompt a line.")
+    parser.add_argument("--prompts", help="JSONL with a `prompt` (or a chat's `messages`) field a line (a `keywords` list makes the "
+                                          "reward the fraction of them used; see --keywords-mode), or a .txt file with one prompt a line.")
     parser.add_argument("--methods", default="sea,bon,args,cbs,sample", help=f"Comma-separated, from: {', '.join(VARIANTS)}.")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-samples", type=float, default=None, help="Compute of N base samples per prompt and method.")

@@ -147,11 +147,14 @@ def settings_markdown() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m app.settings README.md: rewrite the README's settings table
+if __name__ == "__main__":  # python -m app.settings: print the settings table; with README.md: rewrite the README's
     import re
     import sys
     from pathlib import Path
 
+    if len(sys.argv) < 2:
+        print(settings_markdown())
+        sys.exit(0)
     readme = Path(sys.argv[1])
     block = f"<!-- settings-table:start -->\n{settings_markdown()}\n<!-- settings-table:end -->"
     pattern = r"<!-- settings-table:start -->.*?<!-- settings-table:end -->"
