@@ -88,11 +88,15 @@ class _LM:
     dtype = "float32"
 
 
-async def make_service(engine: FakeEngine, **settings) -> AlignService:
+def unattached_service(engine: FakeEngine, **settings) -> tuple[AlignService, Runtime]:
+    """A service and the runtime to attach to it (``make_service`` attaches it)."""
     batch = settings.get("max_batch_chains", 4)
     settings = Settings(**{"max_batch_chains": batch, "default_chains": min(4, batch), "max_queue": 8, **settings})
-    service = AlignService(settings, Metrics())
-    runtime = Runtime(_LM(), engine, {"principle": object()}, [("principle", 1.0)])
+    return AlignService(settings, Metrics()), Runtime(_LM(), engine, {"principle": object()}, [("principle", 1.0)])
+
+
+async def make_service(engine: FakeEngine, **settings) -> AlignService:
+    service, runtime = unattached_service(engine, **settings)
     await service.attach(runtime, asyncio.get_running_loop())
     return service
 

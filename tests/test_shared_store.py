@@ -37,10 +37,11 @@ def _redis_server_binary() -> str:
     return found
 
 
-def start_redis(port: int, folder) -> subprocess.Popen:
+def start_redis(port: int, folder, password: str | None = None) -> subprocess.Popen:
     process = subprocess.Popen([_redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                                "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = redis.Redis(port=port)
+                                "--dir", str(folder), *(["--requirepass", password] if password else [])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port, password=password)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -53,8 +54,8 @@ def start_redis(port: int, folder) -> subprocess.Popen:
             time.sleep(0.05)
 
 
-def stop_redis(port: int, process: subprocess.Popen) -> None:
-    redis.Redis(port=port).shutdown(nosave=True)
+def stop_redis(port: int, process: subprocess.Popen, password: str | None = None) -> None:
+    redis.Redis(port=port, password=password).shutdown(nosave=True)
     process.wait(10)
 
 
@@ -280,6 +281,48 @@ def test_a_replica_started_before_redis_waits_for_it_and_then_serves(tmp_path):
 
     result = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert result.text
+
+
+def test_a_sigterm_while_redis_is_unreachable_at_start_leaves_nothing_running(tmp_path):
+    """Redis answering right after the signal started the engine and the store's tasks after the drain had passed,
+    so the replica stayed registered and its store was never closed."""
+    from tests.test_service import FakeEngine, unattached_service
+
+    port = free_port()
+
+    async def scenario():
+        service, runtime = unattached_service(FakeEngine(), redis_url=f"redis://127.0.0.1:{port}/0", redis_prefix="sigterm")
+        service._loop = asyncio.get_running_loop()
+        starting = asyncio.create_task(service.attach(runtime, service._loop))
+        await asyncio.sleep(1.5)  # retrying
+        service.request_drain()
+        redis_server = await asyncio.to_thread(start_redis, port, tmp_path)  # answers before the next attempt
+        try:
+            await asyncio.wait_for(starting, 30)
+            await service.shutdown()
+            replicas = await asyncio.to_thread(redis.Redis(port=port).smembers, "sigterm:replicas")
+        finally:
+            await asyncio.to_thread(stop_redis, port, redis_server)
+        return service, replicas
+
+    service, replicas = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert service.worker is None and service.shared._tasks == [] and replicas == set()
+
+
+def test_a_wrong_redis_password_fails_the_start_instead_of_retrying(tmp_path):
+    """Retried like an unreachable Redis, a wrong password kept the replica unready for good, saying Redis was down."""
+    from tests.test_service import FakeEngine, make_service
+
+    port = free_port()
+    process = start_redis(port, tmp_path, password="right")
+    try:
+        async def scenario():
+            with pytest.raises(redis.AuthenticationError):
+                await asyncio.wait_for(make_service(FakeEngine(), redis_url=f"redis://default:wrong@127.0.0.1:{port}/0", redis_prefix="auth"), 10)
+
+        asyncio.run(scenario())
+    finally:
+        stop_redis(port, process, password="right")
 
 
 def test_a_job_redis_did_not_take_is_not_kept_waiting_forever(redis_url):

@@ -13,7 +13,7 @@ from app.errors import ClientClosed, GatewayTimeout, NotFound, ServiceUnavailabl
 from app.runtime import Runtime, UnknownRewardError, UnspellableKeywordsError
 from app.service.jobs import Job, JobStatus, JobStore, spawn_background
 from app.service.metrics import Metrics
-from app.service.shared import RedisError, SharedJobs
+from app.service.shared import RedisError, SharedJobs, unreachable
 from app.service.worker import DrainingError, EngineWorker, QueueFullError
 from app.settings import Settings
 
@@ -96,25 +96,33 @@ class AlignService:
                 s.redis_url.get_secret_value(), runtime=runtime, worker=worker, prefix=s.redis_prefix, ttl=s.job_ttl_seconds,
                 lease=s.replica_lease_seconds, max_attempts=s.job_max_attempts, max_queue=s.max_queue, jobs=self.store.jobs,
                 is_draining=lambda: self.draining, registry=self.metrics.registry)
-            await self._start_shared()
+            if not await self._start_shared():
+                return  # a SIGTERM came first: nothing to drain
         worker.start()
         self.worker = worker
         self.metrics.model_info.info({"model": runtime.lm.name, "device": str(runtime.lm.device), "dtype": str(runtime.lm.dtype).replace("torch.", ""),
                                       "rewards": ",".join(sorted(runtime.rewards))})
 
-    async def _start_shared(self) -> None:
-        """Join the shared store, retrying while Redis is unreachable (it may start after this replica)."""
+    async def _start_shared(self) -> bool:
+        """Join the shared store, retrying while Redis is unreachable (it may start after this replica). False when a
+        SIGTERM came first: then nothing of the store runs (its drain has already passed)."""
         delay = 1.0
-        while True:
+        while not self.draining:
             try:
                 await self.shared.start()
-                return
-            except (RedisError, OSError) as exc:
-                if self.draining:
+            except Exception as exc:
+                if not unreachable(exc):
                     raise
                 log.warning("the shared job store is unreachable (%s); retrying in %.0f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, SHARED_RETRY_MAX_SECONDS)
+                continue
+            if self.draining:  # the signal came while it joined
+                await self.shared.close()
+                return False
+            return True
+        await self.shared.disconnect()
+        return False
 
     # ----- submitting ---------------------------------------------------------------------------
 

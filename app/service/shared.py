@@ -43,10 +43,21 @@ from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Tim
 from app.service.jobs import Job, JobStatus, compact_step_events, spawn_background
 
 try:
+    from redis.exceptions import AuthenticationError as RedisAuthenticationError
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # the [redis] extra is not installed: the in-memory store needs none of this
     class RedisError(Exception):  # type: ignore[no-redef]
         pass
+
+    RedisAuthenticationError = RedisConnectionError = RedisTimeoutError = RedisError  # type: ignore[misc]
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a Redis error says it cannot be reached (yet): worth retrying, unlike a wrong password (redis-py's
+    AuthenticationError is a ConnectionError) or a server that refuses a command."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) and not isinstance(exc, RedisAuthenticationError)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -264,6 +275,11 @@ class SharedJobs:
         self._tasks = [asyncio.create_task(coro, name=name) for name, coro in (
             ("sea-writer", self._write_loop()), ("sea-claimer", self._claim_loop()),
             ("sea-watcher", self._watch_loop()), ("sea-lease", self._lease_loop()))]
+
+    async def disconnect(self) -> None:
+        """Close the connections of a store that never started (a SIGTERM came while Redis was unreachable)."""
+        await self.redis.aclose()
+        await self._claim_redis.aclose()
 
     def stop_claiming(self) -> None:
         self._claiming = False
