@@ -298,7 +298,8 @@ class LexiconReward:
             # words 0.97 -> 0.73).
             for form in sorted({word.lower(), *IRREGULAR_FORMS.get(word.lower(), ())}):
                 itself = form == word.lower()
-                cases = {form, form[:1].upper() + form[1:]} | ({word, word[:1].upper() + word[1:]} if itself else set())
+                # the word: as written, in lowercase and capitalised ("iPhone", "iphone", "IPhone"; never "Iphone")
+                cases = {word, form, word[:1].upper() + word[1:]} if itself else {form, form[:1].upper() + form[1:]}
                 endings = torch.tensor([form + suffix in forms for suffix in WORD_SUFFIXES] + [False])
                 for spelling in (prefix + case for case in cases for prefix in ("", " ")):
                     seq = tuple(tokenizer(spelling, add_special_tokens=False)["input_ids"])

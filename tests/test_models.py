@@ -229,6 +229,14 @@ def test_keyword_reward_counts_whole_words_only(text, river, boat):
     assert keyword_coverage(text, ["river", "boat"]) == (river + boat) / 2
 
 
+def test_a_mixed_case_keyword_keeps_its_inner_capitals():
+    """"iPhone" is also "iphone" and "IPhone", but never "Iphone" (str.capitalize), which phrase moves would write."""
+    tokenizer = _glueing_tokenizer([])
+    reward = LexiconReward.keywords(tokenizer, ["iPhone"])
+    written = {tokenizer.decode(list(spelling)).strip() for spellings in reward.phrases() for spelling in spellings}
+    assert written == {"iPhone", "iphone", "IPhone"}
+
+
 def test_a_keyword_asked_for_with_a_capital_counts_in_lowercase_too():
     """"Violin" asked for is "violin" in most sentences (the spellings were the word as written and str.capitalize)."""
     tokenizer = _glueing_tokenizer(["river", "boat", "the"])
