@@ -114,6 +114,7 @@ def test_a_compressed_body_gets_415_naming_its_encoding(http):
     response = http.post("/align", content=gzip.compress(b'{"prompt": "hi"}'), headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert response.status_code == 415, response.text  # was 422 "not valid JSON (UTF-8)"
     assert response.json()["error"]["message"] == "compressed bodies are not accepted (Content-Encoding: gzip)"
+    assert http.get("/health", headers={"content-encoding": "gzip"}).status_code == 200  # no body, nothing to refuse
 
 
 @pytest.mark.parametrize("path, status", [("/align", 422), ("/v1/completions", 400)])

@@ -32,6 +32,8 @@ from app.errors import ServiceUnavailable
 from app.main import PUBLIC_PAGES, create_app
 from app.runtime import Runtime
 from app.service.jobs import JobStatus
+from app.service.metrics import Metrics
+from app.service.service import AlignService
 from app.settings import Settings
 from tests.server import ServerProcess, free_port, wait_for
 from tests.test_service import FakeEngine, make_service, submit
@@ -240,6 +242,21 @@ def test_out_of_memory_when_starting_fails_only_that_request():
     big, result = run(scenario())
     assert big.status == JobStatus.failed and big.error_kind == "overloaded" and "fewer chains" in big.error
     assert result.text == "text"
+
+
+def test_while_the_models_load_the_service_is_alive_but_not_ready():
+    """A liveness check that failed during a slow load would restart the pod forever."""
+    async def scenario():
+        service = AlignService(Settings(), Metrics())  # nothing attached yet: the models are loading
+        alive = await health(service)
+        with pytest.raises(ServiceUnavailable, match="still loading") as not_ready:
+            await ready(service)
+        with pytest.raises(ServiceUnavailable, match="still loading") as refused:
+            await service.submit(SEAConfig(chains=1, steps=1), [{"role": "user", "content": "hi"}])
+        return alive, not_ready.value.headers, refused.value.headers
+
+    alive, not_ready, refused = run(scenario())
+    assert alive == {"status": "ok"} and not_ready["Retry-After"] == refused["Retry-After"] == "5"
 
 
 def test_a_service_whose_worker_thread_is_gone_refuses_work_and_fails_its_probes():

@@ -33,6 +33,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _logged_path(scope) -> str:
+    """The path as sent (percent-encoded): a client cannot put a line break or a terminal escape into the log."""
+    return scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
+
+
 def bearer_key_valid(authorization: str | None, keys: list[bytes]) -> bool:
     """Whether an ``Authorization`` header carries ``Bearer <one of keys>``.
 
@@ -79,8 +84,7 @@ class RequestContext:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        # As sent (percent-encoded): a client cannot put a line break or a terminal escape into the log.
-        path = scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
+        path = _logged_path(scope)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
@@ -125,8 +129,7 @@ class ServerErrors:
         except Exception:
             # Never the exception text: the client gets the request id, the log gets the traceback.
             request_id = scope.get("state", {}).get("request_id", "-")
-            path = scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
-            log.exception("request %s %s %s raised", request_id, scope["method"], path)
+            log.exception("request %s %s %s raised", request_id, scope["method"], _logged_path(scope))
             if not response_started:
                 await _send_error(scope, send, 500, f"internal error (request id {request_id})", "server_error")
 
@@ -182,7 +185,8 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(scope, send)
         encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-        if encoding not in ("identity", ""):
+        has_body = (declared is not None and declared != b"0") or b"transfer-encoding" in headers
+        if has_body and encoding not in ("identity", ""):
             return await _send_error(scope, send, 415, f"compressed bodies are not accepted (Content-Encoding: {_printable(encoding)[:40]})",
                                      "invalid_request_error", code="unsupported_media_type")
         seen = 0

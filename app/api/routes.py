@@ -21,12 +21,13 @@ ERROR_MEANINGS = {
     401: "Missing or invalid API key (only when the server has keys).",
     404: "No such job: unknown, or expired after SEA_JOB_TTL_SECONDS.",
     413: "The body is over SEA_MAX_BODY_BYTES.",
-    415: "The body is not sent as JSON (`Content-Type: application/json`).",
+    415: "The body is not sent as JSON (`Content-Type: application/json`), or is compressed (`Content-Encoding`).",
     422: "A malformed body, or an invalid or over-the-limit parameter (named in `param`).",
     429: "The queue is full.",
     499: "The client closed the connection before the job finished; the job was cancelled.",
     500: "An internal error (the message carries the request id).",
-    503: "The models are still loading, the server is draining, or the shared job store is unreachable.",
+    503: "The models are still loading, the server is draining, or the shared job store is unreachable (with "
+         "Retry-After); or the service cannot serve until a restart: its models failed to load or its engine stopped.",
     504: "The request's `timeout` passed before its job finished.",
 }
 RETRY_AFTER = {"Retry-After": {"description": "Seconds until a queue slot is likely free, from the recent job rate.", "schema": {"type": "integer"}}}
@@ -114,7 +115,8 @@ async def health(service: AlignService = Depends(get_service)) -> dict:
     return {"status": "ok"}
 
 
-@public.get("/ready", summary="Readiness: 503 while models load or while draining.", responses={503: {"model": ErrorResponse}})
+@public.get("/ready", summary="Readiness: 503 while models load, while draining, while the shared job store is unreachable, or for good "
+            "when the service needs a restart.", responses={503: {"model": ErrorResponse}})
 async def ready(service: AlignService = Depends(get_service)) -> dict:
     if not service.ready:
         if service.broken is not None:

@@ -89,8 +89,9 @@ class EngineWorker:
 
     def _waiting_locked(self) -> int:
         """Queued jobs that will not join the batch at the next step boundary: the queue limit counts only those (the
-        jobs that fit the batch's free chains sit in the queue only for the batching window or the step in progress)."""
-        chains = sum(job.chains for job, _ in self._active) + sum(job.chains for job in self._starting)
+        jobs that fit the batch's free chains wait only for the batching window, or the step or start in progress)."""
+        active = {id(job) for job, _ in self._active}  # a started job joins the batch before _starting is cleared
+        chains = sum(job.chains for job, _ in self._active) + sum(job.chains for job in self._starting if id(job) not in active)
         joining = 0
         for job in self._pending:
             if chains + job.chains > self.max_batch_chains and (chains or joining):

@@ -34,12 +34,18 @@ export class Api {
         const response = await fetch(endpoint(`jobs/${encodeURIComponent(id)}/events`), { headers: this.headers(false), signal });
         if (!response.ok) throw await apiError(response);
         await readEventStream(response, (name, data) => {
-          if (name === "step" && onStep) onStep(parseData(data));
-          else if (name === "result") job = parseData(data);
+          if (name === "step" && onStep) {
+            try {
+              onStep(parseData(data));
+            } catch (error) {
+              error.fromPage = true; // the page's own bug, not a dropped connection: no reconnecting
+              throw error;
+            }
+          } else if (name === "result") job = parseData(data);
         });
         job ||= await this.getJob(id, signal); // the stream ended without the result
       } catch (error) {
-        if (error.name === "AbortError" || error.status || attempt > retries) throw error; // not a dropped connection, or no retries left
+        if (error.name === "AbortError" || error.status || error.fromPage || attempt > retries) throw error; // not a dropped connection, or no retries left
       }
       if (job && job.status !== "queued" && job.status !== "running") return job;
       if (attempt > retries) throw new Error(`lost the job's event stream ${attempt} times; ${id} is still ${job.status}`);
