@@ -307,11 +307,9 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     stops = body.stops()
     config = engine_config(params, service)
     try:
-        job = await service.submit(config, messages, params.reward_options(), params.timeout)
+        job = await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param="messages" if chat else "prompt")
     except APIError as exc:  # name the field as this request spells it
-        if exc.param == "prompt" and chat:
-            exc.param = "messages"
-        elif exc.param is not None and exc.param != "prompt" and exc.param.split(".")[0] not in OPENAI_FIELDS:
+        if exc.param is not None and exc.param not in ("prompt", "messages") and exc.param.split(".")[0] not in OPENAI_FIELDS:
             exc.param = f"sea.{exc.param}"
         raise
     object_name = "chat.completion" if chat else "text_completion"

@@ -91,12 +91,8 @@ def client_gone(request: Request):
 
 
 async def submit(body: AlignRequest, service: AlignService, **options) -> Job:
-    try:
-        return await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout, **options)
-    except Unprocessable as exc:
-        if exc.param == "prompt" and body.messages is not None:  # the prompt's limit, for a request that sent messages
-            exc.param = "messages"
-        raise
+    return await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout,
+                                prompt_param="prompt" if body.messages is None else "messages", **options)
 
 
 def align_response(job: Job, result, with_trace: bool) -> AlignResponse:

@@ -134,8 +134,10 @@ class AlignService:
         timeout: float | None = None,
         stream_events: bool = False,
         return_trace: bool = False,
+        prompt_param: str = "prompt",
     ) -> Job:
-        """Build the engine job, check the prompt limit, and queue it (429 when the queue is full)."""
+        """Build the engine job, check the prompt limit (an error names ``prompt_param``, the field the request sent), and
+        queue it (429 when the queue is full)."""
         if self.broken is not None:
             raise ServiceUnavailable(self.broken)
         if self.worker is None or self.draining:
@@ -150,7 +152,7 @@ class AlignService:
             raise Unprocessable(str(exc), param="reward") from None
         if len(work.prompt.ids) > self.settings.max_prompt_tokens:
             raise Unprocessable(f"the prompt has {len(work.prompt.ids)} tokens; the limit is {self.settings.max_prompt_tokens}",
-                                param="prompt", code="context_length_exceeded")
+                                param=prompt_param, code="context_length_exceeded")
         timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
         job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace)
         if self.shared is not None:
