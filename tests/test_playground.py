@@ -125,6 +125,7 @@ def test_page_and_assets_load_without_console_errors(page, server):
     assert all(url.startswith((server.url, "data:")) for url in page.log.requests), page.log.requests
     schema = httpx.get(server.url + "/openapi.json").json()
     assert not {"/", "/playground"} & set(schema["paths"])
+    assert httpx.head(server.url + "/").status_code == 200  # was 405
     script = httpx.get(server.url + "/static/playground.js")
     assert script.status_code == 200
     # Revalidated on each load like the page, so that an upgrade never runs old scripts with the new page.

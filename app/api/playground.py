@@ -38,8 +38,8 @@ class RevalidatedStaticFiles(StaticFiles):
         return response
 
 
-@router.get("/", response_class=HTMLResponse)
-@router.get("/playground", response_class=HTMLResponse)
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)  # HEAD: link checkers, uptime probes
+@router.api_route("/playground", methods=["GET", "HEAD"], response_class=HTMLResponse)
 async def playground() -> HTMLResponse:
     return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"), headers=HEADERS)
 
