@@ -168,6 +168,62 @@ def test_an_abandoned_start_stops_drawing_and_its_batch_mates_get_what_they_get_
     assert states[0].usage == alone.usage
 
 
+def test_a_request_abandoned_while_a_restart_draws_for_it_is_cancelled_not_given_cut_samples(lm, engine, make_prompt):
+    """The restart's draw stopped for it, and its cut-off samples (whose last tokens carried log-prob 0) replaced its
+    chains with energies that were not exact, and it ran on."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    gone = _job(make_prompt("what is a boat"), reward, max_tokens=10, chains=2, steps=6, seed=0, init_samples=2, candidates=1,
+                max_estimate=-1e9, restart_after=1)  # no edit ever fits: every step after the first restarts
+    flag = {"on": False, "calls": 0}
+
+    def abandoned_after_two_tokens() -> bool:
+        flag["calls"] += flag["on"]
+        return flag["calls"] > 2
+
+    gone.abandoned = abandoned_after_two_tokens
+    state = engine.start(gone)
+    engine.tick([state])
+    before = state.best_energy.clone()
+    flag["on"] = True
+    engine.tick([state])
+    assert state.cancelled and state.done and state.result is None
+    assert torch.equal(state.best_energy, before)
+
+
+def test_a_step_that_runs_out_of_memory_is_retried_as_if_it_had_not_begun(lm, engine, make_prompt, monkeypatch):
+    """The worker retries an out-of-memory step in halves: the failed step had already advanced the generators,
+    charged its scoring and marked its edits as tried, so the retry drew, charged and chose otherwise."""
+    from app.engine import discrete
+
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+
+    def editing():
+        return _job(make_prompt("what is a boat"), reward, max_tokens=8, chains=2, steps=4, seed=8, restart_after=None)
+
+    restarting = _job(make_prompt("sing a song"), reward, max_tokens=8, chains=2, steps=4, seed=5, candidates=1, max_estimate=-1e9,
+                      restart_after=1)
+    states = engine.start_many([editing(), restarting])
+    engine.tick(states)  # the second has no moves: it restarts in the next step, beside the first's edits
+    score_drawn, failures = discrete._score_drawn, []
+
+    def out_of_memory_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("injected")
+        return score_drawn(*args, **kwargs)
+
+    monkeypatch.setattr(discrete, "_score_drawn", out_of_memory_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.tick(states)
+    for state in states:  # what the worker does: each half again
+        engine.tick([state])
+    while not states[0].done:
+        engine.tick([states[0]])
+    alone = engine.run([editing()])[0]
+    assert [[s.energy for s in c.trace] for c in states[0].result.chains] == [[s.energy for s in c.trace] for c in alone.chains]
+    assert states[0].usage == alone.usage
+
+
 @pytest.mark.parametrize("update", ["discrete", "logits", "discrete-restarts"])
 def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])

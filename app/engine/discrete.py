@@ -273,7 +273,22 @@ def affordable_chains(state, chains: list[int]) -> list[int]:
 
 
 def tick(engine, states: list) -> None:
-    """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance."""
+    """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance.
+
+    If it raises after the gradient pass (out of memory: the worker then retries the batch in halves), each state's
+    usage and random generator are as they were after that pass, whose gradients are kept: the retry draws, charges
+    and chooses as the step would have."""
+    saved: list = []
+    try:
+        _tick(engine, states, saved)
+    except BaseException:
+        for state, usage, generator in saved:
+            state.usage = usage
+            state.generator.set_state(generator)
+        raise
+
+
+def _tick(engine, states: list, saved: list) -> None:
     budgeted, restarting, editing = [], [], []
     active: dict[int, list[int]] = {}  # per editing state: the chains this step edits
     stale: dict[int, list[int]] = {}  # and those of them that need a gradient pass first
@@ -298,6 +313,7 @@ def tick(engine, states: list) -> None:
     need = [(s, stale[id(s)]) for s in editing if stale[id(s)]]
     if need:
         _gradients(engine, need)
+    saved.extend((state, dataclasses.replace(state.usage), state.generator.get_state()) for state in states)
     rows, owners = [], []  # candidate token rows and (state, chain, move) for each
     for state in editing:
         temperature = noise_at(state.config, state.step + 1)
@@ -329,6 +345,10 @@ def tick(engine, states: list) -> None:
         reuse, starts = reuse_for_edits(editing, owners, len(rows), length)
         with torch.no_grad():
             scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse=reuse)
+    # The last heavy work (the restarting states are not the editing ones): what follows is bookkeeping, so a step that
+    # runs out of memory before here is retried by the worker as if it had not begun (see ``tick``).
+    replaced = _restart(engine, restarting) if restarting else {}
+    if rows:
         for (state, _, _), start in zip(owners, starts):
             state.usage.forward_token_passes += passes_per_row(state.spec, start)
     best: dict[tuple[int, int], tuple[float, int]] = {}
@@ -338,7 +358,6 @@ def tick(engine, states: list) -> None:
         key = (id(state), c)
         if math.isfinite(energy) and energy < best.get(key, (math.inf, -1))[0]:
             best[key] = (energy, index)
-    replaced = _restart(engine, restarting) if restarting else {}
     for state in states:
         state.step += 1
         fresh = replaced.get(id(state), set())
@@ -412,7 +431,15 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
     score them in one batch, and let each, best first, replace the state's worst chain if it beats it. Returns,
     per state id, the chains replaced."""
     counts = [min(2 * s.chains, int(_left(s) // _sample_cost(engine, s))) if math.isfinite(_left(s)) else 2 * s.chains for s in states]
-    scored, slices = _score_drawn(engine, states, _draw_samples(engine, states, counts))
+    drawn = _draw_samples(engine, states, counts)
+    for state in states:
+        if state.job.is_abandoned():
+            engine.cancel(state)  # its draw stopped early: the cut samples' scores would not be exact, and nobody waits
+    kept = [(state, d) for state, d in zip(states, drawn) if not state.cancelled]
+    if not kept:
+        return {}
+    states, drawn = [state for state, _ in kept], [d for _, d in kept]
+    scored, slices = _score_drawn(engine, states, drawn)
     energies = torch.where(torch.isfinite(scored.energy), scored.energy, torch.full_like(scored.energy, math.inf))
     replaced: dict[int, set[int]] = {}
     for state, rows in zip(states, slices):

@@ -184,7 +184,7 @@ class Engine:
             elapsed = time.perf_counter() - tick_started
             for state in stepped:
                 state.timings.langevin += elapsed
-                if state.done:
+                if state.done and not state.cancelled:  # cancelled: abandoned while a restart drew for it
                     state.result = self.result(state)
                     state.grad = state.table = state.memories = state.top_k = None
         states = [s for s in states if s.config.update != "discrete"]

@@ -335,6 +335,9 @@ class EngineWorker:
             if id(state) in failed:
                 self._call(job.finish, JobStatus.failed, None, failed[id(state)], "engine")
                 continue
+            if state.cancelled:  # abandoned during the step (a restart stopped drawing for it)
+                self._end_unwanted(job)
+                continue
             event = self._step_event(job, state)
             if state.done:
                 self._complete(job, state, event)
