@@ -190,6 +190,16 @@ def test_a_request_abandoned_while_a_restart_draws_for_it_is_cancelled_not_given
     assert torch.equal(state.best_energy, before)
 
 
+def test_a_discrete_trace_marks_a_non_finite_energy(lm, engine, make_prompt):
+    """Its entries said finite even when the chain's best energy was not (every starting sample non-finite)."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    state = engine.start(_job(make_prompt("what is a boat"), reward, max_tokens=8, chains=2, steps=1, seed=0, max_estimate=-1e9,
+                              restart_after=None))  # no edit is proposed: the step keeps what it has
+    state.best_energy[0] = math.inf  # what a model that gives non-finite log-probs leaves
+    engine.tick([state])
+    assert [chain[-1].finite for chain in state.traces] == [False, True]
+
+
 def test_a_step_that_runs_out_of_memory_is_retried_as_if_it_had_not_begun(lm, engine, make_prompt, monkeypatch):
     """The worker retries an out-of-memory step in halves: the failed step had already advanced the generators,
     charged its scoring and marked its edits as tried, so the retry drew, charged and chose otherwise."""

@@ -377,7 +377,7 @@ def _tick(engine, states: list, saved: list) -> None:
             counted = max(int(state.counted[c]), 1)
             changed = float((state.tokens[c, :counted] != state.initial_tokens[c, :counted]).float().mean())
             state.traces[c].append(StepStats(float(state.best_energy[c]), float(state.best_reward[c]),
-                                             float(state.best_log_prob[c]), changed, True))
+                                             float(state.best_log_prob[c]), changed, math.isfinite(float(state.best_energy[c]))))
         no_moves = state.candidate_rows == 0
         if no_moves and _restarts_on(state):
             state.steps_since_improved = max(state.steps_since_improved, state.config.restart_after)  # nothing left to try: sample next
