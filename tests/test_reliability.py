@@ -536,7 +536,7 @@ def test_an_engine_exception_fails_the_batch_with_500_and_the_service_keeps_serv
             assert client.post("/align", json={"prompt": "fine", "steps": 2}).status_code == 200
 
 
-def test_cors_on_a_real_server_for_configured_origins(faulty):
+def test_cors_on_a_real_server_for_configured_origins(faulty, caplog):
     allowed = httpx.get(faulty.url + "/health", headers={"Origin": "https://app.example"})
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
@@ -546,8 +546,11 @@ def test_cors_on_a_real_server_for_configured_origins(faulty):
     assert_error(failed, 500, "server_error")
     assert failed.headers["access-control-allow-origin"] == "https://app.example"
     # A refused preflight answers in the error body (it was plain text)
-    refused = httpx.options(faulty.url + "/align", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
-    assert assert_error(refused, 400, "invalid_request_error")["message"] == "Disallowed CORS origin"
+    with caplog.at_level(logging.INFO, logger="app"):
+        refused = httpx.options(faulty.url + "/align", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert assert_error(refused, 400, "invalid_request_error")["message"] == "Disallowed CORS origin"
+        logged = f"request {refused.headers['x-request-id']} OPTIONS /align -> 400 Disallowed CORS origin"  # it had no reason
+        wait_for(lambda: logged in caplog.text, 10)  # written once the response is sent
 
 
 # ----- graceful shutdown on SIGTERM ---------------------------------------------------------------

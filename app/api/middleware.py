@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import re
 import time
@@ -142,7 +143,15 @@ class JsonCORSMiddleware(CORSMiddleware):
         if response.status_code != 400:
             return response
         headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
-        return JSONResponse(error_body(bytes(response.body).decode(), "invalid_request_error"), status_code=400, headers=headers)
+        return _RefusedPreflight(error_body(bytes(response.body).decode(), "invalid_request_error"), status_code=400, headers=headers)
+
+
+class _RefusedPreflight(JSONResponse):
+    """A refused preflight that leaves its reason for the request's log line (``RequestContext``)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        note_error(scope, json.loads(self.body)["error"]["message"])
+        await super().__call__(scope, receive, send)
 
 
 class ApiKeyAuth:
