@@ -91,14 +91,19 @@ class EngineWorker:
         """Queued jobs that will not join the batch at the next step boundary: the queue limit counts only those (the
         jobs that fit the batch's free chains wait only for the batching window, or the step or start in progress)."""
         active = {id(job) for job, _ in self._active}  # a started job joins the batch before _starting is cleared
-        chains = sum(job.chains for job, _ in self._active) + sum(job.chains for job in self._starting if id(job) not in active)
-        joining = 0
+        batch = [job for job, _ in self._active] + [job for job in self._starting if id(job) not in active]
+        return len(self._pending) - self._joining_locked(batch)
+
+    def _joining_locked(self, batch: list[Job]) -> int:
+        """How many queued jobs, from the front, join a batch of ``batch``'s jobs at the next step boundary (an idle
+        engine takes the first whatever its chains)."""
+        chains, joining = sum(job.chains for job in batch), 0
         for job in self._pending:
-            if chains + job.chains > self.max_batch_chains and (chains or joining):
+            if (batch or joining) and chains + job.chains > self.max_batch_chains:
                 break
             joining += 1
             chains += job.chains
-        return len(self._pending) - joining
+        return joining
 
     def has_room(self) -> bool:
         """Whether a job taken now would join the batch at the next step (nothing waits, chains to spare)."""
@@ -239,15 +244,7 @@ class EngineWorker:
             self.metrics.queue_depth.set(len(self._pending))
 
     def _admit_locked(self) -> list[Job]:
-        chains = sum(job.chains for job, _ in self._active)
-        admitted = []
-        while self._pending:
-            job = self._pending[0]
-            if (self._active or admitted) and chains + job.chains > self.max_batch_chains:
-                break
-            self._pending.popleft()
-            admitted.append(job)
-            chains += job.chains
+        admitted = [self._pending.popleft() for _ in range(self._joining_locked([job for job, _ in self._active]))]
         self.metrics.queue_depth.set(len(self._pending))
         return admitted
 
