@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import re
 import time
@@ -143,14 +142,18 @@ class JsonCORSMiddleware(CORSMiddleware):
         if response.status_code != 400:
             return response
         headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
-        return _RefusedPreflight(error_body(bytes(response.body).decode(), "invalid_request_error"), status_code=400, headers=headers)
+        return _RefusedPreflight(bytes(response.body).decode(), headers)
 
 
 class _RefusedPreflight(JSONResponse):
     """A refused preflight that leaves its reason for the request's log line (``RequestContext``)."""
 
+    def __init__(self, message: str, headers: dict[str, str]):
+        super().__init__(error_body(message, "invalid_request_error"), status_code=400, headers=headers)
+        self.message = message
+
     async def __call__(self, scope, receive, send) -> None:
-        note_error(scope, json.loads(self.body)["error"]["message"])
+        note_error(scope, self.message)
         await super().__call__(scope, receive, send)
 
 
