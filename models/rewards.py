@@ -291,14 +291,13 @@ class LexiconReward:
             forms = word_forms(word)
             endings_of = {}  # token sequence -> the glued endings that make a form after it
             spells_word = {}  # token sequence -> whether it spells the word itself (not an irregular form)
-            # The word and its irregular forms, each in lowercase and with a capital first letter (not str.capitalize,
-            # which lowercases the rest: "iPhone" stays "iPhone"), the word also as written, after a space or not:
-            # "Violin" asked for is "violin" in a sentence. Regular forms come from glued endings: spelling them whole
-            # too ("doging", "frisbeed") gave the phrase moves nonsense to write (seed 0 of the keyword set: all four
-            # words 0.97 -> 0.73).
+            # The word and its irregular forms, each after a space or not, in lowercase and with a capital first letter
+            # (not str.capitalize, which lowercases the rest: "iPhone", "iphone", "IPhone", never "Iphone"), the word
+            # also as written: "Violin" asked for is "violin" in a sentence. Regular forms come from glued endings:
+            # spelling them whole too ("doging", "frisbeed") gave the phrase moves nonsense to write (seed 0 of the
+            # keyword set: all four words 0.97 -> 0.73).
             for form in sorted({word.lower(), *IRREGULAR_FORMS.get(word.lower(), ())}):
                 itself = form == word.lower()
-                # the word: as written, in lowercase and capitalised ("iPhone", "iphone", "IPhone"; never "Iphone")
                 cases = {word, form, word[:1].upper() + word[1:]} if itself else {form, form[:1].upper() + form[1:]}
                 endings = torch.tensor([form + suffix in forms for suffix in WORD_SUFFIXES] + [False])
                 for spelling in (prefix + case for case in cases for prefix in ("", " ")):
