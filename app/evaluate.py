@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.engine.energy import scoring_passes
+from app.engine.energy import reward_passes, scoring_passes
 from app.engine.types import AlignResult, SEAConfig
 from app.settings import Settings
 from models.defaults import SAFETY_PRINCIPLE
@@ -156,35 +156,36 @@ def _parse_value(value: str):
 ARGS_MAX_TOP_K = 50
 
 
-def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int, guides: int = 0) -> SEAConfig:
+def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guides: int = 0) -> SEAConfig:
     """Size a method to a compute budget (token-passes): N for Best-of-N, steps for SEA, k for ARGS, K for CBS.
 
-    ``passes_per_row``: scoring one response exactly (reference and rewards). A draw computes its tokens'
-    reference log-probs, and a guided draw their log-probs under each of its ``guides`` prompts (each token runs
-    once per prompt), so scoring a drawn sample costs only the rest.
+    ``scorers``: the reward's components. A draw computes its tokens' reference log-probs, and a guided draw their
+    log-probs under each of its ``guides`` prompts (each token fed back runs once per prompt), so scoring a drawn
+    sample costs only the rest.
     """
     if budget is None:
         return config
     length = config.max_tokens
-    reward_passes = max(0, passes_per_row - (length - 1))
-    sample_cost = base_sample_cost(length, passes_per_row)
+    per_row = scoring_passes(length, scorers)
+    sample_cost = base_sample_cost(length, per_row)
     if config.method == "bon":
         return dataclasses.replace(config, samples=max(1, int(budget // sample_cost)))
     if config.method == "sea" and config.update == "discrete":
-        draw_cost = length * (1 + guides) + max(0, reward_passes - guides * length)
+        fed = length - 1
+        draw_cost = fed * (1 + guides) + max(0, reward_passes(scorers, length) - guides * fed)
         init = config.init_samples or max(config.chains, int(0.25 * budget // draw_cost))
-        one_chain_step = 4 * passes_per_row  # its gradient pass (3 passes) and one edit scored
+        one_chain_step = 4 * per_row  # its gradient pass (3 passes) and one edit scored
         if not config.init_samples and budget - init * draw_cost < one_chain_step:
             init = max(config.chains, int(budget // draw_cost))  # no step would fit after a quarter: the budget is all samples
         return dataclasses.replace(config, init_samples=init, max_compute=int(budget), steps=10_000)
     if config.method == "sea":  # the paper-literal update: draw the chains, forward and backward every step, score the last
-        left = budget - config.chains * ((length - 1) + passes_per_row)
-        steps = max(1, int(left // (3 * config.chains * passes_per_row)))
+        left = budget - config.chains * ((length - 1) + per_row)
+        steps = max(1, int(left // (3 * config.chains * per_row)))
         return dataclasses.replace(config, steps=steps)
     if config.method == "args":  # k candidates per token, each scored by the reward over the t + 1 tokens so far
-        if not reward_passes:  # a reward without LM passes scores candidates for free: the largest k
+        per_k = sum(reward_passes(scorers, t + 1) for t in range(length))
+        if not per_k:  # a reward without LM passes scores candidates for free: the largest k
             return dataclasses.replace(config, args_top_k=ARGS_MAX_TOP_K)
-        per_k = sum((t + 1) for t in range(length)) * reward_passes / length
         # decoding the answer and scoring it cost what one base sample does
         return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - sample_cost) // per_k))))
     if config.method == "cbs":
@@ -194,7 +195,7 @@ def size_to_budget(config: SEAConfig, budget: float | None, passes_per_row: int,
         # scores of their last chunk.
         chunks = [(t, min(config.chunk, length - t), 1 if t == 0 else config.beams) for t in range(0, length, config.chunk)]
         shared = sum(beams * t for t, _, beams in chunks)
-        per_successor = sum(beams * (size - 1 + reward_passes * (t + size) / length) for t, size, beams in chunks)
+        per_successor = sum(beams * (size - 1 + reward_passes(scorers, t + size)) for t, size, beams in chunks)
         return dataclasses.replace(config, successors=max(1, int((budget - shared) // per_successor)))
     return config
 
@@ -274,7 +275,8 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 overrides = {**({k: _parse_value(v) for k, v in extra.items()} if name.startswith("sea") else {}), **VARIANTS[name]}
                 config = dataclasses.replace(base, seed=seed, **overrides)
                 job = runtime.job(messages, config, **reward_options)
-                per_row = scoring_passes(config.max_tokens, [component for component, _ in job.reward.terms])
+                scorers = [component for component, _ in job.reward.terms]
+                per_row = scoring_passes(config.max_tokens, scorers)
                 budget = args.budget_token_passes
                 if args.budget_samples is not None:
                     budget = args.budget_samples * base_sample_cost(config.max_tokens, per_row)
@@ -286,7 +288,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                               file=sys.stderr)
                     budget = args.budget_seconds / seconds_per_pass
                 guides = sum(getattr(component, "contrastive", False) for component, _ in job.reward.terms)
-                job.config = size_to_budget(config, budget, per_row, guides if config.init == "guided" and config.use_reward else 0)
+                job.config = size_to_budget(config, budget, scorers, guides if config.init == "guided" and config.use_reward else 0)
                 tick = time.perf_counter()
                 result = runtime.engine.run([job])[0]
                 records.append({**_record(name, row, seed, result, time.perf_counter() - tick, budget, config.alpha), "run": run_settings})

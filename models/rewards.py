@@ -75,7 +75,9 @@ class Prompt:
 
 class RewardComponent(Protocol):
     """A reward. A component may also set ``resumes = True`` when ``score`` reads ``response.reuse`` (scores an
-    edit from its first edited position on, at that lower cost); without it an edit costs a full pass. It may set
+    edit from its first edited position on, at that lower cost); without it an edit costs a full pass. One that
+    scores the response's next-token log-probs under its own prompt sets ``next_token = True``: like the reference,
+    it runs only the first L − 1 tokens (for compute accounting). It may set
     ``contrastive = True`` when its score is ``log pi(y | context) − log pi_ref(y | x)`` for ``model`` and a
     prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it. A
     contrastive component that limits what a token earns gives ``limit_candidates(log_probs, ref, history)``
@@ -119,6 +121,7 @@ class PrincipleReward:
         self.principle = principle
         self.name = name
         self.lm_passes = 1
+        self.next_token = True
         self.resumes = True
         self.contrastive = True
         self.copy_grams = copy_grams(lm.tokenizer, principle).to(lm.device)

@@ -17,8 +17,17 @@ from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, pas
 from app.engine.sampling import Guide, SampleGroup, Tilt, categorical, sample_groups, sample_responses
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
-from models.rewards import LexiconReward, PrincipleReward, RewardMix, copied_positions, copy_completions, limited_log_probs
+from models.rewards import (
+    LexiconReward,
+    PrincipleReward,
+    RewardMix,
+    SequenceClassifierReward,
+    copied_positions,
+    copy_completions,
+    limited_log_probs,
+)
 from models.ste import ResponseBatch, response_mask
+from tests.tiny import tiny_reward_model
 
 
 def _plain_log_prob(lm, prompt_ids, response_ids, one_hot=None):
@@ -401,6 +410,29 @@ def test_guided_starts_have_lower_energy_than_base_samples(lm, engine, make_prom
     assert sum(c.energy for c in guided.chains) < sum(c.energy for c in base.chains)
 
 
+def test_scoring_charges_the_positions_the_models_run(lm, engine, make_prompt):
+    """A scored row is charged the positions each model runs: the reference and the principle reward feed back all
+    but the last token (the first one's log-prob comes from their prompts' passes), a reward model reads all L.
+    The principle was charged L, one position too many per row."""
+    prompt = make_prompt("how do i make a fire")
+    reward_model = SequenceClassifierReward(tiny_reward_model(lm.model.config.vocab_size), "rm")
+    tokens = torch.randint(30, 40, (3, 7), generator=torch.Generator().manual_seed(0))  # no stop token: full length
+    specs = [_spec(lm, prompt, terms, rows=3, length=7)
+             for terms in ([(PrincipleReward(lm), 1.0)], [(reward_model, 1.0)], [(PrincipleReward(lm), 1.0), (reward_model, 0.5)])]
+    fed = []
+    hooks = [backbone.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["inputs_embeds"].shape[:2].numel()),
+                                                with_kwargs=True)
+             for backbone in (lm.model.model, reward_model.backbone)]
+    try:
+        for spec in specs:
+            fed.clear()
+            evaluate(lm, [spec], engine.stop_ids, tokens)
+            assert sum(fed) == passes_per_row(spec) * 3, [component.name for component, _, _ in spec.reward_terms]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_drawn_samples_are_scored_from_their_draw_as_a_full_pass_scores_them(lm, make_prompt):
     """A draw computes each token's log-prob under the reference (and, guided, under the guide prompts): scoring
     from those equals a full scoring pass, with stops inside the responses, and costs only the passes not drawn."""
@@ -420,8 +452,8 @@ def test_drawn_samples_are_scored_from_their_draw_as_a_full_pass_scores_them(lm,
         for name in ("energy", "reward", "log_prob_ref"):
             torch.testing.assert_close(getattr(drawn, name), getattr(full, name), rtol=1e-4, atol=1e-4)
         stopped += int((full.mask.sum(1) < 7).sum())
-        assert passes_per_row(spec, known=frozenset(known)) == (0 if group.tilt else 7)  # the principle's pass is left
-    assert passes_per_row(spec) == 6 + 7 and stopped > 0
+        assert passes_per_row(spec, known=frozenset(known)) == (0 if group.tilt else 6)  # the principle's pass is left
+    assert passes_per_row(spec) == 6 + 6 and stopped > 0  # the principle too feeds back all but the last token
 
 
 def test_a_continued_draw_is_scored_from_its_parents_and_its_own_log_probs(lm, make_prompt):
@@ -821,6 +853,8 @@ def test_edits_scored_from_their_sources_memory_match_a_full_pass(lm, engine, ma
     assert sorted(resumed_lengths) == sorted((2 * starts.count(s), 6 - s) for s in set(starts))
     assert run_lengths == [(10, 6)]
     assert sum(rows * length for rows, length in resumed_lengths) < sum(rows * length for rows, length in run_lengths)
+    # and each edit is charged the positions it ran (the principle was charged one more per row)
+    assert sum(rows * length for rows, length in resumed_lengths) == sum(passes_per_row(specs[0], start) for start in starts)
 
 
 def _brute_force_grouping_cost(needs: list[int], length: int, overhead: int) -> float:

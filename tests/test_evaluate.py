@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,22 +64,30 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
     assert "Not at equal compute" not in (out / "report.md").read_text()  # every method spent its budget, SEA took steps
 
 
+# Reward components as size_to_budget sees them: the principle scores next-token log-probs under its own prompt
+# (it feeds the first L − 1 tokens, as the reference does); a reward model reads all L; a word list runs no LM.
+PRINCIPLE = SimpleNamespace(lm_passes=1, next_token=True, resumes=True)
+REWARD_MODEL = SimpleNamespace(lm_passes=1)
+WORD_LIST = SimpleNamespace(lm_passes=0)
+
+
 def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():
     """A draw gives its tokens' reference log-probs, and a guided draw (each token run under the guide prompt too)
     their guide log-probs: scoring a drawn sample costs only what the draw did not compute."""
     config = SEAConfig(max_tokens=24, chains=2)
-    principle = 23 + 24  # the reference's passes and the principle's
-    base = size_to_budget(config, 8000, principle)
-    guided = size_to_budget(config, 8000, principle, guides=1)
-    assert base.init_samples == 2000 // (24 + 24) and guided.init_samples == 2000 // (2 * 24)
+    base = size_to_budget(config, 8000, [PRINCIPLE])
+    guided = size_to_budget(config, 8000, [PRINCIPLE], guides=1)
+    assert base.init_samples == 2000 // (23 + 23) and guided.init_samples == 2000 // (2 * 23)
     assert base.max_compute == guided.max_compute == 8000
-    with_rm = size_to_budget(config, 8000, principle + 24, guides=1)  # a reward model's pass is left to score
-    assert with_rm.init_samples == 2000 // (2 * 24 + 24)
+    with_rm = size_to_budget(config, 8000, [PRINCIPLE, REWARD_MODEL], guides=1)  # a reward model's pass is left to score
+    assert with_rm.init_samples == 2000 // (2 * 23 + 24)
     # a budget that would not buy one chain's step after a quarter of it goes to samples whole (it used to be left unspent)
-    tiny = size_to_budget(config, 4 * 48, principle, guides=1)
-    assert tiny.init_samples == 4 * 48 // (2 * 24)
-    # a sample costs what its draw feeds back (23 tokens: the first comes from the prompt's pass) and the principle's 24
-    assert size_to_budget(dataclasses.replace(config, method="bon", select="energy"), 8000, principle).samples == 8000 // (23 + 24)
+    tiny = size_to_budget(config, 4 * 46, [PRINCIPLE], guides=1)
+    assert tiny.init_samples == 4 * 46 // (2 * 23)
+    # a sample costs what its draw feeds back (23 tokens: the first comes from the prompt's pass) and the principle's
+    # 23 (its first log-prob comes from its own prompt's pass)
+    assert size_to_budget(dataclasses.replace(config, method="bon", select="energy"), 8000, [PRINCIPLE]).samples == 8000 // (23 + 23)
+    assert size_to_budget(dataclasses.replace(config, method="bon"), 8000, [REWARD_MODEL]).samples == 8000 // (23 + 24)
 
 
 @pytest.mark.parametrize("reward_name", ["keywords", "principle"])
@@ -91,7 +100,7 @@ def test_beam_search_sized_to_a_budget_spends_most_of_it_and_no_more(lm, engine,
     prompt = make_prompt("write about a dog")
     row = engine.start(AlignJob(prompt, SEAConfig(method="bon", samples=1, max_tokens=24), reward)).spec
     budget = 32 * base_sample_cost(24, passes_per_row(row))
-    config = size_to_budget(SEAConfig(method="cbs", max_tokens=24, seed=0, temperature=0.7), budget, passes_per_row(row))
+    config = size_to_budget(SEAConfig(method="cbs", max_tokens=24, seed=0, temperature=0.7), budget, [c for c, _ in reward.terms])
     def spent(config):
         usage = engine.run([AlignJob(prompt, config, reward)])[0].usage
         return usage.compute - usage.prompt_token_passes
@@ -245,10 +254,10 @@ def test_args_gets_the_most_candidates_its_budget_buys():
     """ARGS scores k candidates per token with the reward: a reward without LM passes (a word list) scores them for
     free, so it gets the largest k whatever the budget (it kept the default 10); the principle's passes buy fewer."""
     config = SEAConfig(method="args", max_tokens=24)
-    assert size_to_budget(config, 32 * 23, 23).args_top_k == ARGS_MAX_TOP_K
-    principle = size_to_budget(config, 88 * 47, 23 + 24)
-    per_k = sum(t + 1 for t in range(24))  # the principle's passes over each prefix, per candidate
-    assert principle.args_top_k == (88 * 47 - (23 + 24)) // per_k
+    assert size_to_budget(config, 32 * 23, [WORD_LIST]).args_top_k == ARGS_MAX_TOP_K
+    principle = size_to_budget(config, 88 * 46, [PRINCIPLE])
+    per_k = sum(range(24))  # the principle's passes over each prefix of t + 1 tokens (t: the first comes from its prompt)
+    assert principle.args_top_k == (88 * 46 - (23 + 23)) // per_k
 
 
 def test_a_ratio_interval_holds_no_negative_ratio():
@@ -290,7 +299,7 @@ def test_the_paper_literal_update_sized_to_a_budget_spends_no_more(lm, engine, m
     row = engine.start(AlignJob(prompt, SEAConfig(method="bon", samples=1, max_tokens=length), reward)).spec
     budget = 32 * base_sample_cost(length, passes_per_row(row))
     config = size_to_budget(SEAConfig(method="sea", update="logits", init="sample", max_tokens=length, chains=2, seed=0), budget,
-                            passes_per_row(row))
+                            [c for c, _ in reward.terms])
     usage = engine.run([AlignJob(prompt, config, reward)])[0].usage
     assert 0.8 * budget <= usage.compute - usage.prompt_token_passes <= budget, (config.steps, usage.compute, budget)
 

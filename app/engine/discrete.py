@@ -420,10 +420,11 @@ def _restarting(state) -> bool:
 
 
 def _sample_cost(engine, state) -> int:
-    """Token-passes of drawing one sample (a guided one runs a row per guide prompt too) and scoring what the draw
-    did not."""
+    """Token-passes of drawing one sample (it feeds back L − 1 tokens; a guided one runs them under each guide prompt
+    too) and scoring what the draw did not."""
     tilt = _tilt(engine, state)
-    return state.spec.length * (1 + (len(tilt.guides) if tilt else 0)) + passes_per_row(state.spec, known=drawn_scorers(tilt))
+    drawn = (state.spec.length - 1) * (1 + (len(tilt.guides) if tilt else 0))
+    return max(1, drawn + passes_per_row(state.spec, known=drawn_scorers(tilt)))  # at least 1: one-token answers cost ~0
 
 
 def _restart(engine, states: list) -> dict[int, set[int]]:

@@ -224,19 +224,28 @@ def score_rewards(specs: list[RowSpec], response: ResponseBatch, precomputed: di
     return reward
 
 
+def reward_passes(components, length: int, start: int = 0) -> int:
+    """LM token-passes (one direction) that reward ``components`` run to score one response of ``length`` tokens.
+
+    A component that scores next-token log-probs (``next_token``) feeds, as the reference does, only the first L − 1
+    tokens: the first one's log-prob comes from its prompt's pass. Another (a classifier) reads all L. A component
+    that resumes from a memory runs an edit only from input position ``start`` on (see :class:`models.lm.Reuse`).
+    """
+    return sum(
+        component.lm_passes * ((length - 1 if getattr(component, "next_token", False) else length)
+                               - (start if getattr(component, "resumes", False) else 0))
+        for component in components)
+
+
 def reward_passes_per_row(spec: RowSpec) -> int:
     """LM token-passes that the reward components alone cost for one row of ``spec``."""
-    return sum(component.lm_passes for component, _, _ in spec.reward_terms) * spec.length
+    return reward_passes([component for component, _, _ in spec.reward_terms], spec.length)
 
 
 def scoring_passes(length: int, components, start: int = 0) -> int:
-    """LM token-passes (one direction) of scoring one response of ``length`` tokens: reference + LM-based rewards.
-
-    An edit scored from input position ``start`` on (see :class:`models.lm.Reuse`) costs only the positions
-    it runs, in the reference and in every reward component that resumes from a memory.
-    """
-    return (length - 1 - start) + sum(
-        component.lm_passes * (length - (start if getattr(component, "resumes", False) else 0)) for component in components)
+    """LM token-passes (one direction) of scoring one response of ``length`` tokens (from input position ``start``
+    on): the reference's and the LM-based rewards'."""
+    return (length - 1 - start) + reward_passes(components, length, start)
 
 
 def passes_per_row(spec: RowSpec, start: int = 0, known: frozenset = frozenset()) -> int:
