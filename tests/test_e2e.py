@@ -250,7 +250,8 @@ def test_the_openai_client_s_null_and_neutral_fields_and_the_fields_its_errors_n
 
 def test_metrics_count_the_calls(http):
     before = metric_samples(http.get("/metrics").text)
-    assert http.post("/align", json={"prompt": "hi", "steps": 2, "max_tokens": 3}).status_code == 200
+    aligned = http.post("/align", json={"prompt": "hi", "steps": 2, "max_tokens": 3})
+    assert aligned.status_code == 200
     assert http.post("/align", json={"prompt": "hi", "chains": 1000}).status_code == 422
     # answered by the body limit before routing (the declared length is over it): still counted under its path
     assert http.post("/align", content=b"x" * 2_000_000, headers={"content-type": "application/json"}).status_code == 413
@@ -265,8 +266,14 @@ def test_metrics_count_the_calls(http):
     assert delta("sea_requests_total", endpoint="/align", status="413") == 1
     assert delta("sea_request_duration_seconds_count", endpoint="/align") == 3
     assert delta("sea_final_reward_count", method="sea") == 1
-    assert delta("sea_returned_reward_count", method="sea") == 1 and ("sea_returned_reward_sum", (("method", "sea"),)) in after
     assert delta("sea_reward_gain_count", method="sea") == 1
+    # the means' sums, as their positive and negative parts (counters never fall; rate() reads a fall as a reset)
+    returned = aligned.json()
+    reward_sum = delta("sea_final_reward_positive_total", method="sea") - delta("sea_final_reward_negative_total", method="sea")
+    assert reward_sum == pytest.approx(returned["reward"], abs=1e-6)
+    gain = returned["reward"] - returned["chains"][returned["chosen"]]["initial"]["reward"]
+    assert delta("sea_reward_gain_positive_total", method="sea") - delta("sea_reward_gain_negative_total", method="sea") == pytest.approx(gain, abs=1e-6)
+    assert delta("sea_jobs_total", outcome="succeeded") == 1
     assert delta("sea_langevin_step_duration_seconds_count") >= 1
     assert delta("sea_completion_tokens_total") > 0 and delta("sea_prompt_tokens_total") > 0
     assert after[("sea_queue_depth", ())] == 0

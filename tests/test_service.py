@@ -240,6 +240,61 @@ def test_cancel_queued_and_running_jobs_without_blocking_others():
     assert other.status == JobStatus.succeeded
 
 
+def test_every_job_taken_is_counted_once_by_how_it_ended_and_a_wait_that_ended_in_the_queue_is_timed():
+    """sea_jobs_total counts each ending; the queue wait of a job that left the queue (cancelled, timed out) is
+    observed too (only the jobs the engine took were, with the shortest waits)."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2)
+        running = await submit(service, "running", steps=500)
+        cancelled = await submit(service, "cancelled", steps=2)
+        timed_out = await submit(service, "timed out", steps=2, timeout=0.3)
+        await asyncio.sleep(0.1)
+        service.cancel(cancelled)
+        await timed_out.wait(5)
+        service.cancel(running)
+        await running.wait(5)
+        done = await submit(service, "done", steps=2)
+        await service.wait(done)
+        await service.shutdown()
+        return service.metrics.registry, [running, cancelled, timed_out, done]
+
+    registry, jobs = run(scenario())
+    assert [(job.status, job.error_kind) for job in jobs] == [
+        (JobStatus.cancelled, "cancelled"), (JobStatus.cancelled, "cancelled"), (JobStatus.failed, "timeout"), (JobStatus.succeeded, None)]
+    counted = {outcome: registry.get_sample_value("sea_jobs_total", {"outcome": outcome}) for outcome in ("cancelled", "timeout", "succeeded")}
+    assert counted == {"cancelled": 2, "timeout": 1, "succeeded": 1}
+    assert registry.get_sample_value("sea_queue_wait_seconds_count") == 4
+    assert registry.get_sample_value("sea_queue_wait_seconds_sum") >= 0.1 + 0.3  # the two that never left the queue
+
+
+def test_gauges_count_jobs_drawing_their_start_and_fall_to_zero_when_the_worker_stops():
+    async def starting():
+        service = await make_service(FakeEngine(start_seconds=25))
+        job = await submit(service, "starting", chains=3)
+        while job.status != JobStatus.running:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        gauges = service.metrics.registry.get_sample_value
+        seen = gauges("sea_jobs_running"), gauges("sea_chains_in_flight")
+        service.cancel(job)
+        await service.shutdown()
+        return seen
+
+    async def stopped():  # the drain's grace period ends with a job running and one queued
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_batch_chains=2, drain_seconds=0)
+        running = await submit(service, "running", steps=500)
+        await submit(service, "queued")
+        while running.status != JobStatus.running:
+            await asyncio.sleep(0.01)
+        gauges = service.metrics.registry.get_sample_value
+        before = gauges("sea_jobs_running"), gauges("sea_chains_in_flight"), gauges("sea_queue_depth")
+        await service.shutdown()
+        return before, (gauges("sea_jobs_running"), gauges("sea_chains_in_flight"), gauges("sea_queue_depth"))
+
+    assert run(starting()) == (1, 3)
+    assert run(stopped()) == ((1, 2, 1), (0, 0, 0))
+
+
 @pytest.mark.parametrize("where", ["queued", "running"])
 def test_the_worker_ends_a_job_cancelled_for_a_timeout_as_a_timeout(where):
     """What the worker records is what the shared store writes for other replicas: a job cancelled because its

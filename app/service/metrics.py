@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary, disable_created_metrics
+import math
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from app.engine.types import AlignResult
 
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+# From 1 ms: probes, scrapes and queue waits (the batching window is 10 ms) take a few ms; an /align up to minutes.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)  # 32 chains take ~18 s a step on 2 CPU cores
 REWARD_BUCKETS = (-50, -20, -10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 50, 100)  # a keyword reward reaches 50
 CHAIN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -20,7 +23,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("sea_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
         self.request_seconds = Histogram("sea_request_duration_seconds", "HTTP request duration.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("sea_queue_wait_seconds", "Time a request waited before the engine took it.", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("sea_queue_wait_seconds", "Time a request waited before the engine took it, or until it left the "
+                                    "queue (cancelled, timed out).", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("sea_queue_depth", "Requests waiting for the engine.", registry=r)
         self.jobs_running = Gauge("sea_jobs_running", "Requests in the running batch.", registry=r)
         self.chains_in_flight = Gauge("sea_chains_in_flight", "Chains in the running batch.", registry=r)
@@ -30,11 +34,18 @@ class Metrics:
         self.completion_tokens = Counter("sea_completion_tokens_total", "Completion tokens of finished requests.", registry=r)
         self.final_reward = Histogram("sea_final_reward", "Reward of the returned response.", ["method"], buckets=REWARD_BUCKETS, registry=r)
         self.reward_gain = Histogram("sea_reward_gain", "Returned chain's reward minus its initial sample's.", ["method"], buckets=REWARD_BUCKETS, registry=r)
-        # The histograms above give quantiles but no `_sum` (prometheus_client leaves it out when a bucket is below 0):
-        # these give the means, as rate(_sum) / rate(_count).
-        self.reward_sum = Summary("sea_returned_reward", "Reward of the returned response (sum and count).", ["method"], registry=r)
-        self.reward_gain_sum = Summary("sea_returned_reward_gain", "Returned chain's reward minus its initial sample's (sum and count).",
-                                       ["method"], registry=r)
+        # The histograms above give quantiles but no `_sum` (prometheus_client leaves it out when a bucket is below 0,
+        # since rate() reads a falling sum as a counter reset). The means come from each sum's positive and negative
+        # parts, two counters: (rate(positive) - rate(negative)) / rate(<histogram>_count).
+        self.final_reward_positive = Counter("sea_final_reward_positive_total", "Sum of the positive rewards of returned responses.",
+                                             ["method"], registry=r)
+        self.final_reward_negative = Counter("sea_final_reward_negative_total",
+                                             "Sum of the negative rewards of returned responses, as a positive number.", ["method"], registry=r)
+        self.reward_gain_positive = Counter("sea_reward_gain_positive_total", "Sum of the positive reward gains.", ["method"], registry=r)
+        self.reward_gain_negative = Counter("sea_reward_gain_negative_total", "Sum of the negative reward gains, as a positive number.",
+                                            ["method"], registry=r)
+        self.jobs = Counter("sea_jobs_total", "Requests this replica took, by how they ended: succeeded, or the error kind "
+                            "(cancelled, timeout, engine, overloaded, shutdown).", ["outcome"], registry=r)
         self.model_info = Info("sea_model", "The served models.", registry=r)
 
     def observe_result(self, result: AlignResult) -> None:
@@ -43,5 +54,19 @@ class Metrics:
         gain = result.reward - result.chains[result.chosen].initial.reward
         self.final_reward.labels(result.method).observe(result.reward)
         self.reward_gain.labels(result.method).observe(gain)
-        self.reward_sum.labels(result.method).observe(result.reward)
-        self.reward_gain_sum.labels(result.method).observe(gain)
+        _add_signed(self.final_reward_positive, self.final_reward_negative, result.method, result.reward)
+        _add_signed(self.reward_gain_positive, self.reward_gain_negative, result.method, gain)
+
+    def observe_job_end(self, outcome: str, queued_seconds: float | None) -> None:
+        """Count a job's ending; ``queued_seconds``: the wait of a job that left the queue without reaching the engine
+        (cancelled, timed out), whose wait the engine did not count."""
+        self.jobs.labels(outcome).inc()
+        if queued_seconds is not None:
+            self.queue_wait.observe(queued_seconds)
+
+
+def _add_signed(positive: Counter, negative: Counter, method: str, value: float) -> None:
+    # Both series exist from the first value on: PromQL's `a - b` has no result where either is missing.
+    above, below = positive.labels(method), negative.labels(method)
+    if math.isfinite(value):
+        (above if value >= 0 else below).inc(abs(value))

@@ -86,6 +86,15 @@ class EngineWorker:
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
+        if self._count_end not in job.listeners:
+            job.listeners.append(self._count_end)
+
+    def _count_end(self, job: Job, event: dict) -> None:
+        """A listener of a taken job's events: counts how it ended, and the queue wait of one the engine never took."""
+        if event["event"] == "end":
+            job.listeners.remove(self._count_end)
+            queued = job.finished_at - job.enqueued if job.started is None else None
+            self.metrics.observe_job_end(job.error_kind or job.status.value, queued)
 
     def _waiting_locked(self) -> int:
         """Queued jobs that will not join the batch at the next step boundary: the queue limit counts only those (the
@@ -179,6 +188,9 @@ class EngineWorker:
         for job, _ in list(self._active):  # started during the join (the thread admits nothing once stopping)
             self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
         self._active = []
+        self._starting = []
+        self.metrics.queue_depth.set(0)
+        self._update_gauges()
 
     # ----- the worker thread -------------------------------------------------------------------
 
@@ -198,6 +210,7 @@ class EngineWorker:
                 self._gather_locked()
                 self._expire_queued_locked()
                 admitted = self._starting = self._admit_locked()
+            self._update_gauges()
             try:
                 if admitted:
                     self._start(admitted)
@@ -398,5 +411,8 @@ class EngineWorker:
         self.metrics.observe_result(result)
 
     def _update_gauges(self) -> None:
-        self.metrics.jobs_running.set(len(self._active))
-        self.metrics.chains_in_flight.set(sum(job.chains for job, _ in self._active))
+        """Jobs and chains running: in the batch, or drawing their initial samples to join it."""
+        active = [job for job, _ in self._active]
+        running = active + [job for job in self._starting if job not in active]  # a started job joins before _starting clears
+        self.metrics.jobs_running.set(len(running))
+        self.metrics.chains_in_flight.set(sum(job.chains for job in running))
