@@ -148,12 +148,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """1 when a part failed (its error is in the JSON, written all the same), else 0."""
     from app.bench import run
 
     settings = settings_from(args)
     _setup_logging("warning")
-    run(args, settings)
-    return 0
+    return 1 if run(args, settings)["errors"] else 0
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
+import http.server
 import json
 import logging
 import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import typing
 
 import pytest
 import torch
 
-from app.bench import add_arguments, run_steps, serving, targets
+import app.bench
+from app.bench import add_arguments, run_steps, server_settings, serving, targets, write_json
 from app.bench.memory import measure_in_subprocess, per_chain_slope
 from app.bench.serving import percentile, sweep
 from app.bench.steps import ModelShape, matmul_peak, pass_flops, setup, step_flops
 from app.cli import build_parser
+from app.settings import Settings
 from models.loading import compile_forward
 from tests.server import serve_tiny
 from tests.tiny import save_tiny_lm, tiny_lm
@@ -133,7 +145,7 @@ def test_bench_arguments_have_defaults_for_the_issue_grid():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([])
-    assert args.concurrency == "1,2,4,8,16" and "32" in args.chains.split(",")
+    assert args.concurrency == [1, 2, 4, 8, 16] and 32 in args.chains
 
 
 def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
@@ -167,7 +179,7 @@ def test_a_server_that_never_answers_fails_the_sweep_instead_of_hanging_it(monke
         port = server.sockets[0].getsockname()[1]
         try:
             with pytest.raises(RuntimeError, match="no answer within 0.3 s"):
-                await serving._sweep(f"http://127.0.0.1:{port}", [1], {"prompt": "hi"}, alone_rounds=1)
+                await serving._sweep(f"http://127.0.0.1:{port}", [1], {"prompt": "hi"}, alone_rounds=1, rounds=1, measured=[])
         finally:
             server.close()
 
@@ -194,3 +206,301 @@ def test_a_connection_the_server_closed_while_idle_is_opened_again():
             server.close()
 
     assert asyncio.run(scenario()) == [(200, b"{}"), (200, b"{}")]
+
+
+# What a fake `/align` answers: 2 chains, 1 step; timings and usage as the server reports them.
+ALIGN_ANSWER = {"chains": [{}, {}], "timings": {"queue": 0.0, "total": 0.0, "steps": 1},
+                "usage": {"completion_tokens": 4, "forward_token_passes": 8, "backward_token_passes": 8}}
+
+
+async def _fake_align_server(answer):
+    """A keep-alive HTTP server whose every request body goes to ``await answer(body) -> (status, dict)``."""
+    async def serve(reader, writer):
+        while not reader.at_eof():
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            status, out = await answer(json.loads(await reader.readexactly(length)))
+            data = json.dumps(out).encode()
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(data), data))
+            await writer.drain()
+        writer.close()
+
+    async def handle(reader, writer):
+        # A handler cancelled when the test's loop ends is no error of the client's (asyncio 3.11 logs one).
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await serve(reader, writer)
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_a_failed_level_keeps_the_levels_measured_before_it():
+    answered = []
+
+    async def answer(body):
+        answered.append(body["seed"])
+        return (200, ALIGN_ANSWER) if len(answered) <= 2 else (429, {"error": {"message": "queue full"}})  # warm-up, level 1
+
+    async def scenario() -> list[dict]:
+        server = await _fake_align_server(answer)
+        measured = []
+        try:
+            with pytest.raises(RuntimeError, match="answered 429"):
+                await serving._sweep(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", [1, 2], {"prompt": "hi"},
+                                     alone_rounds=1, rounds=1, measured=measured)
+        finally:
+            server.close()
+        return measured
+
+    assert [level["concurrency"] for level in asyncio.run(scenario())] == [1]
+
+
+def test_each_level_above_one_sends_its_rounds_of_bursts():
+    seeds = []
+
+    async def scenario() -> list[dict]:
+        async def answer(body):
+            seeds.append(body["seed"])
+            return 200, ALIGN_ANSWER
+
+        server = await _fake_align_server(answer)
+        try:
+            measured = []
+            await serving._sweep(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", [1, 2], {"prompt": "hi"},
+                                 alone_rounds=2, rounds=3, measured=measured)
+            return measured
+        finally:
+            server.close()
+
+    assert [level["requests"] for level in asyncio.run(scenario())] == [2, 6]
+    assert len(seeds) == 1 + 2 + 6 and len(set(seeds[3:])) == 6  # a warm-up, level 1, then 3 bursts of distinct seeds
+
+
+def test_targets_count_a_level_without_throughput_as_not_measured():
+    level = {"chain_steps_per_second": 0.0, "overhead_p50": 0.001}
+    report = targets({"steps": [], "server": [{**level, "concurrency": 1}, {**level, "concurrency": 8}]}, on_gpu=False)
+    verdicts = {row["target"]: row["verdict"] for row in report}
+    assert verdicts["chain-steps/s, 8 concurrent requests / 1 alone"] == "NOT MEASURED"
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--request-steps", "0"), ("--request-chains", "0"), ("--request-max-tokens", "-1"), ("--concurrency", "1,0"),
+    ("--concurrency", ""), ("--chains", "x"), ("--max-tokens", "0"), ("--memory-chains", "0"), ("--uncached-chains", "0"),
+    ("--candidates", "0"), ("--repeats", "-1"), ("--matmul-size", "0"), ("--alone-rounds", "0"), ("--rounds", "0"),
+    ("--parts", "steps,gpu"),
+])
+def test_bench_flags_that_make_no_sense_are_refused_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser("bench").parse_args(["bench", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_the_json_writes_non_finite_figures_as_null(tmp_path):
+    out = tmp_path / "runs" / "bench.json"
+    write_json({"latency_p95": float("nan"), "levels": [{"ratio": float("inf")}, 1.5]}, str(out))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(out.read_text(), parse_constant=refuse) == {"latency_p95": None, "levels": [{"ratio": None}, 1.5]}
+
+
+def test_the_benchmarked_server_gets_no_api_keys_and_no_shared_queue(monkeypatch):
+    monkeypatch.setenv("SEA_REDIS_URL", "redis://shared:6379/0")  # as in a deployed container
+    monkeypatch.setenv("SEA_API_KEYS", "secret")
+    chosen = server_settings(Settings(threads=1))
+    assert chosen["redis_url"] == chosen["api_keys"] == chosen["api_keys_file"] == ""
+    assert chosen["threads"] == 1 and "port" not in chosen
+
+
+class _FakeBenchServer:
+    """Stands in for `serving.BenchServer`: no process; records that it was stopped."""
+
+    instances: typing.ClassVar[list] = []
+
+    def __init__(self, settings: dict):
+        self.settings, self.url, self.stopped = settings, "http://127.0.0.1:9", False
+        _FakeBenchServer.instances.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped = True
+
+
+def _level(concurrency: int) -> dict:
+    return {"concurrency": concurrency, "requests": 1, "wall_seconds": 1.0, "chain_steps": 2, "chain_steps_per_second": 2.0,
+            "completion_tokens_per_second": 4.0, "token_passes_per_second": 16.0, "latency_p50": 1.0, "latency_p95": 1.0,
+            "queue_p50": 0.0, "queue_p95": 0.0, "overhead_p50": 0.001, "overhead_p95": float("nan")}
+
+
+@pytest.fixture
+def server_bench(tiny_folder, tmp_path, monkeypatch):
+    """Runs `sea bench --parts server` with a fake server and the given fake sweep; returns (exit status, JSON)."""
+    _FakeBenchServer.instances.clear()
+    monkeypatch.setattr(serving, "BenchServer", _FakeBenchServer)
+    out = tmp_path / "bench.json"
+
+    def bench(fake_sweep) -> tuple[int, dict]:
+        monkeypatch.setattr(serving, "sweep", fake_sweep)
+        args = build_parser("bench").parse_args(["bench", "--model", str(tiny_folder), "--device", "cpu", "--threads", "1",
+                                                 "--parts", "server", "--concurrency", "1,2,8", "--out", str(out)])
+        return args.func(args), json.loads(out.read_text())
+
+    return bench
+
+
+def test_a_failed_server_sweep_keeps_its_levels_and_the_bench_exits_non_zero(server_bench):
+    def fails_at_the_last_level(url, levels, body, alone_rounds, rounds, measured):
+        measured += [_level(1), _level(2)]
+        raise RuntimeError("POST /align answered 429: queue full")
+
+    status, results = server_bench(fails_at_the_last_level)
+    assert status == 1
+    assert [level["concurrency"] for level in results["server"]] == [1, 2]
+    assert results["server"][0]["overhead_p95"] is None  # NaN in strict JSON
+    assert "answered 429" in results["errors"]["server"]
+    assert {row["verdict"] for row in results["targets"]} == {"PASS", "NOT MEASURED"}
+    assert _FakeBenchServer.instances[0].stopped
+
+
+def test_the_json_is_written_when_the_targets_cannot_be_computed(server_bench, monkeypatch):
+    def broken_targets(results, on_gpu):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(app.bench, "targets", broken_targets)
+    status, results = server_bench(lambda url, levels, body, alone_rounds, rounds, measured: measured.append(_level(1)))
+    assert status == 1 and "ZeroDivisionError" in results["errors"]["targets"]
+    assert results["server"] == [_level(1) | {"overhead_p95": None}]
+
+
+def test_sigterm_stops_the_benchmarked_server_before_the_bench_exits(server_bench):
+    def terminated_midway(url, levels, body, alone_rounds, rounds, measured):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the signal arrives in this call
+
+    def ignore(signum, frame) -> None:  # in place of the default, which would end pytest
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ignore)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            server_bench(terminated_midway)
+        assert exit_info.value.code == 143 and _FakeBenchServer.instances[0].stopped
+        assert signal.getsignal(signal.SIGTERM) is ignore  # the bench put back the handler it found
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# A stand-in for `sea serve`: answers GET /ready on SEA_PORT, after a line in its log.
+FAKE_SERVE = [sys.executable, "-c", """
+import http.server, os, sys
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+print("fake sea serve: model loaded", file=sys.stderr, flush=True)
+http.server.HTTPServer(("127.0.0.1", int(os.environ["SEA_PORT"])), Ready).serve_forever()
+"""]
+
+
+def test_the_benchmarked_server_is_out_of_reach_of_a_ctrl_c_and_stopped_after_one():
+    with pytest.raises(KeyboardInterrupt), serving.BenchServer({}, command=FAKE_SERVE) as server:
+        # Its own session: a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches the bench alone.
+        assert os.getsid(server.process.pid) != os.getsid(0)
+        raise KeyboardInterrupt
+    assert server.process.poll() is not None and not server.log_path.exists()
+
+
+def test_a_server_that_died_midway_leaves_the_end_of_its_log_in_the_error():
+    with pytest.raises(ConnectionRefusedError) as error, serving.BenchServer({}, command=FAKE_SERVE) as server:
+        server.process.kill()
+        server.process.wait()
+        sweep(server.url, [1], {"prompt": "hi"}, alone_rounds=1)
+    message = "".join(traceback.format_exception_only(error.value))
+    assert "exited with -9" in message and "fake sea serve: model loaded" in message
+
+
+def test_stop_gives_the_server_its_drain_time():
+    server = serving.BenchServer({"drain_seconds": 100.0}, command=FAKE_SERVE)
+    waited = []
+    wait = server.process.wait
+    server.process.wait = lambda timeout=None: waited.append(timeout) or wait(timeout)
+    with server:
+        pass
+    assert waited[0] >= 105  # the server's own limit is drain_seconds + 5
+
+
+def test_a_server_answering_on_our_port_is_not_taken_for_ours(monkeypatch):
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)  # took the port after free_port() let it go
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    monkeypatch.setattr(serving, "free_port", lambda: other.server_address[1])
+    # Ours finds the port taken once it has loaded (uvicorn binds after importing torch).
+    taken = [sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit('[Errno 98] address already in use')"]
+    try:
+        with pytest.raises(RuntimeError, match="(?s)exited with 1.*address already in use"), serving.BenchServer({}, command=taken):
+            pass
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_step_memory_leaves_out_drawing_the_initial_chains(tiny_folder, monkeypatch):
+    from app.bench import memory, steps
+
+    setup_alone = steps.setup
+
+    def setup_with_a_peak(*args, **kwargs):
+        torch.ones(32 * 2**20).sum()  # 128 MiB for a moment, as drawing and scoring the initial chains takes
+        return setup_alone(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "setup", setup_with_a_peak)
+    point = memory.measure(str(tiny_folder), 2, 5, 2, "cpu", "auto", "", 0)
+    if point["method"] != "VmHWM after clear_refs":
+        pytest.skip("the peak counter cannot be reset here")
+    assert point["step_mib"] < 64
+
+
+def test_a_failed_request_cancels_the_rest_of_its_burst(caplog):
+    async def answer(body):
+        if body["seed"] == 0:
+            return 429, {"error": {"message": "queue full"}}
+        await asyncio.sleep(0.3)  # still running when seed 0 fails
+        return 200, ALIGN_ANSWER
+
+    loop = asyncio.new_event_loop()  # the server's, in a thread of its own: sweep() runs a loop of its own
+    server = loop.run_until_complete(_fake_align_server(answer))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    gc.collect()  # what earlier tests left behind says so now, not below
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            with pytest.raises(RuntimeError, match="answered 429"):
+                sweep(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", [8], {"prompt": "hi"})
+            gc.collect()  # a task whose exception nobody read says so when it is collected
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        server.close()
+        handlers = asyncio.all_tasks(loop)
+        if handlers:  # gather() of nothing needs a current loop, which this thread has not
+            loop.run_until_complete(asyncio.gather(*handlers))  # its handlers end as their connections closed
+        loop.close()
+    # No request left reading a closed connection ("unhandled exception during asyncio.run() shutdown").
+    assert [record.getMessage() for record in caplog.records if "_post()" in record.getMessage()] == []

@@ -9,13 +9,16 @@ Parts: :mod:`app.bench.steps` (one step and its parts, FLOP count, matmul peak),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import platform
+import signal
 import time
+import traceback
 
 import torch
 
@@ -38,25 +41,63 @@ STEP_ROWS = [
 ]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _positives_or_none(text: str) -> list[int]:
+    return [_positive(x) for x in text.split(",") if x.strip()]
+
+
+def _positives(text: str) -> list[int]:
+    values = _positives_or_none(text)
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(PARTS)}, got {text!r}")
+    return parts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", default=",".join(PARTS), help="Comma-separated parts to run: steps, memory, server.")
-    parser.add_argument("--chains", default="4,32", help="Step grid: chains per request (comma-separated).")
-    parser.add_argument("--max-tokens", default="24", help="Step grid: response lengths L (comma-separated).")
-    parser.add_argument("--candidates", type=int, default=4, help="Edits scored exactly per chain per step.")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per figure (after one warm-up); medians. 0: one call, no warm-up (slow machines).")
-    parser.add_argument("--uncached-chains", default="4,32",
+    """The bench's flags; each is checked here, so a value that makes no sense stops the run before it starts."""
+    parser.add_argument("--parts", type=_parts, default=",".join(PARTS),
+                        help="Comma-separated parts to run: steps, memory, server (the targets are always computed).")
+    parser.add_argument("--chains", type=_positives, default="4,32", help="Step grid: chains per request (comma-separated).")
+    parser.add_argument("--max-tokens", type=_positives, default="24", help="Step grid: response lengths L (comma-separated).")
+    parser.add_argument("--candidates", type=_positive, default=4, help="Edits scored exactly per chain per step.")
+    parser.add_argument("--repeats", type=_non_negative, default=3,
+                        help="Timed repeats per figure (after one warm-up); medians. 0: one call, no warm-up (slow machines).")
+    parser.add_argument("--uncached-chains", type=_positives_or_none, default="4,32",
                         help="Chain counts of the grid whose step is also timed without the prompt cache (the slowest part; '' for none).")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="Side of the square matmul that measures the peak.")
-    parser.add_argument("--memory-chains", default="4,32", help="Chain counts whose step memory is measured (fresh process each).")
-    parser.add_argument("--concurrency", default="1,2,4,8,16", help="Concurrent /align requests per burst (comma-separated).")
-    parser.add_argument("--request-chains", type=int, default=4, help="Chains per /align request in the server part.")
-    parser.add_argument("--request-steps", type=int, default=3, help="Steps per /align request in the server part.")
-    parser.add_argument("--request-max-tokens", type=int, default=24, help="max_tokens per /align request in the server part.")
-    parser.add_argument("--alone-rounds", type=int, default=10,
+    parser.add_argument("--matmul-size", type=_positive, default=2048, help="Side of the square matmul that measures the peak.")
+    parser.add_argument("--memory-chains", type=_positives, default="4,32", help="Chain counts whose step memory is measured (fresh process each).")
+    parser.add_argument("--concurrency", type=_positives, default="1,2,4,8,16", help="Concurrent /align requests per burst (comma-separated).")
+    parser.add_argument("--rounds", type=_positive, default=1,
+                        help="Bursts per concurrency level above 1 (their latency percentiles; with one burst of N, p95 is near the slowest).")
+    parser.add_argument("--request-chains", type=_positive, default=4, help="Chains per /align request in the server part.")
+    parser.add_argument("--request-steps", type=_positive, default=3, help="Steps per /align request in the server part.")
+    parser.add_argument("--request-max-tokens", type=_positive, default=24, help="max_tokens per /align request in the server part.")
+    parser.add_argument("--alone-rounds", type=_positive, default=10,
                         help="Requests sent one after another at concurrency 1 (its latency and overhead percentiles).")
     parser.add_argument("--out", default="runs/bench.json", help="Where to write the JSON results ('' for none).")
 
@@ -121,7 +162,7 @@ def targets(results: dict, on_gpu: bool) -> list[dict]:
     add(f"cached step / uncached step ({label})", reference["cached_over_uncached"] if reference else None, 0.45, False, "x")
     levels = {level["concurrency"]: level for level in results.get("server", [])}
     ratio = None
-    if 1 in levels and 8 in levels:
+    if 1 in levels and 8 in levels and levels[1]["chain_steps_per_second"]:  # 0 chain-steps/s alone: nothing to compare
         ratio = levels[8]["chain_steps_per_second"] / levels[1]["chain_steps_per_second"]
     add("chain-steps/s, 8 concurrent requests / 1 alone", ratio, 5.0 if on_gpu else 1.5, True, "x")
     if not on_gpu:
@@ -173,9 +214,9 @@ def _memory_part(args: argparse.Namespace, settings: Settings) -> dict:
     from app.bench import memory
 
     points = []
-    for count in _ints(args.memory_chains):
+    for count in args.memory_chains:
         print(f"memory: {count} chains (fresh process)...", flush=True)
-        points.append(memory.measure_in_subprocess(count, _ints(args.max_tokens)[0], args.candidates, settings.model, settings.device,
+        points.append(memory.measure_in_subprocess(count, args.max_tokens[0], args.candidates, settings.model, settings.device,
                                                    settings.dtype, settings.cache_dir, settings.threads))
     slope = memory.per_chain_slope(points)
     print(f"\nPeak memory of one step ({points[0]['method']}; fresh process per count)")
@@ -186,34 +227,79 @@ def _memory_part(args: argparse.Namespace, settings: Settings) -> dict:
     return {"points": points, "per_chain_mib_slope": slope}
 
 
-def _server_part(args: argparse.Namespace, settings: Settings) -> tuple[dict, list[dict]]:
-    from app.bench import serving
+def server_settings(settings: Settings) -> dict:
+    """The settings the benchmarked server gets: this run's scalar ones (lists and secrets are not copied and would
+    come from the environment), with no API keys and no shared job store (a Redis URL would make the bench's
+    server take a real queue's jobs)."""
+    skipped = {"host", "port", "log_level"}
+    chosen = {name: value for name, value in settings.model_dump().items()
+              if name not in skipped and isinstance(value, (str, int, float, bool))}
+    chosen.update(api_keys="", api_keys_file="", redis_url="")
+    return chosen
+
+
+def _request_body(args: argparse.Namespace) -> dict:
     from app.bench.steps import PROMPT
 
-    # The server gets this run's scalar settings (lists and secrets stay as the environment has them), and no API keys.
-    skipped = {"host", "port", "log_level"}
-    env = {name: value for name, value in settings.model_dump().items() if name not in skipped and isinstance(value, (str, int, float, bool))}
-    env.update(api_keys="", api_keys_file="")
-    body = {"prompt": PROMPT, "chains": args.request_chains, "steps": args.request_steps, "max_tokens": args.request_max_tokens, "alpha": 1.0}
+    return {"prompt": PROMPT, "chains": args.request_chains, "steps": args.request_steps, "max_tokens": args.request_max_tokens, "alpha": 1.0}
+
+
+def _server_part(args: argparse.Namespace, settings: Settings, levels: list[dict]) -> None:
+    """Appends each concurrency level's figures to ``levels`` as it is measured (kept when a later one fails)."""
+    from app.bench import serving
+
     print("server: starting sea serve...", flush=True)
-    with serving.BenchServer(env) as server:
-        levels = serving.sweep(server.url, _ints(args.concurrency), body, alone_rounds=args.alone_rounds)
-    _print_server(levels)
-    return body, levels
+    with serving.BenchServer(server_settings(settings)) as server:
+        serving.sweep(server.url, args.concurrency, _request_body(args), alone_rounds=args.alone_rounds, rounds=args.rounds,
+                      measured=levels)
+
+
+def _finite_or_null(value):
+    """``value`` with every NaN and infinity in it, at any depth, replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def write_json(results: dict, path: str) -> None:
+    """Writes ``results`` as strict JSON: a figure that is not a finite number is written as null."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(_finite_or_null(results), handle, indent=1, allow_nan=False)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """While the bench runs, SIGTERM raises SystemExit(143): Python's default handler ends the process without
+    running ``finally`` blocks, which would leave the benchmarked server running. The previous handler comes back after."""
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict:
     """Run the chosen parts, print them and the targets, write ``args.out``; returns the results.
 
-    A part that fails is recorded under ``errors`` and the others still run (a long run keeps what it measured).
+    A part that fails is recorded under ``errors`` and the others still run (a long run keeps what it measured);
+    the results of a server part that failed keep the concurrency levels measured before the failure.
     """
+    with _sigterm_exits():
+        return _run(args, settings)
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> dict:
     from app.bench import steps
     from models.loading import compile_forward, load_lm
 
-    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - set(PARTS)
-    if unknown:
-        raise SystemExit(f"sea bench: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
@@ -230,34 +316,40 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - a failed part is reported; the others still run
-            results["errors"][part] = f"{type(exc).__name__}: {exc}"
-            print(f"\n{part}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+            # The exception's notes too: a failed server part carries the end of the server's log in one.
+            message = "".join(traceback.format_exception_only(exc)).strip()
+            results["errors"][part] = message
+            print(f"\n{part}: FAILED ({message})", flush=True)
 
     def steps_part(lm) -> None:
         results["model_shape"] = dataclasses.asdict(steps.ModelShape.of(lm.model))
         measure = functools.partial(steps.matmul_peak, args.matmul_size, device=lm.device, dtype=lm.dtype)
-        results["steps"], peaks = run_steps(lm, _ints(args.chains), _ints(args.max_tokens), args.candidates, args.repeats,
-                                            _ints(args.uncached_chains), measure)
+        results["steps"], peaks = run_steps(lm, args.chains, args.max_tokens, args.candidates, args.repeats,
+                                            args.uncached_chains, measure)
         results["matmul_peak_flops_per_second"], results["matmul_peaks_flops_per_second"] = max(peaks), peaks
         _print_steps(results["steps"], peaks, args.repeats)
 
     def server_part() -> None:
-        results["server_request"], results["server"] = _server_part(args, settings)
+        results["server_request"], results["server"] = _request_body(args), []
+        _server_part(args, settings, results["server"])
 
-    if "steps" in parts:
+    def targets_part() -> None:
+        results["targets"] = targets(results, on_gpu)
+        _print_targets(results["targets"])
+
+    if "steps" in args.parts:
         attempt("steps", functools.partial(steps_part, lm))
     del lm  # the server and the memory processes load their own copies
-    if "memory" in parts:
+    if "memory" in args.parts:
         attempt("memory", lambda: results.update(memory=_memory_part(args, settings)))
-    if "server" in parts:
+    if "server" in args.parts:
         attempt("server", server_part)
-    results["targets"] = targets(results, on_gpu)
-    _print_targets(results["targets"])
+        if results.get("server"):
+            _print_server(results["server"])
+    attempt("targets", targets_part)
     results["seconds"] = time.perf_counter() - started
     print(f"\nbench took {results['seconds']:.0f} s")
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_json(results, args.out)
         print(f"wrote {args.out}")
     return results

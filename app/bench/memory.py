@@ -3,12 +3,12 @@
     python -m app.bench.memory --chains 8 --max-tokens 24 [--model PATH] [--device cpu] [--dtype auto]
 
 Prints one JSON object. On CPU, torch allocates outside Python's allocator (tracemalloc sees nothing),
-so the figure is the process's resident-set high-water mark: after the model is loaded and one 1-chain
-step has run (thread pools, kernels), the kernel's peak counter is reset (``/proc/self/clear_refs``,
-value 5) and the step for ``chains`` chains runs; its memory is the new peak minus the resident set
-before it. Where that reset is not allowed the ``getrusage`` ``ru_maxrss`` delta is used instead (an
-underestimate when loading peaked higher). On CUDA: ``torch.cuda.max_memory_allocated`` minus the
-memory allocated before the step.
+so the figure is the process's resident-set high-water mark: after the model is loaded, one 1-chain
+step has run (thread pools, kernels) and the request of ``chains`` chains has drawn and scored its
+initial chains, the kernel's peak counter is reset (``/proc/self/clear_refs``, value 5) and one step
+runs; its memory is the new peak minus the resident set before it. Where that reset is not allowed the
+``getrusage`` ``ru_maxrss`` delta is used instead (an underestimate when loading peaked higher). On
+CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def measure(model: str, chains: int, max_tokens: int, candidates: int, device: s
     warm = setup(lm, 1, max_tokens, candidates)
     warm.engine.tick([warm.state])
     del warm
+    bench = setup(lm, chains, max_tokens, candidates)  # draws and scores the initial chains: not part of the step
+    bench.state.stale = set(range(bench.state.chains))
     gc.collect()
     cuda = lm.device.type == "cuda"
     if cuda:
@@ -69,8 +71,6 @@ def measure(model: str, chains: int, max_tokens: int, candidates: int, device: s
         else:
             method = "ru_maxrss delta"
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    bench = setup(lm, chains, max_tokens, candidates)  # draws and scores the initial chains
-    bench.state.stale = set(range(bench.state.chains))
     bench.engine.tick([bench.state])  # gradient pass + exact scoring of chains × candidates rows
     if cuda:
         torch.cuda.synchronize()

@@ -11,6 +11,7 @@ round-trips in 0.4 ms), as much as the server overhead being measured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,51 +35,105 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class BenchServer:
-    """``sea serve`` on a free loopback port, with ``SEA_<NAME>`` settings; its log goes to a temporary file."""
+def _listening_sockets(port: int) -> set[str]:
+    """``socket:[inode]`` of every TCP socket listening on ``port``, from Linux's /proc/net tables (empty elsewhere)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # state 0A: LISTEN
+                    found.add(f"socket:[{fields[9]}]")
+    return found
 
-    def __init__(self, settings: dict[str, str]):
+
+def _open_files(pid: int) -> set[str] | None:
+    """What each open descriptor of process ``pid`` points to (``socket:[inode]`` for a socket); None without /proc."""
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    targets = set()
+    for fd in descriptors:
+        with contextlib.suppress(OSError):  # closed since the listing
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return targets
+
+
+SERVE_COMMAND = (sys.executable, "-m", "app.cli", "serve")
+STOP_MARGIN_SECONDS = 30.0  # past the server's drain: uvicorn's own 5 s, then unloading
+
+
+class BenchServer:
+    """``sea serve`` on a free loopback port, with ``SEA_<NAME>`` settings; its log goes to a temporary file.
+
+    It runs in a session of its own, so a Ctrl-C at the terminal reaches the bench alone, which then stops it.
+    Leaving the ``with`` block on an error adds the server's state and the end of its log to the error as a note.
+    """
+
+    def __init__(self, settings: dict[str, str], command: Sequence[str] = SERVE_COMMAND):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **{f"SEA_{k.upper()}": str(v) for k, v in settings.items()}}
         env.update(SEA_HOST="127.0.0.1", SEA_PORT=str(self.port), SEA_LOG_LEVEL="warning")
+        self.stop_seconds = float(settings.get("drain_seconds", 30.0)) + STOP_MARGIN_SECONDS
         self.log_path = Path(tempfile.mkstemp(prefix="sea-bench-server-", suffix=".log")[1])
         with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_tail(self, characters: int = 4000) -> str:
+        """The last ``characters`` of the server's log (its stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")[-characters:]
+
+    def _answers_on_port(self) -> bool:
+        """Whether our process holds the socket listening on the port: free_port() let the port go, and another
+        process may have taken it before the server bound it. Where /proc is missing, whether ours is still running."""
+        files = _open_files(self.process.pid)
+        if files is None:
+            return self.process.poll() is None
+        return bool(files & _listening_sockets(self.port))
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"sea serve exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
+                raise RuntimeError(f"sea serve exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200 and self._answers_on_port():
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"sea serve not ready after {timeout:.0f} s:\n{self.log_path.read_text()[-4000:]}")
+        raise TimeoutError(f"sea serve not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
+        """SIGTERM, then SIGKILL once its drain time is over or when the wait is interrupted (a second Ctrl-C)."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(self.stop_seconds)
+        finally:
+            if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
-        self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         try:
             self.wait_ready()
         except BaseException:
-            self.stop()
+            self.__exit__(None, None, None)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if isinstance(error, Exception):  # a crash or a refused request: the server's log says why
+                state = "running" if self.process.poll() is None else f"exited with {self.process.returncode}"
+                error.add_note(f"sea serve ({state}), the end of its log:\n{self.log_tail()}")
+            self.stop()
+        finally:
+            self.log_path.unlink(missing_ok=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -151,7 +207,14 @@ async def _post(connections: asyncio.Queue, body: dict) -> tuple[float, dict]:
 async def _burst(connections: asyncio.Queue, bodies: list[dict]) -> tuple[float, list[tuple[float, dict]]]:
     """Send ``bodies`` at once; returns the wall seconds until the last answer and each (latency, response)."""
     tick = time.perf_counter()
-    answers = await asyncio.gather(*[_post(connections, body) for body in bodies])
+    posts = [asyncio.ensure_future(_post(connections, body)) for body in bodies]
+    try:
+        answers = await asyncio.gather(*posts)
+    except BaseException:  # one failed: the others are cancelled before the sweep closes their connections
+        for post in posts:
+            post.cancel()
+        await asyncio.gather(*posts, return_exceptions=True)
+        raise
     return time.perf_counter() - tick, list(answers)
 
 
@@ -179,16 +242,21 @@ def _level_figures(concurrency: int, wall: float, answers: list[tuple[float, dic
     }
 
 
-def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 10) -> list[dict]:
-    """For each concurrency level N, N simultaneous ``/align`` requests (distinct seeds); figures per level.
+def sweep(url: str, levels: list[int], body: dict, alone_rounds: int = 10, rounds: int = 1,
+          measured: list[dict] | None = None) -> list[dict]:
+    """For each concurrency level N, ``rounds`` bursts of N simultaneous ``/align`` requests (distinct seeds); figures per level.
 
     Level 1 sends ``alone_rounds`` requests one after the other, so its latency percentiles have a few samples.
-    A first request warms the server up and is not counted.
+    A first request warms the server up and is not counted. Each level's figures are appended to ``measured``
+    (a new list by default) as soon as it is done, so a caller that passes its own keeps them when a later level
+    fails. Returns ``measured``.
     """
-    return asyncio.run(_sweep(url, levels, body, alone_rounds))
+    measured = [] if measured is None else measured
+    asyncio.run(_sweep(url, levels, body, alone_rounds, rounds, measured))
+    return measured
 
 
-async def _sweep(url: str, levels: list[int], body: dict, alone_rounds: int) -> list[dict]:
+async def _sweep(url: str, levels: list[int], body: dict, alone_rounds: int, rounds: int, measured: list[dict]) -> None:
     # Keep-alive connections, as a real client keeps them: connecting is not the server's overhead.
     pool = [Connection(url) for _ in range(max(levels, default=1))]
     connections: asyncio.Queue = asyncio.Queue()
@@ -196,18 +264,14 @@ async def _sweep(url: str, levels: list[int], body: dict, alone_rounds: int) -> 
         connections.put_nowait(connection)
     try:
         await _burst(connections, [{**body, "seed": 10_000}])
-        results = []
         for concurrency in levels:
-            if concurrency == 1:
-                wall, answers = 0.0, []
-                for seed in range(max(alone_rounds, 1)):
-                    seconds, answer = await _burst(connections, [{**body, "seed": seed}])
-                    wall += seconds
-                    answers += answer
-            else:
-                wall, answers = await _burst(connections, [{**body, "seed": seed} for seed in range(concurrency)])
-            results.append(_level_figures(concurrency, wall, answers))
-        return results
+            wall, answers = 0.0, []
+            for burst in range(alone_rounds if concurrency == 1 else rounds):
+                seeds = range(burst * concurrency, (burst + 1) * concurrency)
+                seconds, answer = await _burst(connections, [{**body, "seed": seed} for seed in seeds])
+                wall += seconds
+                answers += answer
+            measured.append(_level_figures(concurrency, wall, answers))
     finally:
         for connection in pool:
             await connection.close()
