@@ -8,6 +8,8 @@ import logging
 import sys
 import typing
 
+from pydantic import ValidationError
+
 from app.settings import Settings
 
 # Settings of the HTTP service alone: `sea align` and `sea prepare`, which run the engine in-process, do not offer them.
@@ -43,8 +45,15 @@ def _settings_flags(parser: argparse.ArgumentParser, server: bool = True, skip: 
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings: flags over ``SEA_*`` environment variables over defaults; invalid ones end the command with one
+    line each, named as the environment variable (not a validation traceback)."""
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [(f"SEA_{'.'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
+                    + error["msg"].removeprefix("Value error, ") for error in exc.errors()]
+        raise SystemExit("sea: invalid settings:\n  " + "\n  ".join(problems)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -101,8 +110,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from app.api.schemas import LimitError, SEAParams
     from app.runtime import Runtime
 

@@ -53,3 +53,16 @@ def test_align_with_sea_does_not_trip_the_best_of_n_limit(monkeypatch):
     monkeypatch.setattr("app.runtime.Runtime.load", lambda settings: Runtime())
     with pytest.raises(SystemExit, match="would run sea with 4 chains"):
         cli.main(["align", "hello", "--method", "sea"])
+
+
+@pytest.mark.parametrize("env, argv, line", [
+    ({"SEA_PORT": "abc"}, [], "SEA_PORT: Input should be a valid integer"),
+    ({}, ["--max-batch-chains", "2"], "SEA_DEFAULT_CHAINS (4) is past SEA_MAX_BATCH_CHAINS (2)"),
+])
+def test_invalid_settings_end_the_command_with_one_line_each_named_as_the_variable(monkeypatch, env, argv, line):
+    """A flag or SEA_* variable that fails validation stopped `sea serve` (and every command) with a pydantic traceback."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["serve", *argv])
+    assert str(stopped.value.code).startswith(f"sea: invalid settings:\n  {line}")
