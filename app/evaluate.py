@@ -62,14 +62,20 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+DEFAULT_BUDGET_SAMPLES = 32.0  # the methods are compared at equal compute unless told otherwise (--no-budget)
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="JSONL with a `prompt` (or a chat's `messages`) field a line (a `keywords` list makes the "
                                           "reward the fraction of them used; see --keywords-mode), or a .txt file with one prompt a line.")
     parser.add_argument("--methods", default="sea,bon,args,cbs,sample", help=f"Comma-separated, from: {', '.join(VARIANTS)}.")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--budget-samples", type=float, default=None, help="Compute of N base samples per prompt and method.")
+    budget.add_argument("--budget-samples", type=float, default=None,
+                        help=f"Compute of N base samples per prompt and method (without any budget flag: {DEFAULT_BUDGET_SAMPLES:g}).")
     budget.add_argument("--budget-token-passes", type=int, default=None, help="Compute in token-passes per prompt and method.")
     budget.add_argument("--budget-seconds", type=float, default=None, help="Wall time per prompt and method, converted to token-passes.")
+    budget.add_argument("--no-budget", action="store_true",
+                        help="Run each method at its own settings (SEA_DEFAULT_*, the request defaults), not at equal compute.")
     parser.add_argument("--out", required=True, help="Output folder: records.jsonl as the runs finish; results.json, report.md and plots at the end.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds; every prompt runs once per seed.")
@@ -213,6 +219,10 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
 
     if not args.prompts:
         raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
+    if not args.no_budget and args.budget_samples is None and args.budget_token_passes is None and args.budget_seconds is None:
+        args.budget_samples = DEFAULT_BUDGET_SAMPLES
+        print(f"every method gets the compute of {DEFAULT_BUDGET_SAMPLES:g} base samples per prompt (--budget-samples; "
+              "--no-budget runs each at its own settings)", file=sys.stderr)
     rows = read_prompts(Path(args.prompts))
     rows = rows[: args.limit] if args.limit else rows
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -511,6 +521,8 @@ def report(results: dict) -> str:
             lines.append(f"| {name} | {pair['pairs']} | {pair['energy_per_token']:.3f} | {pair['baseline_energy_per_token']:.3f} | "
                          f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {ratio} | {pair['lower']} / {pair['higher']} | {seeds} |")
     warnings = budget_warnings(results.get("records", []))
+    if budget == "none":
+        warnings.insert(0, "no budget (--no-budget): each method ran at its own settings; compare their compute column")
     if warnings:
         lines += ["", "**Not at equal compute:**", "", *[f"- {w}" for w in warnings]]
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.engine.energy import passes_per_row
+from app.engine.energy import passes_per_row, scoring_passes
 from app.engine.types import AlignJob, SEAConfig
 from app.evaluate import (
     ARGS_MAX_TOP_K,
@@ -163,6 +163,24 @@ def _eval_args(*argv):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+def test_without_a_budget_flag_every_method_gets_32_samples_of_compute_and_no_budget_is_said_in_the_report(lm, tmp_path):
+    """`sea eval --methods sea,bon` without a budget ran each method at its own defaults (4 chains × 20 steps against
+    the default N): not the equal-compute comparison the tool is for, and the report did not say so."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "tea", "prompt": "tell me about tea"}) + "\n")
+    runtime = Runtime.from_lm(lm, Settings())
+    common = ["--prompts", str(prompts), "--methods", "bon,sample", "--max-tokens", "4"]
+    equal = run_eval(_eval_args(*common, "--out", str(tmp_path / "equal")), Settings(), runtime=runtime)
+    reward = runtime.job([{"role": "user", "content": "tea"}], SEAConfig(max_tokens=4)).reward
+    one_sample = base_sample_cost(4, scoring_passes(4, [component for component, _ in reward.terms]))
+    assert {record["budget"] for record in equal["records"]} == {32 * one_sample}
+    assert "budget: 32 samples" in (tmp_path / "equal" / "report.md").read_text()
+    assert "Not at equal compute" not in (tmp_path / "equal" / "report.md").read_text()
+    own = run_eval(_eval_args(*common, "--no-budget", "--out", str(tmp_path / "own")), Settings(), runtime=runtime)
+    assert {record["budget"] for record in own["records"]} == {None}
+    assert "no budget (--no-budget): each method ran at its own settings" in (tmp_path / "own" / "report.md").read_text()
 
 
 def test_resume_runs_only_what_is_missing_and_refuses_other_settings(lm, tmp_path):
