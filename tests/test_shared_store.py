@@ -437,3 +437,48 @@ def test_a_job_claimed_again_while_its_first_run_goes_on_here_runs_once(redis_ur
     assert fields["status"] == "succeeded" and fields["attempts"] == "2" and fields["result"]
     assert max(batch.count("paused") for batch in engine.batches) == 1, "the job ran twice in one batch"
     assert sum(batch.count("paused") for batch in engine.batches) == 151
+
+
+def test_each_job_is_counted_once_where_it_ended_queued_cancelled_handed_back_or_run(redis_url):
+    """sea_jobs_total with a shared store: a job cancelled or timed out in the Redis queue is counted (with its queue
+    wait) by the replica that ended it (it was counted nowhere); a job handed back at a drain counts as `requeued`
+    where it left and `succeeded` where it ran (it counted `shutdown` and `succeeded`, for one request)."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    def counts(service):
+        sample = service.metrics.registry.get_sample_value
+        outcomes = ("succeeded", "cancelled", "timeout", "shutdown", "requeued")
+        return ({outcome: sample("sea_jobs_total", {"outcome": outcome}) for outcome in outcomes if sample("sea_jobs_total", {"outcome": outcome})},
+                sample("sea_queue_wait_seconds_count"))
+
+    async def scenario():
+        prefix = "count-" + uuid.uuid4().hex[:8]
+        leaving = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix, drain_seconds=0)
+        front = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
+        front.shared.stop_claiming()
+        leaving.shared.stop_claiming()
+        await asyncio.sleep(1.2)  # BLMOVEs that started before have timed out (1 s)
+        timed_out = await submit(front, "times out", timeout=0.3)
+        cancelled = await submit(front, "cancelled")
+        front.cancel(cancelled)
+        with pytest.raises(Exception, match="past its deadline"):
+            await front.wait(timed_out)
+        await asyncio.sleep(0.3)  # the cancel script runs in the background
+        in_queue = counts(front)
+        long = await submit(front, "long", steps=100, timeout=60)
+        leaving.shared._claiming = True
+        while not leaving.shared._running:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        await leaving.shutdown()  # hands the running job back
+        front.shared._claiming = True
+        await front.wait(long)
+        await front.shared._writes.join()
+        ran = counts(front)
+        await front.shutdown()
+        return in_queue, counts(leaving), ran
+
+    in_queue, leaving, ran = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert in_queue == ({"cancelled": 1, "timeout": 1}, 2)
+    assert leaving[0] == {"requeued": 1}
+    assert ran[0] == {"cancelled": 1, "timeout": 1, "succeeded": 1}

@@ -26,8 +26,8 @@ class Metrics:
         self.queue_wait = Histogram("sea_queue_wait_seconds", "Time a request waited before the engine took it, or until it left the "
                                     "queue (cancelled, timed out).", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("sea_queue_depth", "Requests waiting for the engine.", registry=r)
-        self.jobs_running = Gauge("sea_jobs_running", "Requests in the running batch.", registry=r)
-        self.chains_in_flight = Gauge("sea_chains_in_flight", "Chains in the running batch.", registry=r)
+        self.jobs_running = Gauge("sea_jobs_running", "Requests in the running batch or drawing their start to join it.", registry=r)
+        self.chains_in_flight = Gauge("sea_chains_in_flight", "Chains in the running batch or drawing their start to join it.", registry=r)
         self.step_seconds = Histogram("sea_langevin_step_duration_seconds", "Duration of one batched engine step.", buckets=STEP_BUCKETS, registry=r)
         self.batch_chains = Histogram("sea_batch_chains", "Chains per engine step.", buckets=CHAIN_BUCKETS, registry=r)
         self.prompt_tokens = Counter("sea_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
@@ -44,8 +44,8 @@ class Metrics:
         self.reward_gain_positive = Counter("sea_reward_gain_positive_total", "Sum of the positive reward gains.", ["method"], registry=r)
         self.reward_gain_negative = Counter("sea_reward_gain_negative_total", "Sum of the negative reward gains, as a positive number.",
                                             ["method"], registry=r)
-        self.jobs = Counter("sea_jobs_total", "Requests this replica took, by how they ended: succeeded, or the error kind "
-                            "(cancelled, timeout, engine, overloaded, shutdown).", ["outcome"], registry=r)
+        self.jobs = Counter("sea_jobs_total", "Requests ended on this replica, by outcome: succeeded, or the error kind (cancelled, "
+                            "timeout, engine, overloaded, shutdown; requeued: handed back to the shared queue).", ["outcome"], registry=r)
         self.model_info = Info("sea_model", "The served models.", registry=r)
 
     def observe_result(self, result: AlignResult) -> None:
@@ -57,12 +57,9 @@ class Metrics:
         _add_signed(self.final_reward_positive, self.final_reward_negative, result.method, result.reward)
         _add_signed(self.reward_gain_positive, self.reward_gain_negative, result.method, gain)
 
-    def observe_job_end(self, outcome: str, queued_seconds: float | None) -> None:
-        """Count a job's ending; ``queued_seconds``: the wait of a job that left the queue without reaching the engine
-        (cancelled, timed out), whose wait the engine did not count."""
-        self.jobs.labels(outcome).inc()
-        if queued_seconds is not None:
-            self.queue_wait.observe(queued_seconds)
+    def count_job_end(self, job, outcome: str | None = None) -> None:
+        """Count a job's ending by ``outcome``, by default its own: ``succeeded``, or its error kind."""
+        self.jobs.labels(outcome or job.error_kind or job.status.value).inc()
 
 
 def _add_signed(positive: Counter, negative: Counter, method: str, value: float) -> None:

@@ -365,7 +365,10 @@ class SharedJobs:
         outcome = await self._scripts["cancel"](
             keys=[self.key("job", job.id), self.key("events", job.id), self.key("queue")],
             args=[job.id, reason, kind, self.key("wake"), self.ttl])
-        if outcome == "finished":
+        if outcome == "finished":  # ended in the shared queue: counted here, where it ended
+            self._count_end(job, kind)
+            if self.worker is not None:
+                self.worker.metrics.queue_wait.observe(time.monotonic() - job.enqueued)
             await self.catch_up(job)
         elif outcome == "running":
             await self.redis.publish(self.key("cancel"), json.dumps({"id": job.id, "kind": kind, "reason": reason}))
@@ -381,6 +384,8 @@ class SharedJobs:
             return
         lock = self._locks.setdefault(job.id, asyncio.Lock())
         async with lock:
+            if job.status.finished or job.id not in self._mirrored:  # a catch-up that held the lock first ended it
+                return
             start = self._mirrored[job.id]
             events = await self.redis.lrange(self.key("events", job.id), start, -1)
             for raw in events:
@@ -506,6 +511,8 @@ class SharedJobs:
         if job.error_kind == "shutdown":  # this replica is going away: let another one run it
             done = await self._hand_back(job.id, running.attempt)
             log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
+            if done:
+                self._count_end(job, "requeued")
             return
         result = result_to_json(job.result) if job.result is not None else ""
         done = await self._scripts["finish"](keys=keys, args=[
@@ -514,6 +521,14 @@ class SharedJobs:
         if not done:  # reads of this job now go to Redis, where the retry's state is
             log.warning("job %s: finished here after this replica lost it (lease lapsed); result dropped", job.id)
             self._jobs.pop(job.id, None)
+        else:
+            self._count_end(job)
+
+    def _count_end(self, job: Job, outcome: str | None = None) -> None:
+        """Count a job's ending on this replica (the worker counts only the jobs submitted to it directly): one that
+        ran here and whose end Redis took, one handed back (``requeued``), or one a cancel ended in the queue."""
+        if self.worker is not None:
+            self.worker.metrics.count_job_end(job, outcome)
 
     async def _lighter_events(self, job: Job) -> str:
         """The stored step events of an ended job to replace with their lighter form, as the local job's were."""

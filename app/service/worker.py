@@ -86,15 +86,19 @@ class EngineWorker:
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
-        if self._count_end not in job.listeners:
+        if bounded and self._count_end not in job.listeners:  # the shared store counts the jobs it hands the worker
             job.listeners.append(self._count_end)
 
     def _count_end(self, job: Job, event: dict) -> None:
-        """A listener of a taken job's events: counts how it ended, and the queue wait of one the engine never took."""
+        """A listener of a local job's events: counts how it ended."""
         if event["event"] == "end":
             job.listeners.remove(self._count_end)
-            queued = job.finished_at - job.enqueued if job.started is None else None
-            self.metrics.observe_job_end(job.error_kind or job.status.value, queued)
+            self.metrics.count_job_end(job)
+
+    def _left_queue(self, job: Job) -> None:
+        """Observe the queue wait of a job that leaves the queue without reaching the engine (cancelled, timed out, or
+        failed at shutdown): the longest waits, which the engine's own observation never sees."""
+        self.metrics.queue_wait.observe(time.monotonic() - job.enqueued)
 
     def _waiting_locked(self) -> int:
         """Queued jobs that will not join the batch at the next step boundary: the queue limit counts only those (the
@@ -140,6 +144,7 @@ class EngineWorker:
             if job in self._pending:
                 self._pending.remove(job)
                 self.metrics.queue_depth.set(len(self._pending))
+                self._left_queue(job)
                 self._finish_cancelled(job, kind, reason)
 
     def _finish_cancelled(self, job: Job, kind: str, reason: str) -> None:
@@ -181,6 +186,8 @@ class EngineWorker:
             self._cond.notify_all()
         # Fail what is left before joining: the thread may be inside a long step, and a waiter must get its 503
         # while its connection is open (a job that the step finishes meanwhile keeps this first ending).
+        for job in leftover:
+            self._left_queue(job)
         for job in leftover + list(self._starting) + [job for job, _ in list(self._active)]:
             self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
         if self._thread.is_alive():
@@ -252,6 +259,7 @@ class EngineWorker:
         expired = [job for job in self._pending if job.deadline is not None and now > job.deadline]
         for job in expired:
             self._pending.remove(job)
+            self._left_queue(job)
             self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
         if expired:
             self.metrics.queue_depth.set(len(self._pending))
@@ -266,8 +274,10 @@ class EngineWorker:
         jobs = []
         for job in admitted:
             if job.cancellation is not None:
+                self._left_queue(job)
                 self._finish_cancelled(job, *job.cancellation)
             elif job.deadline is not None and time.monotonic() > job.deadline:
+                self._left_queue(job)
                 self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
             else:
                 job.started = time.monotonic()
