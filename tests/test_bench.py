@@ -378,22 +378,23 @@ def test_the_json_is_written_when_the_targets_cannot_be_computed(server_bench, m
     assert results["server"] == [_level(1) | {"overhead_p95": None}]
 
 
-def test_sigterm_stops_the_benchmarked_server_before_the_bench_exits(server_bench):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal closed
+def test_sigterm_or_sighup_stops_the_benchmarked_server_before_the_bench_exits(server_bench, signum):
     def terminated_midway(url, levels, body, alone_rounds, rounds, measured):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         time.sleep(1)  # the signal arrives in this call
 
     def ignore(signum, frame) -> None:  # in place of the default, which would end pytest
         pass
 
-    previous = signal.signal(signal.SIGTERM, ignore)
+    previous = signal.signal(signum, ignore)
     try:
         with pytest.raises(SystemExit) as exit_info:
             server_bench(terminated_midway)
-        assert exit_info.value.code == 143 and _FakeBenchServer.instances[0].stopped
-        assert signal.getsignal(signal.SIGTERM) is ignore  # the bench put back the handler it found
+        assert exit_info.value.code == 128 + signum and _FakeBenchServer.instances[0].stopped
+        assert signal.getsignal(signum) is ignore  # the bench put back the handler it found
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
 
 
 # A stand-in for `sea serve`: answers GET /ready on SEA_PORT, after a line in its log.

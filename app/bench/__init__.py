@@ -274,16 +274,19 @@ def write_json(results: dict, path: str) -> None:
 
 @contextlib.contextmanager
 def _sigterm_exits():
-    """While the bench runs, SIGTERM raises SystemExit(143): Python's default handler ends the process without
-    running ``finally`` blocks, which would leave the benchmarked server running. The previous handler comes back after."""
+    """While the bench runs, SIGTERM and SIGHUP (a closed terminal) raise SystemExit(128 + the signal): Python's
+    default handlers end the process without running ``finally`` blocks, which would leave the benchmarked server (in
+    a session of its own) running. The previous handlers come back after."""
     def exit_now(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, exit_now)
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {signum: signal.signal(signum, exit_now) for signum in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict:

@@ -130,7 +130,11 @@ class BenchServer:
         try:
             if isinstance(error, Exception):  # a crash or a refused request: the server's log says why
                 state = "running" if self.process.poll() is None else f"exited with {self.process.returncode}"
-                error.add_note(f"sea serve ({state}), the end of its log:\n{self.log_tail()}")
+                note = f"sea serve ({state}), the end of its log:\n{self.log_tail()}"
+                if hasattr(error, "add_note"):  # Python 3.11 and later
+                    error.add_note(note)
+                else:
+                    error.args = (*error.args, note)
             self.stop()
         finally:
             self.log_path.unlink(missing_ok=True)
