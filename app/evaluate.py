@@ -63,6 +63,10 @@ VARIANTS: dict[str, dict] = {
 
 
 DEFAULT_BUDGET_SAMPLES = 32.0  # the methods are compared at equal compute unless told otherwise (--no-budget)
+SIZED_BY_BUDGET = {"steps", "max_compute"}  # SEA fields a budget sets (size_to_budget); --set of them would be ignored
+# Bumped when what a run is charged changes, so that --resume and --from never mix runs budgeted differently
+# (2: the principle reward charged the L − 1 positions it runs, 4 Dec 2026).
+ACCOUNTING = 2
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +79,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--budget-token-passes", type=int, default=None, help="Compute in token-passes per prompt and method.")
     budget.add_argument("--budget-seconds", type=float, default=None, help="Wall time per prompt and method, converted to token-passes.")
     budget.add_argument("--no-budget", action="store_true",
-                        help="Run each method at its own settings (SEA_DEFAULT_*, the request defaults), not at equal compute.")
+                        help="Run each method at its own settings, not at equal compute: SEA for SEA_DEFAULT_STEPS steps, "
+                             "Best-of-N with N = 16, beam search and ARGS at their defaults (--set tunes the SEA variants).")
     parser.add_argument("--out", required=True, help="Output folder: records.jsonl as the runs finish; results.json, report.md and plots at the end.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds; every prompt runs once per seed.")
@@ -219,6 +224,10 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
 
     if not args.prompts:
         raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
+    sized = sorted({item.split("=", 1)[0] for item in args.set} & SIZED_BY_BUDGET)
+    if sized and not args.no_budget:
+        raise SystemExit(f"--set {', '.join(sized)}: a budget sizes SEA's run (every method gets the same compute); "
+                         "add --no-budget to run SEA as set")
     if not args.no_budget and args.budget_samples is None and args.budget_token_passes is None and args.budget_seconds is None:
         args.budget_samples = DEFAULT_BUDGET_SAMPLES
         print(f"every method gets the compute of {DEFAULT_BUDGET_SAMPLES:g} base samples per prompt (--budget-samples; "
@@ -242,12 +251,13 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
         max_tokens=args.max_tokens or settings.default_max_tokens,
         chains=args.chains or settings.default_chains,
         alpha=settings.default_alpha if args.alpha is None else args.alpha,
+        steps=settings.default_steps,
     )
     # What a run's result depends on besides its prompt, method and seed: records made under other settings
     # are never mixed into one report (--resume and --from check it).
     run_settings = {"model": runtime.lm.name, "max_tokens": base.max_tokens, "alpha": base.alpha, "chains": base.chains,
                     "budget_samples": args.budget_samples, "budget_token_passes": args.budget_token_passes,
-                    "budget_seconds": args.budget_seconds, "keywords_mode": args.keywords_mode, "set": extra}
+                    "budget_seconds": args.budget_seconds, "keywords_mode": args.keywords_mode, "set": extra, "accounting": ACCOUNTING}
     if any(row.get("keywords") for row in rows):
         run_settings["keyword_weight"] = runtime.keyword_weight
     seconds_per_pass = None
@@ -257,6 +267,9 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     finished = {}
     if args.resume and progress.exists():
         for record in _read_records(progress):
+            if (record.get("run") or {}).get("accounting") != ACCOUNTING:
+                raise SystemExit(f"{progress} holds runs charged for their compute as before 4 Dec 2026 (the principle reward's "
+                                 "L positions a row): they cannot be resumed at today's budgets; choose another --out")
             if record.get("run") != run_settings:
                 raise SystemExit(f"{progress} holds runs made with other settings ({record.get('run')}, now {run_settings}): "
                                  "resume with the same ones, or choose another --out")

@@ -183,6 +183,33 @@ def test_without_a_budget_flag_every_method_gets_32_samples_of_compute_and_no_bu
     assert "no budget (--no-budget): each method ran at its own settings" in (tmp_path / "own" / "report.md").read_text()
 
 
+def test_set_steps_under_a_budget_is_refused_and_no_budget_runs_sea_for_the_default_steps(lm, tmp_path):
+    """A budget sizes SEA's steps, so `--set steps=1` was silently ignored (SEA ran to the budget); without a budget
+    SEA ran 20 steps whatever SEA_DEFAULT_STEPS said."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "tea", "prompt": "tell me about tea"}) + "\n")
+    runtime = Runtime.from_lm(lm, Settings())
+    common = ["--prompts", str(prompts), "--methods", "sea", "--max-tokens", "4", "--chains", "2"]
+    with pytest.raises(SystemExit, match="--set steps: a budget sizes SEA's run"):
+        run_eval(_eval_args(*common, "--set", "steps=1", "--out", str(tmp_path / "a")), Settings(), runtime=runtime)
+    as_set = run_eval(_eval_args(*common, "--set", "steps=1", "--no-budget", "--out", str(tmp_path / "b")), Settings(), runtime=runtime)
+    by_default = run_eval(_eval_args(*common, "--no-budget", "--out", str(tmp_path / "c")), Settings(default_steps=2), runtime=runtime)
+    assert [r["steps"] for r in as_set["records"]] == [1] and [r["steps"] for r in by_default["records"]] == [2]
+
+
+def test_runs_charged_before_the_accounting_changed_are_not_resumed(lm, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "tea", "prompt": "tell me about tea"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["--prompts", str(prompts), "--methods", "sample", "--max-tokens", "4", "--out", str(out)]
+    runtime = Runtime.from_lm(lm, Settings())
+    record = run_eval(_eval_args(*argv), Settings(), runtime=runtime)["records"][0]
+    del record["run"]["accounting"]  # as written before 4 Dec 2026
+    (out / "records.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(SystemExit, match="charged for their compute as before 4 Dec 2026"):
+        run_eval(_eval_args(*argv, "--resume"), Settings(), runtime=runtime)
+
+
 def test_resume_runs_only_what_is_missing_and_refuses_other_settings(lm, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": name, "prompt": f"tell me about {name}"}) + "\n" for name in ("tea", "rain")))
