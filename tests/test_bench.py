@@ -90,7 +90,7 @@ def test_step_flops_count_only_the_positions_each_edit_runs(lm):
 
 def test_memory_of_a_step_in_a_fresh_process(tiny_folder):
     point = measure_in_subprocess(3, 6, 2, model=str(tiny_folder), device="cpu", threads=1)
-    assert point["chains"] == 3 and point["method"] in ("VmHWM after clear_refs", "ru_maxrss delta")
+    assert point["chains"] == 3 and point["method"] in ("VmHWM after clear_refs", "ru_maxrss delta (with the start's draw)")
     assert point["peak_mib"] >= point["before_mib"] > 0
     assert point["step_mib"] >= 0 and point["per_chain_mib"] == pytest.approx(point["step_mib"] / 3)
 

@@ -54,6 +54,7 @@ def measure(model: str, chains: int, max_tokens: int, candidates: int, device: s
     warm = setup(lm, 1, max_tokens, candidates)
     warm.engine.tick([warm.state])
     del warm
+    peak_before_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     bench = setup(lm, chains, max_tokens, candidates)  # draws and scores the initial chains: not part of the step
     bench.state.stale = set(range(bench.state.chains))
     gc.collect()
@@ -68,9 +69,9 @@ def measure(model: str, chains: int, max_tokens: int, candidates: int, device: s
         if before_rss is not None and _reset_peak():
             method = "VmHWM after clear_refs"
             before = before_rss * 1024
-        else:
-            method = "ru_maxrss delta"
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else:  # a lifetime peak: the start's draw may have set it higher than the step will, so it is counted too
+            method = "ru_maxrss delta (with the start's draw)"
+            before = peak_before_start
     bench.engine.tick([bench.state])  # gradient pass + exact scoring of chains × candidates rows
     if cuda:
         torch.cuda.synchronize()
