@@ -51,8 +51,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = [(f"SEA_{'.'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
-                    + error["msg"].removeprefix("Value error, ") for error in exc.errors()]
+        def where(loc: tuple) -> str:
+            name = str(loc[0])
+            variable = f"SEA_{name.upper()}"
+            return f"--{name.replace('_', '-')} ({variable}): " if name in overrides else f"{variable}: "
+
+        problems = [(where(error["loc"]) if error["loc"] else "") + error["msg"].removeprefix("Value error, ") for error in exc.errors()]
         raise SystemExit("sea: invalid settings:\n  " + "\n  ".join(problems)) from None
 
 

@@ -57,6 +57,7 @@ def test_align_with_sea_does_not_trip_the_best_of_n_limit(monkeypatch):
 
 @pytest.mark.parametrize("env, argv, line", [
     ({"SEA_PORT": "abc"}, [], "SEA_PORT: Input should be a valid integer"),
+    ({}, ["--port", "0"], "--port (SEA_PORT): Input should be greater than or equal to 1"),
     ({}, ["--max-batch-chains", "2"], "SEA_DEFAULT_CHAINS (4) is past SEA_MAX_BATCH_CHAINS (2)"),
 ])
 def test_invalid_settings_end_the_command_with_one_line_each_named_as_the_variable(monkeypatch, env, argv, line):
