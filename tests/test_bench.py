@@ -9,18 +9,19 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import http.server
 import json
 import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
 import typing
 
+import httpx
 import pytest
 import torch
 
@@ -440,26 +441,25 @@ def test_stop_gives_the_server_its_drain_time():
 
 
 def test_a_server_answering_on_our_port_is_not_taken_for_ours(monkeypatch):
-    class Ready(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)  # took the port after free_port() let it go
-    threading.Thread(target=other.serve_forever, daemon=True).start()
-    monkeypatch.setattr(serving, "free_port", lambda: other.server_address[1])
-    # Ours finds the port taken once it has loaded (uvicorn binds after importing torch).
-    taken = [sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit('[Errno 98] address already in use')"]
+    port = serving.free_port()  # another process took the port after free_port() let it go
+    other = subprocess.Popen(FAKE_SERVE, env={**os.environ, "SEA_PORT": str(port)}, stderr=subprocess.DEVNULL)
     try:
+        for _ in range(600):  # up to 30 s
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the stand-in server did not start")
+        monkeypatch.setattr(serving, "free_port", lambda: port)
+        # Ours finds the port taken once it has loaded (uvicorn binds after importing torch).
+        taken = [sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit('[Errno 98] address already in use')"]
         with pytest.raises(RuntimeError, match="(?s)exited with 1.*address already in use"), serving.BenchServer({}, command=taken):
             pass
     finally:
-        other.shutdown()
-        other.server_close()
+        other.kill()
+        other.wait()
 
 
 def test_step_memory_leaves_out_drawing_the_initial_chains(tiny_folder, monkeypatch):
