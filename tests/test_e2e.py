@@ -81,6 +81,18 @@ def test_align_with_messages_keywords_and_baselines(http):
     assert sample["method"] == "sample" and len(sample["chains"]) == 1
 
 
+def test_sea_runs_at_the_compute_a_best_of_n_request_spent(http):
+    """`max_compute` bounds SEA's work in the token-passes `usage.compute` reports: set to what Best-of-N spent, SEA
+    takes the steps that fit (not the 200 asked for) and spends no more."""
+    request = {"prompt": "write about a dog", "max_tokens": 6, "seed": 3}
+    bon = http.post("/align", json={**request, "method": "bon", "samples": 24}).json()
+    usage = bon["usage"]
+    assert usage["compute"] == usage["forward_token_passes"] + 2 * usage["backward_token_passes"] - usage["prompt_token_passes"] > 0
+    sea = http.post("/align", json={**request, "chains": 2, "steps": 200, "max_compute": usage["compute"]}).json()
+    assert 1 <= sea["timings"]["steps"] < 200
+    assert sea["usage"]["compute"] <= usage["compute"]
+
+
 def test_same_seed_same_text_alone_or_among_concurrent_requests(http, server):
     request = {"prompt": "sing a song about the moon", "chains": 2, "steps": 3, "max_tokens": 6, "seed": 11}
     alone = http.post("/align", json=request).json()

@@ -510,8 +510,8 @@ def test_a_result_crosses_the_shared_store_whole_and_ignores_what_a_newer_replic
 def test_every_discrete_option_of_a_request_reaches_the_engine():
     from app.api.schemas import AlignRequest
 
-    config = AlignRequest(prompt="hi", candidates=6, restart_after=3, init_samples=5, proposal="lm").to_config(Settings())
-    assert (config.candidates, config.restart_after, config.init_samples, config.proposal) == (6, 3, 5, "lm")
+    config = AlignRequest(prompt="hi", candidates=6, restart_after=3, init_samples=5, proposal="lm", max_compute=900).to_config(Settings())
+    assert (config.candidates, config.restart_after, config.init_samples, config.proposal, config.max_compute) == (6, 3, 5, "lm", 900)
 
 
 def test_the_pick_defaults_to_the_server_setting_unless_the_request_names_one():

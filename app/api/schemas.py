@@ -96,6 +96,10 @@ class SEAParams(StrictRequest):
     init_samples: int | None = Field(None, ge=1, description="discrete: samples drawn to start from (the best `chains` by energy; picking by reward, with the "
                                       "reference term per token, so that a short reply does not start a chain for its length); default 2×chains.")
     candidates: int = Field(4, ge=1, le=64, description="discrete: edits scored exactly per chain per step.")
+    max_compute: int | None = Field(None, ge=1, description="discrete: a compute budget in LM token-passes besides the prompt's, as "
+                                    "`usage` counts them (a backward pass counts two): no step or restart starts that would pass it, so "
+                                    "`steps` is then an upper bound. The start's samples are drawn whatever they cost. Set it to what a "
+                                    "Best-of-N request's `usage` spent (less its prompt) to run SEA at equal compute.")
     restart_after: int | None = Field(2, ge=1, le=1000, description="discrete: a chain that has not improved for this many steps "
                                       "gets no more edits; when no chain has, draw 2×chains fresh samples (as `init` does) instead; each that "
                                       "beats a chain replaces the worst. null: never.")
@@ -161,6 +165,7 @@ class SEAParams(StrictRequest):
             update=self.update,
             init_samples=self.init_samples,
             candidates=self.candidates,
+            max_compute=self.max_compute,
             restart_after=self.restart_after,
             proposal=self.proposal,
             phrase_moves=self.phrase_moves,
@@ -273,6 +278,8 @@ class UsageOut(BaseModel):
     total_tokens: int
     forward_token_passes: int = Field(description="Tokens run forward through an LM for this request.")
     backward_token_passes: int = Field(description="Tokens run backward through an LM for this request.")
+    prompt_token_passes: int = Field(description="Of the forward ones, encoding the prompt (the reference's and each reward's own).")
+    compute: int = Field(description="forward + 2 × backward token-passes, less the prompt's: what `max_compute` bounds.")
 
 
 class TimingsOut(BaseModel):
@@ -325,6 +332,8 @@ class AlignResponse(BaseModel):
                 total_tokens=result.usage.prompt_tokens + result.usage.completion_tokens,
                 forward_token_passes=result.usage.forward_token_passes,
                 backward_token_passes=result.usage.backward_token_passes,
+                prompt_token_passes=result.usage.prompt_token_passes,
+                compute=result.usage.compute - result.usage.prompt_token_passes,
             ),
             timings=TimingsOut(queue=queue_seconds, init=result.timings.init, langevin=result.timings.langevin,
                                total=result.timings.total, steps=result.timings.steps),
