@@ -279,7 +279,7 @@ def _sea_extra(job: Job, result: AlignResult) -> dict:
                     "total": result.timings.total, "steps": result.timings.steps},
         "forward_token_passes": result.usage.forward_token_passes,
         "backward_token_passes": result.usage.backward_token_passes,
-        "compute": result.usage.compute - result.usage.prompt_token_passes,  # what `max_compute` bounds
+        "compute": result.usage.budgeted,  # what `max_compute` bounds
     }
 
 

@@ -333,7 +333,7 @@ class AlignResponse(BaseModel):
                 forward_token_passes=result.usage.forward_token_passes,
                 backward_token_passes=result.usage.backward_token_passes,
                 prompt_token_passes=result.usage.prompt_token_passes,
-                compute=result.usage.compute - result.usage.prompt_token_passes,
+                compute=result.usage.budgeted,
             ),
             timings=TimingsOut(queue=queue_seconds, init=result.timings.init, langevin=result.timings.langevin,
                                total=result.timings.total, steps=result.timings.steps),

@@ -175,10 +175,9 @@ def _start_rank(state, energy: torch.Tensor, log_prob: torch.Tensor, counted: to
 
 
 def _left(state) -> float:
-    """Compute (token-passes) the state may still spend. A budget covers the response's work: the prompt's encoding,
-    which every method pays alike, is not charged to it (as ``sea eval`` sizes the baselines)."""
+    """Compute (token-passes) the state may still spend (``Usage.budgeted``)."""
     limit = state.config.max_compute
-    return math.inf if limit is None else limit - (state.usage.compute - state.usage.prompt_token_passes)
+    return math.inf if limit is None else limit - state.usage.budgeted
 
 
 def shared_starts(first_edited: list[int], length: int, overhead: int = CALL_OVERHEAD_PASSES) -> list[int]:

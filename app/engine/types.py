@@ -134,6 +134,12 @@ class Usage:
         """Compute in forward-token-pass units: a backward pass costs about two forward passes."""
         return self.forward_token_passes + 2 * self.backward_token_passes
 
+    @property
+    def budgeted(self) -> int:
+        """The compute a budget (``max_compute``, ``sea eval``'s) covers: the response's work, not the prompt's
+        encoding, which every method pays alike."""
+        return self.compute - self.prompt_token_passes
+
 
 @dataclass
 class Timings:
