@@ -103,9 +103,12 @@ class EngineWorker:
     def _waiting_locked(self) -> int:
         """Queued jobs that will not join the batch at the next step boundary: the queue limit counts only those (the
         jobs that fit the batch's free chains wait only for the batching window, or the step or start in progress)."""
-        active = {id(job) for job, _ in self._active}  # a started job joins the batch before _starting is cleared
-        batch = [job for job, _ in self._active] + [job for job in self._starting if id(job) not in active]
-        return len(self._pending) - self._joining_locked(batch)
+        return len(self._pending) - self._joining_locked(self._running())
+
+    def _running(self) -> list[Job]:
+        """The jobs in the batch, and those drawing their start to join it."""
+        active = [job for job, _ in self._active]
+        return active + [job for job in self._starting if job not in active]  # a started job joins before _starting clears
 
     def _joining_locked(self, batch: list[Job]) -> int:
         """How many queued jobs, from the front, join a batch of ``batch``'s jobs at the next step boundary (an idle
@@ -259,10 +262,14 @@ class EngineWorker:
         expired = [job for job in self._pending if job.deadline is not None and now > job.deadline]
         for job in expired:
             self._pending.remove(job)
-            self._left_queue(job)
-            self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
+            self._expire(job)
         if expired:
             self.metrics.queue_depth.set(len(self._pending))
+
+    def _expire(self, job: Job) -> None:
+        """Fail a job whose deadline passed before the engine took it."""
+        self._left_queue(job)
+        self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
 
     def _admit_locked(self) -> list[Job]:
         admitted = [self._pending.popleft() for _ in range(self._joining_locked([job for job, _ in self._active]))]
@@ -277,8 +284,7 @@ class EngineWorker:
                 self._left_queue(job)
                 self._finish_cancelled(job, *job.cancellation)
             elif job.deadline is not None and time.monotonic() > job.deadline:
-                self._left_queue(job)
-                self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
+                self._expire(job)
             else:
                 job.started = time.monotonic()
                 job.work.abandoned = functools.partial(_unwanted, job)
@@ -421,8 +427,6 @@ class EngineWorker:
         self.metrics.observe_result(result)
 
     def _update_gauges(self) -> None:
-        """Jobs and chains running: in the batch, or drawing their initial samples to join it."""
-        active = [job for job, _ in self._active]
-        running = active + [job for job in self._starting if job not in active]  # a started job joins before _starting clears
+        running = self._running()
         self.metrics.jobs_running.set(len(running))
         self.metrics.chains_in_flight.set(sum(job.chains for job in running))
