@@ -310,7 +310,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                               f"(about {args.budget_seconds / seconds_per_pass / base_sample_cost(config.max_tokens, per_row):.1f} base samples)",
                               file=sys.stderr)
                     budget = args.budget_seconds / seconds_per_pass
-                guides = sum(getattr(component, "contrastive", False) for component, _ in job.reward.terms)
+                guides = sum(getattr(component, "contrastive", False) for component in scorers)
                 job.config = size_to_budget(config, budget, scorers, guides if config.init == "guided" and config.use_reward else 0)
                 tick = time.perf_counter()
                 result = runtime.engine.run([job])[0]

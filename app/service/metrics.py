@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
@@ -56,6 +57,11 @@ class Metrics:
         self.reward_gain.labels(result.method).observe(gain)
         _add_signed(self.final_reward_positive, self.final_reward_negative, result.method, result.reward)
         _add_signed(self.reward_gain_positive, self.reward_gain_negative, result.method, gain)
+
+    def observe_left_queue(self, job) -> None:
+        """The queue wait of a job that leaves the queue without reaching the engine (cancelled, timed out, or failed at
+        shutdown): the longest waits, which the engine's own observation never sees."""
+        self.queue_wait.observe(time.monotonic() - job.enqueued)
 
     def count_job_end(self, job, outcome: str | None = None) -> None:
         """Count a job's ending by ``outcome``, by default its own: ``succeeded``, or its error kind."""

@@ -368,7 +368,7 @@ class SharedJobs:
         if outcome == "finished":  # ended in the shared queue: counted here, where it ended
             self._count_end(job, kind)
             if self.worker is not None:
-                self.worker.metrics.queue_wait.observe(time.monotonic() - job.enqueued)
+                self.worker.metrics.observe_left_queue(job)
             await self.catch_up(job)
         elif outcome == "running":
             await self.redis.publish(self.key("cancel"), json.dumps({"id": job.id, "kind": kind, "reason": reason}))

@@ -95,11 +95,6 @@ class EngineWorker:
             job.listeners.remove(self._count_end)
             self.metrics.count_job_end(job)
 
-    def _left_queue(self, job: Job) -> None:
-        """Observe the queue wait of a job that leaves the queue without reaching the engine (cancelled, timed out, or
-        failed at shutdown): the longest waits, which the engine's own observation never sees."""
-        self.metrics.queue_wait.observe(time.monotonic() - job.enqueued)
-
     def _waiting_locked(self) -> int:
         """Queued jobs that will not join the batch at the next step boundary: the queue limit counts only those (the
         jobs that fit the batch's free chains wait only for the batching window, or the step or start in progress)."""
@@ -147,7 +142,7 @@ class EngineWorker:
             if job in self._pending:
                 self._pending.remove(job)
                 self.metrics.queue_depth.set(len(self._pending))
-                self._left_queue(job)
+                self.metrics.observe_left_queue(job)
                 self._finish_cancelled(job, kind, reason)
 
     def _finish_cancelled(self, job: Job, kind: str, reason: str) -> None:
@@ -190,7 +185,7 @@ class EngineWorker:
         # Fail what is left before joining: the thread may be inside a long step, and a waiter must get its 503
         # while its connection is open (a job that the step finishes meanwhile keeps this first ending).
         for job in leftover:
-            self._left_queue(job)
+            self.metrics.observe_left_queue(job)
         for job in leftover + list(self._starting) + [job for job, _ in list(self._active)]:
             self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
         if self._thread.is_alive():
@@ -268,7 +263,7 @@ class EngineWorker:
 
     def _expire(self, job: Job) -> None:
         """Fail a job whose deadline passed before the engine took it."""
-        self._left_queue(job)
+        self.metrics.observe_left_queue(job)
         self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
 
     def _admit_locked(self) -> list[Job]:
@@ -281,7 +276,7 @@ class EngineWorker:
         jobs = []
         for job in admitted:
             if job.cancellation is not None:
-                self._left_queue(job)
+                self.metrics.observe_left_queue(job)
                 self._finish_cancelled(job, *job.cancellation)
             elif job.deadline is not None and time.monotonic() > job.deadline:
                 self._expire(job)
