@@ -7,8 +7,9 @@ so the figure is the process's resident-set high-water mark: after the model is 
 step has run (thread pools, kernels) and the request of ``chains`` chains has drawn and scored its
 initial chains, the kernel's peak counter is reset (``/proc/self/clear_refs``, value 5) and one step
 runs; its memory is the new peak minus the resident set before it. Where that reset is not allowed the
-``getrusage`` ``ru_maxrss`` delta is used instead (an underestimate when loading peaked higher). On
-CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step.
+``getrusage`` ``ru_maxrss`` delta from before the request's start is used instead (so it counts the start's
+draw too; an underestimate when loading peaked higher). On CUDA: ``torch.cuda.max_memory_allocated`` minus
+the memory allocated before the step.
 """
 
 from __future__ import annotations
