@@ -267,16 +267,18 @@ def test_metrics_count_the_calls(http):
     assert http.post("/align", json={"prompt": "hi", "chains": 1000}).status_code == 422
     # answered by the body limit before routing (the declared length is over it): still counted under its path
     assert http.post("/align", content=b"x" * 2_000_000, headers={"content-type": "application/json"}).status_code == 413
+    assert http.request("PROPFIND", "/align").status_code == 405  # a method no route takes: counted as "other"
     after = metric_samples(http.get("/metrics").text)
 
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta("sea_requests_total", endpoint="/align", status="200") == 1
-    assert delta("sea_requests_total", endpoint="/align", status="422") == 1
-    assert delta("sea_requests_total", endpoint="/align", status="413") == 1
-    assert delta("sea_request_duration_seconds_count", endpoint="/align") == 3
+    assert delta("sea_requests_total", method="POST", endpoint="/align", status="200") == 1
+    assert delta("sea_requests_total", method="POST", endpoint="/align", status="422") == 1
+    assert delta("sea_requests_total", method="POST", endpoint="/align", status="413") == 1
+    assert delta("sea_requests_total", method="other", endpoint="/align", status="405") == 1
+    assert delta("sea_request_duration_seconds_count", endpoint="/align") == 4
     assert delta("sea_final_reward_count", method="sea") == 1
     assert delta("sea_reward_gain_count", method="sea") == 1
     # the means' sums, as their positive and negative parts (counters never fall; rate() reads a fall as a reset)

@@ -417,8 +417,8 @@ def test_a_client_that_leaves_while_sending_its_body_counts_as_499_not_400(http,
                       f"Authorization: {AUTH['Authorization']}\r\n\r\n").encode() + b'{"prompt": "hi')
     wait_for(lambda: "-> 499 the client closed the connection while sending the body" in server.log_path.read_text(), 30)
     text = http.get("/metrics").text
-    assert 'sea_requests_total{endpoint="/align",status="499"}' in text
-    assert 'sea_requests_total{endpoint="/align",status="400"}' not in text
+    assert 'sea_requests_total{endpoint="/align",method="POST",status="499"}' in text
+    assert 'sea_requests_total{endpoint="/align",method="POST",status="400"}' not in text
 
 
 def test_a_full_queue_answers_429_with_retry_after(http):

@@ -26,6 +26,7 @@ log = logging.getLogger("app.requests")
 
 # A client's X-Request-ID is kept only when it is short and plain, so that it cannot forge log lines.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _printable(text: str) -> str:
@@ -89,7 +90,8 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             endpoint = self._endpoint(scope)
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method: bound the label
+            self.metrics.requests.labels(method, endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
             if status >= 400:
                 reason = _printable(state.get("error_message", ""))

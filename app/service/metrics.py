@@ -22,7 +22,8 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sea_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
+        self.requests = Counter("sea_requests_total", "HTTP requests by method, endpoint and status code.", ["method", "endpoint", "status"],
+                                registry=r)
         self.request_seconds = Histogram("sea_request_duration_seconds", "HTTP request duration.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("sea_queue_wait_seconds", "Time a request waited before the engine took it, or until it left the "
                                     "queue (cancelled, timed out).", buckets=LATENCY_BUCKETS, registry=r)
