@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 import uuid
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -180,15 +181,22 @@ def test_a_job_whose_replica_dies_is_retried_elsewhere_and_no_other_job_is_lost(
 
 
 def _scripts_alone(redis_url: str, name: str, max_attempts: int):
-    """A client, a fresh prefix, and a store with no runtime or worker: for running its Redis scripts alone."""
+    """A client, a fresh prefix, and a store with no runtime, and no worker but its metrics: for running its Redis
+    scripts alone."""
     from redis.asyncio import Redis
 
+    from app.service.metrics import Metrics
     from app.service.shared import SharedJobs
 
     client = Redis.from_url(redis_url, decode_responses=True)
     prefix = name + uuid.uuid4().hex[:8]
-    return client, prefix, SharedJobs(client, client, runtime=None, worker=None, prefix=prefix, ttl=60, lease=1.0,
+    worker = SimpleNamespace(metrics=Metrics())
+    return client, prefix, SharedJobs(client, client, runtime=None, worker=worker, prefix=prefix, ttl=60, lease=1.0,
                                       max_attempts=max_attempts, max_queue=8, jobs={}, is_draining=lambda: False)
+
+
+def _jobs_counted(shared) -> dict[str, float]:
+    return {sample.labels["outcome"]: sample.value for metric in shared.worker.metrics.jobs.collect() for sample in metric.samples}
 
 
 async def _running_on_a_dead_replica(client, prefix: str, job_id: str, **fields) -> None:
@@ -209,10 +217,12 @@ def test_after_the_last_attempt_a_dead_replicas_job_is_failed_not_lost(redis_url
         events = await client.lrange(f"{prefix}:events:last", 0, -1)
         members = await client.smembers(f"{prefix}:replicas")
         await client.aclose()
-        return last, again, queue, events, members
 
-    last, again, queue, events, members = asyncio.run(scenario())
+        return last, again, queue, events, members, _jobs_counted(shared)
+
+    last, again, queue, events, members, counted = asyncio.run(scenario())
     assert last["status"] == "failed" and "replica running the job stopped" in last["error"]
+    assert counted == {"engine": 1}, "the job it ended is counted by the reaping replica (the requeued one is not)"
     assert events == ['{"event": "end", "status": "failed"}']
     assert again["status"] == "queued" and queue == ["again"]
     assert members == set(), "a reaped replica leaves the replica set"
@@ -395,14 +405,15 @@ def test_a_job_cancelled_while_its_runner_died_ends_as_asked_not_rerun(redis_url
         await client.hset(f"{prefix}:job:handed-back", mapping={"status": "queued", "attempts": 0, "spec": "{}",
                                                                 "cancel": json.dumps({"kind": "cancelled", "reason": "stop"})})
         await client.lpush(f"{prefix}:claimed:me", "handed-back")
-        claim = await shared._scripts["claim"](keys=[f"{prefix}:job:handed-back", f"{prefix}:events:handed-back", f"{prefix}:claimed:me"],
-                                               args=["handed-back", "me", 60, f"{prefix}:wake"])
+        shared.replica = "me"
+        claim = await shared._claim("handed-back", f"{prefix}:claimed:me")
         handed_back = await client.hgetall(f"{prefix}:job:handed-back")
         claimed = await client.lrange(f"{prefix}:claimed:me", 0, -1)
         await client.aclose()
-        return reaped, events, queue_after_reap, claim, handed_back, claimed
+        return reaped, events, queue_after_reap, claim, handed_back, claimed, _jobs_counted(shared)
 
-    reaped, events, queue, claim, handed_back, claimed = asyncio.run(scenario())
+    reaped, events, queue, claim, handed_back, claimed, counted = asyncio.run(scenario())
+    assert counted == {"cancelled": 2, "timeout": 1}, "each job ended by a script is counted by the replica that ran it"
     assert reaped["by-client"]["status"] == "cancelled" and reaped["by-client"]["error"] == "cancelled!"
     assert reaped["timed-out"]["status"] == "failed" and reaped["timed-out"]["error_kind"] == "timeout"
     assert events == ['{"event": "end", "status": "cancelled"}'] and queue == []

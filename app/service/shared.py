@@ -100,11 +100,13 @@ end
 _CLAIM = _END_UNRUN + """
 local status = redis.call('HGET', KEYS[1], 'status')
 local cancel = redis.call('HGET', KEYS[1], 'cancel')
-if status == 'queued' and cancel then
-  end_cancelled(KEYS[1], KEYS[2], ARGV[1], cjson.decode(cancel), ARGV[3], ARGV[4])
-end
 if status ~= 'queued' or cancel then
   redis.call('LREM', KEYS[3], 0, ARGV[1])
+  if status == 'queued' then  -- ended here, as its cancel asked: the kind, for this replica to count
+    local request = cjson.decode(cancel)
+    end_cancelled(KEYS[1], KEYS[2], ARGV[1], request, ARGV[3], ARGV[4])
+    return request['kind']
+  end
   return false
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -163,8 +165,9 @@ return status or 'missing'
 """
 
 # Put back (or fail) every job in a dead replica's claimed list. Atomic, so two replicas reaping the same
-# dead one cannot both requeue a job.
+# dead one cannot both requeue a job. Returns how many it moved, then the outcome of each job it ended.
 _REAP = _END_UNRUN + """
+local reply = {0}
 local moved = 0
 while true do
   local id = redis.call('RPOP', KEYS[1])
@@ -178,7 +181,9 @@ while true do
   elseif status == 'running' then
     local attempts = tonumber(redis.call('HGET', job, 'attempts'))
     if cancel then  -- cancelled while its runner was dying: end it as asked
-      end_cancelled(job, events, id, cjson.decode(cancel), ARGV[4], ARGV[3])
+      local request = cjson.decode(cancel)
+      end_cancelled(job, events, id, request, ARGV[4], ARGV[3])
+      table.insert(reply, request['kind'])
     elseif attempts < tonumber(ARGV[2]) then
       redis.call('HSET', job, 'status', 'queued', 'owner', '')
       redis.call('RPUSH', events, '{"event": "requeued"}')
@@ -187,11 +192,13 @@ while true do
     else
       end_unrun(job, events, id, 'failed', 'the replica running the job stopped (' .. attempts .. ' attempts)', 'engine',
                 ARGV[4], ARGV[3])
+      table.insert(reply, 'engine')
     end
   end
   moved = moved + 1
 end
-return moved
+reply[1] = moved
+return reply
 """
 
 
@@ -431,9 +438,8 @@ class SharedJobs:
                 job_id = await self._claim_redis.blmove(self.key("queue"), claimed_key, 1, "RIGHT", "LEFT")
                 if job_id is None:
                     continue
-                claim = await self._scripts["claim"](keys=[self.key("job", job_id), self.key("events", job_id), claimed_key],
-                                                     args=[job_id, self.replica, self.ttl, self.key("wake")])
-                if not claim:
+                claim = await self._claim(job_id, claimed_key)
+                if claim is None:
                     continue
                 if not self._claiming or self._is_draining():  # the drain began while BLMOVE waited: let another replica run it
                     await self._hand_back(job_id, int(claim[0]))
@@ -445,6 +451,16 @@ class SharedJobs:
             except Exception:
                 log.exception("claiming from the shared queue failed; retrying")
                 await asyncio.sleep(1.0)
+
+    async def _claim(self, job_id: str, claimed_key: str) -> list | None:
+        """Take a job BLMOVE moved to this replica's claimed list: [attempt, spec, created], or None when it is not to
+        run (another took it, or it was cancelled: ended here, and counted here)."""
+        claim = await self._scripts["claim"](keys=[self.key("job", job_id), self.key("events", job_id), claimed_key],
+                                             args=[job_id, self.replica, self.ttl, self.key("wake")])
+        if isinstance(claim, str):
+            self._count_outcomes([claim])
+            return None
+        return claim or None
 
     def _start(self, job_id: str, attempt: int, spec: dict, created: float) -> None:
         if job_id in self._running and not self._running[job_id].job.status.finished:
@@ -529,6 +545,13 @@ class SharedJobs:
         ran here and whose end Redis took, one handed back (``requeued``), or one a cancel ended in the queue."""
         if self.worker is not None:
             self.worker.metrics.count_job_end(job, outcome)
+
+    def _count_outcomes(self, outcomes: list[str]) -> None:
+        """Count jobs a script ended in Redis without their runner (a dead replica's, a claimed one flagged cancelled):
+        by the replica whose script ended them."""
+        if self.worker is not None:
+            for outcome in outcomes:
+                self.worker.metrics.jobs.labels(outcome).inc()
 
     async def _lighter_events(self, job: Job) -> str:
         """The stored step events of an ended job to replace with their lighter form, as the local job's were."""
@@ -628,8 +651,9 @@ class SharedJobs:
             if replica == self.replica or await self.redis.exists(self.key("alive", replica)):
                 continue
             claimed = self.key("claimed", replica)
-            moved = await self._scripts["reap"](keys=[claimed, self.key("queue")],
-                                                args=[self.prefix, self.max_attempts, self.key("wake"), self.ttl])
+            moved, *ended = await self._scripts["reap"](keys=[claimed, self.key("queue")],
+                                                        args=[self.prefix, self.max_attempts, self.key("wake"), self.ttl])
+            self._count_outcomes(ended)
             if moved:
                 log.warning("replica %s stopped renewing its lease; %d of its jobs requeued or failed", replica, moved)
             if not await self.redis.llen(claimed):
