@@ -10,7 +10,7 @@ import typing
 
 from pydantic import ValidationError
 
-from app.settings import Settings
+from app.settings import Settings, unknown_variables
 
 # Settings of the HTTP service alone: `sea align` and `sea prepare`, which run the engine in-process, do not offer them.
 SERVER_SETTINGS = frozenset({
@@ -76,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     _setup_logging(settings.log_level)
+    for problem in unknown_variables():
+        logging.getLogger("app.cli").warning("%s", problem)
     app = create_app(settings)
 
     class Server(uvicorn.Server):

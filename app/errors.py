@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The official OpenAI clients retry a 5xx unless it carries this header: for failures that a retry would only repeat.
+NO_RETRY = {"x-should-retry": "false"}
+
 
 class APIError(Exception):
     status = 500

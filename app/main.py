@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 # so that full collections (which hold the GIL) stay short while serving and at exit.
                 gc.collect()
                 gc.freeze()
-                log.info("models ready in %.1f s; serving", time.perf_counter() - started)
+                log.info("models ready in %.1f s; serving (%s)", time.perf_counter() - started,
+                         f"API keys: {len(app.state.api_keys)}" if app.state.api_keys else "API keys: none, the API is open")
 
             loader = asyncio.create_task(load())
         reaper = asyncio.create_task(_expire_jobs(service))

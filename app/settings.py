@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -109,6 +112,18 @@ class Settings(BaseSettings):
     def reward_terms(self) -> list[tuple[str, float]]:
         """The default reward as (name, weight) pairs."""
         return parse_reward_spec(self.reward)
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """``SEA_`` environment variables that name no setting (a misspelt SEA_API_KEYS would leave the API open), each
+    as a sentence naming the closest setting's variable when one is close."""
+    known = [f"SEA_{name.upper()}" for name in Settings.model_fields]
+    unknown = []
+    for variable in sorted(environ):
+        if variable.upper().startswith("SEA_") and variable.upper() not in known:
+            close = difflib.get_close_matches(variable.upper(), known, n=1)
+            unknown.append(f"{variable} is not a setting" + (f" (did you mean {close[0]}?)" if close else "") + "; ignored")
+    return unknown
 
 
 MAX_REWARD_WEIGHT = 1000  # the largest weight of a reward term, here and in a request

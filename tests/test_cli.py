@@ -67,3 +67,19 @@ def test_invalid_settings_end_the_command_with_one_line_each_named_as_the_variab
     with pytest.raises(SystemExit) as stopped:
         cli.main(["serve", *argv])
     assert str(stopped.value.code).startswith(f"sea: invalid settings:\n  {line}")
+
+
+def test_serve_warns_of_sea_variables_that_name_no_setting(monkeypatch, caplog):
+    """SEA_API_KEY (for SEA_API_KEYS) left the API open without a word."""
+    monkeypatch.setenv("SEA_API_KEY", "secret")
+    monkeypatch.setenv("SEA_NOTHING_LIKE_IT", "1")
+
+    def create_app(settings):
+        raise SystemExit("stopped before serving")
+
+    monkeypatch.setattr("app.main.create_app", create_app)
+    with pytest.raises(SystemExit, match="stopped before serving"):
+        cli.main(["serve"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "SEA_API_KEY is not a setting (did you mean SEA_API_KEYS?); ignored" in warnings
+    assert "SEA_NOTHING_LIKE_IT is not a setting; ignored" in warnings

@@ -295,6 +295,32 @@ def test_metrics_count_the_calls(http):
     assert ("sea_model_info", (("device", "cpu"), ("dtype", "float32"), ("model", "tiny-llama"), ("rewards", "principle"))) in after
 
 
+def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server):
+    """A replayed assistant turn may have no content (OpenAI's tool-call turns); `sea`'s chains are cut at the stops like
+    the choices; `logprobs: 0` asks for the sampled tokens' log-probs (not returned: 400, not a silent null); and
+    `stream_options` needs `stream`."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": None}, {"role": "user", "content": "the dog"}]
+    replayed = client.chat.completions.create(model="sea", messages=history, max_tokens=3, extra_body={"sea": {"steps": 1}})
+    assert replayed.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as no_content:
+        client.chat.completions.create(model="sea", messages=[{"role": "user", "content": None}], max_tokens=3)
+    assert no_content.value.param == "messages.0.content"
+
+    stopped = client.completions.create(model="sea", prompt="the dog", max_tokens=6, seed=3, stop=" ",
+                                        extra_body={"sea": {"steps": 1, "chains": 4}})
+    chains = stopped.model_extra["sea"]["chains"]
+    assert all(" " not in chain["text"] for chain in chains)
+    assert stopped.choices[0].text == chains[stopped.model_extra["sea"]["chosen"]]["text"]
+
+    with pytest.raises(openai.BadRequestError) as logprobs:
+        client.completions.create(model="sea", prompt="hi", max_tokens=3, logprobs=0)
+    assert (logprobs.value.code, logprobs.value.param) == ("unsupported_parameter", "logprobs")
+    with pytest.raises(openai.BadRequestError) as options:
+        client.chat.completions.create(model="sea", messages=history, max_tokens=3, stream_options={"include_usage": True})
+    assert options.value.param == "stream_options"
+
+
 def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):
     ids = lm.tokenizer("the dog , the cat", add_special_tokens=False)["input_ids"]
     end = int(engine.stop_ids[0])

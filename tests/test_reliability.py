@@ -445,6 +445,22 @@ def test_past_the_deadline_the_client_gets_504_and_a_job_fails_with_the_reason(h
     assert final["status"] == "failed" and final["error"] == "the request ran past its deadline" and final["result"] is None
 
 
+def test_the_openai_client_does_not_run_a_request_past_its_deadline_again(http):
+    """The official clients retry a 5xx twice by default, unless it says not to: a 504 at the request's own deadline
+    ran the work three times."""
+    def timeouts() -> float:
+        return sum(s.value for f in text_string_to_metric_families(http.get("/metrics").text) for s in f.samples
+                   if s.name == "sea_jobs_total" and s.labels["outcome"] == "timeout")
+
+    client = openai.OpenAI(base_url=f"{str(http.base_url).rstrip('/')}/v1", api_key=KEYS[0])  # max_retries: its default (2)
+    before = timeouts()
+    with pytest.raises(openai.InternalServerError) as late:
+        client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hi"}], max_tokens=64,
+                                       extra_body={"sea": {"steps": 2000, "chains": 8, "timeout": 1}})
+    assert late.value.status_code == 504 and late.value.response.headers["x-should-retry"] == "false"
+    assert timeouts() - before == 1
+
+
 CHAT = {"model": "sea", "messages": [{"role": "user", "content": "write a story"}], "max_tokens": 64, "seed": 1,
         "sea": {"steps": 2000, "chains": 8}}
 

@@ -77,9 +77,13 @@ class StreamOptions(StrictRequest):
 class _OpenAIBase(StrictRequest):
     model_config = ConfigDict(
         # n > 1 needs several chains or samples: method `sample` draws one (see `params`).
-        json_schema_extra={"if": {"required": ["sea"], "properties": {"sea": {"type": "object", "required": ["method"],
-                                                                             "properties": {"method": {"const": "sample"}}}}},
-                           "then": {"properties": {"n": {"const": 1}}}},
+        json_schema_extra={"allOf": [
+            {"if": {"required": ["sea"], "properties": {"sea": {"type": "object", "required": ["method"],
+                                                                "properties": {"method": {"const": "sample"}}}}},
+             "then": {"properties": {"n": {"const": 1}}}},
+            # stream_options only with stream: true (OpenAI's rule too)
+            {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+             "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}]},
     )
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
@@ -135,7 +139,8 @@ class CompletionRequest(_OpenAIBase):
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
         description="A prompt with some text (a list must hold exactly one).")
     echo: bool | None = Field(False, description="Only false or null.", json_schema_extra=_only(False))
-    logprobs: int | None = Field(None, description="Only 0 or null.", json_schema_extra=_only(0))
+    logprobs: int | None = Field(None, description="Only null (log-probs are not returned; 0 would ask for the sampled tokens').",
+                                 json_schema_extra=_only())
     best_of: int | None = Field(None, description="Only 1 or null (use `n` and the `sea` options).", json_schema_extra=_only(1))
     suffix: str | None = Field(None, description="Only empty or null.", json_schema_extra=_only(""))
 
@@ -150,9 +155,11 @@ class CompletionRequest(_OpenAIBase):
 
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
-        for name in ("echo", "logprobs", "suffix"):
+        for name in ("echo", "suffix"):
             if getattr(self, name):
                 bad[name] = getattr(self, name)
+        if self.logprobs is not None:
+            bad["logprobs"] = self.logprobs
         if self.best_of not in (None, 1):
             bad["best_of"] = self.best_of
         return bad
@@ -164,12 +171,25 @@ class ContentPart(StrictRequest):
 
 
 class ChatMessageIn(StrictRequest):
-    model_config = ConfigDict(extra="ignore")  # e.g. `name`, which does not change the rendering
+    model_config = ConfigDict(
+        extra="ignore",  # e.g. `name`, or a returned message's `refusal` and `tool_calls`, which do not change the rendering
+        json_schema_extra={"if": {"not": {"properties": {"role": {"const": "assistant"}}}},
+                           "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = Field(None, validate_default=True, description="Null or left out only in an "
+                                                    "assistant message (a replayed history's tool-call turn): empty text.")
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_assistant(cls, value, info: ValidationInfo):
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("only an assistant message may have no content")
+        return value
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     def as_dict(self) -> dict[str, str]:
@@ -225,6 +245,8 @@ def _check_model(model: str, service: AlignService) -> None:
 def _check(body: _OpenAIBase, service: AlignService) -> None:
     for name in body.unsupported():
         raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("`stream_options` is only for streamed requests (`stream: true`)", param="stream_options")
     _check_model(body.model, service)
     settings = service.settings
     limits = {"max_tokens": settings.max_tokens_limit, "max_completion_tokens": settings.max_tokens_limit,
@@ -266,7 +288,9 @@ def _ranked_chains(result: AlignResult, n: int, select: str) -> list[int]:
     return [result.chosen, *order][:n]
 
 
-def _sea_extra(job: Job, result: AlignResult) -> dict:
+def _sea_extra(job: Job, result: AlignResult, stops: list[str], engine: Engine) -> dict:
+    """The ``sea`` extension: the run's figures; each chain's text cut at the stops like the choices', its scores those
+    of the chain as sampled."""
     return {
         "method": result.method,
         "reward": result.reward,
@@ -274,7 +298,7 @@ def _sea_extra(job: Job, result: AlignResult) -> dict:
         "energy": result.energy,
         "energy_per_token": result.energy_per_token,
         "chosen": result.chosen,
-        "chains": [{"text": c.text, "reward": c.reward, "energy": c.energy, "log_prob_ref": c.log_prob_ref} for c in result.chains],
+        "chains": [{"text": _generated(c, stops, engine)[0], "reward": c.reward, "energy": c.energy, "log_prob_ref": c.log_prob_ref} for c in result.chains],
         "timings": {"queue": job.queue_seconds, "init": result.timings.init, "langevin": result.timings.langevin,
                     "total": result.timings.total, "steps": result.timings.steps},
         "forward_token_passes": result.usage.forward_token_passes,
@@ -320,7 +344,7 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
         result = await service.wait(job, client_gone(request))
         choices, completion_tokens = _choices(result, body.n, config.select, stops, chat, service.runtime.engine)
         return {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
-                "usage": _usage(result, completion_tokens), "sea": _sea_extra(job, result)}
+                "usage": _usage(result, completion_tokens), "sea": _sea_extra(job, result, stops, service.runtime.engine)}
     return StreamingResponse(
         _stream(job, body, config.select, stops, chat, response_id, created, service),
         media_type="text/event-stream",
@@ -373,7 +397,7 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             else:
                 yield chunk([{"index": index, "text": choice["text"], "finish_reason": finish, "logprobs": None}])
         if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], usage=_usage(result, completion_tokens), sea=_sea_extra(job, result))
+            yield chunk([], usage=_usage(result, completion_tokens), sea=_sea_extra(job, result, stops, service.runtime.engine))
         yield "data: [DONE]\n\n"
     finally:
         job.unsubscribe(queue)

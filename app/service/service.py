@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.engine.types import AlignResult, SEAConfig
-from app.errors import ClientClosed, GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
+from app.errors import NO_RETRY, ClientClosed, GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
 from app.runtime import Runtime, UnknownRewardError, UnspellableKeywordsError
 from app.service.jobs import Job, JobStatus, JobStore, spawn_background
 from app.service.metrics import Metrics
@@ -139,7 +139,7 @@ class AlignService:
         """Build the engine job, check the prompt limit (an error names ``prompt_param``, the field the request sent), and
         queue it (429 when the queue is full)."""
         if self.broken is not None:
-            raise ServiceUnavailable(self.broken)
+            raise ServiceUnavailable(self.broken, headers=NO_RETRY)
         if self.worker is None or self.draining:
             raise ServiceUnavailable(self.waiting_for, headers={"Retry-After": "5"})
         try:
@@ -199,7 +199,7 @@ class AlignService:
         if job.status == JobStatus.succeeded:
             return job.result
         if job.error_kind == "timeout":
-            raise GatewayTimeout(job.error or "timed out", code="timeout")
+            raise GatewayTimeout(job.error or "timed out", code="timeout", headers=NO_RETRY)
         if job.error_kind == "cancelled":
             raise ClientClosed(job.error or "cancelled", code="cancelled")
         if job.error_kind in ("overloaded", "shutdown"):
