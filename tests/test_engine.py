@@ -585,6 +585,18 @@ def test_a_restart_keeps_the_chain_the_pick_by_reward_would_return(lm, engine, m
         assert state.best_reward.tolist() == kept
 
 
+def test_restarts_of_the_ablation_without_the_reference_leave_every_chain_s_energy_as_it_was(lm, engine, make_prompt):
+    """Without the reference (the paper's ablation) a chain's rank at a restart is its energy tensor itself, and marking
+    the chain the pick keeps wrote -inf into it: chains reported energy -inf, took no more edits, and the pick by
+    reward returned the wrong one."""
+    principle = RewardMix([(PrincipleReward(lm, "be safe and kind"), 1.0)])
+    for seed in (1, 2):
+        result = engine.run([_job(make_prompt("tell me about the dog"), principle, seed=seed, max_tokens=6, chains=2, steps=12,
+                                  use_reference=False)])[0]
+        assert all(math.isfinite(chain.energy) for chain in result.chains) and math.isfinite(result.energy)
+        assert result.chosen == max(range(2), key=lambda i: result.chains[i].reward)
+
+
 class _NaNAfterFirstScore:
     """A reward that is finite for the initial chains and NaN afterwards."""
 

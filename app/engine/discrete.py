@@ -167,9 +167,9 @@ def _start_rank(state, energy: torch.Tensor, log_prob: torch.Tensor, counted: to
     """How samples compete for a chain (at the start and at restarts), lower first. Picking by energy: the energy.
     Picking by reward: the energy with the reference term taken per token over the whole ``max_tokens``, as if a
     sample that ends early went on as fluently; the energy sums over tokens, so a few-token fragment would otherwise
-    start a chain for being short, and edits rarely change a chain's length."""
+    start a chain for being short, and edits rarely change a chain's length. A new tensor: callers mark chains in it."""
     if state.config.select == "energy" or not state.config.use_reference:
-        return energy
+        return energy.clone()
     rank = energy - (state.spec.length / counted.clamp(min=1) - 1) * log_prob
     return torch.where(torch.isfinite(rank), rank, torch.full_like(rank, math.inf))
 
