@@ -332,26 +332,32 @@ class LexiconReward:
         return [spellings for spellings in words if spellings]
 
     def _spellings(self, device: torch.device) -> tuple[Tensor, list[_SpellingGroup]]:
-        """Every vocabulary id the spellings use ``(K,)``, and the spellings grouped by their number of tokens."""
+        """Every vocabulary id the spellings use ``(K,)``, and the spellings grouped by their number of tokens. Built as
+        normal tensors even when first needed under inference mode (a baseline's), since a later SEA run saves them for
+        its backward."""
         if device not in self._groups:
-            ids = sorted({int(i) for p in self.patterns for v in p.variants for i in v})
-            column = {token: c for c, token in enumerate(ids)}
-            opens = self.edges.opens
-            by_length: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
-            for w, pattern in enumerate(self.patterns):
-                for seq, endings in zip(pattern.variants, pattern.endings):
-                    by_length.setdefault(len(seq), []).append((w, seq, endings))
-            groups = []
-            for k, rows in sorted(by_length.items()):
-                seqs = torch.stack([seq for _, seq, _ in rows])
-                groups.append(_SpellingGroup(
-                    columns=torch.tensor([[column[int(i)] for i in seq] for _, seq, _ in rows], device=device),
-                    word=torch.tensor([w for w, _, _ in rows], device=device),
-                    first_opens=torch.tensor([int(seq[0]) >= len(opens) or bool(opens[seq[0]]) for seq in seqs], device=device),
-                    endings=torch.stack([endings for _, _, endings in rows]).to(device),
-                ))
-            self._groups[device] = (torch.tensor(ids, device=device), groups)
+            with torch.inference_mode(False):
+                self._groups[device] = self._build_spellings(device)
         return self._groups[device]
+
+    def _build_spellings(self, device: torch.device) -> tuple[Tensor, list[_SpellingGroup]]:
+        ids = sorted({int(i) for p in self.patterns for v in p.variants for i in v})
+        column = {token: c for c, token in enumerate(ids)}
+        opens = self.edges.opens
+        by_length: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
+        for w, pattern in enumerate(self.patterns):
+            for seq, endings in zip(pattern.variants, pattern.endings):
+                by_length.setdefault(len(seq), []).append((w, seq, endings))
+        groups = []
+        for k, rows in sorted(by_length.items()):
+            seqs = torch.stack([seq for _, seq, _ in rows])
+            groups.append(_SpellingGroup(
+                columns=torch.tensor([[column[int(i)] for i in seq] for _, seq, _ in rows], device=device),
+                word=torch.tensor([w for w, _, _ in rows], device=device),
+                first_opens=torch.tensor([int(seq[0]) >= len(opens) or bool(opens[seq[0]]) for seq in seqs], device=device),
+                endings=torch.stack([endings for _, _, endings in rows]).to(device),
+            ))
+        return torch.tensor(ids, dtype=torch.long, device=device), groups
 
     def presence(self, response: ResponseBatch) -> Tensor:
         """Per word presence ``(B, W)`` in {0, 1} (straight-through).
@@ -394,6 +400,8 @@ class LexiconReward:
         return 1.0 - absent
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
+        if not self.patterns:  # nothing to find: no reward (and no gather of no columns)
+            return torch.zeros(response.rows, device=response.tokens.device)
         weights = torch.tensor([p.weight for p in self.patterns], device=response.tokens.device)
         return (self.presence(response) * weights).sum(-1)
 

@@ -597,6 +597,20 @@ def test_restarts_of_the_ablation_without_the_reference_leave_every_chain_s_ener
         assert result.chosen == max(range(2), key=lambda i: result.chains[i].reward)
 
 
+def test_a_keyword_reward_serves_sea_after_a_baseline_used_it_and_with_no_word_to_find(lm, engine, make_prompt):
+    """Its spelling tables were cached from their first use: under a baseline's inference mode they were inference
+    tensors that a later SEA run could not save for its backward. With no spellable word, the table of ids was a float
+    tensor and indexing with it failed."""
+    keywords = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["dog", "frisbee"]), 1.0)])
+    prompt = make_prompt("tell me about the dog")
+    engine.run([_job(prompt, keywords, seed=1, max_tokens=6, method="bon", samples=2)])
+    assert math.isfinite(engine.run([_job(prompt, keywords, seed=1, max_tokens=6, chains=2, steps=2)])[0].energy)
+    nothing = RewardMix([(LexiconReward.keywords(lm.tokenizer, []), 1.0)])
+    for update in ("discrete", "logits"):
+        result = engine.run([_job(prompt, nothing, seed=1, max_tokens=5, chains=2, steps=2, update=update)])[0]
+        assert result.reward == 0.0 and math.isfinite(result.energy)
+
+
 class _NaNAfterFirstScore:
     """A reward that is finite for the initial chains and NaN afterwards."""
 
