@@ -68,6 +68,16 @@ class Runtime:
             log.info("reward model %s loaded as `rm`", settings.reward_model)
         return cls.from_lm(lm, settings, extra)
 
+    def context_check(self, job: AlignJob) -> tuple[int, int | None]:
+        """The most positions a job's sequences take (its prompt, or a principle's, which puts the principle first,
+        and the response), and the fewest a model it runs was trained for (None: not known). Past it, a rotary model
+        reads positions it never saw and one with learned positions fails."""
+        prompts = [len(job.prompt.ids)] + [len(render_prompt(self.lm.tokenizer, job.prompt.messages, system=component.principle))
+                                           for component, _ in job.reward.terms if isinstance(component, PrincipleReward)]
+        models = [self.lm.model] + [component.model for component, _ in job.reward.terms if hasattr(component, "model")]
+        limits = [limit for model in models if isinstance(limit := getattr(model.config, "max_position_embeddings", None), int)]
+        return max(prompts) + job.config.max_tokens, min(limits, default=None)
+
     def prompt(self, messages: list[Message]) -> Prompt:
         return Prompt(messages, render_prompt(self.lm.tokenizer, messages))
 

@@ -15,8 +15,11 @@ from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.openai import _generated
-from app.engine.types import ChainResult, StepStats
+from app.engine.types import ChainResult, SEAConfig, StepStats
+from app.runtime import Runtime
+from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
+from models.lm import render_prompt
 from tests.server import ServerProcess, wait_for
 from tests.tiny import save_tiny_lm, tiny_lm
 
@@ -319,6 +322,23 @@ def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server)
     with pytest.raises(openai.BadRequestError) as options:
         client.chat.completions.create(model="sea", messages=history, max_tokens=3, stream_options={"include_usage": True})
     assert options.value.param == "stream_options"
+
+
+def test_a_prompt_and_response_past_the_model_s_context_answer_context_length_exceeded(server, http, lm):
+    """The tiny model has 256 positions: a prompt under the server's prompt limit ran past them without a word (a
+    rotary model reads positions it never saw; one with learned positions fails)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "the dog " * 120}], max_tokens=6)
+    assert (long.value.code, long.value.param) == ("context_length_exceeded", "messages") and "context is 256" in long.value.message
+    assert http.post("/align", json={"prompt": "the dog " * 120, "max_tokens": 6}).json()["error"]["param"] == "prompt"
+    assert http.post("/align", json={"prompt": "the dog " * 60, "max_tokens": 6, "steps": 1}).status_code == 200
+
+    # the principle's prompt, with the principle first, is the longest sequence a request runs
+    runtime = Runtime.from_lm(lm, Settings())
+    job = runtime.job([{"role": "user", "content": "the dog"}], SEAConfig(max_tokens=6))
+    principle = render_prompt(lm.tokenizer, job.prompt.messages, system=Settings().principle)
+    assert runtime.context_check(job) == (len(principle) + 6, 256) and len(principle) > len(job.prompt.ids)
 
 
 def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):

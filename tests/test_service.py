@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +84,7 @@ class FakeEngine:
 
 class _LM:
     tokenizer = tiny_tokenizer()
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=None))  # a context nothing bounds
     name = "fake"
     device = "cpu"
     dtype = "float32"

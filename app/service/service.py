@@ -153,6 +153,10 @@ class AlignService:
         if len(work.prompt.ids) > self.settings.max_prompt_tokens:
             raise Unprocessable(f"the prompt has {len(work.prompt.ids)} tokens; the limit is {self.settings.max_prompt_tokens}",
                                 param=prompt_param, code="context_length_exceeded")
+        needed, context = self.runtime.context_check(work)
+        if context is not None and needed > context:
+            raise Unprocessable(f"the prompt and the response need {needed} positions; the model's context is {context} "
+                                "(shorten the prompt or lower max_tokens)", param=prompt_param, code="context_length_exceeded")
         timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
         job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace)
         if self.shared is not None:
