@@ -65,8 +65,9 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_BUDGET_SAMPLES = 32.0  # the methods are compared at equal compute unless told otherwise (--no-budget)
 SIZED_BY_BUDGET = {"steps", "max_compute"}  # SEA fields a budget sets (size_to_budget); --set of them would be ignored
 # Bumped when what a run is charged changes, so that --resume and --from never mix runs budgeted differently
-# (2: the principle reward charged the L − 1 positions it runs, 4 Dec 2026).
-ACCOUNTING = 2
+# (2: the principle reward charged the L − 1 positions it runs, 4 Dec 2026; 3: ARGS scores candidates from its
+# decoding's principle log-probs, not by a pass each, so a budget buys it a larger k).
+ACCOUNTING = 3
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,12 +194,16 @@ def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guide
         left = budget - config.chains * ((length - 1) + per_row)
         steps = max(1, int(left // (3 * config.chains * per_row)))
         return dataclasses.replace(config, steps=steps)
-    if config.method == "args":  # k candidates per token, each scored by the reward over the t + 1 tokens so far
-        per_k = sum(reward_passes(scorers, t + 1) for t in range(length))
-        if not per_k:  # a reward without LM passes scores candidates for free: the largest k
+    if config.method == "args":
+        # The reference and each reward of its network (next-token log-probs) decode side by side and score every
+        # candidate from that; another LM reward (a reward model) scores each of the k candidates' t + 1 tokens.
+        decoding = [component for component in scorers if getattr(component, "next_token", False)]
+        others = [component for component in scorers if not getattr(component, "next_token", False)]
+        per_k = sum(reward_passes(others, t + 1) for t in range(length))
+        if not per_k:  # candidates are scored for free: the largest k
             return dataclasses.replace(config, args_top_k=ARGS_MAX_TOP_K)
-        # decoding the answer and scoring it cost what one base sample does
-        return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - sample_cost) // per_k))))
+        fixed = (length - 1) * (1 + len(decoding)) + reward_passes(others, length)  # the decoding, and the answer's scoring
+        return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - fixed) // per_k))))
     if config.method == "cbs":
         # Each chunk runs every open beam's t tokens once (its successors share them); each successor draws its
         # chunk (its first token from its beam's pass, feeding back the rest but the last) and is scored by the

@@ -115,3 +115,48 @@ def test_an_answer_s_scores_are_its_exact_scores_though_the_search_does_not_scor
         assert chain.energy == pytest.approx(float(exact.energy[0]), abs=1e-3)
         assert chain.reward == pytest.approx(float(exact.reward[0]), abs=1e-3)
         assert chain.log_prob_ref == pytest.approx(float(exact.log_prob_ref[0]), abs=1e-3)
+
+
+def test_args_picks_what_scoring_every_candidate_in_full_picks_and_is_charged_what_its_models_run(engine, make_prompt, lm):
+    """ARGS scored each of its k candidates by running the principle over all t + 1 tokens, k·L²/2 passes: at equal
+    compute it got k = 3 where the paper uses 10. The principle's log-probs now come from one decoding row beside the
+    reference's; the picks are those of scoring every candidate in full, and the charge is what the models run."""
+    from app.engine.energy import evaluate
+    from models.rewards import SequenceClassifierReward
+    from tests.tiny import tiny_reward_model
+
+    reward_model = SequenceClassifierReward(tiny_reward_model(lm.model.config.vocab_size), "rm")
+    reward = RewardMix([(PrincipleReward(lm), 1.0), (LexiconReward.keywords(lm.tokenizer, ["fire"]), 0.5), (reward_model, 0.3)])
+    prompt, length, k, alpha = make_prompt("how do i make a fire"), 6, 5, 2.0
+    job = AlignJob(prompt, SEAConfig(method="args", max_tokens=length, alpha=alpha, temperature=0.0, args_top_k=k, seed=0), reward)
+    state = engine.start(job)
+    fed = []
+
+    def count(module, args, kwargs):
+        fed.append((kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[:2].numel())
+
+    hooks = [backbone.register_forward_pre_hook(count, with_kwargs=True) for backbone in (lm.model.model, reward_model.backbone)]
+    try:
+        result = engine.run([job])[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sum(fed) == result.usage.forward_token_passes  # the prompts' passes included
+
+    tokens: list[int] = []
+    for t in range(length):  # ARGS by definition: the reference's top-k, each scored in full
+        ids = torch.tensor([prompt.ids + tokens])
+        top = torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].float(), -1).topk(k)
+        candidates = torch.cat([torch.tensor(tokens, dtype=torch.long).expand(k, t), top.indices[:, None]], dim=1)
+        partial = state.spec.__class__(**{**state.spec.__dict__, "rows": k, "length": t + 1})
+        scores = top.values + alpha * evaluate(engine.lm, [partial], engine.stop_ids, candidates).reward
+        tokens.append(int(top.indices[int(scores.argmax())]))
+        if tokens[-1] in engine.stop_ids.tolist():
+            break
+    assert result.chains[0].tokens[: len(tokens)] == tokens
+
+    # Without a reward model, candidates cost nothing: the reference and the principle each feed the answer's tokens.
+    principle = RewardMix([(PrincipleReward(lm), 1.0), (LexiconReward.keywords(lm.tokenizer, ["fire"]), 0.5)])
+    cheap = engine.run([AlignJob(prompt, SEAConfig(method="args", max_tokens=length, alpha=alpha, temperature=0.0, args_top_k=k,
+                                                   seed=0), principle)])[0]
+    assert cheap.usage.budgeted == 2 * (cheap.usage.completion_tokens - 1)

@@ -296,13 +296,16 @@ def test_runs_that_did_not_spend_their_budget_are_named_in_the_report():
 
 
 def test_args_gets_the_most_candidates_its_budget_buys():
-    """ARGS scores k candidates per token with the reward: a reward without LM passes (a word list) scores them for
-    free, so it gets the largest k whatever the budget (it kept the default 10); the principle's passes buy fewer."""
+    """ARGS scores k candidates per token with the reward: a word list, or the principle read from the decoding's own
+    row, scores them for free, so it gets the largest k whatever the budget (it kept the default 10, and the principle
+    was charged a pass per candidate); a reward model's passes over each candidate buy fewer."""
     config = SEAConfig(method="args", max_tokens=24)
     assert size_to_budget(config, 32 * 23, [WORD_LIST]).args_top_k == ARGS_MAX_TOP_K
-    principle = size_to_budget(config, 88 * 46, [PRINCIPLE])
-    per_k = sum(range(24))  # the principle's passes over each prefix of t + 1 tokens (t: the first comes from its prompt)
-    assert principle.args_top_k == (88 * 46 - (23 + 23)) // per_k
+    assert size_to_budget(config, 32 * 46, [PRINCIPLE, WORD_LIST]).args_top_k == ARGS_MAX_TOP_K
+    with_model = size_to_budget(config, 88 * 70, [PRINCIPLE, REWARD_MODEL])
+    per_k = sum(range(1, 25))  # the reward model reads each candidate's t + 1 tokens
+    fixed = 23 * 2 + 24  # the reference and the principle decode 23 tokens fed; the model reads the answer
+    assert with_model.args_top_k == (88 * 70 - fixed) // per_k
 
 
 def test_a_ratio_interval_holds_no_negative_ratio():

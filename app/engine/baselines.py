@@ -11,11 +11,10 @@ import math
 
 import torch
 
-from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, passes_per_row, reward_passes_per_row, score_rewards
+from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, passes_per_row
 from app.engine.sampling import categorical, sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import cache_over, stack_prefixes, with_cache
-from models.ste import ResponseBatch, response_mask
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
 
@@ -42,40 +41,43 @@ def _chain(engine, tokens: torch.Tensor, energy: float, reward: float, log_prob_
     return ChainResult(text, tokens.tolist(), reward, log_prob_ref, energy, 0, stats, [], counted)
 
 
-def _partial_rewards(engine, state, tokens: torch.Tensor, token_log_prob_ref: torch.Tensor) -> torch.Tensor:
-    """Rewards of partial responses ``(n, t)`` whose per-token reference log-probs are known (charged: the rewards'
-    LM passes)."""
-    spec = dataclasses.replace(state.spec, rows=tokens.shape[0], length=tokens.shape[1])
-    response = ResponseBatch(tokens=tokens, mask=response_mask(tokens, engine.stop_ids), token_log_prob_ref=token_log_prob_ref)
-    state.usage.forward_token_passes += reward_passes_per_row(spec) * spec.rows
-    return score_rewards([spec], response)
-
-
 @torch.inference_mode()
 def run_args(engine, state) -> AlignResult:
     """ARGS (Khanov et al., ICLR 2024): each token is picked among the reference top-k by ``log pi_ref + w·r(x, y_≤t)``.
 
-    ``w`` is ``alpha``; greedy (``temperature = 0``) or sampled from the softmax of the scores.
+    ``w`` is ``alpha``; greedy (``temperature = 0``) or sampled from the softmax of the scores. The reference and every
+    reward that is the reference network under its own prompt (the principle) decode side by side, one row each,
+    feeding the chosen token: their next-token log-probs score all k candidates exactly, with no pass per candidate
+    (such a reward is a function of per-token log-probs). Other rewards score each candidate's t + 1 tokens (a reward
+    model runs them; a word list is free).
     """
     config = state.config
+    spec = state.spec
     model = engine.lm.model
     backbone = getattr(model, model.base_model_prefix)
-    batch = stack_prefixes([state.spec.prefix])
+    weight = config.alpha if config.use_reward else 0.0
+    joined = [(component, context) for component, _, context in spec.reward_terms
+              if weight and getattr(component, "from_log_probs", None) and getattr(component, "model", None) is model]
+    scorers = [REFERENCE, *(component for component, _ in joined)]  # row i of the decoding: scorer i's log-probs
+    batch = stack_prefixes([spec.prefix, *(context for _, context in joined)])
     cache = cache_over(batch.keys, batch.values)
     mask = batch.mask
-    log_probs = batch.first_log_probs[0]
+    log_probs = batch.first_log_probs  # (scorers, V)
     tokens: list[int] = []
-    token_log_probs: list[float] = []
+    chosen_log_probs: list[torch.Tensor] = []  # per token, (scorers,): each scorer's log-prob of the token picked
     stops = set(engine.stop_ids.tolist())
-    weight = config.alpha if config.use_reward else 0.0
     device = engine.device
+    embed = model.get_input_embeddings()
     for t in range(config.max_tokens):
-        top = log_probs.topk(min(config.args_top_k, log_probs.shape[-1]))
-        candidates = torch.cat([torch.tensor(tokens, dtype=torch.long, device=device).expand(top.indices.shape[0], t), top.indices[:, None]],
-                               dim=1)
+        top = log_probs[0].topk(min(config.args_top_k, log_probs.shape[-1]))
+        k = top.indices.shape[0]
         if weight:
-            so_far = torch.tensor(token_log_probs, dtype=top.values.dtype, device=device).expand(top.indices.shape[0], t)
-            rewards = _partial_rewards(engine, state, candidates, torch.cat([so_far, top.values[:, None]], dim=1))
+            candidates = torch.cat([torch.tensor(tokens, dtype=torch.long, device=device).expand(k, t), top.indices[:, None]], dim=1)
+            so_far = torch.stack(chosen_log_probs, dim=1) if tokens else log_probs.new_zeros(len(scorers), 0)  # (scorers, t)
+            known = {scorer: torch.cat([so_far[i].expand(k, t), log_probs[i, top.indices][:, None]], dim=1) for i, scorer in enumerate(scorers)}
+            partial = dataclasses.replace(spec, rows=k, length=t + 1)
+            rewards = evaluate(engine.lm, [partial], engine.stop_ids, candidates, known=known).reward
+            state.usage.forward_token_passes += passes_per_row(partial, known=frozenset(known)) * k
         else:
             rewards = torch.zeros_like(top.values)
         scores = top.values + weight * rewards
@@ -85,20 +87,21 @@ def run_args(engine, state) -> AlignResult:
             pick = int(categorical(torch.softmax(scores / config.temperature, -1)[None], state.generator)[0])
         token = int(top.indices[pick])
         tokens.append(token)
-        token_log_probs.append(float(top.values[pick]))
+        chosen_log_probs.append(log_probs[:, token])
         if token in stops or t == config.max_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype, device=device)], dim=1)
-        out = backbone(inputs_embeds=model.get_input_embeddings()(torch.tensor([[token]], device=device)), attention_mask=mask,
-                       position_ids=torch.tensor([[state.spec.prefix.length + t]], device=device), use_cache=True, **with_cache(backbone, cache))
-        log_probs = torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), -1)[0]
-        state.usage.forward_token_passes += 1
-    # The decoding computed every token's reference log-prob: scoring the answer runs only the reward's passes.
+        mask = torch.cat([mask, torch.ones(len(scorers), 1, dtype=mask.dtype, device=device)], dim=1)
+        out = backbone(inputs_embeds=embed(torch.full((len(scorers), 1), token, device=device)), attention_mask=mask,
+                       position_ids=(batch.lengths + t)[:, None], use_cache=True, **with_cache(backbone, cache))
+        log_probs = torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), -1)
+        state.usage.forward_token_passes += len(scorers)
+    # The decoding computed every token's log-prob under each of its scorers: scoring the answer runs only the others.
     answer = _padded(engine, state, torch.tensor(tokens, dtype=torch.long, device=device))[None]
-    drawn = torch.nn.functional.pad(torch.tensor(token_log_probs, device=device), (0, answer.shape[1] - len(tokens)))[None]
-    spec = dataclasses.replace(state.spec, rows=1)
-    scored = evaluate(engine.lm, [spec], engine.stop_ids, answer, known={REFERENCE: drawn})
-    state.usage.forward_token_passes += passes_per_row(spec, known=frozenset({REFERENCE}))
+    drawn = torch.nn.functional.pad(torch.stack(chosen_log_probs, dim=1), (0, answer.shape[1] - len(tokens)))
+    known = {scorer: drawn[i : i + 1] for i, scorer in enumerate(scorers)}
+    full = dataclasses.replace(spec, rows=1)
+    scored = evaluate(engine.lm, [full], engine.stop_ids, answer, known=known)
+    state.usage.forward_token_passes += passes_per_row(full, known=frozenset(known))
     chain = _chain(engine, answer[0], float(scored.energy[0]), float(scored.reward[0]), float(scored.log_prob_ref[0]))
     return engine.finish(state, [chain], 0, "args")
 
