@@ -65,8 +65,8 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_BUDGET_SAMPLES = 32.0  # the methods are compared at equal compute unless told otherwise (--no-budget)
 SIZED_BY_BUDGET = {"steps", "max_compute"}  # SEA fields a budget sets (size_to_budget); --set of them would be ignored
 # Bumped when what a run is charged changes, so that --resume and --from never mix runs budgeted differently
-# (2: the principle reward charged the L − 1 positions it runs, 4 Dec 2026; 3: ARGS scores candidates from its
-# decoding's principle log-probs, not by a pass each, so a budget buys it a larger k).
+# (2: the principle reward charged the L − 1 positions it runs, 4 Dec 2026; 3: ARGS and beam search score candidates
+# from the principle's log-probs their decoding computes, not by a pass each, so a budget buys them more).
 ACCOUNTING = 3
 
 
@@ -205,13 +205,15 @@ def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guide
         fixed = (length - 1) * (1 + len(decoding)) + reward_passes(others, length)  # the decoding, and the answer's scoring
         return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - fixed) // per_k))))
     if config.method == "cbs":
-        # Each chunk runs every open beam's t tokens once (its successors share them); each successor draws its
-        # chunk (its first token from its beam's pass, feeding back the rest but the last) and is scored by the
-        # reward's passes over t + chunk tokens. The first chunk grows from one empty beam; the answers keep the
-        # scores of their last chunk.
+        # Each chunk runs every open beam's t tokens once (its successors share them) under the reference and each
+        # reward of its network; each successor draws its chunk (its first token from its beam's pass, feeding back
+        # the rest but the last) under them too, and is scored by the other rewards' passes over t + chunk tokens.
+        # The first chunk grows from one empty beam; the answers keep the scores of their last chunk.
+        rows = 1 + sum(1 for component in scorers if getattr(component, "next_token", False))
+        others = [component for component in scorers if not getattr(component, "next_token", False)]
         chunks = [(t, min(config.chunk, length - t), 1 if t == 0 else config.beams) for t in range(0, length, config.chunk)]
-        shared = sum(beams * t for t, _, beams in chunks)
-        per_successor = sum(beams * (size - 1 + reward_passes(scorers, t + size)) for t, size, beams in chunks)
+        shared = sum(beams * t * rows for t, _, beams in chunks)
+        per_successor = sum(beams * ((size - 1) * rows + reward_passes(others, t + size)) for t, size, beams in chunks)
         return dataclasses.replace(config, successors=max(1, int((budget - shared) // per_successor)))
     return config
 

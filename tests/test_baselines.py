@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -15,6 +17,23 @@ from models.rewards import LexiconReward, PrincipleReward, RewardMix
 @pytest.fixture
 def reward(lm):
     return RewardMix([(PrincipleReward(lm), 1.0), (LexiconReward.keywords(lm.tokenizer, ["dog", "moon"]), 3.0)])
+
+
+@contextlib.contextmanager
+def _positions_run(*backbones):
+    """The positions (rows × tokens) of every forward pass of ``backbones`` while the block runs, in the list it yields."""
+    fed: list[int] = []
+
+    def count(module, args, kwargs):
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        fed.append(inputs.shape[:2].numel())
+
+    hooks = [backbone.register_forward_pre_hook(count, with_kwargs=True) for backbone in backbones]
+    try:
+        yield fed
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def run(engine, prompt, reward, **config):
@@ -130,17 +149,8 @@ def test_args_picks_what_scoring_every_candidate_in_full_picks_and_is_charged_wh
     prompt, length, k, alpha = make_prompt("how do i make a fire"), 6, 5, 2.0
     job = AlignJob(prompt, SEAConfig(method="args", max_tokens=length, alpha=alpha, temperature=0.0, args_top_k=k, seed=0), reward)
     state = engine.start(job)
-    fed = []
-
-    def count(module, args, kwargs):
-        fed.append((kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[:2].numel())
-
-    hooks = [backbone.register_forward_pre_hook(count, with_kwargs=True) for backbone in (lm.model.model, reward_model.backbone)]
-    try:
+    with _positions_run(lm.model.model, reward_model.backbone) as fed:
         result = engine.run([job])[0]
-    finally:
-        for hook in hooks:
-            hook.remove()
     assert sum(fed) == result.usage.forward_token_passes  # the prompts' passes included
 
     tokens: list[int] = []
@@ -160,3 +170,26 @@ def test_args_picks_what_scoring_every_candidate_in_full_picks_and_is_charged_wh
     cheap = engine.run([AlignJob(prompt, SEAConfig(method="args", max_tokens=length, alpha=alpha, temperature=0.0, args_top_k=k,
                                                    seed=0), principle)])[0]
     assert cheap.usage.budgeted == 2 * (cheap.usage.completion_tokens - 1)
+
+
+def test_beam_search_draws_under_the_principle_s_prompt_too_and_is_charged_what_its_models_run(engine, make_prompt, lm):
+    """Each successor was scored by running the principle over its beam's tokens and its chunk again; the draw now runs
+    them under the principle's prompt too (a beam's tokens once for its successors), so scoring runs only a reward
+    model's passes. The charge is what the models run, and the answers keep their exact scores."""
+    from app.engine.energy import evaluate
+    from models.rewards import SequenceClassifierReward
+    from tests.tiny import tiny_reward_model
+
+    reward_model = SequenceClassifierReward(tiny_reward_model(lm.model.config.vocab_size), "rm")
+    prompt = make_prompt("how do i make a fire")
+    for terms in ([(PrincipleReward(lm), 1.0)], [(PrincipleReward(lm), 1.0), (reward_model, 0.3)]):
+        job = AlignJob(prompt, SEAConfig(method="cbs", max_tokens=9, beams=2, successors=3, chunk=4, seed=1), RewardMix(terms))
+        state = engine.start(job)
+        with _positions_run(lm.model.model, reward_model.backbone) as fed:
+            result = engine.run([job])[0]
+        assert sum(fed) == result.usage.forward_token_passes
+        for chain in result.chains:
+            exact = evaluate(engine.lm, [state.spec.__class__(**{**state.spec.__dict__, "rows": 1})], engine.stop_ids, torch.tensor([chain.tokens]))
+            assert chain.energy == pytest.approx(float(exact.energy[0]), abs=1e-3)
+        if len(terms) == 1:  # chunks of 4, 4 and 1 tokens: drawn under both prompts; beams of 4 and 8 tokens run once each
+            assert result.usage.budgeted == 2 * (3 * 3 + 2 * 3 * 3 + 2 * 3 * 0) + 2 * (2 * 4 + 2 * 8)

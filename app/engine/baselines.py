@@ -12,7 +12,7 @@ import math
 import torch
 
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, passes_per_row
-from app.engine.sampling import categorical, sample_responses
+from app.engine.sampling import SampleGroup, categorical, sample_groups, sample_responses
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import cache_over, stack_prefixes, with_cache
 
@@ -112,14 +112,19 @@ def run_cbs(engine, state) -> AlignResult:
 
     After each chunk the W best distinct partial responses by reward stay. A finished beam (ended by a stop token)
     carries over as it is, once, with its reward: it draws no successors. Each open beam's tokens run once and its
-    K successors share them; a beam's reference log-probs come from its draws, so a candidate's scoring runs only
-    the reward's passes.
+    K successors share them. The draw runs its tokens under the reference and under each reward of the reference
+    network (the principle's prompt), so a candidate's log-probs by those scorers are known (a beam's from the chunks
+    before) and its scoring runs only the other rewards' passes.
     """
     config = state.config
     width, successors, chunk = config.beams, config.successors, config.chunk
     device = engine.device
+    model = engine.lm.model
+    joined = [(component, context) for component, _, context in state.spec.reward_terms
+              if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is model]
+    scorers = [REFERENCE, *(component for component, _ in joined)]
     beams = torch.zeros(1, 0, dtype=torch.long, device=device)
-    beam_log_probs = torch.zeros(1, 0, device=device)  # (W, t) each beam token's log pi_ref
+    beam_log_probs = torch.zeros(1, len(scorers), 0, device=device)  # (W, scorers, t) each beam token's log-probs
     beam_rewards = torch.zeros(1, device=device)
     beam_scores = torch.zeros(1, 3, device=device)  # (W, 3) each beam's exact energy, reward and log pi_ref
     stops = engine.stop_ids
@@ -130,16 +135,17 @@ def run_cbs(engine, state) -> AlignResult:
             break
         growing = ~finished
         parents = beams[growing]
-        samples = sample_responses(engine.lm.model, state.spec.prefix, parents.shape[0] * successors, size, stops, state.generator,
-                                   config.temperature, config.top_p, given=parents, given_repeats=successors)
+        group = SampleGroup(state.spec.prefix, parents.shape[0] * successors, size, state.generator, config.temperature, config.top_p,
+                            scored_by=tuple(context for _, context in joined))
+        samples = sample_groups(model, [group], stops, given=parents, given_repeats=successors)[0]
         state.usage.forward_token_passes += samples.forward_token_passes
         candidates = samples.tokens  # (open beams·K, t + C)
-        known = {REFERENCE: torch.cat([beam_log_probs[growing].repeat_interleave(successors, dim=0), samples.token_log_probs[:, 0]], dim=1)}
+        log_probs = torch.cat([beam_log_probs[growing].repeat_interleave(successors, dim=0), samples.token_log_probs], dim=2)
+        known = {scorer: log_probs[:, i] for i, scorer in enumerate(scorers)}
         spec = dataclasses.replace(state.spec, rows=candidates.shape[0], length=candidates.shape[1])
         scored = evaluate(engine.lm, [spec], stops, candidates, known=known)
         state.usage.forward_token_passes += passes_per_row(spec, known=frozenset(known)) * spec.rows
         rewards = torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf))
-        log_probs = known[REFERENCE]
         scores = torch.stack([scored.energy, scored.reward, scored.log_prob_ref], dim=1)
         if bool(finished.any()):  # padded with stop tokens, which neither the reward nor the reference counts
             padding = torch.full((int(finished.sum()), size), int(stops[0]), dtype=torch.long, device=device)

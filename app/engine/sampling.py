@@ -28,8 +28,9 @@ class Samples:
     tokens: Tensor  # (N, L) long; positions after the first stop token hold a stop token
     log_probs: Tensor | None  # (N, L, V) float32 log pi_ref at each position (only when asked for)
     forward_token_passes: int
-    # (N, 1 + guides, L) float32: each drawn token's log-prob under the reference, then under each guide prompt
-    # (computed by the draw anyway); 0 after a row's first stop token. Only the drawn tokens, not ``given`` ones.
+    # (N, 1 + guides + scoring prompts, L) float32: each drawn token's log-prob under the reference, then under each
+    # guide prompt and each ``scored_by`` prompt (computed by the draw anyway); 0 after a row's first stop token. Only
+    # the drawn tokens, not ``given`` ones.
     token_log_probs: Tensor | None = None
 
 
@@ -64,6 +65,9 @@ class SampleGroup:
     temperature: float = 1.0  # 0: greedy decoding
     top_p: float = 1.0
     tilt: Tilt | None = None  # None: plain samples of the reference
+    # Prompts the drawn tokens are also run under, untilted, for their log-probs (``Samples.token_log_probs`` after
+    # the guides'): what beam search scores its successors with.
+    scored_by: tuple[Prefix, ...] = ()
     greedy_rows: int = 0  # the first rows take the most likely token instead (their random draws are still made)
     abandoned: Callable[[], bool] | None = None  # once true, the group stops drawing (its rows are left unfinished)
 
@@ -161,29 +165,29 @@ def sample_groups(
     rows = sum(g.n for g in groups)
     bounds = torch.tensor([0, *[g.n for g in groups]]).cumsum(0).tolist()
     slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(groups))]
-    # The batch: every group's own rows first, then one copy of a tilted group's rows per guide prompt.
+    # The batch: every group's own rows first, then one copy of a group's rows per guide prompt, then per prompt it
+    # is scored by.
     prefixes = [g.prefix for g in groups for _ in range(g.n)]
     owners = list(range(rows))  # batch row -> the drawn row whose tokens it reads
-    guide_rows: list[list[slice]] = []  # per group, per guide: its rows in the batch
+    guide_rows: list[list[slice]] = []  # per group, per guide and then per scoring prompt: its rows in the batch
     for group, rows_of in zip(groups, slices):
         mine = []
-        for guide in group.tilt.guides if group.tilt else ():
+        for prefix in [guide.prefix for guide in (group.tilt.guides if group.tilt else ())] + list(group.scored_by):
             mine.append(slice(len(prefixes), len(prefixes) + group.n))
-            prefixes.extend([guide.prefix] * group.n)
+            prefixes.extend([prefix] * group.n)
             owners.extend(range(rows_of.start, rows_of.stop))
         guide_rows.append(mine)
     batch = stack_prefixes(prefixes)
     device = batch.mask.device
     owner = torch.tensor(owners, device=device)
-    width = [1 + len(g.tilt.guides if g.tilt else ()) for g in groups]  # batch rows per drawn row
+    width = [1 + len(parts) for parts in guide_rows]  # batch rows per drawn row
     cache = cache_over(batch.keys, batch.values)
     mask = batch.mask
     log_probs = batch.first_log_probs  # (batch rows, V)
     start = 0
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    if given is not None and given_repeats > 1 and (len(owners) != rows or given.shape[0] * given_repeats != rows):
-        raise ValueError("shared given rows need one row per given_repeats drawn rows and no guide prompts")
-    shared_given = given  # (rows / given_repeats, g): each row runs once
+    if given is not None and given_repeats > 1 and (given.shape[0] * given_repeats != rows or any(g.n % given_repeats for g in groups)):
+        raise ValueError("shared given rows need one row per given_repeats drawn rows, and groups of whole shares")
     if given is not None:
         given = given.repeat_interleave(given_repeats, 0)  # (rows, g)
     if given is not None and given.shape[1] > 0:
@@ -191,9 +195,10 @@ def sample_groups(
         mask = torch.cat([mask, torch.ones(len(owners), start, dtype=mask.dtype, device=device)], dim=1)
         positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
         if given_repeats > 1:
-            first = torch.arange(0, rows, given_repeats, device=device)  # the first row of each given row's share
+            # The first batch row of each share (its prompt rows' shares follow the drawn rows' order, in blocks of whole shares).
+            first = torch.arange(0, len(owners), given_repeats, device=device)
             shared = cache_over([k[first] for k in batch.keys], [v[first] for v in batch.values])
-            out = backbone(inputs_embeds=embed(shared_given), attention_mask=mask[first], use_cache=True,
+            out = backbone(inputs_embeds=embed(given[owner[first]]), attention_mask=mask[first], use_cache=True,
                            **with_cache(backbone, shared), position_ids=positions[first])
             cache = cache_over([layer.keys.repeat_interleave(given_repeats, 0) for layer in shared.layers],
                                [layer.values.repeat_interleave(given_repeats, 0) for layer in shared.layers])
@@ -243,7 +248,7 @@ def sample_groups(
             own = log_probs[rows_of]
             if group.tilt is not None:
                 history = tokens[rows_of, :t] if given is None else torch.cat([given[rows_of], tokens[rows_of, :t]], dim=1)
-                own = _tilted(own, [log_probs[r] for r in guide_rows[i]], group.tilt, history)
+                own = _tilted(own, [log_probs[r] for r in guide_rows[i][: len(group.tilt.guides)]], group.tilt, history)
             was_finished = finished[rows_of].clone()
             drawn = torch.where(was_finished, tokens[rows_of, t], _draw(own, group))
             tokens[rows_of, t] = drawn
