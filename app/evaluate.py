@@ -192,7 +192,7 @@ def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guide
         return dataclasses.replace(config, init_samples=init, max_compute=int(budget), steps=10_000)
     if config.method == "sea":  # the paper-literal update: draw the chains, forward and backward every step, score the last
         left = budget - config.chains * ((length - 1) + per_row)
-        steps = max(1, int(left // (3 * config.chains * per_row)))
+        steps = max(1, int(left // (3 * config.chains * max(1, per_row))))
         return dataclasses.replace(config, steps=steps)
     if config.method == "args":
         # The reference and each reward of its network (next-token log-probs) decode side by side and score every
@@ -214,7 +214,7 @@ def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guide
         chunks = [(t, min(config.chunk, length - t), 1 if t == 0 else config.beams) for t in range(0, length, config.chunk)]
         shared = sum(beams * t * rows for t, _, beams in chunks)
         per_successor = sum(beams * ((size - 1) * rows + reward_passes(others, t + size)) for t, size, beams in chunks)
-        return dataclasses.replace(config, successors=max(1, int((budget - shared) // per_successor)))
+        return dataclasses.replace(config, successors=max(1, int((budget - shared) // max(1, per_successor))))
     return config
 
 

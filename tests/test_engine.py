@@ -611,6 +611,14 @@ def test_a_keyword_reward_serves_sea_after_a_baseline_used_it_and_with_no_word_t
         assert result.reward == 0.0 and math.isfinite(result.energy)
 
 
+def test_a_one_token_answer_under_a_compute_budget_runs(lm, engine, make_prompt):
+    """Scoring a one-token answer costs no pass (its log-probs come from the prompts' passes): sizing the step's edits
+    to the budget divided by that cost raised ZeroDivisionError, a 500 for the request and, batched, for every other."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    result = engine.run([_job(make_prompt("the dog"), reward, seed=0, max_tokens=1, chains=2, steps=2, max_compute=100)])[0]
+    assert math.isfinite(result.energy) and result.usage.budgeted <= 100
+
+
 class _NaNAfterFirstScore:
     """A reward that is finite for the initial chains and NaN afterwards."""
 

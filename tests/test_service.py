@@ -342,21 +342,24 @@ def test_a_request_abandoned_while_it_starts_ends_then_and_the_next_is_served(en
     assert after.status == JobStatus.succeeded
 
 
-def test_engine_failure_fails_only_that_batch_and_the_worker_goes_on():
+def test_an_engine_failure_fails_only_the_request_that_fails_alone_and_the_worker_goes_on():
+    """A step that raised failed every request of its batch: one request could end every other client's job. The batch
+    is split and retried like an out-of-memory one, down to the request that fails alone."""
     async def scenario():
         engine = FakeEngine(fail_when=lambda states: any(s.job.prompt.messages[0]["content"] == "poison" for s in states))
-        service = await make_service(engine, max_batch_chains=2)
+        service = await make_service(engine, max_batch_chains=8)
+        good = [await submit(service, "fine"), await submit(service, "also fine")]
         bad = await submit(service, "poison")
-        good = await submit(service, "fine")
         with pytest.raises(RuntimeError, match="failed"):
             await service.wait(bad)
-        result = await service.wait(good)
+        results = [await service.wait(job) for job in good]
         await service.shutdown()
-        return bad, result
+        return bad, results, engine
 
-    bad, result = run(scenario())
+    bad, results, engine = run(scenario())
     assert bad.status == JobStatus.failed and bad.error == "internal engine error"
-    assert result.text == "text"
+    assert [result.text for result in results] == ["text", "text"]
+    assert any(len(batch) > 1 for batch in engine.batches)  # they did share the batch the poison broke
 
 
 class BrokenStartEvent(FakeEngine):

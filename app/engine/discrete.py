@@ -320,7 +320,8 @@ def _tick(engine, states: list, saved: list) -> None:
         chains = active[id(state)]
         if chains:
             left = _left(state)
-            affordable = state.config.candidates if math.isinf(left) else int(left // (passes_per_row(state.spec) * len(chains)))
+            cost = passes_per_row(state.spec) * len(chains)  # 0 for a one-token answer: its log-probs come from the prompts' passes
+            affordable = state.config.candidates if math.isinf(left) or cost == 0 else int(left // cost)
             which = slice(None) if len(chains) == state.chains else torch.tensor(chains, device=state.tokens.device)
             tokens = state.tokens[which]
             scores = edit_scores(state.grad[which] if state.config.proposal == "gradient" else None,

@@ -369,7 +369,8 @@ class EngineWorker:
         self._update_gauges()
 
     def _tick_resilient(self, states: list[RequestState]) -> dict[int, str]:
-        """Tick ``states``; on out-of-memory split the batch and retry, failing only a request that cannot fit alone."""
+        """Tick ``states``; if the step fails (out of memory, or an error), split the batch and retry, failing only a
+        request that fails alone: one request must not end the others batched with it."""
         try:
             self.engine.tick(states)
             return {}
@@ -379,12 +380,15 @@ class EngineWorker:
             if len(states) == 1:
                 log.warning("out of memory on a single request; failing it")
                 return {id(states[0]): "out of memory: ask for fewer chains or tokens"}
-            half = len(states) // 2
             log.warning("out of memory on a batch of %d requests; splitting", len(states))
-            return {**self._tick_resilient(states[:half]), **self._tick_resilient(states[half:])}
         except Exception:
-            log.exception("engine step failed for a batch of %d requests", len(states))
-            return {id(s): "internal engine error" for s in states}
+            if len(states) == 1:
+                log.exception("engine step failed for a request")
+                return {id(states[0]): "internal engine error"}
+            log.warning("engine step failed for a batch of %d requests; splitting to find the one that fails", len(states),
+                        exc_info=True)
+        half = len(states) // 2
+        return {**self._tick_resilient(states[:half]), **self._tick_resilient(states[half:])}
 
     def _step_event(self, job: Job, state: RequestState) -> dict:
         chains = []
