@@ -614,3 +614,65 @@ def test_settings_refuse_at_start_what_would_fail_every_request(settings, messag
 def test_settings_accept_what_they_document():
     settings = Settings(reward="principle, rm:0.5", log_level="INFO", device="cuda:1", max_batch_chains=2, default_chains=2)
     assert settings.reward_terms() == [("principle", 1.0), ("rm", 0.5)] and settings.log_level == "info"
+
+
+def _stuck_engine() -> tuple[FakeEngine, threading.Event, threading.Event]:
+    """An engine whose first step blocks until released (a step takes minutes on a CPU); and the event it sets once
+    that step has begun."""
+    release, stepping = threading.Event(), threading.Event()
+
+    def stuck(states):
+        stepping.set()
+        release.wait(20)
+        return False
+
+    return FakeEngine(tick_seconds=0.001, fail_when=stuck), release, stepping
+
+
+async def _until(condition, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met")
+
+
+def test_a_deadline_ends_queued_and_running_jobs_while_the_worker_is_busy_and_nothing_follows_the_end():
+    """A queued job's deadline was looked at only between steps, and a running job's only by a waiter: a /v1 stream or
+    a /jobs poller was held past its deadline for as long as a step took. And the step that then ended published a
+    step event after the job's end."""
+    async def scenario():
+        engine, release, stepping = _stuck_engine()
+        service = await make_service(engine, max_batch_chains=2)
+        running = await submit(service, "long", steps=3, timeout=0.3)
+        queued = await submit(service, "waiting", steps=1, timeout=0.3)  # no room beside the first: queued
+        await _until(stepping.is_set)
+        await _until(lambda: running.status.finished and queued.status.finished)
+        still_stuck = not release.is_set()
+        release.set()
+        await _until(lambda: service.worker.idle)
+        await service.shutdown()
+        return running, queued, still_stuck
+
+    running, queued, still_stuck = run(scenario())
+    assert still_stuck, "they ended while the step still ran"
+    assert (running.error_kind, running.error) == ("timeout", "the request ran past its deadline")
+    assert (queued.error_kind, queued.error) == ("timeout", "the request timed out while queued")
+    assert running.events[-1]["event"] == "end", [event["event"] for event in running.events]
+
+
+def test_a_client_s_cancel_holds_against_the_deadline_that_follows():
+    async def scenario():
+        engine, release, stepping = _stuck_engine()
+        service = await make_service(engine)
+        job = await submit(service, "long", steps=3)
+        await _until(stepping.is_set)
+        service.cancel(job)  # the chains leave at the next step; the deadline passes meanwhile
+        service.cancel(job, kind="timeout", reason="the request ran past its deadline")
+        release.set()
+        await _until(lambda: job.status.finished)
+        await service.shutdown()
+        return job
+
+    job = run(scenario())
+    assert (job.status, job.error_kind) == (JobStatus.cancelled, "cancelled")

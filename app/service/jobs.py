@@ -104,6 +104,8 @@ class Job:
         return (self.started or time.monotonic()) - self.enqueued
 
     def publish(self, event: dict[str, Any]) -> None:
+        if self.status.finished and event["event"] != "end":  # a step the worker ran while a timeout or a stop ended it
+            return
         self.events.append(event)
         for listener in list(self.listeners):
             listener(self, event)
@@ -122,6 +124,8 @@ class Job:
 
     def mark_running(self, started: float | None = None) -> None:
         """``started``: when the engine took the job (the worker's clock reading; this call may reach the loop later)."""
+        if self.status.finished:  # ended (a timeout) before this call reached the loop
+            return
         self.status = JobStatus.running
         self.started = time.monotonic() if started is None else started
 

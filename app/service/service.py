@@ -172,7 +172,19 @@ class AlignService:
         except DrainingError:
             raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "5"}) from None
         self.store.add(job)
+        self._arm_deadline(job, timeout)
         return job
+
+    def _arm_deadline(self, job: Job, timeout: float) -> None:
+        """The job fails at its deadline whoever waits for it (a stream, a poller, nobody) and whatever the worker is
+        busy with: the worker itself looks at queued deadlines only between steps, which take minutes on a CPU."""
+        def passed() -> None:
+            if not job.status.finished:
+                reason = "the request timed out while queued" if job.status == JobStatus.queued else "the request ran past its deadline"
+                self.cancel(job, kind="timeout", reason=reason)
+
+        timer = asyncio.get_running_loop().call_later(timeout, passed)
+        job.listeners.append(lambda job, event: timer.cancel() if event["event"] == "end" else None)
 
     async def wait(self, job: Job, client_gone: Callable[[], Awaitable[None]] | None = None) -> AlignResult:
         """The job's result; ``client_gone()`` returns when the client leaves, which cancels the job.
@@ -235,7 +247,8 @@ class AlignService:
             spawn_background(self.shared.cancel(job, kind, reason), self._background)
         else:
             self.worker.cancel(job, kind, reason)
-        if kind != "cancelled":  # a timeout answers now; the chains leave the batch at the next step
+        # A timeout answers now (the chains leave the batch at the next step), unless the job was cancelled first.
+        if kind != "cancelled" and (job.cancellation is None or job.cancellation[0] == kind):
             job.finish(JobStatus.failed, None, reason, kind)
 
     def request_drain(self) -> None:

@@ -136,8 +136,10 @@ class EngineWorker:
                 return None
 
     def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
-        """Cancel a job: a queued one at once, a running one at the next step boundary."""
-        job.cancellation = (kind, reason)
+        """Cancel a job: a queued one at once, a running one at the next step boundary. The first cancellation holds
+        (a client's cancel then its deadline: cancelled, not timed out)."""
+        if job.cancellation is None:
+            job.cancellation = (kind, reason)
         with self._cond:
             if job in self._pending:
                 self._pending.remove(job)
