@@ -7,6 +7,7 @@ import json
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -14,8 +15,8 @@ import pytest
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.openai import _generated
-from app.engine.types import ChainResult, SEAConfig, StepStats
+from app.api.openai import _generated, _sea_extra
+from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
 from app.runtime import Runtime
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
@@ -339,6 +340,18 @@ def test_a_prompt_and_response_past_the_model_s_context_answer_context_length_ex
     job = runtime.job([{"role": "user", "content": "the dog"}], SEAConfig(max_tokens=6))
     principle = render_prompt(lm.tokenizer, job.prompt.messages, system=Settings().principle)
     assert runtime.context_check(job) == (len(principle) + 6, 256) and len(principle) > len(job.prompt.ids)
+
+
+def test_non_finite_scores_reach_v1_clients_as_null(engine, lm):
+    """A failed evaluation leaves NaN scores (/align sends null): /v1 answered 500 ("Out of range float values are not
+    JSON compliant") and its stream wrote a bare NaN, which is not JSON."""
+    nan = float("nan")
+    ids = lm.tokenizer("the dog", add_special_tokens=False)["input_ids"]
+    chain = ChainResult("the dog", ids, nan, nan, nan, 0, StepStats(nan, nan, nan, 0.0, False))
+    result = AlignResult("sea", "the dog", nan, nan, nan, nan, 0, [chain], Usage(3, 2), Timings(total=0.01), "length")
+    extra = _sea_extra(SimpleNamespace(queue_seconds=0.0), result, [], engine)
+    json.dumps(extra, allow_nan=False)
+    assert extra["reward"] is None and extra["energy_per_token"] is None and extra["chains"][0]["energy"] is None
 
 
 def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -288,17 +289,23 @@ def _ranked_chains(result: AlignResult, n: int, select: str) -> list[int]:
     return [result.chosen, *order][:n]
 
 
+def _finite(value: float) -> float | None:
+    """JSON has no NaN or Infinity: a non-finite score (a failed evaluation) is sent as null, as /align does."""
+    return value if math.isfinite(value) else None
+
+
 def _sea_extra(job: Job, result: AlignResult, stops: list[str], engine: Engine) -> dict:
     """The ``sea`` extension: the run's figures; each chain's text cut at the stops like the choices', its scores those
     of the chain as sampled."""
     return {
         "method": result.method,
-        "reward": result.reward,
-        "log_prob_ref": result.log_prob_ref,
-        "energy": result.energy,
-        "energy_per_token": result.energy_per_token,
+        "reward": _finite(result.reward),
+        "log_prob_ref": _finite(result.log_prob_ref),
+        "energy": _finite(result.energy),
+        "energy_per_token": _finite(result.energy_per_token),
         "chosen": result.chosen,
-        "chains": [{"text": _generated(c, stops, engine)[0], "reward": c.reward, "energy": c.energy, "log_prob_ref": c.log_prob_ref} for c in result.chains],
+        "chains": [{"text": _generated(c, stops, engine)[0], "reward": _finite(c.reward), "energy": _finite(c.energy),
+                    "log_prob_ref": _finite(c.log_prob_ref)} for c in result.chains],
         "timings": {"queue": job.queue_seconds, "init": result.timings.init, "langevin": result.timings.langevin,
                     "total": result.timings.total, "steps": result.timings.steps},
         "forward_token_passes": result.usage.forward_token_passes,
@@ -359,7 +366,7 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
 
     def chunk(choices: list[dict], **extra) -> str:
         payload = {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices, **extra}
-        return f"data: {json.dumps(payload)}\n\n"
+        return f"data: {json.dumps(payload, allow_nan=False)}\n\n"
 
     past, queue = job.subscribe()
     try:
