@@ -388,6 +388,9 @@ class LexiconReward:
             cols = columns[:, :, group.columns]  # (B, L, n, k)
             # All k tokens in a row starting at t: min over j of cols[t + j, j].
             aligned = torch.stack([cols[:, j : j + starts, :, j] for j in range(k)], dim=-1).amin(-1)  # (B, starts, n)
+            # Only spellings that end inside the response: one running into padding (a batch mate's longer length) is
+            # 0 anyway, but amin would split its gradient between the padding's 0 and the real token's.
+            aligned = aligned * response.mask[:, k - 1 : k - 1 + starts, None]
             # Whole words only: a boundary before t (the first token opens a word, or t = 0, or the token before
             # closes one) and after t + k − 1 (the end, a token that opens a word, or an ending that makes a form
             # of the word after this spelling). Taken from the hard neighbours: constant under the straight-through gradient.

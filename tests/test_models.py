@@ -369,3 +369,23 @@ def test_cached_passes_use_the_cache_keyword_the_installed_transformers_expects(
         prefix = stack_prefixes([encode_prefix(lm.model, make_prompt("rain").ids)])
         backbone = getattr(lm.model, lm.model.base_model_prefix)
         forward_after_prefix(backbone, prefix, lm.model.get_input_embeddings()(torch.tensor([[1, 2, 3]])))
+
+
+def test_a_keyword_s_gradient_is_the_same_alone_and_padded_beside_a_longer_batch_mate():
+    """A spelling of several tokens could start at the last real token and run into the padding a longer batch mate
+    adds: its value is 0 either way, but amin split the gradient between the padding's 0 and the real token's, so a
+    seeded request moved differently in a batch."""
+    tokenizer = _glueing_tokenizer(["the", "dog"])
+    reward = LexiconReward.keywords(tokenizer, ["ox"])  # spelled with two or more tokens
+    assert max(len(v) for p in reward.patterns for v in p.variants) > 1
+    ids = tokenizer("the dog the")["input_ids"]
+    pad = tokenizer(".")["input_ids"][0]
+
+    def gradient(padding: int) -> torch.Tensor:
+        tokens = torch.tensor([ids + [pad] * padding])
+        mask = torch.tensor([[1.0] * len(ids) + [0.0] * padding])
+        probs = F.one_hot(tokens, len(tokenizer)).float().requires_grad_(True)
+        reward.score([None], ResponseBatch(tokens=tokens, mask=mask, probs=probs)).sum().backward()
+        return probs.grad[0, : len(ids)]
+
+    assert torch.equal(gradient(0), gradient(3))
