@@ -41,7 +41,8 @@ class FakeEngine:
     def __init__(self, tick_seconds: float = 0.005, fail_when=None, oom_when=None, start_seconds: float = 0.0):
         self.tick_seconds = tick_seconds
         self.start_seconds = start_seconds  # a start that draws for this long, checking `abandoned` as the real one does
-        self.batches: list[list[str]] = []
+        self.batches: list[list[str]] = []  # the ticks that ran
+        self.attempted: list[list[str]] = []  # every tick asked for, including those that raised
         self.fail_when = fail_when or (lambda states: False)
         self.oom_when = oom_when or (lambda states: False)
         self.started_together: list[list[str]] = []
@@ -64,6 +65,7 @@ class FakeEngine:
         state.done = True
 
     def tick(self, states):
+        self.attempted.append([s.job.prompt.messages[0]["content"] for s in states])
         if self.oom_when(states):
             raise torch.OutOfMemoryError("fake")
         if self.fail_when(states):
@@ -348,7 +350,7 @@ def test_an_engine_failure_fails_only_the_request_that_fails_alone_and_the_worke
     async def scenario():
         engine = FakeEngine(fail_when=lambda states: any(s.job.prompt.messages[0]["content"] == "poison" for s in states))
         service = await make_service(engine, max_batch_chains=8)
-        good = [await submit(service, "fine"), await submit(service, "also fine")]
+        good = [await submit(service, "fine", steps=50), await submit(service, "also fine", steps=50)]
         bad = await submit(service, "poison")
         with pytest.raises(RuntimeError, match="failed"):
             await service.wait(bad)
@@ -359,7 +361,7 @@ def test_an_engine_failure_fails_only_the_request_that_fails_alone_and_the_worke
     bad, results, engine = run(scenario())
     assert bad.status == JobStatus.failed and bad.error == "internal engine error"
     assert [result.text for result in results] == ["text", "text"]
-    assert any(len(batch) > 1 for batch in engine.batches)  # they did share the batch the poison broke
+    assert any("poison" in batch and "fine" in batch for batch in engine.attempted)  # they did share the batch it broke
 
 
 class BrokenStartEvent(FakeEngine):
@@ -669,10 +671,48 @@ def test_a_client_s_cancel_holds_against_the_deadline_that_follows():
         await _until(stepping.is_set)
         service.cancel(job)  # the chains leave at the next step; the deadline passes meanwhile
         service.cancel(job, kind="timeout", reason="the request ran past its deadline")
+        ended_in_the_step = job.status.finished and not release.is_set()  # the deadline answers at once, as cancelled
         release.set()
         await _until(lambda: job.status.finished)
         await service.shutdown()
-        return job
+        return job, ended_in_the_step
 
-    job = run(scenario())
-    assert (job.status, job.error_kind) == (JobStatus.cancelled, "cancelled")
+    job, ended_in_the_step = run(scenario())
+    assert (job.status, job.error_kind) == (JobStatus.cancelled, "cancelled") and ended_in_the_step
+
+
+class _DiscreteFirstEngine(FakeEngine):
+    """Steps the discrete states, then the others, as the real engine's tick does; the others' part raises for a
+    poisoned request."""
+
+    def tick(self, states):
+        self.attempted.append([s.job.prompt.messages[0]["content"] for s in states])
+        discrete = [s for s in states if s.config.update == "discrete"]
+        if discrete:
+            super().tick(discrete)
+        others = [s for s in states if s.config.update != "discrete"]
+        if any(s.job.prompt.messages[0]["content"] == "poison" for s in others):
+            raise RuntimeError("boom")
+        if others:
+            super().tick(others)
+
+
+def test_a_failure_in_one_update_rule_s_part_of_a_step_does_not_step_the_other_part_twice():
+    """The engine steps discrete states before logits ones: when the logits part raised, the split retry stepped the
+    discrete requests a second time in one worker step (their step events skipped a number)."""
+    async def scenario():
+        engine = _DiscreteFirstEngine()
+        service = await make_service(engine, max_batch_chains=8)
+        innocent = await submit(service, "fine", steps=6)
+        bad = await service.submit(SEAConfig(chains=2, steps=6, update="logits"), [{"role": "user", "content": "poison"}])
+        with pytest.raises(RuntimeError, match="failed"):
+            await service.wait(bad)
+        await service.wait(innocent)
+        await service.shutdown()
+        return innocent, engine
+
+    innocent, engine = run(scenario())
+    fine = [i for i, batch in enumerate(engine.attempted) if "fine" in batch]
+    assert any("poison" in batch for batch in engine.attempted[fine[0] : fine[-1]])  # the poison ran beside it
+    steps = [event["step"] for event in innocent.events if event["event"] == "step"]
+    assert steps == list(range(7)), steps  # one event per tick, as alone (the fake takes steps + 1 ticks)

@@ -472,7 +472,7 @@ def test_each_job_is_counted_once_where_it_ended_queued_cancelled_handed_back_or
         timed_out = await submit(front, "times out", timeout=0.3)
         cancelled = await submit(front, "cancelled")
         front.cancel(cancelled)
-        with pytest.raises(Exception, match="past its deadline"):
+        with pytest.raises(Exception, match="timed out while queued"):
             await front.wait(timed_out)
         await asyncio.sleep(0.3)  # the cancel script runs in the background
         in_queue = counts(front)
@@ -493,3 +493,24 @@ def test_each_job_is_counted_once_where_it_ended_queued_cancelled_handed_back_or
     assert in_queue == ({"cancelled": 1, "timeout": 1}, 2)
     assert leaving[0] == {"requeued": 1}
     assert ran[0] == {"cancelled": 1, "timeout": 1, "succeeded": 1}
+
+
+def test_with_a_shared_store_a_deadline_ends_queued_and_running_jobs_while_the_worker_is_busy(redis_url):
+    """The timer that fails a job at its deadline was armed only without a shared store: with one, a queued or running
+    job still waited for the next step boundary (minutes on a CPU) or a replica with room."""
+    from tests.test_service import _stuck_engine, _until, make_service, submit
+
+    async def scenario():
+        engine, release, stepping = _stuck_engine()
+        service = await make_service(engine, max_batch_chains=2, redis_url=redis_url, redis_prefix="deadline-" + uuid.uuid4().hex[:8])
+        running = await submit(service, "long", steps=3, timeout=0.3)
+        await _until(stepping.is_set)
+        queued = await submit(service, "waiting", steps=1, timeout=0.3)
+        await _until(lambda: running.status.finished and queued.status.finished)
+        still_stuck = not release.is_set()
+        release.set()
+        await service.shutdown()
+        return running, queued, still_stuck
+
+    running, queued, still_stuck = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert still_stuck and (running.error_kind, queued.error_kind) == ("timeout", "timeout")

@@ -164,6 +164,7 @@ class AlignService:
                 queued = await self.shared.enqueue(job, messages, reward_options or {})
             if not queued:
                 raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(self.worker.retry_after())})
+            self._arm_deadline(job, timeout)
             return job
         try:
             self.worker.submit(job)
@@ -240,16 +241,19 @@ class AlignService:
         return self.worker.position(job) if self.worker and job.status == JobStatus.queued else None
 
     def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
-        """Cancel a job: here if it runs or waits here, else through the shared store (in the background)."""
+        """Cancel a job: here if it runs or waits here, else through the shared store (in the background). The first
+        cancellation holds: a client's cancel, then its deadline, ends it cancelled."""
         if self.worker is None or job.status.finished:
             return
         if self.shared is not None and not self.shared.runs(job):
+            if job.cancellation is None:
+                job.cancellation = (kind, reason)
             spawn_background(self.shared.cancel(job, kind, reason), self._background)
         else:
             self.worker.cancel(job, kind, reason)
-        # A timeout answers now (the chains leave the batch at the next step), unless the job was cancelled first.
-        if kind != "cancelled" and (job.cancellation is None or job.cancellation[0] == kind):
-            job.finish(JobStatus.failed, None, reason, kind)
+        if kind != "cancelled":  # a deadline answers now, as the first cancellation asked; the chains leave at the next step
+            first, why = job.cancellation or (kind, reason)
+            job.finish(JobStatus.cancelled if first == "cancelled" else JobStatus.failed, None, why, first)
 
     def request_drain(self) -> None:
         """Stop taking work at once and start draining (safe to call from a signal handler).

@@ -158,8 +158,8 @@ if status == 'queued' then
   end_cancelled(KEYS[1], KEYS[2], ARGV[1], {kind = ARGV[3], reason = ARGV[2]}, ARGV[5], ARGV[4])
   return 'finished'
 end
-if status == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel', cjson.encode({kind = ARGV[3], reason = ARGV[2]}))
+if status == 'running' then  -- the first cancel holds (a client's, then its deadline's)
+  redis.call('HSETNX', KEYS[1], 'cancel', cjson.encode({kind = ARGV[3], reason = ARGV[2]}))
 end
 return status or 'missing'
 """

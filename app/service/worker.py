@@ -372,7 +372,11 @@ class EngineWorker:
 
     def _tick_resilient(self, states: list[RequestState]) -> dict[int, str]:
         """Tick ``states``; if the step fails (out of memory, or an error), split the batch and retry, failing only a
-        request that fails alone: one request must not end the others batched with it."""
+        request that fails alone: one request must not end the others batched with it. The engine steps each update
+        rule's states apart: they are ticked apart here too, so that a failure in one never steps the other twice."""
+        by_update = [[s for s in states if s.config.update == update] for update in dict.fromkeys(s.config.update for s in states)]
+        if len(by_update) > 1:
+            return {key: value for group in by_update for key, value in self._tick_resilient(group).items()}
         try:
             self.engine.tick(states)
             return {}
