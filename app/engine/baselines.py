@@ -41,6 +41,13 @@ def _chain(engine, tokens: torch.Tensor, energy: float, reward: float, log_prob_
     return ChainResult(text, tokens.tolist(), reward, log_prob_ref, energy, 0, stats, [], counted)
 
 
+def _decoded_rewards(spec, model) -> list[tuple[object, object]]:
+    """The reward components that are ``model`` under a prompt of their own (the principle), with that prompt: a
+    decoding can run them beside the reference, one row each, and score its tokens from their next-token log-probs."""
+    return [(component, context) for component, _, context in spec.reward_terms
+            if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is model]
+
+
 @torch.inference_mode()
 def run_args(engine, state) -> AlignResult:
     """ARGS (Khanov et al., ICLR 2024): each token is picked among the reference top-k by ``log pi_ref + w·r(x, y_≤t)``.
@@ -56,8 +63,7 @@ def run_args(engine, state) -> AlignResult:
     model = engine.lm.model
     backbone = getattr(model, model.base_model_prefix)
     weight = config.alpha if config.use_reward else 0.0
-    joined = [(component, context) for component, _, context in spec.reward_terms
-              if weight and getattr(component, "from_log_probs", None) and getattr(component, "model", None) is model]
+    joined = _decoded_rewards(spec, model) if weight else []
     scorers = [REFERENCE, *(component for component, _ in joined)]  # row i of the decoding: scorer i's log-probs
     batch = stack_prefixes([spec.prefix, *(context for _, context in joined)])
     cache = cache_over(batch.keys, batch.values)
@@ -120,8 +126,7 @@ def run_cbs(engine, state) -> AlignResult:
     width, successors, chunk = config.beams, config.successors, config.chunk
     device = engine.device
     model = engine.lm.model
-    joined = [(component, context) for component, _, context in state.spec.reward_terms
-              if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is model]
+    joined = _decoded_rewards(state.spec, model)
     scorers = [REFERENCE, *(component for component, _ in joined)]
     beams = torch.zeros(1, 0, dtype=torch.long, device=device)
     beam_log_probs = torch.zeros(1, len(scorers), 0, device=device)  # (W, scorers, t) each beam token's log-probs
