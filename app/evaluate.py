@@ -197,25 +197,30 @@ def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guide
     if config.method == "args":
         # The reference and each reward of its network (next-token log-probs) decode side by side and score every
         # candidate from that; another LM reward (a reward model) scores each of the k candidates' t + 1 tokens.
-        decoding = [component for component in scorers if getattr(component, "next_token", False)]
-        others = [component for component in scorers if not getattr(component, "next_token", False)]
+        rows, others = _decoding_rows(scorers)
         per_k = sum(reward_passes(others, t + 1) for t in range(length))
         if not per_k:  # candidates are scored for free: the largest k
             return dataclasses.replace(config, args_top_k=ARGS_MAX_TOP_K)
-        fixed = (length - 1) * (1 + len(decoding)) + reward_passes(others, length)  # the decoding, and the answer's scoring
+        fixed = (length - 1) * rows + reward_passes(others, length)  # the decoding, and the answer's scoring
         return dataclasses.replace(config, args_top_k=int(min(ARGS_MAX_TOP_K, max(2, (budget - fixed) // per_k))))
     if config.method == "cbs":
         # Each chunk runs every open beam's t tokens once (its successors share them) under the reference and each
         # reward of its network; each successor draws its chunk (its first token from its beam's pass, feeding back
         # the rest but the last) under them too, and is scored by the other rewards' passes over t + chunk tokens.
         # The first chunk grows from one empty beam; the answers keep the scores of their last chunk.
-        rows = 1 + sum(1 for component in scorers if getattr(component, "next_token", False))
-        others = [component for component in scorers if not getattr(component, "next_token", False)]
+        rows, others = _decoding_rows(scorers)
         chunks = [(t, min(config.chunk, length - t), 1 if t == 0 else config.beams) for t in range(0, length, config.chunk)]
         shared = sum(beams * t * rows for t, _, beams in chunks)
         per_successor = sum(beams * ((size - 1) * rows + reward_passes(others, t + size)) for t, size, beams in chunks)
         return dataclasses.replace(config, successors=max(1, int((budget - shared) // max(1, per_successor))))
     return config
+
+
+def _decoding_rows(scorers: list) -> tuple[int, list]:
+    """ARGS and beam search decode each token under the reference and each reward of its network (next-token
+    log-probs): how many rows that is, and the other reward components, which score the tokens with passes of their own."""
+    others = [component for component in scorers if not getattr(component, "next_token", False)]
+    return 1 + len(scorers) - len(others), others
 
 
 def base_sample_cost(length: int, passes_per_row: int) -> int:
