@@ -190,21 +190,17 @@ class AlignService:
     async def wait(self, job: Job, client_gone: Callable[[], Awaitable[None]] | None = None) -> AlignResult:
         """The job's result; ``client_gone()`` returns when the client leaves, which cancels the job.
 
-        Nothing polls: the wait wakes when the job finishes, the client leaves, or the deadline passes.
+        Nothing polls: the wait wakes when the job finishes (at its deadline at the latest: ``submit`` armed it) or the
+        client leaves.
         """
         finished = asyncio.ensure_future(job.wait())
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
             if not finished.done():
-                timeout = None if job.deadline is None else max(0.0, job.deadline + 1.0 - time.monotonic())
-                await asyncio.wait([t for t in (finished, gone) if t is not None], timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not finished.done() and gone is not None and gone.done():
+                await asyncio.wait([t for t in (finished, gone) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+                if not finished.done():  # the client left
                     self.cancel(job)
                     raise ClientClosed("the client closed the connection")
-                if not finished.done():  # the deadline passed: this finishes the job
-                    self.cancel(job, kind="timeout", reason="the request ran past its deadline")
-                    await finished
         finally:
             for task in (finished, gone):
                 if task is not None and not task.done():

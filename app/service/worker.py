@@ -342,7 +342,7 @@ class EngineWorker:
         self._update_gauges()
 
     def _end_unwanted(self, job: Job) -> None:
-        if job.cancellation is not None:  # by the client, or by the service (a deadline its waiter saw pass first)
+        if job.cancellation is not None:  # by the client, or by the service (the deadline timer submit armed)
             self._finish_cancelled(job, *job.cancellation)
         else:
             self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
