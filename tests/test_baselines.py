@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -12,28 +10,12 @@ from app.engine.sea import Engine
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import encode_prefix
 from models.rewards import LexiconReward, PrincipleReward, RewardMix
+from tests.tiny import positions_run
 
 
 @pytest.fixture
 def reward(lm):
     return RewardMix([(PrincipleReward(lm), 1.0), (LexiconReward.keywords(lm.tokenizer, ["dog", "moon"]), 3.0)])
-
-
-@contextlib.contextmanager
-def _positions_run(*backbones):
-    """The positions (rows × tokens) of every forward pass of ``backbones`` while the block runs, in the list it yields."""
-    fed: list[int] = []
-
-    def count(module, args, kwargs):
-        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
-        fed.append(inputs.shape[:2].numel())
-
-    hooks = [backbone.register_forward_pre_hook(count, with_kwargs=True) for backbone in backbones]
-    try:
-        yield fed
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def run(engine, prompt, reward, **config):
@@ -149,7 +131,7 @@ def test_args_picks_what_scoring_every_candidate_in_full_picks_and_is_charged_wh
     prompt, length, k, alpha = make_prompt("how do i make a fire"), 6, 5, 2.0
     job = AlignJob(prompt, SEAConfig(method="args", max_tokens=length, alpha=alpha, temperature=0.0, args_top_k=k, seed=0), reward)
     state = engine.start(job)
-    with _positions_run(lm.model.model, reward_model.backbone) as fed:
+    with positions_run(lm.model.model, reward_model.backbone) as fed:
         result = engine.run([job])[0]
     assert sum(fed) == result.usage.forward_token_passes  # the prompts' passes included
 
@@ -185,7 +167,7 @@ def test_beam_search_draws_under_the_principle_s_prompt_too_and_is_charged_what_
     for terms in ([(PrincipleReward(lm), 1.0)], [(PrincipleReward(lm), 1.0), (reward_model, 0.3)]):
         job = AlignJob(prompt, SEAConfig(method="cbs", max_tokens=9, beams=2, successors=3, chunk=4, seed=1), RewardMix(terms))
         state = engine.start(job)
-        with _positions_run(lm.model.model, reward_model.backbone) as fed:
+        with positions_run(lm.model.model, reward_model.backbone) as fed:
             result = engine.run([job])[0]
         assert sum(fed) == result.usage.forward_token_passes
         for chain in result.chains:

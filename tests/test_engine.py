@@ -27,7 +27,7 @@ from models.rewards import (
     limited_log_probs,
 )
 from models.ste import ResponseBatch, response_mask
-from tests.tiny import tiny_reward_model
+from tests.tiny import positions_run, tiny_reward_model
 
 
 def _plain_log_prob(lm, prompt_ids, response_ids, one_hot=None):
@@ -419,18 +419,11 @@ def test_scoring_charges_the_positions_the_models_run(lm, engine, make_prompt):
     tokens = torch.randint(30, 40, (3, 7), generator=torch.Generator().manual_seed(0))  # no stop token: full length
     specs = [_spec(lm, prompt, terms, rows=3, length=7)
              for terms in ([(PrincipleReward(lm), 1.0)], [(reward_model, 1.0)], [(PrincipleReward(lm), 1.0), (reward_model, 0.5)])]
-    fed = []
-    hooks = [backbone.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["inputs_embeds"].shape[:2].numel()),
-                                                with_kwargs=True)
-             for backbone in (lm.model.model, reward_model.backbone)]
-    try:
+    with positions_run(lm.model.model, reward_model.backbone) as fed:
         for spec in specs:
             fed.clear()
             evaluate(lm, [spec], engine.stop_ids, tokens)
             assert sum(fed) == passes_per_row(spec) * 3, [component.name for component, _, _ in spec.reward_terms]
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def test_drawn_samples_are_scored_from_their_draw_as_a_full_pass_scores_them(lm, make_prompt):

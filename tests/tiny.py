@@ -1,7 +1,9 @@
-"""Tiny random models built from configs, with a small word-level tokenizer: the suite runs in seconds."""
+"""Tiny random models built from configs, with a small word-level tokenizer: the suite runs in seconds; and a count of
+the positions models run."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -64,3 +66,20 @@ def save_tiny_lm(lm: LoadedLM, folder: Path) -> Path:
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def positions_run(*backbones):
+    """The positions (rows × tokens) of every forward pass of ``backbones`` while the block runs, in the list it yields."""
+    fed: list[int] = []
+
+    def count(module, args, kwargs):
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        fed.append(inputs.shape[:2].numel())
+
+    hooks = [backbone.register_forward_pre_hook(count, with_kwargs=True) for backbone in backbones]
+    try:
+        yield fed
+    finally:
+        for hook in hooks:
+            hook.remove()
