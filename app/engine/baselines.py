@@ -11,16 +11,17 @@ import math
 
 import torch
 
-from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, passes_per_row
-from app.engine.sampling import SampleGroup, categorical, sample_groups, sample_responses
+from app.engine import sampling
+from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row
+from app.engine.sampling import SampleGroup, categorical, sample_groups
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import cache_over, stack_prefixes, with_cache
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
 
 
-def run_baseline(engine, state) -> AlignResult:
-    """Run a baseline request to completion."""
+def run_baseline(engine, state) -> AlignResult | None:
+    """Run a baseline request to completion; None once its job is abandoned (checked between tokens and draws)."""
     method = state.config.method
     if method == "args":
         return run_args(engine, state)
@@ -49,7 +50,7 @@ def _decoded_rewards(spec, model) -> list[tuple[object, object]]:
 
 
 @torch.inference_mode()
-def run_args(engine, state) -> AlignResult:
+def run_args(engine, state) -> AlignResult | None:
     """ARGS (Khanov et al., ICLR 2024): each token is picked among the reference top-k by ``log pi_ref + w·r(x, y_≤t)``.
 
     ``w`` is ``alpha``; greedy (``temperature = 0``) or sampled from the softmax of the scores. The reference and every
@@ -75,6 +76,8 @@ def run_args(engine, state) -> AlignResult:
     device = engine.device
     embed = model.get_input_embeddings()
     for t in range(config.max_tokens):
+        if state.job.is_abandoned():
+            return None
         top = log_probs[0].topk(min(config.args_top_k, log_probs.shape[-1]))
         k = top.indices.shape[0]
         if weight:
@@ -82,7 +85,7 @@ def run_args(engine, state) -> AlignResult:
             so_far = torch.stack(chosen_log_probs, dim=1) if tokens else log_probs.new_zeros(len(scorers), 0)  # (scorers, t)
             known = {scorer: torch.cat([so_far[i].expand(k, t), log_probs[i, top.indices][:, None]], dim=1) for i, scorer in enumerate(scorers)}
             partial = dataclasses.replace(spec, rows=k, length=t + 1)
-            rewards = evaluate(engine.lm, [partial], engine.stop_ids, candidates, known=known).reward
+            rewards = evaluate_in_chunks(engine.lm, [partial], engine.stop_ids, candidates, known=known).reward
             state.usage.forward_token_passes += passes_per_row(partial, known=frozenset(known)) * k
         else:
             rewards = torch.zeros_like(top.values)
@@ -113,7 +116,7 @@ def run_args(engine, state) -> AlignResult:
 
 
 @torch.inference_mode()
-def run_cbs(engine, state) -> AlignResult:
+def run_cbs(engine, state) -> AlignResult | None:
     """Chunk-level beam search (Zhou et al., 2024, weak-to-strong search): W beams, K sampled successors of C tokens each.
 
     After each chunk the W best distinct partial responses by reward stay. A finished beam (ended by a stop token)
@@ -141,14 +144,16 @@ def run_cbs(engine, state) -> AlignResult:
         growing = ~finished
         parents = beams[growing]
         group = SampleGroup(state.spec.prefix, parents.shape[0] * successors, size, state.generator, config.temperature, config.top_p,
-                            scored_by=tuple(context for _, context in joined))
+                            scored_by=tuple(context for _, context in joined), abandoned=state.job.is_abandoned)
         samples = sample_groups(model, [group], stops, given=parents, given_repeats=successors)[0]
+        if state.job.is_abandoned():
+            return None
         state.usage.forward_token_passes += samples.forward_token_passes
         candidates = samples.tokens  # (open beams·K, t + C)
         log_probs = torch.cat([beam_log_probs[growing].repeat_interleave(successors, dim=0), samples.token_log_probs], dim=2)
         known = {scorer: log_probs[:, i] for i, scorer in enumerate(scorers)}
         spec = dataclasses.replace(state.spec, rows=candidates.shape[0], length=candidates.shape[1])
-        scored = evaluate(engine.lm, [spec], stops, candidates, known=known)
+        scored = evaluate_in_chunks(engine.lm, [spec], stops, candidates, known=known)
         state.usage.forward_token_passes += passes_per_row(spec, known=frozenset(known)) * spec.rows
         rewards = torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf))
         scores = torch.stack([scored.energy, scored.reward, scored.log_prob_ref], dim=1)
@@ -180,21 +185,23 @@ def _best_distinct(candidates: torch.Tensor, rewards: torch.Tensor, width: int) 
     return kept
 
 
-def run_best_of_n(engine, state) -> AlignResult:
+def run_best_of_n(engine, state) -> AlignResult | None:
     """``sample``: one draw from pi_ref. ``bon``: N draws, the best by reward (or by exact energy with ``select``)."""
     config = state.config
     total = 1 if config.method == "sample" else config.samples
     chains: list[ChainResult] = []
     with torch.inference_mode():
-        for start in range(0, total, SAMPLE_BATCH):
-            n = min(SAMPLE_BATCH, total - start)
-            samples = sample_responses(
-                engine.lm.model, state.spec.prefix, n, config.max_tokens, engine.stop_ids, state.generator,
-                config.temperature, config.top_p,
-            )
+        batch = max(1, min(SAMPLE_BATCH, sampling.ROW_TOKENS_PER_PASS // (state.spec.prefix.length + config.max_tokens)))  # long prompts: fewer
+        for start in range(0, total, batch):
+            n = min(batch, total - start)
+            group = SampleGroup(state.spec.prefix, n, config.max_tokens, state.generator, config.temperature, config.top_p,
+                                abandoned=state.job.is_abandoned)
+            samples = sample_groups(engine.lm.model, [group], engine.stop_ids)[0]
+            if state.job.is_abandoned():
+                return None
             spec = dataclasses.replace(state.spec, rows=n)
             known = drawn_log_probs(samples.token_log_probs, None)  # the reference's log-probs come with the draw
-            scored = evaluate(engine.lm, [spec], engine.stop_ids, samples.tokens, known=known)
+            scored = evaluate_in_chunks(engine.lm, [spec], engine.stop_ids, samples.tokens, known=known)
             state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec, known=frozenset(known)) * n
             for row in range(n):
                 stats = StepStats(float(scored.energy[row]), float(scored.reward[row]), float(scored.log_prob_ref[row]), 0.0,

@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, passes_per_row, token_tilt
+from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, evaluate_in_chunks, passes_per_row, token_tilt
 from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
-from app.engine.sampling import SampleGroup, Tilt, sample_groups
+from app.engine.sampling import SampleGroup, Tilt, sample_groups_in_chunks
 from app.engine.types import StepStats, reward_pick
 from models.lm import ResponseMemory, Reuse
 
@@ -96,7 +96,7 @@ def _draw_samples(engine, states: list, counts: list[int], first: bool = False) 
                                   state.config.top_p, tilts[-1], greedy_rows=int(first and tilts[-1] is not None),
                                   abandoned=state.job.is_abandoned))
     drawn = []
-    for state, tilt, samples in zip(states, tilts, sample_groups(engine.lm.model, groups, engine.stop_ids)):
+    for state, tilt, samples in zip(states, tilts, sample_groups_in_chunks(engine.lm.model, groups, engine.stop_ids)):
         state.usage.forward_token_passes += samples.forward_token_passes
         drawn.append(Drawn(samples.tokens, drawn_log_probs(samples.token_log_probs, tilt)))
     return drawn
@@ -128,7 +128,7 @@ def _score_drawn(engine, states: list, drawn: list[Drawn]) -> tuple[Evaluation, 
         known = {key: torch.cat([torch.nn.functional.pad(drawn[i].known[key], (0, length - drawn[i].tokens.shape[1])) for i in members])
                  for key in keys}
         with torch.no_grad():
-            scored = evaluate(engine.lm, specs, engine.stop_ids, batch, known=known)
+            scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, batch, known=known)
         index = torch.cat([torch.arange(slices[i].start, slices[i].stop, device=device) for i in members])
         tokens[index], mask[index] = scored.tokens, scored.mask
         energy[index], reward[index], log_prob[index] = scored.energy, scored.reward, scored.log_prob_ref
@@ -342,9 +342,15 @@ def _tick(engine, states: list, saved: list) -> None:
         specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
         length = max(s.spec.length for s in editing if s.candidate_rows)  # a longer request without edits pads nothing
         padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
-        reuse, starts = reuse_for_edits(editing, owners, len(rows), length)
+        starts = []
+
+        def reuse_of(index: torch.Tensor):  # the memories of a pass's rows only (a whole batch's may not fit)
+            reuse, chunk_starts = reuse_for_edits(editing, [owners[i] for i in index.tolist()], len(index), length)
+            starts.extend(chunk_starts)
+            return reuse
+
         with torch.no_grad():
-            scored = evaluate(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse=reuse)
+            scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse_of=reuse_of)
     # The last heavy work (the restarting states are not the editing ones): what follows is bookkeeping, so a step that
     # runs out of memory before here is retried by the worker as if it had not begun (see ``tick``).
     replaced = _restart(engine, restarting) if restarting else {}

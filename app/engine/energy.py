@@ -9,12 +9,14 @@ their first edited position on (``reuse``): the unchanged head of each row is re
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from app.engine.sampling import Guide, Tilt
+from app.engine.sampling import Guide, Tilt, row_chunks
 from models.lm import MemoryRecorder, Prefix, ResponseMemory, Reuse, response_token_log_probs, stack_prefixes
 from models.loading import LoadedLM
 from models.rewards import RewardComponent
@@ -33,6 +35,13 @@ class RowSpec:
     use_reference: bool
     length: int  # response length L of these rows
     rows: int
+
+
+def row_size(spec: RowSpec) -> tuple[int, int]:
+    """(batch rows, tokens each) of one row of ``spec`` in a scoring pass: it runs under its prompt and again under each
+    reward's own prompt (the principle's rows run beside the reference's), padded to the longest."""
+    prompts = [spec.prefix, *(context for _, _, context in spec.reward_terms if isinstance(context, Prefix))]
+    return len(prompts), max(prompt.length for prompt in prompts) + spec.length
 
 
 @dataclass
@@ -155,6 +164,39 @@ def evaluate(
         ref_top_k=ref_top_k,
         memories=None if recorder is None else recorder.memories,
     )
+
+
+def evaluate_in_chunks(
+    lm: LoadedLM,
+    specs: list[RowSpec],
+    stop_ids: Tensor,
+    tokens: Tensor,
+    known: dict[object, Tensor] | None = None,
+    reuse_of: Callable[[Tensor], Reuse | None] | None = None,
+) -> Evaluation:
+    """Exact scores of ``tokens``, as :func:`evaluate` gives them, in passes of at most :data:`ROW_TOKENS_PER_PASS`
+    tokens (:func:`row_chunks`), so that memory stays bounded however many rows a request asks for (candidates,
+    samples). ``reuse_of(rows)`` gives the :class:`Reuse` of a pass's rows (a tensor of their indices), if any."""
+    chunks = row_chunks([(spec.rows, *row_size(spec)) for spec in specs])
+    starts = [0]
+    for spec in specs:
+        starts.append(starts[-1] + spec.rows)
+    parts = []
+    for chunk in chunks:
+        index = torch.cat([torch.arange(starts[group] + first, starts[group] + end, device=tokens.device)
+                           for group, first, end in chunk])
+        whole = len(chunks) == 1
+        parts.append(evaluate(
+            lm, specs if whole else [dataclasses.replace(specs[group], rows=end - first) for group, first, end in chunk],
+            stop_ids, tokens if whole else tokens[index],
+            known=None if known is None else {key: value if whole or value is None else value[index] for key, value in known.items()},
+            reuse=reuse_of(index) if reuse_of is not None else None,
+        ))
+    if len(parts) == 1:
+        return parts[0]
+    return Evaluation(tokens=torch.cat([p.tokens for p in parts]), mask=torch.cat([p.mask for p in parts]),
+                      energy=torch.cat([p.energy for p in parts]), reward=torch.cat([p.reward for p in parts]),
+                      log_prob_ref=torch.cat([p.log_prob_ref for p in parts]), grad=None, table=None, ref_top_k=None)
 
 
 def _component_rows(specs: list[RowSpec]) -> dict[int, tuple[RewardComponent, list[int], list[float], list[object]]]:

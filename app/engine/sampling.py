@@ -12,6 +12,7 @@ extra rows of the same batch that read the drawn tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,35 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from models.lm import Prefix, cache_over, stack_prefixes, with_cache
+
+ROW_TOKENS_PER_PASS = 32_768  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
+
+
+def row_chunks(sizes: list[tuple[int, int, int]], budget: int | None = None) -> list[list[tuple[int, int, int]]]:
+    """Passes for groups of ``(rows, batch rows per row, tokens per batch row)`` laid out group after group (a row
+    runs once per prompt it is read under; a pass pads every batch row to its longest), each holding at most
+    ``budget`` tokens (a row longer than that alone): a list of ``(group, first row, end row)`` per pass.
+
+    A group too large for one pass is cut into pieces that depend on it alone, and no two pieces of a group share a
+    pass, so what a group draws or scores does not depend on the groups beside it. Pieces are packed in order.
+    """
+    budget = budget or ROW_TOKENS_PER_PASS
+    chunks: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    batch_rows = longest = 0
+    for group, (rows, width, length) in enumerate(sizes):
+        per_piece = max(1, budget // (width * length))
+        for first in range(0, rows, per_piece):
+            end = min(first + per_piece, rows)
+            if current and (batch_rows + (end - first) * width) * max(longest, length) > budget:
+                chunks.append(current)
+                current, batch_rows, longest = [], 0, 0
+            current.append((group, first, end))
+            batch_rows += (end - first) * width
+            longest = max(longest, length)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 @dataclass
@@ -273,3 +303,23 @@ def sample_groups(
             torch.stack([picked[r, : group.max_tokens] for r in group_rows[i]], dim=1),
         ))
     return results
+
+
+def sample_groups_in_chunks(model: PreTrainedModel, groups: list[SampleGroup], stop_ids: Tensor) -> list[Samples]:
+    """:func:`sample_groups` in batches of at most :data:`ROW_TOKENS_PER_PASS` tokens (:func:`row_chunks`; a drawn row
+    holds its prompt, its guide and scoring prompts, and the response), so that a request asking for many samples does
+    not hold them all at once. A group small enough for one batch draws exactly what it draws in one; a larger one
+    draws its pieces one after the other from its generator, the same whatever groups are beside it."""
+    prompts = [[group.prefix, *(guide.prefix for guide in (group.tilt.guides if group.tilt else ())), *group.scored_by]
+               for group in groups]
+    pieces: list[list[Samples]] = [[] for _ in groups]
+    sizes = [(group.n, len(mine), max(p.length for p in mine) + group.max_tokens) for group, mine in zip(groups, prompts)]
+    for chunk in row_chunks(sizes):
+        parts = [dataclasses.replace(groups[g], n=end - first, greedy_rows=min(groups[g].greedy_rows, end) if first == 0 else 0)
+                 for g, first, end in chunk]
+        for (g, _, _), samples in zip(chunk, sample_groups(model, parts, stop_ids)):
+            pieces[g].append(samples)
+    return [parts[0] if len(parts) == 1 else Samples(
+        torch.cat([p.tokens for p in parts]), None, sum(p.forward_token_passes for p in parts),
+        torch.cat([p.token_log_probs for p in parts]),
+    ) for parts in pieces]

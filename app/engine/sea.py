@@ -116,6 +116,8 @@ class Engine:
                 self.cancel(state)  # e.g. a Best-of-N request cancelled while the one before it ran
             elif state.config.method != "sea":
                 state.result = run_baseline(self, state)
+                if state.result is None:
+                    self.cancel(state)  # abandoned while it ran
                 state.done = True
             elif state.config.update != "discrete":
                 self._start_logits(state)

@@ -1,0 +1,147 @@
+"""What one request may hold in memory: draws and exact scoring run in passes of bounded size, and baselines stop
+drawing once their job is abandoned (a client's timeout or cancel), as SEA's chains do."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+from app.engine import sampling
+from app.engine.energy import RowSpec, evaluate, evaluate_in_chunks, row_size
+from app.engine.sampling import row_chunks
+from app.engine.types import AlignJob, SEAConfig
+from models.lm import encode_prefix
+from models.rewards import LexiconReward, PrincipleReward, RewardMix
+from tests.tiny import positions_run
+
+
+@pytest.fixture
+def reward(lm):
+    return RewardMix([(PrincipleReward(lm), 1.0), (LexiconReward.keywords(lm.tokenizer, ["dog", "moon"]), 3.0)])
+
+
+def test_row_chunks_cut_a_large_group_alone_and_pack_small_ones_in_order():
+    sizes = [(3, 1, 10), (25, 1, 10), (2, 2, 5), (1, 1, 300)]
+    chunks = row_chunks(sizes, budget=100)
+    for chunk in chunks[:-1]:  # the last holds the one row longer than the budget, alone
+        rows = sum((end - first) * sizes[group][1] for group, first, end in chunk)
+        assert rows * max(sizes[group][2] for group, _, _ in chunk) <= 100  # padded to the longest
+    assert chunks[-1] == [(3, 0, 1)]
+    pieces = [piece for chunk in chunks for piece in chunk]
+    assert pieces == [(0, 0, 3), (1, 0, 10), (1, 10, 20), (1, 20, 25), (2, 0, 2), (3, 0, 1)]  # every row once, in order
+    for chunk in chunks:
+        groups = [g for g, _, _ in chunk]
+        assert len(groups) == len(set(groups))  # no two pieces of a group in one pass
+    # a group's pieces do not depend on the groups beside it
+    alone = [piece for chunk in row_chunks([(25, 1, 10)], budget=100) for piece in chunk]
+    assert alone == [(0, 0, 10), (0, 10, 20), (0, 20, 25)]
+
+
+def test_scoring_in_chunks_equals_scoring_at_once(engine, lm, make_prompt, reward, monkeypatch):
+    prefixes = [encode_prefix(lm.model, make_prompt(text).ids) for text in ("write about a dog", "tell me about the moon")]
+    specs = [RowSpec(prefix, [(c, w, c.prepare(make_prompt(text))) for c, w in reward.terms], 1.0, True, True, 6, rows)
+             for prefix, text, rows in zip(prefixes, ("write about a dog", "tell me about the moon"), (5, 3))]
+    tokens = torch.randint(3, lm.model.config.vocab_size, (8, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = evaluate(lm, specs, engine.stop_ids, tokens)
+        monkeypatch.setattr(sampling, "ROW_TOKENS_PER_PASS", 2 * held(row_size(specs[0])))
+        with positions_run(lm.model.model) as fed:
+            chunked = evaluate_in_chunks(lm, specs, engine.stop_ids, tokens)
+    assert len(fed) > 2  # it did run in several passes
+    for field in ("energy", "reward", "log_prob_ref"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), rtol=1e-5, atol=1e-4)
+    assert torch.equal(chunked.mask, whole.mask)
+
+
+def held(size: tuple[int, int]) -> int:
+    rows, tokens = size
+    return rows * tokens
+
+
+@contextlib.contextmanager
+def tokens_held(backbone):
+    """The most tokens (rows × attended positions, prompt included) one forward pass of ``backbone`` held."""
+    held = [0]
+
+    def count(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            held[0] = max(held[0], mask.shape[0] * mask.shape[-1])
+
+    hook = backbone.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield held
+    finally:
+        hook.remove()
+
+
+def test_many_candidates_and_samples_run_in_bounded_passes(engine, lm, make_prompt, reward, monkeypatch):
+    """A request asking for many candidate edits and starting samples (64 × chains rows, say) holds no more than
+    ROW_TOKENS_PER_PASS tokens in a pass: its draw and its scoring are cut (one such request exhausted a pod's memory)."""
+    prompt = make_prompt("write about a dog")
+    config = SEAConfig(max_tokens=8, chains=2, steps=2, candidates=24, init_samples=32, seed=3)
+
+    def request():
+        return engine.run([AlignJob(prompt, config, reward)])[0]
+
+    spec_cost = held(row_size(RowSpec(encode_prefix(lm.model, prompt.ids), [(c, w, c.prepare(prompt)) for c, w in reward.terms],
+                                        1.0, True, True, 8, 1)))
+    budget = 4 * spec_cost  # the chains' gradient pass (2 rows) fits; 48 candidates and 32 samples do not
+    with tokens_held(lm.model.model) as unbounded:
+        request()
+    assert unbounded[0] > budget  # without a bound the passes are larger: the check below can fail
+    monkeypatch.setattr(sampling, "ROW_TOKENS_PER_PASS", budget)
+    with tokens_held(lm.model.model) as bounded:
+        result = request()
+    assert 0 < bounded[0] <= budget
+    assert all(torch.isfinite(torch.tensor(c.energy)) for c in result.chains)
+    # the scores it returns are exact whatever the passes
+    spec = RowSpec(encode_prefix(lm.model, prompt.ids), [(c, w, c.prepare(prompt)) for c, w in reward.terms], config.alpha,
+                   True, True, 8, len(result.chains))
+    with torch.no_grad():
+        rescored = evaluate(lm, [spec], engine.stop_ids, torch.tensor([c.tokens for c in result.chains]))
+    torch.testing.assert_close(rescored.energy, torch.tensor([c.energy for c in result.chains]), rtol=1e-5, atol=1e-3)
+
+
+def test_best_of_n_on_a_long_prompt_draws_fewer_at_once(engine, lm, make_prompt, reward, monkeypatch):
+    prompt = make_prompt("write about a dog")
+    config = SEAConfig(method="bon", samples=12, max_tokens=8, seed=3)
+    budget = held(row_size(RowSpec(encode_prefix(lm.model, prompt.ids), [(c, w, c.prepare(prompt)) for c, w in reward.terms],
+                                   1.0, True, True, 8, 1)))  # one sample scored under both prompts
+    with tokens_held(lm.model.model) as unbounded:
+        engine.run([AlignJob(prompt, config, reward)])
+    assert unbounded[0] > budget  # all 12 drawn at once
+    monkeypatch.setattr(sampling, "ROW_TOKENS_PER_PASS", budget)
+    with tokens_held(lm.model.model) as most:
+        result = engine.run([AlignJob(prompt, config, reward)])[0]
+    assert len(result.chains) == 12 and 0 < most[0] <= budget
+
+
+@pytest.mark.parametrize("method,extra", [("bon", {"samples": 64}), ("args", {}), ("cbs", {"beams": 2, "successors": 4, "chunk": 2})])
+def test_an_abandoned_baseline_stops_drawing(engine, lm, make_prompt, reward, method, extra):
+    """A baseline runs whole in its start: abandoned (its client left, its deadline passed) it stops at the next token
+    it draws, as a SEA start does, instead of holding the engine for the rest of its run."""
+    prompt = make_prompt("write about a dog")
+    config = SEAConfig(method=method, max_tokens=16, seed=3, temperature=1.0, **extra)
+    with positions_run(lm.model.model) as whole:
+        full = engine.start(AlignJob(prompt, config, reward))
+    assert full.result is not None and not full.cancelled
+    passes = [0]
+
+    def abandoned() -> bool:
+        return passes[0] >= 3  # after a few forward passes of its run
+
+    def count(module, args, kwargs):
+        passes[0] += 1
+
+    hook = lm.model.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        with positions_run(lm.model.model) as fed:
+            state = engine.start(dataclasses.replace(AlignJob(prompt, config, reward), abandoned=abandoned))
+    finally:
+        hook.remove()
+    assert state.cancelled and state.done and state.result is None
+    assert len(fed) < len(whole) / 2
