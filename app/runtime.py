@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class Runtime:
         rewards: dict[str, RewardComponent] = {"principle": PrincipleReward(lm, settings.principle, clip=settings.principle_clip)}
         rewards.update(extra_rewards or {})
         runtime = cls(lm, Engine(lm), rewards, settings.reward_terms(), settings.default_keyword_weight)
+        runtime.longest_token_characters  # noqa: B018 (computed now, not on a request)
         for name, _ in runtime.default_reward:
             if name not in rewards:
                 raise UnknownRewardError(f"SEA_REWARD names {name!r}, but the loaded rewards are {sorted(rewards)}")
@@ -77,6 +79,13 @@ class Runtime:
         models = [self.lm.model] + [component.model for component, _ in job.reward.terms if hasattr(component, "model")]
         limits = [limit for model in models if isinstance(limit := getattr(model.config, "max_position_embeddings", None), int)]
         return max(prompts) + job.config.max_tokens, min(limits, default=None)
+
+    @functools.cached_property
+    def longest_token_characters(self) -> int:
+        """Characters of the vocabulary's longest token (81 for SmolLM2: a newline and 80 spaces): a text longer than
+        n times this is sure to take more than n tokens."""
+        tokenizer = self.lm.tokenizer
+        return max(len(tokenizer.convert_tokens_to_string([token])) for token in tokenizer.get_vocab())
 
     def prompt(self, messages: list[Message]) -> Prompt:
         return Prompt(messages, render_prompt(self.lm.tokenizer, messages))

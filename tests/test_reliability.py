@@ -372,6 +372,25 @@ def test_limits_answer_422_naming_the_field_and_the_limit(http):
     long_chat = assert_error(http.post("/v1/chat/completions", json={"model": "sea", "messages": [{"role": "user", "content": "the dog " * 20}]}),
                              400)
     assert "the limit is 16" in long_chat["message"]
+    # A prompt too long for any tokenizing is refused by its characters, before it is tokenized (on the event loop).
+    huge = assert_error(http.post("/align", json={**SHORT, "prompt": "the dog " * 400}), 422)
+    assert huge["param"] == "prompt" and huge["code"] == "context_length_exceeded" and "3200 characters" in huge["message"]
+
+
+def test_text_that_is_not_unicode_or_a_huge_field_name_is_a_clear_error(http):
+    """JSON can spell a lone UTF-16 surrogate, which no tokenizer takes (it was a 500 on /v1); a field name is echoed
+    back and logged only in part."""
+    for path, body, param in (
+        ("/v1/completions", '{"model": "sea", "prompt": "the dog \\ud800"}', "prompt"),
+        ("/v1/completions", '{"model": "sea", "prompt": ["the dog \\udc00"]}', "prompt"),
+        ("/v1/chat/completions", '{"model": "sea", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages.0.content"),
+        ("/align", '{"prompt": "hi", "reward": {"keywords": ["dog \\ud800"]}}', "reward.keywords"),
+    ):
+        error = assert_error(http.post(path, content=body.encode(), headers={"content-type": "application/json"}),
+                             400 if path.startswith("/v1") else 422)
+        assert error["param"] == param and "surrogate" in error["message"], error
+    error = assert_error(http.post("/align", json={**SHORT, "x" * 3000: 1}), 422)
+    assert error["param"].startswith("xxx") and len(error["param"]) <= 200 and len(error["message"]) < 1000
 
 
 def test_bodies_over_the_limit_answer_413_declared_or_streamed(http):

@@ -59,6 +59,7 @@ def validation_response(request: Request, exc: RequestValidationError) -> JSONRe
     first = _reported_error(errors) if errors else {"loc": (), "msg": "invalid request"}
     loc = first.get("loc", ())
     param = ".".join(str(part) for i, part in enumerate(loc) if part != "body" and not _is_branch(part, first, i)) or None
+    param = _shortened(param)  # a field name is the client's to choose: a megabyte of it is not echoed or logged
     if first.get("type") == "json_invalid":
         return _malformed_body(request)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -78,6 +79,10 @@ def validation_response(request: Request, exc: RequestValidationError) -> JSONRe
         message, code = f"`{param}` is not supported by this server", "unsupported_parameter"
     note_error(request.scope, message)
     return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=_invalid_status(request))
+
+
+def _shortened(text: str | None, most: int = 200) -> str | None:
+    return text if text is None or len(text) <= most else text[: most - 1] + "…"
 
 
 def _malformed_body(request: Request, message: str = "the body is not valid JSON (UTF-8)") -> JSONResponse:

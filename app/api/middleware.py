@@ -34,9 +34,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _logged_path(scope) -> str:
-    """The path as sent (percent-encoded): a client cannot put a line break or a terminal escape into the log."""
-    return scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
+def _logged_path(scope, most: int = 500) -> str:
+    """The path as sent (percent-encoded): a client cannot put a line break or a terminal escape into the log, nor
+    more than ``most`` characters of it."""
+    path = scope.get("raw_path", b"").decode("ascii", "backslashreplace") or _printable(scope["path"])
+    return path if len(path) <= most else path[:most] + f"… ({len(path)} characters)"
 
 
 def bearer_key_valid(authorization: str | None, keys: list[bytes]) -> bool:
@@ -94,7 +96,7 @@ class RequestContext:
             self.metrics.requests.labels(method, endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
             if status >= 400:
-                reason = _printable(state.get("error_message", ""))
+                reason = _printable(state.get("error_message", ""))[:1000]
                 log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s",
                         request_id, scope["method"], path, status, reason)
 

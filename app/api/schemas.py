@@ -39,6 +39,19 @@ class StrictRequest(BaseModel):
     def _whole_numbers(cls, value):
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unicode_text(cls, value):
+        """A lone UTF-16 surrogate (``"\\ud800"``, which JSON can spell and Python's parser lets through) is not text:
+        no tokenizer takes it."""
+        for text in value if isinstance(value, list) else (value,):
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a lone UTF-16 surrogate, which is not text") from None
+        return value
+
 
 class LimitError(ValueError):
     """A request parameter is over a server limit (422 naming the field and the limit)."""

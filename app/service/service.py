@@ -142,6 +142,11 @@ class AlignService:
             raise ServiceUnavailable(self.broken, headers=NO_RETRY)
         if self.worker is None or self.draining:
             raise ServiceUnavailable(self.waiting_for, headers={"Retry-After": "5"})
+        characters = sum(len(message["content"]) for message in messages)
+        if characters > self.settings.max_prompt_tokens * self.runtime.longest_token_characters:  # sure to be over: not tokenized
+            raise Unprocessable(f"the prompt has {characters} characters, more than {self.settings.max_prompt_tokens} tokens "
+                                f"hold (the limit is {self.settings.max_prompt_tokens} tokens)", param=prompt_param,
+                                code="context_length_exceeded")
         try:
             work = self.runtime.job(messages, config, **(reward_options or {}))
         except UnknownRewardError as exc:
