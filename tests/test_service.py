@@ -716,3 +716,26 @@ def test_a_failure_in_one_update_rule_s_part_of_a_step_does_not_step_the_other_p
     assert any("poison" in batch for batch in engine.attempted[fine[0] : fine[-1]])  # the poison ran beside it
     steps = [event["step"] for event in innocent.events if event["event"] == "step"]
     assert steps == list(range(7)), steps  # one event per tick, as alone (the fake takes steps + 1 ticks)
+
+
+def test_job_store_keeps_finished_jobs_for_their_ttl_and_at_most_its_bound(monkeypatch):
+    from app.service.jobs import Job, JobStore
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    store = JobStore(ttl=60, most_kept=10)
+    running = Job(SimpleNamespace(config=SEAConfig()), "m")
+    store.add(running)
+    finished = []
+    for _ in range(10):
+        job = Job(SimpleNamespace(config=SEAConfig()), "m")
+        store.add(job)
+        job.finish(JobStatus.cancelled, error="cancelled by the client", kind="cancelled")
+        finished.append(job)
+        clock[0] += 1
+    assert len(store) == 9  # the 11th job passed the bound: the oldest finished ones went, down to nine tenths of it
+    assert store.get(running.id) is running and store.get(finished[0].id) is None and store.get(finished[1].id) is None
+    assert [store.get(job.id) for job in finished[2:]] == finished[2:]
+    clock[0] += 55  # finished[2] finished 63 s ago, finished[9] 55 s ago
+    assert store.get(finished[2].id) is None and store.get(finished[9].id) is finished[9]
+    assert store.get(running.id) is running  # unfinished jobs never expire

@@ -63,6 +63,9 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+MOST_JOBS_KEPT = 10_000  # finished jobs a replica keeps readable (each a few kB)
+
+
 @dataclass(eq=False)
 class Job:
     """A request's life on the service. Mutated only on the event loop (the worker hands over with call_soon_threadsafe)."""
@@ -154,18 +157,31 @@ class Job:
 
 
 class JobStore:
-    """In-memory jobs by id; finished jobs are dropped ``ttl`` seconds after they finish."""
+    """In-memory jobs by id; finished jobs are dropped ``ttl`` seconds after they finish, and the oldest of them as soon
+    as more than ``most_kept`` jobs are held (a client cancelling what it submits, thousands a minute, fills no memory)."""
 
-    def __init__(self, ttl: float):
+    def __init__(self, ttl: float, most_kept: int = MOST_JOBS_KEPT):
         self.ttl = ttl
+        self.most_kept = most_kept
         self.jobs: dict[str, Job] = {}
 
     def add(self, job: Job) -> None:
         self.jobs[job.id] = job
+        if len(self.jobs) > self.most_kept:
+            self._drop_oldest_finished(len(self.jobs) - self.most_kept * 9 // 10)  # a tenth at a time: one scan per many adds
 
     def get(self, job_id: str) -> Job | None:
-        self.expire()
-        return self.jobs.get(job_id)
+        """The job, unless it expired (the others expire in ``expire``, which the service runs periodically)."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.finished_at is not None and time.monotonic() - job.finished_at > self.ttl:
+            del self.jobs[job_id]
+            return None
+        return job
+
+    def _drop_oldest_finished(self, count: int) -> None:
+        oldest = sorted((job.finished_at, jid) for jid, job in self.jobs.items() if job.finished_at is not None)[:count]
+        for _, jid in oldest:
+            del self.jobs[jid]
 
     def expire(self) -> int:
         now = time.monotonic()
