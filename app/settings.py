@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.defaults import KEYWORD_WEIGHT, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="Log level.")
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated API keys; when set, every API endpoint but /health, /ready and /metrics needs `Authorization: Bearer <key>` (the docs and playground pages load without one).")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated API keys; when set, every API endpoint but /health, /ready and /metrics needs `Authorization: Bearer <key>` (the docs and playground pages load without one). A job is readable and cancellable only with the key that submitted it.")
     api_keys_file: str = Field("", description="File with more API keys, one per line (blank lines and `#` comments skipped); read once at start-up.")
     metrics_require_key: bool = Field(False, description="Also require the API key on /metrics.")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated origins allowed by CORS; empty: CORS off.")
@@ -73,9 +73,12 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_commas(cls, value):
+    def _split_commas(cls, value, info: ValidationInfo):
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            if info.field_name == "api_keys" and value.strip() and not parts:  # fail closed, like an empty keys file
+                raise ValueError("SEA_API_KEYS holds no key (only commas and spaces); leave it unset for an open API")
+            return parts
         return value
 
     @field_validator("log_level", mode="before")

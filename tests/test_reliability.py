@@ -123,6 +123,9 @@ def test_keys_and_cors_origins_come_from_the_environment(monkeypatch):
     assert settings.cors_origins == ["https://one.example", "https://two.example"]
     monkeypatch.delenv("SEA_CORS_ORIGINS")
     assert Settings().cors_origins == []  # CORS off by default
+    monkeypatch.setenv("SEA_API_KEYS", " , ")  # meant to guard the service, holds no key: fails closed
+    with pytest.raises(ValueError, match="holds no key"):
+        Settings()
 
 
 def test_bearer_check():
@@ -333,6 +336,19 @@ def test_keys_from_the_environment_and_the_file_work_with_the_openai_client(serv
     with pytest.raises(openai.AuthenticationError) as denied:
         wrong.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hi"}])
     assert denied.value.status_code == 401 and denied.value.body["code"] == "invalid_api_key"
+
+
+def test_a_job_is_read_and_cancelled_by_the_key_that_submitted_it_only(server, http):
+    """API keys are tenants: another key's job is unknown (404, as an id never issued), whether read, streamed or
+    cancelled; its owner still reads it."""
+    other = {"Authorization": f"Bearer {KEYS[1]}"}
+    created = http.post("/jobs", json={**SHORT, "steps": 3})
+    assert created.status_code == 202
+    location = created.headers["location"]
+    for method, path in (("GET", location), ("GET", location + "/events"), ("DELETE", location)):
+        assert_error(httpx.request(method, server.url + path, headers=other, timeout=30), 404)
+    wait_for(lambda: http.get(location).json()["status"] == "succeeded", 60)  # the other key's DELETE cancelled nothing
+    assert http.get(location + "/events").status_code == 200
 
 
 def test_missing_or_wrong_key_is_401_before_the_body_is_read(server):

@@ -514,3 +514,25 @@ def test_with_a_shared_store_a_deadline_ends_queued_and_running_jobs_while_the_w
 
     running, queued, still_stuck = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert still_stuck and (running.error_kind, queued.error_kind) == ("timeout", "timeout")
+
+
+def test_another_replica_shows_a_job_to_the_key_that_submitted_it_only(redis_url):
+    from app.errors import NotFound
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        prefix = "owner-" + uuid.uuid4().hex[:8]
+        runner = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
+        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        asker.shared.stop_claiming()
+        job = await runner.submit(SEAConfig(chains=1, steps=3), [{"role": "user", "content": "hi"}], owner="client-a")
+        seen = await asker.get(job.id, "client-a")
+        with pytest.raises(NotFound):
+            await asker.get(job.id, "client-b")
+        with pytest.raises(NotFound):
+            await asker.get(job.id)  # a replica without keys' view: no owner
+        for service in (runner, asker):
+            await service.shutdown()
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)).owner == "client-a"

@@ -56,6 +56,12 @@ def bearer_key_valid(authorization: str | None, keys: list[bytes]) -> bool:
     return scheme.lower() == "bearer" and matched
 
 
+def client_of(authorization: str) -> str:
+    """Who holds the key of a valid ``Authorization`` header, for the jobs they own: a digest, never the key."""
+    token = authorization.partition(" ")[2].strip().encode("latin-1", "replace")
+    return hashlib.sha256(b"sea-serve client\0" + token).hexdigest()[:32]
+
+
 async def _send_error(scope, send, status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> None:
     note_error(scope, message)
     response = JSONResponse(error_body(message, type_, code=code), status_code=status, headers=headers)
@@ -179,9 +185,11 @@ class ApiKeyAuth:
         if scope["type"] != "http" or not self.keys or path in self.public or path.startswith(self.public_prefixes):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization")
-        if not bearer_key_valid(header.decode("latin-1") if header else None, self.keys):
+        authorization = header.decode("latin-1") if header else None
+        if not bearer_key_valid(authorization, self.keys):
             return await _send_error(scope, send, 401, "missing or invalid API key", "authentication_error", code="invalid_api_key",
                                      headers={"WWW-Authenticate": "Bearer"})
+        scope.setdefault("state", {})["client"] = client_of(authorization)
         await self.app(scope, receive, send)
 
 

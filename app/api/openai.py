@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator
 
-from app.api.routes import UNAUTHORIZED, client_gone, engine_config, error_responses, get_service, require_api_key
+from app.api.routes import UNAUTHORIZED, client, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult, chain_order
@@ -339,7 +339,8 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     stops = body.stops()
     config = engine_config(params, service)
     try:
-        job = await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param="messages" if chat else "prompt")
+        job = await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param="messages" if chat else "prompt",
+                                   owner=client(request))
     except APIError as exc:  # name the field as this request spells it
         if exc.param is not None and exc.param not in ("prompt", "messages") and exc.param.split(".")[0] not in OPENAI_FIELDS:
             exc.param = f"sea.{exc.param}"

@@ -90,9 +90,14 @@ def client_gone(request: Request):
     return wait_for_disconnect
 
 
-async def submit(body: AlignRequest, service: AlignService, **options) -> Job:
+def client(request: Request) -> str | None:
+    """The API key's holder (``ApiKeyAuth``), None without API keys: a job is readable and cancellable by its owner only."""
+    return request.scope.get("state", {}).get("client")
+
+
+async def submit(body: AlignRequest, request: Request, service: AlignService, **options) -> Job:
     return await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout,
-                                prompt_param="prompt" if body.messages is None else "messages", **options)
+                                prompt_param="prompt" if body.messages is None else "messages", owner=client(request), **options)
 
 
 def align_response(job: Job, result, with_trace: bool) -> AlignResponse:
@@ -132,15 +137,15 @@ async def metrics(service: AlignService = Depends(get_service)) -> Response:
 
 @protected.post("/align", response_model=AlignResponse, responses={**SUBMIT_ERRORS, **WAIT_ERRORS}, summary="Align one prompt and wait for the result.")
 async def align(body: AlignRequest, request: Request, service: AlignService = Depends(get_service)) -> Response:
-    job = await submit(body, service)
+    job = await submit(body, request, service)
     result = await service.wait(job, client_gone(request))
     # Serialised here (pydantic's own JSON): the response model is built and checked once, not re-validated by FastAPI.
     return Response(align_response(job, result, body.return_trace).model_dump_json(), media_type="application/json")
 
 
 @protected.post("/jobs", status_code=202, response_model=JobCreated, responses=SUBMIT_ERRORS, summary="Queue an alignment job.")
-async def create_job(body: AlignRequest, response: Response, service: AlignService = Depends(get_service)) -> JobCreated:
-    job = await submit(body, service, stream_events=True, return_trace=body.return_trace)
+async def create_job(body: AlignRequest, request: Request, response: Response, service: AlignService = Depends(get_service)) -> JobCreated:
+    job = await submit(body, request, service, stream_events=True, return_trace=body.return_trace)
     location = f"/jobs/{job.id}"
     response.headers["Location"] = location
     return JobCreated(id=job.id, status=job.status.value, location=location)
@@ -152,13 +157,13 @@ async def job_out(job: Job, service: AlignService) -> JobOut:
 
 
 @protected.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="A job's status, queue position and result.")
-async def get_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
-    return await job_out(await service.get(job_id), service)
+async def get_job(job_id: str, request: Request, service: AlignService = Depends(get_service)) -> JobOut:
+    return await job_out(await service.get(job_id, client(request)), service)
 
 
 @protected.delete("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="Cancel a job (its chains leave the batch at the next step).")
-async def cancel_job(job_id: str, service: AlignService = Depends(get_service)) -> JobOut:
-    job = await service.get(job_id)
+async def cancel_job(job_id: str, request: Request, service: AlignService = Depends(get_service)) -> JobOut:
+    job = await service.get(job_id, client(request))
     service.cancel(job)
     await job.wait(5.0)
     return await job_out(job, service)
@@ -169,8 +174,8 @@ async def cancel_job(job_id: str, service: AlignService = Depends(get_service)) 
     responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event."}, **JOB_ERRORS},
     summary="Server-Sent Events: one `step` event per Langevin step, then a `result` event.",
 )
-async def job_events(job_id: str, service: AlignService = Depends(get_service)):
-    job = await service.get(job_id)
+async def job_events(job_id: str, request: Request, service: AlignService = Depends(get_service)):
+    job = await service.get(job_id, client(request))
 
     async def stream():
         past, queue = job.subscribe()

@@ -75,6 +75,7 @@ class Job:
     stream_events: bool = False  # per-step events with each chain's text (the job API and the playground)
     deadline: float | None = None  # time.monotonic() after which the job is failed with a timeout
     return_trace: bool = False
+    owner: str | None = None  # who submitted it (a digest of their API key; None without keys): only they read or cancel it
     id: str = field(default_factory=lambda: "job-" + uuid.uuid4().hex[:24])
     created: float = field(default_factory=time.time)
     enqueued: float = field(default_factory=time.monotonic)

@@ -135,6 +135,7 @@ class AlignService:
         stream_events: bool = False,
         return_trace: bool = False,
         prompt_param: str = "prompt",
+        owner: str | None = None,
     ) -> Job:
         """Build the engine job, check the prompt limit (an error names ``prompt_param``, the field the request sent), and
         queue it (429 when the queue is full)."""
@@ -163,7 +164,8 @@ class AlignService:
             raise Unprocessable(f"the prompt and the response need {needed} positions; the model's context is {context} "
                                 "(shorten the prompt or lower max_tokens)", param=prompt_param, code="context_length_exceeded")
         timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
-        job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace)
+        job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace,
+                  owner=owner)
         if self.shared is not None:
             with _shared_store_errors():
                 queued = await self.shared.enqueue(job, messages, reward_options or {})
@@ -226,12 +228,13 @@ class AlignService:
 
     # ----- jobs ---------------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, if ``owner`` (the API key's holder; None without keys) submitted it: to anyone else it is unknown."""
         job = self.store.get(job_id)
         if job is None and self.shared is not None:
             with _shared_store_errors():
                 job = await self.shared.lookup(job_id)
-        if job is None:
+        if job is None or job.owner != owner:
             raise NotFound(f"no job {job_id!r} (unknown, or expired after {self.settings.job_ttl_seconds:g} s)", param="id")
         return job
 

@@ -325,7 +325,7 @@ class SharedJobs:
         """Queue ``job`` for any replica; False when the shared queue is full."""
         spec = {"messages": messages, "config": dataclasses.asdict(job.work.config), "reward_options": reward_options,
                 "deadline": time.time() + (job.deadline - time.monotonic()) if job.deadline is not None else None,
-                "stream_events": job.stream_events, "return_trace": job.return_trace, "model": job.model}
+                "stream_events": job.stream_events, "return_trace": job.return_trace, "model": job.model, "owner": job.owner}
         self._jobs[job.id] = job
         self._mirrored[job.id] = 0
         ok = 0
@@ -424,7 +424,7 @@ class SharedJobs:
         deadline = None if spec["deadline"] is None else time.monotonic() + (spec["deadline"] - time.time())
         enqueued = time.monotonic() - max(0.0, time.time() - created)  # the queue wait counts from the submission
         return Job(work, spec["model"], stream_events=spec["stream_events"], deadline=deadline, return_trace=spec["return_trace"],
-                   id=job_id, created=created, enqueued=enqueued)
+                   owner=spec.get("owner"), id=job_id, created=created, enqueued=enqueued)
 
     # ----- running jobs: claim, then mirror this replica's events to Redis -------------------------
 
