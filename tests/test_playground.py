@@ -257,7 +257,12 @@ def test_api_key_is_sent_from_the_page_and_kept_in_the_browser(page, locked_serv
     assert "-H \"Authorization: Bearer $SEA_API_KEY\"" in page.inner_text("#curl")  # the key itself stays out of the command
 
     page.reload()
-    assert page.input_value("#api-key") == "secret"  # kept in localStorage, never sent anywhere but the API
+    assert page.input_value("#api-key") == "secret"  # kept for the tab (sessionStorage), never sent anywhere but the API
+    assert page.evaluate("Object.keys(localStorage)") == []  # not on disk for every later visitor of the origin
+    other = page.context.new_page()
+    other.goto(page.url)
+    assert other.input_value("#api-key") == ""  # another tab asks again
+    other.close()
 
 
 RUNNING = {"id": "job-x", "status": "running", "position": None, "created": 0, "error": None, "result": None}

@@ -453,12 +453,12 @@ async function checkServer() {
 
 function init() {
   try {
-    $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
+    $("api-key").value = sessionStorage.getItem(KEY_STORAGE) || "";
   } catch (_) { /* storage disabled: the key lasts for this page only */ }
   $("api-key").addEventListener("input", () => {
     try {
-      if (apiKey()) localStorage.setItem(KEY_STORAGE, apiKey());
-      else localStorage.removeItem(KEY_STORAGE);
+      if (apiKey()) sessionStorage.setItem(KEY_STORAGE, apiKey());
+      else sessionStorage.removeItem(KEY_STORAGE);
     } catch (_) { /* storage disabled */ }
   });
   $("mode-text").addEventListener("click", () => setMode("text"));
