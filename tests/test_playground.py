@@ -145,6 +145,9 @@ def test_interactive_docs_render_from_this_server_alone(page, locked_server, pat
     assert "/align" in page.inner_text("body")
     code = [url for kind, url in loads if kind in ("document", "script", "stylesheet", "fetch", "xhr", "font")]
     assert code and all(url.startswith((locked_server.url, "blob:")) for url in code), loads
+    headers = httpx.get(locked_server.url + path).headers  # same origin as the playground: no framing, no sniffing
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
 
 
 def test_run_draws_a_line_per_chain_and_shows_the_aligned_and_reference_texts(page, server):
