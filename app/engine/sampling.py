@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from models.lm import Prefix, cache_over, stack_prefixes, with_cache
 
-ROW_TOKENS_PER_PASS = 32_768  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
+ROW_TOKENS_PER_PASS = 8_192  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
 
 
 def row_chunks(sizes: list[tuple[int, int, int]], budget: int | None = None) -> list[list[tuple[int, int, int]]]:
