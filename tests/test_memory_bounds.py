@@ -145,3 +145,17 @@ def test_an_abandoned_baseline_stops_drawing(engine, lm, make_prompt, reward, me
         hook.remove()
     assert state.cancelled and state.done and state.result is None
     assert len(fed) < len(whole) / 2
+
+
+def test_beam_search_draws_its_successors_in_bounded_passes(engine, lm, make_prompt, reward, monkeypatch):
+    prompt = make_prompt("write about a dog")
+    config = SEAConfig(method="cbs", beams=4, successors=8, chunk=4, max_tokens=12, seed=3)
+    principle = reward.terms[0][0].prepare(prompt)
+    budget = 8 * 2 * (max(len(prompt.ids), principle.length) + 12)  # one beam's successors under both prompts
+    with tokens_held(lm.model.model) as unbounded:
+        engine.run([AlignJob(prompt, config, reward)])
+    assert unbounded[0] > budget
+    monkeypatch.setattr(sampling, "ROW_TOKENS_PER_PASS", budget)
+    with tokens_held(lm.model.model) as most:
+        result = engine.run([AlignJob(prompt, config, reward)])[0]
+    assert 0 < most[0] <= budget and result.text and len(result.chains) == 4

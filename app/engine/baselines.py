@@ -13,7 +13,7 @@ import torch
 
 from app.engine import sampling
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row
-from app.engine.sampling import SampleGroup, categorical, sample_groups
+from app.engine.sampling import SampleGroup, categorical, joined_samples, row_chunks, sample_groups
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import cache_over, stack_prefixes, with_cache
 
@@ -145,9 +145,15 @@ def run_cbs(engine, state) -> AlignResult | None:
         parents = beams[growing]
         group = SampleGroup(state.spec.prefix, parents.shape[0] * successors, size, state.generator, config.temperature, config.top_p,
                             scored_by=tuple(context for _, context in joined), abandoned=state.job.is_abandoned)
-        samples = sample_groups(model, [group], stops, given=parents, given_repeats=successors)[0]
-        if state.job.is_abandoned():
-            return None
+        prompts = [group.prefix, *group.scored_by]  # per parent: K successors under each prompt, beside its own tokens
+        per_parent = (successors * len(prompts), max(p.length for p in prompts) + parents.shape[1] + size)
+        parts = []
+        for _, first, end in (piece for passes in row_chunks([(parents.shape[0], *per_parent)]) for piece in passes):
+            part = dataclasses.replace(group, n=(end - first) * successors)
+            parts.append(sample_groups(model, [part], stops, given=parents[first:end], given_repeats=successors)[0])
+            if state.job.is_abandoned():
+                return None
+        samples = joined_samples(parts)
         state.usage.forward_token_passes += samples.forward_token_passes
         candidates = samples.tokens  # (open beams·K, t + C)
         log_probs = torch.cat([beam_log_probs[growing].repeat_interleave(successors, dim=0), samples.token_log_probs], dim=2)

@@ -319,7 +319,12 @@ def sample_groups_in_chunks(model: PreTrainedModel, groups: list[SampleGroup], s
                  for g, first, end in chunk]
         for (g, _, _), samples in zip(chunk, sample_groups(model, parts, stop_ids)):
             pieces[g].append(samples)
-    return [parts[0] if len(parts) == 1 else Samples(
-        torch.cat([p.tokens for p in parts]), None, sum(p.forward_token_passes for p in parts),
-        torch.cat([p.token_log_probs for p in parts]),
-    ) for parts in pieces]
+    return [joined_samples(parts) for parts in pieces]
+
+
+def joined_samples(parts: list[Samples]) -> Samples:
+    """The samples of several draws of one group, in order (without log-prob tables)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Samples(torch.cat([p.tokens for p in parts]), None, sum(p.forward_token_passes for p in parts),
+                   torch.cat([p.token_log_probs for p in parts]))
