@@ -101,6 +101,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"SEA_{default.upper()} ({getattr(self, default)}) is past SEA_{limit.upper()} ({getattr(self, limit)})")
         return self
 
+    def limit_error(self, config) -> tuple[str, str] | None:
+        """The first parameter of ``config`` (an engine ``SEAConfig``) past a server limit, as (field, message)."""
+        for name, value, limit in (
+            ("init_samples", config.init_samples or 0, self.max_samples),
+            ("beams", config.beams, min(self.max_chains, self.max_batch_chains)),
+            ("successors", config.successors, self.max_samples),
+            ("max_tokens", config.max_tokens, self.max_tokens_limit),
+            ("chains", config.chains, self.max_chains),
+            ("steps", config.steps, self.max_steps),
+            ("samples", config.samples, self.max_samples),
+        ):
+            if value > limit:
+                return name, f"{name} must be at most {limit} (server limit), got {value}"
+        if config.chains > self.max_batch_chains:
+            return "chains", f"chains must be at most {self.max_batch_chains} (the engine batch size)"
+        return None
+
     def load_api_keys(self) -> list[bytes]:
         """Every accepted API key (SEA_API_KEYS plus the keys file) as bytes, for constant-time comparison."""
         keys = [key.get_secret_value() for key in self.api_keys]

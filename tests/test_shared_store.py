@@ -536,3 +536,28 @@ def test_another_replica_shows_a_job_to_the_key_that_submitted_it_only(redis_url
         return seen
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60)).owner == "client-a"
+
+
+def test_a_replica_checks_a_queued_job_against_its_own_limits_before_running_it(redis_url):
+    """Whoever writes to Redis must not decide what runs: a job past the claiming replica's limits (queued by a
+    replica with other settings, or written straight into Redis) fails with the reason instead of running."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        prefix = "limits-" + uuid.uuid4().hex[:8]
+        engine = FakeEngine(tick_seconds=0.01)
+        runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix, max_chains=4)
+        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix, max_chains=16)
+        asker.shared.stop_claiming()
+        job = await asker.submit(SEAConfig(chains=8, steps=2), [{"role": "user", "content": "too big"}])
+        await asyncio.wait_for(job.wait(), 20)
+        fits = await asker.submit(SEAConfig(chains=2, steps=2), [{"role": "user", "content": "fits"}])
+        await asyncio.wait_for(fits.wait(), 20)
+        for service in (runner, asker):
+            await service.shutdown()
+        return job, fits, engine
+
+    job, fits, engine = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job.status == JobStatus.failed and "chains must be at most 4" in job.error
+    assert fits.status == JobStatus.succeeded
+    assert engine.batches and not any("too big" in batch for batch in engine.batches)

@@ -187,19 +187,9 @@ class SEAParams(StrictRequest):
             successors=self.successors,
             chunk=self.chunk,
         )
-        for name, value, limit in (
-            ("init_samples", config.init_samples or 0, settings.max_samples),
-            ("beams", config.beams, min(settings.max_chains, settings.max_batch_chains)),
-            ("successors", config.successors, settings.max_samples),
-            ("max_tokens", config.max_tokens, settings.max_tokens_limit),
-            ("chains", config.chains, settings.max_chains),
-            ("steps", config.steps, settings.max_steps),
-            ("samples", config.samples, settings.max_samples),
-        ):
-            if value > limit:
-                raise LimitError(name, f"{name} must be at most {limit} (server limit), got {value}")
-        if config.chains > settings.max_batch_chains:
-            raise LimitError("chains", f"chains must be at most {settings.max_batch_chains} (the engine batch size)")
+        error = settings.limit_error(config)
+        if error is not None:
+            raise LimitError(*error)
         return config
 
     def reward_options(self) -> dict:

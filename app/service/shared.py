@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -233,7 +234,8 @@ class SharedJobs:
     """This replica's side of the shared store: enqueue, claim when the worker has room, mirror state both ways."""
 
     def __init__(self, redis: Redis, claim_redis: Redis, runtime: Runtime, worker: EngineWorker, *, prefix: str, ttl: float,
-                 lease: float, max_attempts: int, max_queue: int, jobs: dict[str, Job], is_draining, registry=None):
+                 lease: float, max_attempts: int, max_queue: int, jobs: dict[str, Job], is_draining, registry=None,
+                 limit_error=lambda config: None, longest_timeout: float = math.inf):
         self.redis = redis
         self._claim_redis = claim_redis  # BLMOVE blocks its connection
         self.runtime = runtime
@@ -244,6 +246,10 @@ class SharedJobs:
         self.lease = lease
         self.max_attempts = max_attempts
         self.max_queue = max_queue
+        # A job another replica queued is checked again before it runs here: Redis is trusted to hold jobs, not to
+        # decide what runs (whoever can write to it could otherwise queue any size of work, without a deadline).
+        self.limit_error = limit_error
+        self.longest_timeout = longest_timeout
         self.replica = replica_name()
         self.healthy = True
         self._renewed = False  # whether this replica has held a lease yet (a missing one then means a lapse)
@@ -474,6 +480,7 @@ class SharedJobs:
         if job is None or job.status.finished:
             try:
                 job = self._job_from_spec(job_id, spec, created)
+                self._check_runnable(job)
             except Exception as exc:  # noqa: BLE001 - e.g. a reward this replica does not serve
                 job = Job(None, spec.get("model", ""), id=job_id)  # type: ignore[arg-type]
                 self._running[job_id] = _Running(job, attempt)
@@ -487,6 +494,15 @@ class SharedJobs:
         job.listeners.append(self._on_event)
         log.info("job %s: claimed (attempt %d)", job_id, attempt)
         self.worker.submit(job, bounded=False)
+
+    def _check_runnable(self, job: Job) -> None:
+        """Raise ValueError for a job from the queue past this replica's limits or deadline rules."""
+        error = self.limit_error(job.work.config)
+        if error is not None:
+            raise ValueError(error[1])
+        if job.deadline is None:
+            raise ValueError("it has no deadline")
+        job.deadline = min(job.deadline, time.monotonic() + self.longest_timeout)
 
     async def _hand_back(self, job_id: str, attempt: int) -> bool:
         """Put a job this replica holds back at the front of the shared queue, its attempt not counted; False when it
