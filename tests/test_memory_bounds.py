@@ -24,11 +24,12 @@ def reward(lm):
 
 
 def test_row_chunks_cut_a_large_group_alone_and_pack_small_ones_in_order():
-    sizes = [(3, 1, 10), (25, 1, 10), (2, 2, 5), (1, 1, 300)]
+    sizes = [(3, 1, 4, 6), (25, 1, 6, 4), (2, 2, 1, 4), (1, 1, 100, 200)]
     chunks = row_chunks(sizes, budget=100)
     for chunk in chunks[:-1]:  # the last holds the one row longer than the budget, alone
         rows = sum((end - first) * sizes[group][1] for group, first, end in chunk)
-        assert rows * max(sizes[group][2] for group, _, _ in chunk) <= 100  # padded to the longest
+        prompt, response = (max(sizes[group][i] for group, _, _ in chunk) for i in (2, 3))
+        assert rows * (prompt + response) <= 100  # padded to the longest prompt and the longest response
     assert chunks[-1] == [(3, 0, 1)]
     pieces = [piece for chunk in chunks for piece in chunk]
     assert pieces == [(0, 0, 3), (1, 0, 10), (1, 10, 20), (1, 20, 25), (2, 0, 2), (3, 0, 1)]  # every row once, in order
@@ -36,7 +37,7 @@ def test_row_chunks_cut_a_large_group_alone_and_pack_small_ones_in_order():
         groups = [g for g, _, _ in chunk]
         assert len(groups) == len(set(groups))  # no two pieces of a group in one pass
     # a group's pieces do not depend on the groups beside it
-    alone = [piece for chunk in row_chunks([(25, 1, 10)], budget=100) for piece in chunk]
+    alone = [piece for chunk in row_chunks([(25, 1, 6, 4)], budget=100) for piece in chunk]
     assert alone == [(0, 0, 10), (0, 10, 20), (0, 20, 25)]
 
 
@@ -56,9 +57,9 @@ def test_scoring_in_chunks_equals_scoring_at_once(engine, lm, make_prompt, rewar
     assert torch.equal(chunked.mask, whole.mask)
 
 
-def held(size: tuple[int, int]) -> int:
-    rows, tokens = size
-    return rows * tokens
+def held(size: tuple[int, int, int]) -> int:
+    rows, prompt, response = size
+    return rows * (prompt + response)
 
 
 @contextlib.contextmanager
@@ -159,3 +160,18 @@ def test_beam_search_draws_its_successors_in_bounded_passes(engine, lm, make_pro
     with tokens_held(lm.model.model) as most:
         result = engine.run([AlignJob(prompt, config, reward)])[0]
     assert 0 < most[0] <= budget and result.text and len(result.chains) == 4
+
+
+def test_requests_of_different_lengths_in_one_batch_stay_within_the_bound(engine, lm, make_prompt, reward, monkeypatch):
+    """A batch pads every row to its longest request and its longest prompt: passes are sized by what they hold then,
+    not by each request's own length (a short request's 48 candidates beside a long one held 2.6 times the bound)."""
+    short, long = make_prompt("write about a dog"), make_prompt("tell me a long story about the moon and the sun")
+    jobs = [AlignJob(short, SEAConfig(max_tokens=4, chains=2, steps=2, candidates=24, init_samples=24, seed=1), reward),
+            AlignJob(long, SEAConfig(max_tokens=40, chains=2, steps=2, seed=2), reward)]
+    principle = reward.terms[0][0].prepare(long)
+    one_row = 2 * (max(len(long.ids), principle.length) + 40)  # a row of the longest request, under both prompts
+    budget = 4 * one_row  # the batch's gradient pass (4 chains) fits
+    monkeypatch.setattr(sampling, "ROW_TOKENS_PER_PASS", budget)
+    with tokens_held(lm.model.model) as most:
+        results = engine.run(jobs)
+    assert 0 < most[0] <= budget and all(result.text for result in results)

@@ -146,7 +146,7 @@ def run_cbs(engine, state) -> AlignResult | None:
         group = SampleGroup(state.spec.prefix, parents.shape[0] * successors, size, state.generator, config.temperature, config.top_p,
                             scored_by=tuple(context for _, context in joined), abandoned=state.job.is_abandoned)
         prompts = [group.prefix, *group.scored_by]  # per parent: K successors under each prompt, beside its own tokens
-        per_parent = (successors * len(prompts), max(p.length for p in prompts) + parents.shape[1] + size)
+        per_parent = (successors * len(prompts), max(p.length for p in prompts), parents.shape[1] + size)
         parts = []
         for _, first, end in (piece for passes in row_chunks([(parents.shape[0], *per_parent)]) for piece in passes):
             part = dataclasses.replace(group, n=(end - first) * successors)

@@ -37,11 +37,12 @@ class RowSpec:
     rows: int
 
 
-def row_size(spec: RowSpec) -> tuple[int, int]:
-    """(batch rows, tokens each) of one row of ``spec`` in a scoring pass: it runs under its prompt and again under each
-    reward's own prompt (the principle's rows run beside the reference's), padded to the longest."""
+def row_size(spec: RowSpec, width: int | None = None) -> tuple[int, int, int]:
+    """(batch rows, prompt tokens, response tokens) of one row of ``spec`` in a scoring pass: it runs under its prompt
+    and again under each reward's own prompt (the principle's rows run beside the reference's), padded to the longest;
+    its response is ``width`` tokens wide (a batch pads every row to its longest request), else its own length."""
     prompts = [spec.prefix, *(context for _, _, context in spec.reward_terms if isinstance(context, Prefix))]
-    return len(prompts), max(prompt.length for prompt in prompts) + spec.length
+    return len(prompts), max(prompt.length for prompt in prompts), width or spec.length
 
 
 @dataclass
@@ -177,7 +178,7 @@ def evaluate_in_chunks(
     """Exact scores of ``tokens``, as :func:`evaluate` gives them, in passes of at most :data:`ROW_TOKENS_PER_PASS`
     tokens (:func:`row_chunks`), so that memory stays bounded however many rows a request asks for (candidates,
     samples). ``reuse_of(rows)`` gives the :class:`Reuse` of a pass's rows (a tensor of their indices), if any."""
-    chunks = row_chunks([(spec.rows, *row_size(spec)) for spec in specs])
+    chunks = row_chunks([(spec.rows, *row_size(spec, tokens.shape[1])) for spec in specs])
     starts = [0]
     for spec in specs:
         starts.append(starts[-1] + spec.rows)

@@ -26,10 +26,11 @@ from models.lm import Prefix, cache_over, stack_prefixes, with_cache
 ROW_TOKENS_PER_PASS = 8_192  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
 
 
-def row_chunks(sizes: list[tuple[int, int, int]], budget: int | None = None) -> list[list[tuple[int, int, int]]]:
-    """Passes for groups of ``(rows, batch rows per row, tokens per batch row)`` laid out group after group (a row
-    runs once per prompt it is read under; a pass pads every batch row to its longest), each holding at most
-    ``budget`` tokens (a row longer than that alone): a list of ``(group, first row, end row)`` per pass.
+def row_chunks(sizes: list[tuple[int, int, int, int]], budget: int | None = None) -> list[list[tuple[int, int, int]]]:
+    """Passes for groups of ``(rows, batch rows per row, prompt tokens, response tokens)`` laid out group after group
+    (a row runs once per prompt it is read under; a pass pads every batch row to its longest prompt and its longest
+    response), each holding at most ``budget`` tokens (a row longer than that alone): a list of ``(group, first row,
+    end row)`` per pass.
 
     A group too large for one pass is cut into pieces that depend on it alone, and no two pieces of a group share a
     pass, so what a group draws or scores does not depend on the groups beside it. Pieces are packed in order.
@@ -37,17 +38,18 @@ def row_chunks(sizes: list[tuple[int, int, int]], budget: int | None = None) -> 
     budget = budget or ROW_TOKENS_PER_PASS
     chunks: list[list[tuple[int, int, int]]] = []
     current: list[tuple[int, int, int]] = []
-    batch_rows = longest = 0
-    for group, (rows, width, length) in enumerate(sizes):
-        per_piece = max(1, budget // (width * length))
+    batch_rows = prompt_max = response_max = 0
+    for group, (rows, width, prompt, response) in enumerate(sizes):
+        per_piece = max(1, budget // (width * (prompt + response)))
         for first in range(0, rows, per_piece):
             end = min(first + per_piece, rows)
-            if current and (batch_rows + (end - first) * width) * max(longest, length) > budget:
+            held = (batch_rows + (end - first) * width) * (max(prompt_max, prompt) + max(response_max, response))
+            if current and held > budget:
                 chunks.append(current)
-                current, batch_rows, longest = [], 0, 0
+                current, batch_rows, prompt_max, response_max = [], 0, 0, 0
             current.append((group, first, end))
             batch_rows += (end - first) * width
-            longest = max(longest, length)
+            prompt_max, response_max = max(prompt_max, prompt), max(response_max, response)
     if current:
         chunks.append(current)
     return chunks
@@ -313,7 +315,7 @@ def sample_groups_in_chunks(model: PreTrainedModel, groups: list[SampleGroup], s
     prompts = [[group.prefix, *(guide.prefix for guide in (group.tilt.guides if group.tilt else ())), *group.scored_by]
                for group in groups]
     pieces: list[list[Samples]] = [[] for _ in groups]
-    sizes = [(group.n, len(mine), max(p.length for p in mine) + group.max_tokens) for group, mine in zip(groups, prompts)]
+    sizes = [(group.n, len(mine), max(p.length for p in mine), group.max_tokens) for group, mine in zip(groups, prompts)]
     for chunk in row_chunks(sizes):
         parts = [dataclasses.replace(groups[g], n=end - first, greedy_rows=min(groups[g].greedy_rows, end) if first == 0 else 0)
                  for g, first, end in chunk]
