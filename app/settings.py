@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     def _split_commas(cls, value, info: ValidationInfo):
         if isinstance(value, str):
             parts = [part.strip() for part in value.split(",") if part.strip()]
-            if info.field_name == "api_keys" and value.strip() and not parts:  # fail closed, like an empty keys file
+            if info.field_name == "api_keys" and value and not parts:  # fail closed, like an empty keys file
                 raise ValueError("SEA_API_KEYS holds no key (only commas and spaces); leave it unset for an open API")
             return parts
         return value

@@ -123,9 +123,10 @@ def test_keys_and_cors_origins_come_from_the_environment(monkeypatch):
     assert settings.cors_origins == ["https://one.example", "https://two.example"]
     monkeypatch.delenv("SEA_CORS_ORIGINS")
     assert Settings().cors_origins == []  # CORS off by default
-    monkeypatch.setenv("SEA_API_KEYS", " , ")  # meant to guard the service, holds no key: fails closed
-    with pytest.raises(ValueError, match="holds no key"):
-        Settings()
+    for blank in (" , ", " ", "\t"):  # meant to guard the service, holds no key: fails closed
+        monkeypatch.setenv("SEA_API_KEYS", blank)
+        with pytest.raises(ValueError, match="holds no key"):
+            Settings()
 
 
 def test_bearer_check():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -553,11 +555,39 @@ def test_a_replica_checks_a_queued_job_against_its_own_limits_before_running_it(
         await asyncio.wait_for(job.wait(), 20)
         fits = await asker.submit(SEAConfig(chains=2, steps=2), [{"role": "user", "content": "fits"}])
         await asyncio.wait_for(fits.wait(), 20)
+        # The runner read the job (a GET: its mirror) before it took it: the mirror is checked as well.
+        runner.shared._claiming = False
+        read_first = await asker.submit(SEAConfig(chains=8, steps=2), [{"role": "user", "content": "too big, read first"}])
+        await runner.get(read_first.id)
+        runner.shared._claiming = True
+        await asyncio.wait_for(read_first.wait(), 20)
+        no_deadline = dataclasses.replace(await runner.get(fits.id), deadline=math.nan)
+        with pytest.raises(ValueError, match="no deadline"):
+            runner.shared._check_runnable(no_deadline)  # NaN (JSON as Python reads it) is no deadline either
         for service in (runner, asker):
             await service.shutdown()
-        return job, fits, engine
+        return job, fits, read_first, engine
 
-    job, fits, engine = asyncio.run(asyncio.wait_for(scenario(), 60))
+    job, fits, read_first, engine = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert job.status == JobStatus.failed and "chains must be at most 4" in job.error
+    assert read_first.status == JobStatus.failed and "chains must be at most 4" in read_first.error
     assert fits.status == JobStatus.succeeded
-    assert engine.batches and not any("too big" in batch for batch in engine.batches)
+    assert engine.batches and not any("too big" in batch for batches in engine.batches for batch in batches)
+
+
+def test_with_a_shared_store_a_replica_keeps_at_most_its_bound_of_jobs(redis_url):
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="kept-" + uuid.uuid4().hex[:8])
+        service.shared.stop_claiming()
+        service.store.most_kept = 3
+        for _ in range(8):  # submitted and cancelled at once
+            job = await service.submit(SEAConfig(chains=1, steps=1), [{"role": "user", "content": "hi"}])
+            service.cancel(job)
+            await asyncio.wait_for(job.wait(), 10)
+        kept = len(service.store)
+        await service.shutdown()
+        return kept
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) <= 3

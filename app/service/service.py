@@ -172,6 +172,7 @@ class AlignService:
                 queued = await self.shared.enqueue(job, messages, reward_options or {})
             if not queued:
                 raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(self.worker.retry_after())})
+            self.store.add(job)  # the shared store put it there already: this keeps the store's bound
             self._arm_deadline(job, timeout)
             return job
         try:

@@ -36,6 +36,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
@@ -250,6 +251,7 @@ class SharedJobs:
         # decide what runs (whoever can write to it could otherwise queue any size of work, without a deadline).
         self.limit_error = limit_error
         self.longest_timeout = longest_timeout
+        self._submitted_here: weakref.WeakSet[Job] = weakref.WeakSet()  # checked where they were submitted
         self.replica = replica_name()
         self.healthy = True
         self._renewed = False  # whether this replica has held a lease yet (a missing one then means a lapse)
@@ -333,6 +335,7 @@ class SharedJobs:
                 "deadline": time.time() + (job.deadline - time.monotonic()) if job.deadline is not None else None,
                 "stream_events": job.stream_events, "return_trace": job.return_trace, "model": job.model, "owner": job.owner}
         self._jobs[job.id] = job
+        self._submitted_here.add(job)
         self._mirrored[job.id] = 0
         ok = 0
         try:
@@ -477,17 +480,20 @@ class SharedJobs:
             log.info("job %s: claimed again while it still runs here (attempt %d); the run goes on", job_id, attempt)
             return
         job = self._jobs.get(job_id)
-        if job is None or job.status.finished:
-            try:
+        try:
+            if job is None or job.status.finished:
                 job = self._job_from_spec(job_id, spec, created)
+            if job not in self._submitted_here:  # queued by another replica or written into Redis (a mirror too)
                 self._check_runnable(job)
-            except Exception as exc:  # noqa: BLE001 - e.g. a reward this replica does not serve
+        except Exception as exc:  # noqa: BLE001 - e.g. a reward this replica does not serve
+            if job is None or job.status.finished:
                 job = Job(None, spec.get("model", ""), id=job_id)  # type: ignore[arg-type]
-                self._running[job_id] = _Running(job, attempt)
-                job.listeners.append(self._on_event)
-                job.finish(JobStatus.failed, None, f"this replica cannot run the job: {exc}", "engine")
-                return
-            self._jobs[job_id] = job
+            self._mirrored.pop(job_id, None)
+            self._running[job_id] = _Running(job, attempt)
+            job.listeners.append(self._on_event)
+            job.finish(JobStatus.failed, None, f"this replica cannot run the job: {exc}", "engine")
+            return
+        self._jobs[job_id] = job
         job.status = JobStatus.queued
         self._running[job_id] = _Running(job, attempt)
         self._mirrored.pop(job_id, None)
@@ -500,7 +506,7 @@ class SharedJobs:
         error = self.limit_error(job.work.config)
         if error is not None:
             raise ValueError(error[1])
-        if job.deadline is None:
+        if job.deadline is None or not math.isfinite(job.deadline):
             raise ValueError("it has no deadline")
         job.deadline = min(job.deadline, time.monotonic() + self.longest_timeout)
 
