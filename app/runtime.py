@@ -82,10 +82,11 @@ class Runtime:
 
     @functools.cached_property
     def longest_token_characters(self) -> int:
-        """Characters of the vocabulary's longest token (81 for SmolLM2: a newline and 80 spaces): a text longer than
-        n times this is sure to take more than n tokens."""
+        """Characters of the vocabulary's longest token (81 for SmolLM2: a newline and 80 spaces), as text or as spelt in
+        the vocabulary (a SentencePiece "▁" is a space the text drops): a text longer than n times this is sure to take
+        more than n tokens (for tokenizers without an unknown-word token)."""
         tokenizer = self.lm.tokenizer
-        return max(len(tokenizer.convert_tokens_to_string([token])) for token in tokenizer.get_vocab())
+        return max(max(len(token), len(tokenizer.convert_tokens_to_string([token]))) for token in tokenizer.get_vocab())
 
     def prompt(self, messages: list[Message]) -> Prompt:
         return Prompt(messages, render_prompt(self.lm.tokenizer, messages))
