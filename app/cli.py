@@ -15,6 +15,7 @@ from app.settings import Settings, unknown_variables
 # Settings of the HTTP service alone: `sea align` and `sea prepare`, which run the engine in-process, do not offer them.
 SERVER_SETTINGS = frozenset({
     "host", "port", "api_keys", "api_keys_file", "metrics_require_key", "cors_origins", "max_batch_chains", "max_queue",
+    "max_jobs_per_key",
     "batch_window_ms", "job_ttl_seconds", "request_timeout_seconds", "drain_seconds", "redis_url", "redis_prefix",
     "replica_lease_seconds", "job_max_attempts", "max_body_bytes",
 })

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # Queue and batching
     max_batch_chains: int = Field(32, ge=1, description="Most chains (rows) the engine runs in one batch.")
     max_queue: int = Field(64, ge=1, description="Most requests waiting for room in the batch; past it requests get 429.")
+    max_jobs_per_key: int = Field(0, ge=0, description="Most unfinished requests (queued or running) one API key may have on this replica; "
+                                  "past it 429, so that one client cannot fill the queue for all. 0: no limit. Applies with API keys only.")
     batch_window_ms: float = Field(10.0, ge=0, le=1000, description="An idle engine that takes a request waits until no other has come for this long (at most 10 times as long in all), so that requests sent together start in one batch; 0: start at once.")
     job_ttl_seconds: float = Field(600.0, gt=0, description="How long finished jobs stay readable.")
     request_timeout_seconds: float = Field(600.0, gt=0, description="Server maximum for one request's run time; past it 504.")

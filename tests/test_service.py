@@ -739,3 +739,24 @@ def test_job_store_keeps_finished_jobs_for_their_ttl_and_at_most_its_bound(monke
     clock[0] += 55  # finished[2] finished 63 s ago, finished[9] 55 s ago
     assert store.get(finished[2].id) is None and store.get(finished[9].id) is finished[9]
     assert store.get(running.id) is running  # unfinished jobs never expire
+
+
+def test_one_api_key_may_have_at_most_its_share_of_requests_in_flight():
+    """SEA_MAX_JOBS_PER_KEY: one client cannot fill the queue for all; others (and the same key once a job ends) go on."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_jobs_per_key=2)
+        long = SEAConfig(chains=1, steps=3000)
+        first = [await service.submit(long, [{"role": "user", "content": "a"}], owner="key-a") for _ in range(2)]
+        with pytest.raises(TooManyRequests) as refused:
+            await service.submit(long, [{"role": "user", "content": "a"}], owner="key-a")
+        other = await service.submit(long, [{"role": "user", "content": "b"}], owner="key-b")
+        service.cancel(first[0])
+        await asyncio.wait_for(first[0].wait(), 10)
+        again = await service.submit(long, [{"role": "user", "content": "a"}], owner="key-a")
+        for job in (first[1], other, again):
+            service.cancel(job)
+        await service.shutdown()
+        return refused.value
+
+    refused = run(scenario())
+    assert "2 requests in flight" in str(refused) and int(refused.headers["Retry-After"]) >= 1
