@@ -147,8 +147,8 @@ class AlignService:
         if owner is not None and self.settings.max_jobs_per_key:
             mine = sum(1 for other in self.store.jobs.values() if other.owner == owner and not other.status.finished)
             if mine >= self.settings.max_jobs_per_key:
-                raise TooManyRequests(f"this API key has {mine} requests in flight, the most one key may have "
-                                      f"(SEA_MAX_JOBS_PER_KEY); retry when one ends",
+                raise TooManyRequests(f"this API key has as many requests in flight as one key may have ({mine}, "
+                                      f"SEA_MAX_JOBS_PER_KEY); retry when one ends",
                                       headers={"Retry-After": str(self.worker.retry_after())})
         characters = sum(len(message["content"]) for message in messages)
         if characters > self.settings.max_prompt_tokens * self.runtime.longest_token_characters:  # sure to be over: not tokenized
