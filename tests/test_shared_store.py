@@ -548,13 +548,15 @@ def test_a_replica_checks_a_queued_job_against_its_own_limits_before_running_it(
     async def scenario():
         prefix = "limits-" + uuid.uuid4().hex[:8]
         engine = FakeEngine(tick_seconds=0.01)
-        runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix, max_chains=4)
+        runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix, max_chains=4, max_prompt_tokens=64)
         asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix, max_chains=16)
         asker.shared.stop_claiming()
         job = await asker.submit(SEAConfig(chains=8, steps=2), [{"role": "user", "content": "too big"}])
         await asyncio.wait_for(job.wait(), 20)
         fits = await asker.submit(SEAConfig(chains=2, steps=2), [{"role": "user", "content": "fits"}])
         await asyncio.wait_for(fits.wait(), 20)
+        long = await asker.submit(SEAConfig(chains=2, steps=2), [{"role": "user", "content": "too big " * 100}])
+        await asyncio.wait_for(long.wait(), 20)
         # The runner read the job (a GET: its mirror) before it took it: the mirror is checked as well.
         runner.shared._claiming = False
         read_first = await asker.submit(SEAConfig(chains=8, steps=2), [{"role": "user", "content": "too big, read first"}])
@@ -566,9 +568,10 @@ def test_a_replica_checks_a_queued_job_against_its_own_limits_before_running_it(
             runner.shared._check_runnable(no_deadline)  # NaN (JSON as Python reads it) is no deadline either
         for service in (runner, asker):
             await service.shutdown()
-        return job, fits, read_first, engine
+        return job, fits, read_first, long, engine
 
-    job, fits, read_first, engine = asyncio.run(asyncio.wait_for(scenario(), 60))
+    job, fits, read_first, long, engine = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert long.status == JobStatus.failed and "the limit is 64" in long.error
     assert job.status == JobStatus.failed and "chains must be at most 4" in job.error
     assert read_first.status == JobStatus.failed and "chains must be at most 4" in read_first.error
     assert fits.status == JobStatus.succeeded
