@@ -11,9 +11,8 @@ import math
 
 import torch
 
-from app.engine import sampling
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row
-from app.engine.sampling import SampleGroup, categorical, joined_samples, row_chunks, sample_groups
+from app.engine.sampling import SampleGroup, categorical, joined_samples, row_chunks, rows_per_pass, sample_groups
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import cache_over, stack_prefixes, with_cache
 
@@ -145,8 +144,8 @@ def run_cbs(engine, state) -> AlignResult | None:
         parents = beams[growing]
         group = SampleGroup(state.spec.prefix, parents.shape[0] * successors, size, state.generator, config.temperature, config.top_p,
                             scored_by=tuple(context for _, context in joined), abandoned=state.job.is_abandoned)
-        prompts = [group.prefix, *group.scored_by]  # per parent: K successors under each prompt, beside its own tokens
-        per_parent = (successors * len(prompts), max(p.length for p in prompts), parents.shape[1] + size)
+        # per parent: K successors under each prompt, beside its own tokens
+        per_parent = (successors * len(group.prompts), max(p.length for p in group.prompts), parents.shape[1] + size)
         parts = []
         for _, first, end in (piece for passes in row_chunks([(parents.shape[0], *per_parent)]) for piece in passes):
             part = dataclasses.replace(group, n=(end - first) * successors)
@@ -197,7 +196,7 @@ def run_best_of_n(engine, state) -> AlignResult | None:
     total = 1 if config.method == "sample" else config.samples
     chains: list[ChainResult] = []
     with torch.inference_mode():
-        batch = max(1, min(SAMPLE_BATCH, sampling.ROW_TOKENS_PER_PASS // (state.spec.prefix.length + config.max_tokens)))  # long prompts: fewer
+        batch = min(SAMPLE_BATCH, rows_per_pass(1, state.spec.prefix.length, config.max_tokens))  # long prompts: fewer
         for start in range(0, total, batch):
             n = min(batch, total - start)
             group = SampleGroup(state.spec.prefix, n, config.max_tokens, state.generator, config.temperature, config.top_p,

@@ -183,10 +183,10 @@ def evaluate_in_chunks(
     for spec in specs:
         starts.append(starts[-1] + spec.rows)
     parts = []
+    whole = len(chunks) == 1
     for chunk in chunks:
         index = torch.cat([torch.arange(starts[group] + first, starts[group] + end, device=tokens.device)
                            for group, first, end in chunk])
-        whole = len(chunks) == 1
         parts.append(evaluate(
             lm, specs if whole else [dataclasses.replace(specs[group], rows=end - first) for group, first, end in chunk],
             stop_ids, tokens if whole else tokens[index],

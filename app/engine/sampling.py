@@ -26,6 +26,11 @@ from models.lm import Prefix, cache_over, stack_prefixes, with_cache
 ROW_TOKENS_PER_PASS = 8_192  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
 
 
+def rows_per_pass(width: int, prompt: int, response: int, budget: int | None = None) -> int:
+    """How many rows of ``width`` batch rows of ``prompt`` + ``response`` tokens one pass holds (at least one)."""
+    return max(1, (budget or ROW_TOKENS_PER_PASS) // (width * (prompt + response)))
+
+
 def row_chunks(sizes: list[tuple[int, int, int, int]], budget: int | None = None) -> list[list[tuple[int, int, int]]]:
     """Passes for groups of ``(rows, batch rows per row, prompt tokens, response tokens)`` laid out group after group
     (a row runs once per prompt it is read under; a pass pads every batch row to its longest prompt and its longest
@@ -40,7 +45,7 @@ def row_chunks(sizes: list[tuple[int, int, int, int]], budget: int | None = None
     current: list[tuple[int, int, int]] = []
     batch_rows = prompt_max = response_max = 0
     for group, (rows, width, prompt, response) in enumerate(sizes):
-        per_piece = max(1, budget // (width * (prompt + response)))
+        per_piece = rows_per_pass(width, prompt, response, budget)
         for first in range(0, rows, per_piece):
             end = min(first + per_piece, rows)
             held = (batch_rows + (end - first) * width) * (max(prompt_max, prompt) + max(response_max, response))
@@ -102,6 +107,11 @@ class SampleGroup:
     scored_by: tuple[Prefix, ...] = ()
     greedy_rows: int = 0  # the first rows take the most likely token instead (their random draws are still made)
     abandoned: Callable[[], bool] | None = None  # once true, the group stops drawing (its rows are left unfinished)
+
+    @property
+    def prompts(self) -> list[Prefix]:
+        """Every prompt a drawn row runs under, one batch row each: its own, each guide's, each scoring prompt."""
+        return [self.prefix, *(guide.prefix for guide in (self.tilt.guides if self.tilt else ())), *self.scored_by]
 
 
 def _filter_top_p(logits: Tensor, top_p: float) -> Tensor:
@@ -204,7 +214,7 @@ def sample_groups(
     guide_rows: list[list[slice]] = []  # per group, per guide and then per scoring prompt: its rows in the batch
     for group, rows_of in zip(groups, slices):
         mine = []
-        for prefix in [guide.prefix for guide in (group.tilt.guides if group.tilt else ())] + list(group.scored_by):
+        for prefix in group.prompts[1:]:
             mine.append(slice(len(prefixes), len(prefixes) + group.n))
             prefixes.extend([prefix] * group.n)
             owners.extend(range(rows_of.start, rows_of.stop))
@@ -312,10 +322,8 @@ def sample_groups_in_chunks(model: PreTrainedModel, groups: list[SampleGroup], s
     holds its prompt, its guide and scoring prompts, and the response), so that a request asking for many samples does
     not hold them all at once. A group small enough for one batch draws exactly what it draws in one; a larger one
     draws its pieces one after the other from its generator, the same whatever groups are beside it."""
-    prompts = [[group.prefix, *(guide.prefix for guide in (group.tilt.guides if group.tilt else ())), *group.scored_by]
-               for group in groups]
     pieces: list[list[Samples]] = [[] for _ in groups]
-    sizes = [(group.n, len(mine), max(p.length for p in mine), group.max_tokens) for group, mine in zip(groups, prompts)]
+    sizes = [(group.n, len(group.prompts), max(p.length for p in group.prompts), group.max_tokens) for group in groups]
     for chunk in row_chunks(sizes):
         parts = [dataclasses.replace(groups[g], n=end - first, greedy_rows=min(groups[g].greedy_rows, end) if first == 0 else 0)
                  for g, first, end in chunk]
