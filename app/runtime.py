@@ -80,6 +80,17 @@ class Runtime:
         limits = [limit for model in models if isinstance(limit := getattr(model.config, "max_position_embeddings", None), int)]
         return max(prompts) + job.config.max_tokens, min(limits, default=None)
 
+    def prompt_error(self, job: AlignJob, max_prompt_tokens: int) -> str | None:
+        """Why ``job``'s prompt cannot run (past ``max_prompt_tokens``, or with its response past a model's context),
+        if it cannot."""
+        if len(job.prompt.ids) > max_prompt_tokens:
+            return f"the prompt has {len(job.prompt.ids)} tokens; the limit is {max_prompt_tokens}"
+        needed, context = self.context_check(job)
+        if context is not None and needed > context:
+            return (f"the prompt and the response need {needed} positions; the model's context is {context} "
+                    "(shorten the prompt or lower max_tokens)")
+        return None
+
     @functools.cached_property
     def longest_token_characters(self) -> int:
         """Characters of the vocabulary's longest token (81 for SmolLM2: a newline and 80 spaces), as text or as spelt in

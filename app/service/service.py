@@ -163,13 +163,9 @@ class AlignService:
             raise Unprocessable(str(exc), param="reward.keywords") from None
         except ValueError as exc:  # e.g. an empty reward mix
             raise Unprocessable(str(exc), param="reward") from None
-        if len(work.prompt.ids) > self.settings.max_prompt_tokens:
-            raise Unprocessable(f"the prompt has {len(work.prompt.ids)} tokens; the limit is {self.settings.max_prompt_tokens}",
-                                param=prompt_param, code="context_length_exceeded")
-        needed, context = self.runtime.context_check(work)
-        if context is not None and needed > context:
-            raise Unprocessable(f"the prompt and the response need {needed} positions; the model's context is {context} "
-                                "(shorten the prompt or lower max_tokens)", param=prompt_param, code="context_length_exceeded")
+        error = self.runtime.prompt_error(work, self.settings.max_prompt_tokens)
+        if error is not None:
+            raise Unprocessable(error, param=prompt_param, code="context_length_exceeded")
         timeout = min(timeout or self.settings.request_timeout_seconds, self.settings.request_timeout_seconds)
         job = Job(work, self.model_name, stream_events=stream_events, deadline=time.monotonic() + timeout, return_trace=return_trace,
                   owner=owner)
@@ -178,16 +174,14 @@ class AlignService:
                 queued = await self.shared.enqueue(job, messages, reward_options or {})
             if not queued:
                 raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(self.worker.retry_after())})
-            self.store.add(job)  # the shared store put it there already: this keeps the store's bound
-            self._arm_deadline(job, timeout)
-            return job
-        try:
-            self.worker.submit(job)
-        except QueueFullError as exc:
-            raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(exc.retry_after)}) from None
-        except DrainingError:
-            raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "5"}) from None
-        self.store.add(job)
+        else:
+            try:
+                self.worker.submit(job)
+            except QueueFullError as exc:
+                raise TooManyRequests("the queue is full; retry later", headers={"Retry-After": str(exc.retry_after)}) from None
+            except DrainingError:
+                raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "5"}) from None
+        self.store.add(job)  # (the shared store put it there already: adding keeps the store's bound)
         self._arm_deadline(job, timeout)
         return job
 

@@ -236,7 +236,7 @@ class SharedJobs:
 
     def __init__(self, redis: Redis, claim_redis: Redis, runtime: Runtime, worker: EngineWorker, *, prefix: str, ttl: float,
                  lease: float, max_attempts: int, max_queue: int, jobs: dict[str, Job], is_draining, registry=None,
-                 limit_error=lambda config: None, longest_timeout: float = math.inf, max_prompt_tokens: int | None = None):
+                 limit_error=lambda config: None, longest_timeout: float = math.inf, max_prompt_tokens: int = 2**31):
         self.redis = redis
         self._claim_redis = claim_redis  # BLMOVE blocks its connection
         self.runtime = runtime
@@ -507,11 +507,9 @@ class SharedJobs:
         error = self.limit_error(job.work.config)
         if error is not None:
             raise ValueError(error[1])
-        if self.max_prompt_tokens is not None and len(job.work.prompt.ids) > self.max_prompt_tokens:
-            raise ValueError(f"its prompt has {len(job.work.prompt.ids)} tokens; the limit is {self.max_prompt_tokens}")
-        needed, context = self.runtime.context_check(job.work)
-        if context is not None and needed > context:
-            raise ValueError(f"its prompt and response need {needed} positions; the model's context is {context}")
+        error = self.runtime.prompt_error(job.work, self.max_prompt_tokens)
+        if error is not None:
+            raise ValueError(error)
         if job.deadline is None or not math.isfinite(job.deadline):
             raise ValueError("it has no deadline")
         job.deadline = min(job.deadline, time.monotonic() + self.longest_timeout)
