@@ -298,6 +298,23 @@ def test_drain_logs_the_final_status_of_every_accepted_job(caplog):
     assert f"drained job {endless.id}: failed (the service shut down before the job could finish)" in caplog.text
 
 
+def test_drain_waits_for_a_job_drawing_its_start(caplog):
+    """A job whose start (its initial samples) is being drawn when the drain begins is work in flight: the drain waits
+    for it (it was taken for idle, and the job failed at once with `shutdown`)."""
+    async def scenario():
+        service = await make_service(FakeEngine(start_seconds=0.5), drain_seconds=10.0)
+        job = await submit(service, "starting", steps=2)
+        while not service.worker._starting:
+            await asyncio.sleep(0.01)
+        await service.shutdown()
+        return job
+
+    with caplog.at_level(logging.INFO, logger="app.service.service"):
+        job = run(scenario())
+    assert job.status is JobStatus.succeeded, job.error
+    assert "draining: 0 queued, 2 chains running" in caplog.text
+
+
 # ----- end to end: the real server with API keys and small limits ---------------------------------
 
 

@@ -153,14 +153,15 @@ class EngineWorker:
 
     @property
     def idle(self) -> bool:
+        """Nothing queued, running or drawing its start."""
         with self._cond:
-            return not self._pending and not self._active
+            return not self._pending and not self._running()
 
     @property
     def load(self) -> tuple[int, int]:
-        """(queued requests, chains in the running batch)."""
+        """(queued requests, chains in the running batch and in the requests drawing their start)."""
         with self._cond:
-            return len(self._pending), sum(job.chains for job, _ in self._active)
+            return len(self._pending), sum(job.chains for job in self._running())
 
     @property
     def alive(self) -> bool:
