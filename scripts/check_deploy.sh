@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Lints and validates the container and deployment files:
 # Dockerfiles, compose, YAML style, rendered kustomize overlays (built-in kinds
-# and CRDs), the Grafana dashboard and the metric names it queries.
+# and CRDs), and with promtool every PromQL expression shipped (the alert rules,
+# the Grafana dashboard, the autoscaler's query). That they name series, labels
+# and values the service exports is tests/test_monitoring.py's job (in CI).
 #
 #   bash scripts/check_deploy.sh
 #
 # Needs python3 (3.11), node (20), npm and kubectl; installs the rest into a
-# throwaway directory under ${TMPDIR:-/tmp}, and docker-compose with apt-get if
-# it is missing. Leaves nothing in the repository.
+# throwaway directory under ${TMPDIR:-/tmp}, and docker-compose and promtool
+# (Debian's prometheus package) with apt-get if they are missing. Leaves
+# nothing in the repository.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,14 +38,17 @@ python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -qq --disable-pip-version-check "${PIP_TOOLS[@]}"
 PATH="$WORK/venv/bin:$PATH"
 npm install --prefix "$WORK/node" --no-audit --no-fund --no-save --loglevel=error "${NPM_PACKAGES[@]}" >/dev/null
-if ! command -v docker-compose >/dev/null; then
+apt_packages=()
+command -v docker-compose >/dev/null || apt_packages+=(docker-compose)
+command -v promtool >/dev/null || apt_packages+=(prometheus)
+if [ "${#apt_packages[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 echo "hadolint $(hadolint --version | awk '{print $NF}'), $(yamllint --version), kubernetes-validate $(kubernetes-validate --version)"
-echo "$(docker-compose version --short 2>/dev/null || docker-compose --version), kubectl $(kubectl version --client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])'), node $(node --version)"
+echo "$(promtool --version 2>&1 | head -1), $(docker-compose version --short 2>/dev/null || docker-compose --version), kubectl $(kubectl version --client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])'), node $(node --version)"
 
 step "hadolint: Dockerfile docker/Dockerfile.cuda"
 hadolint --no-color Dockerfile docker/Dockerfile.cuda
@@ -125,7 +131,7 @@ for file in "${rendered[@]}"; do
   done < <(printf '%s\n' "$out" | grep -v '^INFO' || true)
 done
 
-step "validate_crds.mjs: ServiceMonitor and ScaledObject schemas"
+step "validate_crds.mjs: ServiceMonitor, PrometheusRule and ScaledObject schemas"
 node scripts/validate_crds.mjs "${rendered[@]}"
 
 step "Manifest invariants"
@@ -180,7 +186,7 @@ for path in sys.argv[1:]:
         for scaled in by_kind.get("ScaledObject", []):
             if scaled["spec"].get("maxReplicaCount", 100) > 1 and not required:
                 errors.append(f"{path}: ScaledObject allows {scaled['spec'].get('maxReplicaCount', 100)} replicas but SEA_REDIS_URL is optional")
-    for kind in ("Service", "PodDisruptionBudget", "ServiceMonitor", "ScaledObject"):
+    for kind in ("Service", "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "ScaledObject"):
         if kind not in by_kind:
             errors.append(f"{path}: no {kind}")
     if len(errors) == errors_before:
@@ -191,23 +197,23 @@ for error in errors:
 sys.exit(1 if errors else 0)
 EOF
 
-step "Metric names queried by dashboards and autoscaler exist in app/"
-# Compared without the sea_ prefix and the exposition suffixes, so metrics
-# declared with namespace="sea" or a _total name both match.
-if grep -rqs --include='*.py' 'prometheus_client' app/; then
-  missing=0
-  for base in $(grep -ohE 'sea_[a-z0-9_]+' docker/grafana/dashboards/*.json deploy/base/scaledobject.yaml \
-    | sed -E 's/_(bucket|sum|count)$//; s/_total$//; s/^sea_//' | sort -u); do
-    if grep -rqs --include='*.py' -- "$base" app/; then
-      echo "ok   sea_$base"
-    else
-      echo "FAIL: sea_$base is queried but '$base' appears nowhere in app/" >&2
-      missing=1
-    fi
-  done
-  [ "$missing" -eq 0 ] || fail "dashboard/autoscaler metrics missing from the service"
-else
-  echo "skipped: app/ defines no Prometheus metrics yet"
-fi
+step "promtool check rules: the alert rules, and the dashboard's and autoscaler's queries as recording rules"
+"$WORK/venv/bin/python" - "$WORK/cpu.yaml" "$WORK/rules.yaml" <<'EOF'
+import json
+import pathlib
+import sys
+import yaml
+
+rendered, out = sys.argv[1:]
+docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
+groups = [group for d in docs if d["kind"] == "PrometheusRule" for group in d["spec"]["groups"]]
+queries = [t["expr"].replace("$__rate_interval", "5m") for path in sorted(pathlib.Path("docker/grafana/dashboards").glob("*.json"))
+           for panel in json.load(open(path))["panels"] for t in panel.get("targets", [])]
+queries += [t["metadata"]["query"] for d in docs if d["kind"] == "ScaledObject" for t in d["spec"]["triggers"]]
+groups.append({"name": "shipped-queries", "rules": [{"record": f"check:query_{i}", "expr": q} for i, q in enumerate(queries)]})
+yaml.safe_dump({"groups": groups}, open(out, "w"))
+print(f"{sum(len(g['rules']) for g in groups[:-1])} alert rules, {len(queries)} queries")
+EOF
+promtool check rules "$WORK/rules.yaml"
 
 printf '\nAll deployment checks passed in %ss.\n' "$((SECONDS - started))"

@@ -17,11 +17,12 @@ import { createRequire } from "node:module";
 
 const require = createRequire(import.meta.url);
 const yaml = require("js-yaml");
-const { ServiceMonitor } = require("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1");
+const { PrometheusRule, ServiceMonitor } = require("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1");
 const { ScaledObject } = require("@kubernetes-models/keda/keda.sh/v1alpha1");
 
 const MODELS = new Map([
   ["monitoring.coreos.com/v1 ServiceMonitor", ServiceMonitor],
+  ["monitoring.coreos.com/v1 PrometheusRule", PrometheusRule],
   ["keda.sh/v1alpha1 ScaledObject", ScaledObject],
 ]);
 

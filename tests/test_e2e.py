@@ -272,17 +272,23 @@ def test_metrics_count_the_calls(http):
     # answered by the body limit before routing (the declared length is over it): still counted under its path
     assert http.post("/align", content=b"x" * 2_000_000, headers={"content-type": "application/json"}).status_code == 413
     assert http.request("PROPFIND", "/align").status_code == 405  # a method no route takes: counted as "other"
+    assert http.get("/openapi.json").status_code == 200  # a route outside FastAPI's own: labelled all the same
+    assert http.get("/v1/models/no/such/model").status_code == 404  # the template, not the route's `{model:path}`
     after = metric_samples(http.get("/metrics").text)
 
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta("sea_requests_total", method="POST", endpoint="/align", status="200") == 1
-    assert delta("sea_requests_total", method="POST", endpoint="/align", status="422") == 1
-    assert delta("sea_requests_total", method="POST", endpoint="/align", status="413") == 1
-    assert delta("sea_requests_total", method="other", endpoint="/align", status="405") == 1
-    assert delta("sea_request_duration_seconds_count", endpoint="/align") == 4
+    assert delta("sea_requests_total", method="POST", route="/align", status="200") == 1
+    assert delta("sea_requests_total", method="POST", route="/align", status="422") == 1
+    assert delta("sea_requests_total", method="POST", route="/align", status="413") == 1
+    assert delta("sea_requests_total", method="other", route="/align", status="405") == 1
+    assert delta("sea_requests_total", method="GET", route="/openapi.json", status="200") == 1
+    assert delta("sea_requests_total", method="GET", route="/v1/models/{model}", status="404") == 1
+    # durations by status too: fast refusals must not hide how long the answers took
+    assert [delta("sea_request_duration_seconds_count", route="/align", status=s) for s in ("200", "422", "413", "405")] == [1] * 4
+    assert delta("sea_request_duration_seconds_bucket", route="/align", status="200", le="0.001") == 0
     assert delta("sea_final_reward_count", method="sea") == 1
     assert delta("sea_reward_gain_count", method="sea") == 1
     # the means' sums, as their positive and negative parts (counters never fall; rate() reads a fall as a reset)

@@ -451,6 +451,9 @@ def test_error_responses_carry_the_request_id_and_no_internals(http, server):
         http.get("/jobs/job-nope"),  # 404
         http.delete("/metrics"),  # 405
     ]
+    unauthorized = httpx.get(server.url + "/v1/models/sea")  # answered before routing: labelled by the route's template
+    assert unauthorized.status_code == 401
+    assert 'sea_requests_total{method="GET",route="/v1/models/{model}",status="401"}' in http.get("/metrics").text
     for response in responses:
         error = assert_error(response, response.status_code)
         assert "Traceback" not in response.text and 'File "' not in response.text
@@ -470,8 +473,8 @@ def test_a_client_that_leaves_while_sending_its_body_counts_as_499_not_400(http,
                       f"Authorization: {AUTH['Authorization']}\r\n\r\n").encode() + b'{"prompt": "hi')
     wait_for(lambda: "-> 499 the client closed the connection while sending the body" in server.log_path.read_text(), 30)
     text = http.get("/metrics").text
-    assert 'sea_requests_total{endpoint="/align",method="POST",status="499"}' in text
-    assert 'sea_requests_total{endpoint="/align",method="POST",status="400"}' not in text
+    assert 'sea_requests_total{method="POST",route="/align",status="499"}' in text
+    assert 'sea_requests_total{method="POST",route="/align",status="400"}' not in text
 
 
 def test_a_full_queue_answers_429_with_retry_after(http):

@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,7 @@ from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Tim
 from app.errors import GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests
 from app.runtime import Runtime
 from app.service.jobs import JobStatus
-from app.service.metrics import Metrics
+from app.service.metrics import JOB_OUTCOMES, Metrics
 from app.service.service import AlignService
 from app.settings import Settings
 from tests.tiny import tiny_tokenizer
@@ -269,6 +270,20 @@ def test_every_job_taken_is_counted_once_by_how_it_ended_and_a_wait_that_ended_i
     assert counted == {"cancelled": 2, "timeout": 1, "succeeded": 1}
     assert registry.get_sample_value("sea_queue_wait_seconds_count") == 4
     assert registry.get_sample_value("sea_queue_wait_seconds_sum") >= 0.1 + 0.3  # the two that never left the queue
+
+
+def test_a_fresh_scrape_holds_every_job_outcome_at_zero_and_the_process_metrics():
+    """increase() and rate() cannot see the first count of a series they never saw: an alert on the first `engine`
+    failure after a restart would miss it. A gain of exactly 0 (Best-of-N's) falls in a bucket that ends at 0."""
+    metrics = Metrics()
+    sample = metrics.registry.get_sample_value
+    assert {outcome: sample("sea_jobs_total", {"outcome": outcome}) for outcome in JOB_OUTCOMES} == dict.fromkeys(JOB_OUTCOMES, 0.0)
+    assert set(JOB_OUTCOMES) >= {"succeeded", "cancelled", "timeout", "engine", "overloaded", "shutdown", "requeued"}
+    if Path("/proc/self/stat").exists():
+        assert sample("process_resident_memory_bytes") > 0
+    metrics.reward_gain.labels("bon").observe(0.0)
+    assert sample("sea_reward_gain_bucket", {"method": "bon", "le": "-0.01"}) == 0
+    assert sample("sea_reward_gain_bucket", {"method": "bon", "le": "0.0"}) == 1
 
 
 def test_gauges_count_jobs_drawing_their_start_and_fall_to_zero_when_the_worker_stops():

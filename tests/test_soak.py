@@ -46,7 +46,7 @@ def statuses_served(url: str) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for sample in family.samples:
-            if sample.name == "sea_requests_total" and sample.labels["endpoint"] != "/metrics":
+            if sample.name == "sea_requests_total" and sample.labels["route"] != "/metrics":
                 counts[sample.labels["status"]] += int(sample.value)
     return counts
 

@@ -74,7 +74,7 @@ class RequestContext:
     def __init__(self, app, metrics: Metrics):
         self.app = app
         self.metrics = metrics
-        self._documented: list[tuple[re.Pattern, str]] | None = None
+        self._paths: list[tuple[re.Pattern, str]] | None = None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -97,25 +97,29 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            endpoint = self._endpoint(scope)
+            route = self._route(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method: bound the label
-            self.metrics.requests.labels(method, endpoint, str(status)).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.request_seconds.labels(route, str(status)).observe(time.perf_counter() - started)
             if status >= 400:
                 reason = _printable(state.get("error_message", ""))[:1000]
                 log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s",
                         request_id, scope["method"], path, status, reason)
 
-    def _endpoint(self, scope) -> str:
-        """The route's path template as the metrics label. A request answered before routing (a 401 or a 413 from the
-        middleware below) is matched against the documented paths; anything else is ``other`` (bounded labels)."""
-        route = scope.get("route")
+    def _route(self, scope) -> str:
+        """The route's path template as the metrics label (``/v1/models/{model}``, however the route spells its
+        parameters). A request the router did not label (a 401 or a 413 from the middleware below, the OpenAPI
+        document, a static file) is matched against the documented paths and the app's own routes; anything else is
+        ``other`` (bounded labels)."""
+        route = scope.get("route")  # FastAPI's routes put themselves here
         if route is not None:
-            return getattr(route, "path", "other")
-        if self._documented is None:
+            return getattr(route, "path_format", None) or getattr(route, "path", "other")
+        if self._paths is None:
             app = scope.get("app")
-            self._documented = [(compile_path(path)[0], path) for path in app.openapi()["paths"]] if app is not None else []
-        return next((path for pattern, path in self._documented if pattern.match(scope["path"])), "other")
+            documented = [compile_path(path)[:2] for path in app.openapi()["paths"]] if app is not None else []
+            own = [(route.path_regex, route.path_format) for route in getattr(app, "routes", []) if hasattr(route, "path_regex")]
+            self._paths = documented + own
+        return next((path for pattern, path in self._paths if pattern.match(scope["path"])), "other")
 
 
 class ServerErrors:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, disable_created_metrics
 
 from app.engine.types import AlignResult
 
 # From 1 ms: probes, scrapes and queue waits (the batching window is 10 ms) take a few ms; an /align up to minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)  # 32 chains take ~18 s a step on 2 CPU cores
-REWARD_BUCKETS = (-50, -20, -10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 50, 100)  # a keyword reward reaches 50
+# -0.01: a bucket that ends just below 0, so that gains of exactly 0 (Best-of-N, a chain never improved) read as 0 in
+# histogram_quantile, not as a value interpolated across (-0.5, 0].
+REWARD_BUCKETS = (-50, -20, -10, -5, -2, -1, -0.5, -0.01, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 50, 100)  # a keyword reward reaches 50
 CHAIN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Every way a request ends on a replica: succeeded, or the error kind its job ends with (`requeued`: with a shared store)
+JOB_OUTCOMES = ("succeeded", "cancelled", "timeout", "engine", "overloaded", "shutdown", "requeued")
 
 
 class Metrics:
@@ -22,9 +26,11 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sea_requests_total", "HTTP requests by method, endpoint and status code.", ["method", "endpoint", "status"],
+        self.requests = Counter("sea_requests_total", "HTTP requests by method, route (path template) and status code.", ["method", "route", "status"],
                                 registry=r)
-        self.request_seconds = Histogram("sea_request_duration_seconds", "HTTP request duration.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        # By status too: a burst of fast 429s or 422s must not make the latency of the answers that ran look better.
+        self.request_seconds = Histogram("sea_request_duration_seconds", "HTTP request duration by route (path template) and status code.",
+                                         ["route", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("sea_queue_wait_seconds", "Time a request waited before the engine took it, or until it left the "
                                     "queue (cancelled, timed out).", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("sea_queue_depth", "Requests waiting for the engine.", registry=r)
@@ -48,7 +54,10 @@ class Metrics:
                                             ["method"], registry=r)
         self.jobs = Counter("sea_jobs_total", "Requests ended on this replica, by outcome: succeeded, or the error kind (cancelled, "
                             "timeout, engine, overloaded, shutdown; requeued: handed back to the shared queue).", ["outcome"], registry=r)
+        for outcome in JOB_OUTCOMES:  # at 0 from the start: increase() cannot see the first count of a series it never saw
+            self.jobs.labels(outcome)
         self.model_info = Info("sea_model", "The served models.", registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open files (Linux)
 
     def observe_result(self, result: AlignResult) -> None:
         self.prompt_tokens.inc(result.usage.prompt_tokens)
