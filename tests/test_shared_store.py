@@ -198,7 +198,8 @@ def _scripts_alone(redis_url: str, name: str, max_attempts: int):
 
 
 def _jobs_counted(shared) -> dict[str, float]:
-    return {sample.labels["outcome"]: sample.value for metric in shared.worker.metrics.jobs.collect() for sample in metric.samples}
+    """The outcomes counted (each is exported at 0 from the start)."""
+    return {sample.labels["outcome"]: sample.value for metric in shared.worker.metrics.jobs.collect() for sample in metric.samples if sample.value}
 
 
 async def _running_on_a_dead_replica(client, prefix: str, job_id: str, **fields) -> None:
