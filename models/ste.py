@@ -146,12 +146,15 @@ class ResponseBatch:
             return self.probs
         return self.probs[self.probs_rows]
 
-    def embed(self, weight: Tensor, upto: int | None = None) -> Tensor:
-        """Straight-through input embeddings ``(B, L, d)`` under the embedding matrix ``weight`` (V, d)."""
+    def embed(self, weight: Tensor, upto: int | None = None, scale: Tensor | float = 1.0) -> Tensor:
+        """Straight-through input embeddings ``(B, L, d)`` under the embedding matrix ``weight`` (V, d), times the
+        model's embedding ``scale`` (``models.lm.embedding_scale``)."""
         tokens = self.tokens if upto is None else self.tokens[:, :upto]
         if self.probs is None:
-            return F.embedding(tokens, weight)
-        return _StraightThroughEmbedding.apply(self.probs, self.probs_rows, tokens, weight)
+            embeds = F.embedding(tokens, weight)
+        else:
+            embeds = _StraightThroughEmbedding.apply(self.probs, self.probs_rows, tokens, weight)
+        return embeds if isinstance(scale, float) and scale == 1.0 else embeds * scale
 
     def pick(self, table: Tensor) -> Tensor:
         """Entries ``table[b, t, tokens[b, t]]`` of a ``(B, L, V)`` table, with straight-through gradient to ``probs``."""

@@ -9,22 +9,45 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import DynamicCache, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    CohereConfig,
+    CohereForCausalLM,
+    DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from app.runtime import Runtime
+from app.runtime import ChatTemplateError, Runtime
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
-from models.lm import encode_prefix, forward_after_prefix, render_prompt, stack_prefixes, with_cache
-from models.loading import ModelLoadError, load_lm
+from models.lm import (
+    encode_prefix,
+    forward_after_prefix,
+    render_prompt,
+    response_token_log_probs,
+    scoring_error,
+    stack_prefixes,
+    with_cache,
+)
+from models.loading import LoadedLM, ModelLoadError, check_reference, load_lm
 from models.rewards import (
     LexiconReward,
     PrincipleReward,
     SequenceClassifierReward,
     check_shared_vocabulary,
     keyword_coverage,
+    load_sequence_classifier_reward,
 )
 from models.ste import ResponseBatch, masked_sum
-from tests.tiny import save_tiny_lm, tiny_reward_model
+from tests.tiny import save_tiny_lm, tiny_reward_model, tiny_tokenizer
 
 
 def test_load_from_folder_is_frozen_and_in_eval_mode(lm, tmp_path):
@@ -389,3 +412,108 @@ def test_a_keyword_s_gradient_is_the_same_alone_and_padded_beside_a_longer_batch
         return probs.grad[0, : len(ids)]
 
     assert torch.equal(gradient(0), gradient(3))
+
+
+# ----- models the engine must score as they score themselves, and models it must refuse ---------------------------
+
+def _tiny_of(config_class, model_class, **extra):
+    """A tiny random model of another architecture on the test tokenizer, its predictions sharpened like tiny_lm's."""
+    tokenizer = tiny_tokenizer()
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          eos_token_id=2, bos_token_id=1, pad_token_id=2, **extra)
+    torch.manual_seed(0)
+    model = model_class(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    return LoadedLM(model, tokenizer, config.model_type, torch.device("cpu"), torch.float32)
+
+
+# Each treats its embeddings or logits beyond the embedding matrix and the LM head (values large enough to matter on
+# a tiny model: Gemma 2's real cap is 30, Granite's scaling 8 or 16).
+TRANSFORMING = {
+    "gemma: embeddings times sqrt(hidden)": (GemmaConfig, GemmaForCausalLM, {}),
+    "gemma2: soft-capped logits": (Gemma2Config, Gemma2ForCausalLM, {"final_logit_softcapping": 0.5}),
+    "granite: logits divided by logits_scaling": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 8.0, "embedding_multiplier": 4.0}),
+    "cohere: logits times logit_scale": (CohereConfig, CohereForCausalLM, {"logit_scale": 4.0}),
+}
+
+
+@pytest.mark.parametrize("architecture", TRANSFORMING)
+def test_architectures_that_transform_embeddings_or_logits_are_scored_as_their_own_forward_pass(architecture, tmp_path):
+    """They loaded and answered, scored with energies unlike their own (a Gemma-2 token off by 0.7 nats)."""
+    lm = _tiny_of(*TRANSFORMING[architecture][:2], **TRANSFORMING[architecture][2])
+    vocab = len(lm.tokenizer)
+    assert scoring_error(lm.model, vocab) < 1e-4
+    # the straight-through value is the hard tokens' log-prob, through the same embedding and head
+    prompt = encode_prefix(lm.model, lm.tokenizer("the dog is happy")["input_ids"])
+    tokens = torch.tensor([[30, 31, 32, 33, 2]])
+    probs = torch.softmax(torch.randn(1, 5, vocab), -1).requires_grad_()
+    soft = response_token_log_probs(lm.model, stack_prefixes([prompt]), ResponseBatch(tokens, torch.ones(1, 5), probs=probs))
+    exact = response_token_log_probs(lm.model, stack_prefixes([prompt]), ResponseBatch(tokens, torch.ones(1, 5)))
+    assert torch.allclose(soft.detach(), exact, atol=1e-5)
+    assert load_lm(str(save_tiny_lm(lm, tmp_path / "model"))).model.__class__ is lm.model.__class__  # the load-time check passes
+
+
+def test_a_model_scored_unlike_its_own_forward_pass_is_refused_at_load(monkeypatch):
+    """The load-time check for an architecture whose treatment of its logits the engine does not know (simulated: the
+    engine's head without Gemma 2's cap)."""
+    lm = _tiny_of(Gemma2Config, Gemma2ForCausalLM, final_logit_softcapping=0.5)
+    check_reference(lm)
+    monkeypatch.setattr("models.lm.lm_head", lambda model: model.get_output_embeddings())
+    with pytest.raises(ModelLoadError, match=r"gemma2 \(Gemma2ForCausalLM\).*differ from the model's own forward pass"):
+        check_reference(lm)
+
+
+def test_models_the_engine_cannot_serve_are_refused_at_load_naming_why(lm, tmp_path):
+    no_eos = copy.deepcopy(lm)
+    no_eos.tokenizer.eos_token = None
+    no_eos.model.generation_config.eos_token_id = None
+    no_eos.model.config.eos_token_id = None
+    with pytest.raises(ModelLoadError, match="end-of-sequence"):  # every request was a 500 (IndexError)
+        check_reference(no_eos)
+    grown = copy.deepcopy(lm)
+    grown.tokenizer.add_tokens(["zebra"])
+    with pytest.raises(ModelLoadError, match=f"{len(lm.tokenizer) + 1} tokens but its embedding {len(lm.tokenizer)} rows"):
+        load_lm(str(save_tiny_lm(grown, tmp_path / "grown")))  # every request was a 500 (index out of range)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="SEA_DEVICE is cuda, but torch sees no CUDA device"):
+            load_lm(str(tmp_path / "grown"), device="cuda")
+
+
+def test_reward_models_the_engine_cannot_serve_are_refused_at_load(lm, tmp_path):
+    causal = save_tiny_lm(lm, tmp_path / "causal")  # a causal LM: its score head would be random, a new one each start
+    with pytest.raises(ModelLoadError, match="no weights for score.weight"):
+        load_sequence_classifier_reward(str(causal), lm)
+    two = tiny_reward_model(len(lm.tokenizer))
+    two.config.num_labels = 2
+    two.score = torch.nn.Linear(32, 2, bias=False)
+    two.save_pretrained(tmp_path / "two")
+    with pytest.raises(ModelLoadError, match="2 outputs"):  # the second was silently ignored
+        load_sequence_classifier_reward(str(tmp_path / "two"), lm)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(lm.tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=4, intermediate_size=64, num_labels=1))
+    bert.save_pretrained(tmp_path / "bert")
+    with pytest.raises(ModelLoadError, match="not a decoder with a `score` head"):  # every `rm` request was a 500
+        load_sequence_classifier_reward(str(tmp_path / "bert"), lm)
+    with pytest.raises(ModelLoadError, match="SEA_REWARD_MODEL"):
+        load_sequence_classifier_reward(str(tmp_path / "nowhere"), lm)
+    gemma_rm = Gemma2ForSequenceClassification(_tiny_of(Gemma2Config, Gemma2ForCausalLM).model.config)
+    gemma_rm.config.num_labels = 1
+    gemma_rm.score = torch.nn.Linear(32, 1, bias=False)
+    gemma_rm.save_pretrained(tmp_path / "gemma_rm")
+    lm.tokenizer.save_pretrained(tmp_path / "gemma_rm")
+    reward = load_sequence_classifier_reward(str(tmp_path / "gemma_rm"), _tiny_of(Gemma2Config, Gemma2ForCausalLM))
+    assert reward.scoring_error(len(lm.tokenizer)) < 1e-5  # its embeddings scaled as Gemma scales them
+
+
+def test_a_chat_the_model_s_template_refuses_is_a_clear_request_error(lm):
+    strict = copy.deepcopy(lm)
+    strict.tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}")
+    runtime = Runtime.from_lm(strict, Settings())
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):  # a 500 with the traceback
+        runtime.prompt([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
+    assert runtime.prompt([{"role": "user", "content": "hi"}]).ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
-from app.errors import GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests
+from app.errors import GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
 from app.runtime import Runtime
 from app.service.jobs import JobStatus
 from app.service.metrics import JOB_OUTCOMES, Metrics
@@ -775,3 +776,24 @@ def test_one_api_key_may_have_at_most_its_share_of_requests_in_flight():
 
     refused = run(scenario())
     assert "requests in flight as one key may have (2" in str(refused) and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_a_chat_the_model_s_template_refuses_is_unprocessable_naming_the_messages():
+    """A template's own check (roles must alternate, as Gemma's and Mistral's templates demand) was a 500."""
+    async def scenario():
+        service = await make_service(FakeEngine())
+        service.runtime.lm = copy.copy(service.runtime.lm)
+        service.runtime.lm.tokenizer = copy.deepcopy(service.runtime.lm.tokenizer)
+        service.runtime.lm.tokenizer.chat_template = (
+            "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+        try:
+            twice = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+            with pytest.raises(Unprocessable) as refused:
+                await service.submit(SEAConfig(chains=1, steps=1), twice, prompt_param="messages")
+            return refused.value
+        finally:
+            await service.shutdown()
+
+    error = run(scenario())
+    assert error.param == "messages" and "roles must alternate" in str(error)

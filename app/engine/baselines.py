@@ -14,7 +14,7 @@ import torch
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row
 from app.engine.sampling import SampleGroup, categorical, joined_samples, row_chunks, rows_per_pass, sample_groups
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
-from models.lm import cache_over, stack_prefixes, with_cache
+from models.lm import cache_over, lm_head, stack_prefixes, with_cache
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
 
@@ -101,7 +101,7 @@ def run_args(engine, state) -> AlignResult | None:
         mask = torch.cat([mask, torch.ones(len(scorers), 1, dtype=mask.dtype, device=device)], dim=1)
         out = backbone(inputs_embeds=embed(torch.full((len(scorers), 1), token, device=device)), attention_mask=mask,
                        position_ids=(batch.lengths + t)[:, None], use_cache=True, **with_cache(backbone, cache))
-        log_probs = torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), -1)
+        log_probs = torch.log_softmax(lm_head(model)(out.last_hidden_state[:, -1]).float(), -1)
         state.usage.forward_token_passes += len(scorers)
     # The decoding computed every token's log-prob under each of its scorers: scoring the answer runs only the others.
     answer = _padded(engine, state, torch.tensor(tokens, dtype=torch.long, device=device))[None]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from models.lm import Prefix, cache_over, stack_prefixes, with_cache
+from models.lm import Prefix, cache_over, lm_head, stack_prefixes, with_cache
 
 ROW_TOKENS_PER_PASS = 8_192  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
 
@@ -203,7 +203,7 @@ def sample_groups(
     """
     backbone = getattr(model, model.base_model_prefix)
     embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    head = lm_head(model)
     rows = sum(g.n for g in groups)
     bounds = torch.tensor([0, *[g.n for g in groups]]).cumsum(0).tolist()
     slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(groups))]
