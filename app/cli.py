@@ -132,9 +132,19 @@ def cmd_align(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise SystemExit(f"sea align: {problems}") from None
-    runtime = Runtime.load(settings)
+    if not args.prompt.strip():
+        raise SystemExit("sea align: the prompt is empty")
     keywords = [w for w in (args.keywords or "").split(",") if w.strip()]
-    job = runtime.job([{"role": "user", "content": args.prompt}], config, terms=settings.reward_terms(), keywords=keywords or None)
+    if args.keywords is not None and not keywords:
+        raise SystemExit(f"sea align: --keywords {args.keywords!r} names no word")
+    runtime = Runtime.load(settings)
+    try:
+        job = runtime.job([{"role": "user", "content": args.prompt}], config, terms=settings.reward_terms(), keywords=keywords or None)
+    except ValueError as exc:  # keywords the model cannot spell, a chat its template refuses
+        raise SystemExit(f"sea align: {exc}") from None
+    error = runtime.prompt_error(job, settings.max_prompt_tokens)  # the API's check: the prompt's tokens and the context
+    if error is not None:
+        raise SystemExit(f"sea align: {error}")
     result = runtime.engine.run([job])[0]
     if args.json:
         out = result.to_dict()

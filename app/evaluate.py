@@ -18,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
+from app.api.schemas import ChatMessage
+from app.bench import _positive
 from app.engine.energy import reward_passes, scoring_passes
 from app.engine.types import AlignResult, SEAConfig
 from app.settings import Settings
@@ -83,7 +87,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Run each method at its own settings, not at equal compute: SEA for SEA_DEFAULT_STEPS steps, "
                              "Best-of-N with N = 16, beam search and ARGS at their defaults (--set tunes the SEA variants).")
     parser.add_argument("--out", required=True, help="Output folder: records.jsonl as the runs finish; results.json, report.md and plots at the end.")
-    parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
+    parser.add_argument("--limit", type=_positive, default=None, help="Only the first N prompts.")
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds; every prompt runs once per seed.")
     parser.add_argument("--max-tokens", type=int, default=None, help="Response length (default: SEA_DEFAULT_MAX_TOKENS).")
     parser.add_argument("--alpha", type=float, default=None, help="Reward weight (default: SEA_DEFAULT_ALPHA).")
@@ -101,16 +105,20 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Method every other one is paired with, prompt by prompt and seed by seed (default: bon-energy, else bon).")
 
 
+CHAT = TypeAdapter(list[ChatMessage])
+
+
 def read_prompts(path: Path) -> list[dict]:
     """The prompt rows of ``path``: JSONL objects with a ``prompt`` (or a chat's ``messages``), or, for a ``.txt``
     file, one prompt a line. A row that is neither stops the evaluation before it runs, naming its line."""
     if not path.is_file():
         raise SystemExit(f"--prompts {path}: no such file")
     lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    if path.suffix == ".txt":
-        return [{"id": f"line{number}", "prompt": line.strip()} for number, line in lines]
     rows = []
     for number, line in lines:
+        if path.suffix == ".txt":
+            rows.append({"id": f"line{number}", "prompt": line.strip()})
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -118,6 +126,16 @@ def read_prompts(path: Path) -> list[dict]:
         text = row.get("prompt") if isinstance(row, dict) else None
         if not (isinstance(text, str) and text.strip()) and not (isinstance(row, dict) and row.get("messages")):
             raise SystemExit(f"{path}:{number}: a row needs a `prompt` string (or `messages`)")
+        if not (isinstance(text, str) and text.strip()):
+            try:  # the API's own message schema: a chat the server would refuse is refused here, before anything runs
+                chat = CHAT.validate_python(row["messages"])
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(map(str, error["loc"]))
+                raise SystemExit(f"{path}:{number}: `messages`{'[' + where + ']' if where else ''}: {error['msg']} (a list of "
+                                 "{role: system, user or assistant, content: text})") from None
+            if not any(message.content.strip() for message in chat):
+                raise SystemExit(f"{path}:{number}: no message of `messages` holds any text")
         keywords = row.get("keywords")
         if keywords is not None and not (isinstance(keywords, list) and all(isinstance(w, str) for w in keywords)):
             raise SystemExit(f"{path}:{number}: `keywords` must be a list of words")

@@ -83,3 +83,29 @@ def test_serve_warns_of_sea_variables_that_name_no_setting(monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "SEA_API_KEY is not a setting (did you mean SEA_API_KEYS?); ignored" in warnings
     assert "SEA_NOTHING_LIKE_IT is not a setting; ignored" in warnings
+
+
+def test_a_model_that_cannot_load_ends_the_command_with_one_line(tmp_path, capsys):
+    """It ended in a 25-frame traceback."""
+    assert cli.main(["prepare", "--model", str(tmp_path / "nowhere"), "--cache-dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sea prepare: could not load model") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["  "], "the prompt is empty"),  # it ran a full default request on nothing
+    (["hi", "--keywords", ","], "names no word"),  # the keyword reward was dropped without a word
+])
+def test_align_refuses_an_empty_prompt_or_keyword_list_before_loading_the_models(monkeypatch, argv, message):
+    monkeypatch.setattr("app.runtime.Runtime.load", lambda settings: pytest.fail("the models were loaded"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["align", *argv])
+
+
+def test_align_applies_the_api_s_prompt_limit(monkeypatch, lm):
+    """--max-prompt-tokens was listed by --help and ignored."""
+    from app.runtime import Runtime
+
+    monkeypatch.setattr("app.runtime.Runtime.load", lambda settings: Runtime.from_lm(lm, settings))
+    with pytest.raises(SystemExit, match="the prompt has .* tokens; the limit is 5"):
+        cli.main(["align", "the dog and the cat play in the park", "--max-prompt-tokens", "5", "--steps", "0"])

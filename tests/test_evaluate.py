@@ -362,16 +362,24 @@ def test_prompt_files_are_read_or_refused_with_the_line_that_is_wrong(tmp_path):
     rows.write_text(json.dumps({"prompt": "hi", "keywords": ["dog"]}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     assert len(read_prompts(rows)) == 2
     for content, message in (("not json\n", ":1: not JSON"), (json.dumps({"text": "hi"}) + "\n", ":1: a row needs a `prompt`"),
-                             (json.dumps({"prompt": "hi", "keywords": "dog"}) + "\n", "`keywords` must be a list"), ("\n", "holds no prompts")):
+                             (json.dumps({"prompt": "hi", "keywords": "dog"}) + "\n", "`keywords` must be a list"), ("\n", "holds no prompts"),
+                             # a chat the API would refuse: it ended the run in a traceback, or ran with a role no model knows
+                             (json.dumps({"messages": "hi"}) + "\n", ":1: `messages`: Input should be a valid list"),
+                             (json.dumps({"messages": [{"role": "user"}]}) + "\n", r":1: `messages`\[0.content\]: Field required"),
+                             (json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n", r"`messages`\[0.role\]"),
+                             (json.dumps({"messages": [{"role": "user", "content": " "}]}) + "\n", "no message of `messages` holds any text")):
         rows.write_text(content)
         with pytest.raises(SystemExit, match=message):
             read_prompts(rows)
+    text.write_text("\n \n")  # it returned no rows, and the evaluation ended in a traceback
+    with pytest.raises(SystemExit, match="holds no prompts"):
+        read_prompts(text)
     with pytest.raises(SystemExit, match="no such file"):
         read_prompts(tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--methods", "sea,bestofn"], "unknown methods"), (["--seeds", "0,x"], "--seeds"),
-                                               (["--set", "stepz=3"], "--set stepz=3")])
+                                               (["--set", "stepz=3"], "--set stepz=3"), (["--limit", "0"], "2")])
 def test_bad_arguments_stop_the_evaluation_before_the_models_load(tmp_path, argv, message):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hi\n")
