@@ -444,3 +444,69 @@ def test_run_progress_and_focus_for_assistive_technology(page, server):
     page.locator("#messages .message button").nth(0).click()
     assert page.evaluate("document.activeElement.id") == "add-message"
     assert page.log.errors == []
+
+
+def test_stop_pressed_before_the_job_exists_cancels_it_once_it_does(page, server):
+    """Stop aborted the POST in the browser while the server took it: the job ran on, unseen, and the page said
+    "Stopped."."""
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=200, max_tokens=8, seed=1, alpha=1.0, keywords=["sun"])
+    created = []
+
+    def slow_answer(route):
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        response = route.fetch()  # the server has the job now
+        created.append(response.json()["id"])
+        page.wait_for_timeout(800)  # Stop is pressed meanwhile
+        route.fulfill(response=response)
+
+    page.route("**/jobs", slow_answer)
+    page.click("#run")
+    page.wait_for_timeout(300)
+    page.click("#stop")
+    wait_state(page, "cancelled")
+    assert page.inner_text("#run-status") == "Stopped."
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.get(f"/jobs/{created[0]}").json()["status"] == "cancelled"
+
+
+def test_enter_pressed_twice_does_not_stop_the_run_it_started(page, server):
+    """A run started with Enter moves the focus to Stop, where the second Enter cancelled the run."""
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=["sun"])
+    deletes = []
+    page.on("request", lambda request: deletes.append(request.url) if request.method == "DELETE" else None)
+    page.focus("#seed")
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(150)
+    page.keyboard.press("Enter")
+    wait_state(page, "done")
+    assert deletes == []
+
+
+def test_a_lost_server_is_named_and_the_status_is_checked_again(page, server):
+    """The page showed the browser's "Failed to fetch", and its pill still said "ready" 40 s after the server died."""
+    page.goto(server.url + "/")
+    page.wait_for_selector("#server-status.pill-ok")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=["sun"])
+    page.route("**/events", lambda route: route.abort())  # the connection fails, as with a server gone
+    page.route("**/ready", lambda route: route.abort())
+    assert run_and_wait(page) == "failed"
+    error = page.inner_text("#error")
+    assert "cannot reach the server" in error and "may still be running" in error and "Failed to fetch" not in error
+    page.wait_for_selector("#server-status.pill-bad")
+    assert page.inner_text("#server-status") == "server unreachable"
+
+
+def test_chart_axes_get_enough_ticks_to_read(page, server):
+    """Rounding the tick step up left one labelled tick for energies from 6.1 to 13.96."""
+    page.goto(server.url + "/")
+    ticks = page.evaluate("""async () => {
+      const { drawChart } = await import("./static/chart.js");
+      const node = document.getElementById("chart-energy");
+      drawChart(node, [[13.96, 9.2, 6.1]], { steps: 2 });
+      return [...node.querySelectorAll("text.tick[text-anchor=end]")].map((tick) => tick.textContent);
+    }""")
+    assert len(ticks) >= 3, ticks

@@ -3,6 +3,16 @@
 
 export const endpoint = (path) => new URL(path, document.baseURI).href;
 
+// fetch(), with a failed connection (the browser's own "Failed to fetch" TypeError) as an error that says so.
+async function request(url, init) {
+  try {
+    return await fetch(url, init);
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw Object.assign(new Error("cannot reach the server (the connection failed, or the server stopped)."), { unreachable: true });
+  }
+}
+
 export class Api {
   // apiKey: a function returning the key to send ("" for none).
   constructor(apiKey) {
@@ -19,7 +29,7 @@ export class Api {
 
   // The job's {id, status, location}; throws an Error with the server's message on a 4xx/5xx.
   async submitJob(body, signal) {
-    const response = await fetch(endpoint("jobs"), { method: "POST", headers: this.headers(true), body: JSON.stringify(body), signal });
+    const response = await request(endpoint("jobs"), { method: "POST", headers: this.headers(true), body: JSON.stringify(body), signal });
     if (!response.ok) throw await apiError(response);
     return response.json();
   }
@@ -31,7 +41,7 @@ export class Api {
     for (let attempt = 1; ; attempt++) {
       let job = null;
       try {
-        const response = await fetch(endpoint(`jobs/${encodeURIComponent(id)}/events`), { headers: this.headers(false), signal });
+        const response = await request(endpoint(`jobs/${encodeURIComponent(id)}/events`), { headers: this.headers(false), signal });
         if (!response.ok) throw await apiError(response);
         await readEventStream(response, (name, data) => {
           if (name === "step" && onStep) {
@@ -55,13 +65,13 @@ export class Api {
 
   // The job JSON of GET /jobs/{id}.
   async getJob(id, signal) {
-    const response = await fetch(endpoint(`jobs/${encodeURIComponent(id)}`), { headers: this.headers(false), signal });
+    const response = await request(endpoint(`jobs/${encodeURIComponent(id)}`), { headers: this.headers(false), signal });
     if (!response.ok) throw await apiError(response);
     return response.json();
   }
 
   async cancelJob(id) {
-    const response = await fetch(endpoint(`jobs/${encodeURIComponent(id)}`), { method: "DELETE", headers: this.headers(false) });
+    const response = await request(endpoint(`jobs/${encodeURIComponent(id)}`), { method: "DELETE", headers: this.headers(false) });
     if (!response.ok) throw await apiError(response);
     return response.json();
   }

@@ -18,7 +18,7 @@ function niceStep(span, count) {
   const raw = span / count;
   const power = 10 ** Math.floor(Math.log10(raw));
   const unit = raw / power;
-  return (unit >= 5 ? 10 : unit >= 2 ? 5 : unit >= 1 ? 2 : 1) * power;
+  return (unit >= 7.5 ? 10 : unit >= 3.5 ? 5 : unit >= 1.5 ? 2 : 1) * power; // the nearest: rounding up left one tick
 }
 
 function tickLabel(value, step) {

@@ -277,10 +277,11 @@ function showResult(run, result) {
   $("final-text").textContent = result.text;
   scoreList($("aligned-scores"), result, null);
   $("result-meta").textContent = `${result.model} · finish: ${result.finish_reason} · ${result.usage.completion_tokens} tokens`;
+  const sea = result.method === "sea"; // the baselines have no Langevin phase
   inlineList($("timings"), [
-    ["queue", seconds(result.timings.queue)], ["init", seconds(result.timings.init)],
-    ["Langevin", seconds(result.timings.langevin)], ["total", seconds(result.timings.total)],
-    ["steps", String(result.timings.steps)], ["prompt tokens", String(result.usage.prompt_tokens)],
+    ["queue", seconds(result.timings.queue)], [sea ? "init" : "run", seconds(result.timings.init)],
+    ...(sea ? [["Langevin", seconds(result.timings.langevin)]] : []), ["total", seconds(result.timings.total)],
+    ...(sea ? [["steps", String(result.timings.steps)]] : []), ["prompt tokens", String(result.usage.prompt_tokens)],
   ]);
   $("curl").textContent = curlCommand(endpoint("align"), run.body, Boolean(apiKey()));
   $("reference-text").closest(".card").hidden = result.method === "sample";
@@ -362,17 +363,23 @@ async function run(event) {
     setRunState("invalid");
     return;
   }
-  const current = { body, method: body.method, controller: new AbortController(), jobId: null,
-    steps: body.steps ?? null, history: [], cards: [], result: null, following: false, stepped: false };
+  const current = { body, method: body.method, controller: new AbortController(), jobId: null, started: performance.now(),
+    submitted: false, stopRequested: false, steps: body.steps ?? null, history: [], cards: [], result: null, following: false, stepped: false };
   ui.run = current;
-  resetOutput(body.method);
   setRunning(true);
   setRunState("running");
   const signal = current.controller.signal;
   try {
     setStatus("Submitting the job…");
-    const created = await api.submitJob(body, signal);
+    // Not aborted by Stop: a POST the server already took would leave its job running unseen. Stop pressed meanwhile
+    // cancels the job as soon as its id is known.
+    const created = await api.submitJob(body).finally(() => { current.submitted = true; });
     current.jobId = created.id;
+    if (current.stopRequested) {
+      await api.cancelJob(created.id).catch(() => {});
+      throw new DOMException("stopped before the job was created", "AbortError");
+    }
+    resetOutput(body.method); // only now: a refused request leaves the last run's output on the page
     setStatus(`Queued as ${created.id}`);
     current.following = true;
     watchJob(current, created.id, signal);
@@ -394,9 +401,11 @@ async function run(event) {
       setStatus("Stopped.");
       setRunState("cancelled");
     } else {
-      showError(error.message);
+      const still = error.unreachable && current.jobId ? ` The job ${current.jobId} may still be running.` : "";
+      showError(error.message + still);
       setStatus("Failed.");
       setRunState("failed");
+      if (error.unreachable) checkServer();
     }
   } finally {
     ui.run = null;
@@ -404,9 +413,16 @@ async function run(event) {
   }
 }
 
-async function stop() {
+async function stop(event) {
   const current = ui.run;
   if (!current) return;
+  // A run started with Enter moves the focus to Stop: an Enter pressed twice (or held) must not stop it at once.
+  if (event && event.detail === 0 && performance.now() - current.started < 800) return;
+  if (!current.submitted) {
+    current.stopRequested = true; // the POST is on its way: its job is cancelled once the server names it
+    setStatus("Stopping…");
+    return;
+  }
   if (current.jobId) {
     try {
       await api.cancelJob(current.jobId); // the event stream then ends with the cancelled job
@@ -431,22 +447,21 @@ async function copyCurl() {
   setTimeout(() => { $("copy-curl").textContent = "Copy"; }, 1500);
 }
 
+// The server's state in the pill: checked every 15 s while ready, every 3 s otherwise, and at once when a run loses it.
 async function checkServer() {
+  clearTimeout(checkServer.timer);
   const pill = $("server-status");
+  let ready = false;
   try {
     const [ok, body] = await api.ready();
-    if (ok) {
-      pill.textContent = `${body.model} · ready`;
-      pill.className = "pill pill-ok";
-      return;
-    }
-    pill.textContent = (body.error && body.error.message) || "not ready";
-    pill.className = "pill pill-wait";
+    ready = ok;
+    pill.textContent = ok ? `${body.model} · ready` : (body.error && body.error.message) || "not ready";
+    pill.className = ok ? "pill pill-ok" : "pill pill-wait";
   } catch (_) {
     pill.textContent = "server unreachable";
     pill.className = "pill pill-bad";
   }
-  setTimeout(checkServer, 3000);
+  checkServer.timer = setTimeout(checkServer, ready ? 15000 : 3000);
 }
 
 // ---------------------------------------------------------------- start-up
@@ -468,6 +483,13 @@ function init() {
     button.addEventListener("click", () => setMethod(button.dataset.method));
   }
   $("run-form").addEventListener("submit", run);
+  // Ctrl+Enter (⌘+Enter) runs from the prompt and the messages, where Enter writes a new line.
+  $("run-form").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && event.target.tagName === "TEXTAREA") {
+      event.preventDefault();
+      $("run-form").requestSubmit();
+    }
+  });
   $("stop").addEventListener("click", stop);
   $("copy-curl").addEventListener("click", copyCurl);
   setMethod("sea");
