@@ -114,6 +114,16 @@ def test_same_seed_same_text_alone_or_among_concurrent_requests(http, server):
     assert together["energy"] == pytest.approx(alone["energy"], abs=1e-3)
 
 
+def test_a_run_without_a_seed_returns_the_one_it_drew_and_that_seed_repeats_it(http):
+    """Without a seed a good answer could not be had again (and the playground's "same seed" reference was not)."""
+    request = {"prompt": "sing a song about the moon", "chains": 2, "steps": 2, "max_tokens": 6}
+    drawn = http.post("/align", json=request).json()
+    assert isinstance(drawn["seed"], int) and 0 <= drawn["seed"] < 2**53
+    again = http.post("/align", json={**request, "seed": drawn["seed"]}).json()
+    assert again["seed"] == drawn["seed"] and [c["text"] for c in again["chains"]] == [c["text"] for c in drawn["chains"]]
+    assert http.post("/align", json={**request, "method": "bon", "samples": 2, "seed": 5}).json()["seed"] == 5
+
+
 def test_job_lifecycle_with_server_sent_events(http):
     created = http.post("/jobs", json={"prompt": "what is tea", "chains": 2, "steps": 4, "max_tokens": 5, "seed": 3})
     assert created.status_code == 202

@@ -510,3 +510,15 @@ def test_chart_axes_get_enough_ticks_to_read(page, server):
       return [...node.querySelectorAll("text.tick[text-anchor=end]")].map((tick) => tick.textContent);
     }""")
     assert len(ticks) >= 3, ticks
+
+
+def test_a_blank_seed_shows_the_drawn_one_in_the_curl_command_and_the_reference_shares_it(page, server):
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=0, alpha=1.0, keywords=["sun"])
+    page.fill("#seed", "")
+    posts = []
+    page.on("request", lambda request: posts.append(json.loads(request.post_data)) if request.method == "POST" else None)
+    assert run_and_wait(page) == "done", page.inner_text("#error")
+    assert "seed" not in posts[0]  # the server drew it
+    seed = posts[1]["seed"]  # the reference sample's request carries the run's seed
+    assert isinstance(seed, int) and f'"seed":{seed}' in page.inner_text("#curl")

@@ -16,13 +16,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from app.engine.types import AlignResult, SEAConfig
+from app.engine.types import MAX_SEED, AlignResult, SEAConfig
 from app.settings import MAX_REWARD_WEIGHT, Settings
 
 # Request models are strict (no "3" for 3, no 1 for true) and refuse NaN and Infinity (which Python's JSON parser
 # lets through), so that what the OpenAPI document calls invalid is rejected, not coerced.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-MAX_SEED = 2**53 - 1  # the largest integer that JSON clients (JavaScript, float-based validators) hold exactly
 MIN_TEMPERATURE = 1e-4  # lower sampling temperatures are taken as 0 (greedy)
 
 
@@ -304,6 +303,8 @@ class AlignResponse(BaseModel):
     energy_per_token: float
     finish_reason: Literal["stop", "length"]
     chosen: int = Field(description="Index of the returned chain.")
+    seed: int | None = Field(None, description="The random seed the run used: the request's, or one the server drew when the "
+                                               "request gave none. Send it back to repeat the run.")
     chains: list[ChainOut]
     usage: UsageOut
     timings: TimingsOut
@@ -324,6 +325,7 @@ class AlignResponse(BaseModel):
             energy_per_token=result.energy_per_token,
             finish_reason=result.finish_reason,
             chosen=result.chosen,
+            seed=result.seed,
             chains=[
                 ChainOut(text=c.text, reward=c.reward, log_prob_ref=c.log_prob_ref, energy=c.energy, best_step=c.best_step,
                          initial=step(c.initial), trace=[step(s) for s in c.trace] if with_trace else None)

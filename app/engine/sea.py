@@ -18,7 +18,7 @@ from torch import Tensor
 from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row, token_tilt
 from app.engine.sampling import sample_responses
-from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage, best_chain
+from app.engine.types import MAX_SEED, AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage, best_chain
 from models.lm import Prefix, encode_prefix, stop_token_ids
 from models.loading import LoadedLM
 
@@ -43,6 +43,7 @@ class RequestState:
     usage: Usage
     timings: Timings
     started: float
+    seed: int  # what the generator was seeded with (the request's seed, or one drawn for it)
     step: int = -1  # logit updates applied; -1 until the initial chains are scored
     grad: Tensor | None = None  # (C, L, V) dE/dy at the current iterate
     adam_m: Tensor | None = None
@@ -126,7 +127,8 @@ class Engine:
     def _prepare(self, job: AlignJob, started: float) -> RequestState:
         config = job.config
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        seed = config.seed if config.seed is not None else int(torch.randint(0, MAX_SEED + 1, (1,)).item())
+        generator.manual_seed(seed)
         prefix = encode_prefix(self.lm.model, job.prompt.ids)
         terms = [(component, weight, component.prepare(job.prompt)) for component, weight in job.reward.terms]
         rows = config.chains if config.method == "sea" else 1
@@ -135,7 +137,7 @@ class Engine:
         # the reference's prompt and each reward's own context (the principle's is longer; a word list encodes none)
         prompt_passes = prefix.length + sum(context.length for _, _, context in terms if isinstance(context, Prefix))
         usage = Usage(prompt_tokens=prompt_tokens, forward_token_passes=prompt_passes, prompt_token_passes=prompt_passes)
-        return RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started)
+        return RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started, seed)
 
     def _start_logits(self, state: RequestState) -> None:
         """Initial logits of the paper-literal update: random, or the LM's log-probs around (base or guided) samples."""
@@ -386,4 +388,5 @@ class Engine:
             timings=state.timings,
             finish_reason="stop" if stopped else "length",
             nonfinite_steps=state.nonfinite_steps,
+            seed=state.seed,
         )

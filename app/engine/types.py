@@ -10,6 +10,7 @@ from typing import Literal
 from models.rewards import Prompt, RewardMix
 
 Method = Literal["sea", "bon", "sample", "args", "cbs"]
+MAX_SEED = 2**53 - 1  # the largest integer that JSON clients (JavaScript, float-based validators) hold exactly
 
 
 @dataclass
@@ -165,6 +166,7 @@ class AlignResult:
     timings: Timings
     finish_reason: Literal["stop", "length"]
     nonfinite_steps: int = 0
+    seed: int | None = None  # the seed the run used: the request's, or one drawn for it (None: stored before it was kept)
 
     def to_dict(self) -> dict:
         return asdict(self)

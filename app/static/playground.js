@@ -391,6 +391,9 @@ async function run(event) {
       return;
     }
     if (job.status !== "succeeded") throw new Error(job.error || `the job ${job.status}`);
+    // The seed the server drew when the form left it blank: the curl command repeats this run and the reference sample
+    // shares its seed.
+    if (current.body.seed === undefined && Number.isInteger(job.result.seed)) current.body = { ...current.body, seed: job.result.seed };
     showResult(current, job.result);
     if (body.method !== "sample") await showReference(current, signal);
     const steps = body.method === "sea" ? ` (${job.result.timings.steps} steps)` : "";
