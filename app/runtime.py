@@ -31,8 +31,9 @@ class UnknownRewardError(ValueError):
     """A request named a reward that is not loaded."""
 
 
-class ChatTemplateError(ValueError):
-    """The model's chat template refuses the messages (e.g. roles that do not alternate)."""
+class PromptError(ValueError):
+    """Messages the model cannot take: its chat template refuses them (e.g. roles that do not alternate), or they spell
+    a token its embedding has no row for (a tokenizer larger than the model by design, as Gemma 3's)."""
 
 
 class UnspellableKeywordsError(ValueError):
@@ -106,9 +107,18 @@ class Runtime:
 
     def prompt(self, messages: list[Message]) -> Prompt:
         try:
-            return Prompt(messages, render_prompt(self.lm.tokenizer, messages))
+            ids = render_prompt(self.lm.tokenizer, messages)
         except TemplateError as exc:
-            raise ChatTemplateError(f"the model's chat template refuses these messages: {exc}") from None
+            raise PromptError(f"the model's chat template refuses these messages: {exc}") from None
+        outside = sorted({token for token in ids if token >= self.embedding_rows})
+        if outside:
+            pieces = ", ".join(repr(self.lm.tokenizer.convert_ids_to_tokens(token)) for token in outside[:3])
+            raise PromptError(f"the prompt holds tokens the model has no embedding for ({pieces})")
+        return Prompt(messages, ids)
+
+    @functools.cached_property
+    def embedding_rows(self) -> int:
+        return int(self.lm.model.get_input_embeddings().weight.shape[0])
 
     def reward(
         self,

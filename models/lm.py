@@ -90,9 +90,12 @@ class LogitHead:
         return self.linear.weight
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        logits = self.linear(hidden)
-        if self.scale != 1.0:
-            logits = logits * self.scale
+        if self.scale != 1.0 and self.linear.bias is None:
+            logits = self.linear(hidden * self.scale)  # the same logits, scaled as (B, L, d), not as (B, L, V)
+        else:
+            logits = self.linear(hidden)
+            if self.scale != 1.0:
+                logits = logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -104,10 +107,13 @@ def lm_head(model: PreTrainedModel) -> LogitHead:
 
 def embedding_scale(model: PreTrainedModel) -> Tensor | float:
     """What the model's token embedding multiplies a looked-up row by (Gemma's ``sqrt(hidden)``, in the weights'
-    dtype as Gemma applies it; 1 for most models): embeddings built from the weight matrix must be scaled alike."""
+    dtype as Gemma applies it; BioGPT and Bart's decoders keep a float; 1 for most models): embeddings built from the
+    weight matrix must be scaled alike."""
     module = model.get_input_embeddings()
     scale = getattr(module, "embed_scale", None)
-    return 1.0 if scale is None else scale.to(module.weight.dtype)
+    if scale is None:
+        return 1.0
+    return scale.to(module.weight.dtype) if torch.is_tensor(scale) else float(scale)
 
 
 def embed_tokens(model: PreTrainedModel, tokens: Tensor) -> Tensor:
@@ -405,16 +411,21 @@ def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens
 @torch.no_grad()
 def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float:
     """How far this module's scoring of a short sequence (its first half a cached prompt, the rest a response fed as
-    embeddings, the logits through :class:`LogitHead`) is from the model's own forward pass over the same tokens:
-    the largest difference of a token's log-prob, in nats. Nonzero beyond rounding means an architecture that
-    treats its embeddings or logits in a way this module does not reproduce."""
+    embeddings, the logits through :class:`LogitHead`) is from the model's own forward pass over the same tokens and
+    the same cache (its own embedding of the ids, its own head): the largest difference of a token's log-prob, in
+    nats. Both run the prompt cached, so that bf16 rounding (a cached and a fresh pass differ by ~0.1 nats) does not
+    count: beyond float rounding it means an architecture that treats its embeddings or logits in a way this module
+    does not reproduce."""
     from models.ste import ResponseBatch  # ste imports this module for its types
 
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).to(device)
     cut = length // 2
-    own = F.log_softmax(model(input_ids=ids[None]).logits[0].float(), dim=-1)  # (length, V)
-    expected = own[cut - 1 : length - 1].gather(-1, ids[cut:, None])[:, 0]
+    cache = DynamicCache()
+    prompt = model(input_ids=ids[None, :cut], use_cache=True, **with_cache(model, cache)).logits[0, -1:]
+    rest = model(input_ids=ids[None, cut:-1], use_cache=True, **with_cache(model, cache)).logits[0]
+    own = F.log_softmax(torch.cat([prompt, rest]).float(), dim=-1)  # (length - cut, V): predicting ids[cut:]
+    expected = own.gather(-1, ids[cut:, None])[:, 0]
     response = ResponseBatch(ids[None, cut:], torch.ones(1, length - cut, device=device))
     got = response_token_log_probs(model, stack_prefixes([encode_prefix(model, ids[:cut].tolist())]), response)[0]
     return float((got - expected).abs().max())

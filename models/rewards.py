@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
@@ -26,6 +26,7 @@ from models.lm import (
     render_prompt,
     response_token_log_probs,
     stack_prefixes,
+    with_cache,
 )
 from models.loading import (
     HALF_SCORING_TOLERANCE,
@@ -180,7 +181,9 @@ class SequenceClassifierReward:
         """How far this reward's score of a short sequence (half of it a cached prompt) is from the model's own."""
         device = next(self.model.parameters()).device
         ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).to(device)
-        own = self.model(input_ids=ids[None]).logits[0, 0].float()
+        cache = DynamicCache()  # the prompt cached on both sides: bf16 rounds a fresh pass differently
+        self.model(input_ids=ids[None, : length // 2], use_cache=True, **with_cache(self.model, cache))
+        own = self.model(input_ids=ids[None, length // 2 :], use_cache=True, **with_cache(self.model, cache)).logits[0, 0].float()
         response = ResponseBatch(ids[None, length // 2 :], torch.ones(1, length - length // 2, device=device))
         got = self.score([encode_prefix(self.model, ids[: length // 2].tolist(), with_lm_head=False)], response)[0]
         return float((got - own).abs())

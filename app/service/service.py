@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from app.engine.types import AlignResult, SEAConfig
 from app.errors import NO_RETRY, ClientClosed, GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
-from app.runtime import ChatTemplateError, Runtime, UnknownRewardError, UnspellableKeywordsError
+from app.runtime import PromptError, Runtime, UnknownRewardError, UnspellableKeywordsError
 from app.service.jobs import Job, JobStatus, JobStore, spawn_background
 from app.service.metrics import Metrics
 from app.service.shared import RedisError, SharedJobs, unreachable
@@ -157,7 +157,7 @@ class AlignService:
                                 code="context_length_exceeded")
         try:
             work = self.runtime.job(messages, config, **(reward_options or {}))
-        except ChatTemplateError as exc:
+        except PromptError as exc:
             raise Unprocessable(str(exc), param=prompt_param) from None
         except UnknownRewardError as exc:
             raise Unprocessable(str(exc), param="reward.terms") from None

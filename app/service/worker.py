@@ -119,7 +119,7 @@ class EngineWorker:
     def has_room(self) -> bool:
         """Whether a job taken now would join the batch at the next step (nothing waits, chains to spare)."""
         with self._cond:
-            return not self._draining and not self._pending and sum(job.chains for job, _ in self._active) < self.max_batch_chains
+            return not self._draining and not self._pending and sum(job.chains for job in self._running()) < self.max_batch_chains
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: a queued job moves into the batch whenever a running one ends,
