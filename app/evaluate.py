@@ -126,7 +126,7 @@ def read_prompts(path: Path) -> list[dict]:
         text = row.get("prompt") if isinstance(row, dict) else None
         if not (isinstance(text, str) and text.strip()) and not (isinstance(row, dict) and row.get("messages")):
             raise SystemExit(f"{path}:{number}: a row needs a `prompt` string (or `messages`)")
-        if not (isinstance(text, str) and text.strip()):
+        if "messages" in row:  # used before the prompt when both are given
             try:  # the API's own message schema: a chat the server would refuse is refused here, before anything runs
                 chat = CHAT.validate_python(row["messages"])
             except ValidationError as exc:
@@ -250,7 +250,7 @@ def base_sample_cost(length: int, passes_per_row: int) -> int:
 
 def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict:
     """Run the evaluation and write results.json, report.md and the plots. Returns the results."""
-    from app.runtime import Runtime
+    from app.runtime import PromptError, Runtime
 
     if not args.prompts:
         raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
@@ -277,6 +277,11 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
         raise SystemExit(f"--set {', '.join(bad)}: write KEY=VALUE with KEY a SEAConfig field (e.g. candidates=6)")
     extra = dict(item.split("=", 1) for item in args.set)
     runtime = runtime or Runtime.load(settings)
+    for number, row in enumerate(rows, 1):  # a prompt the model cannot take stops the evaluation before anything runs
+        try:
+            runtime.prompt(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
+        except PromptError as exc:
+            raise SystemExit(f"{args.prompts}: prompt {number}{' (' + str(row['id']) + ')' if 'id' in row else ''}: {exc}") from None
     base = SEAConfig(
         max_tokens=args.max_tokens or settings.default_max_tokens,
         chains=args.chains or settings.default_chains,

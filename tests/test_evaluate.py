@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -367,7 +368,9 @@ def test_prompt_files_are_read_or_refused_with_the_line_that_is_wrong(tmp_path):
                              (json.dumps({"messages": "hi"}) + "\n", ":1: `messages`: Input should be a valid list"),
                              (json.dumps({"messages": [{"role": "user"}]}) + "\n", r":1: `messages`\[0.content\]: Field required"),
                              (json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n", r"`messages`\[0.role\]"),
-                             (json.dumps({"messages": [{"role": "user", "content": " "}]}) + "\n", "no message of `messages` holds any text")):
+                             (json.dumps({"messages": [{"role": "user", "content": " "}]}) + "\n", "no message of `messages` holds any text"),
+                             # with a prompt beside them, the messages are what runs
+                             (json.dumps({"prompt": "hi", "messages": "oops"}) + "\n", ":1: `messages`: Input should be a valid list")):
         rows.write_text(content)
         with pytest.raises(SystemExit, match=message):
             read_prompts(rows)
@@ -390,3 +393,18 @@ def test_bad_arguments_stop_the_evaluation_before_the_models_load(tmp_path, argv
 
     with pytest.raises(SystemExit, match=message):
         run_eval(_eval_args("--prompts", str(prompts), "--out", str(tmp_path / "out"), *argv), Settings(), runtime=Unloadable())
+
+
+def test_a_prompt_the_model_s_template_refuses_stops_the_evaluation_before_anything_runs(lm, tmp_path):
+    """Row 2's refusal ended the evaluation in a traceback after row 1 had run."""
+    strict = copy.deepcopy(lm)
+    strict.tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    prompts = tmp_path / "rows.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"id": "two", "messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}) + "\n")
+    runtime = Runtime.from_lm(strict, Settings())
+    with pytest.raises(SystemExit, match=r"prompt 2 \(two\): the model's chat template refuses these messages"):
+        run_eval(_eval_args("--prompts", str(prompts), "--out", str(tmp_path / "out"), "--methods", "sample"), Settings(), runtime=runtime)
+    assert not (tmp_path / "out" / "records.jsonl").exists()

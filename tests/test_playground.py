@@ -522,3 +522,39 @@ def test_a_blank_seed_shows_the_drawn_one_in_the_curl_command_and_the_reference_
     assert "seed" not in posts[0]  # the server drew it
     seed = posts[1]["seed"]  # the reference sample's request carries the run's seed
     assert isinstance(seed, int) and f'"seed":{seed}' in page.inner_text("#curl")
+
+
+def test_stop_gives_up_on_a_post_that_never_answers_and_says_the_job_may_run(page, server):
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=["sun"])
+    page.route("**/jobs", lambda route: None if route.request.method == "POST" else route.continue_())  # held open
+    page.click("#run")
+    page.wait_for_timeout(200)
+    page.click("#stop")
+    wait_state(page, "cancelled")  # it stayed "Stopping…" until the browser gave up on the request
+    assert "may still run" in page.inner_text("#run-status")
+
+
+def test_stop_while_the_reference_sample_is_being_submitted_cancels_that_job(page, server):
+    """The reference sample's POST was aborted in the browser: its job ran on, unseen."""
+    page.goto(server.url + "/")
+    fill_form(page, chains=2, steps=2, max_tokens=4, seed=1, alpha=1.0, keywords=["sun"])
+    created = []
+
+    def slow_reference(route):
+        if route.request.method != "POST" or json.loads(route.request.post_data)["method"] != "sample":
+            route.continue_()
+            return
+        response = route.fetch()
+        created.append(response.json()["id"])
+        page.wait_for_timeout(1000)
+        route.fulfill(response=response)
+
+    page.route("**/jobs", slow_reference)
+    deletes = []
+    page.on("request", lambda request: deletes.append(request.url) if request.method == "DELETE" else None)
+    with page.expect_request(lambda request: request.method == "POST" and json.loads(request.post_data)["method"] == "sample"):
+        page.click("#run")
+    page.click("#stop")
+    wait_state(page, "cancelled")
+    assert deletes == [f"{server.url}/jobs/{created[0]}"]  # (the tiny model may have finished it first: no status check)

@@ -293,7 +293,7 @@ async function showReference(run, signal) {
   text.replaceChildren(el("span", "muted", "sampling…"));
   setStatus("Sampling the reference model for comparison…");
   try {
-    const created = await api.submitJob(referenceRequest(run.body), signal);
+    const created = await submit(run, referenceRequest(run.body));
     run.jobId = created.id; // what Stop cancels now
     const job = await api.followJob(created.id, signal, null);
     if (job.status !== "succeeded") throw new Error(job.error || `the job ${job.status}`);
@@ -349,6 +349,22 @@ async function watchJob(run, id, signal) {
   } catch (_) { /* stopped, or the event stream reports the problem */ }
 }
 
+// POST /jobs that Stop cannot lose: the request is not aborted at once (a job the server already took would run on
+// unseen); once it answers after Stop, its job is cancelled. A POST still unanswered 3 s after Stop is given up.
+async function submit(current, body) {
+  current.submitting = new AbortController();
+  try {
+    const created = await api.submitJob(body, current.submitting.signal);
+    if (current.stopRequested) {
+      await api.cancelJob(created.id).catch(() => {});
+      throw new DOMException("stopped before the job was created", "AbortError");
+    }
+    return created;
+  } finally {
+    current.submitting = null;
+  }
+}
+
 async function run(event) {
   event.preventDefault();
   if (ui.run) return;
@@ -364,21 +380,15 @@ async function run(event) {
     return;
   }
   const current = { body, method: body.method, controller: new AbortController(), jobId: null, started: performance.now(),
-    submitted: false, stopRequested: false, steps: body.steps ?? null, history: [], cards: [], result: null, following: false, stepped: false };
+    submitting: null, stopRequested: false, abandoned: false, steps: body.steps ?? null, history: [], cards: [], result: null, following: false, stepped: false };
   ui.run = current;
   setRunning(true);
   setRunState("running");
   const signal = current.controller.signal;
   try {
     setStatus("Submitting the job…");
-    // Not aborted by Stop: a POST the server already took would leave its job running unseen. Stop pressed meanwhile
-    // cancels the job as soon as its id is known.
-    const created = await api.submitJob(body).finally(() => { current.submitted = true; });
+    const created = await submit(current, body);
     current.jobId = created.id;
-    if (current.stopRequested) {
-      await api.cancelJob(created.id).catch(() => {});
-      throw new DOMException("stopped before the job was created", "AbortError");
-    }
     resetOutput(body.method); // only now: a refused request leaves the last run's output on the page
     setStatus(`Queued as ${created.id}`);
     current.following = true;
@@ -401,7 +411,7 @@ async function run(event) {
     setRunState("done");
   } catch (error) {
     if (error.name === "AbortError") {
-      setStatus("Stopped.");
+      setStatus(current.abandoned ? "Stopped; the server had not answered, so the job may still run." : "Stopped.");
       setRunState("cancelled");
     } else {
       const still = error.unreachable && current.jobId ? ` The job ${current.jobId} may still be running.` : "";
@@ -421,9 +431,15 @@ async function stop(event) {
   if (!current) return;
   // A run started with Enter moves the focus to Stop: an Enter pressed twice (or held) must not stop it at once.
   if (event && event.detail === 0 && performance.now() - current.started < 800) return;
-  if (!current.submitted) {
+  if (current.submitting) {
     current.stopRequested = true; // the POST is on its way: its job is cancelled once the server names it
     setStatus("Stopping…");
+    const waiting = current.submitting;
+    setTimeout(() => {
+      if (current.submitting !== waiting) return;
+      current.abandoned = true;
+      waiting.abort();
+    }, 3000);
     return;
   }
   if (current.jobId) {
