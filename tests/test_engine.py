@@ -992,3 +992,26 @@ def test_categorical_draws_follow_the_probabilities_and_never_a_zero():
     edge = torch.zeros(3, 4)
     edge[:, 2] = 1.0  # all the mass on one token, zeros on both ends
     assert categorical(edge, torch.Generator().manual_seed(1)).tolist() == [2, 2, 2]
+
+
+def test_a_request_out_of_budget_in_a_step_that_fails_gets_its_result_when_the_step_is_retried(engine, make_prompt, monkeypatch):
+    """It was marked done before the step's scoring ran; when a batch mate's scoring ran out of memory and the worker
+    retried each half, it was skipped as done and left without a result (the worker then failed the whole batch)."""
+    from app.engine import discrete
+
+    reward = RewardMix([(PrincipleReward(engine.lm), 1.0)])
+    states = engine.start_many([_job(make_prompt("the dog"), reward, max_tokens=4, chains=2, steps=3, seed=0, max_compute=1),
+                                _job(make_prompt("the cat"), reward, max_tokens=4, chains=2, steps=3, seed=0)])
+    real = discrete.evaluate
+
+    def out_of_memory_once(*args, **kwargs):
+        monkeypatch.setattr(discrete, "evaluate", real)
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(discrete, "evaluate", out_of_memory_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.tick(states)
+    assert not states[0].done  # not until a step has run
+    for state in states:  # the worker's retry: each half again
+        engine.tick([state])
+    assert states[0].done and states[0].result is not None

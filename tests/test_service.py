@@ -814,3 +814,25 @@ def test_a_batch_filled_by_requests_drawing_their_start_has_no_room():
         return room, after
 
     assert run(scenario()) == (False, True)
+
+
+def test_a_request_the_engine_ends_without_a_result_fails_alone():
+    """An engine bug (a request done without a result) crashed the worker's step: every job of the batch failed."""
+    class Broken(FakeEngine):
+        def tick(self, states):
+            super().tick(states)
+            for state in states:
+                if state.job.prompt.messages[0]["content"] == "broken":
+                    state.done, state.result = True, None
+
+    async def scenario():
+        service = await make_service(Broken())
+        broken, fine = await submit(service, "broken", steps=3), await submit(service, "fine", steps=3)
+        await fine.wait(10)
+        await broken.wait(10)
+        await service.shutdown()
+        return broken, fine
+
+    broken, fine = run(scenario())
+    assert (broken.status, broken.error_kind, broken.error) == (JobStatus.failed, "engine", "internal engine error")
+    assert fine.status is JobStatus.succeeded

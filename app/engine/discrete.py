@@ -278,16 +278,19 @@ def tick(engine, states: list) -> None:
     usage and random generator are as they were after that pass, whose gradients are kept: the retry draws, charges
     and chooses as the step would have."""
     saved: list = []
+    exhausted: list = []  # states not even one more step fits: done only once the step has run (a retry must see them)
     try:
-        _tick(engine, states, saved)
+        _tick(engine, states, saved, exhausted)
     except BaseException:
         for state, usage, generator in saved:
             state.usage = usage
             state.generator.set_state(generator)
         raise
+    for state in exhausted:
+        state.done = True
 
 
-def _tick(engine, states: list, saved: list) -> None:
+def _tick(engine, states: list, saved: list, exhausted: list) -> None:
     budgeted, restarting, editing = [], [], []
     active: dict[int, list[int]] = {}  # per editing state: the chains this step edits
     stale: dict[int, list[int]] = {}  # and those of them that need a gradient pass first
@@ -302,7 +305,7 @@ def _tick(engine, states: list, saved: list) -> None:
             stale[id(state)] = [c for c in chains if c in state.stale]
             needed = math.inf if unparked and not chains else 0  # the chains chosen fit the budget by construction
         if _left(state) < needed:
-            state.done = True  # not even one more step fits the compute budget
+            exhausted.append(state)  # not even one more step fits the compute budget
             continue
         budgeted.append(state)
         (restarting if restarts else editing).append(state)

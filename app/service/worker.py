@@ -363,6 +363,10 @@ class EngineWorker:
                 self._end_unwanted(job)
                 continue
             event = self._step_event(job, state)
+            if state.done and state.result is None:  # an engine bug must fail its own job only, not the batch
+                log.error("job %s: the engine ended it without a result", job.id)
+                self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+                continue
             if state.done:
                 self._complete(job, state, event)
             else:
