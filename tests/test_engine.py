@@ -523,8 +523,11 @@ def test_equal_rewards_go_to_the_chain_that_reads_best_per_token():
     words (here: lower energy, worse per token), so the tie goes to log pi_ref per token."""
     from app.engine.types import ChainResult, StepStats, best_chain, chain_order
 
-    def chain(reward, log_prob, counted, energy=0.0):
-        return ChainResult("", [], reward, log_prob, energy, 0, StepStats(energy, reward, log_prob, 0.0, True), [], counted)
+    made = itertools.count()
+
+    def chain(reward, log_prob, counted, energy=0.0, tokens=None):
+        tokens = [next(made)] if tokens is None else tokens
+        return ChainResult("", tokens, reward, log_prob, energy, 0, StepStats(energy, reward, log_prob, 0.0, True), [], counted)
 
     fragment, sentence, poorer = chain(50.0, -30.0, 4, energy=-20.0), chain(50.0, -60.0, 24, energy=10.0), chain(25.0, -20.0, 24)
     assert best_chain([fragment, sentence, poorer], "reward") == 1
@@ -532,6 +535,9 @@ def test_equal_rewards_go_to_the_chain_that_reads_best_per_token():
     assert best_chain([fragment, sentence, poorer], "energy") == 0
     assert chain_order([fragment, poorer, sentence], "reward") == [2, 0, 1]  # /v1's n choices come in this order
     assert best_chain([chain(50.0, -60.0, 24, energy=math.nan), fragment], "reward") == 1  # non-finite never wins
+    # the same tokens scored a last bit apart (batch-dependent float noise): the first of them, whichever scored higher
+    twin, same = chain(0.09064578, -9.0, 5, energy=3.0, tokens=[7, 8]), chain(0.09064579, -9.0, 5, energy=2.9999999, tokens=[7, 8])
+    assert best_chain([twin, same], "reward") == 0 and best_chain([twin, same], "energy") == 0
 
 
 def test_picking_by_reward_starts_chains_from_samples_that_read_well_not_from_short_ones():
@@ -569,7 +575,9 @@ def test_a_restart_keeps_the_chain_the_pick_by_reward_would_return(lm, engine, m
         # chain 0: a 3-token fragment with the top reward (worst per token); chain 1: a full reply without it
         state.best_reward, state.best_log_prob = torch.tensor([10.0, 0.0]), torch.tensor([-15.0, -30.0])
         state.best_energy, state.counted = -(state.best_log_prob + state.best_reward), torch.tensor([3, length])
-        drawn = Evaluation(state.tokens[1:2].clone(), torch.ones(1, length), torch.tensor([20.0 - sample_reward]),
+        fresh = state.tokens[1:2].clone()
+        fresh[0, 0] = next(t for t in range(5, 50) if t not in state.tokens[:, 0].tolist())  # held by no chain
+        drawn = Evaluation(fresh, torch.ones(1, length), torch.tensor([20.0 - sample_reward]),
                            torch.tensor([sample_reward]), torch.tensor([-20.0]), None, None, None)
         with monkeypatch.context() as patch:  # the restart draws this one sample
             patch.setattr(discrete, "_draw_samples", lambda engine, states, counts, first=False: [None])
@@ -1015,3 +1023,51 @@ def test_a_request_out_of_budget_in_a_step_that_fails_gets_its_result_when_the_s
     for state in states:  # the worker's retry: each half again
         engine.tick([state])
     assert states[0].done and states[0].result is not None
+
+
+def test_a_request_s_scoring_costs_the_same_alone_and_beside_a_longer_request(engine, make_prompt):
+    """Its candidate rows were cut into passes sized by the batch's widest response, and each pass grouped its edits'
+    start positions apart: the token-passes charged, and under max_compute the answer, depended on the batch mates
+    (19 of 120 randomized runs; e.g. seed 22 at max_compute 300 returned another text beside a 12-token request)."""
+    reward = RewardMix([(PrincipleReward(engine.lm), 1.0)])
+    mate = _job(make_prompt("hi"), reward, max_tokens=12, chains=6, steps=1, seed=1, candidates=64)
+    differ = []
+    for seed, budget in ((17, 300), (22, 300), (27, 600), (30, 900)):  # seeds that differed, among 40
+        config = {"max_tokens": 3, "chains": 2, "steps": 6, "candidates": 64, "seed": seed, "max_compute": budget,
+                  "restart_after": None, "proposal": "lm", "init": "random"}
+        alone = engine.run([_job(make_prompt("hi"), reward, **config)])[0]
+        beside = engine.run([mate, _job(make_prompt("hi"), reward, **config)])[1]
+        if (alone.usage, alone.text) != (beside.usage, beside.text):
+            differ.append(seed)
+    assert differ == []
+
+
+def test_a_restart_never_replaces_a_chain_with_the_tokens_it_holds(lm, monkeypatch):
+    """Float noise (which depends on the batch) put a fresh sample identical to a chain ~2e-6 nats lower: it replaced
+    the chain, counted as a move, and the request's later steps and usage depended on its batch mates."""
+    from app.engine import discrete
+    from app.runtime import Runtime
+    from app.settings import Settings
+
+    runtime = Runtime.from_lm(lm, Settings())
+    identical = []
+    real_take = discrete._take
+
+    def take(state, chain, scored, index, step):
+        if torch.equal(scored.tokens[index, : state.spec.length], state.tokens[chain]):
+            identical.append((chain, step))
+        return real_take(state, chain, scored, index, step)
+
+    monkeypatch.setattr(discrete, "_take", take)
+    prompt = ("is moon yes five with dog violin was park and morning safe violin is to fire weekend telescope penguin green good "
+              "can help green the write violin help fish light walk play telescope i light . knife bad we will happy fish write "
+              "it one in walk sorry ? why")
+    target = lambda: runtime.job([{"role": "user", "content": prompt}], SEAConfig(
+        chains=1, steps=6, max_tokens=12, temperature=1e-4, top_p=0.1, init="sample", proposal="lm", seed=1806101408885074),
+        keywords=["weekend"])
+    mate = runtime.job([{"role": "user", "content": "the dog"}], SEAConfig(chains=3, steps=3, max_tokens=1, seed=0),
+                       keywords=["play", "how", "fish"], keywords_only=True)
+    alone = runtime.engine.run([target()])[0]
+    beside = runtime.engine.run([mate, target()])[1]
+    assert identical == []
+    assert (alone.usage, [c.best_step for c in alone.chains]) == (beside.usage, [c.best_step for c in beside.chains])

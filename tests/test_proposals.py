@@ -101,7 +101,7 @@ def test_edit_memories_are_as_long_as_the_rows_they_score():
     every request of the batch failed: 'The expanded size of the tensor (7) must match the existing size (5)')."""
     from types import SimpleNamespace
 
-    from app.engine.discrete import reuse_for_edits
+    from app.engine.discrete import edit_starts, reuse_for_edits
     from models.lm import ResponseMemory
 
     def memory(rows, length):
@@ -110,6 +110,7 @@ def test_edit_memories_are_as_long_as_the_rows_they_score():
     short = SimpleNamespace(spec=SimpleNamespace(length=5), memories={"ref": memory(2, 5)}, tokens=torch.zeros(2, 5, dtype=torch.long))
     longer = SimpleNamespace(spec=SimpleNamespace(length=7), memories=None, tokens=torch.zeros(2, 7, dtype=torch.long))
     owners = [(short, 0, Move("swap", 3, (1,), 0.0)), (short, 1, Move("swap", 4, (1,), 0.0)), (longer, 0, Move("swap", 2, (1,), 0.0))]
-    reuse, starts = reuse_for_edits([short, longer], owners, len(owners), 7)
+    starts = edit_starts([short, longer], owners)
+    reuse = reuse_for_edits([short, longer], owners, starts, 7)
     assert starts[:2] != [0, 0] and starts[2] == 0  # the short request's edits reuse its pass; the other runs whole
     assert reuse.memories["ref"].log_probs.shape == (3, 7) and reuse.memories["ref"].keys[0].shape == (3, 2, 6, 4)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from app.engine.discrete import reuse_for_edits
+from app.engine.discrete import edit_starts, reuse_for_edits
 from app.engine.energy import RowSpec, evaluate
 from app.engine.proposals import apply, edit_scores, propose, propose_chains
 from app.engine.sea import Engine, RequestState
@@ -150,7 +150,8 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
         owners.extend((state, c, move) for move in moves)
     candidates = torch.stack([apply(state.tokens[c], move) for _, c, move in owners])  # (C·K, L)
     candidate_spec = dataclasses.replace(spec, rows=len(owners))
-    reuse, setup.edit_starts = reuse_for_edits([state], owners, len(owners), state.spec.length)
+    setup.edit_starts = edit_starts([state], owners)
+    reuse = reuse_for_edits([state], owners, setup.edit_starts, state.spec.length)
 
     def scoring():
         with torch.no_grad():

@@ -211,25 +211,35 @@ def shared_starts(first_edited: list[int], length: int, overhead: int = CALL_OVE
     return [start_of[n] for n in needs]
 
 
-def reuse_for_edits(states: list, owners: list, rows: int, length: int) -> tuple[Reuse | None, list[int]]:
-    """Starts and chain memories of the candidate rows (``owners[i] = (state, chain, move)``, padded to ``length``
-    tokens); per state, the starts are grouped from its own edits only, so a request's scoring does not depend on its
-    batch."""
-    starts = [0] * rows
+def edit_starts(states: list, owners: list) -> list[int]:
+    """The input position each candidate row's scoring starts at (``owners[i] = (state, chain, move)``): per state, the
+    starts are grouped from all its own edits at once, so what a request's scoring runs and costs depends neither on
+    its batch nor on how the rows are cut into passes (0 for a state without memories: scored whole)."""
+    starts = [0] * len(owners)
+    per_state: dict[int, list[int]] = {}
+    for index, (state, _, _) in enumerate(owners):
+        per_state.setdefault(id(state), []).append(index)
+    for state in states:
+        indices = per_state.get(id(state), [])
+        if indices and state.memories:
+            for index, start in zip(indices, shared_starts([owners[i][2].position for i in indices], state.spec.length)):
+                starts[index] = start
+    return starts
+
+
+def reuse_for_edits(states: list, owners: list, starts: list[int], length: int) -> Reuse | None:
+    """The :class:`Reuse` of candidate rows (``owners[i] = (state, chain, move)``, padded to ``length`` tokens) that
+    start at ``starts`` (:func:`edit_starts`): their chains' memories, built for these rows only."""
+    if not any(starts):
+        return None
     per_state: dict[int, list[int]] = {}
     for index, (state, _, _) in enumerate(owners):
         per_state.setdefault(id(state), []).append(index)
     keys: dict = {}
     for state in states:
-        indices = per_state.get(id(state), [])
-        if not indices or not state.memories:
-            continue
-        for index, start in zip(indices, shared_starts([owners[i][2].position for i in indices], state.spec.length)):
-            starts[index] = start
-        for key, memory in state.memories.items():
-            keys.setdefault(key, memory)
-    if not any(starts):
-        return None, starts
+        if per_state.get(id(state)) and state.memories:
+            for key, memory in state.memories.items():
+                keys.setdefault(key, memory)
     device = owners[0][0].tokens.device
     memories = {}
     for key, template in keys.items():
@@ -241,7 +251,7 @@ def reuse_for_edits(states: list, owners: list, rows: int, length: int) -> tuple
             memory = (state.memories or {}).get(key)
             parts.append(memory.rows(chains) if memory is not None else template.zeros_like(len(chains)))
         memories[key] = ResponseMemory.cat(parts).widened(length)  # as long as the rows, whoever brought them
-    return Reuse(torch.tensor(starts, device=device), memories), starts
+    return Reuse(torch.tensor(starts, device=device), memories)
 
 
 def active_chains(state) -> list[int]:
@@ -336,7 +346,11 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
                                    [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state))
             for c, moves in zip(chains, drawn):
                 for move in moves:
-                    per_state.append(apply(state.tokens[c], move))
+                    candidate = apply(state.tokens[c], move)
+                    if torch.equal(candidate, state.tokens[c]):  # e.g. a token inserted into a run of itself: no edit
+                        state.tried[c].add(move)
+                        continue
+                    per_state.append(candidate)
                     owners.append((state, c, move))
         state.candidate_rows = len(per_state)
         rows.extend(per_state)
@@ -345,12 +359,11 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
         specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
         length = max(s.spec.length for s in editing if s.candidate_rows)  # a longer request without edits pads nothing
         padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
-        starts = []
+        starts = edit_starts(editing, owners)
 
         def reuse_of(index: torch.Tensor):  # the memories of a pass's rows only (a whole batch's may not fit)
-            reuse, chunk_starts = reuse_for_edits(editing, [owners[i] for i in index.tolist()], len(index), length)
-            starts.extend(chunk_starts)
-            return reuse
+            rows_here = index.tolist()
+            return reuse_for_edits(editing, [owners[i] for i in rows_here], [starts[i] for i in rows_here], length)
 
         with torch.no_grad():
             scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse_of=reuse_of)
@@ -457,6 +470,9 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
         counts = scored.mask[rows].sum(1)
         ranks = _start_rank(state, energies[rows], scored.log_prob_ref[rows], counts)
         for index in (rows.start + torch.argsort(ranks)).tolist():
+            # A sample a chain already holds replaces nothing (float noise in its score could otherwise "improve" on it)
+            if any(torch.equal(scored.tokens[index, : state.spec.length], held) for held in state.tokens):
+                continue
             current = _start_rank(state, state.best_energy, state.best_log_prob, state.counted.to(state.best_energy.dtype))
             if state.config.select == "reward":  # the chain the pick would return goes only for a sample it prefers
                 kept = _picked(state)
@@ -464,13 +480,18 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
                 if sample <= _pick_key(state, kept):
                     current[kept] = -math.inf
             worst = int(torch.argmax(current))
-            if float(ranks[index - rows.start]) < float(current[worst]) - 1e-6:
+            if float(ranks[index - rows.start]) < _less_noise(float(current[worst])):
                 _take(state, worst, scored, index, state.step + 1)
                 state.initial_tokens[worst] = state.tokens[worst]  # the chain starts again from this sample
                 state.initial[worst] = StepStats(float(state.best_energy[worst]), float(state.best_reward[worst]),
                                                  float(state.best_log_prob[worst]), 0.0, True)
                 replaced.setdefault(id(state), set()).add(worst)
     return replaced
+
+
+def _less_noise(value: float) -> float:
+    """``value`` less what float32 noise may put on a score of its size: a rank must beat it by more to count as better."""
+    return value - 1e-5 * max(1.0, abs(value)) if math.isfinite(value) else value
 
 
 def _pick_key(state, chain: int) -> tuple[float, float]:

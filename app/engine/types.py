@@ -106,9 +106,15 @@ def reward_pick(reward: float, log_prob_ref: float, counted: int) -> tuple[float
 
 
 def chain_order(chains: list[ChainResult], select: str) -> list[int]:
-    """Chain indices best first: by :func:`reward_pick`, or by lowest energy. Chains with a non-finite energy come last."""
+    """Chain indices best first: by :func:`reward_pick`, or by lowest energy. Chains with a non-finite energy come last.
+    Chains holding the same tokens are scored as the first of them (their scores may differ in the last bits, which
+    depend on the batch): the lowest index of equals comes first."""
+    first = {}
+    for i, chain in enumerate(chains):
+        first.setdefault(tuple(chain.tokens), i)
+
     def key(i: int) -> tuple[float, ...]:
-        chain = chains[i]
+        chain = chains[first[tuple(chains[i].tokens)]]
         if not math.isfinite(chain.energy):
             return (math.inf, math.inf)
         if select == "energy":
