@@ -7,6 +7,7 @@ import copy
 import json
 import threading
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -838,3 +839,54 @@ def test_a_request_the_engine_ends_without_a_result_fails_alone():
     broken, fine = run(scenario())
     assert (broken.status, broken.error_kind, broken.error) == (JobStatus.failed, "engine", "internal engine error")
     assert fine.status is JobStatus.succeeded
+
+
+def test_a_failed_batched_start_is_retried_one_by_one_after_its_memory_is_freed():
+    """The one-by-one retries ran inside the handler, whose traceback kept the failed batch's tensors alive: on a GPU a
+    job that fits alone could run out of memory again."""
+    freed = []
+
+    class Failing(FakeEngine):
+        def start_many(self, jobs):
+            if len(jobs) > 1:
+                held = torch.zeros(1000)  # the batch's prompt caches and samples
+                self.held = weakref.ref(held)
+                raise torch.OutOfMemoryError("fake")
+            return super().start_many(jobs)
+
+        def start(self, job):
+            if hasattr(self, "held"):
+                freed.append(self.held() is None)
+            return super().start(job)
+
+    async def scenario():
+        service = await make_service(Failing(start_seconds=0.0), batch_window_ms=200)
+        jobs = [await submit(service, "a"), await submit(service, "b")]
+        results = [await service.wait(job) for job in jobs]
+        await service.shutdown()
+        return results
+
+    assert len(run(scenario())) == 2
+    assert freed == [True, True]
+
+
+def test_an_accelerator_error_marks_the_service_broken():
+    """After an illegal memory access every call on the device fails: jobs failed one after another while /health
+    said 200 (the liveness probe never restarted the pod)."""
+    class Broken(FakeEngine):
+        def tick(self, states):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+    async def scenario():
+        service = await make_service(Broken())
+        job = await submit(service, "x")
+        await job.wait(10)
+        broken = service.broken
+        with pytest.raises(ServiceUnavailable):
+            await submit(service, "y")
+        await service.shutdown()
+        return job, broken
+
+    job, broken = run(scenario())
+    assert job.error_kind == "engine"
+    assert broken == "the accelerator failed (CUDA error: an illegal memory access was encountered); the service needs a restart"

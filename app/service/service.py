@@ -68,11 +68,13 @@ class AlignService:
 
     @property
     def broken(self) -> str | None:
-        """Why this process can never serve, if it cannot: the models failed to load, or the engine thread ended while
-        the service should be running (a bug no handler caught). It then refuses work and fails its liveness check, to
+        """Why this process can never serve, if it cannot: the models failed to load, the accelerator failed for good, or
+        the engine thread ended while the service should be running (a bug no handler caught). It then refuses work and fails its liveness check, to
         get restarted."""
         if self.load_error is not None:
             return self.load_error
+        if self.worker is not None and self.worker.fatal is not None:
+            return self.worker.fatal
         if self.worker is not None and not self.worker.alive and not self.draining:
             return WORKER_STOPPED
         return None

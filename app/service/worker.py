@@ -15,6 +15,7 @@ import math
 import sys
 import threading
 import time
+import traceback
 
 import torch
 
@@ -39,6 +40,22 @@ def _unwanted(job: Job, now: float | None = None) -> bool:
     return (job.cancel_requested or job.status.finished
             or (job.deadline is not None and (time.monotonic() if now is None else now) > job.deadline))
 
+
+
+def _release_accelerator_memory() -> None:
+    """Give the cached blocks of a failed step back to the device (call it outside the handler, once they are free)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _accelerator_broken(error: BaseException) -> bool:
+    """Whether ``error`` leaves the device unusable for the rest of the process (not an out-of-memory error)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError) and (
+        "CUDA error" in text or "device-side assert" in text)
 
 class QueueFullError(RuntimeError):
     def __init__(self, retry_after: int):
@@ -67,6 +84,7 @@ class EngineWorker:
         self._draining = False
         self._thread = threading.Thread(target=self._run, name="sea-engine", daemon=True)
         self._job_seconds = 5.0  # running mean of a job's run time, for Retry-After
+        self.fatal: str | None = None  # why the device can no longer serve (a sticky accelerator error), once it cannot
 
     # ----- called on the event loop ------------------------------------------------------------
 
@@ -226,9 +244,10 @@ class EngineWorker:
                 self._drop_cancelled()
                 if self._active:
                     self._step()
-            except Exception:
+            except Exception as exc:
                 # A bug outside the engine's own calls (which _start and _tick_resilient guard) must not kill the
                 # thread: fail the running batch and the jobs being started, keep serving the queue.
+                self._note_fatal(exc)
                 failing = {job.id: job for job in admitted + [job for job, _ in self._active]}
                 log.exception("worker error with %d requests running or starting; failing them", len(failing))
                 for job in failing.values():  # finish() ignores a job that already finished
@@ -291,33 +310,49 @@ class EngineWorker:
                 jobs.append(job)
         if not jobs:
             return
+        failure = None
         try:
             states = self.engine.start_many([job.work for job in jobs])
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 -- retried below, outside this block
+            failure = exc
+            traceback.clear_frames(exc.__traceback__)  # the failed start's locals (its tensors): a log record keeps the rest
+        if failure is not None:
+            # Retried out here, its frames cleared: the exception's traceback would keep the failed batch's tensors (its
+            # prompt caches and samples) alive, and a job that fits alone could run out of memory again.
             if len(jobs) == 1:
-                self._start_failed(jobs[0])
+                self._start_failed(jobs[0], failure)
                 return
-            log.warning("starting %d jobs together failed; starting them one by one", len(jobs), exc_info=True)
+            log.warning("starting %d jobs together failed; starting them one by one", len(jobs), exc_info=failure)
+            failure = None
+            _release_accelerator_memory()
             states = []
             for job in jobs:
                 try:
                     states.append(self.engine.start(job.work))
-                except Exception:  # noqa: BLE001 -- logged with its traceback by _start_failed
-                    self._start_failed(job)
+                except Exception as exc:  # noqa: BLE001 -- logged with its traceback by _start_failed
+                    self._start_failed(job, exc)
                     states.append(None)
         for job, state in zip(jobs, states):
             if state is not None:
                 self._started(job, state)
         self._update_gauges()
 
-    def _start_failed(self, job: Job) -> None:
-        """Fail a job whose start raised (called inside the ``except`` that caught it)."""
-        if isinstance(sys.exc_info()[1], torch.OutOfMemoryError):
-            log.exception("out of memory starting job %s", job.id)
+    def _start_failed(self, job: Job, error: BaseException) -> None:
+        """Fail a job whose start raised ``error``."""
+        self._note_fatal(error)
+        if isinstance(error, torch.OutOfMemoryError):
+            log.error("out of memory starting job %s", job.id, exc_info=error)
             self._call(job.finish, JobStatus.failed, None, "out of memory: ask for fewer chains, samples or tokens", "overloaded")
         else:
-            log.exception("engine failed to start job %s", job.id)
+            log.error("engine failed to start job %s", job.id, exc_info=error)
             self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+
+    def _note_fatal(self, error: BaseException) -> None:
+        """An accelerator error (an illegal memory access, a device-side assert) fails every later call on the device:
+        the process can no longer serve, and says so (the service refuses work and fails its liveness check)."""
+        if self.fatal is None and _accelerator_broken(error):
+            self.fatal = f"the accelerator failed ({str(error).splitlines()[0][:200]}); the service needs a restart"
+            log.critical("%s", self.fatal)
 
     def _started(self, job: Job, state: RequestState) -> None:
         if state.cancelled:  # abandoned while it started
@@ -386,18 +421,18 @@ class EngineWorker:
             self.engine.tick(states)
             return {}
         except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             if len(states) == 1:
                 log.warning("out of memory on a single request; failing it")
                 return {id(states[0]): "out of memory: ask for fewer chains or tokens"}
             log.warning("out of memory on a batch of %d requests; splitting", len(states))
-        except Exception:
+        except Exception as exc:
+            self._note_fatal(exc)
             if len(states) == 1:
                 log.exception("engine step failed for a request")
                 return {id(states[0]): "internal engine error"}
             log.warning("engine step failed for a batch of %d requests; splitting to find the one that fails", len(states),
                         exc_info=True)
+        _release_accelerator_memory()  # out of the handler: the failed step's tensors are free by now
         half = len(states) // 2
         return {**self._tick_resilient(states[:half]), **self._tick_resilient(states[half:])}
 
