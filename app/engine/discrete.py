@@ -344,10 +344,11 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
             drawn = propose_chains(scores, tokens, [int(state.counted[c]) for c in chains],
                                    min(state.config.candidates, affordable), temperature, state.generator,
                                    [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state))
-            for c, moves in zip(chains, drawn):
-                for move in moves:
-                    candidate = apply(state.tokens[c], move)
-                    if torch.equal(candidate, state.tokens[c]):  # e.g. a token inserted into a run of itself: no edit
+            made = [(c, move, apply(state.tokens[c], move)) for c, moves in zip(chains, drawn) for move in moves]
+            if made:  # an edit that leaves the tokens as they were (a token inserted into a run of itself) is no edit
+                unchanged = (torch.stack([row for _, _, row in made]) == state.tokens[[c for c, _, _ in made]]).all(1).tolist()
+                for (c, move, candidate), same in zip(made, unchanged):
+                    if same:
                         state.tried[c].add(move)
                         continue
                     per_state.append(candidate)
@@ -358,7 +359,8 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
     if rows:
         specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
         length = max(s.spec.length for s in editing if s.candidate_rows)  # a longer request without edits pads nothing
-        padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=int(engine.stop_ids[0])) for r in rows]
+        pad = int(engine.stop_ids[0])  # read once: on a GPU each read waits for the device
+        padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=pad) for r in rows]
         starts = edit_starts(editing, owners)
 
         def reuse_of(index: torch.Tensor):  # the memories of a pass's rows only (a whole batch's may not fit)
@@ -469,9 +471,15 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
         state.candidate_rows = rows.stop - rows.start
         counts = scored.mask[rows].sum(1)
         ranks = _start_rank(state, energies[rows], scored.log_prob_ref[rows], counts)
+        # A sample a chain already holds replaces nothing (float noise in its score could otherwise "improve" on it):
+        # which samples a chain holds now, and which samples are the same (one taken below is held from then on).
+        samples = scored.tokens[rows, : state.spec.length]
+        held_now = (samples[:, None] == state.tokens[None]).all(-1).any(-1).tolist()
+        same_as = (samples[:, None] == samples[None]).all(-1).tolist()
+        taken: list[int] = []
         for index in (rows.start + torch.argsort(ranks)).tolist():
-            # A sample a chain already holds replaces nothing (float noise in its score could otherwise "improve" on it)
-            if any(torch.equal(scored.tokens[index, : state.spec.length], held) for held in state.tokens):
+            own = index - rows.start
+            if held_now[own] or any(same_as[own][other] for other in taken):
                 continue
             current = _start_rank(state, state.best_energy, state.best_log_prob, state.counted.to(state.best_energy.dtype))
             if state.config.select == "reward":  # the chain the pick would return goes only for a sample it prefers
@@ -486,6 +494,7 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
                 state.initial[worst] = StepStats(float(state.best_energy[worst]), float(state.best_reward[worst]),
                                                  float(state.best_log_prob[worst]), 0.0, True)
                 replaced.setdefault(id(state), set()).add(worst)
+                taken.append(own)
     return replaced
 
 
