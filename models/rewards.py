@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -160,6 +161,8 @@ class PrincipleReward:
         return masked_sum((token_log_probs - response.token_log_prob_ref).clamp(max=self.clip), counts)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
 class SequenceClassifierReward:
     """Any ``AutoModelForSequenceClassification`` reward model sharing the reference vocabulary, fed embeddings.
 
@@ -212,10 +215,15 @@ def load_sequence_classifier_reward(
     refuse_missing_weights(source, loading, "a sequence-classification (reward model)")
     if model.score.out_features != 1:
         raise ModelLoadError(f"reward model {source} has {model.score.out_features} outputs (num_labels); a reward is one number")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        tokenizer = None
+    tokenizer = None
+    folder = Path(source).expanduser()
+    # A folder without tokenizer files: transformers would make up a placeholder tokenizer, which the check below
+    # would then refuse as a different one; the embedding's size is checked all the same.
+    if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            tokenizer = None
     check_shared_vocabulary(model, tokenizer, reference)
     model.to(torch_device).eval().requires_grad_(False)
     reward = SequenceClassifierReward(model, name or source)
