@@ -23,6 +23,8 @@ from jinja2.exceptions import TemplateError
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from models.ste import ResponseBatch
+
 Message = dict[str, str]
 
 
@@ -416,8 +418,6 @@ def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float
     nats. Both run the prompt cached, so that bf16 rounding (a cached and a fresh pass differ by ~0.1 nats) does not
     count: beyond float rounding it means an architecture that treats its embeddings or logits in a way this module
     does not reproduce."""
-    from models.ste import ResponseBatch  # ste imports this module for its types
-
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).to(device)
     cut = length // 2

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.errors import ModelLoadError
+from models.lm import render_prompt, scoring_error, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,6 @@ HALF_SCORING_TOLERANCE = 0.02
 def check_reference(lm: LoadedLM) -> None:
     """Refuse a reference model the engine cannot serve correctly, with the reason (rather than answering every
     request with a 500, or with silently wrong energies)."""
-    from models.lm import render_prompt, scoring_error, stop_token_ids  # lm's scoring imports nothing from here
-
     rows = lm.model.get_input_embeddings().weight.shape[0]
     stops = stop_token_ids(lm.tokenizer, lm.model)
     if not stops:
