@@ -410,6 +410,12 @@ def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens
     return torch.empty_like(out).index_copy_(0, order, out)
 
 
+def probe_sequence(model: PreTrainedModel, vocab: int, length: int = 12) -> tuple[Tensor, int]:
+    """The fixed random token ids a load-time check scores on ``model``'s device, and where its prompt ends."""
+    ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0))
+    return ids.to(next(model.parameters()).device), length // 2
+
+
 @torch.no_grad()
 def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float:
     """How far this module's scoring of a short sequence (its first half a cached prompt, the rest a response fed as
@@ -418,9 +424,8 @@ def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float
     nats. Both run the prompt cached, so that bf16 rounding (a cached and a fresh pass differ by ~0.1 nats) does not
     count: beyond float rounding it means an architecture that treats its embeddings or logits in a way this module
     does not reproduce."""
-    device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).to(device)
-    cut = length // 2
+    ids, cut = probe_sequence(model, vocab, length)
+    device = ids.device
     cache = DynamicCache()
     prompt = model(input_ids=ids[None, :cut], use_cache=True, **with_cache(model, cache)).logits[0, -1:]
     rest = model(input_ids=ids[None, cut:-1], use_cache=True, **with_cache(model, cache)).logits[0]

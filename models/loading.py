@@ -225,14 +225,18 @@ def check_reference(lm: LoadedLM) -> None:
     if len(lm.tokenizer) > rows:
         log.warning("%s: the tokenizer has %d tokens, the embedding %d rows; a prompt holding one of the others is refused",
                     lm.name, len(lm.tokenizer), rows)
-    error = scoring_error(lm.model, min(rows, len(lm.tokenizer)))
-    tolerance = SCORING_TOLERANCE.get(lm.dtype, HALF_SCORING_TOLERANCE)
-    if not error <= tolerance:  # also NaN
+    refuse_unfaithful_scoring(f"model {lm.name}", lm.model, scoring_error(lm.model, min(rows, len(lm.tokenizer))))
+
+
+def refuse_unfaithful_scoring(what: str, model: PreTrainedModel, error: float) -> None:
+    """Refuse a model the engine scores unlike its own forward pass by more than rounding (``error``: the largest
+    difference, in nats, of :func:`models.lm.scoring_error` or a reward model's own check)."""
+    if not error <= SCORING_TOLERANCE.get(model.dtype, HALF_SCORING_TOLERANCE):  # also NaN
         raise ModelLoadError(
-            f"model {lm.name} ({type(lm.model).__name__}): the engine's log-probs differ from the model's own forward "
-            f"pass by up to {error:.3g} nats a token: this architecture treats its embeddings or logits in a way "
-            "sea-serve does not reproduce, so its energies would be wrong")
-    log.debug("%s: scoring matches the model's forward pass within %.2g nats", lm.name, error)
+            f"{what} ({type(model).__name__}): the engine's scores differ from the model's own forward pass by up to "
+            f"{error:.3g} nats: this architecture treats its embeddings or logits in a way sea-serve does not reproduce, "
+            "so its energies would be wrong")
+    log.debug("%s: scoring matches the model's forward pass within %.2g nats", what, error)
 
 
 def load_lm(

@@ -24,17 +24,17 @@ from models.lm import (
     embedding_scale,
     encode_prefix,
     forward_after_prefix,
+    probe_sequence,
     render_prompt,
     response_token_log_probs,
     stack_prefixes,
     with_cache,
 )
 from models.loading import (
-    HALF_SCORING_TOLERANCE,
-    SCORING_TOLERANCE,
     LoadedLM,
     ModelLoadError,
     refuse_missing_weights,
+    refuse_unfaithful_scoring,
     resolve_device,
     resolve_dtype,
 )
@@ -163,6 +163,7 @@ class PrincipleReward:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
+
 class SequenceClassifierReward:
     """Any ``AutoModelForSequenceClassification`` reward model sharing the reference vocabulary, fed embeddings.
 
@@ -182,13 +183,12 @@ class SequenceClassifierReward:
     @torch.no_grad()
     def scoring_error(self, vocab: int, length: int = 12) -> float:
         """How far this reward's score of a short sequence (half of it a cached prompt) is from the model's own."""
-        device = next(self.model.parameters()).device
-        ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).to(device)
+        ids, cut = probe_sequence(self.model, vocab, length)
         cache = DynamicCache()  # the prompt cached on both sides: bf16 rounds a fresh pass differently
-        self.model(input_ids=ids[None, : length // 2], use_cache=True, **with_cache(self.model, cache))
-        own = self.model(input_ids=ids[None, length // 2 :], use_cache=True, **with_cache(self.model, cache)).logits[0, 0].float()
-        response = ResponseBatch(ids[None, length // 2 :], torch.ones(1, length - length // 2, device=device))
-        got = self.score([encode_prefix(self.model, ids[: length // 2].tolist(), with_lm_head=False)], response)[0]
+        self.model(input_ids=ids[None, :cut], use_cache=True, **with_cache(self.model, cache))
+        own = self.model(input_ids=ids[None, cut:], use_cache=True, **with_cache(self.model, cache)).logits[0, 0].float()
+        response = ResponseBatch(ids[None, cut:], torch.ones(1, length - cut, device=ids.device))
+        got = self.score([encode_prefix(self.model, ids[:cut].tolist(), with_lm_head=False)], response)[0]
         return float((got - own).abs())
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
@@ -227,12 +227,9 @@ def load_sequence_classifier_reward(
     check_shared_vocabulary(model, tokenizer, reference)
     model.to(torch_device).eval().requires_grad_(False)
     reward = SequenceClassifierReward(model, name or source)
-    error = reward.scoring_error(min(model.get_input_embeddings().weight.shape[0], len(reference.tokenizer)))
-    if not error <= SCORING_TOLERANCE.get(model.dtype, HALF_SCORING_TOLERANCE):
-        raise ModelLoadError(f"reward model {source} ({type(model).__name__}): the engine's score differs from the model's own "
-                             f"forward pass by {error:.3g}: this architecture treats its embeddings in a way sea-serve does not reproduce")
+    refuse_unfaithful_scoring(f"reward model {source}", model,
+                              reward.scoring_error(min(model.get_input_embeddings().weight.shape[0], len(reference.tokenizer))))
     return reward
-
 
 
 def check_shared_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, reference: LoadedLM) -> None:

@@ -69,8 +69,8 @@ class AlignService:
     @property
     def broken(self) -> str | None:
         """Why this process can never serve, if it cannot: the models failed to load, the accelerator failed for good, or
-        the engine thread ended while the service should be running (a bug no handler caught). It then refuses work and fails its liveness check, to
-        get restarted."""
+        the engine thread ended while the service should be running (a bug no handler caught). It then refuses work and
+        fails its liveness check, to get restarted."""
         if self.load_error is not None:
             return self.load_error
         if self.worker is not None and self.worker.fatal is not None:

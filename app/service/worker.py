@@ -41,7 +41,6 @@ def _unwanted(job: Job, now: float | None = None) -> bool:
             or (job.deadline is not None and (time.monotonic() if now is None else now) > job.deadline))
 
 
-
 def _release_accelerator_memory() -> None:
     """Give the cached blocks of a failed step back to the device (call it outside the handler, once they are free)."""
     if torch.cuda.is_available():
@@ -56,6 +55,7 @@ def _accelerator_broken(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError) and (
         "CUDA error" in text or "device-side assert" in text)
+
 
 class QueueFullError(RuntimeError):
     def __init__(self, retry_after: int):
