@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from app.api.schemas import ChatMessage
-from app.bench import _positive
+from app.bench import positive_int
 from app.engine.energy import reward_passes, scoring_passes
 from app.engine.types import AlignResult, SEAConfig
 from app.settings import Settings
@@ -87,7 +87,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Run each method at its own settings, not at equal compute: SEA for SEA_DEFAULT_STEPS steps, "
                              "Best-of-N with N = 16, beam search and ARGS at their defaults (--set tunes the SEA variants).")
     parser.add_argument("--out", required=True, help="Output folder: records.jsonl as the runs finish; results.json, report.md and plots at the end.")
-    parser.add_argument("--limit", type=_positive, default=None, help="Only the first N prompts.")
+    parser.add_argument("--limit", type=positive_int, default=None, help="Only the first N prompts.")
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds; every prompt runs once per seed.")
     parser.add_argument("--max-tokens", type=int, default=None, help="Response length (default: SEA_DEFAULT_MAX_TOKENS).")
     parser.add_argument("--alpha", type=float, default=None, help="Reward weight (default: SEA_DEFAULT_ALPHA).")

@@ -51,7 +51,7 @@ def _whole(text: str, least: int) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     return _whole(text, 1)
 
 
@@ -60,7 +60,7 @@ def _non_negative(text: str) -> int:
 
 
 def _positives_or_none(text: str) -> list[int]:
-    return [_positive(x) for x in text.split(",") if x.strip()]
+    return [positive_int(x) for x in text.split(",") if x.strip()]
 
 
 def _positives(text: str) -> list[int]:
@@ -84,20 +84,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Comma-separated parts to run: steps, memory, server (the targets are always computed).")
     parser.add_argument("--chains", type=_positives, default="4,32", help="Step grid: chains per request (comma-separated).")
     parser.add_argument("--max-tokens", type=_positives, default="24", help="Step grid: response lengths L (comma-separated).")
-    parser.add_argument("--candidates", type=_positive, default=4, help="Edits scored exactly per chain per step.")
+    parser.add_argument("--candidates", type=positive_int, default=4, help="Edits scored exactly per chain per step.")
     parser.add_argument("--repeats", type=_non_negative, default=3,
                         help="Timed repeats per figure (after one warm-up); medians. 0: one call, no warm-up (slow machines).")
     parser.add_argument("--uncached-chains", type=_positives_or_none, default="4,32",
                         help="Chain counts of the grid whose step is also timed without the prompt cache (the slowest part; '' for none).")
-    parser.add_argument("--matmul-size", type=_positive, default=2048, help="Side of the square matmul that measures the peak.")
+    parser.add_argument("--matmul-size", type=positive_int, default=2048, help="Side of the square matmul that measures the peak.")
     parser.add_argument("--memory-chains", type=_positives, default="4,32", help="Chain counts whose step memory is measured (fresh process each).")
     parser.add_argument("--concurrency", type=_positives, default="1,2,4,8,16", help="Concurrent /align requests per burst (comma-separated).")
-    parser.add_argument("--rounds", type=_positive, default=1,
+    parser.add_argument("--rounds", type=positive_int, default=1,
                         help="Bursts per concurrency level above 1 (their latency percentiles; with one burst of N, p95 is near the slowest).")
-    parser.add_argument("--request-chains", type=_positive, default=4, help="Chains per /align request in the server part.")
-    parser.add_argument("--request-steps", type=_positive, default=3, help="Steps per /align request in the server part.")
-    parser.add_argument("--request-max-tokens", type=_positive, default=24, help="max_tokens per /align request in the server part.")
-    parser.add_argument("--alone-rounds", type=_positive, default=10,
+    parser.add_argument("--request-chains", type=positive_int, default=4, help="Chains per /align request in the server part.")
+    parser.add_argument("--request-steps", type=positive_int, default=3, help="Steps per /align request in the server part.")
+    parser.add_argument("--request-max-tokens", type=positive_int, default=24, help="max_tokens per /align request in the server part.")
+    parser.add_argument("--alone-rounds", type=positive_int, default=10,
                         help="Requests sent one after another at concurrency 1 (its latency and overhead percentiles).")
     parser.add_argument("--out", default="runs/bench.json", help="Where to write the JSON results ('' for none).")
 
