@@ -211,14 +211,20 @@ def shared_starts(first_edited: list[int], length: int, overhead: int = CALL_OVE
     return [start_of[n] for n in needs]
 
 
+def _rows_by_state(owners: list) -> dict[int, list[int]]:
+    """Per state (by id), the indices of its candidate rows (``owners[i] = (state, chain, move)``), in order."""
+    rows: dict[int, list[int]] = {}
+    for index, (state, _, _) in enumerate(owners):
+        rows.setdefault(id(state), []).append(index)
+    return rows
+
+
 def edit_starts(states: list, owners: list) -> list[int]:
     """The input position each candidate row's scoring starts at (``owners[i] = (state, chain, move)``): per state, the
     starts are grouped from all its own edits at once, so what a request's scoring runs and costs depends neither on
     its batch nor on how the rows are cut into passes (0 for a state without memories: scored whole)."""
     starts = [0] * len(owners)
-    per_state: dict[int, list[int]] = {}
-    for index, (state, _, _) in enumerate(owners):
-        per_state.setdefault(id(state), []).append(index)
+    per_state = _rows_by_state(owners)
     for state in states:
         indices = per_state.get(id(state), [])
         if indices and state.memories:
@@ -232,9 +238,7 @@ def reuse_for_edits(states: list, owners: list, starts: list[int], length: int) 
     start at ``starts`` (:func:`edit_starts`): their chains' memories, built for these rows only."""
     if not any(starts):
         return None
-    per_state: dict[int, list[int]] = {}
-    for index, (state, _, _) in enumerate(owners):
-        per_state.setdefault(id(state), []).append(index)
+    per_state = _rows_by_state(owners)
     keys: dict = {}
     for state in states:
         if per_state.get(id(state)) and state.memories:
