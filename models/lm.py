@@ -395,9 +395,10 @@ def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens
     out = torch.empty(rows, length, device=tokens.device)
     out[:, 0] = prefix.first_log_probs[order].gather(-1, tokens[:, :1])[:, 0]
     out[:, 1:] = memory.log_probs[order, 1:]  # each row's own positions are overwritten below
-    bounds = torch.searchsorted(starts, starts.unique()).tolist() + [rows]
+    ordered = starts.tolist()  # one read from the device for all groups
+    bounds = [b for b in range(rows) if b == 0 or ordered[b] != ordered[b - 1]] + [rows]
     for low, high in itertools.pairwise(bounds):
-        start = int(starts[low])
+        start = ordered[low]
         head_rows = PrefixBatch(
             keys=[k[low:high, :, : columns + start] for k in keys],
             values=[v[low:high, :, : columns + start] for v in values],

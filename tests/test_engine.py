@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
+import sys
 import time
 
 import pytest
@@ -139,6 +141,49 @@ def test_positions_after_end_of_turn_do_not_count(lm, engine, make_prompt):
 
 def _job(prompt, reward, **config):
     return AlignJob(prompt, SEAConfig(**config), reward)
+
+
+def _count_device_reads(monkeypatch) -> list[str]:
+    """Patches tensors so that every read of their values to the host made by the engine (``.cpu()``, ``.tolist()``,
+    ``.item()``, ``float()``, ``int()``, ``bool()``) is recorded (by call site); on a GPU each waits for the device.
+    ``to_host``'s unpacking of the one copy it read is not a read."""
+    reads: list[str] = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    engine_code = (os.path.join(root, "app") + os.sep, os.path.join(root, "models") + os.sep)
+    host_code = os.path.join(root, "app", "engine", "host.py")
+
+    for name in ("cpu", "tolist", "item", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(engine_code) and (caller != host_code or _name == "cpu"):
+                reads.append(f"{_name} {caller}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize(("update", "most"), [("discrete", 8), ("logits", 2)])
+def test_a_step_reads_the_device_a_few_times_whatever_its_chains_and_candidates(lm, engine, make_prompt, monkeypatch, update, most):
+    # Each read of a value on a GPU waits for the queued work: reading per chain or per candidate (as once, ~100 a
+    # discrete step at 4 chains × 4 candidates, ~45 a logits step) stalls the device between every few kernels.
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    jobs = {size: [_job(make_prompt(f"tell me about {i}"), reward, max_tokens=12, chains=size[0], candidates=size[1], steps=5,
+                        seed=i, restart_after=None, update=update) for i in range(2)] for size in [(2, 2), (5, 8)]}
+    states = {size: engine.start_many(batch) for size, batch in jobs.items()}
+    reads = _count_device_reads(monkeypatch)
+    per_step = {}
+    for size, batch in states.items():
+        per_step[size] = []
+        for _ in range(3):
+            before = len(reads)
+            engine.tick(batch)
+            per_step[size].append(len(reads) - before)
+        assert not any(s.done for s in batch)
+    assert per_step[(2, 2)] == per_step[(5, 8)], reads
+    assert max(per_step[(5, 8)]) <= most, reads  # 2 requests; discrete: one read per request's proposals, a few for the batch
 
 
 @pytest.mark.parametrize("update", ["discrete", "logits"])

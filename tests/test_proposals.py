@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from app.engine.host import to_host
 from app.engine.proposals import Move, apply, edit_scores, propose, propose_chains
 
 
@@ -37,15 +40,26 @@ def test_gradient_free_scores_use_the_reference_log_probs():
 
 
 def test_move_application():
-    tokens = torch.tensor([10, 11, 12, 13])
-    assert apply(tokens, Move("swap", 1, (99,), 0.0)).tolist() == [10, 99, 12, 13]
-    assert apply(tokens, Move("pair", 2, (98, 99), 0.0)).tolist() == [10, 11, 98, 99]
-    assert apply(tokens, Move("pair", 3, (98, 99), 0.0)).tolist() == [10, 11, 12, 98]
-    assert apply(tokens, Move("insert", 1, (99,), 0.0)).tolist() == [10, 99, 11, 12]
-    assert apply(tokens, Move("insert", 1, (98, 99), 0.0)).tolist() == [10, 98, 99, 11]
-    assert apply(tokens, Move("insert", 3, (97, 98, 99), 0.0)).tolist() == [10, 11, 12, 97]
-    assert apply(tokens, Move("phrase", 1, (97, 98, 99), 0.0)).tolist() == [10, 97, 98, 99]
-    assert tokens.tolist() == [10, 11, 12, 13]
+    tokens = [10, 11, 12, 13]
+    assert apply(tokens, Move("swap", 1, (99,), 0.0)) == [10, 99, 12, 13]
+    assert apply(tokens, Move("pair", 2, (98, 99), 0.0)) == [10, 11, 98, 99]
+    assert apply(tokens, Move("pair", 3, (98, 99), 0.0)) == [10, 11, 12, 98]
+    assert apply(tokens, Move("insert", 1, (99,), 0.0)) == [10, 99, 11, 12]
+    assert apply(tokens, Move("insert", 1, (98, 99), 0.0)) == [10, 98, 99, 11]
+    assert apply(tokens, Move("insert", 3, (97, 98, 99), 0.0)) == [10, 11, 12, 97]
+    assert apply(tokens, Move("phrase", 1, (97, 98, 99), 0.0)) == [10, 97, 98, 99]
+    assert apply(tokens, Move("phrase", 3, (97, 98, 99), 0.0)) == [10, 11, 12, 97]
+    assert tokens == [10, 11, 12, 13]
+
+
+def test_to_host_reads_tensors_of_every_kind_in_one_copy():
+    floats = torch.tensor([[1.5, -math.inf], [math.nan, 0.25]])
+    ids = torch.tensor([[49151, 0, 7]])
+    empty = torch.zeros(0, 3)
+    got_floats, got_ids, got_empty = to_host(floats, ids, empty)
+    assert got_floats[0] == [1.5, -math.inf] and math.isnan(got_floats[1][0]) and got_floats[1][1] == 0.25
+    assert got_ids == [[49151, 0, 7]] and all(type(v) is int for v in got_ids[0])
+    assert got_empty == [] and to_host() == []
 
 
 def test_chains_proposed_together_get_the_moves_each_gets_alone():

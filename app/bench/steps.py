@@ -148,7 +148,8 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
         moves = propose(edit_scores(grad[c], None, state.tokens[c]), state.tokens[c], int(state.counted[c]), setup.candidates, 0.05,
                         torch.Generator(device=state.tokens.device).manual_seed(c), set(), float("inf"))
         owners.extend((state, c, move) for move in moves)
-    candidates = torch.stack([apply(state.tokens[c], move) for _, c, move in owners])  # (C·K, L)
+    held = state.tokens.tolist()
+    candidates = torch.tensor([apply(held[c], move) for _, c, move in owners], device=state.tokens.device)  # (C·K, L)
     candidate_spec = dataclasses.replace(spec, rows=len(owners))
     setup.edit_starts = edit_starts([state], owners)
     reuse = reuse_for_edits([state], owners, setup.edit_starts, state.spec.length)

@@ -31,7 +31,7 @@ def run_baseline(engine, state) -> AlignResult | None:
 
 def _padded(engine, state, tokens: torch.Tensor) -> torch.Tensor:
     length = state.config.max_tokens
-    return torch.nn.functional.pad(tokens, (0, length - tokens.shape[0]), value=int(engine.stop_ids[0]))[:length]
+    return torch.nn.functional.pad(tokens, (0, length - tokens.shape[0]), value=engine.pad_id)[:length]
 
 
 def _chain(engine, tokens: torch.Tensor, energy: float, reward: float, log_prob_ref: float) -> ChainResult:

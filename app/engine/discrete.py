@@ -21,6 +21,7 @@ import math
 import torch
 
 from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, evaluate_in_chunks, passes_per_row, token_tilt
+from app.engine.host import to_host
 from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
 from app.engine.sampling import SampleGroup, Tilt, sample_groups_in_chunks
 from app.engine.types import StepStats, reward_pick
@@ -109,7 +110,7 @@ def _score_drawn(engine, states: list, drawn: list[Drawn]) -> tuple[Evaluation, 
     Returns the evaluation (rows state after state) and each state's rows in it.
     """
     length = max(s.spec.length for s in states)
-    pad = int(engine.stop_ids[0])
+    pad = engine.pad_id
     slices, offset = [], 0
     for d in drawn:
         slices.append(slice(offset, offset + d.tokens.shape[0]))
@@ -278,7 +279,8 @@ def affordable_chains(state, chains: list[int]) -> list[int]:
     if sum(cost.values()) <= left:
         return chains
     chosen = []
-    for c in sorted(chains, key=lambda c: (cost[c], float(state.best_energy[c]))):
+    energy = state.best_energy.tolist()
+    for c in sorted(chains, key=lambda c: (cost[c], energy[c])):
         if cost[c] <= left:
             chosen.append(c)
             left -= cost[c]
@@ -330,7 +332,10 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
     if need:
         _gradients(engine, need)
     saved.extend((state, dataclasses.replace(state.usage), state.generator.get_state()) for state in states)
-    rows, owners = [], []  # candidate token rows and (state, chain, move) for each
+    rows, owners = [], []  # candidate token rows (host lists) and (state, chain, move) for each
+    proposing = [s for s in editing if active[id(s)]]
+    # Every proposing chain's tokens and length, in one read: edits are made on the host, and sent back in one copy.
+    held_by_state = dict(zip(map(id, proposing), to_host(*[torch.cat([s.tokens, s.counted[:, None]], 1) for s in proposing])))
     for state in editing:
         temperature = noise_at(state.config, state.step + 1)
         per_state = []
@@ -345,14 +350,14 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
                                  state.table[which] if state.config.proposal == "lm" else None, tokens)
             if state.config.top_k:
                 scores = within_top_k(scores, state.top_k[which])
-            drawn = propose_chains(scores, tokens, [int(state.counted[c]) for c in chains],
+            held = held_by_state[id(state)]
+            drawn = propose_chains(scores, tokens, [held[c][-1] for c in chains],
                                    min(state.config.candidates, affordable), temperature, state.generator,
                                    [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state))
-            made = [(c, move, apply(state.tokens[c], move)) for c, moves in zip(chains, drawn) for move in moves]
-            if made:  # an edit that leaves the tokens as they were (a token inserted into a run of itself) is no edit
-                unchanged = (torch.stack([row for _, _, row in made]) == state.tokens[[c for c, _, _ in made]]).all(1).tolist()
-                for (c, move, candidate), same in zip(made, unchanged):
-                    if same:
+            for c, moves in zip(chains, drawn):
+                for move in moves:
+                    candidate = apply(held[c][:-1], move)
+                    if candidate == held[c][:-1]:  # no edit: a token inserted into a run of itself
                         state.tried[c].add(move)
                         continue
                     per_state.append(candidate)
@@ -363,55 +368,72 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
     if rows:
         specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
         length = max(s.spec.length for s in editing if s.candidate_rows)  # a longer request without edits pads nothing
-        pad = int(engine.stop_ids[0])  # read once: on a GPU each read waits for the device
-        padded = [torch.nn.functional.pad(r, (0, length - r.shape[0]), value=pad) for r in rows]
+        padded = [row + [engine.pad_id] * (length - len(row)) for row in rows]
         starts = edit_starts(editing, owners)
 
-        def reuse_of(index: torch.Tensor):  # the memories of a pass's rows only (a whole batch's may not fit)
-            rows_here = index.tolist()
+        def reuse_of(rows_here: list[int]):  # the memories of a pass's rows only (a whole batch's may not fit)
             return reuse_for_edits(editing, [owners[i] for i in rows_here], [starts[i] for i in rows_here], length)
 
         with torch.no_grad():
-            scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.stack(padded), reuse_of=reuse_of)
+            scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.tensor(padded, device=engine.device), reuse_of=reuse_of)
     # The last heavy work (the restarting states are not the editing ones): what follows is bookkeeping, so a step that
     # runs out of memory before here is retried by the worker as if it had not begun (see ``tick``).
     replaced = _restart(engine, restarting) if restarting else {}
     if rows:
         for (state, _, _), start in zip(owners, starts):
             state.usage.forward_token_passes += passes_per_row(state.spec, start)
+    # The candidates' energies and every chain's best so far, in one read from the device.
+    energies, held = to_host(scored.energy if rows else torch.zeros(0), torch.cat([s.best_energy for s in states]))
     best: dict[tuple[int, int], tuple[float, int]] = {}
     for index, (state, c, move) in enumerate(owners):
-        energy = float(scored.energy[index])
+        energy = energies[index]
         state.tried[c].add(move)
         key = (id(state), c)
         if math.isfinite(energy) and energy < best.get(key, (math.inf, -1))[0]:
             best[key] = (energy, index)
+    offset = 0
     for state in states:
         state.step += 1
         fresh = replaced.get(id(state), set())
         moved = bool(fresh)
         for c in range(state.chains):
             energy, index = best.get((id(state), c), (math.inf, -1))
-            if index >= 0 and energy < float(state.best_energy[c]) - 1e-6:
+            if index >= 0 and energy < held[offset + c] - 1e-6:
                 _take(state, c, scored, index, state.step)
                 moved = True
             elif c not in fresh:
                 state.stalls[c] += 1
+        offset += state.chains
         if moved:
             state.steps_since_improved = 0
         else:
             state.steps_since_improved += 1
-        for c in range(state.chains):
-            counted = max(int(state.counted[c]), 1)
-            changed = float((state.tokens[c, :counted] != state.initial_tokens[c, :counted]).float().mean())
-            state.traces[c].append(StepStats(float(state.best_energy[c]), float(state.best_reward[c]),
-                                             float(state.best_log_prob[c]), changed, math.isfinite(float(state.best_energy[c]))))
+    _record_traces(states)
+    for state in states:
         no_moves = state.candidate_rows == 0
         if no_moves and _restarts_on(state):
             state.steps_since_improved = max(state.steps_since_improved, state.config.restart_after)  # nothing left to try: sample next
             no_moves = False
         if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
             state.done = True
+
+
+def _record_traces(states: list) -> None:
+    """Append every chain's step figures (best energy, reward, log pi_ref, share of tokens changed since its start) to
+    its trace, read from the device in one copy for all states."""
+    figures = []
+    for state in states:
+        counted = state.counted.clamp(min=1)
+        within = torch.arange(state.spec.length, device=counted.device)[None, :] < counted[:, None]
+        changed = ((state.tokens != state.initial_tokens) & within).sum(1) / counted
+        figures.append(torch.stack([state.best_energy, state.best_reward, state.best_log_prob, changed.to(state.best_energy.dtype)], 1))
+    (rows,) = to_host(torch.cat(figures))
+    offset = 0
+    for state in states:
+        for c in range(state.chains):
+            energy, reward, log_prob, changed = rows[offset + c]
+            state.traces[c].append(StepStats(energy, reward, log_prob, changed, math.isfinite(energy)))
+        offset += state.chains
 
 
 def _phrases(state) -> list[list[tuple[int, ...]]]:
@@ -432,7 +454,7 @@ def _take(state, chain: int, scored, index: int, step: int) -> None:
     state.best_reward[chain] = scored.reward[index]
     state.best_log_prob[chain] = scored.log_prob_ref[index]
     state.best_step[chain] = step
-    state.counted[chain] = int(scored.mask[index, :length].sum())
+    state.counted[chain] = scored.mask[index, :length].sum()
     state.tried[chain] = set()
     state.stalls[chain] = 0
     state.stale.add(chain)  # its gradient and memory are of its old tokens
@@ -478,25 +500,28 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
         # A sample a chain already holds replaces nothing (float noise in its score could otherwise "improve" on it):
         # which samples a chain holds now, and which samples are the same (one taken below is held from then on).
         samples = scored.tokens[rows, : state.spec.length]
-        held_now = (samples[:, None] == state.tokens[None]).all(-1).any(-1).tolist()
-        same_as = (samples[:, None] == samples[None]).all(-1).tolist()
+        # The choice runs on the host, from one read of the samples' figures and the chains'.
+        order, rank, energy, reward, log_prob, count, held_now, same_as, chains = to_host(
+            torch.argsort(ranks), ranks, scored.energy[rows], scored.reward[rows], scored.log_prob_ref[rows], counts,
+            (samples[:, None] == state.tokens[None]).all(-1).any(-1), (samples[:, None] == samples[None]).all(-1),
+            torch.stack([state.best_energy, state.best_reward, state.best_log_prob, state.counted.to(state.best_energy.dtype)]))
+        chain_energy, chain_reward, chain_log_prob, chain_counted = chains
         taken: list[int] = []
-        for index in (rows.start + torch.argsort(ranks)).tolist():
-            own = index - rows.start
+        for own in order:
             if held_now[own] or any(same_as[own][other] for other in taken):
                 continue
-            current = _start_rank(state, state.best_energy, state.best_log_prob, state.counted.to(state.best_energy.dtype))
+            current = _start_rank(state, torch.tensor(chain_energy), torch.tensor(chain_log_prob), torch.tensor(chain_counted))
             if state.config.select == "reward":  # the chain the pick would return goes only for a sample it prefers
-                kept = _picked(state)
-                sample = reward_pick(float(scored.reward[index]), float(scored.log_prob_ref[index]), int(counts[index - rows.start]))
-                if sample <= _pick_key(state, kept):
+                kept = max(range(state.chains), key=lambda c: _pick_key(chains, c))
+                if reward_pick(reward[own], log_prob[own], int(count[own])) <= _pick_key(chains, kept):
                     current[kept] = -math.inf
             worst = int(torch.argmax(current))
-            if float(ranks[index - rows.start]) < _less_noise(float(current[worst])):
-                _take(state, worst, scored, index, state.step + 1)
+            if rank[own] < _less_noise(float(current[worst])):
+                _take(state, worst, scored, rows.start + own, state.step + 1)
                 state.initial_tokens[worst] = state.tokens[worst]  # the chain starts again from this sample
-                state.initial[worst] = StepStats(float(state.best_energy[worst]), float(state.best_reward[worst]),
-                                                 float(state.best_log_prob[worst]), 0.0, True)
+                state.initial[worst] = StepStats(energy[own], reward[own], log_prob[own], 0.0, True)
+                chain_energy[worst], chain_reward[worst], chain_log_prob[worst] = energy[own], reward[own], log_prob[own]
+                chain_counted[worst] = count[own]
                 replaced.setdefault(id(state), set()).add(worst)
                 taken.append(own)
     return replaced
@@ -507,12 +532,10 @@ def _less_noise(value: float) -> float:
     return value - 1e-5 * max(1.0, abs(value)) if math.isfinite(value) else value
 
 
-def _pick_key(state, chain: int) -> tuple[float, float]:
-    return reward_pick(float(state.best_reward[chain]), float(state.best_log_prob[chain]), int(state.counted[chain]))
-
-
-def _picked(state) -> int:
-    return max(range(state.chains), key=lambda c: _pick_key(state, c) if math.isfinite(float(state.best_energy[c])) else (-math.inf, -math.inf))
+def _pick_key(chains: list[list[float]], c: int) -> tuple[float, float]:
+    """Chain ``c``'s :func:`reward_pick` key from its host figures ``chains`` (energies, rewards, log-probs, lengths)."""
+    energy, reward, log_prob, counted = (figures[c] for figures in chains)
+    return reward_pick(reward, log_prob, int(counted)) if math.isfinite(energy) else (-math.inf, -math.inf)
 
 
 def _gradients(engine, needs: list) -> None:
@@ -520,7 +543,7 @@ def _gradients(engine, needs: list) -> None:
     their memories (or, for the gradient-free ablation, the LM's log-prob table); the other chains keep theirs."""
     states = [state for state, _ in needs]
     length = max(s.spec.length for s in states)
-    pad = int(engine.stop_ids[0])
+    pad = engine.pad_id
     tokens = torch.cat([torch.nn.functional.pad(s.tokens[chains], (0, length - s.spec.length), value=pad) for s, chains in needs])
     specs = [dataclasses.replace(s.spec, rows=len(chains)) for s, chains in needs]
     with_grad = any(s.config.proposal == "gradient" for s in states)
@@ -528,24 +551,28 @@ def _gradients(engine, needs: list) -> None:
     with torch.set_grad_enabled(with_grad):
         scored = evaluate(engine.lm, specs, engine.stop_ids, tokens, one_hot_grad=with_grad,
                           keep_table=any(s.config.proposal == "lm" for s in states), top_k=top_k, record=True)
+    # Which rows' gradients are finite, for all rows at once (one read; a sum overflows only past 1e38).
+    finite = torch.isfinite(scored.grad.sum((1, 2))) if scored.grad is not None else None
+    (finite_rows,) = to_host(finite) if finite is not None else (None,)
     offset = 0
     for state, chains in needs:
         rows = slice(offset, offset + len(chains))
         offset += len(chains)
         own = state.spec.length
-        index = torch.tensor(chains, dtype=torch.long, device=state.tokens.device)
+        device = state.tokens.device
+        every = len(chains) == state.chains  # an arange is made on the device; a list is copied there
+        index = torch.arange(state.chains, device=device) if every else torch.tensor(chains, dtype=torch.long, device=device)
         passes = passes_per_row(state.spec) * len(chains)
         state.usage.forward_token_passes += passes
         grad = None  # the gradient-free ablation has none: the table drives its proposals
         if state.config.proposal == "gradient":  # not with_grad: an LM-ranked request's usage must not depend on its batch mates
             state.usage.backward_token_passes += passes
             grad = scored.grad[rows, :own]
-            finite = torch.isfinite(grad.sum((1, 2)))  # one read of the (C, L, V) gradient; a sum overflows only past 1e38
-            if not bool(finite.all()):
+            if not all(finite_rows[rows]):
                 state.nonfinite_steps += 1
-                grad = torch.where(finite[:, None, None], grad, torch.zeros_like(grad))
+                grad = torch.where(finite[rows, None, None], grad, torch.zeros_like(grad))
         if grad is not None:
-            if len(chains) == state.chains:
+            if every:
                 state.grad = grad
             else:
                 if state.grad is None:

@@ -173,11 +173,11 @@ def evaluate_in_chunks(
     stop_ids: Tensor,
     tokens: Tensor,
     known: dict[object, Tensor] | None = None,
-    reuse_of: Callable[[Tensor], Reuse | None] | None = None,
+    reuse_of: Callable[[list[int]], Reuse | None] | None = None,
 ) -> Evaluation:
     """Exact scores of ``tokens``, as :func:`evaluate` gives them, in passes of at most :data:`ROW_TOKENS_PER_PASS`
     tokens (:func:`row_chunks`), so that memory stays bounded however many rows a request asks for (candidates,
-    samples). ``reuse_of(rows)`` gives the :class:`Reuse` of a pass's rows (a tensor of their indices), if any."""
+    samples). ``reuse_of(rows)`` gives the :class:`Reuse` of a pass's rows (a list of their indices), if any."""
     chunks = row_chunks([(spec.rows, *row_size(spec, tokens.shape[1])) for spec in specs])
     starts = [0]
     for spec in specs:
@@ -185,13 +185,13 @@ def evaluate_in_chunks(
     parts = []
     whole = len(chunks) == 1
     for chunk in chunks:
-        index = torch.cat([torch.arange(starts[group] + first, starts[group] + end, device=tokens.device)
-                           for group, first, end in chunk])
+        rows = [row for group, first, end in chunk for row in range(starts[group] + first, starts[group] + end)]
+        index = None if whole else torch.tensor(rows, device=tokens.device)
         parts.append(evaluate(
             lm, specs if whole else [dataclasses.replace(specs[group], rows=end - first) for group, first, end in chunk],
             stop_ids, tokens if whole else tokens[index],
             known=None if known is None else {key: value if whole or value is None else value[index] for key, value in known.items()},
-            reuse=reuse_of(index) if reuse_of is not None else None,
+            reuse=reuse_of(rows) if reuse_of is not None else None,
         ))
     if len(parts) == 1:
         return parts[0]

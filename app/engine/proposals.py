@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from app.engine.host import to_host
+
 EDITS_PER_POSITION = 64  # the edits per position, best first by their estimate, that a proposal draws among
 
 
@@ -108,14 +110,13 @@ def propose_chains(
     else:
         noisy = estimates
     ranked = torch.topk(noisy.flatten(1), min(pool, span * width), largest=False).indices  # (C, pool) into (span, width)
-    swap_estimates = estimates.flatten(1).gather(-1, ranked).tolist()
-    swap_tokens = edits.flatten(1).gather(-1, ranked).tolist()
-    swap_positions = (ranked // width).tolist()
     best_value, best = noisy.min(-1)  # (C, span)
-    best_token = edits.gather(-1, best[..., None])[..., 0].tolist()
-    exact_best = estimates.gather(-1, best[..., None])[..., 0].tolist()
-    pair_order = torch.argsort(best_value[:, :-1] + best_value[:, 1:]).tolist() if span > 1 else [[] for _ in range(chains)]
-    insert_order = torch.argsort(best_value).tolist()
+    pair_sums = best_value[:, :-1] + best_value[:, 1:] if span > 1 else best_value[:, :0]
+    # The ranked lists, read back to the host at once (on a GPU each read waits for the device to finish).
+    swap_estimates, swap_tokens, swap_positions, best_token, exact_best, pair_order, insert_order = to_host(
+        estimates.flatten(1).gather(-1, ranked), edits.flatten(1).gather(-1, ranked), ranked // width,
+        edits.gather(-1, best[..., None])[..., 0], estimates.gather(-1, best[..., None])[..., 0],
+        torch.argsort(pair_sums), torch.argsort(best_value))
     phrased = phrase_moves(scores, tokens, spans, phrases)
     return [
         _pick(spans[c], budget, tried[c], max_estimate, zip(swap_positions[c], swap_tokens[c], swap_estimates[c]),
@@ -193,15 +194,10 @@ def _pick(span, budget, tried, max_estimate, swaps, best_token, exact_best, pair
     return moves
 
 
-def apply(tokens: Tensor, move: Move) -> Tensor:
-    """The token sequence after ``move`` (same length: an insertion pushes the last tokens out)."""
-    out = tokens.clone()
-    t = move.position
+def apply(tokens: list[int], move: Move) -> list[int]:
+    """The token sequence after ``move`` (same length: an insertion pushes the last tokens out). On the host: a step's
+    candidates go to the device together, in one copy."""
+    t, length = move.position, len(tokens)
     if move.kind == "insert":
-        k = min(len(move.tokens), tokens.shape[0] - t)
-        out[t + k :] = tokens[t : tokens.shape[0] - k].clone()
-        out[t : t + k] = torch.tensor(move.tokens[:k], dtype=tokens.dtype, device=tokens.device)
-    else:
-        new = torch.tensor(move.tokens, dtype=tokens.dtype, device=tokens.device)[: tokens.shape[0] - t]
-        out[t : t + len(new)] = new
-    return out
+        return (tokens[:t] + list(move.tokens) + tokens[t:])[:length]
+    return (tokens[:t] + list(move.tokens) + tokens[t + len(move.tokens):])[:length]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row, token_tilt
+from app.engine.host import to_host
 from app.engine.sampling import sample_responses
 from app.engine.types import MAX_SEED, AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage, best_chain
 from models.lm import Prefix, encode_prefix, stop_token_ids
@@ -90,7 +91,10 @@ class Engine:
     def __init__(self, lm: LoadedLM):
         self.lm = lm
         self.device = lm.device
-        self.stop_ids = torch.tensor(stop_token_ids(lm.tokenizer, lm.model), device=self.device)
+        stop_ids = stop_token_ids(lm.tokenizer, lm.model)
+        self.stop_ids = torch.tensor(stop_ids, device=self.device)
+        self.stop_set = set(stop_ids)
+        self.pad_id = stop_ids[0]  # pads shorter responses in a batch; a host int (a read of stop_ids waits for the device)
         self.vocab = lm.model.get_output_embeddings().weight.shape[0]
 
     # ----- request lifecycle -------------------------------------------------------------------
@@ -222,7 +226,7 @@ class Engine:
             pad = length - y.shape[1]
             if pad:
                 y = torch.nn.functional.pad(y, (0, 0, 0, pad))
-                token_ids = torch.nn.functional.pad(token_ids, (0, pad), value=int(self.stop_ids[0]))
+                token_ids = torch.nn.functional.pad(token_ids, (0, pad), value=self.pad_id)
             tokens.append(token_ids)
             logits.append(y)
             if top_k:
@@ -262,9 +266,8 @@ class Engine:
         """One Langevin update of the logits: ``y ← y − step·direction + noise·ξ`` (direction: Adam or plain gradient)."""
         config = state.config
         grad = state.grad
-        finite = torch.isfinite(grad).flatten(1).all(1)  # (C,)
-        if not bool(finite.all()):
-            grad = torch.where(finite[:, None, None], grad, torch.zeros_like(grad))
+        finite = torch.isfinite(grad).flatten(1).all(1)  # (C,); not read back: the device goes on without waiting
+        grad = torch.where(finite[:, None, None], grad, 0.0)
         state.step += 1
         if config.optimizer == "adam":
             if state.adam_m is None:
@@ -299,18 +302,18 @@ class Engine:
             state.usage.backward_token_passes += passes
             state.grad = evaluation.grad[rows, :length]
             finite = finite & torch.isfinite(state.grad).flatten(1).all(1)
-        if not bool(finite.all()):
-            state.nonfinite_steps += 1
         if evaluation.ref_top_k is not None and config.top_k:
             state.top_k = evaluation.ref_top_k[rows, :length]
         state.tokens = tokens
         counted = mask.sum(1).clamp(min=1)
         changed = ((tokens != state.initial_tokens).float() * mask).sum(1) / counted
-        stats = [
-            StepStats(float(energy[c]), float(reward[c]), float(log_prob[c]), float(changed[c]), bool(finite[c]))
-            for c in range(state.chains)
-        ]
-        if state.step < 0:
+        first = state.step < 0
+        better = finite if first or not config.track_best else finite & (energy < state.best_energy)
+        (figures,) = to_host(torch.stack([energy, reward, log_prob, changed, finite, better], 1))  # one read per step
+        stats = [StepStats(e, r, p, share, bool(ok)) for e, r, p, share, ok, _ in figures]
+        if not all(stat.finite for stat in stats):
+            state.nonfinite_steps += 1
+        if first:
             state.step = 0
             state.initial = stats
             state.traces = [[] for _ in range(state.chains)]
@@ -321,8 +324,7 @@ class Engine:
         else:
             for c in range(state.chains):
                 state.traces[c].append(stats[c])
-            better = finite & (energy < state.best_energy) if config.track_best else finite
-            if bool(better.any()):
+            if any(improved for *_, improved in figures):
                 state.steps_since_improved = 0
             else:
                 state.steps_since_improved += 1
@@ -339,7 +341,7 @@ class Engine:
     def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
         """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
         ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
-        stop = set(self.stop_ids.tolist())
+        stop = self.stop_set
         end = next((i for i, t in enumerate(ids) if t in stop), None)
         kept = ids if end is None else ids[:end]
         counted = len(ids) if end is None else end + 1
@@ -349,16 +351,19 @@ class Engine:
         """The request's result: each chain's best iterate; the returned one chosen by reward or energy."""
         config = state.config
         chains = []
+        tokens, figures, best_step = to_host(state.best_tokens, torch.stack([state.best_reward, state.best_log_prob, state.best_energy], 1),
+                                             state.best_step)
         for c in range(state.chains):
-            text, counted, _ = self.text_of(state.best_tokens[c])
+            text, counted, _ = self.text_of(tokens[c])
+            reward, log_prob, energy = figures[c]
             chains.append(
                 ChainResult(
                     text=text,
-                    tokens=state.best_tokens[c].tolist(),
-                    reward=float(state.best_reward[c]),
-                    log_prob_ref=float(state.best_log_prob[c]),
-                    energy=float(state.best_energy[c]),
-                    best_step=int(state.best_step[c]),
+                    tokens=tokens[c],
+                    reward=reward,
+                    log_prob_ref=log_prob,
+                    energy=energy,
+                    best_step=best_step[c],
                     initial=state.initial[c],
                     trace=state.traces[c],
                     counted=counted,
@@ -369,7 +374,7 @@ class Engine:
         return self.finish(state, chains, chosen, "sea")
 
     def finish(self, state: RequestState, chains: list[ChainResult], chosen: int, method: str) -> AlignResult:
-        text, counted, stopped = self.text_of(torch.tensor(chains[chosen].tokens))
+        text, counted, stopped = self.text_of(chains[chosen].tokens)
         state.usage.completion_tokens = counted
         state.timings.total = time.perf_counter() - state.started
         if method != "sea":
