@@ -36,14 +36,31 @@ def _settings_flags(parser: argparse.ArgumentParser, server: bool = True, skip: 
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
         origin = typing.get_origin(kind)
+        described = f"{field.description} ({_default_of(name)})"
         if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=described)
             continue
         py_type = {int: int, float: float}.get(kind, str)
         if origin is typing.Literal:
-            group.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None, help=field.description)
+            group.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None, help=described)
         else:
-            group.add_argument(flag, dest=name, type=py_type, default=None, help=field.description)
+            group.add_argument(flag, dest=name, type=py_type, default=None, help=described)
+
+
+def _default_of(name: str) -> str:
+    """How --help names a setting's default: the built-in value and the environment variable that overrides it."""
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    if default is None or default == []:
+        shown = "none"
+    elif default == "":
+        shown = "empty"
+    elif isinstance(default, bool):
+        shown = str(default).lower()
+    elif isinstance(default, list | tuple):
+        shown = ",".join(map(str, default))
+    else:
+        shown = str(default) if len(str(default)) <= 40 else "built in, see the README's settings table"
+    return f"default: {shown}; env SEA_{name.upper()}"
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -196,15 +213,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     align = sub.add_parser("align", help="Align one prompt and print the text and its trace.")
     align.add_argument("prompt", help="The user prompt.")
-    align.add_argument("--steps", type=int, default=None, help="Langevin steps.")
-    align.add_argument("--chains", type=int, default=None, help="Parallel chains.")
-    align.add_argument("--max-tokens", type=int, default=None, help="Response length in tokens.")
-    align.add_argument("--alpha", type=float, default=None, help="Reward weight in the energy.")
+    align.add_argument("--steps", type=int, default=None, help=f"Langevin steps ({_default_of('default_steps')}).")
+    align.add_argument("--chains", type=int, default=None, help=f"Parallel chains ({_default_of('default_chains')}).")
+    align.add_argument("--max-tokens", type=int, default=None, help=f"Response length in tokens ({_default_of('default_max_tokens')}).")
+    align.add_argument("--alpha", type=float, default=None, help=f"Reward weight in the energy ({_default_of('default_alpha')}).")
     align.add_argument("--seed", type=int, default=None, help="Random seed (same seed, same output).")
     align.add_argument("--method", choices=["sea", "bon", "sample", "args", "cbs"], default="sea",
                        help="sea, or a baseline: Best-of-N, one base sample, reward-guided decoding, chunk-level beam search.")
     align.add_argument("--samples", type=int, default=None, help="N for Best-of-N (default 16, or SEA_MAX_SAMPLES if lower).")
-    align.add_argument("--select", choices=["reward", "energy"], help="How the returned chain is picked (default: SEA_DEFAULT_SELECT, reward).")
+    align.add_argument("--select", choices=["reward", "energy"], help=f"How the returned chain is picked ({_default_of('default_select')}).")
     align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
     align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")
     _settings_flags(align, server=False, skip=ALIGN_FLAGS)
@@ -232,7 +249,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), "")
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage (argparse's top-level error shows `sea`'s)
+        commands = next(action for action in parser._actions if action.dest == "command").choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except ModelLoadError as exc:  # a model the settings name cannot be served: one line, not a traceback

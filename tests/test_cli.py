@@ -109,3 +109,26 @@ def test_align_applies_the_api_s_prompt_limit(monkeypatch, lm):
     monkeypatch.setattr("app.runtime.Runtime.load", lambda settings: Runtime.from_lm(lm, settings))
     with pytest.raises(SystemExit, match="the prompt has .* tokens; the limit is 5"):
         cli.main(["align", "the dog and the cat play in the park", "--max-prompt-tokens", "5", "--steps", "0"])
+
+
+@pytest.mark.parametrize("command", ["serve", "prepare", "align", "eval", "bench"])
+def test_help_names_each_settings_default_and_its_variable(command):
+    """--help gave no defaults: a user had to read the README to learn that a request runs 20 steps."""
+    parser = cli.build_parser(command)
+    sub = next(action for action in parser._actions if action.dest == "command").choices[command]
+    text = " ".join(sub.format_help().split())
+    assert "PydanticUndefined" not in text
+    assert "(default: info; env SEA_LOG_LEVEL)" in text
+    if command == "align":
+        assert "Langevin steps (default: 20; env SEA_DEFAULT_STEPS)" in text
+    if command == "serve":
+        assert "(default: none; env SEA_API_KEYS)" in text and "(default: 8000; env SEA_PORT)" in text
+
+
+def test_an_unknown_flag_is_refused_with_the_commands_own_usage(capsys):
+    """`sea align x --bogus` printed the top-level usage (`sea [-h] {serve,…}`), not align's."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["align", "hello", "--bogus", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: sea align") and "sea align: error: unrecognized arguments: --bogus 1" in err
