@@ -136,7 +136,7 @@ class Runtime:
                     raise UnknownRewardError(f"unknown reward {name!r}; loaded rewards: {', '.join(sorted(self.rewards))}")
                 chosen.append((self.rewards[name], weight))
         if keywords:
-            lexicon = LexiconReward.keywords(self.lm.tokenizer, keywords)
+            lexicon = LexiconReward.keywords(self.lm.tokenizer, keywords, vocab=min(self.embedding_rows, self.engine.vocab))
             if not lexicon.patterns:  # e.g. only blanks, or words the tokenizer cannot spell: nothing to reward
                 raise UnspellableKeywordsError("none of the keywords can be spelled with the model's vocabulary")
             chosen.append((lexicon, self.keyword_weight if keyword_weight is None else keyword_weight))

@@ -334,7 +334,9 @@ class LexiconReward:
     ``weights = 1/n`` it is the keyword coverage in [0, 1], as ``keyword_coverage`` reads it from the text.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, weights: dict[str, float], name: str = "lexicon"):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, weights: dict[str, float], name: str = "lexicon", vocab: int | None = None):
+        """``vocab``: the token ids the model has rows for (a tokenizer may be larger, as Gemma 3's): a spelling with a
+        token past them is one the model cannot write."""
         self.name = name
         self.lm_passes = 0
         self.patterns: list[_WordPattern] = []
@@ -356,7 +358,7 @@ class LexiconReward:
                 endings = torch.tensor([form + suffix in forms for suffix in WORD_SUFFIXES] + [False])
                 for spelling in (prefix + case for case in cases for prefix in ("", " ")):
                     seq = tuple(tokenizer(spelling, add_special_tokens=False)["input_ids"])
-                    if seq and unknown not in seq:
+                    if seq and unknown not in seq and (vocab is None or max(seq) < vocab):
                         endings_of[seq], spells_word[seq] = endings, itself
             if endings_of:
                 seqs = sorted(endings_of)
@@ -364,10 +366,10 @@ class LexiconReward:
                                                   [spells_word[s] for s in seqs]))
 
     @classmethod
-    def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str]) -> LexiconReward:
+    def keywords(cls, tokenizer: PreTrainedTokenizerBase, words: list[str], vocab: int | None = None) -> LexiconReward:
         """Keyword coverage reward: the fraction of ``words`` that the response uses."""
         unique = list({w.strip().lower(): w.strip() for w in words if w.strip()}.values())  # "Dog" and "dog" are one word
-        return cls(tokenizer, {w: 1.0 / len(unique) for w in unique}, name="keywords")
+        return cls(tokenizer, {w: 1.0 / len(unique) for w in unique}, name="keywords", vocab=vocab)
 
     @property
     def edges(self) -> WordEdges:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -27,7 +28,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from app.runtime import PromptError, Runtime
+from app.engine.types import SEAConfig
+from app.runtime import PromptError, Runtime, UnspellableKeywordsError
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
 from models.lm import (
@@ -483,6 +485,16 @@ def test_models_the_engine_cannot_serve_are_refused_at_load_naming_why(lm, tmp_p
     assert runtime.prompt([{"role": "user", "content": "the dog"}]).ids
     with pytest.raises(PromptError, match="no embedding for .*zebra"):
         runtime.prompt([{"role": "user", "content": "the zebra"}])
+    # a keyword spelled only with such a token is one the model cannot write (it failed the request): refused alone,
+    # not rewarded beside others
+    config = SEAConfig(max_tokens=6, chains=2, steps=2, seed=0)
+    with pytest.raises(UnspellableKeywordsError):
+        runtime.job([{"role": "user", "content": "the dog"}], config, keywords=["zebra"])
+    job = runtime.job([{"role": "user", "content": "the dog"}], config, keywords=["zebra", "dog"])
+    spellings = [variant.tolist() for component, _ in job.reward.terms if isinstance(component, LexiconReward)
+                 for pattern in component.patterns for variant in pattern.variants]
+    assert spellings and max(max(s) for s in spellings) < len(lm.tokenizer)
+    assert math.isfinite(runtime.engine.run([job])[0].energy)
     grown.tokenizer.eos_token = "zebra"
     grown.model.generation_config.eos_token_id = None
     with pytest.raises(ModelLoadError, match=rf"end-of-sequence or chat-template tokens \[{len(lm.tokenizer)}\] have no row"):
