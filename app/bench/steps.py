@@ -24,7 +24,7 @@ from app.engine.energy import RowSpec, evaluate
 from app.engine.proposals import apply, edit_scores, propose, propose_chains
 from app.engine.sea import Engine, RequestState
 from app.engine.types import AlignJob, SEAConfig
-from models.lm import render_prompt
+from models.lm import embedding_scale, render_prompt
 from models.loading import LoadedLM
 from models.rewards import PrincipleReward, Prompt, RewardMix
 from models.ste import ResponseBatch
@@ -140,7 +140,7 @@ def breakdown(setup: StepSetup, repeats: int = 3, uncached: bool = True) -> dict
         response = ResponseBatch(tokens=state.tokens, mask=torch.ones(state.tokens.shape, device=state.tokens.device), probs=probs)
         joint = response.select(torch.arange(state.chains, device=state.tokens.device).repeat(len(setup.prompts)))
         with torch.enable_grad():
-            embeds = joint.embed(weight, upto=state.tokens.shape[1] - 1)  # (2C, L-1, d)
+            embeds = joint.embed(weight, upto=state.tokens.shape[1] - 1, scale=embedding_scale(lm.model))  # (2C, L-1, d), as the engine
             torch.autograd.grad(embeds.sum(), probs)
 
     owners = []  # the edits a step scores: (state, chain, move)
