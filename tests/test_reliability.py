@@ -228,11 +228,12 @@ def test_an_error_outside_the_engine_step_fails_that_batch_and_the_worker_goes_o
     assert good.text == "text" and alive
 
 
-def test_out_of_memory_when_starting_fails_only_that_request():
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("fake"), RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED")])
+def test_out_of_memory_when_starting_fails_only_that_request(error):
     class StartOOM(FakeEngine):
         def start(self, job):
             if job.config.chains > 2:
-                raise torch.OutOfMemoryError("fake")
+                raise error
             return super().start(job)
 
     async def scenario():

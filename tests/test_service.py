@@ -409,19 +409,41 @@ def test_a_worker_bug_while_starting_fails_only_those_jobs_and_the_worker_goes_o
     assert result.text == "text" and alive
 
 
-def test_out_of_memory_splits_the_batch():
-    async def scenario():
-        engine = FakeEngine(oom_when=lambda states: len(states) > 1)
-        service = await make_service(engine, max_batch_chains=4)
-        jobs = [await submit(service, "x"), await submit(service, "y")]
-        for job in jobs:
-            await service.wait(job)
-        await service.shutdown()
-        return engine, jobs
+# Running out of memory as torch raises it, and as a plain RuntimeError (cuBLAS creating a handle, a CUDA call that
+# returned cudaErrorMemoryAllocation, the CPU allocator): the latter were failed as engine errors, and "CUDA error: out
+# of memory" marked the whole service broken.
+OUT_OF_MEMORY = [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"),
+]
 
-    engine, jobs = run(scenario())
-    assert all(job.status == JobStatus.succeeded for job in jobs)
-    assert all(len(batch) == 1 for batch in engine.batches)
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["torch", "cublas", "cuda", "cpu"])
+def test_out_of_memory_splits_the_batch(error):
+    class Failing(FakeEngine):
+        def tick(self, states):
+            if len(states) > 1 or states[0].job.prompt.messages[0]["content"] == "huge":
+                self.attempted.append([s.job.prompt.messages[0]["content"] for s in states])
+                raise error
+            super().tick(states)
+
+    async def scenario():
+        engine = Failing()
+        service = await make_service(engine, max_batch_chains=6)
+        jobs = [await submit(service, "x", chains=2), await submit(service, "y", chains=2), await submit(service, "huge", chains=2)]
+        for job in jobs:
+            await job.wait(10)
+        broken = service.broken
+        await service.shutdown()
+        return engine, jobs, broken
+
+    engine, jobs, broken = run(scenario())
+    assert [job.status for job in jobs[:2]] == [JobStatus.succeeded] * 2
+    assert max(len(batch) for batch in engine.attempted) > 1 and all(len(batch) == 1 for batch in engine.batches)
+    assert (jobs[2].status, jobs[2].error_kind) == (JobStatus.failed, "overloaded")  # 503 with Retry-After, not a 500
+    assert "fewer chains" in jobs[2].error and broken is None
 
 
 def test_deadline_fails_the_job_with_504():

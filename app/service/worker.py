@@ -47,14 +47,28 @@ def _release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# How an allocation failure reads when it is raised as a plain RuntimeError rather than torch.OutOfMemoryError: on the
+# CPU ("DefaultCPUAllocator: can't allocate memory"), by cuBLAS/cuDNN creating a handle or workspace, by a CUDA call
+# that returned cudaErrorMemoryAllocation ("CUDA error: out of memory"), or by the MPS backend of older torch releases.
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory: a batch in halves, or a smaller request, may fit."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES)
+
+
 def _accelerator_broken(error: BaseException) -> bool:
     """Whether ``error`` leaves the device unusable for the rest of the process (not an out-of-memory error)."""
+    if _out_of_memory(error):
+        return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(error, accelerator_error):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError) and (
-        "CUDA error" in text or "device-side assert" in text)
+    return isinstance(error, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
 
 
 class QueueFullError(RuntimeError):
@@ -340,7 +354,7 @@ class EngineWorker:
     def _start_failed(self, job: Job, error: BaseException) -> None:
         """Fail a job whose start raised ``error``."""
         self._note_fatal(error)
-        if isinstance(error, torch.OutOfMemoryError):
+        if _out_of_memory(error):
             log.error("out of memory starting job %s", job.id, exc_info=error)
             self._call(job.finish, JobStatus.failed, None, "out of memory: ask for fewer chains, samples or tokens", "overloaded")
         else:
@@ -392,7 +406,7 @@ class EngineWorker:
         still = []
         for job, state in self._active:
             if id(state) in failed:
-                self._call(job.finish, JobStatus.failed, None, failed[id(state)], "engine")
+                self._call(job.finish, JobStatus.failed, None, *failed[id(state)])
                 continue
             if state.cancelled:  # abandoned during the step (a restart stopped drawing for it)
                 self._end_unwanted(job)
@@ -410,9 +424,10 @@ class EngineWorker:
         self._active = still
         self._update_gauges()
 
-    def _tick_resilient(self, states: list[RequestState]) -> dict[int, str]:
+    def _tick_resilient(self, states: list[RequestState]) -> dict[int, tuple[str, str]]:
         """Tick ``states``; if the step fails (out of memory, or an error), split the batch and retry, failing only a
-        request that fails alone: one request must not end the others batched with it. The engine steps each update
+        request that fails alone: one request must not end the others batched with it. Returns, per failed state's id,
+        its error and error kind. The engine steps each update
         rule's states apart: they are ticked apart here too, so that a failure in one never steps the other twice."""
         by_update = [[s for s in states if s.config.update == update] for update in dict.fromkeys(s.config.update for s in states)]
         if len(by_update) > 1:
@@ -420,18 +435,20 @@ class EngineWorker:
         try:
             self.engine.tick(states)
             return {}
-        except torch.OutOfMemoryError:
-            if len(states) == 1:
-                log.warning("out of memory on a single request; failing it")
-                return {id(states[0]): "out of memory: ask for fewer chains or tokens"}
-            log.warning("out of memory on a batch of %d requests; splitting", len(states))
         except Exception as exc:
-            self._note_fatal(exc)
+            self._note_fatal(exc)  # never for running out of memory
+            out_of_memory = _out_of_memory(exc)
             if len(states) == 1:
+                if out_of_memory:
+                    log.warning("out of memory on a single request; failing it")
+                    return {id(states[0]): ("out of memory: ask for fewer chains or tokens", "overloaded")}
                 log.exception("engine step failed for a request")
-                return {id(states[0]): "internal engine error"}
-            log.warning("engine step failed for a batch of %d requests; splitting to find the one that fails", len(states),
-                        exc_info=True)
+                return {id(states[0]): ("internal engine error", "engine")}
+            if out_of_memory:
+                log.warning("out of memory on a batch of %d requests; splitting", len(states))
+            else:
+                log.warning("engine step failed for a batch of %d requests; splitting to find the one that fails", len(states),
+                            exc_info=True)
         _release_accelerator_memory()  # out of the handler: the failed step's tensors are free by now
         half = len(states) // 2
         return {**self._tick_resilient(states[:half]), **self._tick_resilient(states[half:])}
