@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.errors import ModelLoadError
+from models.errors import ModelLoadError, is_out_of_memory
 from models.lm import render_prompt, scoring_error, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,9 @@ def load_lm(
     return lm
 
 
+RECOMPILE_LIMIT = 64  # graphs torch.compile may build for the backbone's forward before it gives up on new kinds of pass
+
+
 def compile_forward(lm: LoadedLM) -> bool:
     """Compile the LM backbone's forward (every reference and principle pass, prompts and sampling) with ``torch.compile``.
 
@@ -279,7 +282,13 @@ def compile_forward(lm: LoadedLM) -> bool:
     """
     backbone = getattr(lm.model, lm.model.base_model_prefix)
     eager = backbone.forward
+    # The engine's passes differ in grad mode, in decoding one position or scoring many, and in the cache's layout:
+    # about a dozen graphs for the mix of requests a server sees (measured with the eager backend on a tiny model).
+    # Past torch's default limit of 8, every new kind of pass ran eagerly from then on (torch warned once, in its own log).
     try:
+        import torch._dynamo  # only when compiling: importing it takes seconds
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         compiled = torch.compile(eager, dynamic=True)
     except Exception as exc:  # noqa: BLE001 - e.g. a torch build or Python version without compile support
         log.warning("torch.compile is unavailable (%s: %s); %s runs eagerly", type(exc).__name__, exc, lm.name)
@@ -292,9 +301,9 @@ def compile_forward(lm: LoadedLM) -> bool:
             return eager(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
-        except torch.OutOfMemoryError:
-            raise  # the worker splits the batch; running eagerly would not help
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager forward still serves
+        except Exception as exc:  # any compiler failure: the eager forward still serves
+            if is_out_of_memory(exc):
+                raise  # the worker splits the batch; running eagerly would not help
             failed = True
             log.warning("torch.compile of %s failed (%s: %s); running it eagerly from now on", lm.name, type(exc).__name__, exc)
             return eager(*args, **kwargs)

@@ -168,6 +168,45 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
     assert sum("running it eagerly" in record.message for record in caplog.records) == 1
 
 
+def test_compiling_builds_a_graph_for_every_kind_of_pass_a_server_runs(monkeypatch):
+    """SEA_COMPILE: the engine's passes (gradient and no-gradient scoring, decoding, cached prompts of every method)
+    took more graphs than torch's default recompile limit of 8, and every kind of pass met after the eighth ran eagerly
+    for good. Traced with torch's eager backend (no compiler: seconds, not the minutes inductor takes here)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from app.engine.sea import Engine
+    from app.engine.types import AlignJob, SEAConfig
+    from models.lm import render_prompt
+    from models.rewards import LexiconReward, PrincipleReward, Prompt, RewardMix
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend="eager", **options))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
+    torch._dynamo.reset()
+    counters.clear()
+    lm = tiny_lm()
+    assert compile_forward(lm)
+    engine = Engine(lm)
+    messages = [{"role": "user", "content": "tell me about dogs"}]
+    prompt = Prompt(messages, render_prompt(lm.tokenizer, messages))
+    principle = RewardMix([(PrincipleReward(lm), 1.0)])
+    keywords = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["dog", "cat"]), 1.0)])
+    try:
+        for reward, config in [
+            (principle, SEAConfig(max_tokens=8, chains=2, steps=3)), (keywords, SEAConfig(max_tokens=10, chains=3, steps=3)),
+            (principle, SEAConfig(max_tokens=8, chains=2, steps=2, update="logits")),
+            (principle, SEAConfig(max_tokens=8, method="bon", samples=4)), (principle, SEAConfig(max_tokens=6, method="args")),
+            (principle, SEAConfig(max_tokens=8, method="cbs")),
+        ]:
+            config.seed = 0
+            assert math.isfinite(engine.run([AlignJob(prompt, config, reward)])[0].energy)
+        assert counters["frames"]["total"] > 0
+        assert counters["frames"]["ok"] == counters["frames"]["total"]  # none fell back to eager
+    finally:
+        torch._dynamo.reset()
+
+
 def test_a_server_that_never_answers_fails_the_sweep_instead_of_hanging_it(monkeypatch):
     monkeypatch.setattr(serving, "REQUEST_TIMEOUT_SECONDS", 0.3)
 

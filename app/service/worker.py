@@ -22,6 +22,7 @@ import torch
 from app.engine.sea import Engine, RequestState
 from app.service.jobs import Job, JobStatus
 from app.service.metrics import Metrics
+from models.errors import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +48,9 @@ def _release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# How an allocation failure reads when it is raised as a plain RuntimeError rather than torch.OutOfMemoryError: on the
-# CPU ("DefaultCPUAllocator: can't allocate memory"), by cuBLAS/cuDNN creating a handle or workspace, by a CUDA call
-# that returned cudaErrorMemoryAllocation ("CUDA error: out of memory"), or by the MPS backend of older torch releases.
-OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the device running out of memory: a batch in halves, or a smaller request, may fit."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES)
-
-
 def _accelerator_broken(error: BaseException) -> bool:
     """Whether ``error`` leaves the device unusable for the rest of the process (not an out-of-memory error)."""
-    if _out_of_memory(error):
+    if is_out_of_memory(error):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(error, accelerator_error):
@@ -354,7 +342,7 @@ class EngineWorker:
     def _start_failed(self, job: Job, error: BaseException) -> None:
         """Fail a job whose start raised ``error``."""
         self._note_fatal(error)
-        if _out_of_memory(error):
+        if is_out_of_memory(error):
             log.error("out of memory starting job %s", job.id, exc_info=error)
             self._call(job.finish, JobStatus.failed, None, "out of memory: ask for fewer chains, samples or tokens", "overloaded")
         else:
@@ -437,7 +425,7 @@ class EngineWorker:
             return {}
         except Exception as exc:
             self._note_fatal(exc)  # never for running out of memory
-            out_of_memory = _out_of_memory(exc)
+            out_of_memory = is_out_of_memory(exc)
             if len(states) == 1:
                 if out_of_memory:
                     log.warning("out of memory on a single request; failing it")
