@@ -53,6 +53,13 @@ class ServiceUnavailable(APIError):
     type = "overloaded_error"
 
 
+class ServiceBroken(ServiceUnavailable):
+    """The service cannot serve until it is restarted (its models failed to load, its worker or accelerator failed):
+    a server error, not an overload that waiting would end."""
+
+    type = "server_error"
+
+
 class GatewayTimeout(APIError):
     status = 504
     type = "timeout_error"

@@ -18,9 +18,10 @@ def test_a_server_whose_model_fails_to_load_fails_its_liveness_check_and_says_wh
             probe = httpx.get(server.url + path, timeout=2)
             assert probe.status_code == 503 and "Retry-After" not in probe.headers, path
             assert probe.json()["error"]["message"] == LOAD_FAILED
+            assert probe.json()["error"]["type"] == "server_error"  # a restart ends it, not waiting (was overloaded_error)
             assert httpx.head(server.url + path, timeout=2).status_code == 503  # load balancers probing with HEAD
         align = httpx.post(server.url + "/align", json={"prompt": "hi"}, timeout=5)
         assert align.status_code == 503 and "Retry-After" not in align.headers
-        assert align.json()["error"]["message"] == LOAD_FAILED
+        assert align.json()["error"]["message"] == LOAD_FAILED and align.json()["error"]["type"] == "server_error"
     finally:
         assert server.stop() == 0

@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse
 from app.api.middleware import bearer_key_valid
 from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreated, JobOut, LimitError, SEAParams
 from app.engine.types import SEAConfig
-from app.errors import ServiceUnavailable, Unauthorized, Unprocessable
+from app.errors import ServiceBroken, ServiceUnavailable, Unauthorized, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
 
@@ -112,7 +112,7 @@ protected = APIRouter(dependencies=[Depends(require_api_key)])
             summary="Liveness: 200 while the process serves or loads its models; 503 if they failed to load or its engine worker stopped.")
 async def health(service: AlignService = Depends(get_service)) -> dict:
     if service.broken is not None:
-        raise ServiceUnavailable(service.broken)
+        raise ServiceBroken(service.broken)
     return {"status": "ok"}
 
 
@@ -121,7 +121,7 @@ async def health(service: AlignService = Depends(get_service)) -> dict:
 async def ready(service: AlignService = Depends(get_service)) -> dict:
     if not service.ready:
         if service.broken is not None:
-            raise ServiceUnavailable(service.broken)
+            raise ServiceBroken(service.broken)
         raise ServiceUnavailable(service.waiting_for, headers={"Retry-After": "5"})
     return {"status": "ready", "model": service.model_name}
 

@@ -9,7 +9,16 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.engine.types import AlignResult, SEAConfig
-from app.errors import NO_RETRY, ClientClosed, GatewayTimeout, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
+from app.errors import (
+    NO_RETRY,
+    ClientClosed,
+    GatewayTimeout,
+    NotFound,
+    ServiceBroken,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unprocessable,
+)
 from app.runtime import PromptError, Runtime, UnknownRewardError, UnspellableKeywordsError
 from app.service.jobs import Job, JobStatus, JobStore, spawn_background
 from app.service.metrics import Metrics
@@ -143,7 +152,7 @@ class AlignService:
         """Build the engine job, check the prompt limit (an error names ``prompt_param``, the field the request sent), and
         queue it (429 when the queue is full)."""
         if self.broken is not None:
-            raise ServiceUnavailable(self.broken, headers=NO_RETRY)
+            raise ServiceBroken(self.broken, headers=NO_RETRY)
         if self.worker is None or self.draining:
             raise ServiceUnavailable(self.waiting_for, headers={"Retry-After": "5"})
         if owner is not None and self.settings.max_jobs_per_key:
