@@ -342,6 +342,7 @@ class LexiconReward:
         self.patterns: list[_WordPattern] = []
         self.tokenizer = tokenizer
         self._groups: dict[torch.device, tuple[Tensor, list[_SpellingGroup]]] = {}
+        self._phrases: list[list[tuple[int, ...]]] | None = None
         unknown = tokenizer.unk_token_id
         for word, weight in weights.items():
             forms = word_forms(word)
@@ -380,9 +381,13 @@ class LexiconReward:
         return None
 
     def phrases(self) -> list[list[tuple[int, ...]]]:
-        """Per rewarded word, its own spellings of two or more tokens (the proposals' phrase moves write them whole)."""
-        words = [[tuple(v.tolist()) for v, own in zip(p.variants, p.spells_word) if own and len(v) > 1] for p in self.patterns if p.weight > 0]
-        return [spellings for spellings in words if spellings]
+        """Per rewarded word, its own spellings of two or more tokens (the proposals' phrase moves write them whole);
+        worked out once (every step of every request asks)."""
+        if self._phrases is None:
+            words = [[tuple(v.tolist()) for v, own in zip(p.variants, p.spells_word) if own and len(v) > 1]
+                     for p in self.patterns if p.weight > 0]
+            self._phrases = [spellings for spellings in words if spellings]
+        return self._phrases
 
     def _spellings(self, device: torch.device) -> tuple[Tensor, list[_SpellingGroup]]:
         """Every vocabulary id the spellings use ``(K,)``, and the spellings grouped by their number of tokens. Built as

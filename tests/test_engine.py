@@ -165,25 +165,35 @@ def _count_device_reads(monkeypatch) -> list[str]:
     return reads
 
 
-@pytest.mark.parametrize(("update", "most"), [("discrete", 8), ("logits", 2)])
-def test_a_step_reads_the_device_a_few_times_whatever_its_chains_and_candidates(lm, engine, make_prompt, monkeypatch, update, most):
+@pytest.mark.parametrize(("update", "words", "most"), [("discrete", 0, 8), ("discrete", 4, 10), ("logits", 0, 2)])
+def test_a_step_reads_the_device_a_few_times_whatever_its_chains_candidates_and_words(lm, engine, make_prompt, monkeypatch,
+                                                                                      update, words, most):
     # Each read of a value on a GPU waits for the queued work: reading per chain or per candidate (as once, ~100 a
-    # discrete step at 4 chains × 4 candidates, ~45 a logits step) stalls the device between every few kernels.
-    reward = RewardMix([(PrincipleReward(lm), 1.0)])
-    jobs = {size: [_job(make_prompt(f"tell me about {i}"), reward, max_tokens=12, chains=size[0], candidates=size[1], steps=5,
-                        seed=i, restart_after=None, update=update) for i in range(2)] for size in [(2, 2), (5, 8)]}
-    states = {size: engine.start_many(batch) for size, batch in jobs.items()}
+    # discrete step at 4 chains × 4 candidates, ~45 a logits step) or per spelling of a rewarded word stalls the
+    # device between every few kernels. With `words`, a word-list reward of that many multi-token words (1 against
+    # `words`) beside the principle: their phrase moves read once a request.
+    def batch(chains: int, candidates: int, word_count: int) -> list:
+        terms = [(PrincipleReward(lm), 1.0)]
+        if word_count:
+            lexicon = LexiconReward.keywords(lm.tokenizer, ["frisbee park river", "onion cry knife", "sun moon", "red blue green"][:word_count])
+            assert len(lexicon.phrases()) == word_count  # each spelled with several tokens
+            terms.append((lexicon, 3.0))
+        return [_job(make_prompt(f"tell me about {i}"), RewardMix(terms), max_tokens=12, chains=chains, candidates=candidates,
+                     steps=5, seed=i, restart_after=None, update=update) for i in range(2)]
+
+    sizes = [(2, 2, min(words, 1)), (5, 8, words)]
+    states = {size: engine.start_many(batch(*size)) for size in sizes}
     reads = _count_device_reads(monkeypatch)
     per_step = {}
-    for size, batch in states.items():
+    for size, started in states.items():
         per_step[size] = []
         for _ in range(3):
             before = len(reads)
-            engine.tick(batch)
+            engine.tick(started)
             per_step[size].append(len(reads) - before)
-        assert not any(s.done for s in batch)
-    assert per_step[(2, 2)] == per_step[(5, 8)], reads
-    assert max(per_step[(5, 8)]) <= most, reads  # 2 requests; discrete: one read per request's proposals, a few for the batch
+        assert not any(s.done for s in started)
+    assert per_step[sizes[0]] == per_step[sizes[1]], reads
+    assert max(per_step[sizes[1]]) <= most, reads  # 2 requests; discrete: one read per request's proposals, a few for the batch
 
 
 @pytest.mark.parametrize("update", ["discrete", "logits"])

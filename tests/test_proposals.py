@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from app.engine.host import to_host
@@ -60,6 +61,9 @@ def test_to_host_reads_tensors_of_every_kind_in_one_copy():
     assert got_floats[0] == [1.5, -math.inf] and math.isnan(got_floats[1][0]) and got_floats[1][1] == 0.25
     assert got_ids == [[49151, 0, 7]] and all(type(v) is int for v in got_ids[0])
     assert got_empty == [] and to_host() == []
+    assert to_host(torch.tensor([True, False])) == [[1, 0]]
+    with pytest.raises(TypeError, match="float64"):
+        to_host(torch.tensor([0.1], dtype=torch.float64))
 
 
 def test_chains_proposed_together_get_the_moves_each_gets_alone():

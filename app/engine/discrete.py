@@ -334,8 +334,8 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
     saved.extend((state, dataclasses.replace(state.usage), state.generator.get_state()) for state in states)
     rows, owners = [], []  # candidate token rows (host lists) and (state, chain, move) for each
     proposing = [s for s in editing if active[id(s)]]
-    # Every proposing chain's tokens and length, in one read: edits are made on the host, and sent back in one copy.
-    held_by_state = dict(zip(map(id, proposing), to_host(*[torch.cat([s.tokens, s.counted[:, None]], 1) for s in proposing])))
+    # Every proposing chain's tokens with its length last, in one read: edits are made on the host, sent back in one copy.
+    chain_rows = dict(zip(map(id, proposing), to_host(*[torch.cat([s.tokens, s.counted[:, None]], 1) for s in proposing])))
     for state in editing:
         temperature = noise_at(state.config, state.step + 1)
         per_state = []
@@ -350,14 +350,16 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
                                  state.table[which] if state.config.proposal == "lm" else None, tokens)
             if state.config.top_k:
                 scores = within_top_k(scores, state.top_k[which])
-            held = held_by_state[id(state)]
-            drawn = propose_chains(scores, tokens, [held[c][-1] for c in chains],
+            held = [row[:-1] for row in chain_rows[id(state)]]  # each chain's tokens, on the host
+            lengths = [row[-1] for row in chain_rows[id(state)]]
+            drawn = propose_chains(scores, tokens, [lengths[c] for c in chains],
                                    min(state.config.candidates, affordable), temperature, state.generator,
-                                   [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state))
+                                   [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state),
+                                   [held[c] for c in chains])
             for c, moves in zip(chains, drawn):
                 for move in moves:
-                    candidate = apply(held[c][:-1], move)
-                    if candidate == held[c][:-1]:  # no edit: a token inserted into a run of itself
+                    candidate = apply(held[c], move)
+                    if candidate == held[c]:  # no edit: a token inserted into a run of itself
                         state.tried[c].add(move)
                         continue
                     per_state.append(candidate)
@@ -383,7 +385,8 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
         for (state, _, _), start in zip(owners, starts):
             state.usage.forward_token_passes += passes_per_row(state.spec, start)
     # The candidates' energies and every chain's best so far, in one read from the device.
-    energies, held = to_host(scored.energy if rows else torch.zeros(0), torch.cat([s.best_energy for s in states]))
+    read = to_host(*([scored.energy] if rows else []), torch.cat([s.best_energy for s in states]))
+    energies, best_so_far = read if rows else ([], read[0])
     best: dict[tuple[int, int], tuple[float, int]] = {}
     for index, (state, c, move) in enumerate(owners):
         energy = energies[index]
@@ -398,7 +401,7 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
         moved = bool(fresh)
         for c in range(state.chains):
             energy, index = best.get((id(state), c), (math.inf, -1))
-            if index >= 0 and energy < held[offset + c] - 1e-6:
+            if index >= 0 and energy < best_so_far[offset + c] - 1e-6:
                 _take(state, c, scored, index, state.step)
                 moved = True
             elif c not in fresh:
@@ -427,11 +430,11 @@ def _record_traces(states: list) -> None:
         within = torch.arange(state.spec.length, device=counted.device)[None, :] < counted[:, None]
         changed = ((state.tokens != state.initial_tokens) & within).sum(1) / counted
         figures.append(torch.stack([state.best_energy, state.best_reward, state.best_log_prob, changed.to(state.best_energy.dtype)], 1))
-    (rows,) = to_host(torch.cat(figures))
+    (per_chain,) = to_host(torch.cat(figures))
     offset = 0
     for state in states:
         for c in range(state.chains):
-            energy, reward, log_prob, changed = rows[offset + c]
+            energy, reward, log_prob, changed = per_chain[offset + c]
             state.traces[c].append(StepStats(energy, reward, log_prob, changed, math.isfinite(energy)))
         offset += state.chains
 
@@ -501,19 +504,19 @@ def _restart(engine, states: list) -> dict[int, set[int]]:
         # which samples a chain holds now, and which samples are the same (one taken below is held from then on).
         samples = scored.tokens[rows, : state.spec.length]
         # The choice runs on the host, from one read of the samples' figures and the chains'.
-        order, rank, energy, reward, log_prob, count, held_now, same_as, chains = to_host(
+        order, rank, energy, reward, log_prob, count, held_now, same_as, chain_figures = to_host(
             torch.argsort(ranks), ranks, scored.energy[rows], scored.reward[rows], scored.log_prob_ref[rows], counts,
             (samples[:, None] == state.tokens[None]).all(-1).any(-1), (samples[:, None] == samples[None]).all(-1),
             torch.stack([state.best_energy, state.best_reward, state.best_log_prob, state.counted.to(state.best_energy.dtype)]))
-        chain_energy, chain_reward, chain_log_prob, chain_counted = chains
+        chain_energy, chain_reward, chain_log_prob, chain_counted = chain_figures
         taken: list[int] = []
         for own in order:
             if held_now[own] or any(same_as[own][other] for other in taken):
                 continue
             current = _start_rank(state, torch.tensor(chain_energy), torch.tensor(chain_log_prob), torch.tensor(chain_counted))
             if state.config.select == "reward":  # the chain the pick would return goes only for a sample it prefers
-                kept = max(range(state.chains), key=lambda c: _pick_key(chains, c))
-                if reward_pick(reward[own], log_prob[own], int(count[own])) <= _pick_key(chains, kept):
+                kept = max(range(state.chains), key=lambda c: _pick_key(chain_figures, c))
+                if reward_pick(reward[own], log_prob[own], int(count[own])) <= _pick_key(chain_figures, kept):
                     current[kept] = -math.inf
             worst = int(torch.argmax(current))
             if rank[own] < _less_noise(float(current[worst])):
@@ -532,9 +535,10 @@ def _less_noise(value: float) -> float:
     return value - 1e-5 * max(1.0, abs(value)) if math.isfinite(value) else value
 
 
-def _pick_key(chains: list[list[float]], c: int) -> tuple[float, float]:
-    """Chain ``c``'s :func:`reward_pick` key from its host figures ``chains`` (energies, rewards, log-probs, lengths)."""
-    energy, reward, log_prob, counted = (figures[c] for figures in chains)
+def _pick_key(chain_figures: list[list[float]], c: int) -> tuple[float, float]:
+    """Chain ``c``'s :func:`reward_pick` key from the chains' host figures (energies, rewards, log-probs, lengths); a chain
+    whose energy is not finite is never the pick, so it is not kept from a sample either."""
+    energy, reward, log_prob, counted = (figures[c] for figures in chain_figures)
     return reward_pick(reward, log_prob, int(counted)) if math.isfinite(energy) else (-math.inf, -math.inf)
 
 

@@ -82,6 +82,7 @@ def propose_chains(
     tried: list[set[Move]],
     max_estimate: float = math.inf,
     phrases: list[list[tuple[int, ...]]] = (),
+    rows: list[list[int]] | None = None,
 ) -> list[list[Move]]:
     """Per chain, up to ``budget`` distinct untried moves, drawn by estimated gain with Gumbel noise.
 
@@ -90,7 +91,8 @@ def propose_chains(
     chain's short ranked lists is per chain. Moves whose first-order estimate is above ``max_estimate`` nats are
     not worth an exact evaluation. About half the budget goes to single swaps, a quarter to adjacent pairs and a
     quarter to insertions; with ``phrases`` (per rewarded word, its spellings of two or more tokens), a quarter first
-    to writing or inserting a missing word whole (:func:`phrase_moves`).
+    to writing or inserting a missing word whole (:func:`phrase_moves`). ``rows``: ``tokens`` as host lists, if the
+    caller has them (else read from the device when phrases need them).
     """
     chains, length, vocab = scores.shape
     spans = [max(1, min(n, length)) for n in counted]
@@ -117,7 +119,7 @@ def propose_chains(
         estimates.flatten(1).gather(-1, ranked), edits.flatten(1).gather(-1, ranked), ranked // width,
         edits.gather(-1, best[..., None])[..., 0], estimates.gather(-1, best[..., None])[..., 0],
         torch.argsort(pair_sums), torch.argsort(best_value))
-    phrased = phrase_moves(scores, tokens, spans, phrases)
+    phrased = phrase_moves(scores, tokens, spans, phrases, rows)
     return [
         _pick(spans[c], budget, tried[c], max_estimate, zip(swap_positions[c], swap_tokens[c], swap_estimates[c]),
               best_token[c], exact_best[c], pair_order[c], insert_order[c], phrased[c])
@@ -125,18 +127,19 @@ def propose_chains(
     ]
 
 
-def phrase_moves(scores: Tensor, tokens: Tensor, spans: list[int], phrases: list[list[tuple[int, ...]]]) -> list[list[Move]]:
+def phrase_moves(scores: Tensor, tokens: Tensor, spans: list[int], phrases: list[list[tuple[int, ...]]],
+                 rows: list[list[int]] | None = None) -> list[list[Move]]:
     """Per chain, for each word of ``phrases`` it lacks: its spelling and place with the lowest first-order estimate
     (the sum of its tokens' single-edit estimates there), written over the tokens there and inserted before them;
-    all chains' moves best first."""
+    all chains' moves best first. ``rows``: ``tokens`` as host lists, if the caller has them."""
     chains, length, _ = scores.shape
     moves: list[list[Move]] = [[] for _ in range(chains)]
     if not phrases:  # most rewards: no reading of the tokens back to the host
         return moves
-    rows = tokens.tolist()
     limit = torch.tensor(spans, device=scores.device)[:, None]
-    for spellings in phrases:
-        best: list[tuple[float, int, tuple[int, ...]]] = [(math.inf, 0, ())] * chains
+    spelled: list[tuple[int, tuple[int, ...]]] = []  # (word, spelling) of each best place computed below
+    best_places: list[Tensor] = []  # per spelling: (C,) its lowest estimate, and (C,) where
+    for word, spellings in enumerate(phrases):
         for spelling in spellings:
             k = len(spelling)
             if k > length:
@@ -146,10 +149,17 @@ def phrase_moves(scores: Tensor, tokens: Tensor, spans: list[int], phrases: list
             estimate = sum(columns[:, j : j + starts, j] for j in range(k))  # (C, starts)
             estimate = estimate.masked_fill(torch.arange(starts, device=scores.device)[None, :] + k > limit, math.inf)
             value, where = estimate.min(-1)
-            for c, (v, t) in enumerate(zip(value.tolist(), where.tolist())):
-                if v < best[c][0]:
-                    best[c] = (v, t, spelling)
-        for c, (estimate, t, spelling) in enumerate(best):
+            spelled.append((word, spelling))
+            best_places += [value, where]
+    read = to_host(*best_places, *([] if rows is not None else [tokens]))  # one read for every spelling (and the tokens)
+    rows = rows if rows is not None else read[-1]
+    best: list[list[tuple[float, int, tuple[int, ...]]]] = [[(math.inf, 0, ())] * chains for _ in phrases]
+    for index, (word, spelling) in enumerate(spelled):
+        for c, (v, t) in enumerate(zip(read[2 * index], read[2 * index + 1])):
+            if v < best[word][c][0]:
+                best[word][c] = (v, t, spelling)
+    for word, spellings in enumerate(phrases):
+        for c, (estimate, t, spelling) in enumerate(best[word]):
             if math.isfinite(estimate) and not any(_holds(rows[c][: spans[c]], s) for s in spellings):
                 moves[c] += [Move("phrase", t, spelling, estimate), Move("insert", t, spelling, estimate)]
     return [sorted(chain_moves, key=lambda move: move.estimate) for chain_moves in moves]
