@@ -198,10 +198,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if run(args, settings)["errors"] else 0
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+class CommandParser(argparse.ArgumentParser):
+    """The ``sea`` parser, which knows its commands' own parsers (``commands``: name → parser)."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+
+def build_parser(command: str | None = None) -> CommandParser:
     """The ``sea`` parser; given the ``command`` about to run, only that command's arguments are built in full."""
-    parser = argparse.ArgumentParser(prog="sea", description="Inference-time alignment with Simple Energy Adaptation.")
+    parser = CommandParser(prog="sea", description="Inference-time alignment with Simple Energy Adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
 
     serve = sub.add_parser("serve", help="Start the HTTP service.")
     _settings_flags(serve)
@@ -252,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with its usage (argparse's top-level error shows `sea`'s)
-        commands = next(action for action in parser._actions if action.dest == "command").choices
-        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except ModelLoadError as exc:  # a model the settings name cannot be served: one line, not a traceback

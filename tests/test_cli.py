@@ -9,9 +9,7 @@ from tests.tiny import save_tiny_lm, tiny_reward_model
 
 
 def _flags(command: str) -> set[str]:
-    parser = cli.build_parser(command)
-    sub = next(action for action in parser._actions if action.dest == "command").choices[command]
-    return {option for action in sub._actions for option in action.option_strings}
+    return {option for action in cli.build_parser(command).commands[command]._actions for option in action.option_strings}
 
 
 def test_prepare_offers_only_the_settings_it_uses():
@@ -114,9 +112,7 @@ def test_align_applies_the_api_s_prompt_limit(monkeypatch, lm):
 @pytest.mark.parametrize("command", ["serve", "prepare", "align", "eval", "bench"])
 def test_help_names_each_settings_default_and_its_variable(command):
     """--help gave no defaults: a user had to read the README to learn that a request runs 20 steps."""
-    parser = cli.build_parser(command)
-    sub = next(action for action in parser._actions if action.dest == "command").choices[command]
-    text = " ".join(sub.format_help().split())
+    text = " ".join(cli.build_parser(command).commands[command].format_help().split())
     assert "PydanticUndefined" not in text
     assert "(default: info; env SEA_LOG_LEVEL)" in text
     if command == "align":
