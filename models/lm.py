@@ -71,6 +71,37 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     return sorted(ids)
 
 
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2-style byte-level BPE spells each byte as one printable character: the printable Latin-1 bytes as
+    themselves, the other bytes as the characters from U+0100 on, in byte order. Character -> byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    alphabet, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + extra)] = byte
+            extra += 1
+    return alphabet
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
+    """The bytes token ``token_id`` adds to a text: exact for byte-level BPE (GPT-2, SmolLM2, Llama 3...) and
+    SentencePiece pieces (``▁`` a space, ``<0xNN>`` a byte); else the token decoded alone. A token may hold part of a
+    character's UTF-8 bytes: only a run of tokens decodes."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    alphabet = _byte_level_alphabet()
+    if "ByteLevel" in type(decoder).__name__ + repr(decoder) and all(ch in alphabet for ch in piece):
+        return bytes(alphabet[ch] for ch in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    if "\u2581" in piece:
+        return piece.replace("\u2581", " ").encode()
+    return tokenizer.decode([int(token_id)]).encode()
+
+
 class LogitHead:
     """A causal LM's head as its own forward applies it: ``get_output_embeddings()`` and then the model's own
     treatment of the logits, which that module alone skips (Granite divides them by ``logits_scaling``, Cohere

@@ -224,8 +224,8 @@ def test_official_openai_client(server):
     assert len([c for c in streamed if c.choices]) == 1
 
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hi"}], logprobs=True)
-    assert bad.value.body["param"] == "logprobs"
+        client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
+    assert bad.value.body["param"] == "top_logprobs"  # needs logprobs: true, as OpenAI's
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-5", prompt="hi")
     with pytest.raises(openai.BadRequestError) as unknown:
@@ -317,8 +317,7 @@ def test_metrics_count_the_calls(http):
 
 def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server):
     """A replayed assistant turn may have no content (OpenAI's tool-call turns); `sea`'s chains are cut at the stops like
-    the choices; `logprobs: 0` asks for the sampled tokens' log-probs (not returned: 400, not a silent null); and
-    `stream_options` needs `stream`."""
+    the choices; and `stream_options` needs `stream`."""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": None}, {"role": "user", "content": "the dog"}]
     replayed = client.chat.completions.create(model="sea", messages=history, max_tokens=3, extra_body={"sea": {"steps": 1}})
@@ -333,12 +332,48 @@ def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server)
     assert all(" " not in chain["text"] for chain in chains)
     assert stopped.choices[0].text == chains[stopped.model_extra["sea"]["chosen"]]["text"]
 
-    with pytest.raises(openai.BadRequestError) as logprobs:
-        client.completions.create(model="sea", prompt="hi", max_tokens=3, logprobs=0)
-    assert (logprobs.value.code, logprobs.value.param) == ("unsupported_parameter", "logprobs")
     with pytest.raises(openai.BadRequestError) as options:
         client.chat.completions.create(model="sea", messages=history, max_tokens=3, stream_options={"include_usage": True})
     assert options.value.param == "stream_options"
+
+
+def test_logprobs_are_the_reference_model_s_for_each_returned_token(server):
+    """OpenAI's `logprobs` (chat: with `top_logprobs`; completions: an int) were refused: they list each returned
+    token's log-prob under the reference model and its most likely tokens, for every choice, streamed or not."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    hello, sea = [{"role": "user", "content": "hello"}], {"sea": {"steps": 2, "chains": 3}}
+    chat = client.chat.completions.create(model="sea", messages=hello, max_tokens=5, seed=4, n=2, logprobs=True, top_logprobs=3,
+                                          extra_body=sea)
+    extra = chat.model_extra["sea"]
+    for choice in chat.choices:
+        content = choice.logprobs.content
+        assert content and all(len(token.top_logprobs) == 3 for token in content)
+        for token in content:
+            best = [alternative.logprob for alternative in token.top_logprobs]
+            assert best == sorted(best, reverse=True) and token.logprob <= best[0] + 1e-5 and token.bytes
+    # The chosen chain's log pi_ref sums its tokens' (and the end-of-turn token's, which is not listed)
+    listed = sum(token.logprob for token in chat.choices[0].logprobs.content)
+    log_prob_ref = extra["chains"][extra["chosen"]]["log_prob_ref"]
+    if chat.choices[0].finish_reason == "length":
+        assert listed == pytest.approx(log_prob_ref, abs=1e-3)
+    else:
+        assert listed >= log_prob_ref - 1e-3
+    plain = client.chat.completions.create(model="sea", messages=hello, max_tokens=5, seed=4, extra_body=sea)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+    stream = client.chat.completions.create(model="sea", messages=hello, max_tokens=5, seed=4, n=2, logprobs=True, top_logprobs=3,
+                                            stream=True, extra_body=sea)
+    streamed = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert [s.content for s in streamed] == [choice.logprobs.content for choice in chat.choices]
+
+    completion = client.completions.create(model="sea", prompt="the dog", max_tokens=5, seed=4, logprobs=2, extra_body=sea)
+    log_probs = completion.choices[0].logprobs
+    assert len(log_probs.tokens) == len(log_probs.token_logprobs) == len(log_probs.top_logprobs) == len(log_probs.text_offset) > 0
+    assert log_probs.text_offset[0] == 0 and log_probs.text_offset == sorted(log_probs.text_offset)
+    assert all(0 < len(top) <= 2 for top in log_probs.top_logprobs)
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.completions.create(model="sea", prompt="the dog", max_tokens=5, logprobs=6, extra_body=sea)
+    assert too_many.value.body["param"] == "logprobs"
 
 
 def test_a_prompt_and_response_past_the_model_s_context_answer_context_length_exceeded(server, http, lm):
@@ -378,10 +413,11 @@ def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):
         return ChainResult("", tokens, 0.0, 0.0, 0.0, 0, StepStats(0.0, 0.0, 0.0, 0.0, True))
 
     text = lm.tokenizer.decode(ids, skip_special_tokens=True)
-    assert _generated(chain(ids + [end, end]), [], engine) == (text, len(ids) + 1, "stop")  # the end-of-turn token counts
-    assert _generated(chain(ids), [], engine) == (text, len(ids), "length")
+    # the tokens generated (the end-of-turn token counts), and those that spell the text (for `logprobs`)
+    assert _generated(chain(ids + [end, end]), [], engine) == (text, len(ids) + 1, "stop", len(ids))
+    assert _generated(chain(ids), [], engine) == (text, len(ids), "length", len(ids))
     cut = text.find(",")
-    assert _generated(chain(ids + [end, end]), [",", "cat"], engine) == (text[:cut], 3, "stop")  # "the", "dog", ","
+    assert _generated(chain(ids + [end, end]), [",", "cat"], engine) == (text[:cut], 3, "stop", 2)  # "the", "dog", ","
 
 
 def test_every_series_the_dashboard_and_the_autoscaler_query_is_served(http):

@@ -1126,3 +1126,22 @@ def test_a_restart_never_replaces_a_chain_with_the_tokens_it_holds(lm, monkeypat
     beside = runtime.engine.run([mate, target()])[1]
     assert identical == []
     assert (alone.usage, [c.best_step for c in alone.chains]) == (beside.usage, [c.best_step for c in beside.chains])
+
+
+@pytest.mark.parametrize("method", ["sea", "bon", "args", "cbs", "sample"])
+def test_token_log_probs_are_the_reference_s_and_sum_to_the_chain_s_log_prob(lm, engine, make_prompt, method):
+    """SEAConfig.logprobs (OpenAI's `logprobs`): for the best `logprob_chains` chains only, one entry per counted token,
+    each the reference's log-prob of the token with its most likely tokens there, best first."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    result = engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=8, chains=3, steps=3, samples=4, seed=1,
+                              method=method, logprobs=3, logprob_chains=2)])[0]
+    listed = [c for c in result.chains if c.token_log_probs is not None]
+    assert result.chains[result.chosen].token_log_probs is not None and len(listed) == min(2, len(result.chains))
+    for chain in listed:
+        assert [entry.token for entry in chain.token_log_probs] == chain.tokens[: chain.counted]
+        assert sum(entry.log_prob for entry in chain.token_log_probs) == pytest.approx(chain.log_prob_ref, abs=1e-4)
+        for entry in chain.token_log_probs:
+            values = [value for _, value in entry.top]
+            assert len(values) == 3 and values == sorted(values, reverse=True) and entry.log_prob <= values[0] + 1e-6
+    plain = engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=8, chains=3, steps=3, samples=4, seed=1, method=method)])[0]
+    assert all(c.token_log_probs is None for c in plain.chains) and plain.text == result.text

@@ -40,6 +40,7 @@ from models.lm import (
     response_token_log_probs,
     scoring_error,
     stack_prefixes,
+    token_bytes,
     with_cache,
 )
 from models.loading import LoadedLM, ModelLoadError, check_reference, load_lm
@@ -554,3 +555,27 @@ def test_a_chat_the_model_s_template_refuses_is_a_clear_request_error(lm):
     with pytest.raises(PromptError, match="roles must alternate"):  # a 500 with the traceback
         runtime.prompt([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
     assert runtime.prompt([{"role": "user", "content": "hi"}]).ids
+
+
+def test_token_bytes_spell_the_text_exactly_for_byte_level_and_sentencepiece_tokenizers():
+    """OpenAI's `logprobs` list each token's bytes: a token may hold part of a character (an emoji's first bytes)."""
+    from tokenizers import trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "Héllo wörld 😀 — naïve café\n日本語"
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    byte_level.train_from_iterator(["hello world cafe " * 3], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(token_bytes(tokenizer, i) for i in ids) == text.encode()
+
+    pieces = Tokenizer(models.BPE(byte_fallback=True))  # SentencePiece-style: "▁" for a space, <0xNN> for a byte
+    pieces.pre_tokenizer = pre_tokenizers.Metaspace()
+    pieces.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    pieces.train_from_iterator(["hello world café " * 3], trainers.BpeTrainer(vocab_size=400, special_tokens=[f"<0x{b:02X}>" for b in range(256)]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=pieces)
+    ids = tokenizer("hello world 😀 café", add_special_tokens=False)["input_ids"]
+    assert "<0xF0>" in tokenizer.convert_ids_to_tokens(ids)
+    assert b"".join(token_bytes(tokenizer, i) for i in ids) == " hello world 😀 café".encode()  # the first piece's space too

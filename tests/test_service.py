@@ -537,12 +537,13 @@ def test_drain_fails_unfinished_jobs_at_the_deadline_even_while_a_step_or_start_
 def test_a_result_crosses_the_shared_store_whole_and_ignores_what_a_newer_replica_adds():
     import json
 
-    from app.engine.types import chain_order
+    from app.engine.types import TokenLogProb, chain_order
     from app.service.shared import result_from_json, result_to_json
 
     stats = StepStats(0.5, 50.0, -30.0, 0.1)
     chains = [ChainResult("fragment", [1, 2], 50.0, -30.0, -20.0, 2, stats, [stats], counted=4),
-              ChainResult("sentence", [3, 4], 50.0, -60.0, 10.0, 3, stats, [stats], counted=24)]
+              ChainResult("sentence", [3, 4], 50.0, -60.0, 10.0, 3, stats, [stats], counted=24,
+                          token_log_probs=[TokenLogProb(3, -1.5, [(7, -0.5), (3, -1.5)]), TokenLogProb(4, -0.25, [])])]
     result = AlignResult("sea", "sentence", 50.0, -60.0, 10.0, 0.4, 1, chains, Usage(3, 24), Timings(total=0.5), "stop")
     text = result_to_json(result)
     assert result_from_json(text) == result
@@ -912,3 +913,16 @@ def test_an_accelerator_error_marks_the_service_broken():
     job, broken = run(scenario())
     assert job.error_kind == "engine"
     assert broken == "the accelerator failed (CUDA error: an illegal memory access was encountered); the service needs a restart"
+
+
+def test_the_shared_queue_carries_only_the_settings_a_request_changed():
+    """Every field was written, so a replica of the previous release (a rolling update) failed every job of a newer one
+    on a setting it did not know (`logprobs`), even jobs that never used it."""
+    from app.service.shared import config_spec
+
+    config = SEAConfig(chains=3, steps=5, seed=7)
+    spec = config_spec(config)
+    assert spec == {"chains": 3, "steps": 5, "seed": 7}
+    assert SEAConfig(**json.loads(json.dumps(spec))) == config
+    asked = SEAConfig(logprobs=2, logprob_chains=3)
+    assert SEAConfig(**config_spec(asked)) == asked and set(config_spec(asked)) == {"logprobs", "logprob_chains"}

@@ -8,6 +8,7 @@ result but are not supported answer 400 naming the field.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -21,10 +22,11 @@ from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_va
 from app.api.routes import UNAUTHORIZED, client, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.sea import Engine
-from app.engine.types import AlignResult, ChainResult, chain_order
+from app.engine.types import AlignResult, ChainResult, TokenLogProb, ranked_chains
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
+from models.lm import token_bytes
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -116,6 +118,10 @@ class _OpenAIBase(StrictRequest):
             bad["logit_bias"] = self.logit_bias
         return bad
 
+    def log_prob_alternatives(self) -> int | None:
+        """None: no log-probs; else how many of the reference's most likely tokens to list at each position."""
+        return None
+
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
@@ -140,8 +146,9 @@ class CompletionRequest(_OpenAIBase):
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
         description="A prompt with some text (a list must hold exactly one).")
     echo: bool | None = Field(False, description="Only false or null.", json_schema_extra=_only(False))
-    logprobs: int | None = Field(None, description="Only null (log-probs are not returned; 0 would ask for the sampled tokens').",
-                                 json_schema_extra=_only())
+    logprobs: int | None = Field(None, ge=0, le=5, description="Return each token's log-prob under the reference model (at "
+                                 "temperature 1: SEA's tokens come from its edits, not from a distribution it sampled), with "
+                                 "this many of the reference's most likely tokens at each position.")
     best_of: int | None = Field(None, description="Only 1 or null (use `n` and the `sea` options).", json_schema_extra=_only(1))
     suffix: str | None = Field(None, description="Only empty or null.", json_schema_extra=_only(""))
 
@@ -154,13 +161,14 @@ class CompletionRequest(_OpenAIBase):
             raise ValueError("token ids are not supported: send the prompt as text")
         return value
 
+    def log_prob_alternatives(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
         for name in ("echo", "suffix"):
             if getattr(self, name):
                 bad[name] = getattr(self, name)
-        if self.logprobs is not None:
-            bad["logprobs"] = self.logprobs
         if self.best_of not in (None, 1):
             bad["best_of"] = self.best_of
         return bad
@@ -211,8 +219,10 @@ class ChatCompletionRequest(_OpenAIBase):
     messages: Annotated[list[ChatMessageIn], AfterValidator(chat_has_text)] = Field(
         min_length=1, max_length=64, description="The chat; some message must hold text.", json_schema_extra=A_MESSAGE_HAS_TEXT)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="Only false or null.", json_schema_extra=_only(False))
-    top_logprobs: int | None = Field(None, description="Only 0 or null.", json_schema_extra=_only(0))
+    logprobs: bool | None = Field(None, description="Return each token's log-prob under the reference model (at temperature 1: "
+                                  "SEA's tokens come from its edits, not from a distribution it sampled).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With `logprobs`: this many of the reference's most likely "
+                                     "tokens at each position.")
     tools: list[dict] | None = Field(None, description="Only empty (no tool calls).", json_schema_extra=_only(schema={"type": "array", "maxItems": 0}))
     tool_choice: Any = Field(None, description="Only `none` or null.", json_schema_extra=_only("none"))
     response_format: dict | None = Field(None, description="Only `{\"type\": \"text\"}` or null.", json_schema_extra=_only(
@@ -225,11 +235,15 @@ class ChatCompletionRequest(_OpenAIBase):
     safety_identifier: str | None = None
     parallel_tool_calls: bool | None = None
 
+    def log_prob_alternatives(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequest("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> dict[str, Any]:
         bad = super().unsupported()
-        for name in ("logprobs", "top_logprobs", "tools"):
-            if getattr(self, name):
-                bad[name] = getattr(self, name)
+        if self.tools:
+            bad["tools"] = self.tools
         if self.tool_choice not in (None, "none"):
             bad["tool_choice"] = self.tool_choice
         if self.response_format is not None and self.response_format.get("type") != "text":
@@ -262,31 +276,28 @@ def _check(body: _OpenAIBase, service: AlignService) -> None:
             raise Unprocessable(str(exc), param=f"sea.{exc.field}") from None
 
 
-def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[str, int, str]:
+def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[str, int, str, int]:
     """A chain as one choice: its text up to the first stop string, the tokens generated to get there (with the
     end-of-turn token or the tokens that spell the stop string, as a server that stopped there would have generated),
-    and the finish reason."""
+    the finish reason, and the tokens that spell the text itself."""
     text, counted, stopped = engine.text_of(chain.tokens)
     found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
     if not found:
-        return text, counted, "stop" if stopped else "length"
+        return text, counted, "stop" if stopped else "length", counted - stopped
     cut, stop = min(found)
     ids = chain.tokens[: counted - stopped]
-    spelled, low, high = cut + len(stop), 1, len(ids)
-    while low < high:  # the fewest tokens whose text reaches the end of the stop string
-        middle = (low + high) // 2
-        if len(engine.lm.tokenizer.decode(ids[:middle], skip_special_tokens=True)) >= spelled:
-            high = middle
-        else:
-            low = middle + 1
-    return text[:cut], low, "stop"
 
+    def tokens_reaching(characters: int) -> int:  # the fewest tokens whose text is at least this long
+        low, high = 0, len(ids)
+        while low < high:
+            middle = (low + high) // 2
+            if len(engine.lm.tokenizer.decode(ids[:middle], skip_special_tokens=True)) >= characters:
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
-def _ranked_chains(result: AlignResult, n: int, select: str) -> list[int]:
-    """The chosen chain first, then the others by the same criterion."""
-    order = chain_order(result.chains, select)
-    order.remove(result.chosen)
-    return [result.chosen, *order][:n]
+    return text[:cut], tokens_reaching(cut + len(stop)), "stop", tokens_reaching(cut)
 
 
 def _finite(value: float) -> float | None:
@@ -322,14 +333,48 @@ def _usage(result: AlignResult, completion_tokens: int) -> dict:
 def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, engine: Engine) -> tuple[list[dict], int]:
     """The n best chains as choices, and the tokens generated for them all (OpenAI's ``completion_tokens``)."""
     choices, generated = [], 0
-    for index, chain_index in enumerate(_ranked_chains(result, n, select)):
-        text, tokens, finish = _generated(result.chains[chain_index], stops, engine)
+    for index, chain_index in enumerate(ranked_chains(result.chains, result.chosen, n, select)):
+        chain = result.chains[chain_index]
+        text, tokens, finish, text_tokens = _generated(chain, stops, engine)
         generated += tokens
+        log_probs = None
+        if chain.token_log_probs is not None:
+            entries = chain.token_log_probs[:text_tokens]
+            log_probs = _chat_log_probs(entries, engine) if chat else _completion_log_probs(entries, engine)
         if chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": log_probs})
         else:
-            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": log_probs})
     return choices, generated
+
+
+def _piece(engine: Engine, token: int) -> tuple[str, list[int]]:
+    """A token as OpenAI lists it: its text (``bytes:\\x..`` when its bytes are part of a character) and its bytes."""
+    raw = token_bytes(engine.lm.tokenizer, token)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+    return text, list(raw)
+
+
+def _chat_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
+    def listed(token: int, log_prob: float) -> dict:
+        text, raw = _piece(engine, token)
+        return {"token": text, "logprob": log_prob, "bytes": raw}
+
+    return {"content": [{**listed(e.token, e.log_prob), "top_logprobs": [listed(t, p) for t, p in e.top]} for e in entries],
+            "refusal": None}
+
+
+def _completion_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
+    """The legacy completions' shape: parallel lists, and each token's offset in the returned text."""
+    ids = [e.token for e in entries]
+    decode = engine.lm.tokenizer.decode
+    return {"tokens": [_piece(engine, token)[0] for token in ids],
+            "token_logprobs": [e.log_prob for e in entries],
+            "top_logprobs": [{_piece(engine, t)[0]: p for t, p in e.top} for e in entries],
+            "text_offset": [len(decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))]}
 
 
 async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens: int | None, request: Request,
@@ -338,6 +383,9 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     params = body.params(max_tokens, service.settings.default_chains)
     stops = body.stops()
     config = engine_config(params, service)
+    alternatives = body.log_prob_alternatives()
+    if alternatives is not None:
+        config = dataclasses.replace(config, logprobs=alternatives, logprob_chains=body.n)
     try:
         job = await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param="messages" if chat else "prompt",
                                    owner=client(request))
@@ -400,10 +448,10 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             index, finish = choice["index"], choice["finish_reason"]
             if chat:
                 text = choice["message"]["content"]
-                yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+                yield chunk([{"index": index, "delta": {"content": text}, "logprobs": choice["logprobs"], "finish_reason": None}])
                 yield chunk([{"index": index, "delta": {}, "finish_reason": finish}])
             else:
-                yield chunk([{"index": index, "text": choice["text"], "finish_reason": finish, "logprobs": None}])
+                yield chunk([{"index": index, "text": choice["text"], "finish_reason": finish, "logprobs": choice["logprobs"]}])
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], usage=_usage(result, completion_tokens), sea=_sea_extra(job, result, stops, service.runtime.engine))
         yield "data: [DONE]\n\n"

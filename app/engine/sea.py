@@ -19,9 +19,22 @@ from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row, token_tilt
 from app.engine.host import to_host
 from app.engine.sampling import sample_responses
-from app.engine.types import MAX_SEED, AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage, best_chain
-from models.lm import Prefix, encode_prefix, stop_token_ids
+from app.engine.types import (
+    MAX_SEED,
+    AlignJob,
+    AlignResult,
+    ChainResult,
+    SEAConfig,
+    StepStats,
+    Timings,
+    TokenLogProb,
+    Usage,
+    best_chain,
+    ranked_chains,
+)
+from models.lm import Prefix, encode_prefix, response_token_log_probs, stack_prefixes, stop_token_ids
 from models.loading import LoadedLM
+from models.ste import ResponseBatch
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -338,6 +351,20 @@ class Engine:
 
     # ----- results -----------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def token_log_probs(self, state: RequestState, tokens: list[int], top: int) -> list[TokenLogProb]:
+        """The reference's log-prob of each of ``tokens`` (a response) after the request's prompt, and its ``top`` most
+        likely tokens at each position: one pass over the response, from the cached prompt."""
+        if not tokens:
+            return []
+        ids = torch.tensor([tokens], device=self.device)
+        response = ResponseBatch(tokens=ids, mask=torch.ones(ids.shape, device=self.device))
+        picked, table = response_token_log_probs(self.lm.model, stack_prefixes([state.spec.prefix]), response, return_table=True)
+        best = table[0].topk(min(top, table.shape[-1]), dim=-1)  # (L, top)
+        log_probs, top_log_probs, top_ids = to_host(picked[0], best.values, best.indices)
+        return [TokenLogProb(token, log_prob, list(zip(ids_here, values)))
+                for token, log_prob, ids_here, values in zip(tokens, log_probs, top_ids, top_log_probs)]
+
     def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
         """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
         ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
@@ -374,6 +401,10 @@ class Engine:
         return self.finish(state, chains, chosen, "sea")
 
     def finish(self, state: RequestState, chains: list[ChainResult], chosen: int, method: str) -> AlignResult:
+        config = state.config
+        if config.logprobs is not None:
+            for index in ranked_chains(chains, chosen, config.logprob_chains, config.select):
+                chains[index].token_log_probs = self.token_log_probs(state, chains[index].tokens[: chains[index].counted], config.logprobs)
         text, counted, stopped = self.text_of(chains[chosen].tokens)
         state.usage.completion_tokens = counted
         state.timings.total = time.perf_counter() - state.started

@@ -58,6 +58,10 @@ class SEAConfig:
     beams: int = 2  # CBS: beams kept (W)
     successors: int = 4  # CBS: sampled continuations per beam (K)
     chunk: int = 8  # CBS: tokens per chunk (C)
+    # Report the reference's log-prob of each token of the best `logprob_chains` chains (ranked_chains), with its
+    # `logprobs` most likely tokens at each position (0: none); None: no log-probs (OpenAI's `logprobs`).
+    logprobs: int | None = None
+    logprob_chains: int = 1
 
 
 @dataclass
@@ -87,6 +91,16 @@ class StepStats:
 
 
 @dataclass
+class TokenLogProb:
+    """A response token's log-prob under the reference model (temperature 1), and the reference's most likely tokens
+    at its position, best first."""
+
+    token: int
+    log_prob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class ChainResult:
     text: str
     tokens: list[int]
@@ -97,6 +111,7 @@ class ChainResult:
     initial: StepStats
     trace: list[StepStats] = field(default_factory=list)
     counted: int = 1  # tokens that count (up to and including the first stop)
+    token_log_probs: list[TokenLogProb] | None = None  # its counted tokens', when the request asked (SEAConfig.logprobs)
 
 
 def reward_pick(reward: float, log_prob_ref: float, counted: int) -> tuple[float, float]:
@@ -126,6 +141,13 @@ def chain_order(chains: list[ChainResult], select: str) -> list[int]:
 
 def best_chain(chains: list[ChainResult], select: str) -> int:
     return chain_order(chains, select)[0]
+
+
+def ranked_chains(chains: list[ChainResult], chosen: int, n: int, select: str) -> list[int]:
+    """The best ``n`` chains: the chosen one first, then the others by the same criterion (OpenAI's ``n`` choices)."""
+    order = chain_order(chains, select)
+    order.remove(chosen)
+    return [chosen, *order][:n]
 
 
 @dataclass

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
 
-from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
+from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, TokenLogProb, Usage
 from app.service.jobs import Job, JobStatus, compact_step_events, spawn_background
 
 try:
@@ -209,6 +209,14 @@ def replica_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def config_spec(config: SEAConfig) -> dict[str, Any]:
+    """The settings of ``config`` that differ from the defaults, as the queue carries them: a replica of an earlier
+    release (a rolling update) runs every job that uses none of the settings added since, instead of failing it on
+    an argument it does not know."""
+    defaults = SEAConfig()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(SEAConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
 def result_to_json(result: AlignResult) -> str:
     return json.dumps(dataclasses.asdict(result))
 
@@ -219,9 +227,15 @@ def result_from_json(text: str) -> AlignResult:
     def stats(d: dict) -> StepStats:
         return StepStats(**d)
 
+    def token_log_probs(entries: list[dict] | None) -> list[TokenLogProb] | None:
+        if entries is None:
+            return None
+        return [TokenLogProb(e["token"], e["log_prob"], [(token, log_prob) for token, log_prob in e["top"]]) for e in entries]
+
     known = {f.name for f in dataclasses.fields(ChainResult)}  # a result written by a newer replica may hold more
     chains = [ChainResult(**{**{k: v for k, v in c.items() if k in known}, "initial": stats(c["initial"]),
-                             "trace": [stats(s) for s in c["trace"]]}) for c in data["chains"]]
+                             "trace": [stats(s) for s in c["trace"]],
+                             "token_log_probs": token_log_probs(c.get("token_log_probs"))}) for c in data["chains"]]
     return AlignResult(**{**data, "chains": chains, "usage": Usage(**data["usage"]), "timings": Timings(**data["timings"])})
 
 
@@ -332,7 +346,7 @@ class SharedJobs:
 
     async def enqueue(self, job: Job, messages: list[dict[str, str]], reward_options: dict) -> bool:
         """Queue ``job`` for any replica; False when the shared queue is full."""
-        spec = {"messages": messages, "config": dataclasses.asdict(job.work.config), "reward_options": reward_options,
+        spec = {"messages": messages, "config": config_spec(job.work.config), "reward_options": reward_options,
                 "deadline": time.time() + (job.deadline - time.monotonic()) if job.deadline is not None else None,
                 "stream_events": job.stream_events, "return_trace": job.return_trace, "model": job.model, "owner": job.owner}
         self._jobs[job.id] = job
