@@ -468,6 +468,31 @@ def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float
     return float((got - expected).abs().max())
 
 
+@torch.no_grad()
+def log_probs_with_top(model: PreTrainedModel, prefix: PrefixBatch, tokens: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each token's ``log pi(y_t | x, y_<t)`` of responses ``(B, L)``, and the ``top`` most likely tokens' log-probs
+    and ids ``(B, L, top)`` at each position, best first. One pass over the responses; the ``(B, L, V)`` table is
+    never held whole (a few positions at a time)."""
+    rows, length = tokens.shape
+    first = prefix.first_log_probs  # (B, V)
+    top = min(top, first.shape[-1])
+    picked = torch.empty(rows, length, device=tokens.device)
+    best = torch.empty(rows, length, top, device=tokens.device)
+    best_ids = torch.empty(rows, length, top, dtype=torch.long, device=tokens.device)
+    picked[:, 0] = first.gather(-1, tokens[:, :1])[:, 0]
+    best[:, 0], best_ids[:, 0] = first.topk(top, dim=-1)
+    if length > 1:
+        hidden, _ = forward_after_prefix(getattr(model, model.base_model_prefix), prefix, embed_tokens(model, tokens[:, :-1]))
+        head = lm_head(model)
+        positions = max(1, LOGIT_CHUNK_ELEMENTS // (rows * first.shape[-1]))
+        for start in range(0, length - 1, positions):
+            end = min(start + positions, length - 1)
+            log_probs = F.log_softmax(head(hidden[:, start:end]).float(), dim=-1)  # (B, positions, V)
+            picked[:, start + 1 : end + 1] = log_probs.gather(-1, tokens[:, start + 1 : end + 1, None])[..., 0]
+            best[:, start + 1 : end + 1], best_ids[:, start + 1 : end + 1] = log_probs.topk(top, dim=-1)
+    return picked, best, best_ids
+
+
 def _picked_log_probs(head: LogitHead, hidden: Tensor, targets: Tensor) -> Tensor:
     """``log_softmax(head(hidden))[targets]`` of ``(B, T)`` targets, with only a few rows' logits alive at a time."""
     vocab = head.weight.shape[0]

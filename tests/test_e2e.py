@@ -15,14 +15,14 @@ import pytest
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.openai import _generated, _sea_extra
-from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, Usage
+from app.api.openai import _chat_log_probs, _completion_log_probs, _generated, _sea_extra
+from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, TokenLogProb, Usage
 from app.runtime import Runtime
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
 from models.lm import render_prompt
 from tests.server import ServerProcess, wait_for
-from tests.tiny import save_tiny_lm, tiny_lm
+from tests.tiny import byte_level_tokenizer, save_tiny_lm, tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +370,7 @@ def test_logprobs_are_the_reference_model_s_for_each_returned_token(server):
     log_probs = completion.choices[0].logprobs
     assert len(log_probs.tokens) == len(log_probs.token_logprobs) == len(log_probs.top_logprobs) == len(log_probs.text_offset) > 0
     assert log_probs.text_offset[0] == 0 and log_probs.text_offset == sorted(log_probs.text_offset)
-    assert all(0 < len(top) <= 2 for top in log_probs.top_logprobs)
+    assert all(token in top and 0 < len(top) <= 3 for token, top in zip(log_probs.tokens, log_probs.top_logprobs))  # 2 + the token
     with pytest.raises(openai.BadRequestError) as too_many:
         client.completions.create(model="sea", prompt="the dog", max_tokens=5, logprobs=6, extra_body=sea)
     assert too_many.value.body["param"] == "logprobs"
@@ -418,6 +418,33 @@ def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):
     assert _generated(chain(ids), [], engine) == (text, len(ids), "length", len(ids))
     cut = text.find(",")
     assert _generated(chain(ids + [end, end]), [",", "cat"], engine) == (text[:cut], 3, "stop", 2)  # "the", "dog", ","
+
+
+def test_log_probs_and_stops_count_characters_split_over_tokens_whole():
+    """With a byte-level tokenizer an emoji or a CJK character takes several tokens: the listed tokens left out the last
+    bytes of such a character before a stop string, the tokens counted for usage stopped inside one, and the text
+    offsets counted half a character as one; a special token in a response had bytes the text leaves out."""
+    tokenizer = byte_level_tokenizer()
+    engine = SimpleNamespace(lm=SimpleNamespace(tokenizer=tokenizer),
+                             text_of=lambda tokens: (tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), False))
+
+    def chain(text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ChainResult("", ids, 0.0, 0.0, 0.0, 0, StepStats(0.0, 0.0, 0.0, 0.0, True)), ids
+
+    emoji, ids = chain("ab 😀こ end")
+    text, generated, finish, spelled = _generated(emoji, ["こ"], engine)
+    assert (text, finish) == ("ab 😀", "stop")
+    assert tokenizer.decode(ids[:spelled]) == "ab 😀" and tokenizer.decode(ids[:generated]) == "ab 😀こ"
+    entries = [TokenLogProb(token, -1.0, [(token, -1.0)]) for token in ids[:spelled]]
+    listed = _chat_log_probs(entries, engine)["content"]
+    assert b"".join(bytes(entry["bytes"]) for entry in listed) == "ab 😀".encode()
+    assert any(entry["token"].startswith("bytes:\\x") for entry in listed)  # a token holding part of the emoji
+    offsets = _completion_log_probs(entries, engine)["text_offset"]
+    assert offsets[:3] == [0, 1, 2] and set(offsets[3:]) == {3}  # "a", "b", " ", then every byte of the emoji
+    _, ids = chain("ab<|endoftext|>cd")
+    listed = _chat_log_probs([TokenLogProb(token, -1.0, []) for token in ids], engine)["content"]
+    assert b"".join(bytes(entry["bytes"]) for entry in listed) == b"abcd" and "<|endoftext|>" in [e["token"] for e in listed]
 
 
 def test_every_series_the_dashboard_and_the_autoscaler_query_is_served(http):

@@ -53,7 +53,7 @@ from models.rewards import (
     load_sequence_classifier_reward,
 )
 from models.ste import ResponseBatch, masked_sum
-from tests.tiny import save_tiny_lm, tiny_reward_model, tiny_tokenizer
+from tests.tiny import byte_level_tokenizer, save_tiny_lm, tiny_reward_model, tiny_tokenizer
 
 
 def test_load_from_folder_is_frozen_and_in_eval_mode(lm, tmp_path):
@@ -563,11 +563,7 @@ def test_token_bytes_spell_the_text_exactly_for_byte_level_and_sentencepiece_tok
     from transformers import PreTrainedTokenizerFast
 
     text = "Héllo wörld 😀 — naïve café\n日本語"
-    byte_level = Tokenizer(models.BPE())
-    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    byte_level.decoder = decoders.ByteLevel()
-    byte_level.train_from_iterator(["hello world cafe " * 3], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level)
+    tokenizer = byte_level_tokenizer()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert b"".join(token_bytes(tokenizer, i) for i in ids) == text.encode()
 

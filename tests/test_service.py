@@ -67,6 +67,9 @@ class FakeEngine:
     def cancel(self, state):
         state.done = True
 
+    def attach_token_log_probs(self, state):
+        pass
+
     def tick(self, states):
         self.attempted.append([s.job.prompt.messages[0]["content"] for s in states])
         if self.oom_when(states):
@@ -926,3 +929,25 @@ def test_the_shared_queue_carries_only_the_settings_a_request_changed():
     assert SEAConfig(**json.loads(json.dumps(spec))) == config
     asked = SEAConfig(logprobs=2, logprob_chains=3)
     assert SEAConfig(**config_spec(asked)) == asked and set(config_spec(asked)) == {"logprobs", "logprob_chains"}
+
+
+def test_a_request_whose_log_probs_fail_fails_alone():
+    """The log-prob pass ran inside the batched step, after its requests were done: when it ran out of memory, the
+    retried halves skipped them as done, and every request of the batch failed as an engine error."""
+    class Failing(FakeEngine):
+        def attach_token_log_probs(self, state):
+            if state.job.config.logprobs is not None:
+                raise torch.OutOfMemoryError("fake")
+
+    async def scenario():
+        service = await make_service(Failing(), max_batch_chains=4)
+        asked = await service.submit(SEAConfig(chains=2, steps=2, logprobs=2), [{"role": "user", "content": "a"}])
+        plain = await submit(service, "b")
+        for job in (asked, plain):
+            await job.wait(10)
+        await service.shutdown()
+        return asked, plain
+
+    asked, plain = run(scenario())
+    assert plain.status == JobStatus.succeeded
+    assert (asked.status, asked.error_kind) == (JobStatus.failed, "overloaded") and "log-probs" in asked.error

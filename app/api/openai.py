@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -287,17 +288,23 @@ def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[st
     cut, stop = min(found)
     ids = chain.tokens[: counted - stopped]
 
-    def tokens_reaching(characters: int) -> int:  # the fewest tokens whose text is at least this long
+    def tokens_reaching(characters: int) -> int:  # the fewest tokens that spell at least this many characters in full
         low, high = 0, len(ids)
         while low < high:
             middle = (low + high) // 2
-            if len(engine.lm.tokenizer.decode(ids[:middle], skip_special_tokens=True)) >= characters:
+            if _characters(engine, ids[:middle]) >= characters:
                 high = middle
             else:
                 low = middle + 1
         return low
 
     return text[:cut], tokens_reaching(cut + len(stop)), "stop", tokens_reaching(cut)
+
+
+def _characters(engine: Engine, ids: list[int]) -> int:
+    """Characters the tokens ``ids`` spell in full: a character whose UTF-8 bytes the last tokens only begin (an
+    emoji, a CJK character split over tokens) decodes as U+FFFD and is not counted yet."""
+    return len(engine.lm.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd"))
 
 
 def _finite(value: float) -> float | None:
@@ -348,33 +355,39 @@ def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: b
     return choices, generated
 
 
-def _piece(engine: Engine, token: int) -> tuple[str, list[int]]:
-    """A token as OpenAI lists it: its text (``bytes:\\x..`` when its bytes are part of a character) and its bytes."""
-    raw = token_bytes(engine.lm.tokenizer, token)
+@functools.lru_cache(maxsize=1 << 16)
+def _piece(tokenizer, token: int) -> tuple[str, tuple[int, ...]]:
+    """A token as OpenAI lists it: its text (``bytes:\\x..`` when its bytes are part of a character) and its bytes
+    (none for a special token, which the text leaves out)."""
+    if token in tokenizer.all_special_ids:
+        return tokenizer.convert_ids_to_tokens(token), ()
+    raw = token_bytes(tokenizer, token)
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
-    return text, list(raw)
+    return text, tuple(raw)
 
 
 def _chat_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
     def listed(token: int, log_prob: float) -> dict:
-        text, raw = _piece(engine, token)
-        return {"token": text, "logprob": log_prob, "bytes": raw}
+        text, raw = _piece(engine.lm.tokenizer, token)
+        return {"token": text, "logprob": log_prob, "bytes": list(raw)}
 
     return {"content": [{**listed(e.token, e.log_prob), "top_logprobs": [listed(t, p) for t, p in e.top]} for e in entries],
             "refusal": None}
 
 
 def _completion_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
-    """The legacy completions' shape: parallel lists, and each token's offset in the returned text."""
+    """The legacy completions' shape: parallel lists; each position's most likely tokens and the token returned (as
+    OpenAI, up to ``logprobs`` + 1 of them); each token's offset in the returned text (the characters it spells in
+    full before it)."""
+    tokenizer = engine.lm.tokenizer
     ids = [e.token for e in entries]
-    decode = engine.lm.tokenizer.decode
-    return {"tokens": [_piece(engine, token)[0] for token in ids],
+    return {"tokens": [_piece(tokenizer, token)[0] for token in ids],
             "token_logprobs": [e.log_prob for e in entries],
-            "top_logprobs": [{_piece(engine, t)[0]: p for t, p in e.top} for e in entries],
-            "text_offset": [len(decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))]}
+            "top_logprobs": [{_piece(tokenizer, t)[0]: p for t, p in [*e.top, (e.token, e.log_prob)]} for e in entries],
+            "text_offset": [_characters(engine, ids[:i]) for i in range(len(ids))]}
 
 
 async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens: int | None, request: Request,

@@ -32,9 +32,8 @@ from app.engine.types import (
     best_chain,
     ranked_chains,
 )
-from models.lm import Prefix, encode_prefix, response_token_log_probs, stack_prefixes, stop_token_ids
+from models.lm import Prefix, encode_prefix, log_probs_with_top, stack_prefixes, stop_token_ids
 from models.loading import LoadedLM
-from models.ste import ResponseBatch
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -189,6 +188,8 @@ class Engine:
             self.tick([s for s in states if not s.done])
             if on_tick is not None:
                 on_tick(states)
+        for state in states:
+            self.attach_token_log_probs(state)
         return [s.result for s in states]
 
     # ----- one batched step --------------------------------------------------------------------
@@ -351,19 +352,25 @@ class Engine:
 
     # ----- results -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def token_log_probs(self, state: RequestState, tokens: list[int], top: int) -> list[TokenLogProb]:
-        """The reference's log-prob of each of ``tokens`` (a response) after the request's prompt, and its ``top`` most
-        likely tokens at each position: one pass over the response, from the cached prompt."""
-        if not tokens:
-            return []
-        ids = torch.tensor([tokens], device=self.device)
-        response = ResponseBatch(tokens=ids, mask=torch.ones(ids.shape, device=self.device))
-        picked, table = response_token_log_probs(self.lm.model, stack_prefixes([state.spec.prefix]), response, return_table=True)
-        best = table[0].topk(min(top, table.shape[-1]), dim=-1)  # (L, top)
-        log_probs, top_log_probs, top_ids = to_host(picked[0], best.values, best.indices)
-        return [TokenLogProb(token, log_prob, list(zip(ids_here, values)))
-                for token, log_prob, ids_here, values in zip(tokens, log_probs, top_ids, top_log_probs)]
+    def attach_token_log_probs(self, state: RequestState) -> None:
+        """Give the best ``logprob_chains`` chains of a finished request that asked (``SEAConfig.logprobs``) each token's
+        log-prob under the reference and its most likely tokens there: one pass over those chains from the cached
+        prompt. Run apart from the step, so that a failure here (out of memory) is this request's alone."""
+        config, result = state.config, state.result
+        if config.logprobs is None or result is None:
+            return
+        chosen = ranked_chains(result.chains, result.chosen, config.logprob_chains, config.select)
+        rows = [result.chains[index].tokens[: result.chains[index].counted] for index in chosen]
+        width = max(len(row) for row in rows)
+        if width == 0:
+            return
+        ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
+        picked, best, best_ids = log_probs_with_top(self.lm.model, stack_prefixes([state.spec.prefix] * len(rows)), ids, config.logprobs)
+        picked, best, best_ids = to_host(picked, best, best_ids)
+        for row, index in enumerate(chosen):
+            tokens = rows[row]
+            result.chains[index].token_log_probs = [TokenLogProb(token, picked[row][t], list(zip(best_ids[row][t], best[row][t])))
+                                                    for t, token in enumerate(tokens)]
 
     def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
         """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
@@ -401,10 +408,6 @@ class Engine:
         return self.finish(state, chains, chosen, "sea")
 
     def finish(self, state: RequestState, chains: list[ChainResult], chosen: int, method: str) -> AlignResult:
-        config = state.config
-        if config.logprobs is not None:
-            for index in ranked_chains(chains, chosen, config.logprob_chains, config.select):
-                chains[index].token_log_probs = self.token_log_probs(state, chains[index].tokens[: chains[index].counted], config.logprobs)
         text, counted, stopped = self.text_of(chains[chosen].tokens)
         state.usage.completion_tokens = counted
         state.timings.total = time.perf_counter() - state.started

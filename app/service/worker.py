@@ -470,7 +470,24 @@ class EngineWorker:
         return {"text": text, "pieces": pieces, "changed_positions": changed}
 
     def _complete(self, job: Job, state: RequestState, last_event: dict | None = None) -> None:
-        """Hand the result to the event loop (after the last step event, in the same callback), then count it."""
+        """Hand the result to the event loop (after the last step event, in the same callback), then count it. The
+        log-probs a request asked for are added first: if that fails, this job fails alone."""
+        failure = None
+        try:
+            self.engine.attach_token_log_probs(state)
+        except Exception as exc:  # noqa: BLE001 -- this request's own pass: it fails alone
+            failure = exc
+            traceback.clear_frames(exc.__traceback__)
+        if failure is not None:
+            self._note_fatal(failure)
+            if is_out_of_memory(failure):
+                log.warning("job %s: out of memory listing its log-probs", job.id)
+                self._call(job.finish, JobStatus.failed, None, "out of memory listing log-probs: ask for fewer choices or tokens", "overloaded")
+            else:
+                log.error("job %s: listing its log-probs failed", job.id, exc_info=failure)
+                self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+            _release_accelerator_memory()
+            return
         result = state.result
         self._call(_deliver, job, last_event, result)
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * result.timings.total
