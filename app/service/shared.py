@@ -212,7 +212,8 @@ def replica_name() -> str:
 def config_spec(config: SEAConfig) -> dict[str, Any]:
     """The settings of ``config`` that differ from the defaults, as the queue carries them: a replica of an earlier
     release (a rolling update) runs every job that uses none of the settings added since, instead of failing it on
-    an argument it does not know."""
+    an argument it does not know. A setting left at its default takes the default of the release that runs the job,
+    as the same request sent to that replica would."""
     defaults = SEAConfig()
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(SEAConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
 
