@@ -102,6 +102,20 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     return tokenizer.decode([int(token_id)]).encode()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def token_piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> tuple[str, tuple[int, ...]]:
+    """A token as a listing of log-probs shows it: its text (``bytes:\\x..`` when its bytes are part of a character)
+    and its bytes (none for a special token, which a decoded text leaves out)."""
+    if token_id in tokenizer.all_special_ids:
+        return tokenizer.convert_ids_to_tokens(token_id), ()
+    raw = token_bytes(tokenizer, token_id)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+    return text, tuple(raw)
+
+
 class LogitHead:
     """A causal LM's head as its own forward applies it: ``get_output_embeddings()`` and then the model's own
     treatment of the logits, which that module alone skips (Granite divides them by ``logits_scaling``, Cohere

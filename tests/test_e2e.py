@@ -420,6 +420,28 @@ def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):
     assert _generated(chain(ids + [end, end]), [",", "cat"], engine) == (text[:cut], 3, "stop", 2)  # "the", "dog", ","
 
 
+def test_align_lists_every_chain_s_tokens_with_their_log_probs(http):
+    """/align and the job API take `logprobs` too: every chain's (or Best-of-N sample's) counted tokens, each with its
+    log-prob under the reference, which sum to the chain's log_prob_ref."""
+    for body in ({"method": "sea", "chains": 2, "steps": 2}, {"method": "bon", "samples": 3}):
+        answer = http.post("/align", json={"prompt": "the dog", "max_tokens": 5, "seed": 3, "logprobs": 2, **body})
+        assert answer.status_code == 200, answer.text
+        chains = answer.json()["chains"]
+        assert len(chains) == (2 if body["method"] == "sea" else 3)
+        for chain in chains:
+            assert chain["tokens"] and all(len(token["top"]) == 2 and isinstance(token["text"], str) for token in chain["tokens"])
+            assert sum(token["log_prob"] for token in chain["tokens"]) == pytest.approx(chain["log_prob_ref"], abs=1e-3)
+    plain = http.post("/align", json={"prompt": "the dog", "max_tokens": 5, "seed": 3, "chains": 2, "steps": 2}).json()
+    assert all(chain["tokens"] is None for chain in plain["chains"])
+    created = http.post("/jobs", json={"prompt": "the dog", "max_tokens": 5, "seed": 3, "chains": 2, "steps": 2, "logprobs": 0})
+    job = http.get(created.headers["location"]).json()
+    while job["status"] not in ("succeeded", "failed"):
+        time.sleep(0.1)
+        job = http.get(created.headers["location"]).json()
+    assert all(chain["tokens"] and chain["tokens"][0]["top"] == [] for chain in job["result"]["chains"])
+    assert http.post("/align", json={"prompt": "the dog", "logprobs": 21}).json()["error"]["param"] == "logprobs"
+
+
 def test_log_probs_and_stops_count_characters_split_over_tokens_whole():
     """With a byte-level tokenizer an emoji or a CJK character takes several tokens: the listed tokens left out the last
     bytes of such a character before a stop string, the tokens counted for usage stopped inside one, and the text

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -27,7 +26,7 @@ from app.engine.types import AlignResult, ChainResult, TokenLogProb, ranked_chai
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
-from models.lm import token_bytes
+from models.lm import token_piece
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -355,23 +354,9 @@ def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: b
     return choices, generated
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _piece(tokenizer, token: int) -> tuple[str, tuple[int, ...]]:
-    """A token as OpenAI lists it: its text (``bytes:\\x..`` when its bytes are part of a character) and its bytes
-    (none for a special token, which the text leaves out)."""
-    if token in tokenizer.all_special_ids:
-        return tokenizer.convert_ids_to_tokens(token), ()
-    raw = token_bytes(tokenizer, token)
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
-    return text, tuple(raw)
-
-
 def _chat_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
     def listed(token: int, log_prob: float) -> dict:
-        text, raw = _piece(engine.lm.tokenizer, token)
+        text, raw = token_piece(engine.lm.tokenizer, token)
         return {"token": text, "logprob": log_prob, "bytes": list(raw)}
 
     return {"content": [{**listed(e.token, e.log_prob), "top_logprobs": [listed(t, p) for t, p in e.top]} for e in entries],
@@ -384,9 +369,9 @@ def _completion_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
     full before it)."""
     tokenizer = engine.lm.tokenizer
     ids = [e.token for e in entries]
-    return {"tokens": [_piece(tokenizer, token)[0] for token in ids],
+    return {"tokens": [token_piece(tokenizer, token)[0] for token in ids],
             "token_logprobs": [e.log_prob for e in entries],
-            "top_logprobs": [{_piece(tokenizer, t)[0]: p for t, p in [*e.top, (e.token, e.log_prob)]} for e in entries],
+            "top_logprobs": [{token_piece(tokenizer, t)[0]: p for t, p in [*e.top, (e.token, e.log_prob)]} for e in entries],
             "text_offset": [_characters(engine, ids[:i]) for i in range(len(ids))]}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from fastapi import APIRouter, Depends, Request, Response, Security
@@ -15,6 +16,7 @@ from app.engine.types import SEAConfig
 from app.errors import ServiceBroken, ServiceUnavailable, Unauthorized, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
+from models.lm import token_piece
 
 ERROR_MEANINGS = {
     400: "A malformed body, or an invalid, unsupported or over-the-limit parameter (named in `param`).",
@@ -96,12 +98,18 @@ def client(request: Request) -> str | None:
 
 
 async def submit(body: AlignRequest, request: Request, service: AlignService, **options) -> Job:
-    return await service.submit(engine_config(body, service), body.chat(), body.reward_options(), body.timeout,
+    config = engine_config(body, service)
+    if body.logprobs is not None:  # for every chain (sea) or sample (bon) the result lists
+        config = dataclasses.replace(config, logprobs=body.logprobs, logprob_chains=max(config.chains, config.samples, config.beams))
+    return await service.submit(config, body.chat(), body.reward_options(), body.timeout,
                                 prompt_param="prompt" if body.messages is None else "messages", owner=client(request), **options)
 
 
-def align_response(job: Job, result, with_trace: bool) -> AlignResponse:
-    return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace)
+def align_response(job: Job, result, with_trace: bool, service: AlignService) -> AlignResponse:
+    if service.runtime is None:  # a finished job of the shared store, read while this replica's models load
+        return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace)
+    tokenizer = service.runtime.engine.lm.tokenizer
+    return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace, piece=lambda token: token_piece(tokenizer, token)[0])
 
 
 public = APIRouter()
@@ -140,7 +148,7 @@ async def align(body: AlignRequest, request: Request, service: AlignService = De
     job = await submit(body, request, service)
     result = await service.wait(job, client_gone(request))
     # Serialised here (pydantic's own JSON): the response model is built and checked once, not re-validated by FastAPI.
-    return Response(align_response(job, result, body.return_trace).model_dump_json(), media_type="application/json")
+    return Response(align_response(job, result, body.return_trace, service).model_dump_json(), media_type="application/json")
 
 
 @protected.post("/jobs", status_code=202, response_model=JobCreated, responses=SUBMIT_ERRORS, summary="Queue an alignment job.")
@@ -152,7 +160,7 @@ async def create_job(body: AlignRequest, request: Request, response: Response, s
 
 
 async def job_out(job: Job, service: AlignService) -> JobOut:
-    result = align_response(job, job.result, job.return_trace) if job.result is not None else None
+    result = align_response(job, job.result, job.return_trace, service) if job.result is not None else None
     return JobOut(id=job.id, status=job.status.value, position=await service.position(job), created=job.created, error=job.error, result=result)
 
 

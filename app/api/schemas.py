@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -233,6 +234,8 @@ class AlignRequest(SEAParams):
     prompt: Annotated[str, Field(max_length=100_000), AfterValidator(_has_text)] | None = Field(
         None, description="A plain-text prompt (sent as one user turn).", json_schema_extra=HAS_TEXT, validate_default=True)
     return_trace: bool = Field(False, description="Include every chain's per-step trace.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="List every chain's tokens with their log-prob under the reference "
+                                 "model (temperature 1) and this many of its most likely tokens at each position.")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -264,6 +267,16 @@ class StepOut(BaseModel):
     finite: bool
 
 
+class TopTokenOut(BaseModel):
+    token: int
+    text: str = Field(description="The token's text (`bytes:\\x..` for a part of a character's UTF-8 bytes).")
+    log_prob: float
+
+
+class TokenOut(TopTokenOut):
+    top: list[TopTokenOut] = Field(description="The reference's most likely tokens at this position, best first.")
+
+
 class ChainOut(BaseModel):
     text: str
     reward: float
@@ -272,6 +285,8 @@ class ChainOut(BaseModel):
     best_step: int = Field(description="Step of the returned iterate (0 = the initial sample).")
     initial: StepOut = Field(description="The sample the chain started from; after a restart replaced it, the sample it restarted from.")
     trace: list[StepOut] | None = Field(None, description="One entry per step (with return_trace).")
+    tokens: list[TokenOut] | None = Field(None, description="With `logprobs`: each token that counts (up to and including the "
+                                          "end-of-turn token), its log-prob under the reference (they sum to `log_prob_ref`).")
 
 
 class UsageOut(BaseModel):
@@ -310,9 +325,17 @@ class AlignResponse(BaseModel):
     timings: TimingsOut
 
     @classmethod
-    def build(cls, job_id: str, model: str, result: AlignResult, queue_seconds: float, with_trace: bool) -> AlignResponse:
+    def build(cls, job_id: str, model: str, result: AlignResult, queue_seconds: float, with_trace: bool,
+              piece: Callable[[int], str] = str) -> AlignResponse:
+        """``piece``: a token id's text (for listed log-probs)."""
         def step(s) -> StepOut:
             return StepOut(energy=s.energy, reward=s.reward, log_prob_ref=s.log_prob_ref, changed=s.changed, finite=s.finite)
+
+        def tokens(entries) -> list[TokenOut] | None:
+            if entries is None:
+                return None
+            return [TokenOut(token=e.token, text=piece(e.token), log_prob=e.log_prob,
+                             top=[TopTokenOut(token=t, text=piece(t), log_prob=p) for t, p in e.top]) for e in entries]
 
         return cls(
             id=job_id,
@@ -328,7 +351,8 @@ class AlignResponse(BaseModel):
             seed=result.seed,
             chains=[
                 ChainOut(text=c.text, reward=c.reward, log_prob_ref=c.log_prob_ref, energy=c.energy, best_step=c.best_step,
-                         initial=step(c.initial), trace=[step(s) for s in c.trace] if with_trace else None)
+                         initial=step(c.initial), trace=[step(s) for s in c.trace] if with_trace else None,
+                         tokens=tokens(c.token_log_probs))
                 for c in result.chains
             ],
             usage=UsageOut(
