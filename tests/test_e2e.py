@@ -464,6 +464,10 @@ def test_log_probs_and_stops_count_characters_split_over_tokens_whole():
     assert any(entry["token"].startswith("bytes:\\x") for entry in listed)  # a token holding part of the emoji
     offsets = _completion_log_probs(entries, engine)["text_offset"]
     assert offsets[:3] == [0, 1, 2] and set(offsets[3:]) == {3}  # "a", "b", " ", then every byte of the emoji
+    # an invalid byte the model wrote (a lone lead byte) is a character of the text: it counts
+    ids = tokenizer.convert_tokens_to_ids(["a", "\u00e3", "b", "c"])  # "ã" is byte 0xE3 in the byte-level alphabet
+    assert tokenizer.decode(ids) == "a\ufffdbc"
+    assert _completion_log_probs([TokenLogProb(token, -1.0, []) for token in ids], engine)["text_offset"] == [0, 1, 2, 3]
     _, ids = chain("ab<|endoftext|>cd")
     listed = _chat_log_probs([TokenLogProb(token, -1.0, []) for token in ids], engine)["content"]
     assert b"".join(bytes(entry["bytes"]) for entry in listed) == b"abcd" and "<|endoftext|>" in [e["token"] for e in listed]

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from app.engine import sea
 from app.engine.discrete import shared_starts
 from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, passes_per_row, scoring_passes, token_tilt
 from app.engine.sampling import Guide, SampleGroup, Tilt, categorical, sample_groups, sample_responses
@@ -1153,3 +1154,20 @@ def test_token_log_probs_are_the_reference_s_and_sum_to_the_chain_s_log_prob(lm,
     assert all(c.token_log_probs is None for c in states[0].result.chains)
     engine.attach_token_log_probs(states[0])
     assert [c.token_log_probs for c in states[0].result.chains] == [c.token_log_probs for c in result.chains]
+
+
+def test_token_log_probs_of_many_samples_run_in_bounded_passes(lm, engine, make_prompt, monkeypatch):
+    """A Best-of-256 asking for every sample's log-probs ran them in one pass, past the rows × tokens a draw or a
+    scoring pass may hold: it is cut like them, with the same figures."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    job = _job(make_prompt("tell me a story"), reward, max_tokens=6, method="bon", samples=12, seed=2, logprobs=2, logprob_chains=12)
+    whole = engine.run([job])[0]
+    passes = []
+    real = sea.log_probs_with_top
+    monkeypatch.setattr(sea, "rows_per_pass", lambda width, prompt, response: 5)  # as a small ROW_TOKENS_PER_PASS would
+    monkeypatch.setattr(sea, "log_probs_with_top", lambda *args: passes.append(args[2].shape[0]) or real(*args))
+    cut = engine.run([job])[0]
+    assert len(passes) > 1 and sum(passes) == 12
+    for a, b in zip(whole.chains, cut.chains):
+        assert [t.token for t in a.token_log_probs] == [t.token for t in b.token_log_probs]
+        assert [t.log_prob for t in a.token_log_probs] == pytest.approx([t.log_prob for t in b.token_log_probs], abs=1e-5)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -291,7 +292,7 @@ def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[st
         low, high = 0, len(ids)
         while low < high:
             middle = (low + high) // 2
-            if _characters(engine, ids[:middle]) >= characters:
+            if _characters(engine, ids[:middle], text) >= characters:
                 high = middle
             else:
                 low = middle + 1
@@ -300,10 +301,11 @@ def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[st
     return text[:cut], tokens_reaching(cut + len(stop)), "stop", tokens_reaching(cut)
 
 
-def _characters(engine: Engine, ids: list[int]) -> int:
-    """Characters the tokens ``ids`` spell in full: a character whose UTF-8 bytes the last tokens only begin (an
-    emoji, a CJK character split over tokens) decodes as U+FFFD and is not counted yet."""
-    return len(engine.lm.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd"))
+def _characters(engine: Engine, ids: list[int], text: str) -> int:
+    """Characters of ``text`` (what the whole response decodes to) that its first tokens ``ids`` spell in full: a
+    character whose UTF-8 bytes the last of them only begin (an emoji, a CJK character split over tokens) decodes as
+    U+FFFD, unlike the text, and is not counted yet (an invalid byte that the text holds as U+FFFD too is)."""
+    return len(os.path.commonprefix([engine.lm.tokenizer.decode(ids, skip_special_tokens=True), text]))
 
 
 def _finite(value: float) -> float | None:
@@ -369,10 +371,11 @@ def _completion_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
     full before it)."""
     tokenizer = engine.lm.tokenizer
     ids = [e.token for e in entries]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
     return {"tokens": [token_piece(tokenizer, token)[0] for token in ids],
             "token_logprobs": [e.log_prob for e in entries],
             "top_logprobs": [{token_piece(tokenizer, t)[0]: p for t, p in [*e.top, (e.token, e.log_prob)]} for e in entries],
-            "text_offset": [_characters(engine, ids[:i]) for i in range(len(ids))]}
+            "text_offset": [_characters(engine, ids[:i], text) for i in range(len(ids))]}
 
 
 async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens: int | None, request: Request,

@@ -106,9 +106,7 @@ async def submit(body: AlignRequest, request: Request, service: AlignService, **
 
 
 def align_response(job: Job, result, with_trace: bool, service: AlignService) -> AlignResponse:
-    if service.runtime is None:  # a finished job of the shared store, read while this replica's models load
-        return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace)
-    tokenizer = service.runtime.engine.lm.tokenizer
+    tokenizer = service.runtime.engine.lm.tokenizer  # a job exists only once the models are loaded
     return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace, piece=lambda token: token_piece(tokenizer, token)[0])
 
 

@@ -326,8 +326,8 @@ class AlignResponse(BaseModel):
 
     @classmethod
     def build(cls, job_id: str, model: str, result: AlignResult, queue_seconds: float, with_trace: bool,
-              piece: Callable[[int], str] = str) -> AlignResponse:
-        """``piece``: a token id's text (for listed log-probs)."""
+              piece: Callable[[int], str] | None = None) -> AlignResponse:
+        """``piece``: a token id's text (for listed log-probs; needed when the result has them)."""
         def step(s) -> StepOut:
             return StepOut(energy=s.energy, reward=s.reward, log_prob_ref=s.log_prob_ref, changed=s.changed, finite=s.finite)
 

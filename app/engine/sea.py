@@ -18,7 +18,7 @@ from torch import Tensor
 from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row, token_tilt
 from app.engine.host import to_host
-from app.engine.sampling import sample_responses
+from app.engine.sampling import rows_per_pass, sample_responses
 from app.engine.types import (
     MAX_SEED,
     AlignJob,
@@ -365,12 +365,14 @@ class Engine:
         if width == 0:
             return
         ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
-        picked, best, best_ids = log_probs_with_top(self.lm.model, stack_prefixes([state.spec.prefix] * len(rows)), ids, config.logprobs)
-        picked, best, best_ids = to_host(picked, best, best_ids)
-        for row, index in enumerate(chosen):
-            tokens = rows[row]
-            result.chains[index].token_log_probs = [TokenLogProb(token, picked[row][t], list(zip(best_ids[row][t], best[row][t])))
-                                                    for t, token in enumerate(tokens)]
+        per_pass = rows_per_pass(1, state.spec.prefix.length, width)  # as bounded as a draw or a scoring pass (Best-of-256)
+        for first in range(0, len(rows), per_pass):
+            these = slice(first, first + per_pass)
+            picked, best, best_ids = to_host(*log_probs_with_top(self.lm.model, stack_prefixes([state.spec.prefix] * len(rows[these])),
+                                                                 ids[these], config.logprobs))
+            for row, index in enumerate(chosen[these]):
+                result.chains[index].token_log_probs = [TokenLogProb(token, picked[row][t], list(zip(best_ids[row][t], best[row][t])))
+                                                        for t, token in enumerate(rows[these][row])]
 
     def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
         """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
