@@ -1146,6 +1146,9 @@ def test_token_log_probs_are_the_reference_s_and_sum_to_the_chain_s_log_prob(lm,
             assert len(values) == 3 and values == sorted(values, reverse=True) and entry.log_prob <= values[0] + 1e-6
     plain = engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=8, chains=3, steps=3, samples=4, seed=1, method=method)])[0]
     assert all(c.token_log_probs is None for c in plain.chains) and plain.text == result.text
+    # the pass is the request's cost: each listed chain's tokens fed forward, the last to nothing
+    assert result.usage.forward_token_passes - plain.usage.forward_token_passes == sum(c.counted - 1 for c in listed)
+    assert result.usage.backward_token_passes == plain.usage.backward_token_passes
     # Not inside a step (a failure there would fail its batch mates): the worker attaches them to a finished request
     states = engine.start_many([_job(make_prompt("tell me a story"), reward, max_tokens=8, chains=3, steps=3, samples=4, seed=1,
                                      method=method, logprobs=3, logprob_chains=2)])

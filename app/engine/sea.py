@@ -355,10 +355,12 @@ class Engine:
     def attach_token_log_probs(self, state: RequestState) -> None:
         """Give the best ``logprob_chains`` chains of a finished request that asked (``SEAConfig.logprobs``) each token's
         log-prob under the reference and its most likely tokens there: one pass over those chains from the cached
-        prompt. Run apart from the step, so that a failure here (out of memory) is this request's alone."""
+        prompt. Run apart from the step, so that a failure here (out of memory) is this request's alone. Counted in the
+        request's usage (its tokens fed forward, as a scoring pass is) and total time."""
         config, result = state.config, state.result
         if config.logprobs is None or result is None:
             return
+        started = time.perf_counter()
         chosen = ranked_chains(result.chains, result.chosen, config.logprob_chains, config.select)
         rows = [result.chains[index].tokens[: result.chains[index].counted] for index in chosen]
         width = max(len(row) for row in rows)
@@ -373,6 +375,8 @@ class Engine:
             for row, index in enumerate(chosen[these]):
                 result.chains[index].token_log_probs = [TokenLogProb(token, picked[row][t], list(zip(best_ids[row][t], best[row][t])))
                                                         for t, token in enumerate(rows[these][row])]
+        state.usage.forward_token_passes += sum(max(len(row) - 1, 0) for row in rows)  # the last token is fed to nothing
+        state.timings.total += time.perf_counter() - started
 
     def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
         """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
