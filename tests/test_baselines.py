@@ -80,7 +80,7 @@ def test_chunk_beam_search_keeps_distinct_beams_and_carries_a_finished_one_once(
     """With stops likely (a third of the vocabulary ends a response), beams finish early: a finished beam carries
     over as it is and draws no successors, so it cannot fill every beam with K copies of itself."""
     engine = Engine(lm)
-    engine.stop_ids = torch.arange(0, lm.model.config.vocab_size, 3)
+    engine.use_stop_ids(list(range(0, lm.model.config.vocab_size, 3)))
     for seed in range(6):
         result = engine.run([AlignJob(make_prompt("what is a boat"), SEAConfig(method="cbs", max_tokens=10, chunk=2, beams=3, successors=4,
                                                                                seed=seed, temperature=2.0), reward)])[0]

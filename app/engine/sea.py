@@ -103,11 +103,15 @@ class Engine:
     def __init__(self, lm: LoadedLM):
         self.lm = lm
         self.device = lm.device
-        stop_ids = stop_token_ids(lm.tokenizer, lm.model)
-        self.stop_ids = torch.tensor(stop_ids, device=self.device)
-        self.stop_set = set(stop_ids)
-        self.pad_id = stop_ids[0]  # pads shorter responses in a batch; a host int (a read of stop_ids waits for the device)
+        self.use_stop_ids(stop_token_ids(lm.tokenizer, lm.model))
         self.vocab = lm.model.get_output_embeddings().weight.shape[0]
+
+    def use_stop_ids(self, ids: list[int]) -> None:
+        """The token ids that end a response, on the device and on the host (each read of a device tensor waits for
+        the device): the first also pads shorter responses in a batch."""
+        self.stop_ids = torch.tensor(ids, device=self.device)
+        self.stop_set = set(ids)
+        self.pad_id = ids[0]
 
     # ----- request lifecycle -------------------------------------------------------------------
 

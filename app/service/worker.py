@@ -341,12 +341,17 @@ class EngineWorker:
 
     def _start_failed(self, job: Job, error: BaseException) -> None:
         """Fail a job whose start raised ``error``."""
+        self._fail_alone(job, error, "starting", "out of memory: ask for fewer chains, samples or tokens")
+
+    def _fail_alone(self, job: Job, error: BaseException, doing: str, out_of_memory: str) -> None:
+        """Fail ``job`` alone after ``error`` while ``doing`` its own work: as overloaded, saying ``out_of_memory``, when
+        the device ran out of memory; else as an engine error."""
         self._note_fatal(error)
         if is_out_of_memory(error):
-            log.error("out of memory starting job %s", job.id, exc_info=error)
-            self._call(job.finish, JobStatus.failed, None, "out of memory: ask for fewer chains, samples or tokens", "overloaded")
+            log.error("out of memory %s job %s", doing, job.id, exc_info=error)
+            self._call(job.finish, JobStatus.failed, None, out_of_memory, "overloaded")
         else:
-            log.error("engine failed to start job %s", job.id, exc_info=error)
+            log.error("engine failed %s job %s", doing, job.id, exc_info=error)
             self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
 
     def _note_fatal(self, error: BaseException) -> None:
@@ -458,9 +463,9 @@ class EngineWorker:
         """The chain's current text as token pieces, flagging those that differ from its initial sample."""
         tokens = state.tokens[chain].tolist()
         initial = state.initial_tokens[chain].tolist()
-        text, counted, _ = self.engine.text_of(state.tokens[chain])
+        text, counted, _ = self.engine.text_of(tokens)
         tokenizer = self.engine.lm.tokenizer
-        stops = set(self.engine.stop_ids.tolist())
+        stops = self.engine.stop_set
         pieces, changed = [], []
         for position, token in enumerate(tokens[:counted]):
             if token in stops:
@@ -479,13 +484,7 @@ class EngineWorker:
             failure = exc
             traceback.clear_frames(exc.__traceback__)
         if failure is not None:
-            self._note_fatal(failure)
-            if is_out_of_memory(failure):
-                log.warning("job %s: out of memory listing its log-probs", job.id)
-                self._call(job.finish, JobStatus.failed, None, "out of memory listing log-probs: ask for fewer choices or tokens", "overloaded")
-            else:
-                log.error("job %s: listing its log-probs failed", job.id, exc_info=failure)
-                self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+            self._fail_alone(job, failure, "listing the log-probs of", "out of memory listing log-probs: ask for fewer choices or tokens")
             _release_accelerator_memory()
             return
         result = state.result
