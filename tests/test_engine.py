@@ -335,6 +335,31 @@ def test_a_short_top_k_logits_request_beside_a_longer_one_stays_finite(lm, engin
         assert [s.energy for s in a.trace] == pytest.approx([s.energy for s in b.trace], abs=1e-4)
 
 
+def test_a_non_finite_gradient_past_a_short_requests_end_leaves_its_chains_alone(lm, engine, make_prompt, monkeypatch):
+    """A short request's rows are padded up to a longer batch mate's length; a non-finite gradient at those padded
+    positions (never read) zeroed the short request's whole gradient and counted a non-finite step."""
+    from app.engine import discrete
+
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    config = {"chains": 2, "steps": 3, "seed": 2, "restart_after": None}
+    alone = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=5, **config)])[0]
+    real_evaluate, poisoned = discrete.evaluate, []
+
+    def nan_in_the_padding(lm_, specs, *args, **kwargs):
+        scored = real_evaluate(lm_, specs, *args, **kwargs)
+        if scored.grad is not None and specs[0].length < scored.grad.shape[1]:
+            scored.grad[: specs[0].rows, specs[0].length :] = math.nan
+            poisoned.append(1)
+        return scored
+
+    monkeypatch.setattr(discrete, "evaluate", nan_in_the_padding)
+    short, long = engine.run([_job(make_prompt("sing a song"), reward, max_tokens=5, **config),
+                              _job(make_prompt("tell me about tea"), reward, max_tokens=9, **config)])
+    assert poisoned
+    assert short.nonfinite_steps == 0 and long.nonfinite_steps == 0
+    assert [c.tokens for c in short.chains] == [c.tokens for c in alone.chains]
+
+
 @pytest.mark.parametrize("keep_log_probs", [False, True])
 def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prompt, keep_log_probs):
     """Requests started together sample in one batch; prompts, lengths, temperatures and generators differ per group."""

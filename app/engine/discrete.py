@@ -542,6 +542,17 @@ def _pick_key(chain_figures: list[list[float]], c: int) -> tuple[float, float]:
     return reward_pick(reward, log_prob, int(counted)) if math.isfinite(energy) else (-math.inf, -math.inf)
 
 
+def _finite_rows(grad: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Which rows of ``grad`` (rows × positions × vocabulary) are finite over their own ``lengths`` positions: the
+    positions that only pad a shorter request up to its batch mates' length are never read, so they must not zero its
+    gradient. A sum overflows only past 1e38."""
+    per_position = grad.sum(2)
+    if min(lengths) < grad.shape[1]:
+        own = torch.arange(grad.shape[1], device=grad.device) < torch.tensor(lengths, device=grad.device)[:, None]
+        per_position = per_position.masked_fill(~own, 0.0)
+    return torch.isfinite(per_position.sum(1))
+
+
 def _gradients(engine, needs: list) -> None:
     """dE/d one_hot at the tokens of the given chains (``needs``: (state, chains) pairs), in one batched pass, with
     their memories (or, for the gradient-free ablation, the LM's log-prob table); the other chains keep theirs."""
@@ -555,8 +566,7 @@ def _gradients(engine, needs: list) -> None:
     with torch.set_grad_enabled(with_grad):
         scored = evaluate(engine.lm, specs, engine.stop_ids, tokens, one_hot_grad=with_grad,
                           keep_table=any(s.config.proposal == "lm" for s in states), top_k=top_k, record=True)
-    # Which rows' gradients are finite, for all rows at once (one read; a sum overflows only past 1e38).
-    finite = torch.isfinite(scored.grad.sum((1, 2))) if scored.grad is not None else None
+    finite = _finite_rows(scored.grad, [s.spec.length for s, chains in needs for _ in chains]) if scored.grad is not None else None
     (finite_rows,) = to_host(finite) if finite is not None else (None,)
     offset = 0
     for state, chains in needs:
