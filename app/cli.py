@@ -135,8 +135,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from app.api.schemas import LimitError, SEAParams
+    from app.api.schemas import MAX_ALIGN_LOGPROBS, AlignRequest, LimitError, SEAParams
     from app.runtime import Runtime
+    from models.lm import token_piece
 
     settings = settings_from(args)
     _setup_logging("warning" if args.json else settings.log_level)
@@ -144,6 +145,10 @@ def cmd_align(args: argparse.Namespace) -> int:
              "method": args.method, "samples": args.samples, "select": args.select}
     try:  # the same defaults and limits as the HTTP API, checked before the models load
         config = SEAParams(**{k: v for k, v in given.items() if v is not None}).to_config(settings)
+        if args.logprobs is not None:  # as /align: every chain's (or sample's) tokens
+            if not 0 <= args.logprobs <= MAX_ALIGN_LOGPROBS:
+                raise LimitError("logprobs", f"--logprobs must be between 0 and {MAX_ALIGN_LOGPROBS}")
+            config = AlignRequest.with_logprobs(config, args.logprobs)
     except LimitError as exc:
         raise SystemExit(f"sea align: {exc}") from None
     except ValidationError as exc:
@@ -163,12 +168,19 @@ def cmd_align(args: argparse.Namespace) -> int:
     if error is not None:
         raise SystemExit(f"sea align: {error}")
     result = runtime.engine.run([job])[0]
+    tokenizer = runtime.engine.lm.tokenizer
     if args.json:
         out = result.to_dict()
         out["log_prob_ref"] = result.log_prob_ref
+        for chain in out["chains"]:
+            for listed in chain["token_log_probs"] or []:
+                listed["text"] = token_piece(tokenizer, listed["token"])[0]
         print(json.dumps(out))
         return 0
     print(result.text)
+    for listed in result.chains[result.chosen].token_log_probs or []:
+        alternatives = "  ".join(f"{token_piece(tokenizer, token)[0]!r} {log_prob:.2f}" for token, log_prob in listed.top)
+        print(f"{listed.log_prob:8.2f}  {token_piece(tokenizer, listed.token)[0]!r:<16} {alternatives}", file=sys.stderr)
     print(
         f"\nreward {result.reward:.3f}  log pi_ref {result.log_prob_ref:.2f}  energy {result.energy:.2f}  "
         f"chain {result.chosen}  {result.timings.total:.1f}s ({result.timings.steps} steps)",
@@ -230,6 +242,8 @@ def build_parser(command: str | None = None) -> CommandParser:
     align.add_argument("--samples", type=int, default=None, help="N for Best-of-N (default 16, or SEA_MAX_SAMPLES if lower).")
     align.add_argument("--select", choices=["reward", "energy"], help=f"How the returned chain is picked ({_default_of('default_select')}).")
     align.add_argument("--keywords", default=None, help="Comma-separated words; adds a keyword-coverage reward.")
+    align.add_argument("--logprobs", type=int, default=None, metavar="N",
+                       help="List each token's log-prob under the reference and its N (0-20) likeliest alternatives.")
     align.add_argument("--json", action="store_true", help="Print one JSON object with the full result.")
     _settings_flags(align, server=False, skip=ALIGN_FLAGS)
     align.set_defaults(func=cmd_align)

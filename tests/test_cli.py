@@ -109,6 +109,33 @@ def test_align_applies_the_api_s_prompt_limit(monkeypatch, lm):
         cli.main(["align", "the dog and the cat play in the park", "--max-prompt-tokens", "5", "--steps", "0"])
 
 
+def test_align_lists_token_log_probs_as_the_api_does(monkeypatch, lm, capsys):
+    """`/align` took `logprobs`; `sea align` had no way to ask."""
+    import json
+    import re
+
+    from app.runtime import Runtime
+
+    monkeypatch.setattr("app.runtime.Runtime.load", lambda settings: Runtime.from_lm(lm, settings))
+    argv = ["align", "tell me about tea", "--steps", "1", "--chains", "2", "--max-tokens", "6", "--seed", "0", "--logprobs", "2"]
+    assert cli.main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for chain in out["chains"]:
+        listed = chain["token_log_probs"]
+        assert len(listed) == chain["counted"] and all(len(t["top"]) == 2 and isinstance(t["text"], str) for t in listed)
+        assert sum(t["log_prob"] for t in listed) == pytest.approx(chain["log_prob_ref"], abs=1e-3)
+    assert cli.main(argv) == 0
+    chosen = out["chains"][out["chosen"]]["token_log_probs"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if re.match(r" *-?\d+\.\d\d  ", line)]
+    assert [float(line.split()[0]) for line in lines] == pytest.approx([t["log_prob"] for t in chosen], abs=0.006)
+
+
+def test_align_refuses_logprobs_past_the_api_s_bound_before_loading_the_models(monkeypatch):
+    monkeypatch.setattr("app.runtime.Runtime.load", lambda settings: pytest.fail("the models were loaded"))
+    with pytest.raises(SystemExit, match="--logprobs must be between 0 and 20"):
+        cli.main(["align", "hello", "--logprobs", "21"])
+
+
 @pytest.mark.parametrize("command", ["serve", "prepare", "align", "eval", "bench"])
 def test_help_names_each_settings_default_and_its_variable(command):
     """--help gave no defaults: a user had to read the README to learn that a request runs 20 steps."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from fastapi import APIRouter, Depends, Request, Response, Security
@@ -99,8 +98,8 @@ def client(request: Request) -> str | None:
 
 async def submit(body: AlignRequest, request: Request, service: AlignService, **options) -> Job:
     config = engine_config(body, service)
-    if body.logprobs is not None:  # for every chain (sea) or sample (bon) the result lists
-        config = dataclasses.replace(config, logprobs=body.logprobs, logprob_chains=max(config.chains, config.samples, config.beams))
+    if body.logprobs is not None:
+        config = AlignRequest.with_logprobs(config, body.logprobs)
     return await service.submit(config, body.chat(), body.reward_options(), body.timeout,
                                 prompt_param="prompt" if body.messages is None else "messages", owner=client(request), **options)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -226,6 +227,9 @@ A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "properties": {"content": T
 PromptText = Annotated[str, AfterValidator(_has_text), WithJsonSchema(TEXT_STRING)]
 
 
+MAX_ALIGN_LOGPROBS = 20  # alternatives listed per token by /align's `logprobs`, as OpenAI's chat API
+
+
 class AlignRequest(SEAParams):
     # `messages` before `prompt`: the check that exactly one is given runs on `prompt`, so that a request without
     # either names `prompt` as the missing field.
@@ -234,7 +238,7 @@ class AlignRequest(SEAParams):
     prompt: Annotated[str, Field(max_length=100_000), AfterValidator(_has_text)] | None = Field(
         None, description="A plain-text prompt (sent as one user turn).", json_schema_extra=HAS_TEXT, validate_default=True)
     return_trace: bool = Field(False, description="Include every chain's per-step trace.")
-    logprobs: int | None = Field(None, ge=0, le=20, description="List every chain's tokens with their log-prob under the reference "
+    logprobs: int | None = Field(None, ge=0, le=MAX_ALIGN_LOGPROBS, description="List every chain's tokens with their log-prob under the reference "
                                  "model (temperature 1) and this many of its most likely tokens at each position.")
 
     model_config = ConfigDict(
@@ -252,6 +256,11 @@ class AlignRequest(SEAParams):
         if "messages" in info.data and (prompt is None) == (info.data["messages"] is None):  # absent from data: invalid
             raise PydanticCustomError("prompt_or_messages", "give exactly one of `prompt` or `messages`")
         return prompt
+
+    @staticmethod
+    def with_logprobs(config: SEAConfig, logprobs: int) -> SEAConfig:
+        """``config`` listing ``logprobs`` alternatives for every chain (sea), sample (bon) or beam the result lists."""
+        return dataclasses.replace(config, logprobs=logprobs, logprob_chains=max(config.chains, config.samples, config.beams))
 
     def chat(self) -> list[dict[str, str]]:
         if self.messages is not None:
