@@ -609,6 +609,39 @@ def test_an_engine_exception_fails_the_batch_with_500_and_the_service_keeps_serv
             assert client.post("/align", json={"prompt": "fine", "steps": 2}).status_code == 200
 
 
+def test_responses_listing_log_probs_or_traces_are_built_off_the_event_loop(faulty, monkeypatch):
+    """A Best-of-256's token log-probs make 18 MB of JSON, 16 chat choices' a second of building: on the event loop
+    that held every other request (health checks, streams) for as long."""
+    from app.api import openai, routes
+
+    on_loop = []
+
+    def recording(build):
+        def wrapped(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:
+                on_loop.append(False)
+            return build(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(openai, "_choices", recording(openai._choices))
+    monkeypatch.setattr(routes, "align_response", recording(routes.align_response))
+    with httpx.Client(base_url=faulty.url, timeout=60) as client:
+        chat = {"model": "sea", "messages": [{"role": "user", "content": "fine"}], "max_tokens": 3, "logprobs": True}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        assert "top_logprobs" in client.post("/v1/chat/completions", json={**chat, "stream": True}).text
+        for asked in ({"logprobs": 1}, {"return_trace": True}):
+            assert client.post("/align", json={"prompt": "fine", "steps": 2, **asked}).status_code == 200
+        job = client.post("/jobs", json={"prompt": "fine", "steps": 2, "logprobs": 1}).json()["id"]
+        wait_for(lambda: client.get(f"/jobs/{job}").json()["status"] == "succeeded", 60)
+        assert on_loop and not any(on_loop)
+        plain = client.post("/v1/chat/completions", json={**chat, "logprobs": False})
+        assert plain.status_code == 200 and plain.json()["choices"][0]["logprobs"] is None
+        assert on_loop[-1]  # a small answer is built where it is served
+
+
 def test_cors_on_a_real_server_for_configured_origins(faulty, caplog):
     allowed = httpx.get(faulty.url + "/health", headers={"Origin": "https://app.example"})
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -109,6 +112,17 @@ def align_response(job: Job, result, with_trace: bool, service: AlignService) ->
     return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace, piece=lambda token: token_piece(tokenizer, token)[0])
 
 
+T = TypeVar("T")
+
+
+async def built(build: Callable[[], T], with_trace: bool, job: Job) -> T:
+    """``build()``, in a thread when the response lists every chain's trace or tokens (a Best-of-256's token log-probs
+    make 18 MB of JSON: seconds that would hold the event loop, which serves every other request)."""
+    if with_trace or job.work.config.logprobs is not None:
+        return await asyncio.to_thread(build)
+    return build()
+
+
 public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -145,7 +159,8 @@ async def align(body: AlignRequest, request: Request, service: AlignService = De
     job = await submit(body, request, service)
     result = await service.wait(job, client_gone(request))
     # Serialised here (pydantic's own JSON): the response model is built and checked once, not re-validated by FastAPI.
-    return Response(align_response(job, result, body.return_trace, service).model_dump_json(), media_type="application/json")
+    return Response(await built(lambda: align_response(job, result, body.return_trace, service).model_dump_json(), body.return_trace, job),
+                    media_type="application/json")
 
 
 @protected.post("/jobs", status_code=202, response_model=JobCreated, responses=SUBMIT_ERRORS, summary="Queue an alignment job.")
@@ -157,7 +172,7 @@ async def create_job(body: AlignRequest, request: Request, response: Response, s
 
 
 async def job_out(job: Job, service: AlignService) -> JobOut:
-    result = align_response(job, job.result, job.return_trace, service) if job.result is not None else None
+    result = await built(lambda: align_response(job, job.result, job.return_trace, service), job.return_trace, job) if job.result is not None else None
     return JobOut(id=job.id, status=job.status.value, position=await service.position(job), created=job.created, error=job.error, result=result)
 
 
