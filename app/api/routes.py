@@ -171,22 +171,28 @@ async def create_job(body: AlignRequest, request: Request, response: Response, s
     return JobCreated(id=job.id, status=job.status.value, location=location)
 
 
-async def job_out(job: Job, service: AlignService) -> JobOut:
-    result = await built(lambda: align_response(job, job.result, job.return_trace, service), job.return_trace, job) if job.result is not None else None
-    return JobOut(id=job.id, status=job.status.value, position=await service.position(job), created=job.created, error=job.error, result=result)
+async def job_json(job: Job, service: AlignService) -> str:
+    """The job as ``JobOut``'s JSON (built once here: FastAPI would validate a returned model again)."""
+    position = await service.position(job)
+
+    def build() -> str:
+        result = align_response(job, job.result, job.return_trace, service) if job.result is not None else None
+        return JobOut(id=job.id, status=job.status.value, position=position, created=job.created, error=job.error, result=result).model_dump_json()
+
+    return await built(build, job.return_trace, job) if job.result is not None else build()
 
 
 @protected.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="A job's status, queue position and result.")
-async def get_job(job_id: str, request: Request, service: AlignService = Depends(get_service)) -> JobOut:
-    return await job_out(await service.get(job_id, client(request)), service)
+async def get_job(job_id: str, request: Request, service: AlignService = Depends(get_service)) -> Response:
+    return Response(await job_json(await service.get(job_id, client(request)), service), media_type="application/json")
 
 
 @protected.delete("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="Cancel a job (its chains leave the batch at the next step).")
-async def cancel_job(job_id: str, request: Request, service: AlignService = Depends(get_service)) -> JobOut:
+async def cancel_job(job_id: str, request: Request, service: AlignService = Depends(get_service)) -> Response:
     job = await service.get(job_id, client(request))
     service.cancel(job)
     await job.wait(5.0)
-    return await job_out(job, service)
+    return Response(await job_json(job, service), media_type="application/json")
 
 
 @protected.get(
@@ -206,7 +212,7 @@ async def job_events(job_id: str, request: Request, service: AlignService = Depe
                 if event["event"] == "end":
                     break
                 yield {"event": event["event"], "data": json.dumps(event)}
-            yield {"event": "result", "data": (await job_out(job, service)).model_dump_json()}
+            yield {"event": "result", "data": await job_json(job, service)}
         finally:
             job.unsubscribe(queue)
 
