@@ -367,6 +367,17 @@ def test_a_baseline_shows_when_it_runs_and_a_full_queue_says_when_to_retry(page,
     assert "Retry in 7 s" in page.inner_text("#error")
 
 
+def test_a_word_of_two_changed_tokens_is_one_mark(page, server):
+    """" big" and "ger" both edited showed as two boxes, marking one word twice."""
+    page.goto(server.url + "/")
+    runs = page.evaluate("""async () => {
+      const { segments } = await import("./static/format.js");
+      return segments("a bigger cat sat", ["a", " big", "ger", " cat", " sat"], [false, true, true, false, true]);
+    }""")
+    assert runs == [{"text": "a", "changed": False}, {"text": " bigger", "changed": True}, {"text": " cat", "changed": False},
+                    {"text": " sat", "changed": True}]
+
+
 def test_chart_breaks_lines_at_gaps_and_shows_lone_points(page, server):
     page.goto(server.url + "/")
     drawn = page.evaluate("""async () => {

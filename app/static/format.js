@@ -13,6 +13,11 @@ export const seconds = (x) => (typeof x === "number" ? (x < 1 ? `${(x * 1000).to
 // pieces only place the marks.
 export function segments(text, pieces, changed) {
   const out = [];
+  const push = (part, isChanged) => { // adjacent changed tokens are one mark (a word of two tokens, not two boxes)
+    const last = out[out.length - 1];
+    if (last && last.changed === isChanged) last.text += part;
+    else out.push({ text: part, changed: isChanged });
+  };
   let cursor = 0;
   pieces.forEach((piece, i) => {
     let at = piece ? text.indexOf(piece, cursor) : -1;
@@ -22,11 +27,11 @@ export function segments(text, pieces, changed) {
       at = text.indexOf(part, cursor);
     }
     if (at < 0) return;
-    if (at > cursor) out.push({ text: text.slice(cursor, at), changed: false });
-    out.push({ text: part, changed: Boolean(changed[i]) });
+    if (at > cursor) push(text.slice(cursor, at), false);
+    push(part, Boolean(changed[i]));
     cursor = at + part.length;
   });
-  if (cursor < text.length) out.push({ text: text.slice(cursor), changed: false });
+  if (cursor < text.length) push(text.slice(cursor), false);
   return out;
 }
 
