@@ -200,6 +200,12 @@ def test_official_openai_client(server):
     completion = client.completions.create(model="tiny-llama", prompt="the dog", max_tokens=5, seed=2, extra_body={"sea": {"steps": 2, "chains": 2}})
     assert completion.choices[0].text == completion.model_extra["sea"]["chains"][completion.model_extra["sea"]["chosen"]]["text"]
     assert completion.usage.completion_tokens <= 5 and completion.usage.prompt_tokens > 0
+    assert completion.model_extra["sea"]["seed"] == 2
+    # Without a seed the server draws one and names it: sent back, it repeats the run (a /v1 answer did not name it).
+    drawn = client.completions.create(model="sea", prompt="the dog", max_tokens=5, extra_body={"sea": {"steps": 2, "chains": 2}})
+    again = client.completions.create(model="sea", prompt="the dog", max_tokens=5, seed=drawn.model_extra["sea"]["seed"],
+                                      extra_body={"sea": {"steps": 2, "chains": 2}})
+    assert [c["text"] for c in again.model_extra["sea"]["chains"]] == [c["text"] for c in drawn.model_extra["sea"]["chains"]]
 
     chat = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "hello"}], max_tokens=4, seed=1, n=2,
                                           extra_body={"sea": {"steps": 2, "alpha": 2.0, "chains": 2}})

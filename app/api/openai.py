@@ -323,6 +323,7 @@ def _sea_extra(job: Job, result: AlignResult, stops: list[str], engine: Engine) 
         "energy": _finite(result.energy),
         "energy_per_token": _finite(result.energy_per_token),
         "chosen": result.chosen,
+        "seed": result.seed,  # the request's, or the one drawn for it: sent back as `seed`, it repeats the run
         "chains": [{"text": _generated(c, stops, engine)[0], "reward": _finite(c.reward), "energy": _finite(c.energy),
                     "log_prob_ref": _finite(c.log_prob_ref)} for c in result.chains],
         "timings": {"queue": job.queue_seconds, "init": result.timings.init, "langevin": result.timings.langevin,
