@@ -135,7 +135,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from app.api.schemas import MAX_ALIGN_LOGPROBS, AlignRequest, LimitError, SEAParams
+    from app.api.schemas import MAX_ALIGN_LOGPROBS, LimitError, SEAParams
     from app.runtime import Runtime
     from models.lm import token_piece
 
@@ -144,11 +144,10 @@ def cmd_align(args: argparse.Namespace) -> int:
     given = {"max_tokens": args.max_tokens, "chains": args.chains, "steps": args.steps, "alpha": args.alpha, "seed": args.seed,
              "method": args.method, "samples": args.samples, "select": args.select}
     try:  # the same defaults and limits as the HTTP API, checked before the models load
-        config = SEAParams(**{k: v for k, v in given.items() if v is not None}).to_config(settings)
-        if args.logprobs is not None:  # as /align: every chain's (or sample's) tokens
-            if not 0 <= args.logprobs <= MAX_ALIGN_LOGPROBS:
-                raise LimitError("logprobs", f"--logprobs must be between 0 and {MAX_ALIGN_LOGPROBS}")
-            config = AlignRequest.with_logprobs(config, args.logprobs)
+        if args.logprobs is not None and not 0 <= args.logprobs <= MAX_ALIGN_LOGPROBS:
+            raise LimitError("logprobs", f"--logprobs must be between 0 and {MAX_ALIGN_LOGPROBS}")
+        # as /align: every chain's (or sample's) tokens
+        config = SEAParams(**{k: v for k, v in given.items() if v is not None}).to_config(settings, logprobs=args.logprobs)
     except LimitError as exc:
         raise SystemExit(f"sea align: {exc}") from None
     except ValidationError as exc:

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_chains: int = Field(16, ge=1, description="Largest chains a request may ask for.")
     max_steps: int = Field(200, ge=0, description="Largest steps a request may ask for.")
     max_samples: int = Field(256, ge=1, description="Largest N a Best-of-N request may ask for.")
+    max_listed_log_probs: int = Field(
+        262_144, ge=1, description="Most token log-probs one request may list (`logprobs`: each listed chain's or sample's tokens "
+                                   "times the alternatives + 1): bounds the answer's size and the memory its kept result holds.")
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; past it 413.")
 
@@ -118,6 +121,12 @@ class Settings(BaseSettings):
                 return name, f"{name} must be at most {limit} (server limit), got {value}"
         if config.chains > self.max_batch_chains:
             return "chains", f"chains must be at most {self.max_batch_chains} (the engine batch size)"
+        if config.logprobs is not None:
+            listed = (config.logprobs + 1) * config.max_tokens * config.logprob_chains
+            if listed > self.max_listed_log_probs:
+                return "logprobs", (f"logprobs would list {listed} log-probs ({config.logprobs} alternatives + the token, {config.max_tokens} "
+                                    f"tokens, {config.logprob_chains} chains or samples); the server lists at most {self.max_listed_log_probs} "
+                                    "(ask for fewer alternatives, samples or tokens)")
         return None
 
     def load_api_keys(self) -> list[bytes]:

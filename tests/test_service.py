@@ -784,6 +784,47 @@ def test_job_store_keeps_finished_jobs_for_their_ttl_and_at_most_its_bound(monke
     assert store.get(running.id) is running  # unfinished jobs never expire
 
 
+def test_job_store_drops_the_oldest_results_listing_log_probs_past_its_bound(monkeypatch):
+    """A Best-of-256 result listing every sample's 20 alternatives held ~170 MB for the job's TTL, and a client could
+    keep dozens: past ``most_listed`` log-probs the oldest such results go at the next expiry."""
+    from app.engine.types import TokenLogProb
+    from app.service.jobs import Job, JobStore, listed_log_probs
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    store = JobStore(ttl=600, most_listed=100)
+
+    def finished(tokens: int, alternatives: int | None) -> Job:
+        job = Job(SimpleNamespace(config=SEAConfig(logprobs=alternatives)), "m")
+        store.add(job)
+        listed = None if alternatives is None else [TokenLogProb(1, -1.0, [(2, -2.0)] * alternatives) for _ in range(tokens)]
+        chain = ChainResult("x", [1] * tokens, 0.0, 0.0, 0.0, 0, StepStats(0.0, 0.0, 0.0, 0.0), token_log_probs=listed)
+        job.finish(JobStatus.succeeded, AlignResult("sea", "x", 0.0, 0.0, 0.0, 0.0, 0, [chain, chain], Usage(), Timings(), "stop"))
+        clock[0] += 1
+        return job
+
+    plain = finished(50, None)
+    first, second, third = finished(10, 2), finished(10, 1), finished(5, 0)  # 60, 40 and 10 log-probs listed
+    assert listed_log_probs(first.result) == 60 and listed_log_probs(plain.result) == 0
+    assert store.expire() == 1  # 110 held: the oldest listing result goes, the plain one older than it stays
+    assert store.get(first.id) is None and [store.get(job.id) for job in (plain, second, third)] == [plain, second, third]
+    assert store.expire() == 0
+
+
+def test_one_request_lists_at_most_the_server_s_log_probs():
+    """`logprobs` on a Best-of-256 of 256 tokens listed 1.4 million log-probs (an answer of ~70 MB, held while kept)."""
+    from app.api.schemas import AlignRequest, LimitError
+
+    settings = Settings()
+    request = {"prompt": "x", "method": "bon", "samples": 256, "max_tokens": 256}
+    with pytest.raises(LimitError, match="logprobs would list 1376256 log-probs .* at most 262144") as refused:
+        AlignRequest(**request, logprobs=20).to_config(settings)
+    assert refused.value.field == "logprobs"
+    assert AlignRequest(**request, logprobs=0).to_config(settings).logprob_chains == 256  # the chosen tokens alone fit
+    sea = AlignRequest(prompt="x", chains=16, max_tokens=256, logprobs=20).to_config(settings)  # the largest SEA request fits
+    assert sea.logprob_chains == 16 and sea.logprobs == 20
+
+
 def test_one_api_key_may_have_at_most_its_share_of_requests_in_flight():
     """SEA_MAX_JOBS_PER_KEY: one client cannot fill the queue for all; others (and the same key once a job ends) go on."""
     async def scenario():

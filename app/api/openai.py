@@ -8,7 +8,6 @@ result but are not supported answer 400 naming the field.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import math
 import os
@@ -392,10 +391,7 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     _check(body, service)
     params = body.params(max_tokens, service.settings.default_chains)
     stops = body.stops()
-    config = engine_config(params, service)
-    alternatives = body.log_prob_alternatives()
-    if alternatives is not None:
-        config = dataclasses.replace(config, logprobs=alternatives, logprob_chains=body.n)
+    config = engine_config(params, service, logprobs=body.log_prob_alternatives(), logprob_chains=body.n)
     try:
         job = await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param="messages" if chat else "prompt",
                                    owner=client(request))

@@ -74,9 +74,9 @@ def public_paths(settings) -> frozenset[str]:
     return frozenset({"/health", "/ready"} | (set() if settings.metrics_require_key else {"/metrics"}))
 
 
-def engine_config(params: SEAParams, service: AlignService) -> SEAConfig:
+def engine_config(params: SEAParams, service: AlignService, **log_probs) -> SEAConfig:
     try:
-        return params.to_config(service.settings)
+        return params.to_config(service.settings, **log_probs)
     except LimitError as exc:
         raise Unprocessable(str(exc), param=exc.field) from None
 
@@ -101,8 +101,6 @@ def client(request: Request) -> str | None:
 
 async def submit(body: AlignRequest, request: Request, service: AlignService, **options) -> Job:
     config = engine_config(body, service)
-    if body.logprobs is not None:
-        config = AlignRequest.with_logprobs(config, body.logprobs)
     return await service.submit(config, body.chat(), body.reward_options(), body.timeout,
                                 prompt_param="prompt" if body.messages is None else "messages", owner=client(request), **options)
 

@@ -151,8 +151,10 @@ class SEAParams(StrictRequest):
     timeout: float | None = Field(None, ge=1, allow_inf_nan=False,
                                   description="Seconds before the request is abandoned (504); at most the server's SEA_REQUEST_TIMEOUT_SECONDS.")
 
-    def to_config(self, settings: Settings) -> SEAConfig:
-        """The engine's config, with server defaults filled in and server limits enforced."""
+    def to_config(self, settings: Settings, logprobs: int | None = None, logprob_chains: int | None = None) -> SEAConfig:
+        """The engine's config, with server defaults filled in and server limits enforced. ``logprobs``: list this
+        many alternatives for each token of the best ``logprob_chains`` chains (by default every chain, sample or beam
+        the result lists)."""
         config = SEAConfig(
             method=self.method,
             max_tokens=self.max_tokens or settings.default_max_tokens,
@@ -188,6 +190,9 @@ class SEAParams(StrictRequest):
             successors=self.successors,
             chunk=self.chunk,
         )
+        if logprobs is not None:
+            listed = logprob_chains or config.result_chains
+            config = dataclasses.replace(config, logprobs=logprobs, logprob_chains=listed)
         error = settings.limit_error(config)
         if error is not None:
             raise LimitError(*error)
@@ -257,10 +262,8 @@ class AlignRequest(SEAParams):
             raise PydanticCustomError("prompt_or_messages", "give exactly one of `prompt` or `messages`")
         return prompt
 
-    @staticmethod
-    def with_logprobs(config: SEAConfig, logprobs: int) -> SEAConfig:
-        """``config`` listing ``logprobs`` alternatives for every chain (sea), sample (bon) or beam the result lists."""
-        return dataclasses.replace(config, logprobs=logprobs, logprob_chains=max(config.chains, config.samples, config.beams))
+    def to_config(self, settings: Settings, logprobs: int | None = None, logprob_chains: int | None = None) -> SEAConfig:
+        return super().to_config(settings, self.logprobs if logprobs is None else logprobs, logprob_chains)
 
     def chat(self) -> list[dict[str, str]]:
         if self.messages is not None:

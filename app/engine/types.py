@@ -63,6 +63,11 @@ class SEAConfig:
     logprobs: int | None = None
     logprob_chains: int = 1
 
+    @property
+    def result_chains(self) -> int:
+        """How many chains the result lists: SEA's chains, Best-of-N's samples, beam search's beams, one otherwise."""
+        return {"sea": self.chains, "bon": self.samples, "cbs": self.beams}.get(self.method, 1)
+
 
 @dataclass
 class AlignJob:

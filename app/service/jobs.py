@@ -157,13 +157,23 @@ class Job:
             return False
 
 
+def listed_log_probs(result: AlignResult | None) -> int:
+    """How many token log-probs (tokens and their alternatives) ``result`` lists: about 110 bytes each as held."""
+    if result is None:
+        return 0
+    return sum(len(c.token_log_probs) * (1 + len(c.token_log_probs[0].top)) for c in result.chains if c.token_log_probs)
+
+
 class JobStore:
     """In-memory jobs by id; finished jobs are dropped ``ttl`` seconds after they finish, and the oldest of them as soon
-    as more than ``most_kept`` jobs are held (a client cancelling what it submits, thousands a minute, fills no memory)."""
+    as more than ``most_kept`` jobs are held (a client cancelling what it submits, thousands a minute, fills no memory),
+    or, at each ``expire``, while the finished jobs list more than ``most_listed`` token log-probs (a result listing
+    Best-of-N samples' alternatives holds tens of MB)."""
 
-    def __init__(self, ttl: float, most_kept: int = MOST_JOBS_KEPT):
+    def __init__(self, ttl: float, most_kept: int = MOST_JOBS_KEPT, most_listed: int | None = None):
         self.ttl = ttl
         self.most_kept = most_kept
+        self.most_listed = most_listed
         self.jobs: dict[str, Job] = {}
 
     def add(self, job: Job) -> None:
@@ -189,7 +199,23 @@ class JobStore:
         old = [jid for jid, job in self.jobs.items() if job.finished_at is not None and now - job.finished_at > self.ttl]
         for jid in old:
             del self.jobs[jid]
-        return len(old)
+        return len(old) + self._drop_oldest_listing()
+
+    def _drop_oldest_listing(self) -> int:
+        """Drop the oldest finished jobs that list log-probs while all of them list more than ``most_listed``."""
+        if self.most_listed is None:
+            return 0
+        listing = sorted((job.finished_at, jid, listed) for jid, job in self.jobs.items()
+                         if job.finished_at is not None and (listed := listed_log_probs(job.result)))
+        held = sum(listed for *_, listed in listing)
+        dropped = 0
+        for _, jid, listed in listing:
+            if held <= self.most_listed:
+                break
+            del self.jobs[jid]
+            held -= listed
+            dropped += 1
+        return dropped
 
     def unfinished(self) -> list[Job]:
         return [job for job in self.jobs.values() if not job.status.finished]

@@ -50,7 +50,8 @@ class AlignService:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
-        self.store = JobStore(settings.job_ttl_seconds)
+        # Kept results may list 8 of the largest log-prob answers (about 230 MB at the default limit).
+        self.store = JobStore(settings.job_ttl_seconds, most_listed=8 * settings.max_listed_log_probs)
         self.runtime: Runtime | None = None
         self.serving_since = 0  # Unix time the models were attached (the served model's `created` on /v1/models)
         self.worker: EngineWorker | None = None
