@@ -11,6 +11,7 @@ import time
 from fastapi import FastAPI
 
 from app.api import openai as openai_routes
+from app.api import responses as responses_routes
 from app.api.docs import DOCS_ASSETS, assets_folder, install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import ApiKeyAuth, BodySizeLimit, JsonCORSMiddleware, RequestContext, ServerErrors
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(RequestContext, metrics=metrics)
     install_routes(app, settings)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     install_playground(app)
     if docs_assets:
         install_docs(app, docs_assets)

@@ -343,6 +343,44 @@ def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server)
     assert options.value.param == "stream_options"
 
 
+def test_the_openai_client_s_responses_api(server):
+    """`client.responses.create`, the official client's first example, answered 404."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    sea = {"seed": 3, "sea": {"steps": 2, "chains": 2}}
+    response = client.responses.create(model="sea", instructions="Be brief.", input="the dog", max_output_tokens=5, extra_body=sea)
+    chat = client.chat.completions.create(model="sea", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the dog"}],
+                                          max_tokens=5, seed=3, extra_body={"sea": sea["sea"]})
+    assert response.output_text == chat.choices[0].message.content and response.output[0].role == "assistant"
+    assert response.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert response.usage.input_tokens == chat.usage.prompt_tokens and response.usage.output_tokens == chat.usage.completion_tokens
+    assert response.model_extra["sea"]["seed"] == 3 and response.id.startswith("resp_")
+    history = [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": [{"type": "output_text", "text": "a cat"}]},
+               {"role": "user", "content": [{"type": "input_text", "text": "and the sun"}]}]
+    assert client.responses.create(model="sea", input=history, max_output_tokens=3, extra_body=sea).output_text
+
+    events = list(client.responses.create(model="sea", instructions="Be brief.", input="the dog", max_output_tokens=5, stream=True,
+                                          extra_body=sea))
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+                                        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+                                        "response.output_item.done", f"response.{response.status}"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[4].delta == response.output_text and events[-1].response.output_text == response.output_text
+    with client.responses.stream(model="sea", instructions="Be brief.", input="the dog", max_output_tokens=5, extra_body=sea) as stream:
+        *_, last = stream  # the client's own accumulation of the events
+    assert last.response.output_text == response.output_text
+
+    listed = client.responses.create(model="sea", input="the dog", max_output_tokens=5, include=["message.output_text.logprobs"],
+                                     top_logprobs=2, extra_body=sea).output[0].content[0].logprobs
+    assert listed and all(len(token.top_logprobs) == 2 and token.bytes for token in listed)
+    for refused, value in (("previous_response_id", "resp_x"), ("tools", [{"type": "web_search"}]), ("text", {"format": {"type": "json_object"}}),
+                           ("max_output_tokens", 10_000)):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.responses.create(model="sea", input="the dog", **{refused: value})
+        assert bad.value.body["param"] == refused
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="gpt-5", input="the dog")
+
+
 def test_logprobs_are_the_reference_model_s_for_each_returned_token(server):
     """OpenAI's `logprobs` (chat: with `top_logprobs`; completions: an int) were refused: they list each returned
     token's log-prob under the reference model and its most likely tokens, for every choice, streamed or not."""

@@ -77,6 +77,11 @@ class StreamOptions(StrictRequest):
     null_usage = field_validator("include_usage", mode="before")(classmethod(_null_is_default))
 
 
+# stream_options only with stream: true (OpenAI's rule too)
+STREAM_OPTIONS_NEED_STREAM = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+                              "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
+
+
 class _OpenAIBase(StrictRequest):
     model_config = ConfigDict(
         # n > 1 needs several chains or samples: method `sample` draws one (see `params`).
@@ -84,9 +89,7 @@ class _OpenAIBase(StrictRequest):
             {"if": {"required": ["sea"], "properties": {"sea": {"type": "object", "required": ["method"],
                                                                 "properties": {"method": {"const": "sample"}}}}},
              "then": {"properties": {"n": {"const": 1}}}},
-            # stream_options only with stream: true (OpenAI's rule too)
-            {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
-             "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}]},
+            STREAM_OPTIONS_NEED_STREAM]},
     )
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
@@ -257,7 +260,8 @@ def _check_model(model: str, service: AlignService) -> None:
         raise NotFound(f"the model {model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
 
 
-def _check(body: _OpenAIBase, service: AlignService) -> None:
+def _check(body, service: AlignService) -> None:
+    """Refuse what ``body`` (a completions, chat or responses request) asks past this server's support or limits."""
     for name in body.unsupported():
         raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
     if body.stream_options is not None and not body.stream:
@@ -265,6 +269,7 @@ def _check(body: _OpenAIBase, service: AlignService) -> None:
     _check_model(body.model, service)
     settings = service.settings
     limits = {"max_tokens": settings.max_tokens_limit, "max_completion_tokens": settings.max_tokens_limit,
+              "max_output_tokens": settings.max_tokens_limit,
               "n": min(settings.max_chains, settings.max_batch_chains, settings.max_samples)}  # n chains (sea) or n samples (bon)
     for name, limit in limits.items():
         if (getattr(body, name, None) or 0) > limit:
