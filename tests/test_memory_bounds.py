@@ -123,12 +123,13 @@ def test_best_of_n_on_a_long_prompt_draws_fewer_at_once(engine, lm, make_prompt,
 
 @pytest.mark.parametrize("method,extra", [("bon", {"samples": 64}), ("args", {}), ("cbs", {"beams": 2, "successors": 4, "chunk": 2})])
 def test_an_abandoned_baseline_stops_drawing(engine, lm, make_prompt, reward, method, extra):
-    """A baseline runs whole in its start: abandoned (its client left, its deadline passed) it stops at the next token
-    it draws, as a SEA start does, instead of holding the engine for the rest of its run."""
+    """Abandoned (its client left, its deadline passed), a baseline stops at the next token it draws, as a SEA start
+    does, instead of holding the engine for the rest of its slice of work."""
     prompt = make_prompt("write about a dog")
     config = SEAConfig(method=method, max_tokens=16, seed=3, temperature=1.0, **extra)
     with positions_run(lm.model.model) as whole:
         full = engine.start(AlignJob(prompt, config, reward))
+        engine.advance(full)
     assert full.result is not None and not full.cancelled
     passes = [0]
 
@@ -142,6 +143,7 @@ def test_an_abandoned_baseline_stops_drawing(engine, lm, make_prompt, reward, me
     try:
         with positions_run(lm.model.model) as fed:
             state = engine.start(dataclasses.replace(AlignJob(prompt, config, reward), abandoned=abandoned))
+            engine.advance(state)
     finally:
         hook.remove()
     assert state.cancelled and state.done and state.result is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 import threading
 import time
 import weakref
@@ -36,6 +37,7 @@ class FakeState:
         self.tokens = None
         self.initial = [StepStats(1.0, 0.0, -1.0, 0.0)] * chains
         self.traces = [[] for _ in range(chains)]
+        self.baseline = None
 
 
 class FakeEngine:
@@ -992,3 +994,67 @@ def test_a_request_whose_log_probs_fail_fails_alone():
     asked, plain = run(scenario())
     assert plain.status == JobStatus.succeeded
     assert (asked.status, asked.error_kind) == (JobStatus.failed, "overloaded") and "log-probs" in asked.error
+
+
+def _real_service_scenario(lm, monkeypatch, scenario):
+    """Run ``scenario(service, log)`` on a service over the tiny model's real engine; ``log`` records, in order, each
+    batched step (``tick``) and each slice of a baseline's run (``advance``), one piece of its work a slice."""
+    settings = Settings(max_batch_chains=8, max_queue=8)
+    runtime = Runtime.from_lm(lm, settings)
+    engine, log = runtime.engine, []
+    tick, advance = engine.tick, engine.advance
+    monkeypatch.setattr(engine, "tick", lambda states: (log.append("tick"), tick(states))[1])
+    monkeypatch.setattr(engine, "advance", lambda state, seconds=math.inf: (log.append("advance"), advance(state, 0.0))[1])
+
+    async def run_it():
+        service = AlignService(settings, Metrics())
+        await service.attach(runtime, asyncio.get_running_loop())
+        try:
+            await scenario(service, log)
+        finally:
+            await service.shutdown()
+
+    run(run_it())
+
+
+def test_a_baseline_runs_in_slices_between_the_batch_s_steps(lm, monkeypatch):
+    """A Best-of-N request ran whole inside its start: every SEA request in the batch waited for all of its draws (a
+    Best-of-256 held them for minutes on a CPU). Its passes now run between the batch's steps, and it returns what it
+    returns alone."""
+    messages = [{"role": "user", "content": "the dog"}]
+    bon = SEAConfig(method="bon", samples=96, max_tokens=6, seed=4)  # three passes of 32 samples
+
+    async def scenario(service, log):
+        sea_job = await service.submit(SEAConfig(chains=2, steps=6, max_tokens=6, seed=1), messages)
+        bon_job = await service.submit(bon, messages)
+        sea_result, bon_result = await service.wait(sea_job), await service.wait(bon_job)
+        slices = [i for i, entry in enumerate(log) if entry == "advance"]
+        assert len(slices) >= 3 and "tick" in log[slices[0] : slices[-1]]  # steps ran between its passes
+        alone = service.runtime.engine.run([service.runtime.job(messages, bon, terms=[("principle", 1.0)])])[0]
+        assert [c.tokens for c in bon_result.chains] == [c.tokens for c in alone.chains] and bon_result.chosen == alone.chosen
+        assert sea_result.method == "sea"
+
+    _real_service_scenario(lm, monkeypatch, scenario)
+
+
+def test_a_baseline_that_fails_in_a_slice_fails_alone(lm, monkeypatch):
+    messages = [{"role": "user", "content": "the dog"}]
+
+    async def scenario(service, log):
+        engine = service.runtime.engine
+        advance = engine.advance
+
+        def out_of_memory(state, seconds=math.inf):
+            advance(state, seconds)
+            raise torch.OutOfMemoryError("injected")
+
+        monkeypatch.setattr(engine, "advance", out_of_memory)
+        sea_job = await service.submit(SEAConfig(chains=2, steps=3, max_tokens=6, seed=1), messages)
+        bon_job = await service.submit(SEAConfig(method="bon", samples=64, max_tokens=6, seed=4), messages)
+        with pytest.raises(ServiceUnavailable, match="out of memory"):
+            await service.wait(bon_job)
+        assert (await service.wait(sea_job)).method == "sea" and service.worker.alive
+        assert bon_job.error_kind == "overloaded"
+
+    _real_service_scenario(lm, monkeypatch, scenario)
+

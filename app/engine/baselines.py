@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Generator
 
 import torch
 
@@ -19,8 +20,10 @@ from models.lm import cache_over, lm_head, stack_prefixes, with_cache
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
 
 
-def run_baseline(engine, state) -> AlignResult | None:
-    """Run a baseline request to completion; None once its job is abandoned (checked between tokens and draws)."""
+def baseline_run(engine, state) -> Generator[None, None, AlignResult | None]:
+    """A baseline request's run, as a generator that pauses between its pieces of work (a Best-of-N pass, an ARGS
+    token, a beam-search chunk) so that the engine can step other requests between them; it returns the result, or
+    None once its job is abandoned (checked between tokens and draws)."""
     method = state.config.method
     if method == "args":
         return run_args(engine, state)
@@ -48,8 +51,8 @@ def _decoded_rewards(spec, model) -> list[tuple[object, object]]:
             if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is model]
 
 
-@torch.inference_mode()
-def run_args(engine, state) -> AlignResult | None:
+@torch.inference_mode()  # entered at each resumption of the generator and left at each pause
+def run_args(engine, state) -> Generator[None, None, AlignResult | None]:
     """ARGS (Khanov et al., ICLR 2024): each token is picked among the reference top-k by ``log pi_ref + w·r(x, y_≤t)``.
 
     ``w`` is ``alpha``; greedy (``temperature = 0``) or sampled from the softmax of the scores. The reference and every
@@ -75,6 +78,8 @@ def run_args(engine, state) -> AlignResult | None:
     device = engine.device
     embed = model.get_input_embeddings()
     for t in range(config.max_tokens):
+        if t:
+            yield
         if state.job.is_abandoned():
             return None
         top = log_probs[0].topk(min(config.args_top_k, log_probs.shape[-1]))
@@ -115,7 +120,7 @@ def run_args(engine, state) -> AlignResult | None:
 
 
 @torch.inference_mode()
-def run_cbs(engine, state) -> AlignResult | None:
+def run_cbs(engine, state) -> Generator[None, None, AlignResult | None]:
     """Chunk-level beam search (Zhou et al., 2024, weak-to-strong search): W beams, K sampled successors of C tokens each.
 
     After each chunk the W best distinct partial responses by reward stay. A finished beam (ended by a stop token)
@@ -136,6 +141,8 @@ def run_cbs(engine, state) -> AlignResult | None:
     beam_scores = torch.zeros(1, 3, device=device)  # (W, 3) each beam's exact energy, reward and log pi_ref
     stops = engine.stop_ids
     while beams.shape[1] < config.max_tokens:
+        if beams.shape[1]:
+            yield
         size = min(chunk, config.max_tokens - beams.shape[1])
         finished = torch.isin(beams, stops).any(1)
         if bool(finished.all()):
@@ -190,29 +197,31 @@ def _best_distinct(candidates: torch.Tensor, rewards: torch.Tensor, width: int) 
     return kept
 
 
-def run_best_of_n(engine, state) -> AlignResult | None:
+@torch.inference_mode()
+def run_best_of_n(engine, state) -> Generator[None, None, AlignResult | None]:
     """``sample``: one draw from pi_ref. ``bon``: N draws, the best by reward (or by exact energy with ``select``)."""
     config = state.config
     total = 1 if config.method == "sample" else config.samples
     chains: list[ChainResult] = []
-    with torch.inference_mode():
-        batch = min(SAMPLE_BATCH, rows_per_pass(1, state.spec.prefix.length, config.max_tokens))  # long prompts: fewer
-        for start in range(0, total, batch):
-            n = min(batch, total - start)
-            group = SampleGroup(state.spec.prefix, n, config.max_tokens, state.generator, config.temperature, config.top_p,
-                                abandoned=state.job.is_abandoned)
-            samples = sample_groups(engine.lm.model, [group], engine.stop_ids)[0]
-            if state.job.is_abandoned():
-                return None
-            spec = dataclasses.replace(state.spec, rows=n)
-            known = drawn_log_probs(samples.token_log_probs, None)  # the reference's log-probs come with the draw
-            scored = evaluate_in_chunks(engine.lm, [spec], engine.stop_ids, samples.tokens, known=known)
-            state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec, known=frozenset(known)) * n
-            for row in range(n):
-                stats = StepStats(float(scored.energy[row]), float(scored.reward[row]), float(scored.log_prob_ref[row]), 0.0,
-                                  bool(torch.isfinite(scored.energy[row])))
-                text, counted, _ = engine.text_of(samples.tokens[row])
-                chains.append(ChainResult(text, samples.tokens[row].tolist(), stats.reward, stats.log_prob_ref,
-                                          stats.energy, 0, stats, [], counted))
+    batch = min(SAMPLE_BATCH, rows_per_pass(1, state.spec.prefix.length, config.max_tokens))  # long prompts: fewer
+    for start in range(0, total, batch):
+        if start:
+            yield
+        n = min(batch, total - start)
+        group = SampleGroup(state.spec.prefix, n, config.max_tokens, state.generator, config.temperature, config.top_p,
+                            abandoned=state.job.is_abandoned)
+        samples = sample_groups(engine.lm.model, [group], engine.stop_ids)[0]
+        if state.job.is_abandoned():
+            return None
+        spec = dataclasses.replace(state.spec, rows=n)
+        known = drawn_log_probs(samples.token_log_probs, None)  # the reference's log-probs come with the draw
+        scored = evaluate_in_chunks(engine.lm, [spec], engine.stop_ids, samples.tokens, known=known)
+        state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec, known=frozenset(known)) * n
+        for row in range(n):
+            stats = StepStats(float(scored.energy[row]), float(scored.reward[row]), float(scored.log_prob_ref[row]), 0.0,
+                              bool(torch.isfinite(scored.energy[row])))
+            text, counted, _ = engine.text_of(samples.tokens[row])
+            chains.append(ChainResult(text, samples.tokens[row].tolist(), stats.reward, stats.log_prob_ref,
+                                      stats.energy, 0, stats, [], counted))
     chosen = best_chain(chains, config.select)
     return engine.finish(state, chains, chosen, config.method)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,8 @@ class RequestState:
     done: bool = False
     cancelled: bool = False
     result: AlignResult | None = None
+    baseline: Generator[None, None, AlignResult | None] | None = None  # a baseline's run, advanced by Engine.advance
+
 
     @property
     def config(self) -> SEAConfig:
@@ -121,7 +124,7 @@ class Engine:
 
     def start_many(self, jobs: list[AlignJob]) -> list[RequestState]:
         """Start requests admitted together; the discrete update's initial samples of all of them come in one batch."""
-        from app.engine.baselines import run_baseline  # baselines build on this module
+        from app.engine.baselines import baseline_run  # baselines build on this module
 
         started = time.perf_counter()  # one stamp for all: each job waits for the others' prompts to be encoded too
         states = [self._prepare(job, started) for job in jobs]
@@ -136,10 +139,7 @@ class Engine:
             if state.job.is_abandoned():
                 self.cancel(state)  # e.g. a Best-of-N request cancelled while the one before it ran
             elif state.config.method != "sea":
-                state.result = run_baseline(self, state)
-                if state.result is None:
-                    self.cancel(state)  # abandoned while it ran
-                state.done = True
+                state.baseline = baseline_run(self, state)  # run by advance(), between other requests' steps
             elif state.config.update != "discrete":
                 self._start_logits(state)
         return states
@@ -184,10 +184,30 @@ class Engine:
     def cancel(self, state: RequestState) -> None:
         state.cancelled = True
         state.done = True
+        if state.baseline is not None:
+            state.baseline.close()
+
+    def advance(self, state: RequestState, seconds: float = math.inf) -> None:
+        """Run a baseline request's pieces of work (a Best-of-N pass, an ARGS token, a beam-search chunk) for about
+        ``seconds``, or to its end: it is then done, with its result (cancelled if abandoned meanwhile)."""
+        until = time.perf_counter() + seconds
+        try:
+            while True:
+                next(state.baseline)
+                if time.perf_counter() >= until:
+                    return
+        except StopIteration as end:
+            state.result = end.value
+            state.done = True
+            if state.result is None:
+                self.cancel(state)
 
     def run(self, jobs: list[AlignJob], on_tick=None) -> list[AlignResult]:
         """Run jobs to completion in one batch (the CLI and tests; the service drives ``start``/``tick`` itself)."""
         states = self.start_many(jobs)
+        for state in states:
+            if state.baseline is not None and not state.done:
+                self.advance(state)
         while any(not s.done for s in states):
             self.tick([s for s in states if not s.done])
             if on_tick is not None:
@@ -199,8 +219,11 @@ class Engine:
     # ----- one batched step --------------------------------------------------------------------
 
     def tick(self, states: list[RequestState]) -> None:
-        """Advance every state by one step in one batched forward/backward pass."""
-        states = [s for s in states if not s.done]
+        """Advance every state by one step in one batched forward/backward pass (a baseline's by one piece of its run)."""
+        for state in states:
+            if state.baseline is not None and not state.done:
+                self.advance(state, 0.0)
+        states = [s for s in states if not s.done and s.baseline is None]
         if not states:
             return
         tick_started = time.perf_counter()

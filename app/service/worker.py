@@ -27,6 +27,7 @@ from models.errors import is_out_of_memory
 log = logging.getLogger(__name__)
 
 GIL_SWITCH_SECONDS = 0.001
+BASELINE_SLICE_SECONDS = 0.25  # a baseline runs at least this long between the worker's looks at its queue
 
 
 def _deliver(job: Job, last_event: dict | None, result) -> None:
@@ -391,18 +392,40 @@ class EngineWorker:
             self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
 
     def _step(self) -> None:
+        """One step of the SEA requests in the batch, and a slice of each baseline's run as long as that step took (at
+        least ``BASELINE_SLICE_SECONDS``): a Best-of-256 no longer holds the batch for its whole run."""
         states = [state for _, state in self._active]
+        stepping = [state for state in states if state.baseline is None]
         started = time.perf_counter()
-        failed = self._tick_resilient(states)
-        self.metrics.step_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_chains.observe(sum(s.chains for s in states))
+        failed = self._tick_resilient(stepping) if stepping else {}
+        took = time.perf_counter() - started
+        if stepping:
+            self.metrics.step_seconds.observe(took)
+            self.metrics.batch_chains.observe(sum(s.chains for s in stepping))
+        baseline_failed = set()
+        for job, state in self._active:
+            if state.baseline is not None:
+                try:
+                    self.engine.advance(state, max(took, BASELINE_SLICE_SECONDS))
+                except Exception as exc:  # noqa: BLE001 -- its own run: it fails alone
+                    baseline_failed.add(id(state))
+                    traceback.clear_frames(exc.__traceback__)
+                    self._fail_alone(job, exc, "running", "out of memory: ask for fewer samples or tokens")
         still = []
         for job, state in self._active:
+            if id(state) in baseline_failed:
+                continue
             if id(state) in failed:
                 self._call(job.finish, JobStatus.failed, None, *failed[id(state)])
                 continue
             if state.cancelled:  # abandoned during the step (a restart stopped drawing for it)
                 self._end_unwanted(job)
+                continue
+            if state.baseline is not None:  # no step events: its result ends it
+                if state.done:
+                    self._complete(job, state)
+                else:
+                    still.append((job, state))
                 continue
             event = self._step_event(job, state)
             if state.done and state.result is None:  # an engine bug must fail its own job only, not the batch
