@@ -168,6 +168,15 @@ def test_json_nested_too_deeply_is_a_malformed_body(http):
     assert response.status_code == 422 and response.json()["error"]["code"] == "json_invalid", response.text
 
 
+def test_an_integer_past_python_s_digit_limit_is_a_malformed_body(http):
+    """JSON has no bound on an integer's digits; Python's parser refuses past 4300, which answered 400 "There was an
+    error parsing the body" on /align instead of the documented malformed-body error."""
+    for path, status in (("/align", 422), ("/v1/completions", 400)):
+        response = http.post(path, content=b'{"model": "sea", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}",
+                             headers={"content-type": "application/json"})
+        assert response.status_code == status and response.json()["error"]["code"] == "json_invalid", response.text
+
+
 @pytest.mark.parametrize("field, value", [("steps", "3"), ("steps", 2.5), ("chains", True), ("use_reward", 1), ("alpha", "1.0"),
                                           ("prompt", 5), ("reward", {"terms": {"principle": "1"}}), ("seed", -1)])
 def test_wrongly_typed_fields_are_rejected_naming_the_field(http, field, value):

@@ -420,6 +420,8 @@ def test_text_that_is_not_unicode_or_a_huge_field_name_is_a_clear_error(http):
         ("/v1/completions", '{"model": "sea", "prompt": ["the dog \\udc00"]}', "prompt"),
         ("/v1/chat/completions", '{"model": "sea", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages.0.content"),
         ("/align", '{"prompt": "hi", "reward": {"keywords": ["dog \\ud800"]}}', "reward.keywords"),
+        ("/v1/responses", '{"model": "sea", "input": "hi", "metadata": {"k": "\\ud800"}}', "metadata"),  # echoed in the answer: a 500
+        ("/v1/chat/completions", '{"model": "sea", "messages": [{"role": "user", "content": "hi"}], "metadata": {"\\udfff": "v"}}', "metadata"),
     ):
         error = assert_error(http.post(path, content=body.encode(), headers={"content-type": "application/json"}),
                              400 if path.startswith("/v1") else 422)

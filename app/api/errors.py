@@ -123,6 +123,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return _malformed_body(request)
         if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
             return _malformed_body(request, "the body's JSON is nested too deeply")
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError) and "integer string conversion" in str(exc.__cause__):
+            return _malformed_body(request, "the body's JSON holds an integer of more than 4300 digits")
         if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):  # nobody reads this answer; the log and metrics do
             note_error(request.scope, "the client closed the connection while sending the body")
             return JSONResponse(error_body("the client closed the connection", ClientClosed.type), status_code=ClientClosed.status)

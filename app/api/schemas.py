@@ -45,7 +45,8 @@ class StrictRequest(BaseModel):
     def _unicode_text(cls, value):
         """A lone UTF-16 surrogate (``"\\ud800"``, which JSON can spell and Python's parser lets through) is not text:
         no tokenizer takes it."""
-        for text in value if isinstance(value, list) else (value,):
+        texts = value if isinstance(value, list) else [*value, *value.values()] if isinstance(value, dict) else (value,)
+        for text in texts:  # a list's items, a dict's keys and values (e.g. `metadata`)
             if isinstance(text, str) and not text.isascii():
                 try:
                     text.encode("utf-8")
