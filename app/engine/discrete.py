@@ -20,7 +20,16 @@ import math
 
 import torch
 
-from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate, evaluate_in_chunks, passes_per_row, token_tilt
+from app.engine.energy import (
+    Abandoned,
+    Evaluation,
+    drawn_log_probs,
+    drawn_scorers,
+    evaluate,
+    evaluate_in_chunks,
+    passes_per_row,
+    token_tilt,
+)
 from app.engine.host import to_host
 from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
 from app.engine.sampling import SampleGroup, Tilt, sample_groups_in_chunks
@@ -297,6 +306,10 @@ def tick(engine, states: list) -> None:
     exhausted: list = []  # states not even one more step fits: done only once the step has run (a retry must see them)
     try:
         _tick(engine, states, saved, exhausted)
+    except Abandoned:  # every request of the step was abandoned while its edits were scored: they end here
+        for state in states:
+            engine.cancel(state)
+        return
     except BaseException:
         for state, usage, generator in saved:
             state.usage = usage
@@ -377,7 +390,8 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
             return reuse_for_edits(editing, [owners[i] for i in rows_here], [starts[i] for i in rows_here], length)
 
         with torch.no_grad():
-            scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.tensor(padded, device=engine.device), reuse_of=reuse_of)
+            scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.tensor(padded, device=engine.device), reuse_of=reuse_of,
+                                        abandoned=lambda: all(s.job.is_abandoned() for s in states))
     # The last heavy work (the restarting states are not the editing ones): what follows is bookkeeping, so a step that
     # runs out of memory before here is retried by the worker as if it had not begun (see ``tick``).
     replaced = _restart(engine, restarting) if restarting else {}

@@ -167,6 +167,10 @@ def evaluate(
     )
 
 
+class Abandoned(Exception):
+    """Nobody waits for the work under way any more (every request it serves was cancelled or ran past its deadline)."""
+
+
 def evaluate_in_chunks(
     lm: LoadedLM,
     specs: list[RowSpec],
@@ -174,10 +178,12 @@ def evaluate_in_chunks(
     tokens: Tensor,
     known: dict[object, Tensor] | None = None,
     reuse_of: Callable[[list[int]], Reuse | None] | None = None,
+    abandoned: Callable[[], bool] | None = None,
 ) -> Evaluation:
     """Exact scores of ``tokens``, as :func:`evaluate` gives them, in passes of at most :data:`ROW_TOKENS_PER_PASS`
     tokens (:func:`row_chunks`), so that memory stays bounded however many rows a request asks for (candidates,
-    samples). ``reuse_of(rows)`` gives the :class:`Reuse` of a pass's rows (a list of their indices), if any."""
+    samples). ``reuse_of(rows)`` gives the :class:`Reuse` of a pass's rows (a list of their indices), if any. Raises
+    :class:`Abandoned` between passes once ``abandoned()`` says nobody waits for any of the scores."""
     chunks = row_chunks([(spec.rows, *row_size(spec, tokens.shape[1])) for spec in specs])
     starts = [0]
     for spec in specs:
@@ -185,6 +191,8 @@ def evaluate_in_chunks(
     parts = []
     whole = len(chunks) == 1
     for chunk in chunks:
+        if parts and abandoned is not None and abandoned():
+            raise Abandoned
         rows = [row for group, first, end in chunk for row in range(starts[group] + first, starts[group] + end)]
         index = None if whole else torch.tensor(rows, device=tokens.device)
         parts.append(evaluate(
