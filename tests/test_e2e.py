@@ -328,6 +328,9 @@ def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server)
     history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": None}, {"role": "user", "content": "the dog"}]
     replayed = client.chat.completions.create(model="sea", messages=history, max_tokens=3, extra_body={"sea": {"steps": 1}})
     assert replayed.choices[0].message.content is not None
+    refused = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+               {"role": "user", "content": "the dog"}]  # a refusal part, replayed as it came (was 400)
+    assert client.chat.completions.create(model="sea", messages=refused, max_tokens=3, extra_body={"sea": {"steps": 1}}).choices
     with pytest.raises(openai.BadRequestError) as no_content:
         client.chat.completions.create(model="sea", messages=[{"role": "user", "content": None}], max_tokens=3)
     assert no_content.value.param == "messages.0.content"

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.api.routes import UNAUTHORIZED, client, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
@@ -178,8 +178,25 @@ class CompletionRequest(_OpenAIBase):
 
 
 class ContentPart(StrictRequest):
-    type: Literal["text"]
-    text: str
+    """A text part, or a replayed assistant turn's refusal (sent back as it came)."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"type": {"const": "refusal"}}},
+        "then": {"required": ["refusal"], "properties": {"refusal": {"type": "string"}}},
+        "else": {"required": ["text"], "properties": {"text": {"type": "string"}}}})
+    type: Literal["text", "refusal"]
+    text: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _has_its_text(self) -> ContentPart:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a `{self.type}` part needs `{self.type}`")
+        return self
+
+    @property
+    def words(self) -> str:
+        return (self.text if self.type == "text" else self.refusal) or ""
 
 
 class ChatMessageIn(StrictRequest):
@@ -202,15 +219,22 @@ class ChatMessageIn(StrictRequest):
     def text(self) -> str:
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p.words for p in self.content)
 
     def as_dict(self) -> dict[str, str]:
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 # The JSON Schema of `chat_has_text` here: some message's content is text, or parts of which one is text
-A_MESSAGE_HAS_TEXT = {"contains": {"type": "object", "required": ["content"], "properties": {"content": {"anyOf": [
-    TEXT_STRING, {"type": "array", "contains": {"type": "object", "properties": {"text": TEXT_STRING}}}]}}}}
+def _a_message_has_text(part_with_text: dict) -> dict:
+    return {"contains": {"type": "object", "required": ["content"], "properties": {"content": {"anyOf": [
+        TEXT_STRING, {"type": "array", "contains": part_with_text}]}}}}
+
+
+A_MESSAGE_HAS_TEXT = _a_message_has_text({"type": "object", "anyOf": [  # a refusal's words count as its turn's text
+    {"required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": TEXT_STRING}},
+    {"required": ["type", "refusal"], "properties": {"type": {"const": "refusal"}, "refusal": TEXT_STRING}}]})
+A_MESSAGE_HAS_TEXT_PART = _a_message_has_text({"type": "object", "properties": {"text": TEXT_STRING}})  # the Responses API's parts
 
 
 class ChatCompletionRequest(_OpenAIBase):

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, ConfigDict, Field, field_validator
 
 from app.api.openai import (
-    A_MESSAGE_HAS_TEXT,
+    A_MESSAGE_HAS_TEXT_PART,
     KEEP_ALIVE_SECONDS,
     STREAM_OPTIONS_NEED_STREAM,
     V1_RESPONSES,
@@ -64,7 +64,7 @@ class ResponseRequest(StrictRequest):
     model_config = ConfigDict(json_schema_extra={"allOf": [STREAM_OPTIONS_NEED_STREAM]})
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
-    input: PromptText | Annotated[list[InputMessage], Field(min_length=1, max_length=64, json_schema_extra=A_MESSAGE_HAS_TEXT),
+    input: PromptText | Annotated[list[InputMessage], Field(min_length=1, max_length=64, json_schema_extra=A_MESSAGE_HAS_TEXT_PART),
                                   AfterValidator(chat_has_text)] = Field(
         description="A user prompt, or the conversation's messages (text only).")
     instructions: str | None = Field(None, description="A system message put before the input.")
