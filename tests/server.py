@@ -9,6 +9,7 @@ interpreter with `python -m app.cli serve` instead (the start-up path a user run
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -150,3 +151,17 @@ def serve_tiny(tmp_path_factory, **settings):
         raise
     yield proc
     assert proc.stop() == 0
+
+
+def noting_the_event_loop(function, on_loop: list[bool]):
+    """``function``, appending to ``on_loop`` whether each call ran on an event loop's thread (True) or off it."""
+
+    def wrapped(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return function(*args, **kwargs)
+
+    return wrapped

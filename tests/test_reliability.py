@@ -615,21 +615,11 @@ def test_responses_listing_log_probs_or_traces_are_built_off_the_event_loop(faul
     """A Best-of-256's token log-probs make 18 MB of JSON, 16 chat choices' a second of building: on the event loop
     that held every other request (health checks, streams) for as long."""
     from app.api import openai, routes
+    from tests.server import noting_the_event_loop
 
     on_loop = []
-
-    def recording(build):
-        def wrapped(*args, **kwargs):
-            try:
-                asyncio.get_running_loop()
-                on_loop.append(True)
-            except RuntimeError:
-                on_loop.append(False)
-            return build(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(openai, "_choices", recording(openai._choices))
-    monkeypatch.setattr(routes, "align_response", recording(routes.align_response))
+    monkeypatch.setattr(openai, "_choices", noting_the_event_loop(openai._choices, on_loop))
+    monkeypatch.setattr(routes, "align_response", noting_the_event_loop(routes.align_response, on_loop))
     with httpx.Client(base_url=faulty.url, timeout=60) as client:
         chat = {"model": "sea", "messages": [{"role": "user", "content": "fine"}], "max_tokens": 3, "logprobs": True}
         assert client.post("/v1/chat/completions", json=chat).status_code == 200

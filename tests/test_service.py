@@ -1063,18 +1063,11 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(monkeypatch):
     """A prompt within the character pre-check can still hold half a million tokens (CJK): 0.23 s of tokenizing per
     request on the event loop, and a dozen such requests at once kept /health from answering its probes."""
     async def scenario():
+        from tests.server import noting_the_event_loop
+
         service = await make_service(FakeEngine())
-        job, on_loop = service.runtime.job, []
-
-        def recording(*args, **kwargs):
-            try:
-                asyncio.get_running_loop()
-                on_loop.append(True)
-            except RuntimeError:
-                on_loop.append(False)
-            return job(*args, **kwargs)
-
-        monkeypatch.setattr(service.runtime, "job", recording)
+        on_loop = []
+        monkeypatch.setattr(service.runtime, "job", noting_the_event_loop(service.runtime.job, on_loop))
         await submit(service, "the dog")
         with pytest.raises(Unprocessable):  # past the prompt's token limit, found by tokenizing
             await submit(service, "the dog " * 3000)

@@ -237,7 +237,18 @@ A_MESSAGE_HAS_TEXT = _a_message_has_text({"type": "object", "anyOf": [  # a refu
 A_MESSAGE_HAS_TEXT_PART = _a_message_has_text({"type": "object", "properties": {"text": TEXT_STRING}})  # the Responses API's parts
 
 
-class ChatCompletionRequest(_OpenAIBase):
+class AcceptedAndIgnored(StrictRequest):
+    """OpenAI fields that do not change the answer here (nothing is stored, there is one service tier, no tool calls)."""
+
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class ChatCompletionRequest(_OpenAIBase, AcceptedAndIgnored):
     model_config = ConfigDict(json_schema_extra={**_OpenAIBase.model_config["json_schema_extra"],
                                                  "not": {"required": ["max_tokens", "max_completion_tokens"],
                                                          "properties": {"max_tokens": {"type": "integer"},
@@ -254,13 +265,6 @@ class ChatCompletionRequest(_OpenAIBase):
     tool_choice: Any = Field(None, description="Only `none` or null.", json_schema_extra=_only("none"))
     response_format: dict | None = Field(None, description="Only `{\"type\": \"text\"}` or null.", json_schema_extra=_only(
         schema={"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}))
-    # Accepted and ignored: they do not change the answer (nothing is stored, there is one service tier, no tool calls).
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-    parallel_tool_calls: bool | None = None
 
     def log_prob_alternatives(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
@@ -445,6 +449,25 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     )
 
 
+async def progress_comments(past: list[dict], queue: asyncio.Queue):
+    """SSE comments while a job waits and runs (each step, and a keep-alive at least every ``KEEP_ALIVE_SECONDS``, which
+    idle proxies need), until its end: ``past`` and ``queue`` are its events (``Job.subscribe``)."""
+    pending = list(past)
+    while True:
+        if pending:
+            event = pending.pop(0)
+        else:
+            try:
+                event = await asyncio.wait_for(queue.get(), KEEP_ALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+        if event["event"] == "end":
+            return
+        if event["event"] == "step":
+            yield f": step {event['step']}/{event['steps']}\n\n"
+
+
 async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], chat: bool, response_id: str, created: int,
                   service: AlignService):
     """OpenAI SSE chunks: progress as comments while the chains run, then the text, then ``[DONE]``."""
@@ -458,20 +481,8 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
     try:
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(body.n)])
-        pending = list(past)
-        while True:
-            if pending:
-                event = pending.pop(0)
-            else:
-                try:
-                    event = await asyncio.wait_for(queue.get(), KEEP_ALIVE_SECONDS)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-            if event["event"] == "end":
-                break
-            if event["event"] == "step":
-                yield f": step {event['step']}/{event['steps']}\n\n"
+        async for comment in progress_comments(past, queue):
+            yield comment
         try:
             result = service.outcome(job)
         except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does

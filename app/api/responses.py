@@ -5,7 +5,6 @@ conversation as `input`)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -17,9 +16,9 @@ from pydantic import AfterValidator, ConfigDict, Field, field_validator
 
 from app.api.openai import (
     A_MESSAGE_HAS_TEXT_PART,
-    KEEP_ALIVE_SECONDS,
     STREAM_OPTIONS_NEED_STREAM,
     V1_RESPONSES,
+    AcceptedAndIgnored,
     SEAOptions,
     StreamOptions,
     _built_choices,
@@ -27,6 +26,7 @@ from app.api.openai import (
     _null_is_default,
     _only,
     _sea_extra,
+    progress_comments,
 )
 from app.api.routes import client, client_gone, engine_config, get_service, require_api_key
 from app.api.schemas import MAX_SEED, PromptText, SEAParams, StrictRequest, chat_has_text
@@ -60,7 +60,7 @@ class InputMessage(StrictRequest):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
-class ResponseRequest(StrictRequest):
+class ResponseRequest(AcceptedAndIgnored):
     model_config = ConfigDict(json_schema_extra={"allOf": [STREAM_OPTIONS_NEED_STREAM]})
 
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
@@ -83,14 +83,8 @@ class ResponseRequest(StrictRequest):
         schema={"enum": ["none", "auto"]}))
     text: dict | None = Field(None, description="Only a `text` format (or none).", json_schema_extra=_only(schema={
         "type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}}}))
-    # Accepted and ignored: they do not change the answer (nothing is stored, one service tier, no tool calls).
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
+    # Accepted and ignored too (besides AcceptedAndIgnored's)
     user: str | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-    parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = None
     truncation: Literal["auto", "disabled"] | None = None
     sea: SEAOptions | None = Field(None, description="SEA parameters (see POST /align).")
@@ -207,20 +201,8 @@ async def _events(run: _Run):
     try:
         yield event("response.created", response=run.response("in_progress"))
         yield event("response.in_progress", response=run.response("in_progress"))
-        pending = list(past)
-        while True:
-            if pending:
-                update = pending.pop(0)
-            else:
-                try:
-                    update = await asyncio.wait_for(queue.get(), KEEP_ALIVE_SECONDS)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-            if update["event"] == "end":
-                break
-            if update["event"] == "step":
-                yield f": step {update['step']}/{update['steps']}\n\n"
+        async for comment in progress_comments(past, queue):
+            yield comment
         try:
             result = service.outcome(job)
         except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
