@@ -201,3 +201,23 @@ def test_a_step_whose_requests_were_all_abandoned_stops_between_its_scoring_pass
         hook.remove()
     assert state.candidate_rows >= 3 and state.cancelled and state.done and state.result is None
     assert passes[0] == 2  # the gradient pass, the first edit's scoring pass, and nothing after
+
+
+def test_a_step_cut_short_for_abandoned_requests_still_ends_a_batch_mate_out_of_budget_with_its_result(engine, lm, make_prompt,
+                                                                                                       reward, monkeypatch):
+    """A request whose budget ran out leaves the step's scoring; when every request still scoring was abandoned, the
+    step's end cancelled it too, and its client got 504 instead of its result."""
+    prompt = make_prompt("write about a dog")
+    gone = [False]
+    abandoned = AlignJob(prompt, SEAConfig(chains=2, candidates=16, max_tokens=8, steps=3, seed=2, restart_after=None), reward,
+                         abandoned=lambda: gone[0])
+    spent = AlignJob(prompt, SEAConfig(chains=1, max_tokens=8, steps=3, seed=2, max_compute=1, restart_after=None), reward)
+    states = engine.start_many([abandoned, spent])
+    monkeypatch.setattr(sampling, "ROW_TOKENS_PER_PASS", 1)
+    hook = lm.model.model.register_forward_pre_hook(lambda module, args, kwargs: gone.__setitem__(0, True), with_kwargs=True)
+    try:
+        engine.tick(states)
+    finally:
+        hook.remove()
+    assert states[0].cancelled and states[0].result is None
+    assert states[1].done and not states[1].cancelled and states[1].result is not None

@@ -848,6 +848,25 @@ def test_one_api_key_may_have_at_most_its_share_of_requests_in_flight():
     assert "requests in flight as one key may have (2" in str(refused) and int(refused.headers["Retry-After"]) >= 1
 
 
+def test_a_key_s_share_holds_for_requests_sent_together_whose_prompts_are_tokenized_in_a_thread():
+    """The share was counted before a long prompt's tokenizing (in a thread, an await) and the job stored after it:
+    five long prompts sent together by one key with a share of one were all accepted."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.01), max_jobs_per_key=1)
+        long = SEAConfig(chains=1, steps=3000)
+        prompt = [{"role": "user", "content": "lighthouse " * 1000}]  # past LONG_PROMPT_CHARACTERS, within the token limit
+        outcomes = await asyncio.gather(*(service.submit(long, prompt, owner="key-a") for _ in range(5)), return_exceptions=True)
+        for job in outcomes:
+            if not isinstance(job, BaseException):
+                service.cancel(job)
+        await service.shutdown()
+        return outcomes
+
+    outcomes = run(scenario())
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    assert sum(isinstance(o, TooManyRequests) for o in outcomes) == 4
+
+
 def test_a_chat_the_model_s_template_refuses_is_unprocessable_naming_the_messages():
     """A template's own check (roles must alternate, as Gemma's and Mistral's templates demand) was a 500."""
     async def scenario():

@@ -1,7 +1,8 @@
 """OpenAI's Responses API (`POST /v1/responses`), the official client's `client.responses.create`: one SEA run, its
 best chain as the output message; streamed as the API's typed events. Nothing is stored: `previous_response_id`,
 conversations, stored prompts, background runs and reasoning settings are refused as unsupported fields (send the
-conversation as `input`)."""
+conversation as `input`); the neutral values the Response object echoes (`background: false`, `reasoning: null`) are
+accepted."""
 
 from __future__ import annotations
 
@@ -83,6 +84,10 @@ class ResponseRequest(AcceptedAndIgnored):
         schema={"enum": ["none", "auto"]}))
     text: dict | None = Field(None, description="Only a `text` format (or none).", json_schema_extra=_only(schema={
         "type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}}}))
+    background: bool | None = Field(None, description="Only false or null (a response is answered when it is done).",
+                                    json_schema_extra=_only(False))
+    reasoning: dict | None = Field(None, description="Only null or empty (the model does not reason).",
+                                   json_schema_extra=_only(schema={"type": "object", "maxProperties": 0}))
     # Accepted and ignored too (besides AcceptedAndIgnored's)
     user: str | None = None
     max_tool_calls: int | None = None
@@ -98,6 +103,10 @@ class ResponseRequest(AcceptedAndIgnored):
             bad["tools"] = self.tools
         if self.tool_choice not in (None, "none", "auto"):
             bad["tool_choice"] = self.tool_choice
+        if self.background:
+            bad["background"] = self.background
+        if self.reasoning:
+            bad["reasoning"] = self.reasoning
         if self.text is not None and "format" in self.text and not (isinstance(self.text["format"], dict) and self.text["format"].get("type") == "text"):
             bad["text"] = self.text
         return bad

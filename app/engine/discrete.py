@@ -306,9 +306,12 @@ def tick(engine, states: list) -> None:
     exhausted: list = []  # states not even one more step fits: done only once the step has run (a retry must see them)
     try:
         _tick(engine, states, saved, exhausted)
-    except Abandoned:  # every request of the step was abandoned while its edits were scored: they end here
+    except Abandoned:  # every request the step was scoring was abandoned: they end here; one out of budget ends done
         for state in states:
-            engine.cancel(state)
+            if state in exhausted:
+                state.done = True
+            else:
+                engine.cancel(state)
         return
     except BaseException:
         for state, usage, generator in saved:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -53,6 +54,7 @@ class AlignService:
         self.metrics = metrics
         # Kept results may list 8 of the largest log-prob answers (about 230 MB at the default limit).
         self.store = JobStore(settings.job_ttl_seconds, most_listed=8 * settings.max_listed_log_probs)
+        self._entering: collections.Counter[str] = collections.Counter()  # per API key: requests being submitted
         self.runtime: Runtime | None = None
         self.serving_since = 0  # Unix time the models were attached (the served model's `created` on /v1/models)
         self.worker: EngineWorker | None = None
@@ -157,12 +159,22 @@ class AlignService:
             raise ServiceBroken(self.broken, headers=NO_RETRY)
         if self.worker is None or self.draining:
             raise ServiceUnavailable(self.waiting_for, headers={"Retry-After": "5"})
-        if owner is not None and self.settings.max_jobs_per_key:
-            mine = sum(1 for other in self.store.jobs.values() if other.owner == owner and not other.status.finished)
-            if mine >= self.settings.max_jobs_per_key:
-                raise TooManyRequests(f"this API key has as many requests in flight as one key may have ({mine}, "
-                                      f"SEA_MAX_JOBS_PER_KEY); retry when one ends",
-                                      headers={"Retry-After": str(self.worker.retry_after())})
+        if owner is None or not self.settings.max_jobs_per_key:
+            return await self._submit(config, messages, reward_options, timeout, stream_events, return_trace, prompt_param, owner)
+        mine = self._entering[owner] + sum(1 for other in self.store.jobs.values() if other.owner == owner and not other.status.finished)
+        if mine >= self.settings.max_jobs_per_key:
+            raise TooManyRequests(f"this API key has as many requests in flight as one key may have ({mine}, "
+                                  f"SEA_MAX_JOBS_PER_KEY); retry when one ends", headers={"Retry-After": str(self.worker.retry_after())})
+        self._entering[owner] += 1  # counted while it is tokenized or queued in Redis (awaits: the key's next request may come)
+        try:
+            return await self._submit(config, messages, reward_options, timeout, stream_events, return_trace, prompt_param, owner)
+        finally:
+            self._entering[owner] -= 1
+            if not self._entering[owner]:
+                del self._entering[owner]
+
+    async def _submit(self, config: SEAConfig, messages: list[dict[str, str]], reward_options: dict | None, timeout: float | None,
+                      stream_events: bool, return_trace: bool, prompt_param: str, owner: str | None) -> Job:
         characters = sum(len(message["content"]) for message in messages)
         if characters > self.settings.max_prompt_tokens * self.runtime.longest_token_characters:  # sure to be over: not tokenized
             raise Unprocessable(f"the prompt has {characters} characters, more than {self.settings.max_prompt_tokens} tokens "

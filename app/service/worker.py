@@ -392,8 +392,8 @@ class EngineWorker:
             self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
 
     def _step(self) -> None:
-        """One step of the SEA requests in the batch, and a slice of each baseline's run as long as that step took (at
-        least ``BASELINE_SLICE_SECONDS``): a Best-of-256 no longer holds the batch for its whole run."""
+        """One step of the SEA requests in the batch, then the baselines' runs for as long as that step took (at least
+        ``BASELINE_SLICE_SECONDS``), shared among them: a Best-of-256 no longer holds the batch for its whole run."""
         states = [state for _, state in self._active]
         stepping = [state for state in states if state.baseline is None]
         started = time.perf_counter()
@@ -403,14 +403,16 @@ class EngineWorker:
             self.metrics.step_seconds.observe(took)
             self.metrics.batch_chains.observe(sum(s.chains for s in stepping))
         baseline_failed = set()
+        baselines = sum(1 for state in states if state.baseline is not None)
         for job, state in self._active:
             if state.baseline is not None:
-                try:
-                    self.engine.advance(state, max(took, BASELINE_SLICE_SECONDS))
+                try:  # the baselines share a slice as long as the step (each runs at least one piece of its work)
+                    self.engine.advance(state, max(took, BASELINE_SLICE_SECONDS) / baselines)
                 except Exception as exc:  # noqa: BLE001 -- its own run: it fails alone
                     baseline_failed.add(id(state))
                     traceback.clear_frames(exc.__traceback__)
                     self._fail_alone(job, exc, "running", "out of memory: ask for fewer samples or tokens")
+                    _release_accelerator_memory()
         still = []
         for job, state in self._active:
             if id(state) in baseline_failed:
