@@ -13,7 +13,7 @@ from collections.abc import Generator
 import torch
 
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row
-from app.engine.sampling import SampleGroup, categorical, joined_samples, row_chunks, rows_per_pass, sample_groups
+from app.engine.sampling import SampleGroup, categorical, drawing_groups, joined_samples, row_chunks, rows_per_pass
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import cache_over, lm_head, stack_prefixes, with_cache
 
@@ -156,7 +156,7 @@ def run_cbs(engine, state) -> Generator[None, None, AlignResult | None]:
         parts = []
         for _, first, end in (piece for passes in row_chunks([(parents.shape[0], *per_parent)]) for piece in passes):
             part = dataclasses.replace(group, n=(end - first) * successors)
-            parts.append(sample_groups(model, [part], stops, given=parents[first:end], given_repeats=successors)[0])
+            parts.append((yield from drawing_groups(model, [part], stops, given=parents[first:end], given_repeats=successors))[0])
             if state.job.is_abandoned():
                 return None
         samples = joined_samples(parts)
@@ -210,7 +210,7 @@ def run_best_of_n(engine, state) -> Generator[None, None, AlignResult | None]:
         n = min(batch, total - start)
         group = SampleGroup(state.spec.prefix, n, config.max_tokens, state.generator, config.temperature, config.top_p,
                             abandoned=state.job.is_abandoned)
-        samples = sample_groups(engine.lm.model, [group], engine.stop_ids)[0]
+        samples = (yield from drawing_groups(engine.lm.model, [group], engine.stop_ids))[0]  # pausing between tokens
         if state.job.is_abandoned():
             return None
         spec = dataclasses.replace(state.spec, rows=n)

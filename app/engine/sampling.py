@@ -13,7 +13,7 @@ extra rows of the same batch that read the drawn tokens.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -186,7 +186,6 @@ def sample_responses(
     return sample_groups(model, [group], stop_ids, keep_log_probs, given, given_repeats)[0]
 
 
-@torch.no_grad()
 def sample_groups(
     model: PreTrainedModel,
     groups: list[SampleGroup],
@@ -195,7 +194,26 @@ def sample_groups(
     given: Tensor | None = None,
     given_repeats: int = 1,
 ) -> list[Samples]:
-    """Draw every group's responses in one batch of decoding steps; one :class:`Samples` per group.
+    """:func:`drawing_groups` run to its end."""
+    drawing = drawing_groups(model, groups, stop_ids, keep_log_probs, given, given_repeats)
+    while True:
+        try:
+            next(drawing)
+        except StopIteration as end:
+            return end.value
+
+
+@torch.no_grad()  # entered at each resumption of the generator and left at each pause
+def drawing_groups(
+    model: PreTrainedModel,
+    groups: list[SampleGroup],
+    stop_ids: Tensor,
+    keep_log_probs: bool = False,
+    given: Tensor | None = None,
+    given_repeats: int = 1,
+) -> Generator[None, None, list[Samples]]:
+    """Draw every group's responses in one batch of decoding steps; one :class:`Samples` per group. A generator that
+    pauses after each drawn token (a baseline's run lets other requests step there) and returns the samples.
 
     A group stops drawing (and counting passes) once all its rows have stopped or reached its
     ``max_tokens``, exactly when it would stop alone. ``given`` (rows / given_repeats, g) starts the rows, each
@@ -302,6 +320,7 @@ def sample_groups(
             if tables is not None:  # positions after every row stopped: uniform stop tokens, table unused
                 tables.extend([log_probs[:rows]] * (longest - t - 1))
             break
+        yield
     table = torch.stack(tables, dim=1) if tables is not None else None
     if given is not None and given.shape[1] > 0:
         tokens = torch.cat([given, tokens], dim=1)
