@@ -186,16 +186,9 @@ def sample_responses(
     return sample_groups(model, [group], stop_ids, keep_log_probs, given, given_repeats)[0]
 
 
-def sample_groups(
-    model: PreTrainedModel,
-    groups: list[SampleGroup],
-    stop_ids: Tensor,
-    keep_log_probs: bool = False,
-    given: Tensor | None = None,
-    given_repeats: int = 1,
-) -> list[Samples]:
-    """:func:`drawing_groups` run to its end."""
-    drawing = drawing_groups(model, groups, stop_ids, keep_log_probs, given, given_repeats)
+def sample_groups(*args, **kwargs) -> list[Samples]:
+    """:func:`drawing_groups` (same arguments) run to its end."""
+    drawing = drawing_groups(*args, **kwargs)
     while True:
         try:
             next(drawing)
