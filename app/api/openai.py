@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from app.api.routes import UNAUTHORIZED, client, client_gone, engine_config, error_responses, get_service, require_api_key
+from app.api.routes import UNAUTHORIZED, built, client, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult, TokenLogProb, ranked_chains
@@ -389,14 +389,6 @@ def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: b
     return choices, generated
 
 
-async def _built_choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, engine: Engine) -> tuple[list[dict], int]:
-    """:func:`_choices`, built in a thread when they list log-probs (up to 16 choices × 20 alternatives a token: too
-    long to hold the event loop, which serves every other request)."""
-    if any(chain.token_log_probs is not None for chain in result.chains):
-        return await asyncio.to_thread(_choices, result, n, select, stops, chat, engine)
-    return _choices(result, n, select, stops, chat, engine)
-
-
 def _chat_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
     def listed(token: int, log_prob: float) -> dict:
         text, raw = token_piece(engine.lm.tokenizer, token)
@@ -437,7 +429,7 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     created = int(time.time())
     if not body.stream:
         result = await service.wait(job, client_gone(request))
-        choices, completion_tokens = await _built_choices(result, body.n, config.select, stops, chat, service.runtime.engine)
+        choices, completion_tokens = await built(job, lambda: _choices(result, body.n, config.select, stops, chat, service.runtime.engine))
         # Returned as JSON here: FastAPI's own encoding of a plain dict walks it in Python (a second with 16 choices'
         # log-probs).
         return JSONResponse({"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
@@ -491,7 +483,7 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
             yield f"data: {json.dumps({'error': error})}\n\n"
             yield "data: [DONE]\n\n"
             return
-        choices, completion_tokens = await _built_choices(result, body.n, select, stops, chat, service.runtime.engine)
+        choices, completion_tokens = await built(job, lambda: _choices(result, body.n, select, stops, chat, service.runtime.engine))
         for choice in choices:
             index, finish = choice["index"], choice["finish_reason"]
             if chat:

@@ -22,14 +22,14 @@ from app.api.openai import (
     AcceptedAndIgnored,
     SEAOptions,
     StreamOptions,
-    _built_choices,
     _check,
+    _choices,
     _null_is_default,
     _only,
     _sea_extra,
     progress_comments,
 )
-from app.api.routes import client, client_gone, engine_config, get_service, require_api_key
+from app.api.routes import built, client, client_gone, engine_config, get_service, require_api_key
 from app.api.schemas import MAX_SEED, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.types import AlignResult
 from app.errors import APIError
@@ -169,7 +169,7 @@ class _Run:
     async def finished(self, result: AlignResult) -> dict[str, Any]:
         """The finished Response: the best chain's text; `incomplete` when it ran to `max_output_tokens`."""
         engine = self.service.runtime.engine
-        choices, completion_tokens = await _built_choices(result, 1, self.job.work.config.select, [], True, engine)
+        choices, completion_tokens = await built(self.job, lambda: _choices(result, 1, self.job.work.config.select, [], True, engine))
         choice = choices[0]
         status = "incomplete" if choice["finish_reason"] == "length" else "completed"
         log_probs = choice["logprobs"]["content"] if choice["logprobs"] is not None else None

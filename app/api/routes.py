@@ -113,9 +113,10 @@ def align_response(job: Job, result, with_trace: bool, service: AlignService) ->
 T = TypeVar("T")
 
 
-async def built(build: Callable[[], T], with_trace: bool, job: Job) -> T:
-    """``build()``, in a thread when the response lists every chain's trace or tokens (a Best-of-256's token log-probs
-    make 18 MB of JSON: seconds that would hold the event loop, which serves every other request)."""
+async def built(job: Job, build: Callable[[], T], with_trace: bool = False) -> T:
+    """``build()`` (``job``'s answer), in a thread when it lists token log-probs or every chain's trace (a Best-of-256's
+    token log-probs make 18 MB of JSON, 16 chat choices' a second of building: time that would hold the event loop,
+    which serves every other request)."""
     if with_trace or job.work.config.logprobs is not None:
         return await asyncio.to_thread(build)
     return build()
@@ -157,7 +158,7 @@ async def align(body: AlignRequest, request: Request, service: AlignService = De
     job = await submit(body, request, service)
     result = await service.wait(job, client_gone(request))
     # Serialised here (pydantic's own JSON): the response model is built and checked once, not re-validated by FastAPI.
-    return Response(await built(lambda: align_response(job, result, body.return_trace, service).model_dump_json(), body.return_trace, job),
+    return Response(await built(job, lambda: align_response(job, result, body.return_trace, service).model_dump_json(), body.return_trace),
                     media_type="application/json")
 
 
@@ -177,7 +178,7 @@ async def job_json(job: Job, service: AlignService) -> str:
         result = align_response(job, job.result, job.return_trace, service) if job.result is not None else None
         return JobOut(id=job.id, status=job.status.value, position=position, created=job.created, error=job.error, result=result).model_dump_json()
 
-    return await built(build, job.return_trace, job) if job.result is not None else build()
+    return await built(job, build, job.return_trace) if job.result is not None else build()
 
 
 @protected.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="A job's status, queue position and result.")
