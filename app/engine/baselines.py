@@ -21,8 +21,8 @@ SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a ti
 
 
 def baseline_run(engine, state) -> Generator[None, None, AlignResult | None]:
-    """A baseline request's run, as a generator that pauses between its pieces of work (a Best-of-N pass, an ARGS
-    token, a beam-search chunk) so that the engine can step other requests between them; it returns the result, or
+    """A baseline request's run, as a generator that pauses after each token it draws (and between its Best-of-N
+    passes and beam-search chunks) so that the engine can step other requests between them; it returns the result, or
     None once its job is abandoned (checked between tokens and draws)."""
     method = state.config.method
     if method == "args":

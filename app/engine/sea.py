@@ -85,7 +85,6 @@ class RequestState:
     result: AlignResult | None = None
     baseline: Generator[None, None, AlignResult | None] | None = None  # a baseline's run, advanced by Engine.advance
 
-
     @property
     def config(self) -> SEAConfig:
         return self.job.config
@@ -188,8 +187,8 @@ class Engine:
             state.baseline.close()
 
     def advance(self, state: RequestState, seconds: float = math.inf) -> None:
-        """Run a baseline request's pieces of work (a Best-of-N pass, an ARGS token, a beam-search chunk) for about
-        ``seconds``, or to its end: it is then done, with its result (cancelled if abandoned meanwhile)."""
+        """Run a baseline request's pieces of work (a drawn token each) for about ``seconds`` (at least one piece), or
+        to its end: it is then done, with its result (cancelled if abandoned meanwhile)."""
         until = time.perf_counter() + seconds
         try:
             while True:

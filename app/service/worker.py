@@ -392,42 +392,24 @@ class EngineWorker:
             self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
 
     def _step(self) -> None:
-        """One step of the SEA requests in the batch, then the baselines' runs for as long as that step took (at least
-        ``BASELINE_SLICE_SECONDS``), shared among them: a Best-of-256 no longer holds the batch for its whole run."""
-        states = [state for _, state in self._active]
-        stepping = [state for state in states if state.baseline is None]
+        """One step of the SEA requests in the batch (their events published), then the baselines' runs for as long as
+        that step took (at least ``BASELINE_SLICE_SECONDS``), shared among them: a Best-of-256 no longer holds the batch
+        for its whole run."""
+        stepping = [(job, state) for job, state in self._active if state.baseline is None]
+        running = [(job, state) for job, state in self._active if state.baseline is not None]
         started = time.perf_counter()
-        failed = self._tick_resilient(stepping) if stepping else {}
+        failed = self._tick_resilient([state for _, state in stepping]) if stepping else {}
         took = time.perf_counter() - started
         if stepping:
             self.metrics.step_seconds.observe(took)
-            self.metrics.batch_chains.observe(sum(s.chains for s in stepping))
-        baseline_failed = set()
-        baselines = sum(1 for state in states if state.baseline is not None)
-        for job, state in self._active:
-            if state.baseline is not None:
-                try:  # the baselines share a slice as long as the step (each runs at least one piece of its work)
-                    self.engine.advance(state, max(took, BASELINE_SLICE_SECONDS) / baselines)
-                except Exception as exc:  # noqa: BLE001 -- its own run: it fails alone
-                    baseline_failed.add(id(state))
-                    traceback.clear_frames(exc.__traceback__)
-                    self._fail_alone(job, exc, "running", "out of memory: ask for fewer samples or tokens")
-                    _release_accelerator_memory()
+            self.metrics.batch_chains.observe(sum(state.chains for _, state in stepping))
         still = []
-        for job, state in self._active:
-            if id(state) in baseline_failed:
-                continue
+        for job, state in stepping:
             if id(state) in failed:
                 self._call(job.finish, JobStatus.failed, None, *failed[id(state)])
                 continue
             if state.cancelled:  # abandoned during the step (a restart stopped drawing for it)
                 self._end_unwanted(job)
-                continue
-            if state.baseline is not None:  # no step events: its result ends it
-                if state.done:
-                    self._complete(job, state)
-                else:
-                    still.append((job, state))
                 continue
             event = self._step_event(job, state)
             if state.done and state.result is None:  # an engine bug must fail its own job only, not the batch
@@ -438,6 +420,20 @@ class EngineWorker:
                 self._complete(job, state, event)
             else:
                 self._call(job.publish, event)
+                still.append((job, state))
+        for job, state in running:  # each runs at least one piece of its work; no step events: its result ends it
+            try:
+                self.engine.advance(state, max(took, BASELINE_SLICE_SECONDS) / len(running))
+            except Exception as exc:  # noqa: BLE001 -- its own run: it fails alone
+                traceback.clear_frames(exc.__traceback__)
+                self._fail_alone(job, exc, "running", "out of memory: ask for fewer samples or tokens")
+                _release_accelerator_memory()
+                continue
+            if state.cancelled:  # abandoned while it ran
+                self._end_unwanted(job)
+            elif state.done:
+                self._complete(job, state)
+            else:
                 still.append((job, state))
         self._active = still
         self._update_gauges()
