@@ -65,6 +65,14 @@ class SEAOptions(SEAParams):
         raise ValueError(f"set `{info.field_name}` with the OpenAI field of that name, not in `sea`")
 
 
+def sea_params(sea: SEAOptions | None, **openai_fields) -> SEAParams:
+    """An OpenAI request's /align parameters: its ``sea`` extra, and the OpenAI fields that carry the others (those not
+    None)."""
+    options = (sea or SEAOptions()).model_dump(exclude_unset=True)
+    options.update({name: value for name, value in openai_fields.items() if value is not None})
+    return SEAParams(**options)
+
+
 def _null_is_default(cls, value, info: ValidationInfo):
     """OpenAI's clients type these fields as optional and send null for "not set": it means the default."""
     return cls.model_fields[info.field_name].default if value is None else value
@@ -132,10 +140,7 @@ class _OpenAIBase(StrictRequest):
         return [s for s in stops if s]
 
     def params(self, max_tokens: int | None, default_chains: int) -> SEAParams:
-        options = (self.sea or SEAOptions()).model_dump(exclude_unset=True)
-        options.update({k: v for k, v in {"max_tokens": max_tokens, "seed": self.seed, "temperature": self.temperature,
-                                            "top_p": self.top_p}.items() if v is not None})
-        params = SEAParams(**options)
+        params = sea_params(self.sea, max_tokens=max_tokens, seed=self.seed, temperature=self.temperature, top_p=self.top_p)
         if self.n > 1:
             if params.method not in ("sea", "bon"):  # sample, ARGS and beam search return fewer than n distinct answers
                 raise BadRequest(f"n > 1 needs method `sea` or `bon` (not `{params.method}`)", param="n")

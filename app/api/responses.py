@@ -28,6 +28,7 @@ from app.api.openai import (
     _only,
     _sea_extra,
     progress_comments,
+    sea_params,
 )
 from app.api.routes import built, client, client_gone, engine_config, get_service, require_api_key
 from app.api.schemas import MAX_SEED, PromptText, SEAParams, StrictRequest, chat_has_text
@@ -118,10 +119,7 @@ class ResponseRequest(AcceptedAndIgnored):
         return [*system, *(message.as_dict() for message in self.input)]
 
     def params(self) -> SEAParams:
-        options = (self.sea or SEAOptions()).model_dump(exclude_unset=True)
-        options.update({k: v for k, v in {"max_tokens": self.max_output_tokens, "seed": self.seed, "temperature": self.temperature,
-                                            "top_p": self.top_p}.items() if v is not None})
-        return SEAParams(**options)
+        return sea_params(self.sea, max_tokens=self.max_output_tokens, seed=self.seed, temperature=self.temperature, top_p=self.top_p)
 
     def log_prob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if LOG_PROBS_INCLUDE in (self.include or []) else None
