@@ -94,7 +94,7 @@ class Runtime:
         needed, context = self.context_check(job)
         if context is not None and needed > context:
             return (f"the prompt and the response need {needed} positions; the model's context is {context} "
-                    "(shorten the prompt or lower max_tokens)")
+                    "(shorten the prompt or ask for fewer response tokens)")
         return None
 
     @functools.cached_property

@@ -360,6 +360,11 @@ def test_the_openai_client_s_responses_api(server):
     history = [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": [{"type": "output_text", "text": "a cat"}]},
                {"role": "user", "content": [{"type": "input_text", "text": "and the sun"}]}]
     assert client.responses.create(model="sea", input=history, max_output_tokens=3, extra_body=sea).output_text
+    refusal = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't say."}]}  # replayed as it came (was 400)
+    refused = client.responses.create(model="sea", input=[history[0], refusal, history[2]], max_output_tokens=3, extra_body=sea)
+    chat_refused = client.chat.completions.create(model="sea", messages=[history[0], refusal, {"role": "user", "content": "and the sun"}],
+                                                  max_tokens=3, seed=3, extra_body={"sea": sea["sea"]})
+    assert refused.usage.input_tokens == chat_refused.usage.prompt_tokens  # the refusal's words are the turn's text
 
     events = list(client.responses.create(model="sea", instructions="Be brief.", input="the dog", max_output_tokens=5, stream=True,
                                           extra_body=sea))

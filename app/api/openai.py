@@ -182,26 +182,34 @@ class CompletionRequest(_OpenAIBase):
         return bad
 
 
-class ContentPart(StrictRequest):
-    """A text part, or a replayed assistant turn's refusal (sent back as it came)."""
+class TextOrRefusal(StrictRequest):
+    """A content part whose words are its `text`, or its `refusal` when it is a replayed assistant turn's refusal (sent
+    back as it came)."""
 
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"type": {"const": "refusal"}}},
         "then": {"required": ["refusal"], "properties": {"refusal": {"type": "string"}}},
         "else": {"required": ["text"], "properties": {"text": {"type": "string"}}}})
-    type: Literal["text", "refusal"]
+    type: str
     text: str | None = None
     refusal: str | None = None
 
     @model_validator(mode="after")
-    def _has_its_text(self) -> ContentPart:
-        if getattr(self, self.type) is None:
-            raise ValueError(f"a `{self.type}` part needs `{self.type}`")
+    def _has_its_text(self) -> TextOrRefusal:
+        field = "refusal" if self.type == "refusal" else "text"
+        if getattr(self, field) is None:
+            raise ValueError(f"a `{self.type}` part needs `{field}`")
         return self
 
     @property
     def words(self) -> str:
-        return (self.text if self.type == "text" else self.refusal) or ""
+        return (self.refusal if self.type == "refusal" else self.text) or ""
+
+
+class ContentPart(TextOrRefusal):
+    """A text part, or a replayed assistant turn's refusal (sent back as it came)."""
+
+    type: Literal["text", "refusal"]
 
 
 class ChatMessageIn(StrictRequest):
@@ -236,10 +244,14 @@ def _a_message_has_text(part_with_text: dict) -> dict:
         TEXT_STRING, {"type": "array", "contains": part_with_text}]}}}}
 
 
-A_MESSAGE_HAS_TEXT = _a_message_has_text({"type": "object", "anyOf": [  # a refusal's words count as its turn's text
-    {"required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": TEXT_STRING}},
-    {"required": ["type", "refusal"], "properties": {"type": {"const": "refusal"}, "refusal": TEXT_STRING}}]})
-A_MESSAGE_HAS_TEXT_PART = _a_message_has_text({"type": "object", "properties": {"text": TEXT_STRING}})  # the Responses API's parts
+def _a_part_has_text(text_types: list[str]) -> dict:
+    return {"type": "object", "anyOf": [  # a refusal's words count as its turn's text
+        {"required": ["type", "text"], "properties": {"type": {"enum": text_types}, "text": TEXT_STRING}},
+        {"required": ["type", "refusal"], "properties": {"type": {"const": "refusal"}, "refusal": TEXT_STRING}}]}
+
+
+A_MESSAGE_HAS_TEXT = _a_message_has_text(_a_part_has_text(["text"]))
+A_MESSAGE_HAS_TEXT_PART = _a_message_has_text(_a_part_has_text(["input_text", "output_text"]))  # the Responses API's parts
 
 
 class AcceptedAndIgnored(StrictRequest):

@@ -22,6 +22,7 @@ from app.api.openai import (
     AcceptedAndIgnored,
     SEAOptions,
     StreamOptions,
+    TextOrRefusal,
     _check,
     _choices,
     _null_is_default,
@@ -42,21 +43,22 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 LOG_PROBS_INCLUDE = "message.output_text.logprobs"
 
 
-class InputText(StrictRequest):
+class InputPart(TextOrRefusal):
+    """An input or a replayed output's text part, or a replayed refusal."""
+
     model_config = ConfigDict(extra="ignore")  # a replayed output part's `annotations` and `logprobs`
-    type: Literal["input_text", "output_text"]
-    text: str
+    type: Literal["input_text", "output_text", "refusal"]
 
 
 class InputMessage(StrictRequest):
     model_config = ConfigDict(extra="ignore")  # a replayed output message's `id` and `status`
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[InputText]
+    content: str | list[InputPart]
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return self.content if isinstance(self.content, str) else "".join(part.words for part in self.content)
 
     def as_dict(self) -> dict[str, str]:
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
