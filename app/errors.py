@@ -9,12 +9,13 @@ NO_RETRY = {"x-should-retry": "false"}
 class APIError(Exception):
     status = 500
     type = "server_error"
+    default_code: str | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code or self.default_code
         self.headers = headers or {}
 
 
@@ -30,7 +31,8 @@ class Unauthorized(APIError):
 
 class NotFound(APIError):
     status = 404
-    type = "not_found_error"
+    type = "invalid_request_error"  # as OpenAI's
+    default_code = "not_found"
 
 
 class PayloadTooLarge(APIError):
@@ -46,6 +48,7 @@ class Unprocessable(APIError):
 class TooManyRequests(APIError):
     status = 429
     type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"  # as OpenAI's
 
 
 class ServiceUnavailable(APIError):

@@ -225,6 +225,16 @@ def test_official_openai_client(server):
     assert text == alone.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert all("usage" in c.model_fields_set for c in chunks)  # null until the last, as OpenAI's stream with include_usage
+    # OpenAI's details and fingerprint, which client code reads without checking for None
+    assert chat.usage.prompt_tokens_details.cached_tokens == 0 and chat.usage.completion_tokens_details.reasoning_tokens == 0
+    assert chat.system_fingerprint.startswith("fp_") and {c.system_fingerprint for c in chunks} == {chat.system_fingerprint}
+    assert completion.system_fingerprint == chat.system_fingerprint and chat.service_tier == "default"
+    parts = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Translate to French:"}, {"type": "text", "text": "Hello"}]}], max_tokens=1, extra_body={"sea": {"steps": 0}})
+    lines = client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "Translate to French:\nHello"}],
+                                           max_tokens=1, extra_body={"sea": {"steps": 0}})
+    assert parts.usage.prompt_tokens == lines.usage.prompt_tokens  # a line each: the parts do not run into one word
 
     streamed = client.completions.create(model="sea", prompt="hi", max_tokens=3, stream=True, extra_body={"sea": {"steps": 1}})
     assert len([c for c in streamed if c.choices]) == 1
@@ -266,9 +276,26 @@ def test_the_openai_client_s_null_and_neutral_fields_and_the_fields_its_errors_n
                                         extra_body={"sea": {"method": "sample"}}).choices[0].text for seed in (1, 2)]
     assert greedy[0] == greedy[1], "top_p 0 keeps only the most likely token, whatever the seed"
 
+    # OpenAI arguments this server does not implement, left unset: the client sends them as null (was 400)
+    unset = client.chat.completions.create(model="sea", messages=hello, max_completion_tokens=3, seed=1, reasoning_effort=None,
+                                           verbosity=None, audio=None, prediction=None, web_search_options=None, modalities=["text"],
+                                           prompt_cache_retention="24h", extra_body=sea)
+    assert unset.choices[0].message.content == chat.choices[0].message.content
+    assert client.responses.create(model="sea", input="hello", previous_response_id=None, conversation=None, prompt=None,
+                                   context_management=None, max_output_tokens=3, extra_body={"seed": 1, **sea}).output_text
     with pytest.raises(openai.BadRequestError) as unknown:
-        client.chat.completions.create(model="sea", messages=hello, extra_body={"reasoning_effort": "high"})
+        client.chat.completions.create(model="sea", messages=hello, reasoning_effort="high")
     assert (unknown.value.code, unknown.value.param) == ("unsupported_parameter", "reasoning_effort")
+    assert "does not reason" in unknown.value.message
+    with pytest.raises(openai.BadRequestError) as audio:
+        client.chat.completions.create(model="sea", messages=hello, modalities=["text", "audio"])
+    assert audio.value.param == "modalities"
+    with pytest.raises(openai.BadRequestError) as previous:
+        client.responses.create(model="sea", input="hello", previous_response_id="resp_1")
+    assert previous.value.param == "previous_response_id" and "send the conversation as `input`" in previous.value.message
+    with pytest.raises(openai.BadRequestError) as stranger:
+        client.chat.completions.create(model="sea", messages=hello, extra_body={"no_such_field": None})
+    assert stranger.value.param == "no_such_field"  # a field OpenAI does not have either is refused, even as null
     with pytest.raises(openai.BadRequestError) as long:
         client.chat.completions.create(model="sea", messages=[{"role": "user", "content": "the dog " * 2000}], max_tokens=3)
     assert (long.value.code, long.value.param) == ("context_length_exceeded", "messages")
@@ -389,6 +416,14 @@ def test_the_openai_client_s_responses_api(server):
         assert bad.value.body["param"] == refused
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="gpt-5", input="the dog")
+    defaults = client.responses.create(model="sea", input="the dog", extra_body=sea)  # echoes the settings it ran with
+    assert (defaults.max_output_tokens, defaults.temperature, defaults.top_p) == (6, 1.0, 1.0)  # the server's default_max_tokens
+    assert (defaults.completed_at is not None) == (defaults.status == "completed")
+    for stored in (lambda: client.responses.retrieve(response.id), lambda: client.responses.delete(response.id),
+                   lambda: client.chat.completions.retrieve("chatcmpl-1")):
+        with pytest.raises(openai.NotFoundError) as missing:
+            stored()
+        assert missing.value.code == "not_found" and "stores no responses" in missing.value.message
 
 
 def test_logprobs_are_the_reference_model_s_for_each_returned_token(server):

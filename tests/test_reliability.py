@@ -487,7 +487,7 @@ def test_a_full_queue_answers_429_with_retry_after(http):
     assert [http.get(f"/jobs/{job}").json()["position"] for job in queued] == [0, 1]
     for response in (http.post("/align", json=SHORT), http.post("/jobs", json=SHORT),
                      http.post("/v1/completions", json={"model": "sea", "prompt": "hi", "max_tokens": 2})):
-        assert_error(response, 429, "rate_limit_error")
+        assert assert_error(response, 429, "rate_limit_error")["code"] == "rate_limit_exceeded"  # as OpenAI's
         assert int(response.headers["retry-after"]) >= 1
     for job in (*queued, running):
         assert http.delete(f"/jobs/{job}").json()["status"] == "cancelled"

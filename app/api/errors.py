@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from app.errors import APIError, ClientClosed
+from app.errors import APIError, ClientClosed, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def note_error(scope: dict, message: str) -> None:
     scope.setdefault("state", {})["error_message"] = message
 
 
+STORED_OBJECTS = ("/v1/responses/", "/v1/chat/completions/")  # OpenAI's paths of stored responses and chat completions
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
@@ -128,12 +129,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):  # nobody reads this answer; the log and metrics do
             note_error(request.scope, "the client closed the connection while sending the body")
             return JSONResponse(error_body("the client closed the connection", ClientClosed.type), status_code=ClientClosed.status)
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message, code = str(exc.detail), NotFound.default_code if exc.status_code == 404 else None
+        if exc.status_code == 404 and request.url.path.startswith(STORED_OBJECTS):  # the client's retrieve, delete, list…
+            message = "this server stores no responses or completions: a request's answer is its response"
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405 and (allowed := _allowed_methods(request)):  # a mount (/static) names its own
             headers["Allow"] = allowed
-        note_error(request.scope, str(exc.detail))
-        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=headers or None)
+        note_error(request.scope, message)
+        return JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -212,7 +212,24 @@ class ContentPart(TextOrRefusal):
     type: Literal["text", "refusal"]
 
 
-class ChatMessageIn(StrictRequest):
+class MessageIn(StrictRequest):
+    """A chat message's rendering: its role (a developer message is the system's) and its text, the parts' words a line
+    each (vLLM's rendering too: "Translate to French:" and "Hello" do not run into one word)."""
+
+    role: str
+    content: Any
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "\n".join(part.words for part in self.content)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+
+
+class ChatMessageIn(MessageIn):
     model_config = ConfigDict(
         extra="ignore",  # e.g. `name`, or a returned message's `refusal` and `tool_calls`, which do not change the rendering
         json_schema_extra={"if": {"not": {"properties": {"role": {"const": "assistant"}}}},
@@ -227,15 +244,6 @@ class ChatMessageIn(StrictRequest):
         if value is None and info.data.get("role", "assistant") != "assistant":
             raise ValueError("only an assistant message may have no content")
         return value
-
-    @property
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(p.words for p in self.content)
-
-    def as_dict(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 # The JSON Schema of `chat_has_text` here: some message's content is text, or parts of which one is text
@@ -261,8 +269,23 @@ class AcceptedAndIgnored(StrictRequest):
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict | None = None
     safety_identifier: str | None = None
     parallel_tool_calls: bool | None = None
+
+
+NULL_ONLY = {"type": "null"}
+
+
+def null_only(why: str) -> Any:
+    """An OpenAI field this server does not implement: null (OpenAI's "not set", which clients send for an unset
+    optional argument) is accepted, any value answers 400 saying ``why``."""
+    return Field(None, description=f"Only null: {why}.", json_schema_extra=NULL_ONLY)
+
+
+def _set_null_only_fields(body: StrictRequest) -> list[str]:
+    return [name for name, field in type(body).model_fields.items() if field.json_schema_extra == NULL_ONLY and getattr(body, name) is not None]
 
 
 class ChatCompletionRequest(_OpenAIBase, AcceptedAndIgnored):
@@ -282,6 +305,16 @@ class ChatCompletionRequest(_OpenAIBase, AcceptedAndIgnored):
     tool_choice: Any = Field(None, description="Only `none` or null.", json_schema_extra=_only("none"))
     response_format: dict | None = Field(None, description="Only `{\"type\": \"text\"}` or null.", json_schema_extra=_only(
         schema={"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}))
+    modalities: list[str] | None = Field(None, description="Only `[\"text\"]` or null.", json_schema_extra=_only(
+        schema={"type": "array", "items": {"const": "text"}}))
+    audio: Any = null_only("the answer is text")
+    function_call: Any = null_only("no tool calls")
+    functions: Any = null_only("no tool calls")
+    moderation: Any = null_only("no moderation")
+    prediction: Any = null_only("no predicted outputs")
+    reasoning_effort: Any = null_only("the model does not reason")
+    verbosity: Any = null_only("the answer's length is `max_tokens`")
+    web_search_options: Any = null_only("no web search")
 
     def log_prob_alternatives(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
@@ -296,6 +329,8 @@ class ChatCompletionRequest(_OpenAIBase, AcceptedAndIgnored):
             bad["tool_choice"] = self.tool_choice
         if self.response_format is not None and self.response_format.get("type") != "text":
             bad["response_format"] = self.response_format
+        if any(modality != "text" for modality in self.modalities or []):
+            bad["modalities"] = self.modalities
         return bad
 
 
@@ -309,6 +344,9 @@ def _check(body, service: AlignService) -> None:
     """Refuse what ``body`` (a completions, chat or responses request) asks past this server's support or limits."""
     for name in body.unsupported():
         raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
+    for name in _set_null_only_fields(body):
+        why = type(body).model_fields[name].description.removeprefix("Only null: ")
+        raise BadRequest(f"`{name}` is not supported by this server ({why.rstrip('.')})", param=name, code="unsupported_parameter")
     if body.stream_options is not None and not body.stream:
         raise BadRequest("`stream_options` is only for streamed requests (`stream: true`)", param="stream_options")
     _check_model(body.model, service)
@@ -385,7 +423,8 @@ def _sea_extra(job: Job, result: AlignResult, stops: list[str], engine: Engine) 
 
 def _usage(result: AlignResult, completion_tokens: int) -> dict:
     prompt = result.usage.prompt_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
 def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, engine: Engine) -> tuple[list[dict], int]:
@@ -450,7 +489,8 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
         # Returned as JSON here: FastAPI's own encoding of a plain dict walks it in Python (a second with 16 choices'
         # log-probs).
         return JSONResponse({"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
-                             "usage": _usage(result, completion_tokens), "sea": _sea_extra(job, result, stops, service.runtime.engine)})
+                             "usage": _usage(result, completion_tokens), "system_fingerprint": service.fingerprint,
+                             **({"service_tier": "default"} if chat else {}), "sea": _sea_extra(job, result, stops, service.runtime.engine)})
     return StreamingResponse(
         _stream(job, body, config.select, stops, chat, response_id, created, service),
         media_type="text/event-stream",
@@ -482,8 +522,11 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
     """OpenAI SSE chunks: progress as comments while the chains run, then the text, then ``[DONE]``."""
     object_name = "chat.completion.chunk" if chat else "text_completion"
 
+    with_usage = body.stream_options is not None and body.stream_options.include_usage
+
     def chunk(choices: list[dict], **extra) -> str:
-        payload = {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices, **extra}
+        payload = {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
+                   "system_fingerprint": service.fingerprint, **({"service_tier": "default"} if chat else {}), **({"usage": None} if with_usage else {}), **extra}
         return f"data: {json.dumps(payload, allow_nan=False)}\n\n"
 
     past, queue = job.subscribe()
@@ -509,7 +552,7 @@ async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], ch
                 yield chunk([{"index": index, "delta": {}, "finish_reason": finish}])
             else:
                 yield chunk([{"index": index, "text": choice["text"], "finish_reason": finish, "logprobs": choice["logprobs"]}])
-        if body.stream_options and body.stream_options.include_usage:
+        if with_usage:
             yield chunk([], usage=_usage(result, completion_tokens), sea=_sea_extra(job, result, stops, service.runtime.engine))
         yield "data: [DONE]\n\n"
     finally:

@@ -20,6 +20,7 @@ from app.api.openai import (
     STREAM_OPTIONS_NEED_STREAM,
     V1_RESPONSES,
     AcceptedAndIgnored,
+    MessageIn,
     SEAOptions,
     StreamOptions,
     TextOrRefusal,
@@ -28,12 +29,13 @@ from app.api.openai import (
     _null_is_default,
     _only,
     _sea_extra,
+    null_only,
     progress_comments,
     sea_params,
 )
 from app.api.routes import built, client, client_gone, engine_config, get_service, require_api_key
-from app.api.schemas import MAX_SEED, PromptText, SEAParams, StrictRequest, chat_has_text
-from app.engine.types import AlignResult
+from app.api.schemas import MAX_SEED, PromptText, SEAParams, chat_has_text
+from app.engine.types import AlignResult, SEAConfig
 from app.errors import APIError
 from app.service.jobs import Job
 from app.service.service import AlignService
@@ -50,18 +52,11 @@ class InputPart(TextOrRefusal):
     type: Literal["input_text", "output_text", "refusal"]
 
 
-class InputMessage(StrictRequest):
+class InputMessage(MessageIn):
     model_config = ConfigDict(extra="ignore")  # a replayed output message's `id` and `status`
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[InputPart]
-
-    @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.words for part in self.content)
-
-    def as_dict(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 class ResponseRequest(AcceptedAndIgnored):
@@ -91,6 +86,14 @@ class ResponseRequest(AcceptedAndIgnored):
                                     json_schema_extra=_only(False))
     reasoning: dict | None = Field(None, description="Only null or empty (the model does not reason).",
                                    json_schema_extra=_only(schema={"type": "object", "maxProperties": 0}))
+    previous_response_id: Any = null_only("nothing is stored; send the conversation as `input`")
+    conversation: Any = null_only("nothing is stored; send the conversation as `input`")
+    prompt: Any = null_only("no stored prompts; send the text as `input`")
+    context_management: Any = null_only("the conversation is sent whole")
+    access_programs: Any = null_only("not implemented")
+    background_options: Any = null_only("no background runs")
+    image: Any = null_only("the answer is text")
+    moderation: Any = null_only("no moderation")
     # Accepted and ignored too (besides AcceptedAndIgnored's)
     user: str | None = None
     max_tool_calls: int | None = None
@@ -126,11 +129,12 @@ class ResponseRequest(AcceptedAndIgnored):
     def log_prob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if LOG_PROBS_INCLUDE in (self.include or []) else None
 
-    def echoed(self) -> dict[str, Any]:
-        """The request's settings as a Response object repeats them."""
-        return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_logprobs": self.top_logprobs, "metadata": self.metadata or {}, "user": self.user,
-                "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}},
+    def echoed(self, config: SEAConfig) -> dict[str, Any]:
+        """The settings the response ran with (``config``: its engine configuration) as a Response object repeats them."""
+        return {"instructions": self.instructions, "max_output_tokens": config.max_tokens, "temperature": config.temperature,
+                "top_p": config.top_p, "top_logprobs": self.top_logprobs, "metadata": self.metadata or {}, "user": self.user,
+                "max_tool_calls": self.max_tool_calls, "parallel_tool_calls": False, "tool_choice": self.tool_choice or "none",
+                "tools": [], "text": {"format": {"type": "text"}},
                 "truncation": "disabled", "store": False, "background": False, "previous_response_id": None, "reasoning": None,
                 "service_tier": "default"}
 
@@ -150,7 +154,8 @@ class _Run:
         response = {"id": self.id, "object": "response", "created_at": self.created_at, "status": status, "model": self.job.model,
                     "output": output, "error": error,
                     "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                    **self.body.echoed(), "usage": None}
+                    **self.body.echoed(self.job.work.config), "usage": None,
+                    "completed_at": int(time.time()) if status == "completed" else None}
         if result is not None:
             prompt = result.usage.prompt_tokens
             response["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion_tokens,

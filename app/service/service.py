@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -57,6 +59,7 @@ class AlignService:
         self._entering: collections.Counter[str] = collections.Counter()  # per API key: requests being submitted
         self.runtime: Runtime | None = None
         self.serving_since = 0  # Unix time the models were attached (the served model's `created` on /v1/models)
+        self.fingerprint: str | None = None
         self.worker: EngineWorker | None = None
         self.shared: SharedJobs | None = None  # the Redis job store, when SEA_REDIS_URL is set
         self.draining = False
@@ -116,8 +119,11 @@ class AlignService:
                 return  # a SIGTERM came first: nothing to drain
         worker.start()
         self.worker = worker
-        self.metrics.model_info.info({"model": runtime.lm.name, "device": str(runtime.lm.device), "dtype": str(runtime.lm.dtype).replace("torch.", ""),
-                                      "rewards": ",".join(sorted(runtime.rewards))})
+        served = {"model": runtime.lm.name, "device": str(runtime.lm.device), "dtype": str(runtime.lm.dtype).replace("torch.", ""),
+                  "rewards": ",".join(sorted(runtime.rewards))}
+        self.metrics.model_info.info(served)
+        # OpenAI's `system_fingerprint`: what, besides the seed, decides an answer (a change may change seeded answers)
+        self.fingerprint = "fp_" + hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:10]
 
     async def _start_shared(self) -> bool:
         """Join the shared store, retrying while Redis is unreachable (it may start after this replica). False when a
