@@ -106,21 +106,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"SEA_{default.upper()} ({getattr(self, default)}) is past SEA_{limit.upper()} ({getattr(self, limit)})")
         return self
 
+    def limits(self) -> dict[str, int]:
+        """The largest value of each request parameter that a server limit bounds (OpenAI's names too)."""
+        chains = min(self.max_chains, self.max_batch_chains)
+        return {"max_tokens": self.max_tokens_limit, "max_completion_tokens": self.max_tokens_limit,
+                "max_output_tokens": self.max_tokens_limit, "chains": chains, "steps": self.max_steps,
+                "init_samples": self.max_samples, "samples": self.max_samples, "beams": chains, "successors": self.max_samples,
+                "n": min(chains, self.max_samples)}  # /v1's n: n chains (sea) or n samples (bon)
+
     def limit_error(self, config) -> tuple[str, str] | None:
         """The first parameter of ``config`` (an engine ``SEAConfig``) past a server limit, as (field, message)."""
-        for name, value, limit in (
-            ("init_samples", config.init_samples or 0, self.max_samples),
-            ("beams", config.beams, min(self.max_chains, self.max_batch_chains)),
-            ("successors", config.successors, self.max_samples),
-            ("max_tokens", config.max_tokens, self.max_tokens_limit),
-            ("chains", config.chains, self.max_chains),
-            ("steps", config.steps, self.max_steps),
-            ("samples", config.samples, self.max_samples),
-        ):
-            if value > limit:
-                return name, f"{name} must be at most {limit} (server limit), got {value}"
-        if config.chains > self.max_batch_chains:
-            return "chains", f"chains must be at most {self.max_batch_chains} (the engine batch size)"
+        limits = self.limits()
+        for name in ("max_tokens", "chains", "steps", "init_samples", "samples", "beams", "successors"):
+            value = getattr(config, name) or 0
+            if value > limits[name]:
+                if name == "chains" and value <= self.max_chains:
+                    return "chains", f"chains must be at most {self.max_batch_chains} (the engine batch size)"
+                return name, f"{name} must be at most {limits[name]} (server limit), got {value}"
         if config.logprobs is not None:
             listed = (config.logprobs + 1) * config.max_tokens * config.logprob_chains
             if listed > self.max_listed_log_probs:

@@ -574,6 +574,26 @@ def test_the_pick_defaults_to_the_server_setting_unless_the_request_names_one():
     assert AlignRequest(prompt="hi", select="reward").to_config(Settings(default_select="energy")).select == "reward"
 
 
+def test_a_server_with_tight_limits_takes_every_method_s_defaults():
+    """With SEA_MAX_CHAINS=1 every request answered 422 "beams must be at most 1": beam search's `beams` (default 2) and
+    `successors` (default 4), left out, tripped the limits whatever the method. A parameter sent is checked (the
+    OpenAPI document gives each its limit)."""
+    from app.api.schemas import AlignRequest, LimitError
+
+    for tight in (Settings(max_chains=1, default_chains=1), Settings(max_batch_chains=1, default_chains=1), Settings(max_samples=2)):
+        for method in ("sea", "bon", "cbs", "args", "sample"):
+            AlignRequest(prompt="hi", method=method).to_config(tight)
+    one_chain = Settings(max_chains=1, default_chains=1)
+    for method, field, value in (("cbs", "beams", 2), ("bon", "samples", 300), ("sea", "chains", 2), ("sea", "init_samples", 300),
+                                 ("sea", "beams", 2)):
+        with pytest.raises(LimitError) as past:
+            AlignRequest(prompt="hi", method=method, **{field: value}).to_config(one_chain)
+        assert past.value.field == field
+    with pytest.raises(LimitError) as batch:
+        AlignRequest(prompt="hi", chains=8).to_config(Settings(max_chains=16, max_batch_chains=4, default_chains=2))
+    assert str(batch.value) == "chains must be at most 4 (the engine batch size)"
+
+
 def test_an_openai_stream_sends_keep_alives_while_its_job_waits_to_start(monkeypatch):
     """No step event comes while a job is queued or drawing its initial samples (tens of seconds on a loaded CPU):
     the stream sends SSE comments meanwhile (the openai client skips them), so idle-timeout proxies keep it open."""

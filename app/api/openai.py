@@ -350,13 +350,10 @@ def _check(body, service: AlignService) -> None:
     if body.stream_options is not None and not body.stream:
         raise BadRequest("`stream_options` is only for streamed requests (`stream: true`)", param="stream_options")
     _check_model(body.model, service)
-    settings = service.settings
-    limits = {"max_tokens": settings.max_tokens_limit, "max_completion_tokens": settings.max_tokens_limit,
-              "max_output_tokens": settings.max_tokens_limit,
-              "n": min(settings.max_chains, settings.max_batch_chains, settings.max_samples)}  # n chains (sea) or n samples (bon)
-    for name, limit in limits.items():
-        if (getattr(body, name, None) or 0) > limit:
-            raise Unprocessable(f"{name} must be at most {limit} (server limit), got {getattr(body, name)}", param=name)
+    limits = service.settings.limits()
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n"):
+        if (getattr(body, name, None) or 0) > limits[name]:
+            raise Unprocessable(f"{name} must be at most {limits[name]} (server limit), got {getattr(body, name)}", param=name)
     if body.sea is not None:  # the `sea` values obey the server limits too
         try:
             body.sea.to_config(service.settings)

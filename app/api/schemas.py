@@ -152,6 +152,12 @@ class SEAParams(StrictRequest):
     timeout: float | None = Field(None, ge=1, allow_inf_nan=False,
                                   description="Seconds before the request is abandoned (504); at most the server's SEA_REQUEST_TIMEOUT_SECONDS.")
 
+    def _within_limit(self, name: str, settings: Settings) -> int:
+        """The parameter as sent, or its default within the server's limit: an omitted parameter must not trip a limit
+        below its default."""
+        value = getattr(self, name)
+        return value if name in self.model_fields_set else min(value, settings.limits()[name])
+
     def to_config(self, settings: Settings, logprobs: int | None = None, logprob_chains: int | None = None) -> SEAConfig:
         """The engine's config, with server defaults filled in and server limits enforced. ``logprobs``: list this
         many alternatives for each token of the best ``logprob_chains`` chains (by default every chain, sample or beam
@@ -176,8 +182,7 @@ class SEAParams(StrictRequest):
             patience=self.patience,
             use_reward=self.use_reward,
             use_reference=self.use_reference,
-            # An omitted `samples` must not trip a server limit below the default (and it matters only to bon).
-            samples=self.samples if "samples" in self.model_fields_set else min(self.samples, settings.max_samples),
+            samples=self._within_limit("samples", settings),
             seed=self.seed,
             update=self.update,
             init_samples=self.init_samples,
@@ -187,8 +192,8 @@ class SEAParams(StrictRequest):
             proposal=self.proposal,
             phrase_moves=self.phrase_moves,
             args_top_k=self.args_top_k,
-            beams=self.beams,
-            successors=self.successors,
+            beams=self._within_limit("beams", settings),
+            successors=self._within_limit("successors", settings),
             chunk=self.chunk,
         )
         if logprobs is not None:
@@ -262,6 +267,12 @@ class AlignRequest(SEAParams):
         if "messages" in info.data and (prompt is None) == (info.data["messages"] is None):  # absent from data: invalid
             raise PydanticCustomError("prompt_or_messages", "give exactly one of `prompt` or `messages`")
         return prompt
+
+    def _within_limit(self, name: str, settings: Settings) -> int:
+        """The parameter as sent, or its default within the server's limit: an omitted parameter must not trip a limit
+        below its default."""
+        value = getattr(self, name)
+        return value if name in self.model_fields_set else min(value, settings.limits()[name])
 
     def to_config(self, settings: Settings, logprobs: int | None = None, logprob_chains: int | None = None) -> SEAConfig:
         return super().to_config(settings, self.logprobs if logprobs is None else logprobs, logprob_chains)
@@ -417,18 +428,7 @@ def document_limits(openapi: dict, settings: Settings) -> dict:
     The request models carry only fixed bounds; the server limits (SEA_MAX_CHAINS and the like) and the names of
     the rewards a request may mix are settings, known when the app is built.
     """
-    chains = min(settings.max_chains, settings.max_batch_chains)
-    limits = {
-        "max_tokens": settings.max_tokens_limit,
-        "max_completion_tokens": settings.max_tokens_limit,
-        "chains": chains,
-        "steps": settings.max_steps,
-        "samples": settings.max_samples,
-        "init_samples": settings.max_samples,
-        "beams": chains,
-        "successors": settings.max_samples,
-        "n": min(chains, settings.max_samples),  # as /v1's _check
-    }
+    limits = settings.limits()
     components = openapi.get("components", {}).get("schemas", {})
     for name in REQUEST_SCHEMAS:
         for field, prop in components.get(name, {}).get("properties", {}).items():
