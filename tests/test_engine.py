@@ -743,6 +743,9 @@ def test_early_stop_with_patience(lm, engine, make_prompt):
     result = engine.run([_job(make_prompt("hello"), reward, max_tokens=6, chains=2, steps=50, seed=0, patience=2, step_size=0.0, noise=0.0,
                               update="logits")])[0]
     assert result.timings.steps == 2  # zero step size: nothing ever improves
+    last = engine.run([_job(make_prompt("hello"), reward, max_tokens=6, chains=2, steps=50, seed=0, patience=2, step_size=0.0, noise=0.0,
+                            update="logits", track_best=False)])[0]
+    assert last.timings.steps == 2  # returning the last iterate counted every finite step as an improvement: all 50 ran
 
 
 def test_top_k_decoding_keeps_tokens_within_reference_top_k(lm, engine, make_prompt):

@@ -138,7 +138,8 @@ class SEAParams(StrictRequest):
     select: Literal["reward", "energy"] | None = Field(
         None, description="Return the chain (sea) or sample (bon) with the highest reward or the lowest energy. Default: SEA_DEFAULT_SELECT "
                           "(reward).")
-    track_best: bool = Field(True, description="Each chain keeps its lowest-energy iterate.")
+    track_best: bool = Field(True, description="`update: logits`: each chain returns its lowest-energy iterate, not its last (the "
+                             "discrete update always keeps its lowest).")
     patience: int | None = Field(None, ge=1, description="Stop early when no chain improved for this many steps.")
     use_reward: bool = Field(True, description="Ablation: drop the reward term.")
     use_reference: bool = Field(True, description="Ablation: drop the reference term.")

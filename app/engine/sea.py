@@ -64,7 +64,8 @@ class RequestState:
     adam_v: Tensor | None = None
     top_k: Tensor | None = None  # (C, L, k) reference top-k per position, for constrained decoding
     tokens: Tensor | None = None  # (C, L) the iterate scored last
-    best_energy: Tensor | None = None  # (C,)
+    best_energy: Tensor | None = None  # (C,) of the iterate each chain returns (its lowest, or its last: track_best)
+    lowest_energy: Tensor | None = None  # (C,) logits update: each chain's lowest so far (what `patience` watches)
     best_reward: Tensor | None = None
     best_log_prob: Tensor | None = None
     best_tokens: Tensor | None = None  # (C, L)
@@ -348,8 +349,9 @@ class Engine:
         counted = mask.sum(1).clamp(min=1)
         changed = ((tokens != state.initial_tokens).float() * mask).sum(1) / counted
         first = state.step < 0
-        better = finite if first or not config.track_best else finite & (energy < state.best_energy)
-        (figures,) = to_host(torch.stack([energy, reward, log_prob, changed, finite, better], 1))  # one read per step
+        improved = finite if first else finite & (energy < state.lowest_energy)
+        better = improved if config.track_best else finite
+        (figures,) = to_host(torch.stack([energy, reward, log_prob, changed, finite, improved], 1))  # one read per step
         stats = [StepStats(e, r, p, share, bool(ok)) for e, r, p, share, ok, _ in figures]
         if not all(stat.finite for stat in stats):
             state.nonfinite_steps += 1
@@ -357,7 +359,7 @@ class Engine:
             state.step = 0
             state.initial = stats
             state.traces = [[] for _ in range(state.chains)]
-            state.best_energy = torch.where(finite, energy, torch.full_like(energy, math.inf))
+            state.best_energy = state.lowest_energy = torch.where(finite, energy, torch.full_like(energy, math.inf))
             state.best_reward, state.best_log_prob = reward.clone(), log_prob.clone()
             state.best_tokens = tokens.clone()
             state.best_step = torch.zeros(state.chains, dtype=torch.long, device=self.device)
@@ -368,6 +370,7 @@ class Engine:
                 state.steps_since_improved = 0
             else:
                 state.steps_since_improved += 1
+            state.lowest_energy = torch.where(improved, energy, state.lowest_energy)
             state.best_energy = torch.where(better, energy, state.best_energy)
             state.best_reward = torch.where(better, reward, state.best_reward)
             state.best_log_prob = torch.where(better, log_prob, state.best_log_prob)

@@ -47,7 +47,7 @@ class SEAConfig:
     temperature: float = 1.0  # base-policy sampling temperature (initial chains, samples, Best-of-N)
     top_p: float = 1.0
     select: Literal["reward", "energy"] = "reward"  # how the returned chain is picked (the paper: by reward)
-    track_best: bool = True  # each chain returns its lowest-energy iterate instead of the last one
+    track_best: bool = True  # logits update: each chain returns its lowest-energy iterate instead of the last one
     patience: int | None = None  # stop a request early when no chain's best energy improved for this many steps
     use_reward: bool = True  # ablations: drop the reward or the reference term from the energy
     use_reference: bool = True
