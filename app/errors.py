@@ -35,11 +35,6 @@ class NotFound(APIError):
     default_code = "not_found"
 
 
-class PayloadTooLarge(APIError):
-    status = 413
-    type = "invalid_request_error"
-
-
 class Unprocessable(APIError):
     status = 422
     type = "invalid_request_error"

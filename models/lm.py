@@ -347,7 +347,6 @@ def forward_after_prefix(
     module: torch.nn.Module,
     prefix: PrefixBatch,
     inputs_embeds: Tensor,
-    response_mask: Tensor | None = None,
 ) -> tuple[Tensor, DynamicCache]:
     """Run ``module`` (a backbone) on response embeddings ``(B, L, d)`` after the cached prefix.
 
@@ -356,9 +355,8 @@ def forward_after_prefix(
     """
     rows, length = inputs_embeds.shape[:2]
     cache = cache_over(prefix.keys, prefix.values)
-    if response_mask is None:
-        response_mask = torch.ones(rows, length, dtype=prefix.mask.dtype, device=prefix.mask.device)
-    attention_mask = torch.cat([prefix.mask, response_mask.to(prefix.mask.dtype)], dim=1)
+    # the response attends to all of itself: a stop token and what follows it are simply not scored
+    attention_mask = torch.cat([prefix.mask, prefix.mask.new_ones(rows, length)], dim=1)
     offset = prefix.mask.shape[1] - prefix.lengths  # left padding per row
     position_ids = torch.arange(prefix.mask.shape[1], prefix.mask.shape[1] + length, device=prefix.mask.device)
     position_ids = position_ids[None, :] - offset[:, None]

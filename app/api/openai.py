@@ -135,8 +135,6 @@ class _OpenAIBase(StrictRequest):
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise BadRequest("at most 4 stop sequences", param="stop")
         return [s for s in stops if s]
 
     def params(self, max_tokens: int | None, default_chains: int) -> SEAParams:

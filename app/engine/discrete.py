@@ -52,7 +52,8 @@ def noise_at(config, step: int) -> float:
 
 
 def start(engine, states: list) -> None:
-    """Draw the initial samples of every state, score them exactly, and keep each state's best ``chains`` by energy.
+    """Draw the initial samples of every state, score them exactly, and keep each state's best ``chains`` (by
+    ``_start_rank``).
 
     States started together sample in one batch and are scored in one batched pass; each draws from its own
     generator, so a seeded request starts the same alone or beside others. The draw's own log-probs score what

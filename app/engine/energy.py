@@ -288,11 +288,6 @@ def reward_passes(components, length: int, start: int = 0) -> int:
         for component in components)
 
 
-def reward_passes_per_row(spec: RowSpec) -> int:
-    """LM token-passes that the reward components alone cost for one row of ``spec``."""
-    return reward_passes([component for component, _, _ in spec.reward_terms], spec.length)
-
-
 def scoring_passes(length: int, components, start: int = 0) -> int:
     """LM token-passes (one direction) of scoring one response of ``length`` tokens (from input position ``start``
     on): the reference's and the LM-based rewards'."""

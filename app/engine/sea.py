@@ -1,9 +1,11 @@
 """Simple Energy Adaptation: Langevin dynamics over per-position token logits, batched over requests.
 
 A request becomes a :class:`RequestState` (``Engine.start``: prompt keys/values, reward contexts,
-initial chains from the base policy). ``Engine.tick`` advances every state in a list by one step in
-one batched pass, so requests can join and leave a running batch between ticks. Tick 0 of a state
-scores its initial chains; tick k applies the k-th logit update and scores the new iterate.
+initial chains from the base policy). ``Engine.tick`` advances every state in a list by one step,
+batched, so requests can join and leave a running batch between ticks. The discrete update (the
+default, ``app.engine.discrete``) scores its initial chains at the start and edits them each tick;
+the paper-literal logits update scores its initial chains at tick 0, and tick k applies the k-th
+logit update and scores the new iterate. Baselines run as generators that ``Engine.advance`` resumes.
 """
 
 from __future__ import annotations
@@ -39,10 +41,6 @@ from models.loading import LoadedLM
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 INIT_MARGIN = 1.0  # the sampled token's logit sits this far above the LM's best alternative, so argmax(y0) = sample
-
-
-class CancelledError(RuntimeError):
-    """The request was cancelled before it finished."""
 
 
 @dataclass
@@ -119,7 +117,7 @@ class Engine:
     # ----- request lifecycle -------------------------------------------------------------------
 
     def start(self, job: AlignJob) -> RequestState:
-        """Prepare a request: prompt keys/values, reward contexts, initial chains (or a whole baseline run)."""
+        """Prepare a request: prompt keys/values, reward contexts, initial chains (or a baseline's run, to advance)."""
         return self.start_many([job])[0]
 
     def start_many(self, jobs: list[AlignJob]) -> list[RequestState]:
@@ -202,16 +200,15 @@ class Engine:
             if state.result is None:
                 self.cancel(state)
 
-    def run(self, jobs: list[AlignJob], on_tick=None) -> list[AlignResult]:
+    def run(self, jobs: list[AlignJob]) -> list[AlignResult]:
         """Run jobs to completion in one batch (the CLI and tests; the service drives ``start``/``tick`` itself)."""
         states = self.start_many(jobs)
-        for state in states:
-            if state.baseline is not None and not state.done:
-                self.advance(state)
-        while any(not s.done for s in states):
-            self.tick([s for s in states if not s.done])
-            if on_tick is not None:
-                on_tick(states)
+        while running := [s for s in states if not s.done]:
+            for state in running:
+                if state.baseline is not None:
+                    self.advance(state)
+            if stepping := [s for s in running if s.baseline is None]:
+                self.tick(stepping)
         for state in states:
             self.attach_token_log_probs(state)
         return [s.result for s in states]
@@ -219,13 +216,8 @@ class Engine:
     # ----- one batched step --------------------------------------------------------------------
 
     def tick(self, states: list[RequestState]) -> None:
-        """Advance every state by one step in one batched forward/backward pass (a baseline's by one piece of its run)."""
-        for state in states:
-            if state.baseline is not None and not state.done:
-                self.advance(state, 0.0)
-        states = [s for s in states if not s.done and s.baseline is None]
-        if not states:
-            return
+        """Advance every SEA state by one step: the discrete update's in one batched step, the logits update's in one
+        batched forward/backward pass (a baseline runs by ``advance``)."""
         tick_started = time.perf_counter()
         stepped = [s for s in states if s.config.update == "discrete"]
         if stepped:
