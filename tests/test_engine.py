@@ -197,6 +197,18 @@ def test_a_step_reads_the_device_a_few_times_whatever_its_chains_candidates_and_
     assert max(per_step[sizes[1]]) <= most, reads  # 2 requests; discrete: one read per request's proposals, a few for the batch
 
 
+def test_best_of_n_s_reads_of_the_device_do_not_grow_with_its_samples(lm, engine, make_prompt, monkeypatch):
+    """Best-of-N read each sample's scores and tokens one by one (six reads a sample, ~1,500 for a Best-of-256)."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    reads = _count_device_reads(monkeypatch)
+    counts = []
+    for samples in (2, 8):
+        before = len(reads)
+        engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=6, method="bon", samples=samples, seed=0)])
+        counts.append(len(reads) - before)
+    assert counts[0] == counts[1], reads
+
+
 @pytest.mark.parametrize("update", ["discrete", "logits"])
 def test_same_seed_same_output_and_other_seed_differs(lm, engine, make_prompt, update):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])

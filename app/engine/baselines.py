@@ -13,6 +13,7 @@ from collections.abc import Generator
 import torch
 
 from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row
+from app.engine.host import to_host
 from app.engine.sampling import SampleGroup, categorical, drawing_groups, joined_samples, row_chunks, rows_per_pass
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
 from models.lm import cache_over, lm_head, stack_prefixes, with_cache
@@ -37,11 +38,21 @@ def _padded(engine, state, tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(tokens, (0, length - tokens.shape[0]), value=engine.pad_id)[:length]
 
 
-def _chain(engine, tokens: torch.Tensor, energy: float, reward: float, log_prob_ref: float) -> ChainResult:
-    """A scored full-length response as a chain."""
-    stats = StepStats(energy, reward, log_prob_ref, 0.0, math.isfinite(energy))
-    text, counted, _ = engine.text_of(tokens)
-    return ChainResult(text, tokens.tolist(), reward, log_prob_ref, energy, 0, stats, [], counted)
+def _chains(engine, tokens: torch.Tensor, scores: torch.Tensor) -> list[ChainResult]:
+    """Scored full-length responses ``(n, L)`` as chains; ``scores`` ``(n, 3)``: each one's energy, reward and
+    log_prob_ref. One read from the device for them all."""
+    ids, figures = to_host(tokens, scores)
+    chains = []
+    for row, (energy, reward, log_prob_ref) in zip(ids, figures):
+        stats = StepStats(energy, reward, log_prob_ref, 0.0, math.isfinite(energy))
+        text, counted, _ = engine.text_of(row)
+        chains.append(ChainResult(text, row, reward, log_prob_ref, energy, 0, stats, [], counted))
+    return chains
+
+
+def _scores(scored) -> torch.Tensor:
+    """An evaluation's (n, 3) energy, reward and log_prob_ref, as ``_chains`` takes them."""
+    return torch.stack([scored.energy, scored.reward, scored.log_prob_ref], dim=1)
 
 
 def _decoded_rewards(spec, model) -> list[tuple[object, object]]:
@@ -115,8 +126,7 @@ def run_args(engine, state) -> Generator[None, None, AlignResult | None]:
     full = dataclasses.replace(spec, rows=1)
     scored = evaluate(engine.lm, [full], engine.stop_ids, answer, known=known)
     state.usage.forward_token_passes += passes_per_row(full, known=frozenset(known))
-    chain = _chain(engine, answer[0], float(scored.energy[0]), float(scored.reward[0]), float(scored.log_prob_ref[0]))
-    return engine.finish(state, [chain], 0, "args")
+    return engine.finish(state, _chains(engine, answer, _scores(scored)), 0, "args")
 
 
 @torch.inference_mode()
@@ -168,7 +178,7 @@ def run_cbs(engine, state) -> Generator[None, None, AlignResult | None]:
         scored = evaluate_in_chunks(engine.lm, [spec], stops, candidates, known=known)
         state.usage.forward_token_passes += passes_per_row(spec, known=frozenset(known)) * spec.rows
         rewards = torch.where(torch.isfinite(scored.energy), scored.reward, torch.full_like(scored.reward, -math.inf))
-        scores = torch.stack([scored.energy, scored.reward, scored.log_prob_ref], dim=1)
+        scores = _scores(scored)
         if bool(finished.any()):  # padded with stop tokens, which neither the reward nor the reference counts
             padding = torch.full((int(finished.sum()), size), int(stops[0]), dtype=torch.long, device=device)
             candidates = torch.cat([candidates, torch.cat([beams[finished], padding], dim=1)])
@@ -178,7 +188,7 @@ def run_cbs(engine, state) -> Generator[None, None, AlignResult | None]:
         kept = _best_distinct(candidates, rewards, width)
         beams, beam_log_probs, beam_rewards, beam_scores = candidates[kept], log_probs[kept], rewards[kept], scores[kept]
     # Each answer was scored exactly when its last chunk was (a finished beam's tokens past its stop count for nothing).
-    chains = [_chain(engine, _padded(engine, state, beam), *map(float, scores)) for beam, scores in zip(beams, beam_scores)]
+    chains = _chains(engine, torch.stack([_padded(engine, state, beam) for beam in beams]), beam_scores)
     chosen = best_chain(chains, "reward")
     return engine.finish(state, chains, chosen, "cbs")
 
@@ -217,11 +227,6 @@ def run_best_of_n(engine, state) -> Generator[None, None, AlignResult | None]:
         known = drawn_log_probs(samples.token_log_probs, None)  # the reference's log-probs come with the draw
         scored = evaluate_in_chunks(engine.lm, [spec], engine.stop_ids, samples.tokens, known=known)
         state.usage.forward_token_passes += samples.forward_token_passes + passes_per_row(spec, known=frozenset(known)) * n
-        for row in range(n):
-            stats = StepStats(float(scored.energy[row]), float(scored.reward[row]), float(scored.log_prob_ref[row]), 0.0,
-                              bool(torch.isfinite(scored.energy[row])))
-            text, counted, _ = engine.text_of(samples.tokens[row])
-            chains.append(ChainResult(text, samples.tokens[row].tolist(), stats.reward, stats.log_prob_ref,
-                                      stats.energy, 0, stats, [], counted))
+        chains += _chains(engine, samples.tokens, _scores(scored))
     chosen = best_chain(chains, config.select)
     return engine.finish(state, chains, chosen, config.method)
