@@ -73,6 +73,14 @@ def sea_params(sea: SEAOptions | None, **openai_fields) -> SEAParams:
     return SEAParams(**options)
 
 
+def named_as_sent(error: APIError, own_fields: tuple[str, ...]) -> APIError:
+    """``error``, raised on the /align parameters of an OpenAI request, naming its field as the request spells it: in
+    `sea`, unless it is one of the request's ``own_fields``."""
+    if error.param is not None and error.param.split(".")[0] not in own_fields:
+        error.param = f"sea.{error.param}"
+    return error
+
+
 def _null_is_default(cls, value, info: ValidationInfo):
     """OpenAI's clients type these fields as optional and send null for "not set": it means the default."""
     return cls.model_fields[info.field_name].default if value is None else value
@@ -471,10 +479,8 @@ async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens
     try:
         job = await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param="messages" if chat else "prompt",
                                    owner=client(request))
-    except APIError as exc:  # name the field as this request spells it
-        if exc.param is not None and exc.param not in ("prompt", "messages") and exc.param.split(".")[0] not in OPENAI_FIELDS:
-            exc.param = f"sea.{exc.param}"
-        raise
+    except APIError as exc:
+        raise named_as_sent(exc, ("prompt", "messages", *OPENAI_FIELDS)) from None
     object_name = "chat.completion" if chat else "text_completion"
     response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())

@@ -29,6 +29,7 @@ from app.api.openai import (
     _null_is_default,
     _only,
     _sea_extra,
+    named_as_sent,
     null_only,
     progress_comments,
     sea_params,
@@ -189,10 +190,8 @@ async def create_response(body: ResponseRequest, request: Request, service: Alig
     try:
         job = await service.submit(config, body.messages(), params.reward_options(), params.timeout, prompt_param="input",
                                    owner=client(request))
-    except APIError as exc:  # name the field as this request spells it
-        if exc.param is not None and exc.param not in ("input", "messages") and exc.param not in ResponseRequest.model_fields:
-            exc.param = f"sea.{exc.param}"
-        raise
+    except APIError as exc:
+        raise named_as_sent(exc, tuple(ResponseRequest.model_fields)) from None
     run = _Run(body, job, service)
     if not body.stream:
         return JSONResponse(await run.finished(await service.wait(job, client_gone(request))))
