@@ -566,6 +566,16 @@ def test_every_discrete_option_of_a_request_reaches_the_engine():
     assert (config.candidates, config.restart_after, config.init_samples, config.proposal, config.max_compute) == (6, 3, 5, "lm", 900)
 
 
+def test_a_request_left_to_its_defaults_runs_the_engine_s_defaults():
+    """The HTTP request's schema repeats each default of the engine's config (the CLI's and `sea eval`'s): a default
+    changed on one side only would make the service and the CLI run differently."""
+    import dataclasses
+
+    from app.api.schemas import AlignRequest
+
+    assert dataclasses.asdict(AlignRequest(prompt="hi").to_config(Settings())) == dataclasses.asdict(SEAConfig())
+
+
 def test_the_pick_defaults_to_the_server_setting_unless_the_request_names_one():
     from app.api.schemas import AlignRequest
 
