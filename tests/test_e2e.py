@@ -348,6 +348,34 @@ def test_metrics_count_the_calls(http):
     assert ("sea_model_info", (("device", "cpu"), ("dtype", "float32"), ("model", "tiny-llama"), ("rewards", "principle"))) in after
 
 
+def test_a_completion_of_several_prompts_runs_each_as_its_own_job(server):
+    """OpenAI's completions take a list of prompts (evaluation harnesses send them in batches): it answered 400."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    sea, prompts = {"sea": {"steps": 2, "chains": 3}}, ["the dog", "hello", "the sun"]
+    alone = [client.completions.create(model="sea", prompt=prompt, max_tokens=4, n=2, seed=5, extra_body=sea) for prompt in prompts]
+    together = client.completions.create(model="sea", prompt=prompts, max_tokens=4, n=2, seed=5, extra_body=sea)
+    assert [c.index for c in together.choices] == list(range(6))
+    assert [c.text for c in together.choices] == [c.text for one in alone for c in one.choices]
+    assert together.usage.prompt_tokens == sum(one.usage.prompt_tokens for one in alone)
+    assert together.usage.completion_tokens == sum(one.usage.completion_tokens for one in alone)
+    texts = lambda extra: [chain["text"] for chain in extra["chains"]]  # the scores repeat to float32's noise beside batch mates
+    assert [texts(extra) for extra in together.model_extra["sea"]] == [texts(one.model_extra["sea"]) for one in alone]
+    chunks = list(client.completions.create(model="sea", prompt=prompts, max_tokens=4, n=2, seed=5, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=sea))
+    streamed = {c.choices[0].index: c.choices[0].text for c in chunks if c.choices}
+    assert [streamed[i] for i in range(6)] == [c.text for c in together.choices]
+    assert chunks[-1].usage.completion_tokens == together.usage.completion_tokens
+
+    def cancelled() -> float:
+        return metric_samples(httpx.get(server.url + "/metrics").text).get(("sea_jobs_total", (("outcome", "cancelled"),)), 0.0)
+
+    before = cancelled()
+    with pytest.raises(openai.BadRequestError) as long:  # the first prompt's job was submitted before the second failed
+        client.completions.create(model="sea", prompt=["the dog", "the dog " * 3000], max_tokens=4, extra_body=sea)
+    assert (long.value.param, long.value.code) == ("prompt", "context_length_exceeded")
+    wait_for(lambda: cancelled() == before + 1, 30)  # a request's prompts run together or not at all
+
+
 def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server):
     """A replayed assistant turn may have no content (OpenAI's tool-call turns); `sea`'s chains are cut at the stops like
     the choices; and `stream_options` needs `stream`."""

@@ -138,7 +138,7 @@ def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
 
 @pytest.mark.parametrize("path, body, param, words", [
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),  # not "should be a valid string"
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "at most 1"),
+    ("/v1/completions", {"prompt": ["a"] * 17}, "prompt", "at most 16"),
     ("/v1/completions", {"prompt": ""}, "prompt", "some text"),
     ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": [{"type": "text", "text": " "}]}]},
      "messages", "no message contains any text"),

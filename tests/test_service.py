@@ -615,7 +615,7 @@ def test_an_openai_stream_sends_keep_alives_while_its_job_waits_to_start(monkeyp
         service = await make_service(FakeEngine(start_seconds=0.5))
         body = v1.ChatCompletionRequest(model="sea", messages=[{"role": "user", "content": "hi"}], stream=True)
         job = await submit(service, "hi")
-        stream = v1._stream(job, body, "reward", [], True, "chatcmpl-1", 0, service)
+        stream = v1._stream(v1._Answer([job], body, "reward", [], True, service))
         pieces = [await anext(stream) for _ in range(3)]
         await stream.aclose()  # the client leaves: the job is cancelled
         await job.wait(5)
@@ -635,7 +635,7 @@ def test_an_openai_stream_reports_a_failure_in_band_with_its_type_and_code():
         service = await make_service(FakeEngine(tick_seconds=0.05))
         body = v1.ChatCompletionRequest(model="sea", messages=[{"role": "user", "content": "hi"}], stream=True)
         job = await service.submit(SEAConfig(chains=2, steps=200), [{"role": "user", "content": "hi"}], timeout=1)
-        pieces = [piece async for piece in v1._stream(job, body, "reward", [], True, "chatcmpl-1", 0, service)]
+        pieces = [piece async for piece in v1._stream(v1._Answer([job], body, "reward", [], True, service))]
         await service.shutdown()
         return pieces
 

@@ -44,6 +44,7 @@ def _only(*values: Any, schema: dict | None = None) -> dict:
     return {"anyOf": [*allowed, {"type": "null"}]}
 
 
+MAX_PROMPTS = 16  # prompts of one completion request (each its own job: each counts against the queue and a key's share)
 KEEP_ALIVE_SECONDS = 15.0  # a stream sends a comment at least this often while its job waits or starts (idle proxies cut it)
 OPENAI_FIELDS = ("max_tokens", "seed", "temperature", "top_p")  # /align parameters that /v1 takes from its own fields only
 
@@ -157,8 +158,9 @@ class _OpenAIBase(StrictRequest):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
-        description="A prompt with some text (a list must hold exactly one).")
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description=f"A prompt with some text, or up to {MAX_PROMPTS} of them: each runs as its own job (prompt i's choices are "
+                    "indexed from i × n; `sea` is then a list, one entry per prompt).")
     echo: bool | None = Field(False, description="Only false or null.", json_schema_extra=_only(False))
     logprobs: int | None = Field(None, ge=0, le=5, description="Return each token's log-prob under the reference model (at "
                                  "temperature 1: SEA's tokens come from its edits, not from a distribution it sampled), with "
@@ -424,8 +426,7 @@ def _sea_extra(job: Job, result: AlignResult, stops: list[str], engine: Engine) 
     }
 
 
-def _usage(result: AlignResult, completion_tokens: int) -> dict:
-    prompt = result.usage.prompt_tokens
+def _usage(prompt: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
 
@@ -470,33 +471,73 @@ def _completion_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
             "text_offset": [_characters(engine, ids[:i], text) for i in range(len(ids))]}
 
 
-async def _respond(body: _OpenAIBase, messages: list[dict[str, str]], max_tokens: int | None, request: Request,
+async def _respond(body: _OpenAIBase, conversations: list[list[dict[str, str]]], max_tokens: int | None, request: Request,
                    service: AlignService, chat: bool):
+    """Run each conversation (a chat's one, or a completion's prompts) as its own job, with the same settings."""
     _check(body, service)
     params = body.params(max_tokens, service.settings.default_chains)
     stops = body.stops()
     config = engine_config(params, service, logprobs=body.log_prob_alternatives(), logprob_chains=body.n)
+    jobs = []
     try:
-        job = await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param="messages" if chat else "prompt",
-                                   owner=client(request))
+        for messages in conversations:
+            jobs.append(await service.submit(config, messages, params.reward_options(), params.timeout,
+                                             prompt_param="messages" if chat else "prompt", owner=client(request)))
     except APIError as exc:
+        for job in jobs:  # a request's prompts run together or not at all
+            service.cancel(job)
         raise named_as_sent(exc, ("prompt", "messages", *OPENAI_FIELDS)) from None
-    object_name = "chat.completion" if chat else "text_completion"
-    response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
+    answer = _Answer(jobs, body, config.select, stops, chat, service)
     if not body.stream:
-        result = await service.wait(job, client_gone(request))
-        choices, completion_tokens = await built(job, lambda: _choices(result, body.n, config.select, stops, chat, service.runtime.engine))
+        try:
+            for job in jobs:  # each ends by its deadline at the latest; they run meanwhile
+                answer.add(await service.wait(job, client_gone(request)))
+        finally:
+            for job in jobs:
+                if not job.status.finished:  # one failed, or the client left
+                    service.cancel(job)
         # Returned as JSON here: FastAPI's own encoding of a plain dict walks it in Python (a second with 16 choices'
         # log-probs).
-        return JSONResponse({"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
-                             "usage": _usage(result, completion_tokens), "system_fingerprint": service.fingerprint,
-                             **({"service_tier": "default"} if chat else {}), "sea": _sea_extra(job, result, stops, service.runtime.engine)})
-    return StreamingResponse(
-        _stream(job, body, config.select, stops, chat, response_id, created, service),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+        choices = [choice for index in range(len(jobs)) for choice in await answer.choices(index)]
+        return JSONResponse({"id": answer.id, "object": answer.object, "created": answer.created, "model": jobs[0].model,
+                             "choices": choices, "usage": answer.usage(), "system_fingerprint": service.fingerprint,
+                             **answer.tier, "sea": answer.sea()})
+    return StreamingResponse(_stream(answer), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Answer:
+    """A completion's pieces from its jobs' results: prompt i's choices are indexed from i × n, as OpenAI's."""
+
+    def __init__(self, jobs: list[Job], body: _OpenAIBase, select: str, stops: list[str], chat: bool, service: AlignService):
+        self.jobs, self.body, self.select, self.stops, self.chat, self.service = jobs, body, select, stops, chat, service
+        self.results: list[AlignResult] = []
+        self.completion_tokens = 0
+        self.object = "chat.completion" if chat else "text_completion"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.tier = {"service_tier": "default"} if chat else {}
+
+    def add(self, result: AlignResult) -> None:
+        self.results.append(result)
+
+    async def choices(self, index: int) -> list[dict]:
+        """Prompt ``index``'s choices (its result added), counting their tokens into the usage."""
+        job, result, engine = self.jobs[index], self.results[index], self.service.runtime.engine
+        choices, tokens = await built(job, lambda: _choices(result, self.body.n, self.select, self.stops, self.chat, engine))
+        self.completion_tokens += tokens
+        for choice in choices:
+            choice["index"] += index * self.body.n
+        return choices
+
+    def usage(self) -> dict:
+        return _usage(sum(result.usage.prompt_tokens for result in self.results), self.completion_tokens)
+
+    def sea(self) -> dict | list[dict]:
+        """The `sea` extension: the run's figures; a list of each prompt's for several prompts."""
+        engine = self.service.runtime.engine
+        extras = [_sea_extra(job, result, self.stops, engine) for job, result in zip(self.jobs, self.results)]
+        return extras[0] if len(extras) == 1 else extras
 
 
 async def progress_comments(past: list[dict], queue: asyncio.Queue):
@@ -518,48 +559,51 @@ async def progress_comments(past: list[dict], queue: asyncio.Queue):
             yield f": step {event['step']}/{event['steps']}\n\n"
 
 
-async def _stream(job: Job, body: _OpenAIBase, select: str, stops: list[str], chat: bool, response_id: str, created: int,
-                  service: AlignService):
-    """OpenAI SSE chunks: progress as comments while the chains run, then the text, then ``[DONE]``."""
-    object_name = "chat.completion.chunk" if chat else "text_completion"
-
+async def _stream(answer: _Answer):
+    """OpenAI SSE chunks: progress as comments while the chains run, then each prompt's text in turn, then ``[DONE]``."""
+    body, chat, service = answer.body, answer.chat, answer.service
     with_usage = body.stream_options is not None and body.stream_options.include_usage
+    model = answer.jobs[0].model
 
     def chunk(choices: list[dict], **extra) -> str:
-        payload = {"id": response_id, "object": object_name, "created": created, "model": job.model, "choices": choices,
-                   "system_fingerprint": service.fingerprint, **({"service_tier": "default"} if chat else {}), **({"usage": None} if with_usage else {}), **extra}
+        payload = {"id": answer.id, "object": answer.object + (".chunk" if chat else ""), "created": answer.created, "model": model,
+                   "choices": choices, "system_fingerprint": service.fingerprint, **answer.tier,
+                   **({"usage": None} if with_usage else {}), **extra}
         return f"data: {json.dumps(payload, allow_nan=False)}\n\n"
 
-    past, queue = job.subscribe()
     try:
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(body.n)])
-        async for comment in progress_comments(past, queue):
-            yield comment
-        try:
-            result = service.outcome(job)
-        except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
-            error = {"message": getattr(exc, "message", "internal error"), "type": getattr(exc, "type", "server_error"),
-                     "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}
-            yield f"data: {json.dumps({'error': error})}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        choices, completion_tokens = await built(job, lambda: _choices(result, body.n, select, stops, chat, service.runtime.engine))
-        for choice in choices:
-            index, finish = choice["index"], choice["finish_reason"]
-            if chat:
-                text = choice["message"]["content"]
-                yield chunk([{"index": index, "delta": {"content": text}, "logprobs": choice["logprobs"], "finish_reason": None}])
-                yield chunk([{"index": index, "delta": {}, "finish_reason": finish}])
-            else:
-                yield chunk([{"index": index, "text": choice["text"], "finish_reason": finish, "logprobs": choice["logprobs"]}])
+        for index, job in enumerate(answer.jobs):
+            past, queue = job.subscribe()
+            try:
+                async for comment in progress_comments(past, queue):
+                    yield comment
+            finally:
+                job.unsubscribe(queue)
+            try:
+                answer.add(service.outcome(job))
+            except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
+                error = {"message": getattr(exc, "message", "internal error"), "type": getattr(exc, "type", "server_error"),
+                         "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            for choice in await answer.choices(index):
+                number, finish = choice["index"], choice["finish_reason"]
+                if chat:
+                    text = choice["message"]["content"]
+                    yield chunk([{"index": number, "delta": {"content": text}, "logprobs": choice["logprobs"], "finish_reason": None}])
+                    yield chunk([{"index": number, "delta": {}, "finish_reason": finish}])
+                else:
+                    yield chunk([{"index": number, "text": choice["text"], "finish_reason": finish, "logprobs": choice["logprobs"]}])
         if with_usage:
-            yield chunk([], usage=_usage(result, completion_tokens), sea=_sea_extra(job, result, stops, service.runtime.engine))
+            yield chunk([], usage=answer.usage(), sea=answer.sea())
         yield "data: [DONE]\n\n"
     finally:
-        job.unsubscribe(queue)
-        if not job.status.finished:  # the client went away mid-stream
-            service.cancel(job)
+        for job in answer.jobs:
+            if not job.status.finished:  # the client went away mid-stream, or another prompt's job failed
+                service.cancel(job)
 
 
 def _model(service: AlignService) -> dict:
@@ -580,9 +624,7 @@ async def retrieve_model(model: str, service: AlignService = Depends(get_service
 @router.post("/completions", responses=V1_RESPONSES, summary="OpenAI-compatible text completion, aligned with SEA.")
 async def completions(body: CompletionRequest, request: Request, service: AlignService = Depends(get_service)):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise BadRequest("send one prompt per request (a list must hold exactly one)", param="prompt")
-    return await _respond(body, [{"role": "user", "content": prompts[0]}], body.max_tokens, request, service, chat=False)
+    return await _respond(body, [[{"role": "user", "content": prompt}] for prompt in prompts], body.max_tokens, request, service, chat=False)
 
 
 @router.post("/chat/completions", responses=V1_RESPONSES, summary="OpenAI-compatible chat completion, aligned with SEA.")
@@ -590,4 +632,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise BadRequest("give `max_completion_tokens` or `max_tokens` (its older name), not both", param="max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(body, [m.as_dict() for m in body.messages], max_tokens, request, service, chat=True)
+    return await _respond(body, [[m.as_dict() for m in body.messages]], max_tokens, request, service, chat=True)
