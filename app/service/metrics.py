@@ -59,6 +59,13 @@ class Metrics:
         self.model_info = Info("sea_model", "The served models.", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open files (Linux)
 
+    def add_shared_queue_depth(self) -> Gauge:
+        """The shared Redis queue's depth (a shared store sets it): registered only with a shared store, so that a
+        dashboard or autoscaler query can tell the modes apart."""
+        self.shared_queue_depth = Gauge("sea_shared_queue_depth",
+                                        "Jobs waiting in the shared Redis queue (every replica reports the same value).", registry=self.registry)
+        return self.shared_queue_depth
+
     def observe_result(self, result: AlignResult) -> None:
         self.prompt_tokens.inc(result.usage.prompt_tokens)
         self.completion_tokens.inc(result.usage.completion_tokens)

@@ -113,7 +113,7 @@ class AlignService:
             self.shared = SharedJobs.connect(
                 s.redis_url.get_secret_value(), runtime=runtime, worker=worker, prefix=s.redis_prefix, ttl=s.job_ttl_seconds,
                 lease=s.replica_lease_seconds, max_attempts=s.job_max_attempts, max_queue=s.max_queue, jobs=self.store.jobs,
-                is_draining=lambda: self.draining, registry=self.metrics.registry, limit_error=s.limit_error,
+                is_draining=lambda: self.draining, queue_depth=self.metrics.add_shared_queue_depth(), limit_error=s.limit_error,
                 longest_timeout=s.request_timeout_seconds, max_prompt_tokens=s.max_prompt_tokens)
             if not await self._start_shared():
                 return  # a SIGTERM came first: nothing to drain

@@ -39,8 +39,6 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Gauge
-
 from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, TokenLogProb, Usage
 from app.service.jobs import Job, JobStatus, compact_step_events, spawn_background
 
@@ -62,6 +60,7 @@ def unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) and not isinstance(exc, RedisAuthenticationError)
 
 if TYPE_CHECKING:
+    from prometheus_client import Gauge
     from redis.asyncio import Redis
 
     from app.runtime import Runtime
@@ -250,7 +249,7 @@ class SharedJobs:
     """This replica's side of the shared store: enqueue, claim when the worker has room, mirror state both ways."""
 
     def __init__(self, redis: Redis, claim_redis: Redis, runtime: Runtime, worker: EngineWorker, *, prefix: str, ttl: float,
-                 lease: float, max_attempts: int, max_queue: int, jobs: dict[str, Job], is_draining, registry=None,
+                 lease: float, max_attempts: int, max_queue: int, jobs: dict[str, Job], is_draining, queue_depth: Gauge | None = None,
                  limit_error=lambda config: None, longest_timeout: float = math.inf, max_prompt_tokens: int = 2**31):
         self.redis = redis
         self._claim_redis = claim_redis  # BLMOVE blocks its connection
@@ -280,9 +279,7 @@ class SharedJobs:
         self._tasks: list[asyncio.Task] = []
         self._catch_ups: set[asyncio.Task] = set()
         self._claiming = True
-        # Registered only with a shared store, so that a dashboard or autoscaler query can tell the modes apart.
-        self.queue_depth = Gauge("sea_shared_queue_depth", "Jobs waiting in the shared Redis queue (every replica reports the same value).",
-                                 registry=registry)
+        self.queue_depth = queue_depth
         self._scripts = {name: redis.register_script(source) for name, source in
                          (("enqueue", _ENQUEUE), ("claim", _CLAIM), ("finish", _FINISH), ("release", _RELEASE),
                           ("cancel", _CANCEL), ("reap", _REAP))}
@@ -664,7 +661,8 @@ class SharedJobs:
                 await self._read_cancels()
                 for job in [j for j in self._jobs.values() if j.id in self._mirrored]:
                     await self.catch_up(job)
-                self.queue_depth.set(await self.queue_length())
+                if self.queue_depth is not None:
+                    self.queue_depth.set(await self.queue_length())
             except asyncio.CancelledError:
                 raise
             except Exception:
