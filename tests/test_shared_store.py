@@ -469,6 +469,7 @@ def test_each_job_is_counted_once_where_it_ended_queued_cancelled_handed_back_or
         prefix = "count-" + uuid.uuid4().hex[:8]
         leaving = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix, drain_seconds=0)
         front = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
+        assert front.metrics.registry.get_sample_value("sea_shared_queue_depth") is not None  # exported with a shared store
         front.shared.stop_claiming()
         leaving.shared.stop_claiming()
         await asyncio.sleep(1.2)  # BLMOVEs that started before have timed out (1 s)
