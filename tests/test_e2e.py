@@ -376,6 +376,32 @@ def test_a_completion_of_several_prompts_runs_each_as_its_own_job(server):
     wait_for(lambda: cancelled() == before + 1, 30)  # a request's prompts run together or not at all
 
 
+def test_a_completion_s_prompts_are_checked_together_against_a_key_s_share_the_queue_and_the_log_prob_bound(tmp_path):
+    """Each prompt's job counted the earlier ones as the key's requests in flight: two prompts with a share of two (or
+    one) answered 429 "retry", forever; the log-prob bound held per prompt, not per request."""
+    folder = save_tiny_lm(tiny_lm(), tmp_path / "tiny-llama")
+    proc = ServerProcess(str(folder), tmp_path / "server.log", api_keys="k1", max_jobs_per_key=2, max_queue=3,
+                         max_listed_log_probs=30, default_steps=1, default_max_tokens=4)
+    try:
+        proc.wait_ready()
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key="k1", max_retries=0)
+        two = client.completions.create(model="sea", prompt=["the dog", "hello"], max_tokens=4, seed=1)
+        assert len(two.choices) == 2
+        for prompts, words in ((["a"] * 3, "one API key may have in flight (2)"), (["a"] * 4, "the queue holds (3)")):
+            with pytest.raises(openai.BadRequestError) as refused:  # never possible: not a 429 to retry
+                client.completions.create(model="sea", prompt=prompts, max_tokens=4)
+            assert refused.value.param == "prompt" and words in refused.value.message
+        assert len(client.completions.create(model="sea", prompt=["the dog"], max_tokens=4, logprobs=5).choices) == 1  # 24 listed
+        with pytest.raises(openai.BadRequestError) as listed:  # 48 in all
+            client.completions.create(model="sea", prompt=["the dog", "hello"], max_tokens=4, logprobs=5)
+        assert listed.value.param == "logprobs"
+        one = client.completions.create(model="sea", prompt=["the dog"], max_tokens=4, seed=1)
+        assert isinstance(one.model_extra["sea"], list) and len(one.model_extra["sea"]) == 1  # a list of prompts: a list
+        assert isinstance(client.completions.create(model="sea", prompt="the dog", max_tokens=4).model_extra["sea"], dict)
+    finally:
+        assert proc.stop() == 0
+
+
 def test_the_openai_client_s_histories_stops_and_fields_that_need_others(server):
     """A replayed assistant turn may have no content (OpenAI's tool-call turns); `sea`'s chains are cut at the stops like
     the choices; and `stream_options` needs `stream`."""

@@ -878,6 +878,23 @@ def test_one_api_key_may_have_at_most_its_share_of_requests_in_flight():
     assert "requests in flight as one key may have (2" in str(refused) and int(refused.headers["Retry-After"]) >= 1
 
 
+def test_waiting_for_a_request_s_jobs_ends_at_the_first_failure_and_cancels_the_others():
+    """A completion of several prompts waited for them in order: a later prompt's failure was reported only once the
+    earlier ones had run to their end."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.01))
+        long = await service.submit(SEAConfig(chains=1, steps=3000), [{"role": "user", "content": "a"}])
+        short = await service.submit(SEAConfig(chains=1, steps=3000), [{"role": "user", "content": "b"}], timeout=1)
+        with pytest.raises(GatewayTimeout):
+            await service.wait_all([long, short])
+        await asyncio.wait_for(long.wait(), 10)  # 30 s of steps had it run on
+        await service.shutdown()
+        return long
+
+    long = run(scenario())
+    assert (long.status, long.error) == (JobStatus.cancelled, "another prompt of its request failed")
+
+
 def test_a_key_s_share_holds_for_requests_sent_together_whose_prompts_are_tokenized_in_a_thread():
     """The share was counted before a long prompt's tokenizing (in a thread, an await) and the job stored after it:
     five long prompts sent together by one key with a share of one were all accepted."""

@@ -95,7 +95,7 @@ def note_error(scope: dict, message: str) -> None:
     scope.setdefault("state", {})["error_message"] = message
 
 
-STORED_OBJECTS = ("/v1/responses/", "/v1/chat/completions/")  # OpenAI's paths of stored responses and chat completions
+STORED_OBJECTS = ("/v1/responses/", "/v1/chat/completions/")  # OpenAI's paths of a stored response or chat completion
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
@@ -130,7 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
             note_error(request.scope, "the client closed the connection while sending the body")
             return JSONResponse(error_body("the client closed the connection", ClientClosed.type), status_code=ClientClosed.status)
         message, code = str(exc.detail), NotFound.default_code if exc.status_code == 404 else None
-        if exc.status_code == 404 and request.url.path.startswith(STORED_OBJECTS):  # the client's retrieve, delete, list…
+        if exc.status_code == 404 and request.url.path.startswith(STORED_OBJECTS):  # the client's retrieve, delete, input_items
             message = "this server stores no responses or completions: a request's answer is its response"
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405 and (allowed := _allowed_methods(request)):  # a mount (/static) names its own

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_va
 from app.api.routes import UNAUTHORIZED, built, client, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
 from app.engine.sea import Engine
-from app.engine.types import AlignResult, ChainResult, TokenLogProb, ranked_chains
+from app.engine.types import AlignResult, ChainResult, SEAConfig, TokenLogProb, ranked_chains
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
@@ -478,24 +478,23 @@ async def _respond(body: _OpenAIBase, conversations: list[list[dict[str, str]]],
     params = body.params(max_tokens, service.settings.default_chains)
     stops = body.stops()
     config = engine_config(params, service, logprobs=body.log_prob_alternatives(), logprob_chains=body.n)
+    _check_prompts(len(conversations), config, service, client(request))
     jobs = []
     try:
-        for messages in conversations:
+        for index, messages in enumerate(conversations):
             jobs.append(await service.submit(config, messages, params.reward_options(), params.timeout,
-                                             prompt_param="messages" if chat else "prompt", owner=client(request)))
-    except APIError as exc:
+                                             prompt_param="messages" if chat else "prompt", owner=client(request),
+                                             also=len(conversations) - index - 1))
+    except BaseException as exc:
         for job in jobs:  # a request's prompts run together or not at all
-            service.cancel(job)
-        raise named_as_sent(exc, ("prompt", "messages", *OPENAI_FIELDS)) from None
-    answer = _Answer(jobs, body, config.select, stops, chat, service)
+            service.cancel(job, reason="another prompt of its request was refused")
+        if isinstance(exc, APIError):
+            raise named_as_sent(exc, ("prompt", "messages", *OPENAI_FIELDS)) from None
+        raise
+    answer = _Answer(jobs, body, config.select, stops, chat, service, listed=isinstance(getattr(body, "prompt", None), list))
     if not body.stream:
-        try:
-            for job in jobs:  # each ends by its deadline at the latest; they run meanwhile
-                answer.add(await service.wait(job, client_gone(request)))
-        finally:
-            for job in jobs:
-                if not job.status.finished:  # one failed, or the client left
-                    service.cancel(job)
+        for result in await service.wait_all(jobs, client_gone(request)):  # a failure ends the wait (and the others) at once
+            answer.add(result)
         # Returned as JSON here: FastAPI's own encoding of a plain dict walks it in Python (a second with 16 choices'
         # log-probs).
         choices = [choice for index in range(len(jobs)) for choice in await answer.choices(index)]
@@ -506,11 +505,30 @@ async def _respond(body: _OpenAIBase, conversations: list[list[dict[str, str]]],
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _check_prompts(count: int, config: SEAConfig, service: AlignService, owner: str | None) -> None:
+    """Refuse, before any runs, a request of ``count`` prompts that could never run whole: more jobs than the queue or
+    the API key's share holds (a 429 would say to retry), or more log-probs in all than one request may list."""
+    settings = service.settings
+    if count > settings.max_queue:
+        raise BadRequest(f"{count} prompts are more requests than the queue holds ({settings.max_queue}); send fewer", param="prompt")
+    if owner is not None and settings.max_jobs_per_key and count > settings.max_jobs_per_key:
+        raise BadRequest(f"{count} prompts are more requests than one API key may have in flight ({settings.max_jobs_per_key}); "
+                         "send fewer", param="prompt")
+    if config.logprobs is not None:
+        listed = count * (config.logprobs + 1) * config.max_tokens * config.logprob_chains
+        if listed > settings.max_listed_log_probs:
+            raise Unprocessable(f"logprobs would list {listed} log-probs over {count} prompts; the server lists at most "
+                                f"{settings.max_listed_log_probs} in one request (ask for fewer alternatives, prompts or tokens)",
+                                param="logprobs")
+
+
 class _Answer:
     """A completion's pieces from its jobs' results: prompt i's choices are indexed from i × n, as OpenAI's."""
 
-    def __init__(self, jobs: list[Job], body: _OpenAIBase, select: str, stops: list[str], chat: bool, service: AlignService):
+    def __init__(self, jobs: list[Job], body: _OpenAIBase, select: str, stops: list[str], chat: bool, service: AlignService,
+                 listed: bool = False):
         self.jobs, self.body, self.select, self.stops, self.chat, self.service = jobs, body, select, stops, chat, service
+        self.listed = listed  # the request's prompts came as a list: `sea` is a list too
         self.results: list[AlignResult] = []
         self.completion_tokens = 0
         self.object = "chat.completion" if chat else "text_completion"
@@ -534,10 +552,10 @@ class _Answer:
         return _usage(sum(result.usage.prompt_tokens for result in self.results), self.completion_tokens)
 
     def sea(self) -> dict | list[dict]:
-        """The `sea` extension: the run's figures; a list of each prompt's for several prompts."""
+        """The `sea` extension: the run's figures; a list of each prompt's for a list of prompts (of one too)."""
         engine = self.service.runtime.engine
         extras = [_sea_extra(job, result, self.stops, engine) for job, result in zip(self.jobs, self.results)]
-        return extras[0] if len(extras) == 1 else extras
+        return extras if self.listed else extras[0]
 
 
 async def progress_comments(past: list[dict], queue: asyncio.Queue):

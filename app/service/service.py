@@ -158,9 +158,11 @@ class AlignService:
         return_trace: bool = False,
         prompt_param: str = "prompt",
         owner: str | None = None,
+        also: int = 0,
     ) -> Job:
         """Build the engine job, check the prompt limit (an error names ``prompt_param``, the field the request sent), and
-        queue it (429 when the queue is full)."""
+        queue it (429 when the queue is full). ``also``: jobs of the same request still to come (a completion's further
+        prompts), which the key's share counts too."""
         if self.broken is not None:
             raise ServiceBroken(self.broken, headers=NO_RETRY)
         if self.worker is None or self.draining:
@@ -168,7 +170,7 @@ class AlignService:
         if owner is None or not self.settings.max_jobs_per_key:
             return await self._submit(config, messages, reward_options, timeout, stream_events, return_trace, prompt_param, owner)
         mine = self._entering[owner] + sum(1 for other in self.store.jobs.values() if other.owner == owner and not other.status.finished)
-        if mine >= self.settings.max_jobs_per_key:
+        if mine + also >= self.settings.max_jobs_per_key:
             raise TooManyRequests(f"this API key has as many requests in flight as one key may have ({mine}, "
                                   f"SEA_MAX_JOBS_PER_KEY); retry when one ends", headers={"Retry-After": str(self.worker.retry_after())})
         self._entering[owner] += 1  # counted while it is tokenized or queued in Redis (awaits: the key's next request may come)
@@ -233,24 +235,42 @@ class AlignService:
         job.listeners.append(lambda job, event: timer.cancel() if event["event"] == "end" else None)
 
     async def wait(self, job: Job, client_gone: Callable[[], Awaitable[None]] | None = None) -> AlignResult:
-        """The job's result; ``client_gone()`` returns when the client leaves, which cancels the job.
+        """The job's result; ``client_gone()`` returns when the client leaves, which cancels the job."""
+        return (await self.wait_all([job], client_gone))[0]
 
-        Nothing polls: the wait wakes when the job finishes (at its deadline at the latest: ``submit`` armed it) or the
+    async def wait_all(self, jobs: list[Job], client_gone: Callable[[], Awaitable[None]] | None = None) -> list[AlignResult]:
+        """The jobs' results (one request's), or the error of the first that fails, as soon as it fails: the others are
+        then cancelled, as they are when ``client_gone()`` returns (the client left).
+
+        Nothing polls: the wait wakes when a job finishes (at its deadline at the latest: ``submit`` armed it) or the
         client leaves.
         """
-        finished = asyncio.ensure_future(job.wait())
-        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        waiting = {asyncio.ensure_future(job.wait()): job for job in jobs if not job.status.finished}
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None and waiting else None
         try:
-            if not finished.done():
-                await asyncio.wait([t for t in (finished, gone) if t is not None], return_when=asyncio.FIRST_COMPLETED)
-                if not finished.done():  # the client left
-                    self.cancel(job)
+            failed = next((job for job in jobs if job.status.finished and job.status != JobStatus.succeeded), None)
+            while waiting and failed is None:
+                done, _ = await asyncio.wait([*waiting, *([gone] if gone else [])], return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
                     raise ClientClosed("the client closed the connection")
+                ended = [waiting.pop(task) for task in done]
+                failed = next((job for job in ended if job.status != JobStatus.succeeded), None)
+        except BaseException:
+            self._cancel_unfinished(jobs, "the client closed the connection")
+            raise
         finally:
-            for task in (finished, gone):
+            for task in [*waiting, gone]:
                 if task is not None and not task.done():
                     task.cancel()
-        return self.outcome(job)
+        if failed is not None:
+            self._cancel_unfinished(jobs, "another prompt of its request failed")
+            self.outcome(failed)  # raises its error
+        return [self.outcome(job) for job in jobs]
+
+    def _cancel_unfinished(self, jobs: list[Job], reason: str) -> None:
+        for job in jobs:
+            if not job.status.finished:
+                self.cancel(job, reason=reason)
 
     def outcome(self, job: Job) -> AlignResult:
         """The result of a finished job, or the matching error."""
