@@ -750,6 +750,25 @@ def test_discrete_update_never_accepts_a_non_finite_candidate(lm, engine, make_p
         assert chain.best_step == 0 and chain.tokens and all(s.energy == chain.initial.energy for s in chain.trace)
 
 
+def test_a_start_drawn_in_slices_starts_the_chains_it_starts_in_one_go(lm, engine, make_prompt):
+    """The service draws a joining request's initial samples a token at a time between the batch's steps."""
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    jobs = lambda: [_job(make_prompt(prompt), reward, max_tokens=6, chains=3, steps=3, seed=seed, init=init)
+                    for prompt, seed, init in (("the dog", 1, "guided"), ("tell me a story", 2, "sample"), ("hello", 3, "random"))]
+    whole = engine.run(jobs())
+    states = engine.start_many(jobs(), sliced=True)
+    starting = states[0].starting
+    assert starting is not None and all(state.starting is starting for state in states) and states[0].step == -1
+    slices = 1
+    while not engine.advance_start(starting, 0.0):
+        slices += 1
+    assert slices > 6 and all(state.starting is None and state.step == 0 for state in states)
+    while not all(state.done for state in states):
+        engine.tick([state for state in states if not state.done])
+    assert [[c.tokens for c in s.result.chains] for s in states] == [[c.tokens for c in r.chains] for r in whole]
+    assert [s.result.usage for s in states] == [r.usage for r in whole]
+
+
 def test_early_stop_with_patience(lm, engine, make_prompt):
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     result = engine.run([_job(make_prompt("hello"), reward, max_tokens=6, chains=2, steps=50, seed=0, patience=2, step_size=0.0, noise=0.0,

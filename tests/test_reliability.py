@@ -575,10 +575,10 @@ def faulty(tmp_path_factory):
             raise RuntimeError("secret internal detail: CUDA kernel exploded at 0xdeadbeef")
         return tick(states)
 
-    def poisoned_start_many(jobs):  # Engine.start goes through start_many too
+    def poisoned_start_many(jobs, **kwargs):  # Engine.start goes through start_many too
         if any("poison-start" in job.prompt.messages[-1]["content"] for job in jobs):
             raise ValueError("secret internal detail: bad tensor")
-        return start_many(jobs)
+        return start_many(jobs, **kwargs)
 
     engine.tick, engine.start_many = poisoned_tick, poisoned_start_many
     server = InProcessServer(create_app(settings, runtime=runtime))

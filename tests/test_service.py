@@ -38,6 +38,7 @@ class FakeState:
         self.initial = [StepStats(1.0, 0.0, -1.0, 0.0)] * chains
         self.traces = [[] for _ in range(chains)]
         self.baseline = None
+        self.starting = None
 
 
 class FakeEngine:
@@ -55,7 +56,7 @@ class FakeEngine:
     def start(self, job):
         return FakeState(job, job.config.chains)
 
-    def start_many(self, jobs):
+    def start_many(self, jobs, sliced=False):
         self.started_together.append([job.prompt.messages[0]["content"] for job in jobs])
         states = [self.start(job) for job in jobs]
         until = time.monotonic() + self.start_seconds
@@ -518,9 +519,9 @@ def test_drain_fails_unfinished_jobs_at_the_deadline_even_while_a_step_or_start_
         if stuck_in == "start":  # a start that does not look at `abandoned` meanwhile
             original = engine.start_many
 
-            def start_many(jobs):
+            def start_many(jobs, **kwargs):
                 release.wait(20)
-                return original(jobs)
+                return original(jobs, **kwargs)
 
             engine.start_many = start_many
         service = await make_service(engine, drain_seconds=0.1)
@@ -982,12 +983,12 @@ def test_a_failed_batched_start_is_retried_one_by_one_after_its_memory_is_freed(
     freed = []
 
     class Failing(FakeEngine):
-        def start_many(self, jobs):
+        def start_many(self, jobs, **kwargs):
             if len(jobs) > 1:
                 held = torch.zeros(1000)  # the batch's prompt caches and samples
                 self.held = weakref.ref(held)
                 raise torch.OutOfMemoryError("fake")
-            return super().start_many(jobs)
+            return super().start_many(jobs, **kwargs)
 
         def start(self, job):
             if hasattr(self, "held"):
@@ -1099,6 +1100,61 @@ def test_a_baseline_runs_in_slices_between_the_batch_s_steps(lm, monkeypatch):
         alone = service.runtime.engine.run([service.runtime.job(messages, bon, terms=[("principle", 1.0)])])[0]
         assert [c.tokens for c in bon_result.chains] == [c.tokens for c in alone.chains] and bon_result.chosen == alone.chosen
         assert sea_result.method == "sea"
+
+    _real_service_scenario(lm, monkeypatch, scenario)
+
+
+def test_a_request_joining_the_batch_draws_its_start_between_the_batch_s_steps(lm, monkeypatch):
+    """A SEA request drew its initial samples (a third of a request) in one go when it joined: the running batch
+    waited for all of them. They are now drawn in slices between the batch's steps, and it returns what it returns
+    alone."""
+    messages, joining = [{"role": "user", "content": "the dog"}], SEAConfig(chains=4, init_samples=24, steps=2, max_tokens=6, seed=7)
+
+    async def scenario(service, log):
+        engine = service.runtime.engine
+        advance_start = engine.advance_start
+        def one_token(starting, seconds=math.inf):  # the worker's slices; a start in one go (Engine.run's) stays one
+            log.append("draw")
+            return advance_start(starting, 0.0 if seconds < math.inf else seconds)
+
+        monkeypatch.setattr(engine, "advance_start", one_token)
+        running = await service.submit(SEAConfig(chains=2, steps=40, max_tokens=6, seed=1), messages)
+        while not [entry for entry in log if entry == "tick"]:
+            await asyncio.sleep(0.01)
+        joined = await service.submit(joining, messages)
+        result = await service.wait(joined)
+        first = log.index("draw", log.index("tick"))  # the joining request's slices, after the batch had started
+        draws = [i for i, entry in enumerate(log) if entry == "draw" and i >= first]
+        assert len(draws) >= 3 and "tick" in log[draws[0] : draws[-1]]  # steps ran between its drawn tokens
+        alone = engine.run([service.runtime.job(messages, joining, terms=[("principle", 1.0)])])[0]
+        assert [c.tokens for c in result.chains] == [c.tokens for c in alone.chains] and result.chosen == alone.chosen
+        service.cancel(running)
+
+    _real_service_scenario(lm, monkeypatch, scenario)
+
+
+def test_a_start_that_fails_in_a_slice_fails_its_request_alone(lm, monkeypatch):
+    messages = [{"role": "user", "content": "the dog"}]
+
+    async def scenario(service, log):
+        engine = service.runtime.engine
+        advance_start = engine.advance_start
+        failing = []
+
+        def out_of_memory(starting, seconds=math.inf):
+            if any(state.config.chains == 3 for state in starting.states):
+                failing.append(starting)
+                raise torch.OutOfMemoryError("injected")
+            return advance_start(starting, seconds)
+
+        monkeypatch.setattr(engine, "advance_start", out_of_memory)
+        running = await service.submit(SEAConfig(chains=2, steps=6, max_tokens=6, seed=1), messages)
+        while not [entry for entry in log if entry == "tick"]:
+            await asyncio.sleep(0.01)
+        bad = await service.submit(SEAConfig(chains=3, steps=2, max_tokens=6, seed=4), messages)
+        with pytest.raises(ServiceUnavailable, match="out of memory"):
+            await service.wait(bad)
+        assert (await service.wait(running)).method == "sea" and service.worker.alive and failing
 
     _real_service_scenario(lm, monkeypatch, scenario)
 

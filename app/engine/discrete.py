@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Generator
 
 import torch
 
@@ -32,7 +33,7 @@ from app.engine.energy import (
 )
 from app.engine.host import to_host
 from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
-from app.engine.sampling import SampleGroup, Tilt, sample_groups_in_chunks
+from app.engine.sampling import SampleGroup, Tilt, drawing_groups_in_chunks
 from app.engine.types import StepStats, reward_pick
 from models.lm import ResponseMemory, Reuse
 
@@ -51,9 +52,9 @@ def noise_at(config, step: int) -> float:
     return config.noise * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def start(engine, states: list) -> None:
+def starting(engine, states: list) -> Generator[None, None, None]:
     """Draw the initial samples of every state, score them exactly, and keep each state's best ``chains`` (by
-    ``_start_rank``).
+    ``_start_rank``); a generator that pauses after each drawn token and before the scoring pass.
 
     States started together sample in one batch and are scored in one batched pass; each draws from its own
     generator, so a seeded request starts the same alone or beside others. The draw's own log-probs score what
@@ -63,7 +64,7 @@ def start(engine, states: list) -> None:
     sampled = [s for s in states if s.config.init != "random"]
     if sampled:
         counts = [max(s.config.init_samples or 2 * s.chains, s.chains) for s in sampled]
-        for state, samples in zip(sampled, _draw_samples(engine, sampled, counts, first=True)):
+        for state, samples in zip(sampled, (yield from _drawing_samples(engine, sampled, counts, first=True))):
             drawn[id(state)] = samples
     for state in states:
         if state.config.init == "random":
@@ -73,6 +74,10 @@ def start(engine, states: list) -> None:
         if state.job.is_abandoned():
             engine.cancel(state)  # its draw stopped early; nobody waits for its scores
     states = [s for s in states if not s.cancelled]
+    if not states:
+        return
+    yield
+    states = [s for s in states if not s.cancelled]  # (cancelled during the pause)
     if not states:
         return
     scored, slices = _score_drawn(engine, states, [drawn[id(s)] for s in states])
@@ -94,7 +99,17 @@ class Drawn:
     known: dict[object, torch.Tensor]  # scorer -> (n, L)
 
 
-def _draw_samples(engine, states: list, counts: list[int], first: bool = False) -> list[Drawn]:
+def _draw_samples(engine, states: list, counts: list[int]) -> list[Drawn]:
+    """:func:`_drawing_samples` run to its end (a restart's draw, inside a step)."""
+    drawing = _drawing_samples(engine, states, counts)
+    while True:
+        try:
+            next(drawing)
+        except StopIteration as end:
+            return end.value
+
+
+def _drawing_samples(engine, states: list, counts: list[int], first: bool = False) -> Generator[None, None, list[Drawn]]:
     """``counts[i]`` samples ``(n, L)`` for each of ``states`` (base samples, or guided ones: see ``SEAConfig.init``),
     drawn in one batch, each state from its own generator (so alone or beside others it draws the same); the
     drawing is counted in each state's usage. A guided state's ``first`` draw includes the tilted policy's greedy
@@ -107,7 +122,7 @@ def _draw_samples(engine, states: list, counts: list[int], first: bool = False) 
                                   state.config.top_p, tilts[-1], greedy_rows=int(first and tilts[-1] is not None),
                                   abandoned=state.job.is_abandoned))
     drawn = []
-    for state, tilt, samples in zip(states, tilts, sample_groups_in_chunks(engine.lm.model, groups, engine.stop_ids)):
+    for state, tilt, samples in zip(states, tilts, (yield from drawing_groups_in_chunks(engine.lm.model, groups, engine.stop_ids))):
         state.usage.forward_token_passes += samples.forward_token_passes
         drawn.append(Drawn(samples.tokens, drawn_log_probs(samples.token_log_probs, tilt)))
     return drawn

@@ -329,17 +329,18 @@ def drawing_groups(
     return results
 
 
-def sample_groups_in_chunks(model: PreTrainedModel, groups: list[SampleGroup], stop_ids: Tensor) -> list[Samples]:
-    """:func:`sample_groups` in batches of at most :data:`ROW_TOKENS_PER_PASS` tokens (:func:`row_chunks`; a drawn row
+def drawing_groups_in_chunks(model: PreTrainedModel, groups: list[SampleGroup], stop_ids: Tensor) -> Generator[None, None, list[Samples]]:
+    """:func:`drawing_groups` in batches of at most :data:`ROW_TOKENS_PER_PASS` tokens (:func:`row_chunks`; a drawn row
     holds its prompt, its guide and scoring prompts, and the response), so that a request asking for many samples does
     not hold them all at once. A group small enough for one batch draws exactly what it draws in one; a larger one
-    draws its pieces one after the other from its generator, the same whatever groups are beside it."""
+    draws its pieces one after the other from its generator, the same whatever groups are beside it. A generator that
+    pauses after each drawn token, as :func:`drawing_groups` does."""
     pieces: list[list[Samples]] = [[] for _ in groups]
     sizes = [(group.n, len(group.prompts), max(p.length for p in group.prompts), group.max_tokens) for group in groups]
     for chunk in row_chunks(sizes):
         parts = [dataclasses.replace(groups[g], n=end - first, greedy_rows=min(groups[g].greedy_rows, end) if first == 0 else 0)
                  for g, first, end in chunk]
-        for (g, _, _), samples in zip(chunk, sample_groups(model, parts, stop_ids)):
+        for (g, _, _), samples in zip(chunk, (yield from drawing_groups(model, parts, stop_ids))):
             pieces[g].append(samples)
     return [joined_samples(parts) for parts in pieces]
 

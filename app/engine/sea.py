@@ -43,6 +43,15 @@ ADAM_EPS = 1e-8
 INIT_MARGIN = 1.0  # the sampled token's logit sits this far above the LM's best alternative, so argmax(y0) = sample
 
 
+@dataclass(eq=False)
+class Starting:
+    """The discrete update's start of requests admitted together: one batched draw of their initial samples and one
+    scoring pass, a generator that pauses after each drawn token (so that the running batch steps meanwhile)."""
+
+    states: list[RequestState]
+    run: Generator[None, None, None]
+
+
 @dataclass
 class RequestState:
     """One request in flight: its chains' logits and everything accumulated about them."""
@@ -83,6 +92,7 @@ class RequestState:
     cancelled: bool = False
     result: AlignResult | None = None
     baseline: Generator[None, None, AlignResult | None] | None = None  # a baseline's run, advanced by Engine.advance
+    starting: Starting | None = None  # the discrete update's start while it draws, advanced by Engine.advance_start
 
     @property
     def config(self) -> SEAConfig:
@@ -120,19 +130,14 @@ class Engine:
         """Prepare a request: prompt keys/values, reward contexts, initial chains (or a baseline's run, to advance)."""
         return self.start_many([job])[0]
 
-    def start_many(self, jobs: list[AlignJob]) -> list[RequestState]:
-        """Start requests admitted together; the discrete update's initial samples of all of them come in one batch."""
+    def start_many(self, jobs: list[AlignJob], sliced: bool = False) -> list[RequestState]:
+        """Start requests admitted together; the discrete update's initial samples of all of them come in one batch,
+        drawn here, or, ``sliced``, by ``advance_start`` (between other requests' steps) while the states hold it as
+        ``starting``."""
         from app.engine.baselines import baseline_run  # baselines build on this module
 
         started = time.perf_counter()  # one stamp for all: each job waits for the others' prompts to be encoded too
         states = [self._prepare(job, started) for job in jobs]
-        discrete_states = [s for s in states if s.config.method == "sea" and s.config.update == "discrete"]
-        if discrete_states:
-            discrete.start(self, discrete_states)
-            for state in discrete_states:
-                state.timings.init = time.perf_counter() - state.started
-                if state.done and not state.cancelled:
-                    state.result = self.result(state)
         for state in states:
             if state.job.is_abandoned():
                 self.cancel(state)  # e.g. a Best-of-N request cancelled while the one before it ran
@@ -140,7 +145,32 @@ class Engine:
                 state.baseline = baseline_run(self, state)  # run by advance(), between other requests' steps
             elif state.config.update != "discrete":
                 self._start_logits(state)
+        discrete_states = [s for s in states if not s.done and s.config.method == "sea" and s.config.update == "discrete"]
+        if discrete_states:
+            starting = Starting(discrete_states, discrete.starting(self, discrete_states))
+            for state in discrete_states:
+                state.starting = starting
+            if not sliced:
+                self.advance_start(starting)
         return states
+
+    def advance_start(self, starting: Starting, seconds: float = math.inf) -> bool:
+        """Run a start's pieces of work (a drawn token each) for about ``seconds`` (at least one piece), or to its end;
+        True when it ended: its states then hold their scored initial chains (or their result, with no steps to run)."""
+        until = time.perf_counter() + seconds
+        try:
+            while True:
+                next(starting.run)
+                if time.perf_counter() >= until:
+                    return False
+        except StopIteration:
+            pass
+        for state in starting.states:
+            state.starting = None
+            state.timings.init = time.perf_counter() - state.started
+            if state.done and not state.cancelled:
+                state.result = self.result(state)
+        return True
 
     def _prepare(self, job: AlignJob, started: float) -> RequestState:
         config = job.config
@@ -184,6 +214,9 @@ class Engine:
         state.done = True
         if state.baseline is not None:
             state.baseline.close()
+        starting = state.starting
+        if starting is not None and not starting.run.gi_running and all(s.cancelled for s in starting.states):
+            starting.run.close()  # nobody left to draw for (a start cancels the abandoned itself, while it runs)
 
     def advance(self, state: RequestState, seconds: float = math.inf) -> None:
         """Run a baseline request's pieces of work (a drawn token each) for about ``seconds`` (at least one piece), or

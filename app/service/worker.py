@@ -19,7 +19,7 @@ import traceback
 
 import torch
 
-from app.engine.sea import Engine, RequestState
+from app.engine.sea import Engine, RequestState, Starting
 from app.service.jobs import Job, JobStatus
 from app.service.metrics import Metrics
 from models.errors import is_out_of_memory
@@ -315,7 +315,7 @@ class EngineWorker:
             return
         failure = None
         try:
-            states = self.engine.start_many([job.work for job in jobs])
+            states = self.engine.start_many([job.work for job in jobs], sliced=True)
         except Exception as exc:  # noqa: BLE001 -- retried below, outside this block
             failure = exc
             traceback.clear_frames(exc.__traceback__)  # the failed start's locals (its tensors): a log record keeps the rest
@@ -329,16 +329,19 @@ class EngineWorker:
             failure = None
             _release_accelerator_memory()
             states = []
-            for job in jobs:
-                try:
-                    states.append(self.engine.start(job.work))
-                except Exception as exc:  # noqa: BLE001 -- logged with its traceback by _start_failed
-                    self._start_failed(job, exc)
-                    states.append(None)
+            states = [self._start_alone(job) for job in jobs]
         for job, state in zip(jobs, states):
             if state is not None:
-                self._started(job, state)
+                self._started(job, state, self._active)
         self._update_gauges()
+
+    def _start_alone(self, job: Job) -> RequestState | None:
+        """Start ``job`` by itself (its start with others failed); None if that fails too (the job failed)."""
+        try:
+            return self.engine.start_many([job.work], sliced=True)[0]
+        except Exception as exc:  # noqa: BLE001 -- logged with its traceback by _start_failed
+            self._start_failed(job, exc)
+            return None
 
     def _start_failed(self, job: Job, error: BaseException) -> None:
         """Fail a job whose start raised ``error``."""
@@ -362,16 +365,17 @@ class EngineWorker:
             self.fatal = f"the accelerator failed ({str(error).splitlines()[0][:200]}); the service needs a restart"
             log.critical("%s", self.fatal)
 
-    def _started(self, job: Job, state: RequestState) -> None:
+    def _started(self, job: Job, state: RequestState, batch: list) -> None:
+        """A started job, or one whose start (``state.starting``) just ended, joins ``batch`` unless it has ended."""
         if state.cancelled:  # abandoned while it started
             self._end_unwanted(job)
             return
-        if state.step == 0 and state.initial:  # started with its initial chains already scored (the discrete update)
+        if state.starting is None and state.step == 0 and state.initial:  # its initial chains scored (the discrete update)
             self._call(job.publish, self._step_event(job, state))
         if state.done:
             self._complete(job, state)
         else:
-            self._active.append((job, state))
+            batch.append((job, state))
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -392,11 +396,12 @@ class EngineWorker:
             self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
 
     def _step(self) -> None:
-        """One step of the SEA requests in the batch (their events published), then the baselines' runs for as long as
-        that step took (at least ``BASELINE_SLICE_SECONDS``), shared among them: a Best-of-256 no longer holds the batch
-        for its whole run."""
-        stepping = [(job, state) for job, state in self._active if state.baseline is None]
+        """One step of the SEA requests in the batch (their events published), then the baselines' runs and the
+        starts' draws for as long as that step took (at least ``BASELINE_SLICE_SECONDS``), shared among them: a
+        Best-of-256, or a request joining with 64 chains to draw, no longer holds the batch for its whole run."""
+        stepping = [(job, state) for job, state in self._active if state.baseline is None and state.starting is None]
         running = [(job, state) for job, state in self._active if state.baseline is not None]
+        starts = {id(state.starting): state.starting for _, state in self._active if state.starting is not None}
         started = time.perf_counter()
         failed = self._tick_resilient([state for _, state in stepping]) if stepping else {}
         took = time.perf_counter() - started
@@ -421,9 +426,10 @@ class EngineWorker:
             else:
                 self._call(job.publish, event)
                 still.append((job, state))
+        share = max(took, BASELINE_SLICE_SECONDS) / max(len(running) + len(starts), 1)
         for job, state in running:  # each runs at least one piece of its work; no step events: its result ends it
             try:
-                self.engine.advance(state, max(took, BASELINE_SLICE_SECONDS) / len(running))
+                self.engine.advance(state, share)
             except Exception as exc:  # noqa: BLE001 -- its own run: it fails alone
                 traceback.clear_frames(exc.__traceback__)
                 self._fail_alone(job, exc, "running", "out of memory: ask for fewer samples or tokens")
@@ -435,8 +441,33 @@ class EngineWorker:
                 self._complete(job, state)
             else:
                 still.append((job, state))
+        for starting in starts.values():
+            self._advance_start(starting, share, still)
         self._active = still
         self._update_gauges()
+
+    def _advance_start(self, starting: Starting, seconds: float, batch: list) -> None:
+        """Draw a start's samples for about ``seconds``; its jobs go on in ``batch`` (stepping once it has ended). If it
+        fails, a job started alone fails; jobs started together start again one by one."""
+        members = [(job, state) for job, state in self._active if state.starting is starting]
+        try:
+            ended = self.engine.advance_start(starting, seconds)
+        except Exception as exc:  # retried below, its frames cleared (the failed draw's tensors)
+            traceback.clear_frames(exc.__traceback__)
+            if len(members) == 1:
+                self._start_failed(members[0][0], exc)
+                return
+            log.warning("starting %d jobs together failed; starting them one by one", len(members), exc_info=exc)
+            _release_accelerator_memory()
+            for job, _ in members:
+                if (state := self._start_alone(job)) is not None:
+                    self._started(job, state, batch)
+            return
+        for job, state in members:
+            if ended:
+                self._started(job, state, batch)
+            else:
+                batch.append((job, state))
 
     def _tick_resilient(self, states: list[RequestState]) -> dict[int, tuple[str, str]]:
         """Tick ``states``; if the step fails (out of memory, or an error), split the batch and retry, failing only a
