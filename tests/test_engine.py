@@ -767,6 +767,12 @@ def test_a_start_drawn_in_slices_starts_the_chains_it_starts_in_one_go(lm, engin
         engine.tick([state for state in states if not state.done])
     assert [[c.tokens for c in s.result.chains] for s in states] == [[c.tokens for c in r.chains] for r in whole]
     assert [s.result.usage for s in states] == [r.usage for r in whole]
+    abandoned = engine.start_many(jobs(), sliced=True)  # all cancelled: the start closed, no state holds it (a cycle)
+    engine.advance_start(abandoned[0].starting, 0.0)
+    run = abandoned[0].starting.run
+    for state in abandoned:
+        engine.cancel(state)
+    assert all(state.starting is None for state in abandoned) and run.gi_frame is None
 
 
 def test_early_stop_with_patience(lm, engine, make_prompt):

@@ -1159,6 +1159,42 @@ def test_a_start_that_fails_in_a_slice_fails_its_request_alone(lm, monkeypatch):
     _real_service_scenario(lm, monkeypatch, scenario)
 
 
+def test_requests_started_together_whose_start_fails_start_again_alone_even_with_one_left(lm, monkeypatch):
+    """A start of two requests, one of them cancelled, that ran out of memory failed the other as "started alone"
+    (a cancelled request's rows are drawn until the draw ends: the survivor fits alone)."""
+    messages = [{"role": "user", "content": "the dog"}]
+
+    async def scenario(service, log):
+        engine = service.runtime.engine
+        advance_start, group_sizes, slices = engine.advance_start, [], []
+
+        def one_token_then_out_of_memory(starting, seconds=math.inf):
+            group_sizes.append(len(starting.states))
+            slices.append(starting)
+            if len(starting.states) == 2 and starting.states[0].cancelled:
+                starting.run = out_of_memory(starting.run)  # the draw's next token fails
+            return advance_start(starting, 0.0 if seconds < math.inf else seconds)
+
+        def out_of_memory(drawing):
+            drawing.close()
+            raise torch.OutOfMemoryError("injected")
+            yield
+
+        monkeypatch.setattr(engine, "advance_start", one_token_then_out_of_memory)
+        cancelled, kept = await asyncio.gather(*(service.submit(SEAConfig(chains=2, steps=1, max_tokens=6, seed=seed), messages)
+                                                 for seed in (1, 2)))
+        while not slices:
+            await asyncio.sleep(0.01)
+        service.cancel(cancelled)
+        result = await service.wait(kept)
+        alone = engine.run([service.runtime.job(messages, SEAConfig(chains=2, steps=1, max_tokens=6, seed=2), terms=[("principle", 1.0)])])[0]
+        assert [c.tokens for c in result.chains] == [c.tokens for c in alone.chains]
+        assert group_sizes[0] == 2 and all(state.starting is None for state in slices[0].states)  # no cycle through the start
+        assert cancelled.status == JobStatus.cancelled
+
+    _real_service_scenario(lm, monkeypatch, scenario)
+
+
 def test_a_baseline_that_fails_in_a_slice_fails_alone(lm, monkeypatch):
     messages = [{"role": "user", "content": "the dog"}]
 

@@ -165,8 +165,11 @@ class Engine:
                     return False
         except StopIteration:
             pass
+        except BaseException:
+            self._end_start(starting)  # its states hold no start to resume (and no reference cycle through it)
+            raise
+        self._end_start(starting)
         for state in starting.states:
-            state.starting = None
             state.timings.init = time.perf_counter() - state.started
             if state.done and not state.cancelled:
                 state.result = self.result(state)
@@ -216,7 +219,13 @@ class Engine:
             state.baseline.close()
         starting = state.starting
         if starting is not None and not starting.run.gi_running and all(s.cancelled for s in starting.states):
-            starting.run.close()  # nobody left to draw for (a start cancels the abandoned itself, while it runs)
+            self._end_start(starting)  # nobody left to draw for (a start cancels the abandoned itself, while it runs)
+
+    @staticmethod
+    def _end_start(starting: Starting) -> None:
+        starting.run.close()
+        for state in starting.states:
+            state.starting = None
 
     def advance(self, state: RequestState, seconds: float = math.inf) -> None:
         """Run a baseline request's pieces of work (a drawn token each) for about ``seconds`` (at least one piece), or

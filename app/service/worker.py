@@ -336,9 +336,10 @@ class EngineWorker:
         self._update_gauges()
 
     def _start_alone(self, job: Job) -> RequestState | None:
-        """Start ``job`` by itself (its start with others failed); None if that fails too (the job failed)."""
+        """Start ``job`` by itself, in one go (its start with others failed: those started again one after another
+        hold no more memory than one); None if that fails too (the job failed)."""
         try:
-            return self.engine.start_many([job.work], sliced=True)[0]
+            return self.engine.start_many([job.work])[0]
         except Exception as exc:  # noqa: BLE001 -- logged with its traceback by _start_failed
             self._start_failed(job, exc)
             return None
@@ -448,17 +449,17 @@ class EngineWorker:
 
     def _advance_start(self, starting: Starting, seconds: float, batch: list) -> None:
         """Draw a start's samples for about ``seconds``; its jobs go on in ``batch`` (stepping once it has ended). If it
-        fails, a job started alone fails; jobs started together start again one by one."""
+        fails, a job started alone fails; jobs started together start again one by one (those still wanted)."""
         members = [(job, state) for job, state in self._active if state.starting is starting]
         try:
             ended = self.engine.advance_start(starting, seconds)
         except Exception as exc:  # retried below, its frames cleared (the failed draw's tensors)
             traceback.clear_frames(exc.__traceback__)
-            if len(members) == 1:
+            _release_accelerator_memory()
+            if len(starting.states) == 1:  # by the draw's rows: a cancelled batch mate's rows were drawn too
                 self._start_failed(members[0][0], exc)
                 return
-            log.warning("starting %d jobs together failed; starting them one by one", len(members), exc_info=exc)
-            _release_accelerator_memory()
+            log.warning("starting %d jobs together failed; starting them one by one", len(starting.states), exc_info=exc)
             for job, _ in members:
                 if (state := self._start_alone(job)) is not None:
                     self._started(job, state, batch)
