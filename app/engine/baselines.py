@@ -12,7 +12,7 @@ from collections.abc import Generator
 
 import torch
 
-from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row
+from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_chunks, passes_per_row, runs_in_reference_pass
 from app.engine.host import to_host
 from app.engine.sampling import SampleGroup, categorical, drawing_groups, joined_samples, row_chunks, rows_per_pass
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
@@ -58,8 +58,7 @@ def _scores(scored) -> torch.Tensor:
 def _decoded_rewards(spec, model) -> list[tuple[object, object]]:
     """The reward components that are ``model`` under a prompt of their own (the principle), with that prompt: a
     decoding can run them beside the reference, one row each, and score its tokens from their next-token log-probs."""
-    return [(component, context) for component, _, context in spec.reward_terms
-            if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is model]
+    return [(component, context) for component, _, context in spec.reward_terms if runs_in_reference_pass(component, model)]
 
 
 @torch.inference_mode()  # entered at each resumption of the generator and left at each pause

@@ -58,6 +58,12 @@ class Evaluation:
     memories: dict[object, ResponseMemory] | None = None  # per LM scorer, what the pass leaves for scoring edits
 
 
+def runs_in_reference_pass(component, model) -> bool:
+    """Whether a reward component is ``model``'s own log-probs under a prompt of its own (the principle): it then runs
+    in the reference's pass (one row per prompt) and scores its tokens from their log-probs (``from_log_probs``)."""
+    return bool(getattr(component, "from_log_probs", None)) and getattr(component, "model", None) is model
+
+
 def evaluate(
     lm: LoadedLM,
     specs: list[RowSpec],
@@ -105,8 +111,7 @@ def evaluate(
     # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass:
     # (component, its rows, their contexts, which are prefixes).
     entries = _component_entries(specs, device)
-    joint = [(component, index, contexts) for component, index, contexts in entries
-             if getattr(component, "from_log_probs", None) and getattr(component, "model", None) is lm.model]
+    joint = [(component, index, contexts) for component, index, contexts in entries if runs_in_reference_pass(component, lm.model)]
 
     with torch.set_grad_enabled(probs is not None):
         run = [entry for entry in joint if entry[0] not in known]  # joined rewards still to compute
