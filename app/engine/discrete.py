@@ -87,7 +87,8 @@ def starting(engine, states: list) -> Generator[None, None, None]:
                    scored.log_prob_ref[rows], scored.mask[rows, :length])
 
 
-def _tilt(engine, state) -> Tilt | None:
+def start_tilt(engine, state) -> Tilt | None:
+    """What a state's starting samples are drawn by: the contrastive rewards' per-token tilt with ``init: guided``."""
     return token_tilt(state.spec, engine.lm.model, state.config.guide_top_k) if state.config.init == "guided" else None
 
 
@@ -117,7 +118,7 @@ def _drawing_samples(engine, states: list, counts: list[int], first: bool = Fals
     prompt: ARGS then also takes back the copied run's earlier tokens), so SEA starts no worse than that."""
     groups, tilts = [], []
     for state, n in zip(states, counts):
-        tilts.append(_tilt(engine, state))
+        tilts.append(start_tilt(engine, state))
         groups.append(SampleGroup(state.spec.prefix, n, state.spec.length, state.generator, state.config.temperature,
                                   state.config.top_p, tilts[-1], greedy_rows=int(first and tilts[-1] is not None),
                                   abandoned=state.job.is_abandoned))
@@ -508,7 +509,7 @@ def _restarting(state) -> bool:
 def _sample_cost(engine, state) -> int:
     """Token-passes of drawing one sample (it feeds back L − 1 tokens; a guided one runs them under each guide prompt
     too) and scoring what the draw did not."""
-    tilt = _tilt(engine, state)
+    tilt = start_tilt(engine, state)
     drawn = (state.spec.length - 1) * (1 + (len(tilt.guides) if tilt else 0))
     return max(1, drawn + passes_per_row(state.spec, known=drawn_scorers(tilt)))  # at least 1: one-token answers cost ~0
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from app.engine import discrete
-from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row, token_tilt
+from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
 from app.engine.host import to_host
 from app.engine.sampling import rows_per_pass, sample_responses
 from app.engine.types import (
@@ -182,7 +182,7 @@ class Engine:
         generator.manual_seed(seed)
         prefix = encode_prefix(self.lm.model, job.prompt.ids)
         terms = [(component, weight, component.prepare(job.prompt)) for component, weight in job.reward.terms]
-        rows = config.chains if config.method == "sea" else 1
+        rows = config.batch_rows
         spec = RowSpec(prefix, terms, config.alpha, config.use_reward, config.use_reference, config.max_tokens, rows)
         prompt_tokens = len(job.prompt.ids)
         # the reference's prompt and each reward's own context (the principle's is longer; a word list encodes none)
@@ -197,7 +197,7 @@ class Engine:
             logits = torch.randn(rows, config.max_tokens, self.vocab, generator=generator, device=self.device)
             tokens = logits.argmax(-1)
         else:
-            tilt = token_tilt(state.spec, self.lm.model, config.guide_top_k) if config.init == "guided" else None
+            tilt = discrete.start_tilt(self, state)
             samples = sample_responses(
                 self.lm.model, state.spec.prefix, rows, config.max_tokens, self.stop_ids, generator,
                 config.temperature, config.top_p, keep_log_probs=True, tilt=tilt,

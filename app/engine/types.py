@@ -64,6 +64,11 @@ class SEAConfig:
     logprob_chains: int = 1
 
     @property
+    def batch_rows(self) -> int:
+        """Rows the request holds in the running batch: SEA's chains; a baseline's run one (its own batches are its own)."""
+        return self.chains if self.method == "sea" else 1
+
+    @property
     def result_chains(self) -> int:
         """How many chains the result lists: SEA's chains, Best-of-N's samples, beam search's beams, one otherwise."""
         return {"sea": self.chains, "bon": self.samples, "cbs": self.beams}.get(self.method, 1)

@@ -98,7 +98,7 @@ class Job:
 
     @property
     def chains(self) -> int:
-        return self.work.config.chains if self.work.config.method == "sea" else 1
+        return self.work.config.batch_rows
 
     @property
     def queue_seconds(self) -> float:
