@@ -372,7 +372,7 @@ def test_a_completion_of_several_prompts_runs_each_as_its_own_job(server):
     before = cancelled()
     with pytest.raises(openai.BadRequestError) as long:  # the first prompt's job was submitted before the second failed
         client.completions.create(model="sea", prompt=["the dog", "the dog " * 3000], max_tokens=4, extra_body=sea)
-    assert (long.value.param, long.value.code) == ("prompt", "context_length_exceeded")
+    assert (long.value.param, long.value.code) == ("prompt.1", "context_length_exceeded")  # which prompt
     wait_for(lambda: cancelled() == before + 1, 30)  # a request's prompts run together or not at all
 
 
@@ -380,14 +380,14 @@ def test_a_completion_s_prompts_are_checked_together_against_a_key_s_share_the_q
     """Each prompt's job counted the earlier ones as the key's requests in flight: two prompts with a share of two (or
     one) answered 429 "retry", forever; the log-prob bound held per prompt, not per request."""
     folder = save_tiny_lm(tiny_lm(), tmp_path / "tiny-llama")
-    proc = ServerProcess(str(folder), tmp_path / "server.log", api_keys="k1", max_jobs_per_key=2, max_queue=3,
-                         max_listed_log_probs=30, default_steps=1, default_max_tokens=4)
+    proc = ServerProcess(str(folder), tmp_path / "server.log", api_keys="k1", max_jobs_per_key=2, max_queue=3, max_batch_chains=4,
+                         default_chains=2, max_listed_log_probs=30, default_steps=1, default_max_tokens=4)
     try:
         proc.wait_ready()
         client = openai.OpenAI(base_url=proc.url + "/v1", api_key="k1", max_retries=0)
         two = client.completions.create(model="sea", prompt=["the dog", "hello"], max_tokens=4, seed=1)
         assert len(two.choices) == 2
-        for prompts, words in ((["a"] * 3, "one API key may have in flight (2)"), (["a"] * 4, "the queue holds (3)")):
+        for prompts, words in ((["a"] * 3, "one API key may have in flight (2)"), (["a"] * 6, "the batch and the queue hold (5)")):
             with pytest.raises(openai.BadRequestError) as refused:  # never possible: not a 429 to retry
                 client.completions.create(model="sea", prompt=prompts, max_tokens=4)
             assert refused.value.param == "prompt" and words in refused.value.message

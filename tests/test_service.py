@@ -867,6 +867,8 @@ def test_one_api_key_may_have_at_most_its_share_of_requests_in_flight():
         with pytest.raises(TooManyRequests) as refused:
             await service.submit(long, [{"role": "user", "content": "a"}], owner="key-a")
         other = await service.submit(long, [{"role": "user", "content": "b"}], owner="key-b")
+        with pytest.raises(TooManyRequests, match="has 1 request in flight and this request has 1 more prompt to run"):
+            await service.submit(long, [{"role": "user", "content": "b"}], owner="key-b", also=1)  # a completion's 2 prompts
         service.cancel(first[0])
         await asyncio.wait_for(first[0].wait(), 10)
         again = await service.submit(long, [{"role": "user", "content": "a"}], owner="key-a")
@@ -876,24 +878,31 @@ def test_one_api_key_may_have_at_most_its_share_of_requests_in_flight():
         return refused.value
 
     refused = run(scenario())
-    assert "requests in flight as one key may have (2" in str(refused) and int(refused.headers["Retry-After"]) >= 1
+    assert "has 2 requests in flight; one key may have 2" in str(refused) and int(refused.headers["Retry-After"]) >= 1
 
 
 def test_waiting_for_a_request_s_jobs_ends_at_the_first_failure_and_cancels_the_others():
     """A completion of several prompts waited for them in order: a later prompt's failure was reported only once the
-    earlier ones had run to their end."""
+    earlier ones had run to their end. The others end at once: past the deadline they share, as timed out (they were
+    counted as cancelled, a few milliseconds before their own timers)."""
     async def scenario():
-        service = await make_service(FakeEngine(tick_seconds=0.01))
+        service = await make_service(FakeEngine(tick_seconds=0.01, fail_when=lambda states: any(s.job.prompt.messages[0]["content"] == "bad"
+                                                                                                for s in states)))
         long = await service.submit(SEAConfig(chains=1, steps=3000), [{"role": "user", "content": "a"}])
-        short = await service.submit(SEAConfig(chains=1, steps=3000), [{"role": "user", "content": "b"}], timeout=1)
-        with pytest.raises(GatewayTimeout):
-            await service.wait_all([long, short])
+        bad = await service.submit(SEAConfig(chains=1, steps=3000), [{"role": "user", "content": "bad"}])
+        with pytest.raises(RuntimeError):
+            await service.wait_all([long, bad])
         await asyncio.wait_for(long.wait(), 10)  # 30 s of steps had it run on
+        timing_out = [await service.submit(SEAConfig(chains=1, steps=3000), [{"role": "user", "content": "c"}], timeout=1)
+                      for _ in range(2)]
+        with pytest.raises(GatewayTimeout):
+            await service.wait_all(timing_out)
         await service.shutdown()
-        return long
+        return long, timing_out
 
-    long = run(scenario())
+    long, timing_out = run(scenario())
     assert (long.status, long.error) == (JobStatus.cancelled, "another prompt of its request failed")
+    assert [(job.status, job.error_kind) for job in timing_out] == [(JobStatus.failed, "timeout")] * 2
 
 
 def test_a_key_s_share_holds_for_requests_sent_together_whose_prompts_are_tokenized_in_a_thread():

@@ -482,9 +482,9 @@ async def _respond(body: _OpenAIBase, conversations: list[list[dict[str, str]]],
     jobs = []
     try:
         for index, messages in enumerate(conversations):
-            jobs.append(await service.submit(config, messages, params.reward_options(), params.timeout,
-                                             prompt_param="messages" if chat else "prompt", owner=client(request),
-                                             also=len(conversations) - index - 1))
+            where = "messages" if chat else f"prompt.{index}" if isinstance(getattr(body, "prompt", None), list) else "prompt"
+            jobs.append(await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param=where,
+                                             owner=client(request), also=len(conversations) - index - 1))
     except BaseException as exc:
         for job in jobs:  # a request's prompts run together or not at all
             service.cancel(job, reason="another prompt of its request was refused")
@@ -509,8 +509,9 @@ def _check_prompts(count: int, config: SEAConfig, service: AlignService, owner: 
     """Refuse, before any runs, a request of ``count`` prompts that could never run whole: more jobs than the queue or
     the API key's share holds (a 429 would say to retry), or more log-probs in all than one request may list."""
     settings = service.settings
-    if count > settings.max_queue:
-        raise BadRequest(f"{count} prompts are more requests than the queue holds ({settings.max_queue}); send fewer", param="prompt")
+    room = settings.max_queue + max(1, settings.max_batch_chains // config.batch_rows)  # queued, and joining an idle batch
+    if count > room:
+        raise BadRequest(f"{count} prompts are more requests than the batch and the queue hold ({room}); send fewer", param="prompt")
     if owner is not None and settings.max_jobs_per_key and count > settings.max_jobs_per_key:
         raise BadRequest(f"{count} prompts are more requests than one API key may have in flight ({settings.max_jobs_per_key}); "
                          "send fewer", param="prompt")
@@ -602,6 +603,7 @@ async def _stream(answer: _Answer):
             try:
                 answer.add(service.outcome(job))
             except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
+                service.end_with(answer.jobs, job)
                 error = {"message": getattr(exc, "message", "internal error"), "type": getattr(exc, "type", "server_error"),
                          "param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}
                 yield f"data: {json.dumps({'error': error})}\n\n"

@@ -171,8 +171,10 @@ class AlignService:
             return await self._submit(config, messages, reward_options, timeout, stream_events, return_trace, prompt_param, owner)
         mine = self._entering[owner] + sum(1 for other in self.store.jobs.values() if other.owner == owner and not other.status.finished)
         if mine + also >= self.settings.max_jobs_per_key:
-            raise TooManyRequests(f"this API key has as many requests in flight as one key may have ({mine}, "
-                                  f"SEA_MAX_JOBS_PER_KEY); retry when one ends", headers={"Retry-After": str(self.worker.retry_after())})
+            more = f" and this request has {also} more prompt{'s' * (also > 1)} to run" if also else ""
+            raise TooManyRequests(f"this API key has {mine} request{'s' * (mine != 1)} in flight{more}; one key may have "
+                                  f"{self.settings.max_jobs_per_key} (SEA_MAX_JOBS_PER_KEY): retry when one ends",
+                                  headers={"Retry-After": str(self.worker.retry_after())})
         self._entering[owner] += 1  # counted while it is tokenized or queued in Redis (awaits: the key's next request may come)
         try:
             return await self._submit(config, messages, reward_options, timeout, stream_events, return_trace, prompt_param, owner)
@@ -263,14 +265,22 @@ class AlignService:
                 if task is not None and not task.done():
                     task.cancel()
         if failed is not None:
-            self._cancel_unfinished(jobs, "another prompt of its request failed")
+            self.end_with(jobs, failed)
             self.outcome(failed)  # raises its error
         return [self.outcome(job) for job in jobs]
 
-    def _cancel_unfinished(self, jobs: list[Job], reason: str) -> None:
+    def end_with(self, jobs: list[Job], failed: Job) -> None:
+        """End a request's unfinished jobs once its job ``failed`` has: past the deadline they share, as timed out (each
+        a few milliseconds before its own timer); otherwise cancelled (nobody waits for them)."""
+        if failed.error_kind == "timeout":
+            self._cancel_unfinished(jobs, "the request ran past its deadline", kind="timeout")
+        else:
+            self._cancel_unfinished(jobs, "another prompt of its request failed")
+
+    def _cancel_unfinished(self, jobs: list[Job], reason: str, kind: str = "cancelled") -> None:
         for job in jobs:
             if not job.status.finished:
-                self.cancel(job, reason=reason)
+                self.cancel(job, kind, reason)
 
     def outcome(self, job: Job) -> AlignResult:
         """The result of a finished job, or the matching error."""
