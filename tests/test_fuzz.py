@@ -150,6 +150,7 @@ def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
     ("/v1/completions", {"prompt": "hi", "sea": {"seed": 1}}, "sea.seed", "set `seed` with the OpenAI field"),
     ("/align", {"chains": 2}, "prompt", "exactly one of `prompt` or `messages`"),
     ("/align", {"prompt": "hi", "reward": {"keywords": []}}, "reward.keywords", "at least 1"),
+    ("/align", {"prompt": "hi", "reward": {"terms": {}}}, "reward.terms", "at least 1"),  # ran the server's reward
     ("/align", {"prompt": "hi", "reward": {"keywords_only": True}}, "reward", "needs `keywords`"),
     ("/align", {"prompt": "hi", "reward": {"keywords": ["zzzqqq"]}}, "reward.keywords", "can be spelled"),  # was `reward`
     ("/align", {"messages": [{"role": "user", "content": "hi " * 3000}]}, "messages", "the limit is 2048"),  # was `prompt`

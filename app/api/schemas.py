@@ -73,8 +73,9 @@ class ChatMessage(StrictRequest):
 
 
 class RewardSpec(StrictRequest):
-    terms: dict[str, Annotated[float, Field(ge=-MAX_REWARD_WEIGHT, le=MAX_REWARD_WEIGHT)]] | None = Field(
-        None, description="Loaded rewards by name with their weights, e.g. {\"principle\": 1}. Default: the server's reward.")
+    terms: Annotated[dict[str, Annotated[float, Field(ge=-MAX_REWARD_WEIGHT, le=MAX_REWARD_WEIGHT)]], Field(min_length=1)] | None = Field(
+        None, description="Loaded rewards by name with their weights, e.g. {\"principle\": 1} (at least one; no reward at all is "
+                          "`use_reward: false`). Default: the server's reward.")
     keywords: list[Annotated[str, Field(min_length=1, max_length=100, pattern=r"\S")]] | None = Field(
         None, min_length=1, max_length=32, description="Words to work into the response: adds a keyword-coverage reward (0..1). "
                                          "422 when the model cannot spell any of them.")
