@@ -479,19 +479,19 @@ async def _respond(body: _OpenAIBase, conversations: list[list[dict[str, str]]],
     stops = body.stops()
     config = engine_config(params, service, logprobs=body.log_prob_alternatives(), logprob_chains=body.n)
     _check_prompts(len(conversations), config, service, client(request))
+    listed = isinstance(getattr(body, "prompt", None), list)  # a completion's prompts sent as a list
     jobs = []
     try:
         for index, messages in enumerate(conversations):
-            where = "messages" if chat else f"prompt.{index}" if isinstance(getattr(body, "prompt", None), list) else "prompt"
+            where = "messages" if chat else f"prompt.{index}" if listed else "prompt"
             jobs.append(await service.submit(config, messages, params.reward_options(), params.timeout, prompt_param=where,
                                              owner=client(request), also=len(conversations) - index - 1))
     except BaseException as exc:
-        for job in jobs:  # a request's prompts run together or not at all
-            service.cancel(job, reason="another prompt of its request was refused")
+        service.cancel_all(jobs, "another prompt of its request was refused")  # its prompts run together or not at all
         if isinstance(exc, APIError):
             raise named_as_sent(exc, ("prompt", "messages", *OPENAI_FIELDS)) from None
         raise
-    answer = _Answer(jobs, body, config.select, stops, chat, service, listed=isinstance(getattr(body, "prompt", None), list))
+    answer = _Answer(jobs, body, config.select, stops, chat, service, listed=listed)
     if not body.stream:
         for result in await service.wait_all(jobs, client_gone(request)):  # a failure ends the wait (and the others) at once
             answer.add(result)

@@ -33,7 +33,7 @@ from app.engine.energy import (
 )
 from app.engine.host import to_host
 from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
-from app.engine.sampling import SampleGroup, Tilt, drawing_groups_in_chunks
+from app.engine.sampling import SampleGroup, Tilt, drawing_groups_in_chunks, run_for
 from app.engine.types import StepStats, reward_pick
 from models.lm import ResponseMemory, Reuse
 
@@ -102,12 +102,7 @@ class Drawn:
 
 def _draw_samples(engine, states: list, counts: list[int]) -> list[Drawn]:
     """:func:`_drawing_samples` run to its end (a restart's draw, inside a step)."""
-    drawing = _drawing_samples(engine, states, counts)
-    while True:
-        try:
-            next(drawing)
-        except StopIteration as end:
-            return end.value
+    return run_for(_drawing_samples(engine, states, counts))[1]
 
 
 def _drawing_samples(engine, states: list, counts: list[int], first: bool = False) -> Generator[None, None, list[Drawn]]:

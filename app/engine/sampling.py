@@ -13,6 +13,8 @@ extra rows of the same batch that read the drawn tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -186,14 +188,22 @@ def sample_responses(
     return sample_groups(model, [group], stop_ids, keep_log_probs, given, given_repeats)[0]
 
 
+def run_for(run: Generator, seconds: float = math.inf) -> tuple[bool, object]:
+    """Resume ``run`` (a draw, a baseline's run, a start: pieces of work between pauses) for about ``seconds`` (at least
+    one piece), or to its end: whether it ended, and what it returned."""
+    until = time.perf_counter() + seconds
+    try:
+        while True:
+            next(run)
+            if time.perf_counter() >= until:
+                return False, None
+    except StopIteration as end:
+        return True, end.value
+
+
 def sample_groups(*args, **kwargs) -> list[Samples]:
     """:func:`drawing_groups` (same arguments) run to its end."""
-    drawing = drawing_groups(*args, **kwargs)
-    while True:
-        try:
-            next(drawing)
-        except StopIteration as end:
-            return end.value
+    return run_for(drawing_groups(*args, **kwargs))[1]
 
 
 @torch.no_grad()  # entered at each resumption of the generator and left at each pause

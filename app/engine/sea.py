@@ -21,7 +21,7 @@ from torch import Tensor
 from app.engine import discrete
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
 from app.engine.host import to_host
-from app.engine.sampling import rows_per_pass, sample_responses
+from app.engine.sampling import rows_per_pass, run_for, sample_responses
 from app.engine.types import (
     MAX_SEED,
     AlignJob,
@@ -157,17 +157,13 @@ class Engine:
     def advance_start(self, starting: Starting, seconds: float = math.inf) -> bool:
         """Run a start's pieces of work (a drawn token each) for about ``seconds`` (at least one piece), or to its end;
         True when it ended: its states then hold their scored initial chains (or their result, with no steps to run)."""
-        until = time.perf_counter() + seconds
         try:
-            while True:
-                next(starting.run)
-                if time.perf_counter() >= until:
-                    return False
-        except StopIteration:
-            pass
+            ended, _ = run_for(starting.run, seconds)
         except BaseException:
             self._end_start(starting)  # its states hold no start to resume (and no reference cycle through it)
             raise
+        if not ended:
+            return False
         self._end_start(starting)
         for state in starting.states:
             state.timings.init = time.perf_counter() - state.started
@@ -230,16 +226,11 @@ class Engine:
     def advance(self, state: RequestState, seconds: float = math.inf) -> None:
         """Run a baseline request's pieces of work (a drawn token each) for about ``seconds`` (at least one piece), or
         to its end: it is then done, with its result (cancelled if abandoned meanwhile)."""
-        until = time.perf_counter() + seconds
-        try:
-            while True:
-                next(state.baseline)
-                if time.perf_counter() >= until:
-                    return
-        except StopIteration as end:
-            state.result = end.value
+        ended, result = run_for(state.baseline, seconds)
+        if ended:
+            state.result = result
             state.done = True
-            if state.result is None:
+            if result is None:
                 self.cancel(state)
 
     def run(self, jobs: list[AlignJob]) -> list[AlignResult]:

@@ -258,7 +258,7 @@ class AlignService:
                 ended = [waiting.pop(task) for task in done]
                 failed = next((job for job in ended if job.status != JobStatus.succeeded), None)
         except BaseException:
-            self._cancel_unfinished(jobs, "the client closed the connection")
+            self.cancel_all(jobs, "the client closed the connection")
             raise
         finally:
             for task in [*waiting, gone]:
@@ -273,11 +273,12 @@ class AlignService:
         """End a request's unfinished jobs once its job ``failed`` has: past the deadline they share, as timed out (each
         a few milliseconds before its own timer); otherwise cancelled (nobody waits for them)."""
         if failed.error_kind == "timeout":
-            self._cancel_unfinished(jobs, "the request ran past its deadline", kind="timeout")
+            self.cancel_all(jobs, "the request ran past its deadline", kind="timeout")
         else:
-            self._cancel_unfinished(jobs, "another prompt of its request failed")
+            self.cancel_all(jobs, "another prompt of its request failed")
 
-    def _cancel_unfinished(self, jobs: list[Job], reason: str, kind: str = "cancelled") -> None:
+    def cancel_all(self, jobs: list[Job], reason: str, kind: str = "cancelled") -> None:
+        """Cancel those of ``jobs`` (one request's) that have not finished, saying ``reason``."""
         for job in jobs:
             if not job.status.finished:
                 self.cancel(job, kind, reason)

@@ -328,7 +328,6 @@ class EngineWorker:
             log.warning("starting %d jobs together failed; starting them one by one", len(jobs), exc_info=failure)
             failure = None
             _release_accelerator_memory()
-            states = []
             states = [self._start_alone(job) for job in jobs]
         for job, state in zip(jobs, states):
             if state is not None:
