@@ -272,6 +272,13 @@ def test_the_openai_client_s_null_and_neutral_fields_and_the_fields_its_errors_n
     # n raises the server's default chains (4) to n, never lowers it: asking for two answers searches no less.
     two = client.chat.completions.create(model="sea", messages=hello, max_tokens=3, n=2, seed=1, extra_body=sea)
     assert len(two.choices) == 2 and len(two.model_extra["sea"]["chains"]) == 4
+    # OpenAI takes any 64-bit seed (tools send -1); each repeats its answer, and the run echoes it as given
+    for seed in (-1, -(2**63), 2**63 - 1):
+        runs = [client.completions.create(model="sea", prompt="the cat", max_tokens=4, seed=seed, extra_body=sea) for _ in range(2)]
+        assert runs[0].choices[0].text == runs[1].choices[0].text and runs[0].model_extra["sea"]["seed"] == seed
+    with pytest.raises(openai.BadRequestError) as past_int64:
+        client.completions.create(model="sea", prompt="the cat", max_tokens=4, seed=2**63)
+    assert past_int64.value.param == "seed"
     greedy = [client.completions.create(model="sea", prompt="the dog", max_tokens=4, top_p=0, seed=seed,
                                         extra_body={"sea": {"method": "sample"}}).choices[0].text for seed in (1, 2)]
     assert greedy[0] == greedy[1], "top_p 0 keeps only the most likely token, whatever the seed"

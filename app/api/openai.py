@@ -20,7 +20,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.api.routes import UNAUTHORIZED, built, client, client_gone, engine_config, error_responses, get_service, require_api_key
-from app.api.schemas import MAX_SEED, TEXT_STRING, ErrorResponse, LimitError, PromptText, SEAParams, StrictRequest, chat_has_text
+from app.api.schemas import (
+    SEED_RANGE,
+    TEXT_STRING,
+    ErrorResponse,
+    LimitError,
+    PromptText,
+    SEAParams,
+    StrictRequest,
+    chat_has_text,
+)
 from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult, SEAConfig, TokenLogProb, ranked_chains
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
@@ -112,7 +121,7 @@ class _OpenAIBase(StrictRequest):
     model: str = Field(description="The served model id (see /v1/models), or `sea`.", examples=["sea"])
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, description="Choices: the n best chains of one run (`sea` runs at least n chains, `bon` draws at least n samples); 1 with methods `sample`, `args` and `cbs`.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -35,7 +35,7 @@ from app.api.openai import (
     sea_params,
 )
 from app.api.routes import built, client, client_gone, engine_config, get_service, require_api_key
-from app.api.schemas import MAX_SEED, PromptText, SEAParams, chat_has_text
+from app.api.schemas import SEED_RANGE, PromptText, SEAParams, chat_has_text
 from app.engine.types import AlignResult, SEAConfig
 from app.errors import APIError
 from app.service.jobs import Job
@@ -71,7 +71,7 @@ class ResponseRequest(AcceptedAndIgnored):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="Temperature of the base samples.")
     top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="Nucleus of the base samples (0: the most likely token).")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Not an OpenAI field (send it in `extra_body`): the same seed, the same output.")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Not an OpenAI field (send it in `extra_body`): the same seed, the same output.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     include: list[str] | None = Field(None, description=f"`{LOG_PROBS_INCLUDE}` lists each output token's log-prob under the "

@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from app.engine.types import MAX_SEED, AlignResult, SEAConfig
+from app.engine.types import SEED_RANGE, AlignResult, SEAConfig
 from app.settings import MAX_REWARD_WEIGHT, Settings
 
 # Request models are strict (no "3" for 3, no 1 for true) and refuse NaN and Infinity (which Python's JSON parser
@@ -149,7 +149,7 @@ class SEAParams(StrictRequest):
     beams: int = Field(2, ge=1, le=16, description="cbs: beams kept after each chunk (W).")
     successors: int = Field(4, ge=1, le=16, description="cbs: sampled continuations per beam (K).")
     chunk: int = Field(8, ge=1, le=64, description="cbs: tokens per chunk (C).")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed: same seed, same output.")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Random seed: same seed, same output.")
     reward: RewardSpec | None = Field(None, description="Which rewards to use.")
     timeout: float | None = Field(None, ge=1, allow_inf_nan=False,
                                   description="Seconds before the request is abandoned (504); at most the server's SEA_REQUEST_TIMEOUT_SECONDS.")

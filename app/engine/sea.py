@@ -23,7 +23,7 @@ from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
 from app.engine.host import to_host
 from app.engine.sampling import rows_per_pass, run_for, sample_responses
 from app.engine.types import (
-    MAX_SEED,
+    MAX_DRAWN_SEED,
     AlignJob,
     AlignResult,
     ChainResult,
@@ -174,7 +174,7 @@ class Engine:
     def _prepare(self, job: AlignJob, started: float) -> RequestState:
         config = job.config
         generator = torch.Generator(device=self.device)
-        seed = config.seed if config.seed is not None else int(torch.randint(0, MAX_SEED + 1, (1,)).item())
+        seed = config.seed if config.seed is not None else int(torch.randint(0, MAX_DRAWN_SEED + 1, (1,)).item())
         generator.manual_seed(seed)
         prefix = encode_prefix(self.lm.model, job.prompt.ids)
         terms = [(component, weight, component.prepare(job.prompt)) for component, weight in job.reward.terms]

@@ -10,7 +10,8 @@ from typing import Literal
 from models.rewards import Prompt, RewardMix
 
 Method = Literal["sea", "bon", "sample", "args", "cbs"]
-MAX_SEED = 2**53 - 1  # the largest integer that JSON clients (JavaScript, float-based validators) hold exactly
+SEED_RANGE = (-(2**63), 2**63 - 1)  # the seeds a request may give: any 64-bit integer, as OpenAI takes
+MAX_DRAWN_SEED = 2**53 - 1  # a seed the server draws stays below the largest integer JavaScript clients hold exactly
 
 
 @dataclass
