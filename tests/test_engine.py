@@ -332,6 +332,19 @@ def test_chain_results_do_not_depend_on_batch_mates(lm, engine, make_prompt, upd
     assert alone.usage == together.usage
 
 
+def test_identical_requests_in_one_batch_each_get_the_answer_alone(lm, engine, make_prompt):
+    """The same prompt twice with one seed and one budget (a completion's list of prompts may repeat one): the step
+    tells states apart by identity (an equality test of two such states compared their tensors and raised)."""
+    reward = RewardMix([(LexiconReward.keywords(lm.tokenizer, ["cat"]), 1.0)])
+    prompt = make_prompt("sing a song")
+    config = {"max_tokens": 6, "chains": 2, "steps": 50, "seed": 2, "max_compute": 300, "restart_after": 2}
+    alone = engine.run([_job(prompt, reward, **config)])[0]
+    twice = engine.run([_job(prompt, reward, **config), _job(prompt, reward, **config)])
+    for result in twice:
+        assert [c.tokens for c in result.chains] == [c.tokens for c in alone.chains] and result.usage == alone.usage
+    assert alone.usage.budgeted <= 300 and len(alone.chains[0].trace) < 50  # the budget ended it
+
+
 def test_a_short_top_k_logits_request_beside_a_longer_one_stays_finite(lm, engine, make_prompt):
     """The logits update with top_k masks each position to the reference's top k; the positions that only pad a
     short request up to its longer batch mate must stay unmasked (an all-masked softmax is NaN, and the keyword

@@ -335,44 +335,67 @@ def tick(engine, states: list) -> None:
 
 
 def _tick(engine, states: list, saved: list, exhausted: list) -> None:
-    budgeted, restarting, editing = [], [], []
-    active: dict[int, list[int]] = {}  # per editing state: the chains this step edits
-    stale: dict[int, list[int]] = {}  # and those of them that need a gradient pass first
+    editing, restarting, chains = _plan(engine, states, exhausted)
+    states = [state for state in states if state not in exhausted]
+    if not states:
+        return
+    stale = [(s, [c for c in chains[id(s)] if c in s.stale]) for s in editing]
+    if any(c for _, c in stale):
+        _gradients(engine, [(s, c) for s, c in stale if c])
+    saved.extend((state, dataclasses.replace(state.usage), state.generator.get_state()) for state in states)
+    rows, owners = _propose(engine, editing, chains)
+    scored, starts = _score_edits(engine, editing, rows, owners, abandoned=lambda: all(s.job.is_abandoned() for s in states))
+    # The last heavy work (the restarting states are not the editing ones): what follows is bookkeeping, so a step that
+    # runs out of memory before here is retried by the worker as if it had not begun (see ``tick``).
+    replaced = _restart(engine, restarting) if restarting else {}
+    for (state, _, _), start in zip(owners, starts):
+        state.usage.forward_token_passes += passes_per_row(state.spec, start)
+    _accept(states, owners, scored, replaced)
+    _record_traces(states)
+    for state in states:
+        no_moves = state.candidate_rows == 0
+        if no_moves and _restarts_on(state):
+            state.steps_since_improved = max(state.steps_since_improved, state.config.restart_after)  # nothing left to try: sample next
+            no_moves = False
+        if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
+            state.done = True
+
+
+def _plan(engine, states: list, exhausted: list) -> tuple[list, list, dict[int, list[int]]]:
+    """Split the states a step can afford into those that edit their chains and those that draw fresh samples
+    (restarts), with the chains each editing state edits (by state id); the others go to ``exhausted``."""
+    editing, restarting = [], []
+    chains: dict[int, list[int]] = {}
     for state in states:
         restarts = _restarting(state)
         if restarts:
             needed = _sample_cost(engine, state)  # one fresh sample
         else:
             unparked = active_chains(state)
-            chains = affordable_chains(state, unparked)
-            active[id(state)] = chains
-            stale[id(state)] = [c for c in chains if c in state.stale]
-            needed = math.inf if unparked and not chains else 0  # the chains chosen fit the budget by construction
+            chains[id(state)] = affordable_chains(state, unparked)
+            needed = math.inf if unparked and not chains[id(state)] else 0  # the chains chosen fit the budget by construction
         if _left(state) < needed:
             exhausted.append(state)  # not even one more step fits the compute budget
-            continue
-        budgeted.append(state)
-        (restarting if restarts else editing).append(state)
-    states = budgeted
-    if not states:
-        return
-    need = [(s, stale[id(s)]) for s in editing if stale[id(s)]]
-    if need:
-        _gradients(engine, need)
-    saved.extend((state, dataclasses.replace(state.usage), state.generator.get_state()) for state in states)
-    rows, owners = [], []  # candidate token rows (host lists) and (state, chain, move) for each
-    proposing = [s for s in editing if active[id(s)]]
+        else:
+            (restarting if restarts else editing).append(state)
+    return editing, restarting, chains
+
+
+def _propose(engine, editing: list, chains: dict[int, list[int]]) -> tuple[list[list[int]], list[tuple]]:
+    """Draw each editing state's edits of its chains: the candidate token rows (host lists) and, for each, its
+    (state, chain, move); sets each state's ``candidate_rows``."""
+    rows, owners = [], []
+    proposing = [s for s in editing if chains[id(s)]]
     # Every proposing chain's tokens with its length last, in one read: edits are made on the host, sent back in one copy.
     chain_rows = dict(zip(map(id, proposing), to_host(*[torch.cat([s.tokens, s.counted[:, None]], 1) for s in proposing])))
     for state in editing:
-        temperature = noise_at(state.config, state.step + 1)
         per_state = []
-        chains = active[id(state)]
-        if chains:
+        edited = chains[id(state)]
+        if edited:
             left = _left(state)
-            cost = passes_per_row(state.spec) * len(chains)  # 0 for a one-token answer: its log-probs come from the prompts' passes
+            cost = passes_per_row(state.spec) * len(edited)  # 0 for a one-token answer: its log-probs come from the prompts' passes
             affordable = state.config.candidates if math.isinf(left) or cost == 0 else int(left // cost)
-            which = slice(None) if len(chains) == state.chains else torch.tensor(chains, device=state.tokens.device)
+            which = slice(None) if len(edited) == state.chains else torch.tensor(edited, device=state.tokens.device)
             tokens = state.tokens[which]
             scores = edit_scores(state.grad[which] if state.config.proposal == "gradient" else None,
                                  state.table[which] if state.config.proposal == "lm" else None, tokens)
@@ -380,11 +403,11 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
                 scores = within_top_k(scores, state.top_k[which])
             held = [row[:-1] for row in chain_rows[id(state)]]  # each chain's tokens, on the host
             lengths = [row[-1] for row in chain_rows[id(state)]]
-            drawn = propose_chains(scores, tokens, [lengths[c] for c in chains],
-                                   min(state.config.candidates, affordable), temperature, state.generator,
-                                   [state.tried[c] for c in chains], state.config.max_estimate, _phrases(state),
-                                   [held[c] for c in chains])
-            for c, moves in zip(chains, drawn):
+            drawn = propose_chains(scores, tokens, [lengths[c] for c in edited],
+                                   min(state.config.candidates, affordable), noise_at(state.config, state.step + 1), state.generator,
+                                   [state.tried[c] for c in edited], state.config.max_estimate, _phrases(state),
+                                   [held[c] for c in edited])
+            for c, moves in zip(edited, drawn):
                 for move in moves:
                     candidate = apply(held[c], move)
                     if candidate == held[c]:  # no edit: a token inserted into a run of itself
@@ -394,28 +417,34 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
                     owners.append((state, c, move))
         state.candidate_rows = len(per_state)
         rows.extend(per_state)
-    scored = None
-    if rows:
-        specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
-        length = max(s.spec.length for s in editing if s.candidate_rows)  # a longer request without edits pads nothing
-        padded = [row + [engine.pad_id] * (length - len(row)) for row in rows]
-        starts = edit_starts(editing, owners)
+    return rows, owners
 
-        def reuse_of(rows_here: list[int]):  # the memories of a pass's rows only (a whole batch's may not fit)
-            return reuse_for_edits(editing, [owners[i] for i in rows_here], [starts[i] for i in rows_here], length)
 
-        with torch.no_grad():
-            scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.tensor(padded, device=engine.device), reuse_of=reuse_of,
-                                        abandoned=lambda: all(s.job.is_abandoned() for s in states))
-    # The last heavy work (the restarting states are not the editing ones): what follows is bookkeeping, so a step that
-    # runs out of memory before here is retried by the worker as if it had not begun (see ``tick``).
-    replaced = _restart(engine, restarting) if restarting else {}
-    if rows:
-        for (state, _, _), start in zip(owners, starts):
-            state.usage.forward_token_passes += passes_per_row(state.spec, start)
+def _score_edits(engine, editing: list, rows: list[list[int]], owners: list[tuple], abandoned) -> tuple[Evaluation | None, list[int]]:
+    """Exact scores of the candidate rows in batched passes, each row from its first edited position on, and those
+    positions (none without rows)."""
+    if not rows:
+        return None, []
+    specs = [dataclasses.replace(s.spec, rows=s.candidate_rows) for s in editing if s.candidate_rows]
+    length = max(s.spec.length for s in editing if s.candidate_rows)  # a longer request without edits pads nothing
+    padded = [row + [engine.pad_id] * (length - len(row)) for row in rows]
+    starts = edit_starts(editing, owners)
+
+    def reuse_of(rows_here: list[int]):  # the memories of a pass's rows only (a whole batch's may not fit)
+        return reuse_for_edits(editing, [owners[i] for i in rows_here], [starts[i] for i in rows_here], length)
+
+    with torch.no_grad():
+        scored = evaluate_in_chunks(engine.lm, specs, engine.stop_ids, torch.tensor(padded, device=engine.device), reuse_of=reuse_of,
+                                    abandoned=abandoned)
+    return scored, starts
+
+
+def _accept(states: list, owners: list[tuple], scored: Evaluation | None, replaced: dict[int, set[int]]) -> None:
+    """Each chain takes its best candidate if that beats its best energy so far; advance every state's step and its
+    stall counts (a chain a restart ``replaced`` has not stalled)."""
     # The candidates' energies and every chain's best so far, in one read from the device.
-    read = to_host(*([scored.energy] if rows else []), torch.cat([s.best_energy for s in states]))
-    energies, best_so_far = read if rows else ([], read[0])
+    read = to_host(*([scored.energy] if owners else []), torch.cat([s.best_energy for s in states]))
+    energies, best_so_far = read if owners else ([], read[0])
     best: dict[tuple[int, int], tuple[float, int]] = {}
     for index, (state, c, move) in enumerate(owners):
         energy = energies[index]
@@ -440,14 +469,6 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
             state.steps_since_improved = 0
         else:
             state.steps_since_improved += 1
-    _record_traces(states)
-    for state in states:
-        no_moves = state.candidate_rows == 0
-        if no_moves and _restarts_on(state):
-            state.steps_since_improved = max(state.steps_since_improved, state.config.restart_after)  # nothing left to try: sample next
-            no_moves = False
-        if state.step >= state.config.steps or no_moves or (state.config.patience and state.steps_since_improved >= state.config.patience):
-            state.done = True
 
 
 def _record_traces(states: list) -> None:

@@ -52,7 +52,7 @@ class Starting:
     run: Generator[None, None, None]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (`in` a list of states): its fields hold tensors
 class RequestState:
     """One request in flight: its chains' logits and everything accumulated about them."""
 
