@@ -96,52 +96,20 @@ def evaluate(
     device = tokens.device
     lengths = torch.cat([torch.full((s.rows,), s.length, device=device) for s in specs])
     mask = response_mask(tokens, stop_ids, lengths)  # (B, L_max)
-    probs = None
-    if logits is not None:
-        logits = logits.detach().requires_grad_(True)
-        masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(masked, dim=-1)  # (B, L_max, V)
-        leaf = logits
-    elif one_hot_grad:
-        vocab = lm.model.get_output_embeddings().weight.shape[0]
-        probs = leaf = torch.nn.functional.one_hot(tokens, vocab).float().requires_grad_(True)  # (B, L_max, V)
+    probs, leaf = _relaxed(lm, tokens, logits, allowed, one_hot_grad)
     recorder = MemoryRecorder(tokens.shape[0]) if record else None
     response = ResponseBatch(tokens=tokens, mask=mask, probs=probs, reuse=reuse, recorder=recorder)
-    rows = tokens.shape[0]
-    # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass:
-    # (component, its rows, their contexts, which are prefixes).
     entries = _component_entries(specs, device)
-    joint = [(component, index, contexts) for component, index, contexts in entries if runs_in_reference_pass(component, lm.model)]
+    # Rewards that are log-probs of the reference network under their own prompt run in the reference's pass.
+    joint = [entry for entry in entries if runs_in_reference_pass(entry[0], lm.model) and entry[0] not in known]
 
     with torch.set_grad_enabled(probs is not None):
-        run = [entry for entry in joint if entry[0] not in known]  # joined rewards still to compute
-        table = ref_top_k = None
-        if REFERENCE in known:
-            response.token_log_prob_ref = known[REFERENCE]
-            offset = 0
-            if run:
-                together = _joined(response, run, with_response=False)
-                token_log_probs = response_token_log_probs(lm.model, stack_prefixes([c for _, _, contexts in run for c in contexts]),
-                                                           together, key=REFERENCE)
-        else:
-            prefixes = [s.prefix for s in specs for _ in range(s.rows)] + [c for _, _, contexts in run for c in contexts]
-            together = _joined(response, run)
-            if top_k or keep_table:
-                token_log_probs, table = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, return_table=True,
-                                                                  key=REFERENCE)
-                table = table[:rows]  # (B, L_max, V)
-                ref_top_k = table.detach().topk(min(top_k, table.shape[-1]), dim=-1).indices if top_k else None
-                table = table.detach() if keep_table else None
-            else:
-                token_log_probs = response_token_log_probs(lm.model, stack_prefixes(prefixes), together, key=REFERENCE)
-            if run and recorder is not None and REFERENCE in together.recorder.memories:
-                _split_memory(together.recorder.memories[REFERENCE], recorder, rows, run)
-            response.token_log_prob_ref = token_log_probs[:rows]
-            offset = rows
+        joint_log_probs, table = _reference_pass(lm, specs, response, joint, known, bool(top_k or keep_table))
+        ref_top_k = table.detach().topk(min(top_k, table.shape[-1]), dim=-1).indices if top_k else None
         log_prob_ref = masked_sum(response.token_log_prob_ref, mask)
-        precomputed = {}
-        for component, index, _ in run:
-            precomputed[id(component)] = component.from_log_probs(token_log_probs[offset : offset + len(index)], response.select(index))
+        precomputed, offset = {}, 0
+        for component, index, _ in joint:
+            precomputed[id(component)] = component.from_log_probs(joint_log_probs[offset : offset + len(index)], response.select(index))
             offset += len(index)
         for component, index, _ in (entry for entry in entries if entry[0] in known):
             precomputed[id(component)] = component.from_log_probs(known[component][index], response.select(index))
@@ -150,26 +118,70 @@ def evaluate(
         ref_on = torch.cat([torch.full((s.rows,), float(s.use_reference), device=device) for s in specs])
         energy = -(ref_on * log_prob_ref + alpha * reward)  # (B,)
 
-    grad = None
-    if probs is not None:
-        # Rows are independent, so one backward of the sum gives every row its own gradient.
-        finite = torch.isfinite(energy)
-        objective = torch.where(finite, energy, torch.zeros_like(energy)).sum()
-        if objective.requires_grad:
-            (grad,) = torch.autograd.grad(objective, leaf)
-        else:
-            grad = torch.zeros_like(leaf)
     return Evaluation(
         tokens=tokens,
         mask=mask,
         energy=energy.detach(),
         reward=reward.detach(),
         log_prob_ref=log_prob_ref.detach(),
-        grad=grad,
-        table=table,
+        grad=None if leaf is None else _gradient(energy, leaf),
+        table=table.detach() if keep_table else None,
         ref_top_k=ref_top_k,
         memories=None if recorder is None else recorder.memories,
     )
+
+
+def _relaxed(lm: LoadedLM, tokens: Tensor, logits: Tensor | None, allowed: Tensor | None, one_hot_grad: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The soft one-hots (B, L_max, V) a scoring pass differentiates through, and the leaf its gradient is taken
+    of: the softmax of ``logits`` (over the ``allowed`` tokens), or the one-hots of ``tokens``; none for exact scores."""
+    if logits is not None:
+        leaf = logits.detach().requires_grad_(True)
+        masked = leaf if allowed is None else leaf.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(masked, dim=-1), leaf
+    if one_hot_grad:
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        one_hot = torch.nn.functional.one_hot(tokens, vocab).float().requires_grad_(True)
+        return one_hot, one_hot
+    return None, None
+
+
+def _reference_pass(lm: LoadedLM, specs: list[RowSpec], response: ResponseBatch, joint: list, known: dict[object, Tensor],
+                    with_table: bool) -> tuple[Tensor | None, Tensor | None]:
+    """One pass of the reference LM: each row under its request's prompt (unless ``known`` holds those log-probs)
+    and, beside it, under the prompt of each reward in ``joint`` that uses the row. Sets
+    ``response.token_log_prob_ref``; returns the joint rewards' per-token log-probs (their rows in ``joint``'s
+    order) and, ``with_table``, the reference's log-prob table (B, L_max, V)."""
+    rows = response.tokens.shape[0]
+    reward_prompts = [context for _, _, contexts in joint for context in contexts]
+    if REFERENCE in known:
+        response.token_log_prob_ref = known[REFERENCE]
+        if not joint:
+            return None, None
+        together = _joined(response, joint, with_response=False)
+        return response_token_log_probs(lm.model, stack_prefixes(reward_prompts), together, key=REFERENCE), None
+    prefixes = stack_prefixes([s.prefix for s in specs for _ in range(s.rows)] + reward_prompts)
+    together = _joined(response, joint)
+    table = None
+    if with_table:
+        token_log_probs, table = response_token_log_probs(lm.model, prefixes, together, return_table=True, key=REFERENCE)
+        table = table[:rows]
+    else:
+        token_log_probs = response_token_log_probs(lm.model, prefixes, together, key=REFERENCE)
+    if joint and response.recorder is not None and REFERENCE in together.recorder.memories:
+        _split_memory(together.recorder.memories[REFERENCE], response.recorder, rows, joint)
+    response.token_log_prob_ref = token_log_probs[:rows]
+    return token_log_probs[rows:], table
+
+
+def _gradient(energy: Tensor, leaf: Tensor) -> Tensor:
+    """Every row's dE/d``leaf``: rows are independent, so one backward of the sum gives each its own; a row whose
+    energy is not finite contributes nothing."""
+    finite = torch.isfinite(energy)
+    objective = torch.where(finite, energy, torch.zeros_like(energy)).sum()
+    if not objective.requires_grad:
+        return torch.zeros_like(leaf)
+    (grad,) = torch.autograd.grad(objective, leaf)
+    return grad
 
 
 class Abandoned(Exception):
