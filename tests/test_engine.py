@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from app.engine import sea
 from app.engine.discrete import shared_starts
 from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, passes_per_row, scoring_passes, token_tilt
-from app.engine.sampling import Guide, SampleGroup, Tilt, categorical, sample_groups, sample_responses
+from app.engine.sampling import Guide, SampleGroup, Tilt, categorical, drawing_groups, sample_groups, sample_responses
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
 from models.rewards import (
@@ -409,6 +409,25 @@ def test_groups_sampled_together_draw_what_they_draw_alone(lm, engine, make_prom
             torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
         # each generator is left where sampling alone leaves it, so the request's later draws match too
         assert torch.equal(group.generator.get_state(), group_alone.generator.get_state())
+
+
+def test_a_draw_builds_no_graph_and_leaves_the_caller_s_grad_mode_at_each_pause(lm, engine, make_prompt):
+    """A draw is resumed between the gradient steps of other requests: it must record no autograd graph (its memory
+    would grow with every token) and hand grad mode back as it found it at each pause."""
+    group = SampleGroup(encode_prefix(lm.model, make_prompt("a boat").ids), 2, 5, torch.Generator().manual_seed(0), 1.0,
+                        tilt=Tilt((Guide(encode_prefix(lm.model, make_prompt("be safe").ids), 2.0),), -1.0, 5))
+    with torch.enable_grad():
+        draw = drawing_groups(lm.model, [group], engine.stop_ids, keep_log_probs=True)
+        pauses, samples = 0, None
+        while samples is None:
+            try:
+                next(draw)
+                pauses += 1
+                assert torch.is_grad_enabled()
+            except StopIteration as end:
+                samples = end.value[0]
+    assert pauses > 0
+    assert not any(t.requires_grad for t in (samples.tokens, samples.log_probs, samples.token_log_probs))
 
 
 def _token_log_probs(lm, context, response):

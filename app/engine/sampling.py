@@ -206,6 +206,68 @@ def sample_groups(*args, **kwargs) -> list[Samples]:
     return run_for(drawing_groups(*args, **kwargs))[1]
 
 
+@dataclass
+class _Layout:
+    """Where each group's rows sit in a drawing batch: every group's own (drawn) rows first, then one copy of a group's
+    rows per guide prompt, then per prompt it is scored by."""
+
+    slices: list[slice]  # per group, its drawn rows
+    guide_rows: list[list[slice]]  # per group, per guide and then per scoring prompt: its rows in the batch
+    prefixes: list[Prefix]  # per batch row, its prompt
+    owners: list[int]  # per batch row, the drawn row whose tokens it reads
+
+    @property
+    def rows(self) -> int:
+        return self.slices[-1].stop
+
+    @property
+    def group_rows(self) -> list[list[slice]]:
+        """Per group, its batch rows: its own, then its guides' and scoring prompts'."""
+        return [[rows_of, *guides] for rows_of, guides in zip(self.slices, self.guide_rows)]
+
+
+def _layout(groups: list[SampleGroup]) -> _Layout:
+    bounds = torch.tensor([0, *[g.n for g in groups]]).cumsum(0).tolist()
+    slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(groups))]
+    prefixes = [g.prefix for g in groups for _ in range(g.n)]
+    owners = list(range(bounds[-1]))
+    guide_rows: list[list[slice]] = []
+    for group, rows_of in zip(groups, slices):
+        mine = []
+        for prefix in group.prompts[1:]:
+            mine.append(slice(len(prefixes), len(prefixes) + group.n))
+            prefixes.extend([prefix] * group.n)
+            owners.extend(range(rows_of.start, rows_of.stop))
+        guide_rows.append(mine)
+    return _Layout(slices, guide_rows, prefixes, owners)
+
+
+def _feed_given(model: PreTrainedModel, batch, given: Tensor, given_repeats: int, owner: Tensor):
+    """Run the ``given`` tokens (drawn rows, g) after each batch row's prompt, once per share of ``given_repeats`` rows:
+    the cache, the attention mask and the next token's log-probs (batch rows, V) after them."""
+    backbone = getattr(model, model.base_model_prefix)
+    embed = model.get_input_embeddings()
+    device = batch.mask.device
+    start = given.shape[1]
+    mask = torch.cat([batch.mask, torch.ones(len(owner), start, dtype=batch.mask.dtype, device=device)], dim=1)
+    positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
+    if given_repeats > 1:
+        # The first batch row of each share (its prompt rows' shares follow the drawn rows' order, in blocks of whole shares).
+        first = torch.arange(0, len(owner), given_repeats, device=device)
+        shared = cache_over([k[first] for k in batch.keys], [v[first] for v in batch.values])
+        out = backbone(inputs_embeds=embed(given[owner[first]]), attention_mask=mask[first], use_cache=True,
+                       **with_cache(backbone, shared), position_ids=positions[first])
+        cache = cache_over([layer.keys.repeat_interleave(given_repeats, 0) for layer in shared.layers],
+                           [layer.values.repeat_interleave(given_repeats, 0) for layer in shared.layers])
+        hidden = out.last_hidden_state[:, -1].repeat_interleave(given_repeats, 0)
+    else:
+        cache = cache_over(batch.keys, batch.values)
+        out = backbone(inputs_embeds=embed(given[owner]), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
+                       position_ids=positions)
+        hidden = out.last_hidden_state[:, -1]
+    return cache, mask, F.log_softmax(lm_head(model)(hidden).float(), dim=-1)
+
+
 @torch.no_grad()  # entered at each resumption of the generator and left at each pause
 def drawing_groups(
     model: PreTrainedModel,
@@ -225,65 +287,35 @@ def drawing_groups(
     backbone = getattr(model, model.base_model_prefix)
     embed = model.get_input_embeddings()
     head = lm_head(model)
-    rows = sum(g.n for g in groups)
-    bounds = torch.tensor([0, *[g.n for g in groups]]).cumsum(0).tolist()
-    slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(groups))]
-    # The batch: every group's own rows first, then one copy of a group's rows per guide prompt, then per prompt it
-    # is scored by.
-    prefixes = [g.prefix for g in groups for _ in range(g.n)]
-    owners = list(range(rows))  # batch row -> the drawn row whose tokens it reads
-    guide_rows: list[list[slice]] = []  # per group, per guide and then per scoring prompt: its rows in the batch
-    for group, rows_of in zip(groups, slices):
-        mine = []
-        for prefix in group.prompts[1:]:
-            mine.append(slice(len(prefixes), len(prefixes) + group.n))
-            prefixes.extend([prefix] * group.n)
-            owners.extend(range(rows_of.start, rows_of.stop))
-        guide_rows.append(mine)
-    batch = stack_prefixes(prefixes)
+    layout = _layout(groups)
+    rows, slices, guide_rows = layout.rows, layout.slices, layout.guide_rows
+    batch = stack_prefixes(layout.prefixes)
     device = batch.mask.device
-    owner = torch.tensor(owners, device=device)
+    owner = torch.tensor(layout.owners, device=device)
+    batch_rows = len(layout.owners)
     width = [1 + len(parts) for parts in guide_rows]  # batch rows per drawn row
-    cache = cache_over(batch.keys, batch.values)
-    mask = batch.mask
-    log_probs = batch.first_log_probs  # (batch rows, V)
-    start = 0
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     if given is not None and given_repeats > 1 and (given.shape[0] * given_repeats != rows or any(g.n % given_repeats for g in groups)):
         raise ValueError("shared given rows need one row per given_repeats drawn rows, and groups of whole shares")
     if given is not None:
         given = given.repeat_interleave(given_repeats, 0)  # (rows, g)
-    if given is not None and given.shape[1] > 0:
-        start = given.shape[1]
-        mask = torch.cat([mask, torch.ones(len(owners), start, dtype=mask.dtype, device=device)], dim=1)
-        positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
-        if given_repeats > 1:
-            # The first batch row of each share (its prompt rows' shares follow the drawn rows' order, in blocks of whole shares).
-            first = torch.arange(0, len(owners), given_repeats, device=device)
-            shared = cache_over([k[first] for k in batch.keys], [v[first] for v in batch.values])
-            out = backbone(inputs_embeds=embed(given[owner[first]]), attention_mask=mask[first], use_cache=True,
-                           **with_cache(backbone, shared), position_ids=positions[first])
-            cache = cache_over([layer.keys.repeat_interleave(given_repeats, 0) for layer in shared.layers],
-                               [layer.values.repeat_interleave(given_repeats, 0) for layer in shared.layers])
-            hidden = out.last_hidden_state[:, -1].repeat_interleave(given_repeats, 0)
-        else:
-            out = backbone(inputs_embeds=embed(given[owner]), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
-                           position_ids=positions)
-            hidden = out.last_hidden_state[:, -1]
-        log_probs = F.log_softmax(head(hidden).float(), dim=-1)
+    start = 0 if given is None else given.shape[1]
+    if start:
+        cache, mask, log_probs = _feed_given(model, batch, given, given_repeats, owner)
         finished |= torch.isin(given, stop_ids).any(1)
+    else:
+        cache, mask, log_probs = cache_over(batch.keys, batch.values), batch.mask, batch.first_log_probs  # (batch rows, V)
     passes = [g.n * start * w // given_repeats for g, w in zip(groups, width)]
     longest = max(g.max_tokens for g in groups)
     tokens = torch.full((rows, longest), int(stop_ids[0]), dtype=torch.long, device=device)
     tables = [] if keep_log_probs else None
-    picked = torch.zeros(len(owners), longest, device=device)  # each batch row's log-prob of its drawn row's token
-    # per group: its batch rows (its own, then its guides'), as one index and as slices
-    group_rows = [[rows_of, *guide_rows[i]] for i, rows_of in enumerate(slices)]
+    picked = torch.zeros(batch_rows, longest, device=device)  # each batch row's log-prob of its drawn row's token
+    group_rows = layout.group_rows
     group_index = [torch.cat([torch.arange(r.start, r.stop, device=device) for r in parts]) for parts in group_rows]
     drawing = [g.max_tokens > 0 for g in groups]
     for t in range(longest):
         if t > 0:
-            mask = torch.cat([mask, torch.ones(len(owners), 1, dtype=mask.dtype, device=device)], dim=1)
+            mask = torch.cat([mask, torch.ones(batch_rows, 1, dtype=mask.dtype, device=device)], dim=1)
             out = backbone(
                 inputs_embeds=embed(tokens[owner, t - 1 : t]),
                 attention_mask=mask,
@@ -295,7 +327,7 @@ def drawing_groups(
             if tables is None:
                 log_probs = fresh
             else:  # a group that stopped repeats its last table row, as it does alone
-                active = torch.zeros(len(owners), dtype=torch.bool, device=device)
+                active = torch.zeros(batch_rows, dtype=torch.bool, device=device)
                 for i, rows_of in enumerate(slices):
                     active[rows_of] = drawing[i]
                 active = active[owner]
