@@ -187,6 +187,7 @@ class Prefix:
     values: list[Tensor]
     length: int
     first_log_probs: Tensor | None  # (V,) float32, None for models without an LM head
+    hidden: Tensor | None = None  # (d,) the last hidden state at the position asked for (``encode_prefix``'s ``hidden_at``)
 
 
 @dataclass
@@ -286,8 +287,9 @@ class Reuse:
 
 
 @torch.no_grad()
-def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = True) -> Prefix:
-    """Run a prompt once and keep its keys/values. Uses ``no_grad`` (not inference mode): the tensors feed autograd later."""
+def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = True, hidden_at: int | None = None) -> Prefix:
+    """Run a prompt once and keep its keys/values (and, with ``hidden_at``, the last hidden state at that position).
+    Uses ``no_grad`` (not inference mode): the tensors feed autograd later."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     cache = DynamicCache()
@@ -299,7 +301,8 @@ def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = T
         first_log_probs = F.log_softmax(lm_head(model)(last_hidden).float(), dim=-1)[0]
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    return Prefix(keys, values, len(ids), first_log_probs)
+    hidden = None if hidden_at is None else out.last_hidden_state[0, hidden_at]
+    return Prefix(keys, values, len(ids), first_log_probs, hidden)
 
 
 def stack_prefixes(prefixes: list[Prefix]) -> PrefixBatch:

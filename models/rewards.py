@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
 from models.lm import (
     Message,
+    Prefix,
     embedding_scale,
     encode_prefix,
     forward_after_prefix,
@@ -167,7 +168,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 class SequenceClassifierReward:
     """Any ``AutoModelForSequenceClassification`` reward model sharing the reference vocabulary, fed embeddings.
 
-    The score is the head's first output at the last token that counts (the end-of-turn token when present).
+    The score is the head's first output where transformers pools it for the prompt and the response up to its end
+    (the end-of-turn token included): at the last token that is not the model's padding token (a model whose padding
+    token is its end-of-turn token, as many chat models', is scored before it), or the last token without one.
     """
 
     def __init__(self, model: PreTrainedModel, name: str):
@@ -176,9 +179,15 @@ class SequenceClassifierReward:
         self.lm_passes = 1
         self.backbone = getattr(model, model.base_model_prefix)
         self.head = model.score if hasattr(model, "score") else model.get_output_embeddings()
+        self.pad_id = model.config.get_text_config().pad_token_id
 
     def prepare(self, prompt: Prompt) -> object:
-        return encode_prefix(self.model, prompt.ids, with_lm_head=False)
+        return self._encode(prompt.ids)
+
+    def _encode(self, ids: list[int]) -> Prefix:
+        # keeps where a response of padding tokens only is pooled: the prompt's last token that is not one (as transformers)
+        kept = [i for i, token in enumerate(ids) if token != self.pad_id]
+        return encode_prefix(self.model, ids, with_lm_head=False, hidden_at=kept[-1] if kept else 0)
 
     @torch.no_grad()
     def scoring_error(self, vocab: int, length: int = 12) -> float:
@@ -188,14 +197,20 @@ class SequenceClassifierReward:
         self.model(input_ids=ids[None, :cut], use_cache=True, **with_cache(self.model, cache))
         own = self.model(input_ids=ids[None, cut:], use_cache=True, **with_cache(self.model, cache)).logits[0, 0].float()
         response = ResponseBatch(ids[None, cut:], torch.ones(1, length - cut, device=ids.device))
-        got = self.score([encode_prefix(self.model, ids[:cut].tolist(), with_lm_head=False)], response)[0]
+        got = self.score([self._encode(ids[:cut].tolist())], response)[0]
         return float((got - own).abs())
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
         embeds = response.embed(self.model.get_input_embeddings().weight, scale=embedding_scale(self.model))
         hidden, _ = forward_after_prefix(self.backbone, stack_prefixes(contexts), embeds)  # (B, L, d)
-        last = (response.mask.sum(1).long() - 1).clamp(min=0)  # causal: later padding cannot leak in
+        pooled_at = response.mask.bool()  # causal: the positions after the response's end cannot leak in
+        if self.pad_id is not None:
+            pooled_at &= response.tokens != self.pad_id
+        positions = torch.arange(response.length, device=hidden.device)
+        last = (positions * pooled_at).argmax(1)  # the rightmost pooled position (0 when there is none)
         pooled = hidden[torch.arange(response.rows, device=hidden.device), last]
+        in_prompt = torch.stack([context.hidden for context in contexts]).to(pooled.dtype)  # a response of padding only
+        pooled = torch.where(pooled_at.any(1, keepdim=True), pooled, in_prompt)
         return self.head(pooled)[:, 0].float()
 
 

@@ -52,7 +52,7 @@ from models.rewards import (
     keyword_coverage,
     load_sequence_classifier_reward,
 )
-from models.ste import ResponseBatch, masked_sum
+from models.ste import ResponseBatch, masked_sum, response_mask
 from tests.tiny import byte_level_tokenizer, save_tiny_lm, tiny_reward_model, tiny_tokenizer
 
 
@@ -176,17 +176,24 @@ def test_missing_model_gives_clear_error(tmp_path):
         load_lm(str(tmp_path / "nothing.gguf"))
 
 
-def test_sequence_classifier_reward_on_embeddings_matches_plain_forward(lm, make_prompt):
+@pytest.mark.parametrize("pad", [2, 7, None], ids=["pad-is-the-stop", "another-pad", "no-pad"])
+def test_sequence_classifier_reward_on_embeddings_scores_what_the_model_s_own_forward_scores(lm, make_prompt, pad):
+    """The reward model's score of a prompt and a response up to its end (the stop token, id 2, included) is what its
+    own forward pass gives: transformers pools at the last token that is not the padding token (a chat model's padding
+    token is often its end-of-turn token: the score is then read before it; the engine read it at the stop)."""
     model = tiny_reward_model(lm.model.config.vocab_size)
+    model.config.pad_token_id = pad
     reward = SequenceClassifierReward(model, "rm")
     prompt = make_prompt("is the cat happy")
-    tokens = torch.tensor([[30, 31, 32, 2], [40, 41, 42, 43]])
-    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1]])
-    scores = reward.score([reward.prepare(prompt)] * 2, ResponseBatch(tokens=tokens, mask=mask))
-    for row in range(2):
-        ids = torch.tensor([prompt.ids + tokens[row].tolist()])
-        hidden = model.model(input_ids=ids).last_hidden_state[0, -1]
-        assert scores[row] == pytest.approx(float(model.score(hidden)[0]), abs=1e-4)
+    tokens = torch.tensor([[30, 31, 32, 2], [40, 41, 42, 43], [2, 50, 51, 52], [30, 7, 2, 9]])
+    mask = response_mask(tokens, torch.tensor([2]))
+    scores = reward.score([reward.prepare(prompt)] * 4, ResponseBatch(tokens=tokens, mask=mask))
+    for row in range(4):
+        ids = torch.tensor([prompt.ids + tokens[row, : int(mask[row].sum())].tolist()])
+        assert scores[row] == pytest.approx(float(model(input_ids=ids).logits[0, 0]), abs=1e-4)
+    if pad == 2:  # the read moved: before the stop, and into the prompt for a response that is only a stop
+        assert scores[0] != pytest.approx(float(model.score(model.model(input_ids=torch.tensor([prompt.ids + [30, 31, 32, 2]]))
+                                                             .last_hidden_state[0, -1])[0]), abs=1e-4)
 
 
 def test_positions_past_the_stop_add_nothing_even_at_minus_infinity():
