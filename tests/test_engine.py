@@ -1243,8 +1243,9 @@ def test_token_log_probs_are_the_reference_s_and_sum_to_the_chain_s_log_prob(lm,
             assert len(values) == 3 and values == sorted(values, reverse=True) and entry.log_prob <= values[0] + 1e-6
     plain = engine.run([_job(make_prompt("tell me a story"), reward, max_tokens=8, chains=3, steps=3, samples=4, seed=1, method=method)])[0]
     assert all(c.token_log_probs is None for c in plain.chains) and plain.text == result.text
-    # the pass is the request's cost: each listed chain's tokens fed forward, the last to nothing
-    assert result.usage.forward_token_passes - plain.usage.forward_token_passes == sum(c.counted - 1 for c in listed)
+    # the pass is the request's cost: each listed chain's tokens fed forward, the last to nothing, padded to the longest
+    fed = len(listed) * (max(c.counted for c in listed) - 1)
+    assert result.usage.forward_token_passes - plain.usage.forward_token_passes == fed
     assert result.usage.backward_token_passes == plain.usage.backward_token_passes
     # Not inside a step (a failure there would fail its batch mates): the worker attaches them to a finished request
     states = engine.start_many([_job(make_prompt("tell me a story"), reward, max_tokens=8, chains=3, steps=3, samples=4, seed=1,
@@ -1254,6 +1255,31 @@ def test_token_log_probs_are_the_reference_s_and_sum_to_the_chain_s_log_prob(lm,
     assert all(c.token_log_probs is None for c in states[0].result.chains)
     engine.attach_token_log_probs(states[0])
     assert [c.token_log_probs for c in states[0].result.chains] == [c.token_log_probs for c in result.chains]
+
+
+def test_the_token_log_prob_pass_charges_what_it_feeds_padding_too(lm, make_prompt, monkeypatch):
+    """Listed chains of different lengths run padded to the longest of their pass: the usage counts those positions
+    (it counted each chain's own tokens only), and each pass is only as wide as its own longest chain."""
+    engine = sea.Engine(lm)
+    reward = RewardMix([(PrincipleReward(lm), 1.0)])
+    job = _job(make_prompt("tell me a story"), reward, max_tokens=8, method="bon", samples=5, seed=2, logprobs=2, logprob_chains=5)
+    states = engine.start_many([job])
+    while not states[0].done:
+        engine.advance(states[0])
+    lengths = [8, 3, 2, 8, 5]
+    for chain, counted in zip(states[0].result.chains, lengths):
+        chain.counted = counted
+    chosen = sea.ranked_chains(states[0].result.chains, states[0].result.chosen, 5, job.config.select)
+    monkeypatch.setattr(sea, "rows_per_pass", lambda width, prompt, response: 2)
+    widths = []
+    real = sea.log_probs_with_top
+    monkeypatch.setattr(sea, "log_probs_with_top", lambda *args: widths.append(args[2].shape[1]) or real(*args))
+    before = states[0].usage.forward_token_passes
+    engine.attach_token_log_probs(states[0])
+    passes = [[lengths[i] for i in chosen[first : first + 2]] for first in range(0, 5, 2)]
+    assert widths == [max(p) for p in passes]
+    assert states[0].usage.forward_token_passes - before == sum(len(p) * (max(p) - 1) for p in passes)
+    assert [len(c.token_log_probs) for c in states[0].result.chains] == lengths
 
 
 def test_token_log_probs_of_many_samples_run_in_bounded_passes(lm, engine, make_prompt, monkeypatch):

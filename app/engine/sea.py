@@ -420,16 +420,17 @@ class Engine:
         width = max(len(row) for row in rows)
         if width == 0:
             return
-        ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
         per_pass = rows_per_pass(1, state.spec.prefix.length, width)  # as bounded as a draw or a scoring pass (Best-of-256)
         for first in range(0, len(rows), per_pass):
-            these = slice(first, first + per_pass)
-            picked, best, best_ids = to_host(*log_probs_with_top(self.lm.model, stack_prefixes([state.spec.prefix] * len(rows[these])),
-                                                                 ids[these], config.logprobs))
-            for row, index in enumerate(chosen[these]):
+            these = rows[first : first + per_pass]
+            wide = max(len(row) for row in these)  # the pass's rows padded to its longest
+            ids = torch.tensor([row + [self.pad_id] * (wide - len(row)) for row in these], device=self.device)
+            picked, best, best_ids = to_host(*log_probs_with_top(self.lm.model, stack_prefixes([state.spec.prefix] * len(these)), ids,
+                                                                 config.logprobs))
+            for row, index in enumerate(chosen[first : first + per_pass]):
                 result.chains[index].token_log_probs = [TokenLogProb(token, picked[row][t], list(zip(best_ids[row][t], best[row][t])))
-                                                        for t, token in enumerate(rows[these][row])]
-        state.usage.forward_token_passes += sum(max(len(row) - 1, 0) for row in rows)  # the last token is fed to nothing
+                                                        for t, token in enumerate(these[row])]
+            state.usage.forward_token_passes += len(these) * max(wide - 1, 0)  # what it feeds, padding too; the last token to nothing
         state.timings.total += time.perf_counter() - started
 
     def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
