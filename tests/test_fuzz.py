@@ -179,7 +179,7 @@ def test_an_integer_past_python_s_digit_limit_is_a_malformed_body(http):
 
 
 @pytest.mark.parametrize("field, value", [("steps", "3"), ("steps", 2.5), ("chains", True), ("use_reward", 1), ("alpha", "1.0"),
-                                          ("prompt", 5), ("reward", {"terms": {"principle": "1"}}), ("seed", -1)])
+                                          ("prompt", 5), ("reward", {"terms": {"principle": "1"}}), ("seed", 2**63)])
 def test_wrongly_typed_fields_are_rejected_naming_the_field(http, field, value):
     body = {"prompt": "hi", field: value} if field != "prompt" else {"prompt": value}
     response = http.post("/align", json=body)
