@@ -469,7 +469,10 @@ def test_the_openai_client_s_responses_api(server):
                                      top_logprobs=2, extra_body=sea).output[0].content[0].logprobs
     assert listed and all(len(token.top_logprobs) == 2 and token.bytes for token in listed)
     assert client.responses.create(model="sea", input="the dog", max_output_tokens=3, background=False, reasoning=None,
-                                   extra_body=sea).output_text  # the neutral values its answers echo
+                                   text={"format": {"type": "text"}, "verbosity": None}, extra_body=sea).output_text  # neutral values
+    with pytest.raises(openai.BadRequestError) as verbose:  # as chat's `verbosity`: the answer's length is max_output_tokens
+        client.responses.create(model="sea", input="the dog", text={"verbosity": "low"})
+    assert verbose.value.body["param"] == "text.verbosity"
     for refused, value in (("previous_response_id", "resp_x"), ("tools", [{"type": "web_search"}]), ("text", {"format": {"type": "json_object"}}),
                            ("max_output_tokens", 10_000), ("background", True), ("reasoning", {"effort": "high"})):
         with pytest.raises(openai.BadRequestError) as bad:

@@ -81,7 +81,7 @@ class ResponseRequest(AcceptedAndIgnored):
     tools: list[dict] | None = Field(None, description="Only empty (no tool calls).", json_schema_extra=_only(schema={"type": "array", "maxItems": 0}))
     tool_choice: Any = Field(None, description="Only `none`, `auto` (with no tools) or null.", json_schema_extra=_only(
         schema={"enum": ["none", "auto"]}))
-    text: dict | None = Field(None, description="Only a `text` format (or none).", json_schema_extra=_only(schema={
+    text: dict | None = Field(None, description="Only a `text` format (or none), and no `verbosity` (the answer's length is `max_output_tokens`).", json_schema_extra=_only(schema={
         "type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}}}))
     background: bool | None = Field(None, description="Only false or null (a response is answered when it is done).",
                                     json_schema_extra=_only(False))
@@ -116,6 +116,8 @@ class ResponseRequest(AcceptedAndIgnored):
             bad["reasoning"] = self.reasoning
         if self.text is not None and "format" in self.text and not (isinstance(self.text["format"], dict) and self.text["format"].get("type") == "text"):
             bad["text"] = self.text
+        elif self.text is not None and self.text.get("verbosity") is not None:  # as chat's `verbosity`
+            bad["text.verbosity"] = self.text["verbosity"]
         return bad
 
     def messages(self) -> list[dict[str, str]]:
