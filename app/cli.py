@@ -258,10 +258,11 @@ def build_parser(command: str | None = None) -> CommandParser:
         add_eval_arguments(evaluate)
         _settings_flags(evaluate, server=False)  # it runs the engine in-process
     if command in (None, "bench"):
+        from app.bench import NOT_FOR_THE_BENCH
         from app.bench import add_arguments as add_bench_arguments
 
         add_bench_arguments(bench)
-        _settings_flags(bench)  # --model, --threads, --compile, --max-batch-chains... also apply to the benchmarked server
+        _settings_flags(bench, skip=NOT_FOR_THE_BENCH)  # --model, --threads, --compile, --max-batch-chains... also apply to the benchmarked server
 
     return parser
 

@@ -352,8 +352,13 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 records.append({**_record(name, row, seed, result, time.perf_counter() - tick, budget, config.alpha), "run": run_settings})
                 with progress.open("a") as handle:
                     handle.write(json.dumps(records[-1]) + "\n")
-                print(f"\r[{done}/{total}] {name:<12} {time.perf_counter() - started:7.0f}s", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+                line = f"[{done}/{total}] {name:<12} {time.perf_counter() - started:7.0f}s"
+                if sys.stderr.isatty():  # one line, rewritten in place
+                    print("\r" + line, end="", file=sys.stderr, flush=True)
+                else:  # a log file gets a line per run
+                    print(line, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     results = summarise_runs(records, methods, args.baseline, {
         **run_settings, "prompts": str(args.prompts), "methods": methods, "seeds": seeds, "seconds_per_token_pass": seconds_per_pass})
     _write(results, out)

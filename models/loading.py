@@ -169,7 +169,7 @@ def load_gguf(gguf: Path, cache_dir: Path | None, device: torch.device, dtype: t
     if cached is not None and (cached / "config.json").is_file():
         log.info("loading %s from cache %s", name, cached)
         return _load_folder(str(cached), device, dtype, name)
-    log.info("dequantising %s (first load only, ~15 s)", gguf)
+    log.info("dequantising %s (first load only, 15–25 s)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     if cached is not None:

@@ -149,6 +149,15 @@ def test_bench_arguments_have_defaults_for_the_issue_grid():
     assert args.concurrency == [1, 2, 4, 8, 16] and 32 in args.chains
 
 
+def test_sea_bench_offers_no_flag_its_server_would_ignore(capsys):
+    """The benchmarked server listens on a free port without keys or a shared store: `sea bench --port 8021` was
+    accepted, listed in --help, and ignored."""
+    with pytest.raises(SystemExit):
+        build_parser("bench").parse_args(["bench", "--port", "8021"])
+    assert "unrecognized arguments: --port" in capsys.readouterr().err
+    assert build_parser("bench").parse_args(["bench", "--max-batch-chains", "8"]).max_batch_chains == 8  # what it passes on
+
+
 def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
     lm = tiny_lm()
     ids = torch.tensor([[1, 5, 6, 7]])

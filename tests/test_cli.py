@@ -141,7 +141,9 @@ def test_help_names_each_settings_default_and_its_variable(command):
     """--help gave no defaults: a user had to read the README to learn that a request runs 20 steps."""
     text = " ".join(cli.build_parser(command).commands[command].format_help().split())
     assert "PydanticUndefined" not in text
-    assert "(default: info; env SEA_LOG_LEVEL)" in text
+    assert "(default: empty; env SEA_REWARD_MODEL)" in text
+    if command != "bench":  # its server logs warnings only
+        assert "(default: info; env SEA_LOG_LEVEL)" in text
     if command == "align":
         assert "Langevin steps (default: 20; env SEA_DEFAULT_STEPS)" in text
     if command == "serve":

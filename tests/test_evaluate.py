@@ -6,6 +6,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import statistics
 from types import SimpleNamespace
 
@@ -198,13 +199,16 @@ def test_set_steps_under_a_budget_is_refused_and_no_budget_runs_sea_for_the_defa
     assert [r["steps"] for r in as_set["records"]] == [1] and [r["steps"] for r in by_default["records"]] == [2]
 
 
-def test_runs_charged_before_the_accounting_changed_are_not_resumed(lm, tmp_path):
+def test_runs_charged_before_the_accounting_changed_are_not_resumed(lm, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "tea", "prompt": "tell me about tea"}) + "\n")
     out = tmp_path / "out"
     argv = ["--prompts", str(prompts), "--methods", "sample", "--max-tokens", "4", "--out", str(out)]
     runtime = Runtime.from_lm(lm, Settings())
     record = run_eval(_eval_args(*argv), Settings(), runtime=runtime)["records"][0]
+    # progress to a log (not a terminal): a line per run, no carriage returns running them together
+    progress = capsys.readouterr().err
+    assert re.search(r"^\[1/1\] sample +\d+s$", progress, re.MULTILINE) and "\r" not in progress
     del record["run"]["accounting"]  # as written before 4 Dec 2026
     (out / "records.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(SystemExit, match="charged for their compute as before 4 Dec 2026"):

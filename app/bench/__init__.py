@@ -227,13 +227,17 @@ def _memory_part(args: argparse.Namespace, settings: Settings) -> dict:
     return {"points": points, "per_chain_mib_slope": slope}
 
 
+# Settings the benchmarked server never takes from the run: it listens on a free local port, logs warnings only, and
+# has no API keys and no shared job store (a Redis URL would make it take a real queue's jobs). `sea bench` has no
+# flags for them.
+NOT_FOR_THE_BENCH = frozenset({"host", "port", "log_level", "api_keys", "api_keys_file", "redis_url"})
+
+
 def server_settings(settings: Settings) -> dict:
     """The settings the benchmarked server gets: this run's scalar ones (lists and secrets are not copied and would
-    come from the environment), with no API keys and no shared job store (a Redis URL would make the bench's
-    server take a real queue's jobs)."""
-    skipped = {"host", "port", "log_level"}
+    come from the environment), less :data:`NOT_FOR_THE_BENCH`."""
     chosen = {name: value for name, value in settings.model_dump().items()
-              if name not in skipped and isinstance(value, (str, int, float, bool))}
+              if name not in NOT_FOR_THE_BENCH and isinstance(value, (str, int, float, bool))}
     chosen.update(api_keys="", api_keys_file="", redis_url="")
     return chosen
 
