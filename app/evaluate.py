@@ -250,38 +250,13 @@ def base_sample_cost(length: int, passes_per_row: int) -> int:
 
 def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict:
     """Run the evaluation and write results.json, report.md and the plots. Returns the results."""
-    from app.runtime import PromptError, Runtime
+    from app.runtime import Runtime
 
-    if not args.prompts:
-        raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
-    sized = sorted({item.split("=", 1)[0] for item in args.set} & SIZED_BY_BUDGET)
-    if sized and not args.no_budget:
-        raise SystemExit(f"--set {', '.join(sized)}: a budget sizes SEA's run (every method gets the same compute); "
-                         "add --no-budget to run SEA as set")
-    if not args.no_budget and args.budget_samples is None and args.budget_token_passes is None and args.budget_seconds is None:
-        args.budget_samples = DEFAULT_BUDGET_SAMPLES
-        print(f"every method gets the compute of {DEFAULT_BUDGET_SAMPLES:g} base samples per prompt (--budget-samples; "
-              "--no-budget runs each at its own settings)", file=sys.stderr)
+    methods, seeds, extra = _checked_flags(args)
     rows = read_prompts(Path(args.prompts))
     rows = rows[: args.limit] if args.limit else rows
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(VARIANTS)}")
-    try:
-        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--seeds {args.seeds}: write whole numbers separated by commas") from None
-    bad = [item for item in args.set if "=" not in item or item.split("=", 1)[0] not in SEAConfig.__dataclass_fields__]
-    if bad:
-        raise SystemExit(f"--set {', '.join(bad)}: write KEY=VALUE with KEY a SEAConfig field (e.g. candidates=6)")
-    extra = dict(item.split("=", 1) for item in args.set)
     runtime = runtime or Runtime.load(settings)
-    for number, row in enumerate(rows, 1):  # a prompt the model cannot take stops the evaluation before anything runs
-        try:
-            runtime.prompt(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
-        except PromptError as exc:
-            raise SystemExit(f"{args.prompts}: prompt {number}{' (' + str(row['id']) + ')' if 'id' in row else ''}: {exc}") from None
+    _check_prompts(runtime, rows, args.prompts)
     base = SEAConfig(
         max_tokens=args.max_tokens or settings.default_max_tokens,
         chains=args.chains or settings.default_chains,
@@ -295,36 +270,23 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                     "budget_seconds": args.budget_seconds, "keywords_mode": args.keywords_mode, "set": extra, "accounting": ACCOUNTING}
     if any(row.get("keywords") for row in rows):
         run_settings["keyword_weight"] = runtime.keyword_weight
-    seconds_per_pass = None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = out / "records.jsonl"  # one line per finished run, so a stopped evaluation keeps what it did
-    finished = {}
-    if args.resume and progress.exists():
-        for record in _read_records(progress):
-            if (record.get("run") or {}).get("accounting") != ACCOUNTING:
-                raise SystemExit(f"{progress} holds runs charged for their compute as before 4 Dec 2026 (the principle reward's "
-                                 "L positions a row): they cannot be resumed at today's budgets; choose another --out")
-            if record.get("run") != run_settings:
-                raise SystemExit(f"{progress} holds runs made with other settings ({record.get('run')}, now {run_settings}): "
-                                 "resume with the same ones, or choose another --out")
-            finished[_run_key(record)] = record
-        print(f"resuming: {len(finished)} runs already in {progress}", file=sys.stderr)
-        if args.budget_seconds is not None and finished:  # the same token-pass budget as those runs, not a new calibration
-            seconds_per_pass = args.budget_seconds / next(iter(finished.values()))["budget"]
-    else:
+    finished = _resumed(progress, run_settings) if args.resume and progress.exists() else {}
+    if not finished:
         progress.write_text("")
+    # a time budget resumes at the token-pass budget of the runs made (not at a new calibration)
+    seconds_per_pass = args.budget_seconds / next(iter(finished.values()))["budget"] if args.budget_seconds is not None and finished else None
     records = []
     total = len(rows) * len(seeds) * len(methods)
     started = time.perf_counter()
-    done = 0
     for row in rows:
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
         keywords = row.get("keywords")
         reward_options = {"keywords": keywords, "keywords_only": args.keywords_mode == "replace"} if keywords else {}
         for seed in seeds:
             for name in methods:
-                done += 1
                 earlier = finished.get((name, _prompt_key(row), seed))
                 if earlier is not None:
                     records.append(earlier)
@@ -334,17 +296,12 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 config = dataclasses.replace(base, seed=seed, **overrides)
                 job = runtime.job(messages, config, **reward_options)
                 scorers = [component for component, _ in job.reward.terms]
-                per_row = scoring_passes(config.max_tokens, scorers)
-                budget = args.budget_token_passes
-                if args.budget_samples is not None:
-                    budget = args.budget_samples * base_sample_cost(config.max_tokens, per_row)
-                if args.budget_seconds is not None:
-                    if seconds_per_pass is None:
-                        seconds_per_pass = _calibrate(runtime, job)
-                        print(f"{args.budget_seconds:g} s = {args.budget_seconds / seconds_per_pass:.0f} token-passes per prompt and method "
-                              f"(about {args.budget_seconds / seconds_per_pass / base_sample_cost(config.max_tokens, per_row):.1f} base samples)",
-                              file=sys.stderr)
-                    budget = args.budget_seconds / seconds_per_pass
+                if args.budget_seconds is not None and seconds_per_pass is None:
+                    seconds_per_pass = _calibrate(runtime, job)
+                    per_sample = base_sample_cost(config.max_tokens, scoring_passes(config.max_tokens, scorers))
+                    print(f"{args.budget_seconds:g} s = {args.budget_seconds / seconds_per_pass:.0f} token-passes per prompt and method "
+                          f"(about {args.budget_seconds / seconds_per_pass / per_sample:.1f} base samples)", file=sys.stderr)
+                budget = _budget(args, config, scorers, seconds_per_pass)
                 guides = sum(getattr(component, "contrastive", False) for component in scorers)
                 job.config = size_to_budget(config, budget, scorers, guides if config.init == "guided" and config.use_reward else 0)
                 tick = time.perf_counter()
@@ -352,17 +309,82 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                 records.append({**_record(name, row, seed, result, time.perf_counter() - tick, budget, config.alpha), "run": run_settings})
                 with progress.open("a") as handle:
                     handle.write(json.dumps(records[-1]) + "\n")
-                line = f"[{done}/{total}] {name:<12} {time.perf_counter() - started:7.0f}s"
-                if sys.stderr.isatty():  # one line, rewritten in place
-                    print("\r" + line, end="", file=sys.stderr, flush=True)
-                else:  # a log file gets a line per run
-                    print(line, file=sys.stderr, flush=True)
+                _progress(f"[{len(records)}/{total}] {name:<12} {time.perf_counter() - started:7.0f}s")
     if sys.stderr.isatty():
         print(file=sys.stderr)
     results = summarise_runs(records, methods, args.baseline, {
         **run_settings, "prompts": str(args.prompts), "methods": methods, "seeds": seeds, "seconds_per_token_pass": seconds_per_pass})
     _write(results, out)
     return results
+
+
+def _checked_flags(args: argparse.Namespace) -> tuple[list[str], list[int], dict[str, str]]:
+    """The methods, seeds and ``--set`` overrides the flags ask for, checked before anything loads; without a budget
+    flag (and without --no-budget), the default budget."""
+    if not args.prompts:
+        raise SystemExit("--prompts is required (or --from DIR to report on earlier runs)")
+    sized = sorted({item.split("=", 1)[0] for item in args.set} & SIZED_BY_BUDGET)
+    if sized and not args.no_budget:
+        raise SystemExit(f"--set {', '.join(sized)}: a budget sizes SEA's run (every method gets the same compute); "
+                         "add --no-budget to run SEA as set")
+    if not args.no_budget and args.budget_samples is None and args.budget_token_passes is None and args.budget_seconds is None:
+        args.budget_samples = DEFAULT_BUDGET_SAMPLES
+        print(f"every method gets the compute of {DEFAULT_BUDGET_SAMPLES:g} base samples per prompt (--budget-samples; "
+              "--no-budget runs each at its own settings)", file=sys.stderr)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds}: write whole numbers separated by commas") from None
+    bad = [item for item in args.set if "=" not in item or item.split("=", 1)[0] not in SEAConfig.__dataclass_fields__]
+    if bad:
+        raise SystemExit(f"--set {', '.join(bad)}: write KEY=VALUE with KEY a SEAConfig field (e.g. candidates=6)")
+    return methods, seeds, dict(item.split("=", 1) for item in args.set)
+
+
+def _check_prompts(runtime, rows: list[dict], source) -> None:
+    """A prompt the model cannot take stops the evaluation before anything runs."""
+    from app.runtime import PromptError
+
+    for number, row in enumerate(rows, 1):
+        try:
+            runtime.prompt(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
+        except PromptError as exc:
+            raise SystemExit(f"{source}: prompt {number}{' (' + str(row['id']) + ')' if 'id' in row else ''}: {exc}") from None
+
+
+def _resumed(progress: Path, run_settings: dict) -> dict:
+    """The runs already in ``progress`` (by method, prompt and seed), which must have been made with ``run_settings``."""
+    finished = {}
+    for record in _read_records(progress):
+        if (record.get("run") or {}).get("accounting") != ACCOUNTING:
+            raise SystemExit(f"{progress} holds runs charged for their compute as before 4 Dec 2026 (the principle reward's "
+                             "L positions a row): they cannot be resumed at today's budgets; choose another --out")
+        if record.get("run") != run_settings:
+            raise SystemExit(f"{progress} holds runs made with other settings ({record.get('run')}, now {run_settings}): "
+                             "resume with the same ones, or choose another --out")
+        finished[_run_key(record)] = record
+    print(f"resuming: {len(finished)} runs already in {progress}", file=sys.stderr)
+    return finished
+
+
+def _budget(args: argparse.Namespace, config: SEAConfig, scorers: list, seconds_per_pass: float | None) -> float | None:
+    """The run's compute budget in token-passes, from whichever budget flag was given (None: --no-budget)."""
+    if args.budget_seconds is not None:
+        return args.budget_seconds / seconds_per_pass
+    if args.budget_samples is not None:
+        return args.budget_samples * base_sample_cost(config.max_tokens, scoring_passes(config.max_tokens, scorers))
+    return args.budget_token_passes
+
+
+def _progress(line: str) -> None:
+    if sys.stderr.isatty():  # one line, rewritten in place
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+    else:  # a log file gets a line per run
+        print(line, file=sys.stderr, flush=True)
 
 
 def report_from(args: argparse.Namespace) -> dict:
