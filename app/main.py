@@ -43,29 +43,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         if runtime is not None:
             await service.attach(runtime, loop)
         else:
-            async def load() -> None:
-                started = time.perf_counter()
-                log.info("loading models (%s)", settings.model or "embedded SmolLM2-135M-Instruct")
-                try:
-                    loaded = await asyncio.to_thread(Runtime.load, settings)
-                except Exception:
-                    log.exception("model loading failed; /health and /ready answer 503 until a restart")
-                    service.load_error = LOAD_FAILED
-                    return
-                try:
-                    await service.attach(loaded, loop)
-                except Exception:
-                    log.exception("could not start serving; /health and /ready answer 503 until a restart")
-                    service.load_error = START_FAILED
-                    return
-                # The models and libraries are millions of long-lived objects: move them out of the collector's sight,
-                # so that full collections (which hold the GIL) stay short while serving and at exit.
-                gc.collect()
-                gc.freeze()
-                log.info("models ready in %.1f s; serving (%s)", time.perf_counter() - started,
-                         f"API keys: {len(app.state.api_keys)}" if app.state.api_keys else "API keys: none, the API is open")
-
-            loader = asyncio.create_task(load())
+            loader = asyncio.create_task(_load_models(service, loop, app.state.api_keys))
         reaper = asyncio.create_task(_expire_jobs(service))
         try:
             yield
@@ -131,6 +109,32 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+async def _load_models(service: AlignService, loop: asyncio.AbstractEventLoop, api_keys) -> None:
+    """Load the configured models off the event loop and start serving them; a failure is logged and leaves
+    /health and /ready answering 503."""
+    settings = service.settings
+    started = time.perf_counter()
+    log.info("loading models (%s)", settings.model or "embedded SmolLM2-135M-Instruct")
+    try:
+        loaded = await asyncio.to_thread(Runtime.load, settings)
+    except Exception:
+        log.exception("model loading failed; /health and /ready answer 503 until a restart")
+        service.load_error = LOAD_FAILED
+        return
+    try:
+        await service.attach(loaded, loop)
+    except Exception:
+        log.exception("could not start serving; /health and /ready answer 503 until a restart")
+        service.load_error = START_FAILED
+        return
+    # The models and libraries are millions of long-lived objects: move them out of the collector's sight, so that
+    # full collections (which hold the GIL) stay short while serving and at exit.
+    gc.collect()
+    gc.freeze()
+    log.info("models ready in %.1f s; serving (%s)", time.perf_counter() - started,
+             f"API keys: {len(api_keys)}" if api_keys else "API keys: none, the API is open")
 
 
 async def _expire_jobs(service: AlignService) -> None:
