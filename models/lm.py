@@ -301,7 +301,7 @@ def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = T
         first_log_probs = F.log_softmax(lm_head(model)(last_hidden).float(), dim=-1)[0]
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    hidden = None if hidden_at is None else out.last_hidden_state[0, hidden_at]
+    hidden = None if hidden_at is None else out.last_hidden_state[0, hidden_at].clone()  # not a view holding every position's
     return Prefix(keys, values, len(ids), first_log_probs, hidden)
 
 

@@ -187,7 +187,9 @@ def test_sequence_classifier_reward_on_embeddings_scores_what_the_model_s_own_fo
     prompt = make_prompt("is the cat happy")
     tokens = torch.tensor([[30, 31, 32, 2], [40, 41, 42, 43], [2, 50, 51, 52], [30, 7, 2, 9]])
     mask = response_mask(tokens, torch.tensor([2]))
-    scores = reward.score([reward.prepare(prompt)] * 4, ResponseBatch(tokens=tokens, mask=mask))
+    context = reward.prepare(prompt)
+    assert context.hidden.untyped_storage().nbytes() == context.hidden.numel() * context.hidden.element_size()  # not the prompt's
+    scores = reward.score([context] * 4, ResponseBatch(tokens=tokens, mask=mask))
     for row in range(4):
         ids = torch.tensor([prompt.ids + tokens[row, : int(mask[row].sum())].tolist()])
         assert scores[row] == pytest.approx(float(model(input_ids=ids).logits[0, 0]), abs=1e-4)

@@ -106,6 +106,7 @@ def evaluate(
     with torch.set_grad_enabled(probs is not None):
         joint_log_probs, table = _reference_pass(lm, specs, response, joint, known, bool(top_k or keep_table))
         ref_top_k = table.detach().topk(min(top_k, table.shape[-1]), dim=-1).indices if top_k else None
+        table = table.detach() if keep_table else None  # else freed before the backward pass (B × L × V floats)
         log_prob_ref = masked_sum(response.token_log_prob_ref, mask)
         precomputed, offset = {}, 0
         for component, index, _ in joint:
@@ -125,7 +126,7 @@ def evaluate(
         reward=reward.detach(),
         log_prob_ref=log_prob_ref.detach(),
         grad=None if leaf is None else _gradient(energy, leaf),
-        table=table.detach() if keep_table else None,
+        table=table,
         ref_top_k=ref_top_k,
         memories=None if recorder is None else recorder.memories,
     )
