@@ -132,6 +132,10 @@ def test_page_and_assets_load_without_console_errors(page, server):
     assert script.headers["cache-control"] == "no-cache" and script.headers["etag"]
     again = httpx.get(server.url + "/static/playground.js", headers={"If-None-Match": script.headers["etag"]})
     assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
+    # the page is also /static/index.html: there too it may not be framed or run scripts from elsewhere (security review)
+    copy = httpx.get(server.url + "/static/index.html")
+    assert "frame-ancestors 'none'" in copy.headers["content-security-policy"] and copy.headers["x-content-type-options"] == "nosniff"
+    assert script.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.mark.parametrize("path, rendered", [("/docs", ".opblock"), ("/redoc", "[data-section-id]")])

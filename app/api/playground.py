@@ -30,11 +30,12 @@ router = APIRouter(include_in_schema=False)
 
 class RevalidatedStaticFiles(StaticFiles):
     """The page's assets, revalidated on each load like the page itself (ETag / Last-Modified, so a 304 costs little):
-    after an upgrade a browser never runs the old scripts with the new page."""
+    after an upgrade a browser never runs the old scripts with the new page. They carry the page's headers too: the
+    page itself is also served as ``/static/index.html``, and must not be framed or run scripts from elsewhere there."""
 
     def file_response(self, *args, **kwargs) -> Response:
         response = super().file_response(*args, **kwargs)
-        response.headers["Cache-Control"] = HEADERS["Cache-Control"]
+        response.headers.update(HEADERS)
         return response
 
 
