@@ -817,6 +817,40 @@ def test_job_store_keeps_finished_jobs_for_their_ttl_and_at_most_its_bound(monke
     assert store.get(running.id) is running  # unfinished jobs never expire
 
 
+def test_one_key_filling_the_job_store_drops_its_own_results_not_another_key_s(monkeypatch):
+    """10 240 jobs from one key (16-prompt completions) dropped another key's result 45 s into its 600 s TTL (security
+    review): past either bound, the jobs go from the owner holding the most."""
+    from app.engine.types import TokenLogProb
+    from app.service.jobs import Job, JobStore
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    store = JobStore(ttl=600, most_kept=10, most_listed=100)
+
+    def finished(owner: str, listing: int = 0) -> Job:
+        job = Job(SimpleNamespace(config=SEAConfig(logprobs=0 if listing else None)), "m", owner=owner)
+        store.add(job)
+        listed = [TokenLogProb(1, -1.0, []) for _ in range(listing)] if listing else None
+        chain = ChainResult("x", [1] * max(listing, 1), 0.0, 0.0, 0.0, 0, StepStats(0.0, 0.0, 0.0, 0.0), token_log_probs=listed)
+        job.finish(JobStatus.succeeded, AlignResult("sea", "x", 0.0, 0.0, 0.0, 0.0, 0, [chain], Usage(), Timings(), "stop"))
+        clock[0] += 1
+        return job
+
+    theirs = [finished("a"), finished("a", listing=40)]
+    mine = [finished("b") for _ in range(30)]
+    assert [store.get(job.id) for job in theirs] == theirs and len(store) <= 10
+    assert store.get(mine[-1].id) is mine[-1] and store.get(mine[0].id) is None  # b's oldest went
+    many = [finished("b", listing=50) for _ in range(3)]  # 150 + a's 40 listed: past 100
+    assert store.expire() == 2 and store.get(theirs[1].id) is theirs[1] and store.get(many[-1].id) is many[-1]
+    lone = JobStore(ttl=600, most_kept=3)  # one owner (no keys): the oldest go, as before
+    for _ in range(5):
+        job = Job(SimpleNamespace(config=SEAConfig()), "m")
+        lone.add(job)
+        job.finish(JobStatus.cancelled, error="x", kind="cancelled")
+        clock[0] += 1
+    assert len(lone) == 3
+
+
 def test_job_store_drops_the_oldest_results_listing_log_probs_past_its_bound(monkeypatch):
     """A Best-of-256 result listing every sample's 20 alternatives held ~170 MB for the job's TTL, and a client could
     keep dozens: past ``most_listed`` log-probs the oldest such results go at the next expiry."""

@@ -63,7 +63,7 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
-MOST_JOBS_KEPT = 10_000  # finished jobs a replica keeps readable (each a few kB)
+MOST_JOBS_KEPT = 10_000  # finished jobs a replica keeps readable (most a few kB; step events at the limits a few MB)
 
 
 @dataclass(eq=False)
@@ -165,10 +165,11 @@ def listed_log_probs(result: AlignResult | None) -> int:
 
 
 class JobStore:
-    """In-memory jobs by id; finished jobs are dropped ``ttl`` seconds after they finish, and the oldest of them as soon
-    as more than ``most_kept`` jobs are held (a client cancelling what it submits, thousands a minute, fills no memory),
+    """In-memory jobs by id; finished jobs are dropped ``ttl`` seconds after they finish, and some sooner: as soon as
+    more than ``most_kept`` jobs are held (a client cancelling what it submits, thousands a minute, fills no memory),
     or, at each ``expire``, while the finished jobs list more than ``most_listed`` token log-probs (a result listing
-    Best-of-N samples' alternatives holds tens of MB)."""
+    Best-of-N samples' alternatives holds tens of MB). Those go from the owner (API key) that holds the most, oldest
+    first: one key filling the store drops its own results, not another key's."""
 
     def __init__(self, ttl: float, most_kept: int = MOST_JOBS_KEPT, most_listed: int | None = None):
         self.ttl = ttl
@@ -179,7 +180,8 @@ class JobStore:
     def add(self, job: Job) -> None:
         self.jobs[job.id] = job
         if len(self.jobs) > self.most_kept:
-            self._drop_oldest_finished(len(self.jobs) - self.most_kept * 9 // 10)  # a tenth at a time: one scan per many adds
+            # a tenth at a time: one scan per many adds
+            self._drop_from_the_largest({job.id: 1 for job in self._finished()}, len(self.jobs) - self.most_kept * 9 // 10)
 
     def get(self, job_id: str) -> Job | None:
         """The job, unless it expired (the others expire in ``expire``, which the service runs periodically)."""
@@ -189,32 +191,39 @@ class JobStore:
             return None
         return job
 
-    def _drop_oldest_finished(self, count: int) -> None:
-        oldest = sorted((job.finished_at, jid) for jid, job in self.jobs.items() if job.finished_at is not None)[:count]
-        for _, jid in oldest:
-            del self.jobs[jid]
-
     def expire(self) -> int:
         now = time.monotonic()
-        old = [jid for jid, job in self.jobs.items() if job.finished_at is not None and now - job.finished_at > self.ttl]
+        old = [job.id for job in self._finished() if now - job.finished_at > self.ttl]
         for jid in old:
             del self.jobs[jid]
-        return len(old) + self._drop_oldest_listing()
-
-    def _drop_oldest_listing(self) -> int:
-        """Drop the oldest finished jobs that list log-probs while all of them list more than ``most_listed``."""
-        if self.most_listed is None:
-            return 0
-        listing = sorted((job.finished_at, jid, listed) for jid, job in self.jobs.items()
-                         if job.finished_at is not None and (listed := listed_log_probs(job.result)))
-        held = sum(listed for *_, listed in listing)
         dropped = 0
-        for _, jid, listed in listing:
-            if held <= self.most_listed:
-                break
-            del self.jobs[jid]
-            held -= listed
+        if self.most_listed is not None:
+            listing = {job.id: listed for job in self._finished() if (listed := listed_log_probs(job.result))}
+            dropped = self._drop_from_the_largest(listing, sum(listing.values()) - self.most_listed)
+        return len(old) + dropped
+
+    def _finished(self) -> list[Job]:
+        return [job for job in self.jobs.values() if job.finished_at is not None]
+
+    def _drop_from_the_largest(self, weights: dict[str, int], excess: int) -> int:
+        """Drop finished jobs (``weights``: the candidates' ids and what each holds) until ``excess`` of the weight is
+        gone, each time the oldest job of the owner whose candidates hold the most. Returns how many went."""
+        by_owner: dict[str | None, list[Job]] = {}
+        for jid in weights:
+            by_owner.setdefault(self.jobs[jid].owner, []).append(self.jobs[jid])
+        for jobs in by_owner.values():
+            jobs.sort(key=lambda job: job.finished_at, reverse=True)  # the oldest last, popped first
+        held = {owner: sum(weights[job.id] for job in jobs) for owner, jobs in by_owner.items()}
+        dropped = 0
+        while excess > 0 and held:
+            owner = max(held, key=held.__getitem__)
+            job = by_owner[owner].pop()
+            del self.jobs[job.id]
+            excess -= weights[job.id]
+            held[owner] -= weights[job.id]
             dropped += 1
+            if not by_owner[owner]:
+                del held[owner]
         return dropped
 
     def unfinished(self) -> list[Job]:
