@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from types import SimpleNamespace
@@ -540,6 +541,41 @@ def test_another_replica_shows_a_job_to_the_key_that_submitted_it_only(redis_url
         return seen
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60)).owner == "client-a"
+
+
+def test_a_long_prompt_claimed_or_read_on_another_replica_is_tokenized_off_the_event_loop(redis_url):
+    """The replica that claims a queued job and one that reads it both build it from its spec; a long prompt was
+    tokenized there on the event loop (48 reads of long jobs stalled a replica's /health for 2.2 s: security review),
+    as a submission's never is."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        prefix = "long-" + uuid.uuid4().hex[:8]
+        submitter = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        submitter.shared.stop_claiming()
+        reader = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        reader.shared.stop_claiming()
+        runner = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
+        on_the_loop = {}
+        for name, service in (("reader", reader), ("runner", runner)):
+            def job(*args, _real=service.runtime.job, _name=name, **kwargs):
+                on_the_loop.setdefault(_name, []).append(threading.current_thread() is threading.main_thread())
+                return _real(*args, **kwargs)
+
+            service.runtime.job = job
+        long = [{"role": "user", "content": "lighthouse " * 1000}]  # past LONG_PROMPT_CHARACTERS
+        job = await submitter.submit(SEAConfig(chains=1, steps=3), long)
+        mirror = await reader.shared.lookup(job.id)
+        await asyncio.wait_for(job.wait(), 30)
+        short = await submitter.submit(SEAConfig(chains=1, steps=1), [{"role": "user", "content": "hi"}])
+        await asyncio.wait_for(short.wait(), 30)
+        for service in (submitter, reader, runner):
+            await service.shutdown()
+        return on_the_loop, job, mirror
+
+    on_the_loop, job, mirror = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job.status == JobStatus.succeeded and mirror.id == job.id
+    assert on_the_loop == {"reader": [False], "runner": [False, True]}  # the short prompt's on the loop: not worth a thread
 
 
 def test_a_replica_checks_a_queued_job_against_its_own_limits_before_running_it(redis_url):

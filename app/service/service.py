@@ -23,7 +23,7 @@ from app.errors import (
     Unprocessable,
 )
 from app.runtime import PromptError, Runtime, UnknownRewardError, UnspellableKeywordsError
-from app.service.jobs import Job, JobStatus, JobStore, spawn_background
+from app.service.jobs import Job, JobStatus, JobStore, engine_job, spawn_background
 from app.service.metrics import Metrics
 from app.service.shared import RedisError, SharedJobs, unreachable
 from app.service.worker import DrainingError, EngineWorker, QueueFullError
@@ -35,7 +35,6 @@ WORKER_STOPPED = "the engine worker stopped; the service needs a restart"
 LOAD_FAILED = "the models failed to load (see the server log); the service needs a restart"
 START_FAILED = "the service failed to start (see the server log); it needs a restart"
 SHARED_RETRY_MAX_SECONDS = 30.0
-LONG_PROMPT_CHARACTERS = 8192  # a prompt longer than this is rendered and tokenized in a thread, not on the event loop
 
 
 @contextlib.contextmanager
@@ -191,10 +190,7 @@ class AlignService:
                                 f"hold (the limit is {self.settings.max_prompt_tokens} tokens)", param=prompt_param,
                                 code="context_length_exceeded")
         try:
-            if characters > LONG_PROMPT_CHARACTERS:  # off the loop: 166 000 CJK characters take 0.23 s to tokenize
-                work = await asyncio.to_thread(self.runtime.job, messages, config, **(reward_options or {}))
-            else:
-                work = self.runtime.job(messages, config, **(reward_options or {}))
+            work = await engine_job(self.runtime, messages, config, reward_options or {})
         except PromptError as exc:
             raise Unprocessable(str(exc), param=prompt_param) from None
         except UnknownRewardError as exc:

@@ -39,8 +39,8 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, TokenLogProb, Usage
-from app.service.jobs import Job, JobStatus, compact_step_events, spawn_background
+from app.engine.types import AlignJob, AlignResult, ChainResult, SEAConfig, StepStats, Timings, TokenLogProb, Usage
+from app.service.jobs import Job, JobStatus, compact_step_events, engine_job, spawn_background
 
 try:
     from redis.exceptions import AuthenticationError as RedisAuthenticationError
@@ -368,7 +368,9 @@ class SharedJobs:
         fields = await self.redis.hgetall(self.key("job", job_id))
         if not fields or "spec" not in fields:
             return None
-        job = self._job_from_spec(job_id, json.loads(fields["spec"]), float(fields.get("created") or time.time()))
+        spec = json.loads(fields["spec"])
+        work = await engine_job(self.runtime, spec["messages"], SEAConfig(**spec["config"]), spec["reward_options"])
+        job = self._job_from_spec(job_id, spec, float(fields.get("created") or time.time()), work)
         if job_id in self._jobs:  # another request built it while we awaited
             return self._jobs[job_id]
         self._jobs[job_id] = job
@@ -440,9 +442,11 @@ class SharedJobs:
             self._locks.pop(job.id, None)
             self._mirrored.pop(job.id, None)
 
-    def _job_from_spec(self, job_id: str, spec: dict[str, Any], created: float) -> Job:
-        config = SEAConfig(**spec["config"])
-        work = self.runtime.job(spec["messages"], config, **spec["reward_options"])
+    def _job_from_spec(self, job_id: str, spec: dict[str, Any], created: float, work: AlignJob | BaseException) -> Job:
+        """The local job of a spec another replica (or this one) wrote, with its engine job ``work`` (or why it could not
+        be built, raised here)."""
+        if isinstance(work, BaseException):
+            raise work
         deadline = None if spec["deadline"] is None else time.monotonic() + (spec["deadline"] - time.time())
         enqueued = time.monotonic() - max(0.0, time.time() - created)  # the queue wait counts from the submission
         return Job(work, spec["model"], stream_events=spec["stream_events"], deadline=deadline, return_trace=spec["return_trace"],
@@ -467,7 +471,15 @@ class SharedJobs:
                     await self._hand_back(job_id, int(claim[0]))
                     log.info("job %s: claimed as this replica began to drain; handed back to the shared queue", job_id)
                     continue
-                self._start(job_id, int(claim[0]), json.loads(claim[1]), float(claim[2]))
+                spec = json.loads(claim[1])
+                local = self._jobs.get(job_id)
+                work = None
+                if local is None or local.status.finished:  # built here from the spec (its prompt tokenized off the loop)
+                    try:
+                        work = await engine_job(self.runtime, spec["messages"], SEAConfig(**spec["config"]), spec["reward_options"])
+                    except Exception as exc:  # noqa: BLE001 - the job fails in _start, naming it
+                        work = exc
+                self._start(job_id, int(claim[0]), spec, float(claim[2]), work)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -484,7 +496,7 @@ class SharedJobs:
             return None
         return claim or None
 
-    def _start(self, job_id: str, attempt: int, spec: dict, created: float) -> None:
+    def _start(self, job_id: str, attempt: int, spec: dict, created: float, work: AlignJob | BaseException | None) -> None:
         if job_id in self._running and not self._running[job_id].job.status.finished:
             # This replica's lease lapsed (a pause), another replica requeued the job, and this one took it again while
             # its first run still goes on: that run carries on as the new attempt (submitting the job again would run
@@ -495,7 +507,7 @@ class SharedJobs:
         job = self._jobs.get(job_id)
         try:
             if job is None or job.status.finished:
-                job = self._job_from_spec(job_id, spec, created)
+                job = self._job_from_spec(job_id, spec, created, work)
             if job not in self._submitted_here:  # queued by another replica or written into Redis (a mirror too)
                 self._check_runnable(job)
         except Exception as exc:  # noqa: BLE001 - e.g. a reward this replica does not serve
