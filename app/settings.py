@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -157,6 +158,21 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
             close = difflib.get_close_matches(variable.upper(), known, n=1)
             unknown.append(f"{variable} is not a setting" + (f" (did you mean {close[0]}?)" if close else "") + "; ignored")
     return unknown
+
+
+def open_to_the_network(settings: Settings) -> str | None:
+    """A warning when the service would listen beyond this machine without API keys (a Kubernetes Secret that is
+    missing or misnamed leaves ``SEA_API_KEYS`` unset: the API starts open), else None."""
+    if settings.load_api_keys():
+        return None
+    try:
+        local = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:  # a name, not an address
+        local = settings.host == "localhost"
+    if local:
+        return None
+    return (f"listening on {settings.host} without API keys (SEA_API_KEYS, SEA_API_KEYS_FILE): anyone who reaches port "
+            f"{settings.port} can run jobs")
 
 
 MAX_REWARD_WEIGHT = 1000  # the largest weight of a reward term, here and in a request

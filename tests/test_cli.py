@@ -83,6 +83,20 @@ def test_serve_warns_of_sea_variables_that_name_no_setting(monkeypatch, caplog):
     assert "SEA_NOTHING_LIKE_IT is not a setting; ignored" in warnings
 
 
+@pytest.mark.parametrize("argv, warned", [(["--host", "0.0.0.0"], True), (["--host", "::"], True), (["--host", "pod.local"], True),
+                                          ([], False), (["--host", "::1"], False), (["--host", "localhost"], False),
+                                          (["--host", "0.0.0.0", "--api-keys", "k1"], False)])
+def test_serve_warns_when_it_would_listen_beyond_this_machine_without_keys(monkeypatch, caplog, argv, warned):
+    """A missing or misnamed Kubernetes Secret leaves SEA_API_KEYS unset, and the pod served an open API with an INFO
+    line saying so (security review)."""
+    monkeypatch.delenv("SEA_API_KEYS", raising=False)
+    monkeypatch.setattr("app.main.create_app", lambda settings: (_ for _ in ()).throw(SystemExit("stopped before serving")))
+    with pytest.raises(SystemExit, match="stopped before serving"):
+        cli.main(["serve", *argv])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "without API keys" in r.getMessage()]
+    assert bool(warnings) == warned, warnings
+
+
 def test_a_model_that_cannot_load_ends_the_command_with_one_line(tmp_path, capsys):
     """It ended in a 25-frame traceback."""
     assert cli.main(["prepare", "--model", str(tmp_path / "nowhere"), "--cache-dir", str(tmp_path / "cache")]) == 1
