@@ -10,7 +10,7 @@ import typing
 
 from pydantic import ValidationError
 
-from app.settings import Settings, open_to_the_network, unknown_variables
+from app.settings import Settings, risky_settings, unknown_variables
 from models.errors import ModelLoadError
 
 # Settings of the HTTP service alone: `sea align` and `sea prepare`, which run the engine in-process, do not offer them.
@@ -95,9 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     _setup_logging(settings.log_level)
-    for problem in [*unknown_variables(), open_to_the_network(settings)]:
-        if problem:
-            logging.getLogger("app.cli").warning("%s", problem)
+    for problem in [*unknown_variables(), *risky_settings(settings)]:
+        logging.getLogger("app.cli").warning("%s", problem)
     app = create_app(settings)
 
     class Server(uvicorn.Server):

@@ -160,19 +160,21 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
     return unknown
 
 
-def open_to_the_network(settings: Settings) -> str | None:
-    """A warning when the service would listen beyond this machine without API keys (a Kubernetes Secret that is
-    missing or misnamed leaves ``SEA_API_KEYS`` unset: the API starts open), else None."""
-    if settings.load_api_keys():
-        return None
+def risky_settings(settings: Settings) -> list[str]:
+    """Warnings about settings that open the service wider than an operator may mean: listening beyond this machine
+    without API keys (a Kubernetes Secret that is missing or misnamed leaves ``SEA_API_KEYS`` unset: the API starts
+    open), and CORS allowing the origin ``null`` (any sandboxed iframe or local file sends it)."""
+    warnings = []
     try:
         local = ipaddress.ip_address(settings.host).is_loopback
     except ValueError:  # a name, not an address
         local = settings.host == "localhost"
-    if local:
-        return None
-    return (f"listening on {settings.host} without API keys (SEA_API_KEYS, SEA_API_KEYS_FILE): anyone who reaches port "
-            f"{settings.port} can run jobs")
+    if not local and not settings.load_api_keys():
+        warnings.append(f"listening on {settings.host} without API keys (SEA_API_KEYS, SEA_API_KEYS_FILE): anyone who "
+                        f"reaches port {settings.port} can run jobs")
+    if "null" in settings.cors_origins:
+        warnings.append("SEA_CORS_ORIGINS allows the origin 'null': any site's sandboxed iframe or a local file sends it")
+    return warnings
 
 
 MAX_REWARD_WEIGHT = 1000  # the largest weight of a reward term, here and in a request

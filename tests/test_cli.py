@@ -85,15 +85,15 @@ def test_serve_warns_of_sea_variables_that_name_no_setting(monkeypatch, caplog):
 
 @pytest.mark.parametrize("argv, warned", [(["--host", "0.0.0.0"], True), (["--host", "::"], True), (["--host", "pod.local"], True),
                                           ([], False), (["--host", "::1"], False), (["--host", "localhost"], False),
-                                          (["--host", "0.0.0.0", "--api-keys", "k1"], False)])
+                                          (["--host", "0.0.0.0", "--api-keys", "k1"], False), (["--cors-origins", "null"], True)])
 def test_serve_warns_when_it_would_listen_beyond_this_machine_without_keys(monkeypatch, caplog, argv, warned):
     """A missing or misnamed Kubernetes Secret leaves SEA_API_KEYS unset, and the pod served an open API with an INFO
-    line saying so (security review)."""
+    line saying so; CORS for the origin 'null' lets any site's sandboxed iframe in (security review)."""
     monkeypatch.delenv("SEA_API_KEYS", raising=False)
     monkeypatch.setattr("app.main.create_app", lambda settings: (_ for _ in ()).throw(SystemExit("stopped before serving")))
     with pytest.raises(SystemExit, match="stopped before serving"):
         cli.main(["serve", *argv])
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "without API keys" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "is not a setting" not in r.getMessage()]
     assert bool(warnings) == warned, warnings
 
 
