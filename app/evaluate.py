@@ -475,12 +475,24 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
     }
 
 
+def _baseline_of(name: str, methods: list[str], default: str | None) -> str | None:
+    """The Best-of-N a method is paired with when no --baseline is given: the one that picks its answer the same way
+    (by reward or by energy) when it ran, else ``default``. Picking by energy lowers the energy a method is measured by:
+    SEA by reward against Best-of-N by energy, or the reverse, would compare the picks as much as the methods."""
+    if name not in VARIANTS or VARIANTS[name]["method"] != "sea":
+        return default
+    same = "bon-energy" if VARIANTS[name].get("select") == "energy" else "bon"
+    return same if same in methods else default
+
+
 def summarise_runs(records: list[dict], methods: list[str], baseline: str | None, settings: dict) -> dict:
-    """Per-method summaries and each method paired with the baseline (same prompt, same seed)."""
-    if baseline is None:
-        baseline = next((name for name in ("bon-energy", "bon") if name in methods), None)
-    elif baseline not in methods:
+    """Per-method summaries and each method paired with its baseline (same prompt, same seed): ``baseline`` for every
+    method, or without it, for SEA the Best-of-N that picks the same way and for the others Best-of-N by energy (by
+    reward when that alone ran)."""
+    if baseline is not None and baseline not in methods:
         raise SystemExit(f"--baseline {baseline} was not run (methods: {', '.join(methods)})")
+    default = baseline or next((name for name in ("bon-energy", "bon") if name in methods), None)
+    baselines = {name: baseline or _baseline_of(name, methods, default) for name in methods}
     for record in records:  # the current measures, also for records written by an older version
         alpha = (record.get("run") or {}).get("alpha")
         if "own_energy" not in record and alpha is not None:
@@ -491,8 +503,9 @@ def summarise_runs(records: list[dict], methods: list[str], baseline: str | None
             record["coverage"] = keyword_coverage(record["text"], record["keywords"])
             record["all_covered"] = record["coverage"] == 1.0
     summary = {name: _summarise([r for r in records if r["method"] == name]) for name in methods}
-    paired = {name: paired_comparison(records, name, baseline) for name in methods if baseline and name != baseline}
-    return {"summary": summary, "paired": paired, "baseline": baseline, "records": records, "settings": settings}
+    paired = {name: {**paired_comparison(records, name, baselines[name]), "baseline": baselines[name]}
+              for name in methods if baselines[name] and baselines[name] != name}
+    return {"summary": summary, "paired": paired, "baseline": default, "records": records, "settings": settings}
 
 
 def _write(results: dict, out: Path) -> None:
@@ -528,6 +541,7 @@ def _record(name: str, row: dict, seed: int, result: AlignResult, seconds: float
         "log_prob_per_token": result.log_prob_ref / tokens, "refused": refused(result.text),
         "copies_principle": copies(result.text), "seconds": seconds,
         "compute": result.usage.compute, "prompt_compute": result.usage.prompt_token_passes, "budget": budget, "steps": result.timings.steps, "completion_tokens": result.usage.completion_tokens,
+        "best_step": result.chains[result.chosen].best_step if result.chains else 0,  # 0: the answer is a start's sample as drawn
         "trace": [[s.energy for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
         "trace_reward": [[s.reward for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
     })
@@ -559,7 +573,8 @@ def _summarise(records: list[dict]) -> dict:
 
 
 def report(results: dict) -> str:
-    """A Markdown table of the per-method summary, then each method paired with the baseline."""
+    """A Markdown table of the per-method summary, what each method is, each method paired with its baseline, and
+    some of their answers."""
     settings = results["settings"]
     keyword = any("coverage" in s for s in results["summary"].values())
     head = ["method", "n", "reward", "energy/token", "log pi_ref/token", "refusal", "copies principle"]
@@ -582,25 +597,104 @@ def report(results: dict) -> str:
             cells += [f"{s['coverage']:.2f}", f"{s['all_covered']:.2f}"] if "coverage" in s else ["–", "–"]
         cells += [f"{s['distinct_2']:.2f}", f"{s['compute']['mean']:.0f}", f"{s['seconds']['mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", ("Energy = −(log pi_ref + alpha · reward), per token of the answer: lower is better (SEA samples for low energy). "
+              "reward: the reward term alone, higher is better; log pi_ref/token: how likely the reference model finds the "
+              "answer, higher reads more fluently. ± is the standard deviation over the n runs (prompts × seeds).")]
+    lines += ["", *(f"- **{name}**: {describe(name)}{_steps_taken(results, name)}" for name in results["summary"])]
     paired = {name: pair for name, pair in results.get("paired", {}).items() if pair["pairs"]}
     if paired:
-        baseline = results["baseline"]
         level = round(100 * next(iter(paired.values()))["level"])
-        lines += ["", f"Paired with {baseline} (same prompt, same seed; {level} % intervals from a bootstrap over prompts):", "",
-                  f"| method | pairs | energy/token | {baseline} | difference | ratio | lower / higher | by seed |", "|---|---|---|---|---|---|---|---|"]
+        several_seeds = len({seed for pair in paired.values() for seed in pair["by_seed"]}) > 1
+        lines += ["", (f"Each method paired with a Best-of-N run on the same prompt and seed (SEA with the Best-of-N that picks "
+                  f"its answer the same way, by reward or by energy); {level} % intervals from a bootstrap over prompts:"), "",
+                  "| method | paired with | pairs | energy/token | theirs | difference | ratio | lower / higher | reward, theirs | "
+                  "log pi_ref/token, theirs |" + (" by seed |" if several_seeds else ""),
+                  "|" + "---|" * (10 + several_seeds)]
         for name, pair in paired.items():
             low, high = pair["difference_interval"]
             ratio = "–" if pair["ratio"] is None else f"{pair['ratio']:.2f}× [{pair['ratio_interval'][0]:.2f}, {pair['ratio_interval'][1]:.2f}]"
-            seeds = ", ".join(f"{seed}: " + (f"{one['difference']:+.3f}" if one["ratio"] is None else f"{one['ratio']:.2f}×")
-                              for seed, one in pair["by_seed"].items())
-            lines.append(f"| {name} | {pair['pairs']} | {pair['energy_per_token']:.3f} | {pair['baseline_energy_per_token']:.3f} | "
-                         f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {ratio} | {pair['lower']} / {pair['higher']} | {seeds} |")
+            mine, theirs = results["summary"][name], results["summary"][pair["baseline"]]
+            cells = [name, pair["baseline"], str(pair["pairs"]), f"{pair['energy_per_token']:.3f}", f"{pair['baseline_energy_per_token']:.3f}",
+                     f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}]", ratio, f"{pair['lower']} / {pair['higher']}",
+                     _versus(mine["reward"], theirs["reward"]), _versus(mine["log_prob_per_token"], theirs["log_prob_per_token"])]
+            if several_seeds:
+                cells.append(", ".join(f"{seed}: " + (f"{one['difference']:+.3f}" if one["ratio"] is None else f"{one['ratio']:.2f}×")
+                                       for seed, one in pair["by_seed"].items()))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += _examples(results, paired)
     warnings = budget_warnings(results.get("records", []))
     if budget == "none":
         warnings.insert(0, "no budget (--no-budget): each method ran at its own settings; compare their compute column")
     if warnings:
         lines += ["", "**Not at equal compute:**", "", *[f"- {w}" for w in warnings]]
     return "\n".join(lines) + "\n"
+
+
+# What each method is, in the report's words.
+METHOD_WORDS = {
+    "sample": "one sample of the reference model",
+    "bon": "Best-of-N: N samples of the reference model (N as the budget buys), the one with the highest reward returned",
+    "bon-energy": "Best-of-N: N samples of the reference model (N as the budget buys), the one with the lowest energy returned",
+    "args": "ARGS: greedy reward-guided decoding, the top-k tokens (k as the budget buys) rescored by the reward at each position",
+    "cbs": "chunk-level beam search: beams of sampled chunks kept by reward",
+    "sea-logits": "SEA, the paper's update: Langevin steps over all logits from base samples, the highest-reward chain returned",
+}
+
+
+def describe(name: str) -> str:
+    """A method's description for the report."""
+    if name in METHOD_WORDS:
+        return METHOD_WORDS[name]
+    variant = VARIANTS.get(name, {})
+    start = {"sample": "base samples", "random": "random tokens"}.get(variant.get("init"), "reward-guided samples")
+    pick = "lowest energy" if variant.get("select") == "energy" else "highest reward"
+    ablation = {"proposal": " (edits ranked by the reference model alone)", "chains": " (one chain)",
+                "use_reward": " (no reward term)", "use_reference": " (no reference term)", "noise": " (no noise)"}
+    changed = "".join(words for key, words in ablation.items() if key in variant)
+    return (f"SEA: chains started from {start} (a quarter of the budget), then gradient-ranked token edits kept when the exact "
+            f"energy drops{changed}, the chain with the {pick} returned")
+
+
+def _steps_taken(results: dict, name: str) -> str:
+    """For SEA: its steps, and how many returned answers a step changed (the rest are the start's samples as drawn)."""
+    runs = [r for r in results.get("records", []) if r["method"] == name and r.get("trace") is not None]
+    if not runs:
+        return ""
+    steps = statistics.fmean(r.get("steps") or 0 for r in runs)
+    known = [r for r in runs if "best_step" in r]
+    edited = f"; a step changed {sum(r['best_step'] > 0 for r in known)} of {len(known)} returned answers" if known else ""
+    return f" ({steps:.1f} steps a run{edited})"
+
+
+def _versus(mine: dict, theirs: dict) -> str:
+    if mine.get("mean") is None or theirs.get("mean") is None:
+        return "–"
+    return f"{mine['mean']:.2f}, {theirs['mean']:.2f}"
+
+
+def _examples(results: dict, paired: dict, prompts: int = 3, characters: int = 160) -> list[str]:
+    """The answers of each paired method and of its baseline on the first prompts (first seed)."""
+    records = results.get("records", [])
+    if not records:
+        return []
+    seed = min(r["seed"] for r in records)
+    by_run = {(r["method"], _prompt_key(r)): r for r in records if r["seed"] == seed}
+    keys = list(dict.fromkeys(_prompt_key(r) for r in records if r["seed"] == seed))[:prompts]
+
+    def quoted(record: dict | None) -> str:
+        if record is None:
+            return "–"
+        text = " ".join(record["text"].split())
+        return f"“{text[:characters]}{'…' if len(text) > characters else ''}” (energy/token {record['energy_per_token']:.2f})"
+
+    lines = ["", f"Answers to the first {len(keys)} prompts (seed {seed}):"]
+    for key in keys:
+        first = next(r for r in records if _prompt_key(r) == key)
+        asked = first.get("prompt") or " / ".join(str(m.get("content")) for m in first.get("messages") or [])
+        lines += ["", f"*{' '.join(str(asked).split())[:characters]}*", ""]
+        for name in dict.fromkeys([*paired, *(pair["baseline"] for pair in paired.values())]):
+            lines.append(f"- {name}: {quoted(by_run.get((name, key)))}")
+    return lines
 
 
 OVERSPEND = 1.05  # compute past the budget by more than this factor is reported

@@ -23,9 +23,11 @@ from app.evaluate import (
     distinct_n,
     paired_comparison,
     refused,
+    report,
     report_from,
     run_eval,
     size_to_budget,
+    summarise_runs,
 )
 from app.runtime import Runtime
 from app.settings import Settings
@@ -254,7 +256,7 @@ def test_report_from_shards_pairs_each_method_with_the_baseline(lm, tmp_path):
     results = report_from(_eval_args("--from", shards[0], "--from", shards[1], "--out", str(out)))
     assert results["summary"]["sample"]["n"] == results["summary"]["bon-energy"]["n"] == 3
     assert results["baseline"] == "bon-energy" and results["paired"]["sample"]["pairs"] == 3
-    assert "Paired with bon-energy" in (out / "report.md").read_text()
+    assert "| sample | bon-energy | 3 |" in (out / "report.md").read_text()
     assert results["settings"]["max_tokens"] == 4
 
     other = tmp_path / "other"
@@ -284,6 +286,33 @@ def test_paired_comparison_intervals_follow_the_prompts():
     assert paired_comparison(base, "a", "b") == {"pairs": 0}
     assert pair["by_seed"][2]["pairs"] == 8 and pair["by_seed"][0]["difference"] == pytest.approx(-1.0)
     assert pair["by_seed"][2]["ratio"] == pytest.approx(statistics.fmean(1.0 + 0.1 * p for p in range(8)) / statistics.fmean(2.1 + 0.1 * p for p in range(8)))
+
+
+def test_sea_is_paired_with_the_best_of_n_that_picks_the_same_way_and_the_report_says_what_ran(tmp_path):
+    """The README's `--methods sea,bon` paired SEA by reward with Best-of-N by reward, and `bon-energy` beside it made
+    every method's baseline Best-of-N by energy: SEA by reward against a baseline picked for low energy. The report
+    named neither method, nor the way a figure is better, nor how many answers SEA's steps changed (judge review)."""
+    def run(method, prompt, energy, reward, best_step=0):
+        record = {**_record(method, prompt, 0, energy), "text": f"{method} says {prompt}", "reward": reward, "energy": energy * 10,
+                  "log_prob_per_token": -energy, "refused": False, "copies_principle": False, "seconds": 1.0, "compute": 100}
+        return {**record, "trace": [[energy]], "steps": 3, "best_step": best_step} if method.startswith("sea") else record
+
+    records = [run(m, p, e + 0.1 * p, r, best_step=p) for p in range(3)
+               for m, e, r in (("sea", 1.0, 1.0), ("sea-energy", 0.9, 0.8), ("bon", 2.0, 2.0), ("bon-energy", 1.5, 1.5), ("sample", 3.0, 0.0))]
+    methods = ["sea", "sea-energy", "bon", "bon-energy", "sample"]
+    results = summarise_runs(records, methods, None, {"budget_samples": 32})
+    assert {name: pair["baseline"] for name, pair in results["paired"].items()} == {
+        "sea": "bon", "sea-energy": "bon-energy", "bon": "bon-energy", "sample": "bon-energy"}
+    assert results["paired"]["sea"]["baseline_energy_per_token"] == pytest.approx(2.1)  # bon's, not bon-energy's
+    forced = summarise_runs(records, methods, "bon", {})
+    assert {pair["baseline"] for pair in forced["paired"].values()} == {"bon"}  # --baseline still pairs every method with it
+    text = report(results)
+    assert "lower is better" in text and "the chain with the highest reward returned" in text
+    assert "Best-of-N: N samples of the reference model (N as the budget buys), the one with the lowest energy returned" in text
+    assert "3.0 steps a run; a step changed 2 of 3 returned answers" in text
+    assert "| sea | bon | 3 |" in text and "| 1.00, 2.00 |" in text  # rewards side by side
+    assert "- sea: “sea says 0”" in text and "- bon: “bon says 0”" in text  # their answers
+    assert "by seed" not in text  # one seed: the column says nothing
 
 
 def test_runs_that_did_not_spend_their_budget_are_named_in_the_report():
