@@ -653,7 +653,7 @@ def describe(name: str) -> str:
     ablation = {"proposal": " (edits ranked by the reference model alone)", "chains": " (one chain)",
                 "use_reward": " (no reward term)", "use_reference": " (no reference term)", "noise": " (no noise)"}
     changed = "".join(words for key, words in ablation.items() if key in variant)
-    return (f"SEA: chains started from {start} (a quarter of the budget), then gradient-ranked token edits kept when the exact "
+    return (f"SEA: chains started from the best of several {start}, then gradient-ranked token edits kept when the exact "
             f"energy drops{changed}, the chain with the {pick} returned")
 
 
