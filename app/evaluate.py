@@ -542,10 +542,8 @@ def _record(name: str, row: dict, seed: int, result: AlignResult, seconds: float
         "copies_principle": copies(result.text), "seconds": seconds,
         "compute": result.usage.compute, "prompt_compute": result.usage.prompt_token_passes, "budget": budget, "steps": result.timings.steps, "completion_tokens": result.usage.completion_tokens,
         "best_step": result.chains[result.chosen].best_step if result.chains else 0,  # 0: the answer is a start's sample as drawn
-        # each chain's figures from its start (step 0) on
-        "trace": [[chain.initial.energy] + [s.energy for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
-        "trace_reward": [[chain.initial.reward] + [s.reward for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
-        "trace_from": 0,
+        "trace": [[s.energy for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
+        "trace_reward": [[s.reward for s in chain.trace] for chain in result.chains] if result.method == "sea" else None,
     })
     if row.get("keywords"):
         coverage = keyword_coverage(result.text, row["keywords"])
@@ -748,26 +746,20 @@ def _plots(results: dict, out: Path) -> None:
     sea = [r for r in results["records"] if r.get("trace")]
     if not sea:
         return
-    first = {id(r): r.get("trace_from", 1) for r in sea}  # records written before 5 Dec 2026 start at step 1
-
-    def at(r: dict, chain: list[float], step: int) -> float:
-        """A chain's figure at ``step``; a run that stopped early keeps its last, so every step averages the same runs."""
-        return chain[min(max(step - first[id(r)], 0), len(chain) - 1)]
-
-    longest = max(len(chain) + first[id(r)] - 1 for r in sea for chain in r["trace"])
-    if longest < 1:  # no run took a step (report.md says so)
+    longest = max(len(chain) for r in sea for chain in r["trace"])
+    if longest == 0:  # no run took a step (report.md says so)
         return
-    start = min(first.values())
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name in sorted({r["method"] for r in sea}):
         for ax, key, label in ((axes[0], "trace", "energy"), (axes[1], "trace_reward", "reward")):
-            steps = range(start, longest + 1)
-            curves = [[statistics.fmean(at(r, chain, step) for chain in r[key]) for step in steps]
+            # A run that stopped early keeps its last value, so the mean is over the same prompts at every step.
+            curves = [[statistics.fmean(chain[min(i, len(chain) - 1)] for chain in r[key]) for i in range(longest)]
                       for r in sea if r["method"] == name and r[key] and min(map(len, r[key]))]
             if not curves:
                 continue
-            ax.plot(steps, [statistics.fmean(c[i] for c in curves) for i in range(len(steps))], marker=".", label=name)
-            ax.set_xlabel("step (0: the start's samples)" if start == 0 else "step")
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(longest)]
+            ax.plot(range(1, longest + 1), mean, label=name)
+            ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(f"mean {label} (chains, prompts)")
     if axes[0].get_legend_handles_labels()[0]:

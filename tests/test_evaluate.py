@@ -63,9 +63,6 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
         if record["id"] == "a":
             assert 0.0 <= record["coverage"] <= 1.0 and record["all_covered"] == (record["coverage"] == 1.0)
     assert [r["id"] for r in records if r["method"] == "sample"] == ["a", "a", "b", "b"]
-    for record in (r for r in records if r["method"] == "sea"):  # every chain's figures from its start (step 0) on
-        assert record["trace_from"] == 0 and all(len(chain) == record["steps"] + 1 for chain in record["trace"])
-        assert min(chain[-1] for chain in record["trace"]) <= min(chain[0] for chain in record["trace"]) + 1e-4
     assert set(results["summary"]) == {"sea", "bon", "args", "cbs", "sample", "sea-lm"}
     assert "| sea |" in (out / "report.md").read_text()
     assert "Not at equal compute" not in (out / "report.md").read_text()  # every method spent its budget, SEA took steps
