@@ -440,6 +440,13 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
     ratio of mean energies is given only when both means are positive (a large reward makes an energy negative).
     """
     by_key = {(_prompt_key(r), r["seed"]): r for r in records if r["method"] == baseline}
+    matched = [(r, by_key[(_prompt_key(r), r["seed"])]) for r in records if r["method"] == method and (_prompt_key(r), r["seed"]) in by_key]
+    side_by_side = {}  # the other figures over the same runs
+    for key in ("reward", "log_prob_per_token"):
+        values = [(r[key], other[key]) for r, other in matched
+                  if isinstance(r.get(key), float | int) and isinstance(other.get(key), float | int) and math.isfinite(r[key]) and math.isfinite(other[key])]
+        side_by_side[key] = statistics.fmean(a for a, _ in values) if values else None
+        side_by_side[f"baseline_{key}"] = statistics.fmean(b for _, b in values) if values else None
     pairs: dict[str, list[tuple[int, float, float]]] = {}  # prompt -> (seed, method's, baseline's energy per token)
     for r in records:
         other = by_key.get((_prompt_key(r), r["seed"])) if r["method"] == method else None
@@ -468,7 +475,7 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
         by_seed[seed] = {"pairs": sum(pair[0] == seed for pair in flat), "difference": a - b, "ratio": a / b if a > 0 and b > 0 else None}
     positive = mine > 0 and theirs > 0 and all(a > 0 and b > 0 for a, b in draws)
     return {
-        "pairs": len(flat), "prompts": len(groups), "energy_per_token": mine, "baseline_energy_per_token": theirs,
+        **side_by_side, "pairs": len(flat), "prompts": len(groups), "energy_per_token": mine, "baseline_energy_per_token": theirs,
         "difference": mine - theirs, "difference_interval": interval([a - b for a, b in draws]),
         "ratio": mine / theirs if positive else None, "ratio_interval": interval([a / b for a, b in draws]) if positive else None,
         "lower": sum(a < b for _, a, b in flat), "higher": sum(a > b for _, a, b in flat), "level": level, "by_seed": by_seed,
@@ -605,18 +612,18 @@ def report(results: dict) -> str:
     if paired:
         level = round(100 * next(iter(paired.values()))["level"])
         several_seeds = len({seed for pair in paired.values() for seed in pair["by_seed"]}) > 1
-        lines += ["", (f"Each method paired with a Best-of-N run on the same prompt and seed (SEA with the Best-of-N that picks "
-                  f"its answer the same way, by reward or by energy); {level} % intervals from a bootstrap over prompts:"), "",
+        lines += ["", (f"Each method paired with its baseline's run on the same prompt and seed (without --baseline, SEA's is the "
+                  f"Best-of-N that picks its answer the same way, by reward or by energy, when that ran); figures over the "
+                  f"paired runs, {level} % intervals from a bootstrap over prompts:"), "",
                   "| method | paired with | pairs | energy/token | theirs | difference | ratio | lower / higher | reward, theirs | "
                   "log pi_ref/token, theirs |" + (" by seed |" if several_seeds else ""),
                   "|" + "---|" * (10 + several_seeds)]
         for name, pair in paired.items():
             low, high = pair["difference_interval"]
             ratio = "–" if pair["ratio"] is None else f"{pair['ratio']:.2f}× [{pair['ratio_interval'][0]:.2f}, {pair['ratio_interval'][1]:.2f}]"
-            mine, theirs = results["summary"][name], results["summary"][pair["baseline"]]
             cells = [name, pair["baseline"], str(pair["pairs"]), f"{pair['energy_per_token']:.3f}", f"{pair['baseline_energy_per_token']:.3f}",
                      f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}]", ratio, f"{pair['lower']} / {pair['higher']}",
-                     _versus(mine["reward"], theirs["reward"]), _versus(mine["log_prob_per_token"], theirs["log_prob_per_token"])]
+                     _versus(pair, "reward"), _versus(pair, "log_prob_per_token")]
             if several_seeds:
                 cells.append(", ".join(f"{seed}: " + (f"{one['difference']:+.3f}" if one["ratio"] is None else f"{one['ratio']:.2f}×")
                                        for seed, one in pair["by_seed"].items()))
@@ -646,30 +653,38 @@ def describe(name: str) -> str:
     if name in METHOD_WORDS:
         return METHOD_WORDS[name]
     variant = VARIANTS.get(name, {})
-    start = {"sample": "base samples", "random": "random tokens"}.get(variant.get("init"), "reward-guided samples")
-    pick = "lowest energy" if variant.get("select") == "energy" else "highest reward"
-    ablation = {"proposal": " (edits ranked by the reference model alone)", "chains": " (one chain)",
-                "use_reward": " (no reward term)", "use_reference": " (no reference term)", "noise": " (no noise)"}
+    if variant.get("init") == "random":
+        start = "chains started from random tokens"
+    elif variant.get("init") == "sample" or variant.get("use_reward") is False:
+        start = "chains started from the best of several samples of the reference model"
+    else:
+        start = "chains started from the best of several samples (guided by the reward's per-token terms where it has them)"
+    ranked = "the reference model alone (no gradient)" if variant.get("proposal") == "lm" else "the energy's gradient"
+    ablation = {"chains": " (one chain)", "use_reward": " (no reward term)", "use_reference": " (no reference term)",
+                "noise": " (no noise in the choice of edits)"}
     changed = "".join(words for key, words in ablation.items() if key in variant)
-    return (f"SEA: chains started from the best of several {start}, then gradient-ranked token edits kept when the exact "
-            f"energy drops{changed}, the chain with the {pick} returned")
+    pick = "lowest energy" if variant.get("select") == "energy" else "highest reward"
+    restarts = "" if variant.get("init") == "random" else "; stalled chains restarted from fresh samples"  # none to draw
+    return (f"SEA: {start}, then token edits ranked by {ranked}, each kept when the exact energy drops{restarts}{changed}; "
+            f"the chain with the {pick} returned")
 
 
 def _steps_taken(results: dict, name: str) -> str:
-    """For SEA: its steps, and how many returned answers a step changed (the rest are the start's samples as drawn)."""
-    runs = [r for r in results.get("records", []) if r["method"] == name and r.get("trace") is not None]
+    """For SEA: its steps, and in how many runs the returned answer is one of its start's samples as drawn (neither an
+    edit nor a restart's fresh sample came after it)."""
+    runs = [r for r in results.get("records", []) if r["method"] == name and r.get("trace") is not None and "best_step" in r]
     if not runs:
         return ""
     steps = statistics.fmean(r.get("steps") or 0 for r in runs)
-    known = [r for r in runs if "best_step" in r]
-    edited = f"; a step changed {sum(r['best_step'] > 0 for r in known)} of {len(known)} returned answers" if known else ""
-    return f" ({steps:.1f} steps a run{edited})"
+    drawn = sum(r["best_step"] == 0 for r in runs)
+    return (f" ({steps:.1f} steps a run; the answer returned is one of the start's samples as drawn in {drawn} of "
+            f"{len(runs)} runs, an edited chain or a restart's sample in the rest)")
 
 
-def _versus(mine: dict, theirs: dict) -> str:
-    if mine.get("mean") is None or theirs.get("mean") is None:
-        return "–"
-    return f"{mine['mean']:.2f}, {theirs['mean']:.2f}"
+def _versus(pair: dict, key: str) -> str:
+    """A figure of the paired runs, the method's and its baseline's."""
+    mine, theirs = pair.get(key), pair.get(f"baseline_{key}")
+    return "–" if mine is None or theirs is None else f"{mine:.2f}, {theirs:.2f}"
 
 
 def _examples(results: dict, paired: dict, prompts: int = 3, characters: int = 160) -> list[str]:
@@ -685,16 +700,21 @@ def _examples(results: dict, paired: dict, prompts: int = 3, characters: int = 1
         if record is None:
             return "–"
         text = " ".join(record["text"].split())
-        return f"“{text[:characters]}{'…' if len(text) > characters else ''}” (energy/token {record['energy_per_token']:.2f})"
+        return f"“{_plain(text[:characters])}{'…' if len(text) > characters else ''}” (energy/token {record['energy_per_token']:.2f})"
 
     lines = ["", f"Answers to the first {len(keys)} prompts (seed {seed}):"]
     for key in keys:
         first = next(r for r in records if _prompt_key(r) == key)
         asked = first.get("prompt") or " / ".join(str(m.get("content")) for m in first.get("messages") or [])
-        lines += ["", f"*{' '.join(str(asked).split())[:characters]}*", ""]
+        lines += ["", f"Prompt: {_plain(' '.join(str(asked).split())[:characters])}", ""]
         for name in dict.fromkeys([*paired, *(pair["baseline"] for pair in paired.values())]):
             lines.append(f"- {name}: {quoted(by_run.get((name, key)))}")
     return lines
+
+
+def _plain(text: str) -> str:
+    """``text`` with the characters Markdown would read as formatting escaped."""
+    return re.sub(r"([\\`*_\[\]<>#|])", r"\\\1", text)
 
 
 OVERSPEND = 1.05  # compute past the budget by more than this factor is reported

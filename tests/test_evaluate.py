@@ -20,6 +20,7 @@ from app.evaluate import (
     base_sample_cost,
     budget_warnings,
     copies,
+    describe,
     distinct_n,
     paired_comparison,
     refused,
@@ -309,8 +310,13 @@ def test_sea_is_paired_with_the_best_of_n_that_picks_the_same_way_and_the_report
     text = report(results)
     assert "lower is better" in text and "the chain with the highest reward returned" in text
     assert "Best-of-N: N samples of the reference model (N as the budget buys), the one with the lowest energy returned" in text
-    assert "3.0 steps a run; a step changed 2 of 3 returned answers" in text
+    assert "3.0 steps a run; the answer returned is one of the start's samples as drawn in 1 of 3 runs" in text
     assert "| sea | bon | 3 |" in text and "| 1.00, 2.00 |" in text  # rewards side by side
+    # the side-by-side figures are those of the paired runs only (a shard may hold runs its baseline lacks)
+    extra = [{**run("sea", 7, 1.0, 50.0), "log_prob_per_token": 9.0}]
+    assert summarise_runs(records + extra, methods, None, {})["paired"]["sea"]["reward"] == pytest.approx(1.0)
+    assert "random tokens" in describe("sea-random") and "restarted" not in describe("sea-random") and "guided" not in describe("sea-noreward")
+    assert "reference model alone" in describe("sea-lm") and "gradient" not in describe("sea-lm").replace("no gradient", "")
     assert "- sea: “sea says 0”" in text and "- bon: “bon says 0”" in text  # their answers
     assert "by seed" not in text  # one seed: the column says nothing
 
