@@ -851,6 +851,33 @@ def test_one_key_filling_the_job_store_drops_its_own_results_not_another_key_s(m
     assert len(lone) == 3
 
 
+def test_job_store_drops_the_oldest_step_event_replays_past_its_bound(monkeypatch):
+    """A `/jobs` request at the limits keeps a few MB of step events for its replay, for its TTL (the security review
+    measured 3.3 MB of JSON, 7 MB of resident memory a job): the finished jobs' replays are bounded like their
+    log-probs, the owner holding the most losing its oldest first."""
+    from app.service.jobs import Job, JobStore, held_event_bytes
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    store = JobStore(ttl=600, most_event_bytes=12_000)
+
+    def finished(owner: str, steps: int) -> Job:
+        job = Job(SimpleNamespace(config=SEAConfig()), "m", owner=owner, stream_events=True)
+        store.add(job)
+        for step in range(steps):
+            job.publish({"event": "step", "step": step, "steps": steps, "chains": [{"energy": 1.0, "text": "x" * 300}] * 2})
+        job.finish(JobStatus.cancelled, error="cancelled by the client", kind="cancelled")
+        clock[0] += 1
+        return job
+
+    theirs, plain = finished("a", 4), finished("a", 0)
+    mine = [finished("b", 4) for _ in range(3)]
+    assert theirs.event_bytes == held_event_bytes(theirs.events) == 4 * 2 * (200 + 300) and plain.event_bytes == 0
+    assert store.expire() == 1  # 16 000 bytes held: b's oldest goes, a's replay and the plain job stay
+    assert store.get(mine[0].id) is None and [store.get(job.id) for job in (theirs, plain, *mine[1:])] == [theirs, plain, *mine[1:]]
+    assert store.expire() == 0
+
+
 def test_job_store_drops_the_oldest_results_listing_log_probs_past_its_bound(monkeypatch):
     """A Best-of-256 result listing every sample's 20 alternatives held ~170 MB for the job's TTL, and a client could
     keep dozens: past ``most_listed`` log-probs the oldest such results go at the next expiry."""

@@ -35,6 +35,7 @@ WORKER_STOPPED = "the engine worker stopped; the service needs a restart"
 LOAD_FAILED = "the models failed to load (see the server log); the service needs a restart"
 START_FAILED = "the service failed to start (see the server log); it needs a restart"
 SHARED_RETRY_MAX_SECONDS = 30.0
+MOST_EVENT_BYTES = 256 * 2**20  # the finished jobs' step events a replica keeps for their replay (the oldest go past it)
 
 
 @contextlib.contextmanager
@@ -54,7 +55,7 @@ class AlignService:
         self.settings = settings
         self.metrics = metrics
         # Kept results may list 8 of the largest log-prob answers (about 230 MB at the default limit).
-        self.store = JobStore(settings.job_ttl_seconds, most_listed=8 * settings.max_listed_log_probs)
+        self.store = JobStore(settings.job_ttl_seconds, most_listed=8 * settings.max_listed_log_probs, most_event_bytes=MOST_EVENT_BYTES)
         self._entering: collections.Counter[str] = collections.Counter()  # per API key: requests being submitted
         self.runtime: Runtime | None = None
         self.serving_since = 0  # Unix time the models were attached (the served model's `created` on /v1/models)
