@@ -35,7 +35,7 @@ WORKER_STOPPED = "the engine worker stopped; the service needs a restart"
 LOAD_FAILED = "the models failed to load (see the server log); the service needs a restart"
 START_FAILED = "the service failed to start (see the server log); it needs a restart"
 SHARED_RETRY_MAX_SECONDS = 30.0
-MOST_EVENT_BYTES = 256 * 2**20  # the finished jobs' step events a replica keeps for their replay (the oldest go past it)
+MOST_EVENT_BYTES = 256 * 2**20  # the finished jobs' step events a replica keeps for their replay (past it the oldest such jobs go)
 
 
 @contextlib.contextmanager
