@@ -204,7 +204,7 @@ class JobStore:
         self.jobs[job.id] = job
         if len(self.jobs) > self.most_kept:
             # a tenth at a time: one scan per many adds
-            self._drop_from_the_largest({job.id: 1 for job in self._finished()}, len(self.jobs) - self.most_kept * 9 // 10)
+            self._drop_from_the_largest({done.id: 1 for done in self._finished()}, len(self.jobs) - self.most_kept * 9 // 10)
 
     def get(self, job_id: str) -> Job | None:
         """The job, unless it expired (the others expire in ``expire``, which the service runs periodically)."""

@@ -369,8 +369,7 @@ class SharedJobs:
         if not fields or "spec" not in fields:
             return None
         spec = json.loads(fields["spec"])
-        work = await engine_job(self.runtime, spec["messages"], SEAConfig(**spec["config"]), spec["reward_options"])
-        job = self._job_from_spec(job_id, spec, float(fields.get("created") or time.time()), work)
+        job = self._job_from_spec(job_id, spec, float(fields.get("created") or time.time()), await self._work(spec))
         if job_id in self._jobs:  # another request built it while we awaited
             return self._jobs[job_id]
         self._jobs[job_id] = job
@@ -442,11 +441,12 @@ class SharedJobs:
             self._locks.pop(job.id, None)
             self._mirrored.pop(job.id, None)
 
-    def _job_from_spec(self, job_id: str, spec: dict[str, Any], created: float, work: AlignJob | BaseException) -> Job:
-        """The local job of a spec another replica (or this one) wrote, with its engine job ``work`` (or why it could not
-        be built, raised here)."""
-        if isinstance(work, BaseException):
-            raise work
+    async def _work(self, spec: dict[str, Any]) -> AlignJob:
+        """The engine's job of a spec, its prompt tokenized off the event loop when long (as a submission's)."""
+        return await engine_job(self.runtime, spec["messages"], SEAConfig(**spec["config"]), spec["reward_options"])
+
+    def _job_from_spec(self, job_id: str, spec: dict[str, Any], created: float, work: AlignJob) -> Job:
+        """The local job of a spec another replica (or this one) wrote, with its engine job ``work``."""
         deadline = None if spec["deadline"] is None else time.monotonic() + (spec["deadline"] - time.time())
         enqueued = time.monotonic() - max(0.0, time.time() - created)  # the queue wait counts from the submission
         return Job(work, spec["model"], stream_events=spec["stream_events"], deadline=deadline, return_trace=spec["return_trace"],
@@ -476,7 +476,7 @@ class SharedJobs:
                 work = None
                 if local is None or local.status.finished:  # built here from the spec (its prompt tokenized off the loop)
                     try:
-                        work = await engine_job(self.runtime, spec["messages"], SEAConfig(**spec["config"]), spec["reward_options"])
+                        work = await self._work(spec)
                     except Exception as exc:  # noqa: BLE001 - the job fails in _start, naming it
                         work = exc
                 self._start(job_id, int(claim[0]), spec, float(claim[2]), work)
@@ -507,6 +507,8 @@ class SharedJobs:
         job = self._jobs.get(job_id)
         try:
             if job is None or job.status.finished:
+                if isinstance(work, BaseException):  # building it from the spec failed
+                    raise work
                 job = self._job_from_spec(job_id, spec, created, work)
             if job not in self._submitted_here:  # queued by another replica or written into Redis (a mirror too)
                 self._check_runnable(job)
