@@ -443,14 +443,12 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
     matched = [(r, by_key[(_prompt_key(r), r["seed"])]) for r in records if r["method"] == method and (_prompt_key(r), r["seed"]) in by_key]
     side_by_side = {}  # the other figures over the same runs
     for key in ("reward", "log_prob_per_token"):
-        values = [(r[key], other[key]) for r, other in matched
-                  if isinstance(r.get(key), float | int) and isinstance(other.get(key), float | int) and math.isfinite(r[key]) and math.isfinite(other[key])]
+        values = [(r[key], other[key]) for r, other in matched if _finite(r.get(key)) and _finite(other.get(key))]
         side_by_side[key] = statistics.fmean(a for a, _ in values) if values else None
         side_by_side[f"baseline_{key}"] = statistics.fmean(b for _, b in values) if values else None
     pairs: dict[str, list[tuple[int, float, float]]] = {}  # prompt -> (seed, method's, baseline's energy per token)
-    for r in records:
-        other = by_key.get((_prompt_key(r), r["seed"])) if r["method"] == method else None
-        if other is not None and math.isfinite(r["energy_per_token"]) and math.isfinite(other["energy_per_token"]):
+    for r, other in matched:
+        if math.isfinite(r["energy_per_token"]) and math.isfinite(other["energy_per_token"]):
             pairs.setdefault(_prompt_key(r), []).append((r["seed"], r["energy_per_token"], other["energy_per_token"]))
     flat = [pair for prompt_pairs in pairs.values() for pair in prompt_pairs]
     if not flat:
@@ -480,6 +478,10 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
         "ratio": mine / theirs if positive else None, "ratio_interval": interval([a / b for a, b in draws]) if positive else None,
         "lower": sum(a < b for _, a, b in flat), "higher": sum(a > b for _, a, b in flat), "level": level, "by_seed": by_seed,
     }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value)
 
 
 def _baseline_of(name: str, methods: list[str], default: str | None) -> str | None:
@@ -612,12 +614,12 @@ def report(results: dict) -> str:
     if paired:
         level = round(100 * next(iter(paired.values()))["level"])
         several_seeds = len({seed for pair in paired.values() for seed in pair["by_seed"]}) > 1
+        columns = ["method", "paired with", "pairs", "energy/token", "theirs", "difference", "ratio", "lower / higher",
+                   "reward, theirs", "log pi_ref/token, theirs", *(["by seed"] if several_seeds else [])]
         lines += ["", (f"Each method paired with its baseline's run on the same prompt and seed (without --baseline, SEA's is the "
                   f"Best-of-N that picks its answer the same way, by reward or by energy, when that ran); figures over the "
                   f"paired runs, {level} % intervals from a bootstrap over prompts:"), "",
-                  "| method | paired with | pairs | energy/token | theirs | difference | ratio | lower / higher | reward, theirs | "
-                  "log pi_ref/token, theirs |" + (" by seed |" if several_seeds else ""),
-                  "|" + "---|" * (10 + several_seeds)]
+                  "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for name, pair in paired.items():
             low, high = pair["difference_interval"]
             ratio = "–" if pair["ratio"] is None else f"{pair['ratio']:.2f}× [{pair['ratio_interval'][0]:.2f}, {pair['ratio_interval'][1]:.2f}]"
