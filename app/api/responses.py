@@ -15,23 +15,19 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, ConfigDict, Field, field_validator
 
-from app.api.openai import (
+from app.api.openai import V1_RESPONSES, _check, _choices, _sea_extra, progress_comments
+from app.api.openai_protocol import (
     A_MESSAGE_HAS_TEXT_PART,
     STREAM_OPTIONS_NEED_STREAM,
-    V1_RESPONSES,
     AcceptedAndIgnored,
     MessageIn,
     SEAOptions,
     StreamOptions,
     TextOrRefusal,
-    _check,
-    _choices,
-    _null_is_default,
-    _only,
-    _sea_extra,
+    accepts_only,
     named_as_sent,
+    null_is_default,
     null_only,
-    progress_comments,
     sea_params,
 )
 from app.api.routes import built, client, client_gone, engine_config, get_service, require_api_key
@@ -78,15 +74,15 @@ class ResponseRequest(AcceptedAndIgnored):
                                       "reference model (temperature 1); other values are accepted and add nothing.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description=f"With `include: [\"{LOG_PROBS_INCLUDE}\"]`: this many of the "
                                      "reference's most likely tokens at each position.")
-    tools: list[dict] | None = Field(None, description="Only empty (no tool calls).", json_schema_extra=_only(schema={"type": "array", "maxItems": 0}))
-    tool_choice: Any = Field(None, description="Only `none`, `auto` (with no tools) or null.", json_schema_extra=_only(
+    tools: list[dict] | None = Field(None, description="Only empty (no tool calls).", json_schema_extra=accepts_only(schema={"type": "array", "maxItems": 0}))
+    tool_choice: Any = Field(None, description="Only `none`, `auto` (with no tools) or null.", json_schema_extra=accepts_only(
         schema={"enum": ["none", "auto"]}))
-    text: dict | None = Field(None, description="Only a `text` format (or none), and no `verbosity` (the answer's length is `max_output_tokens`).", json_schema_extra=_only(schema={
+    text: dict | None = Field(None, description="Only a `text` format (or none), and no `verbosity` (the answer's length is `max_output_tokens`).", json_schema_extra=accepts_only(schema={
         "type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}}}))
     background: bool | None = Field(None, description="Only false or null (a response is answered when it is done).",
-                                    json_schema_extra=_only(False))
+                                    json_schema_extra=accepts_only(False))
     reasoning: dict | None = Field(None, description="Only null or empty (the model does not reason).",
-                                   json_schema_extra=_only(schema={"type": "object", "maxProperties": 0}))
+                                   json_schema_extra=accepts_only(schema={"type": "object", "maxProperties": 0}))
     previous_response_id: Any = null_only("nothing is stored; send the conversation as `input`")
     conversation: Any = null_only("nothing is stored; send the conversation as `input`")
     prompt: Any = null_only("no stored prompts; send the text as `input`")
@@ -101,7 +97,7 @@ class ResponseRequest(AcceptedAndIgnored):
     truncation: Literal["auto", "disabled"] | None = None
     sea: SEAOptions | None = Field(None, description="SEA parameters (see POST /align).")
 
-    null_stream = field_validator("stream", mode="before")(classmethod(_null_is_default))
+    null_stream = field_validator("stream", mode="before")(classmethod(null_is_default))
 
     def unsupported(self) -> dict[str, Any]:
         """Fields set to values that would change the result in ways this server does not implement."""
