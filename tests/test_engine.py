@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from app.engine import sea
-from app.engine.discrete import shared_starts
 from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, passes_per_row, scoring_passes, token_tilt
+from app.engine.reuse import shared_starts
 from app.engine.sampling import Guide, SampleGroup, Tilt, categorical, drawing_groups, sample_groups, sample_responses
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import Reuse, encode_prefix, render_prompt
@@ -304,7 +304,7 @@ def test_a_discrete_trace_marks_a_non_finite_energy(lm, engine, make_prompt):
 def test_a_step_that_runs_out_of_memory_is_retried_as_if_it_had_not_begun(lm, engine, make_prompt, monkeypatch):
     """The worker retries an out-of-memory step in halves: the failed step had already advanced the generators,
     charged its scoring and marked its edits as tried, so the retry drew, charged and chose otherwise."""
-    from app.engine import discrete
+    from app.engine import starts
 
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
 
@@ -315,7 +315,7 @@ def test_a_step_that_runs_out_of_memory_is_retried_as_if_it_had_not_begun(lm, en
                       restart_after=1)
     states = engine.start_many([editing(), restarting])
     engine.tick(states)  # the second has no moves: it restarts in the next step, beside the first's edits
-    score_drawn, failures = discrete._score_drawn, []
+    score_drawn, failures = starts._score_drawn, []
 
     def out_of_memory_once(*args, **kwargs):
         if not failures:
@@ -323,7 +323,7 @@ def test_a_step_that_runs_out_of_memory_is_retried_as_if_it_had_not_begun(lm, en
             raise torch.OutOfMemoryError("injected")
         return score_drawn(*args, **kwargs)
 
-    monkeypatch.setattr(discrete, "_score_drawn", out_of_memory_once)
+    monkeypatch.setattr(starts, "_score_drawn", out_of_memory_once)
     with pytest.raises(torch.OutOfMemoryError):
         engine.tick(states)
     for state in states:  # what the worker does: each half again
@@ -694,7 +694,7 @@ def test_picking_by_reward_starts_chains_from_samples_that_read_well_not_from_sh
     reward; by energy, on the energy (SEA then never returns worse than Best-of-N by energy from the same draws)."""
     import types
 
-    from app.engine.discrete import _start_rank
+    from app.engine.starts import _start_rank
 
     def state(select):
         return types.SimpleNamespace(config=SEAConfig(select=select), spec=types.SimpleNamespace(length=24))
@@ -713,7 +713,7 @@ def test_picking_by_reward_starts_chains_from_samples_that_read_well_not_from_sh
 def test_a_restart_keeps_the_chain_the_pick_by_reward_would_return(lm, engine, make_prompt, monkeypatch):
     """Samples replace the chain they out-rank most, but never the one the pick would return unless the pick prefers
     the sample: a short chain holding the top reward ranks worst per token and must not be swapped for less reward."""
-    from app.engine import discrete
+    from app.engine import starts
     from app.engine.energy import Evaluation
 
     length = 12
@@ -729,9 +729,9 @@ def test_a_restart_keeps_the_chain_the_pick_by_reward_would_return(lm, engine, m
         drawn = Evaluation(fresh, torch.ones(1, length), torch.tensor([20.0 - sample_reward]),
                            torch.tensor([sample_reward]), torch.tensor([-20.0]), None, None, None)
         with monkeypatch.context() as patch:  # the restart draws this one sample
-            patch.setattr(discrete, "_draw_samples", lambda engine, states, counts, first=False: [None])
-            patch.setattr(discrete, "_score_drawn", lambda engine, states, drawn_samples, drawn=drawn: (drawn, [slice(0, 1)]))
-            discrete._restart(engine, [state])
+            patch.setattr(starts, "_draw_samples", lambda engine, states, counts, first=False: [None])
+            patch.setattr(starts, "_score_drawn", lambda engine, states, drawn_samples, drawn=drawn: (drawn, [slice(0, 1)]))
+            starts.restart(engine, [state])
         assert state.best_reward.tolist() == kept
 
 
@@ -1228,14 +1228,14 @@ def test_a_restart_never_replaces_a_chain_with_the_tokens_it_holds(lm, monkeypat
 
     runtime = Runtime.from_lm(lm, Settings())
     identical = []
-    real_take = discrete._take
+    real_take = discrete.take
 
     def take(state, chain, scored, index, step):
         if torch.equal(scored.tokens[index, : state.spec.length], state.tokens[chain]):
             identical.append((chain, step))
         return real_take(state, chain, scored, index, step)
 
-    monkeypatch.setattr(discrete, "_take", take)
+    monkeypatch.setattr(discrete, "take", take)
     prompt = ("is moon yes five with dog violin was park and morning safe violin is to fire weekend telescope penguin green good "
               "can help green the write violin help fish light walk play telescope i light . knife bad we will happy fish write "
               "it one in walk sorry ? why")

@@ -119,7 +119,7 @@ def test_edit_memories_are_as_long_as_the_rows_they_score():
     every request of the batch failed: 'The expanded size of the tensor (7) must match the existing size (5)')."""
     from types import SimpleNamespace
 
-    from app.engine.discrete import edit_starts, reuse_for_edits
+    from app.engine.reuse import edit_starts, reuse_for_edits
     from models.lm import ResponseMemory
 
     def memory(rows, length):

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from app.engine.discrete import edit_starts, reuse_for_edits
 from app.engine.energy import RowSpec, evaluate
 from app.engine.proposals import apply, edit_scores, propose, propose_chains
+from app.engine.reuse import edit_starts, reuse_for_edits
 from app.engine.sea import Engine, RequestState
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import embedding_scale, render_prompt

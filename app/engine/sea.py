@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from app.engine import discrete
+from app.engine import discrete, starts
 from app.engine.energy import Evaluation, RowSpec, evaluate, passes_per_row
 from app.engine.host import to_host
 from app.engine.sampling import rows_per_pass, run_for, sample_responses
@@ -147,7 +147,7 @@ class Engine:
                 self._start_logits(state)
         discrete_states = [s for s in states if not s.done and s.config.method == "sea" and s.config.update == "discrete"]
         if discrete_states:
-            starting = Starting(discrete_states, discrete.starting(self, discrete_states))
+            starting = Starting(discrete_states, starts.starting(self, discrete_states))
             for state in discrete_states:
                 state.starting = starting
             if not sliced:
@@ -193,7 +193,7 @@ class Engine:
             logits = torch.randn(rows, config.max_tokens, self.vocab, generator=generator, device=self.device)
             tokens = logits.argmax(-1)
         else:
-            tilt = discrete.start_tilt(self, state)
+            tilt = starts.start_tilt(self, state)
             samples = sample_responses(
                 self.lm.model, state.spec.prefix, rows, config.max_tokens, self.stop_ids, generator,
                 config.temperature, config.top_p, keep_log_probs=True, tilt=tilt,

@@ -25,7 +25,7 @@ class SEAConfig:
     # "discrete": gradient-informed token edits with exact acceptance (default; app/engine/proposals.py).
     # "logits": the paper-literal update y ← y − step·∇E + noise over all L×V logits.
     update: Literal["discrete", "logits"] = "discrete"
-    init_samples: int | None = None  # discrete: samples drawn to start from (best `chains`: discrete._start_rank); None: 2×chains
+    init_samples: int | None = None  # discrete: samples drawn to start from (best `chains`: starts._start_rank); None: 2×chains
     candidates: int = 4  # discrete: edits evaluated exactly per chain per step
     # discrete: a chain that has not improved for this many steps is parked (no more edits); when every chain is,
     # a step draws 2×chains fresh base samples instead, and each that beats a chain takes the place of the worst
