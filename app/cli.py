@@ -193,7 +193,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from app.evaluate import main as eval_main
+    from app.eval.run import main as eval_main
 
     settings = settings_from(args)
     _setup_logging("warning")
@@ -253,7 +253,7 @@ def build_parser(command: str | None = None) -> CommandParser:
     bench.set_defaults(func=cmd_bench)
     # Their arguments come from modules that import torch (10 s on a small CPU): only for the command that runs.
     if command in (None, "eval"):
-        from app.evaluate import add_eval_arguments
+        from app.eval.run import add_eval_arguments
 
         add_eval_arguments(evaluate)
         _settings_flags(evaluate, server=False)  # it runs the engine in-process

@@ -14,22 +14,10 @@ import pytest
 
 from app.engine.energy import passes_per_row, scoring_passes
 from app.engine.types import AlignJob, SEAConfig
-from app.evaluate import (
-    ARGS_MAX_TOP_K,
-    add_eval_arguments,
-    base_sample_cost,
-    budget_warnings,
-    copies,
-    describe,
-    distinct_n,
-    paired_comparison,
-    refused,
-    report,
-    report_from,
-    run_eval,
-    size_to_budget,
-    summarise_runs,
-)
+from app.eval.measures import copies, distinct_n, refused
+from app.eval.methods import describe
+from app.eval.report import budget_warnings, paired_comparison, report, report_from, summarise_runs
+from app.eval.run import ARGS_MAX_TOP_K, add_eval_arguments, base_sample_cost, run_eval, size_to_budget
 from app.runtime import Runtime
 from app.settings import Settings
 from models.rewards import LexiconReward, PrincipleReward, RewardMix
@@ -393,7 +381,7 @@ def test_the_paper_literal_update_sized_to_a_budget_spends_no_more(lm, engine, m
 
 
 def test_prompt_files_are_read_or_refused_with_the_line_that_is_wrong(tmp_path):
-    from app.evaluate import read_prompts
+    from app.eval.run import read_prompts
 
     text = tmp_path / "prompts.txt"
     text.write_text("Tell me about tea.\n\nWrite a haiku about rain.\n")
