@@ -66,7 +66,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.service = service
     _document_limits(app, settings)
-    app.state.settings = settings
     app.state.api_keys = settings.load_api_keys()
     install_error_handlers(app)
 

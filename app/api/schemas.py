@@ -270,12 +270,6 @@ class AlignRequest(SEAParams):
             raise PydanticCustomError("prompt_or_messages", "give exactly one of `prompt` or `messages`")
         return prompt
 
-    def _within_limit(self, name: str, settings: Settings) -> int:
-        """The parameter as sent, or its default within the server's limit: an omitted parameter must not trip a limit
-        below its default."""
-        value = getattr(self, name)
-        return value if name in self.model_fields_set else min(value, settings.limits()[name])
-
     def to_config(self, settings: Settings, logprobs: int | None = None, logprob_chains: int | None = None) -> SEAConfig:
         return super().to_config(settings, self.logprobs if logprobs is None else logprobs, logprob_chains)
 

@@ -1,6 +1,7 @@
 """Sampling from the reference policy after cached prompts, each request with its own random generator.
 
-Requests started together draw their samples in one batch (:func:`sample_groups`): a group's random draws
+Requests started together draw their samples in one batch (:func:`drawing_groups`, which pauses after each token so
+the worker can step other requests meanwhile; :func:`sample_groups` runs it to its end): a group's random draws
 use only its own generator and happen at the same steps as when it samples alone, so a seeded request
 gets the same samples alone or beside others.
 

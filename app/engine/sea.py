@@ -65,7 +65,7 @@ class RequestState:
     timings: Timings
     started: float
     seed: int  # what the generator was seeded with (the request's seed, or one drawn for it)
-    step: int = -1  # logit updates applied; -1 until the initial chains are scored
+    step: int = -1  # steps taken (edits or logit updates); -1 until the initial chains are scored
     grad: Tensor | None = None  # (C, L, V) dE/dy at the current iterate
     adam_m: Tensor | None = None
     adam_v: Tensor | None = None

@@ -183,7 +183,8 @@ class Usage:
 
 @dataclass
 class Timings:
-    """Seconds."""
+    """Where a run's wall time went, in seconds (its start's draw and scoring, its steps, all of it), and how many
+    steps it took."""
 
     init: float = 0.0
     langevin: float = 0.0
