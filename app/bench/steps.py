@@ -22,7 +22,8 @@ from torch import Tensor
 from app.engine.energy import RowSpec, evaluate
 from app.engine.proposals import apply, edit_scores, propose, propose_chains
 from app.engine.reuse import edit_starts, reuse_for_edits
-from app.engine.sea import Engine, RequestState
+from app.engine.sea import Engine
+from app.engine.state import RequestState
 from app.engine.types import AlignJob, SEAConfig
 from models.lm import embedding_scale, render_prompt
 from models.loading import LoadedLM

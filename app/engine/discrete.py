@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,20 +26,14 @@ from app.engine.host import to_host
 from app.engine.proposals import apply, edit_scores, propose_chains, within_top_k
 from app.engine.reuse import edit_starts, reuse_for_edits
 from app.engine.starts import budget_left, restart, sample_cost, take
-from app.engine.types import StepStats
+from app.engine.state import RequestState
+from app.engine.types import StepStats, noise_at
+
+if TYPE_CHECKING:
+    from app.engine.sea import Engine
 
 
-def noise_at(config, step: int) -> float:
-    """Noise (logit std or proposal temperature) at update ``step`` (1-based), annealed by the schedule."""
-    if config.noise_schedule == "constant" or config.steps <= 1:
-        return config.noise
-    progress = (step - 1) / (config.steps - 1)
-    if config.noise_schedule == "linear":
-        return config.noise * (1.0 - progress)
-    return config.noise * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def active_chains(state) -> list[int]:
+def active_chains(state: RequestState) -> list[int]:
     """The chains a step edits: all but those parked. With restarts on, a chain that has not improved for
     ``restart_after`` steps is parked (it costs nothing) until a restart replaces it or every chain is parked."""
     if not _restarts_on(state):
@@ -46,7 +41,7 @@ def active_chains(state) -> list[int]:
     return [c for c in range(state.chains) if state.stalls[c] < state.config.restart_after]
 
 
-def affordable_chains(state, chains: list[int]) -> list[int]:
+def affordable_chains(state: RequestState, chains: list[int]) -> list[int]:
     """The chains a step can edit within the compute budget: all of them when the budget allows, else as many as fit,
     cheapest first (a chain that moved last step needs a gradient pass, 3 passes, or for the gradient-free ablation
     a forward pass, before its edits) and, at equal cost, lowest energy first. Without this a run would end with up
@@ -66,7 +61,7 @@ def affordable_chains(state, chains: list[int]) -> list[int]:
     return sorted(chosen)
 
 
-def tick(engine, states: list) -> None:
+def tick(engine: Engine, states: list[RequestState]) -> None:
     """One step of every discrete state: gradients where needed, proposals, one exact batched scoring, acceptance.
 
     If it raises after the gradient pass (out of memory: the worker then retries the batch in halves), each state's
@@ -92,7 +87,7 @@ def tick(engine, states: list) -> None:
         state.done = True
 
 
-def _tick(engine, states: list, saved: list, exhausted: list) -> None:
+def _tick(engine: Engine, states: list[RequestState], saved: list, exhausted: list) -> None:
     editing, restarting, chains = _plan(engine, states, exhausted)
     states = [state for state in states if state not in exhausted]
     if not states:
@@ -119,7 +114,7 @@ def _tick(engine, states: list, saved: list, exhausted: list) -> None:
             state.done = True
 
 
-def _plan(engine, states: list, exhausted: list) -> tuple[list, list, dict[int, list[int]]]:
+def _plan(engine: Engine, states: list[RequestState], exhausted: list) -> tuple[list, list, dict[int, list[int]]]:
     """Split the states a step can afford into those that edit their chains and those that draw fresh samples
     (restarts), with the chains each editing state edits (by state id); the others go to ``exhausted``."""
     editing, restarting = [], []
@@ -139,7 +134,7 @@ def _plan(engine, states: list, exhausted: list) -> tuple[list, list, dict[int, 
     return editing, restarting, chains
 
 
-def _propose(engine, editing: list, chains: dict[int, list[int]]) -> tuple[list[list[int]], list[tuple]]:
+def _propose(engine: Engine, editing: list, chains: dict[int, list[int]]) -> tuple[list[list[int]], list[tuple]]:
     """Draw each editing state's edits of its chains: the candidate token rows (host lists) and, for each, its
     (state, chain, move); sets each state's ``candidate_rows``."""
     rows, owners = [], []
@@ -178,7 +173,8 @@ def _propose(engine, editing: list, chains: dict[int, list[int]]) -> tuple[list[
     return rows, owners
 
 
-def _score_edits(engine, editing: list, rows: list[list[int]], owners: list[tuple], abandoned) -> tuple[Evaluation | None, list[int]]:
+def _score_edits(engine: Engine, editing: list[RequestState], rows: list[list[int]], owners: list[tuple],
+                 abandoned) -> tuple[Evaluation | None, list[int]]:
     """Exact scores of the candidate rows in batched passes, each row from its first edited position on, and those
     positions (none without rows)."""
     if not rows:
@@ -197,7 +193,7 @@ def _score_edits(engine, editing: list, rows: list[list[int]], owners: list[tupl
     return scored, starts
 
 
-def _accept(states: list, owners: list[tuple], scored: Evaluation | None, replaced: dict[int, set[int]]) -> None:
+def _accept(states: list[RequestState], owners: list[tuple], scored: Evaluation | None, replaced: dict[int, set[int]]) -> None:
     """Each chain takes its best candidate if that beats its best energy so far; advance every state's step and its
     stall counts (a chain a restart ``replaced`` has not stalled)."""
     # The candidates' energies and every chain's best so far, in one read from the device.
@@ -229,7 +225,7 @@ def _accept(states: list, owners: list[tuple], scored: Evaluation | None, replac
             state.steps_since_improved += 1
 
 
-def _record_traces(states: list) -> None:
+def _record_traces(states: list[RequestState]) -> None:
     """Append every chain's step figures (best energy, reward, log pi_ref, share of tokens changed since its start) to
     its trace, read from the device in one copy for all states."""
     figures = []
@@ -247,7 +243,7 @@ def _record_traces(states: list) -> None:
         offset += state.chains
 
 
-def _phrases(state) -> list[list[tuple[int, ...]]]:
+def _phrases(state: RequestState) -> list[list[tuple[int, ...]]]:
     """The multi-token words the request's reward pays for, when its proposals are gradient-ranked and it counts the
     reward (the ablations that drop either keep their plain moves)."""
     config = state.config
@@ -256,12 +252,12 @@ def _phrases(state) -> list[list[tuple[int, ...]]]:
     return state.job.reward.phrases()
 
 
-def _restarts_on(state) -> bool:
+def _restarts_on(state: RequestState) -> bool:
     """Whether stalled chains are parked and restarted from fresh samples (a random start has none to draw)."""
     return bool(state.config.restart_after) and state.config.init != "random"
 
 
-def _restarting(state) -> bool:
+def _restarting(state: RequestState) -> bool:
     return _restarts_on(state) and state.steps_since_improved >= state.config.restart_after
 
 
@@ -276,7 +272,7 @@ def _finite_rows(grad: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return torch.isfinite(per_position.sum(1))
 
 
-def _gradients(engine, needs: list) -> None:
+def _gradients(engine: Engine, needs: list) -> None:
     """dE/d one_hot at the tokens of the given chains (``needs``: (state, chains) pairs), in one batched pass, with
     their memories (or, for the gradient-free ablation, the LM's log-prob table); the other chains keep theirs."""
     states = [state for state, _ in needs]

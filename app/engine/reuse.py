@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from app.engine.state import RequestState
 from models.lm import ResponseMemory, Reuse
 
 # Token-passes that one more forward call is worth when edits are grouped by where their scoring starts
@@ -56,7 +57,7 @@ def _rows_by_state(owners: list) -> dict[int, list[int]]:
     return rows
 
 
-def edit_starts(states: list, owners: list) -> list[int]:
+def edit_starts(states: list[RequestState], owners: list) -> list[int]:
     """The input position each candidate row's scoring starts at (``owners[i] = (state, chain, move)``): per state, the
     starts are grouped from all its own edits at once, so what a request's scoring runs and costs depends neither on
     its batch nor on how the rows are cut into passes (0 for a state without memories: scored whole)."""
@@ -70,7 +71,7 @@ def edit_starts(states: list, owners: list) -> list[int]:
     return starts
 
 
-def reuse_for_edits(states: list, owners: list, starts: list[int], length: int) -> Reuse | None:
+def reuse_for_edits(states: list[RequestState], owners: list, starts: list[int], length: int) -> Reuse | None:
     """The :class:`Reuse` of candidate rows (``owners[i] = (state, chain, move)``, padded to ``length`` tokens) that
     start at ``starts`` (:func:`edit_starts`): their chains' memories, built for these rows only."""
     if not any(starts):

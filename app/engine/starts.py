@@ -10,16 +10,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import torch
 
 from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate_in_chunks, passes_per_row, token_tilt
 from app.engine.host import to_host
 from app.engine.sampling import SampleGroup, Tilt, drawing_groups_in_chunks, run_for
+from app.engine.state import RequestState
 from app.engine.types import StepStats, reward_pick
 
+if TYPE_CHECKING:
+    from app.engine.sea import Engine
 
-def starting(engine, states: list) -> Generator[None, None, None]:
+
+def starting(engine: Engine, states: list[RequestState]) -> Generator[None, None, None]:
     """Draw the initial samples of every state, score them exactly, and keep each state's best ``chains`` (by
     ``_start_rank``); a generator that pauses after each drawn token and before the scoring pass.
 
@@ -54,7 +59,7 @@ def starting(engine, states: list) -> Generator[None, None, None]:
                    scored.log_prob_ref[rows], scored.mask[rows, :length])
 
 
-def start_tilt(engine, state) -> Tilt | None:
+def start_tilt(engine: Engine, state: RequestState) -> Tilt | None:
     """What a state's starting samples are drawn by: the contrastive rewards' per-token tilt with ``init: guided``."""
     return token_tilt(state.spec, engine.lm.model, state.config.guide_top_k) if state.config.init == "guided" else None
 
@@ -67,12 +72,13 @@ class Drawn:
     known: dict[object, torch.Tensor]  # scorer -> (n, L)
 
 
-def _draw_samples(engine, states: list, counts: list[int]) -> list[Drawn]:
+def _draw_samples(engine: Engine, states: list[RequestState], counts: list[int]) -> list[Drawn]:
     """:func:`_drawing_samples` run to its end (a restart's draw, inside a step)."""
     return run_for(_drawing_samples(engine, states, counts))[1]
 
 
-def _drawing_samples(engine, states: list, counts: list[int], first: bool = False) -> Generator[None, None, list[Drawn]]:
+def _drawing_samples(engine: Engine, states: list[RequestState], counts: list[int],
+                     first: bool = False) -> Generator[None, None, list[Drawn]]:
     """``counts[i]`` samples ``(n, L)`` for each of ``states`` (base samples, or guided ones: see ``SEAConfig.init``),
     drawn in one batch, each state from its own generator (so alone or beside others it draws the same); the
     drawing is counted in each state's usage. A guided state's ``first`` draw includes the tilted policy's greedy
@@ -91,7 +97,7 @@ def _drawing_samples(engine, states: list, counts: list[int], first: bool = Fals
     return drawn
 
 
-def _score_drawn(engine, states: list, drawn: list[Drawn]) -> tuple[Evaluation, list[slice]]:
+def _score_drawn(engine: Engine, states: list[RequestState], drawn: list[Drawn]) -> tuple[Evaluation, list[slice]]:
     """Score every state's drawn responses exactly, counted in each state's usage: the log-probs their draw
     computed are read, not recomputed; states that know the same scorers are scored in one batched pass.
 
@@ -126,7 +132,7 @@ def _score_drawn(engine, states: list, drawn: list[Drawn]) -> tuple[Evaluation, 
     return Evaluation(tokens, mask, energy, reward, log_prob, None, None, None), slices
 
 
-def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
+def _keep_best(engine: Engine, state: RequestState, tokens, energy, reward, log_prob, mask) -> None:
     """Make the ``chains`` best rows of the scored initial samples (by :func:`_start_rank`) the state's chains."""
     chains = state.chains
     energy = torch.where(torch.isfinite(energy), energy, torch.full_like(energy, math.inf))
@@ -152,7 +158,7 @@ def _keep_best(engine, state, tokens, energy, reward, log_prob, mask) -> None:
     state.done = state.config.steps == 0
 
 
-def _start_rank(state, energy: torch.Tensor, log_prob: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+def _start_rank(state: RequestState, energy: torch.Tensor, log_prob: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     """How samples compete for a chain (at the start and at restarts), lower first. Picking by energy: the energy.
     Picking by reward: the energy with the reference term taken per token over the whole ``max_tokens``, as if a
     sample that ends early went on as fluently; the energy sums over tokens, so a few-token fragment would otherwise
@@ -163,13 +169,13 @@ def _start_rank(state, energy: torch.Tensor, log_prob: torch.Tensor, counted: to
     return torch.where(torch.isfinite(rank), rank, torch.full_like(rank, math.inf))
 
 
-def budget_left(state) -> float:
+def budget_left(state: RequestState) -> float:
     """Compute (token-passes) the state may still spend (``Usage.budgeted``)."""
     limit = state.config.max_compute
     return math.inf if limit is None else limit - state.usage.budgeted
 
 
-def take(state, chain: int, scored, index: int, step: int) -> None:
+def take(state: RequestState, chain: int, scored, index: int, step: int) -> None:
     """Make scored row ``index`` chain ``chain``'s tokens (and best iterate) from ``step`` on."""
     length = state.spec.length
     state.tokens[chain] = scored.tokens[index, :length]
@@ -184,7 +190,7 @@ def take(state, chain: int, scored, index: int, step: int) -> None:
     state.stale.add(chain)  # its gradient and memory are of its old tokens
 
 
-def sample_cost(engine, state) -> int:
+def sample_cost(engine: Engine, state: RequestState) -> int:
     """Token-passes of drawing one sample (it feeds back L − 1 tokens; a guided one runs them under each guide prompt
     too) and scoring what the draw did not."""
     tilt = start_tilt(engine, state)
@@ -192,7 +198,7 @@ def sample_cost(engine, state) -> int:
     return max(1, drawn + passes_per_row(state.spec, known=drawn_scorers(tilt)))  # at least 1: one-token answers cost ~0
 
 
-def restart(engine, states: list) -> dict[int, set[int]]:
+def restart(engine: Engine, states: list[RequestState]) -> dict[int, set[int]]:
     """Draw ``2 × chains`` fresh samples per stalled state (as its start drew them; as many as its budget allows),
     score them in one batch, and let each, best first, replace the state's worst chain if it beats it. Returns,
     per state id, the chains replaced."""

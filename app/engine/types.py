@@ -210,3 +210,13 @@ class AlignResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def noise_at(config, step: int) -> float:
+    """Noise (logit std or proposal temperature) at update ``step`` (1-based), annealed by the schedule."""
+    if config.noise_schedule == "constant" or config.steps <= 1:
+        return config.noise
+    progress = (step - 1) / (config.steps - 1)
+    if config.noise_schedule == "linear":
+        return config.noise * (1.0 - progress)
+    return config.noise * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -19,7 +19,8 @@ import traceback
 
 import torch
 
-from app.engine.sea import Engine, RequestState, Starting
+from app.engine.sea import Engine
+from app.engine.state import RequestState, Starting
 from app.service.jobs import Job, JobStatus
 from app.service.metrics import Metrics
 from models.errors import is_out_of_memory
