@@ -483,11 +483,48 @@ def test_the_openai_client_s_responses_api(server):
     defaults = client.responses.create(model="sea", input="the dog", extra_body=sea)  # echoes the settings it ran with
     assert (defaults.max_output_tokens, defaults.temperature, defaults.top_p) == (6, 1.0, 1.0)  # the server's default_max_tokens
     assert (defaults.completed_at is not None) == (defaults.status == "completed")
+    with pytest.raises(openai.BadRequestError) as tool_output:  # was "input.0.role: Field required"
+        client.responses.create(model="sea", input=[{"type": "function_call_output", "call_id": "c", "output": "4"}])
+    assert tool_output.value.body["param"] == "input.0" and "`function_call_output` are not supported" in tool_output.value.message
     for stored in (lambda: client.responses.retrieve(response.id), lambda: client.responses.delete(response.id),
-                   lambda: client.chat.completions.retrieve("chatcmpl-1")):
+                   lambda: client.chat.completions.retrieve("chatcmpl-1"), lambda: client.chat.completions.list()):  # list: was 405
         with pytest.raises(openai.NotFoundError) as missing:
             stored()
         assert missing.value.code == "not_found" and "stores no responses" in missing.value.message
+
+
+def _sse_data(response: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_every_v1_answer_validates_as_the_official_client_s_types(http):
+    """The openai client builds its objects without validating them, so a required field left out or a value outside
+    one of its Literals reaches typed code as a missing attribute or a stray string (a response's usage lacked
+    `input_tokens_details.cache_write_tokens`): every answer and stream event of each endpoint, with log-probs and
+    usage, validates against the client's own types."""
+    from openai.types import Completion, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    sea, hello = {"sea": {"steps": 2, "chains": 2}, "seed": 1, "max_tokens": 4}, [{"role": "user", "content": "hello"}]
+    for model in http.get("/v1/models").json()["data"]:
+        Model.model_validate(model)
+    chat = {"model": "sea", "messages": hello, "logprobs": True, "top_logprobs": 2, "n": 2, **sea}
+    ChatCompletion.model_validate(http.post("/v1/chat/completions", json=chat).json())
+    streamed = http.post("/v1/chat/completions", json={**chat, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [ChatCompletionChunk.model_validate(chunk) for chunk in _sse_data(streamed)]
+    assert chunks[-1].usage is not None
+    completion = {"model": "sea", "prompt": ["the dog", "a cat"], "logprobs": 2, **sea}
+    Completion.model_validate(http.post("/v1/completions", json=completion).json())
+    for chunk in _sse_data(http.post("/v1/completions", json={**completion, "stream": True, "stream_options": {"include_usage": True}})):
+        Completion.model_validate(chunk)
+    sea.pop("max_tokens")
+    response = {"model": "sea", "input": hello, "max_output_tokens": 4, "include": ["message.output_text.logprobs"], "top_logprobs": 2,
+                **sea}
+    assert Response.model_validate(http.post("/v1/responses", json=response).json()).usage.input_tokens_details.cache_write_tokens == 0
+    events = TypeAdapter(list[ResponseStreamEvent]).validate_python(_sse_data(http.post("/v1/responses", json={**response, "stream": True})))
+    assert events[-1].type in ("response.completed", "response.incomplete")
 
 
 def test_logprobs_are_the_reference_model_s_for_each_returned_token(server):

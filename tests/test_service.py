@@ -646,6 +646,28 @@ def test_an_openai_stream_reports_a_failure_in_band_with_its_type_and_code():
     assert pieces[-1] == "data: [DONE]\n\n"
 
 
+def test_a_failed_response_stream_names_a_code_the_openai_client_accepts():
+    """A Responses stream whose job times out ends with `response.failed`; its `error.code` was the service's own kind
+    (`timeout`), which OpenAI's clients type as a Literal without it: now `server_error` (`rate_limit_exceeded` for an
+    overloaded or draining server), the message saying what happened."""
+    from openai.types.responses import ResponseFailedEvent
+
+    from app.api import responses as v1_responses
+
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.05))
+        body = v1_responses.ResponseRequest(model="sea", input="hi", stream=True)
+        job = await service.submit(SEAConfig(chains=2, steps=200), [{"role": "user", "content": "hi"}], timeout=1)
+        pieces = [piece async for piece in v1_responses._events(v1_responses._Run(body, job, service))]
+        await service.shutdown()
+        return pieces
+
+    last = run(scenario())[-1]
+    assert last.startswith("event: response.failed\n")
+    failed = ResponseFailedEvent.model_validate(json.loads(last.split("data: ", 1)[1]))
+    assert failed.response.error.code == "server_error" and "deadline" in failed.response.error.message
+
+
 def test_an_ended_job_keeps_token_pieces_only_where_a_replay_marks_them_and_live_readers_keep_theirs():
     from app.service.jobs import Job
 

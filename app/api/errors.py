@@ -96,6 +96,7 @@ def note_error(scope: dict, message: str) -> None:
 
 
 STORED_OBJECTS = ("/v1/responses/", "/v1/chat/completions/")  # OpenAI's paths of a stored response or chat completion
+STORED_LIST = "/v1/chat/completions"  # GET: OpenAI's list of stored chat completions
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
@@ -129,14 +130,17 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):  # nobody reads this answer; the log and metrics do
             note_error(request.scope, "the client closed the connection while sending the body")
             return JSONResponse(error_body("the client closed the connection", ClientClosed.type), status_code=ClientClosed.status)
-        message, code = str(exc.detail), NotFound.default_code if exc.status_code == 404 else None
-        if exc.status_code == 404 and request.url.path.startswith(STORED_OBJECTS):  # the client's retrieve, delete, input_items
+        status = exc.status_code
+        if status == 405 and request.method == "GET" and request.url.path.rstrip("/") == STORED_LIST:
+            status = 404  # the client's chat.completions.list(): nothing is stored to list, as nothing is to retrieve
+        message, code = str(exc.detail), NotFound.default_code if status == 404 else None
+        if status == 404 and (request.url.path.startswith(STORED_OBJECTS) or request.url.path.rstrip("/") == STORED_LIST):
             message = "this server stores no responses or completions: a request's answer is its response"
         headers = dict(getattr(exc, "headers", None) or {})
-        if exc.status_code == 405 and (allowed := _allowed_methods(request)):  # a mount (/static) names its own
+        if status == 405 and (allowed := _allowed_methods(request)):  # a mount (/static) names its own
             headers["Allow"] = allowed
         note_error(request.scope, message)
-        return JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=exc.status_code, headers=headers or None)
+        return JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=status, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from app.api.openai import V1_RESPONSES, _check, _choices, _sea_extra, progress_comments
 from app.api.openai_protocol import (
@@ -54,6 +54,15 @@ class InputMessage(MessageIn):
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[InputPart]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_message(cls, item):
+        """An item of another type (a tool call's output, a reasoning item) is named as such, not as a message that
+        lacks its `role`."""
+        if isinstance(item, dict) and item.get("type", "message") not in ("message", None):
+            raise ValueError(f"input items of type `{item['type']}` are not supported: send messages (text only)")
+        return item
 
 
 class ResponseRequest(AcceptedAndIgnored):
@@ -138,6 +147,13 @@ class ResponseRequest(AcceptedAndIgnored):
                 "service_tier": "default"}
 
 
+def _failure_code(exc: BaseException) -> str:
+    """A failed response's ``error.code``, one of the few OpenAI's clients accept there (the message says what
+    happened): an overloaded or draining server's is ``rate_limit_exceeded`` (come back later), anything else's
+    ``server_error``."""
+    return "rate_limit_exceeded" if getattr(exc, "code", None) in ("overloaded", "shutdown") else "server_error"
+
+
 class _Run:
     """One response's ids and the pieces of its Response object."""
 
@@ -157,7 +173,8 @@ class _Run:
                     "completed_at": int(time.time()) if status == "completed" else None}
         if result is not None:
             prompt = result.usage.prompt_tokens
-            response["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion_tokens,
+            response["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                                 "output_tokens": completion_tokens,
                                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion_tokens}
             response["sea"] = _sea_extra(self.job, result, [], self.service.runtime.engine)
         return response
@@ -217,8 +234,7 @@ async def _events(run: _Run):
         try:
             result = service.outcome(job)
         except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
-            error = {"code": getattr(exc, "code", None) or getattr(exc, "type", "server_error"),
-                     "message": getattr(exc, "message", "internal error")}
+            error = {"code": _failure_code(exc), "message": getattr(exc, "message", "internal error")}
             yield event("response.failed", response=run.response("failed", error=error))
             return
         final = await run.finished(result)
