@@ -1,267 +1,18 @@
-"""Reward models behind one interface: score a batch of (straight-through) responses, one scalar per row.
-
-A reward component is prepared once per prompt (``prepare``: e.g. the keys/values of its own prompt)
-and then scores any number of responses to that prompt (``score``). Components are combined with
-weights in a :class:`RewardMix`; the engine batches each component over all rows that use it.
-"""
+"""The word rewards: a weight per word, paid once a response spells the word (or one of its forms) whole, differentiably
+through the straight-through one-hots; keyword coverage of plain text for the evaluation."""
 
 from __future__ import annotations
 
 import re
 import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import PreTrainedTokenizerBase
 
-from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
-from models.lm import (
-    Message,
-    Prefix,
-    embedding_scale,
-    encode_prefix,
-    forward_after_prefix,
-    probe_sequence,
-    render_prompt,
-    response_token_log_probs,
-    stack_prefixes,
-    with_cache,
-)
-from models.loading import (
-    LoadedLM,
-    ModelLoadError,
-    refuse_missing_weights,
-    refuse_unfaithful_scoring,
-    resolve_device,
-    resolve_dtype,
-)
-from models.ste import ResponseBatch, masked_sum
-
-
-def copy_grams(tokenizer: PreTrainedTokenizerBase, text: str, n: int = COPY_TOKENS) -> Tensor:
-    """Every run of ``n`` consecutive tokens of ``text`` ``(G, n)``, as it tokenises at the start of a turn or
-    mid-sentence, capitalised or not."""
-    grams = set()
-    for variant in {text, " " + text, text.lower(), " " + text.lower()}:
-        ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
-        grams.update(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
-    return torch.tensor(sorted(grams), dtype=torch.long).reshape(-1, n)
-
-
-def copied_positions(tokens: Tensor, grams: Tensor) -> Tensor:
-    """``(B, L)`` bool: positions inside a run of ``n`` tokens that equals one of ``grams`` ``(G, n)``."""
-    n = grams.shape[1]
-    if tokens.shape[1] < n or grams.shape[0] == 0:
-        return torch.zeros_like(tokens, dtype=torch.bool)
-    windows = tokens.unfold(1, n, 1)  # (B, L - n + 1, n)
-    starts = (windows[:, :, None, :] == grams.to(tokens.device)[None, None]).all(-1).any(-1)  # (B, L - n + 1)
-    covered = torch.zeros_like(tokens, dtype=torch.bool)
-    for offset in range(n):  # a window starting at s covers s … s + n − 1
-        covered[:, offset : offset + starts.shape[1]] |= starts
-    return covered
-
-
-def copy_completions(history: Tensor, grams: Tensor, vocab: int) -> Tensor:
-    """``(B, V)`` bool: the next tokens that would complete a copied run of ``grams`` after ``history`` ``(B, t)``."""
-    n = grams.shape[1]
-    completes = torch.zeros(history.shape[0], vocab, dtype=torch.bool, device=history.device)
-    if history.shape[1] < n - 1 or grams.shape[0] == 0:
-        return completes
-    grams = grams.to(history.device)
-    hits = (history[:, None, -(n - 1) :] == grams[None, :, : n - 1]).all(-1)  # (B, G)
-    rows, which = hits.nonzero(as_tuple=True)
-    completes[rows, grams[which, -1]] = True
-    return completes
-
-
-def limited_log_probs(log_probs: Tensor, ref: Tensor, history: Tensor, clip: float, grams: Tensor) -> Tensor:
-    """Next-token log-probs ``(B, V)`` under a contrastive reward's prompt, limited as that reward limits what a token
-    earns: at most ``ref + clip``, and ``ref`` itself for a token that would complete a copied run of ``grams``."""
-    log_probs = torch.minimum(log_probs, ref + clip)
-    return torch.where(copy_completions(history, grams, ref.shape[-1]), ref, log_probs)
-
-
-@dataclass
-class Prompt:
-    """One request's prompt: the chat messages and their rendering by the reference tokenizer."""
-
-    messages: list[Message]
-    ids: list[int]
-
-
-class RewardComponent(Protocol):
-    """A reward. A component may also set ``resumes = True`` when ``score`` reads ``response.reuse`` (scores an
-    edit from its first edited position on, at that lower cost); without it an edit costs a full pass. One that
-    scores the response's next-token log-probs under its own prompt sets ``next_token = True``: like the reference,
-    it runs only the first L − 1 tokens (for compute accounting). It may set
-    ``contrastive = True`` when its score is ``log pi(y | context) − log pi_ref(y | x)`` for ``model`` and a
-    prefix context: each token's share of it is then known as the token is drawn, so guided starts tilt by it. A
-    contrastive component that limits what a token earns gives ``limit_candidates(log_probs, ref, history)``
-    (next-token log-probs under its context, limited the same way), which guided starts draw by; with
-    ``from_log_probs(token_log_probs, response)`` (the score from the drawn tokens' log-probs under its context) a
-    drawn sample is scored from its draw, without another pass. A component that pays for token sequences as a
-    whole may give ``phrases()`` (per word, its spellings of two or more tokens), which the discrete update's
-    phrase moves write whole."""
-
-    name: str
-    lm_passes: int  # LM passes per response token that ``score`` runs (for compute accounting)
-
-    def prepare(self, prompt: Prompt) -> object:
-        """Per-prompt state, computed once and passed back to ``score`` for each row of that prompt."""
-
-    def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
-        """Reward per row ``(B,)`` float32; differentiable in ``response.probs`` when those are given."""
-
-
-class PrincipleReward:
-    """Contrastive principle reward ``Σ_t min(log pi(y_t | principle, x, y_<t) − log pi(y_t | x, y_<t), clip)`` with
-    the reference LM itself, over the tokens that do not copy the principle.
-
-    With ``clip = inf`` and no copies, at ``alpha = 1`` the SEA target is exactly the principle-prompted model.
-    The two limits are there because a prompt primes its own words: with the principle in its context a small LM
-    predicts the principle's words several nats more surely, whatever they say, so at larger alpha reciting the
-    system prompt is the cheapest way to a high reward (we measured it: SEA answers that quote the principle at
-    −4 nats per token under the reference). A token inside a run of ``COPY_TOKENS`` tokens that repeats the
-    principle earns nothing, and no token earns more than ``clip`` nats (a near-copy broken up by junk tokens
-    still gains 4–8 nats on each principle word; a refusal's tokens gain well under 2).
-
-    Reuses the reference log-prob the engine has already computed, so it costs one extra LM pass, not two; and
-    since it reads the reference network (``model``, under its own prompt: the contexts are prefixes), the engine
-    runs it in the reference's own forward pass and hands it the per-token log-probs (``from_log_probs``).
-    """
-
-    def __init__(self, lm: LoadedLM, principle: str = SAFETY_PRINCIPLE, name: str = "principle", clip: float = PRINCIPLE_CLIP):
-        self.lm = lm
-        self.clip = clip
-        self.model = lm.model
-        self.principle = principle
-        self.name = name
-        self.lm_passes = 1
-        self.next_token = True
-        self.resumes = True
-        self.contrastive = True
-        self.copy_grams = copy_grams(lm.tokenizer, principle).to(lm.device)
-
-    def prepare(self, prompt: Prompt) -> object:
-        return encode_prefix(self.lm.model, render_prompt(self.lm.tokenizer, prompt.messages, system=self.principle))
-
-    def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
-        return self.from_log_probs(response_token_log_probs(self.lm.model, stack_prefixes(contexts), response, key=self), response)
-
-    def limit_candidates(self, log_probs: Tensor, ref: Tensor, history: Tensor) -> Tensor:
-        """What each next token ``(B, V)`` after ``history`` ``(B, t)`` earns here, as the reward below limits it."""
-        return limited_log_probs(log_probs, ref, history, self.clip, self.copy_grams)
-
-    def from_log_probs(self, token_log_probs: Tensor, response: ResponseBatch) -> Tensor:
-        """The reward from ``log pi(y_t | principle, x, y_<t)`` ``(B, L)``."""
-        counts = response.mask * ~copied_positions(response.tokens, self.copy_grams)
-        return masked_sum((token_log_probs - response.token_log_prob_ref).clamp(max=self.clip), counts)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-class SequenceClassifierReward:
-    """Any ``AutoModelForSequenceClassification`` reward model sharing the reference vocabulary, fed embeddings.
-
-    The score is the head's first output where transformers pools it for the prompt and the response up to its end
-    (the end-of-turn token included): at the last token that is not the model's padding token (a model whose padding
-    token is its end-of-turn token, as many chat models', is scored before it), or the last token without one.
-    """
-
-    def __init__(self, model: PreTrainedModel, name: str):
-        self.model = model
-        self.name = name
-        self.lm_passes = 1
-        self.backbone = getattr(model, model.base_model_prefix)
-        self.head = model.score if hasattr(model, "score") else model.get_output_embeddings()
-        self.pad_id = model.config.get_text_config().pad_token_id
-
-    def prepare(self, prompt: Prompt) -> object:
-        return self._encode(prompt.ids)
-
-    def _encode(self, ids: list[int]) -> Prefix:
-        # keeps where a response of padding tokens only is pooled: the prompt's last token that is not one (as transformers)
-        kept = [i for i, token in enumerate(ids) if token != self.pad_id]
-        return encode_prefix(self.model, ids, with_lm_head=False, hidden_at=kept[-1] if kept else 0)
-
-    @torch.no_grad()
-    def scoring_error(self, vocab: int, length: int = 12) -> float:
-        """How far this reward's score of a short sequence (half of it a cached prompt) is from the model's own."""
-        ids, cut = probe_sequence(self.model, vocab, length)
-        cache = DynamicCache()  # the prompt cached on both sides: bf16 rounds a fresh pass differently
-        self.model(input_ids=ids[None, :cut], use_cache=True, **with_cache(self.model, cache))
-        own = self.model(input_ids=ids[None, cut:], use_cache=True, **with_cache(self.model, cache)).logits[0, 0].float()
-        response = ResponseBatch(ids[None, cut:], torch.ones(1, length - cut, device=ids.device))
-        got = self.score([self._encode(ids[:cut].tolist())], response)[0]
-        return float((got - own).abs())
-
-    def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
-        embeds = response.embed(self.model.get_input_embeddings().weight, scale=embedding_scale(self.model))
-        hidden, _ = forward_after_prefix(self.backbone, stack_prefixes(contexts), embeds)  # (B, L, d)
-        pooled_at = response.mask.bool()  # causal: the positions after the response's end cannot leak in
-        if self.pad_id is not None:
-            pooled_at &= response.tokens != self.pad_id
-        positions = torch.arange(response.length, device=hidden.device)
-        last = (positions * pooled_at).argmax(1)  # the rightmost pooled position (0 when there is none)
-        pooled = hidden[torch.arange(response.rows, device=hidden.device), last]
-        in_prompt = torch.stack([context.hidden for context in contexts]).to(pooled.dtype)  # a response of padding only
-        pooled = torch.where(pooled_at.any(1, keepdim=True), pooled, in_prompt)
-        return self.head(pooled)[:, 0].float()
-
-
-def load_sequence_classifier_reward(
-    source: str, reference: LoadedLM, *, device: str = "auto", dtype: str = "auto", name: str | None = None
-) -> SequenceClassifierReward:
-    """Load a reward model and check that it shares the reference vocabulary (refuses otherwise, naming both sizes)."""
-    torch_device = resolve_device(device)
-    try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=resolve_dtype(dtype, torch_device), output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the reward model {source!r} (SEA_REWARD_MODEL): {exc}") from exc
-    if not hasattr(model, "score") or model.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelLoadError(f"reward model {source} ({type(model).__name__}) is not a decoder with a `score` head: SEA scores "
-                             "a response after the prompt's cached keys and values, which needs a causal (decoder-only) model")
-    refuse_missing_weights(source, loading, "a sequence-classification (reward model)")
-    if model.score.out_features != 1:
-        raise ModelLoadError(f"reward model {source} has {model.score.out_features} outputs (num_labels); a reward is one number")
-    tokenizer = None
-    folder = Path(source).expanduser()
-    # A folder without tokenizer files: transformers would make up a placeholder tokenizer, which the check below
-    # would then refuse as a different one; the embedding's size is checked all the same.
-    if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError):
-            tokenizer = None
-    check_shared_vocabulary(model, tokenizer, reference)
-    model.to(torch_device).eval().requires_grad_(False)
-    reward = SequenceClassifierReward(model, name or source)
-    refuse_unfaithful_scoring(f"reward model {source}", model,
-                              reward.scoring_error(min(model.get_input_embeddings().weight.shape[0], len(reference.tokenizer))))
-    return reward
-
-
-def check_shared_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, reference: LoadedLM) -> None:
-    """Raise :class:`ModelLoadError` unless embeddings and tokenizer match the reference LM's."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    ref_rows = reference.model.get_input_embeddings().weight.shape[0]
-    if rows != ref_rows:
-        raise ModelLoadError(
-            f"reward model vocabulary size {rows} does not match the reference model's {ref_rows}: "
-            "SEA feeds both models the same token embeddings, so they must share one tokenizer"
-        )
-    if tokenizer is not None and tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-        raise ModelLoadError(
-            f"reward tokenizer ({len(tokenizer)} tokens) differs from the reference tokenizer "
-            f"({len(reference.tokenizer)} tokens): they must be the same"
-        )
-
+from models.rewards.base import Prompt
+from models.ste import ResponseBatch
 
 # Endings glued to a matched word that may follow it and still count, where the word takes that ending ("dogs",
 # "kicked", "sledding" never "flys"; as ``keyword_coverage``, by ``word_forms``).
@@ -482,21 +233,6 @@ class LexiconReward:
         return (self.presence(response) * weights).sum(-1)
 
 
-@dataclass
-class RewardMix:
-    """A weighted sum of reward components: ``r = Σ_i weight_i · r_i``."""
-
-    terms: list[tuple[RewardComponent, float]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.terms:
-            raise ValueError("a reward needs at least one component")
-
-    def phrases(self) -> list[list[tuple[int, ...]]]:
-        """The multi-token words that components with a positive weight pay for as a whole (``phrases()``)."""
-        return [words for component, weight in self.terms if weight > 0 and hasattr(component, "phrases") for words in component.phrases()]
-
-
 # Irregular plurals, past tenses and participles of common English words: "threw" uses "throw".
 IRREGULAR_FORMS = {word: forms.split() for word, forms in (
     ("be", "am is are was were been"), ("begin", "began begun"), ("bite", "bit bitten"), ("bleed", "bled"),
@@ -520,6 +256,8 @@ IRREGULAR_FORMS = {word: forms.split() for word, forms in (
     ("tooth", "teeth"), ("wake", "woke woken"), ("wear", "wore worn"), ("weep", "wept"), ("win", "won"),
     ("woman", "women"), ("write", "wrote written"),
 )}
+
+
 _VOWELS = set("aeiou")
 
 
