@@ -877,7 +877,8 @@ def test_job_store_drops_the_oldest_step_event_replays_past_its_bound(monkeypatc
     """A `/jobs` request at the limits keeps a few MB of step events for its replay, for its TTL (the security review
     measured 3.3 MB of JSON, 7 MB of resident memory a job): the finished jobs' replays are bounded like their
     log-probs, the owner holding the most losing its oldest first."""
-    from app.service.jobs import Job, JobStore, held_event_bytes
+    from app.service.events import held_event_bytes
+    from app.service.jobs import Job, JobStore
 
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 from app.engine.types import AlignJob, AlignResult
+from app.service.events import compact_step_events, held_event_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +41,6 @@ async def engine_job(runtime, messages: list[dict[str, str]], config, reward_opt
     if sum(len(message["content"]) for message in messages) > LONG_PROMPT_CHARACTERS:
         return await asyncio.to_thread(runtime.job, messages, config, **reward_options)
     return runtime.job(messages, config, **reward_options)
-
-
-PIECE_KEYS = ("pieces", "changed_positions")
-
-
-def compact_step_events(events: list[dict[str, Any]], best_steps: list[int]) -> dict[int, dict[str, Any]]:
-    """The step events of an ended job to store in a lighter form, by their index: each chain keeps its scores and
-    its text, and its token pieces only where a replay marks them: at the step its returned text comes from
-    (``best_steps``, one per chain; none for a job without a result) and in the last step event. Pieces cost about
-    75 bytes per chain, token and step in memory: 60 MB for a job at the default limits, kept for the job's TTL."""
-    steps = [i for i, event in enumerate(events) if event["event"] == "step"]
-    lighter = {}
-    for i in steps[:-1]:
-        event = events[i]
-        chains = [chain if (k < len(best_steps) and best_steps[k] == event["step"]) or not any(key in chain for key in PIECE_KEYS)
-                  else {key: value for key, value in chain.items() if key not in PIECE_KEYS}
-                  for k, chain in enumerate(event["chains"])]
-        if any(new is not old for new, old in zip(chains, event["chains"])):
-            lighter[i] = {**event, "chains": chains}
-    return lighter
-
-
-def held_event_bytes(events: list[dict[str, Any]]) -> int:
-    """About the memory a job's step events hold, in bytes, as Python keeps them: ~200 bytes a chain entry and its
-    text's characters, ~60 a token piece and 8 a changed-position flag (within 10 % of tracemalloc's count for 16
-    chains × 200 steps × 150 tokens: 4.2 MB)."""
-    return sum(200 + len(chain.get("text") or "") + 60 * len(chain.get("pieces") or ()) + 8 * len(chain.get("changed_positions") or ())
-               for event in events if event["event"] == "step" for chain in event["chains"])
 
 
 class JobStatus(str, Enum):

@@ -41,7 +41,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from app.engine.types import AlignJob, SEAConfig
-from app.service.jobs import Job, JobStatus, compact_step_events, engine_job, spawn_background
+from app.service.events import compact_step_events
+from app.service.jobs import Job, JobStatus, engine_job, spawn_background
 from app.service.shared_records import SCRIPTS, config_spec, result_from_json, result_to_json
 
 try:

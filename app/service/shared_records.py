@@ -63,7 +63,7 @@ local function mine()
 end
 """
 
-# ARGV[12]: the lighter forms of step events (jobs.compact_step_events) as [index, stored, lighter]; each replaces
+# ARGV[12]: the lighter forms of step events (events.compact_step_events) as [index, stored, lighter]; each replaces
 # its event only if that is still the one stored.
 _FINISH = _IS_MINE + """
 redis.call('LREM', KEYS[3], 0, ARGV[1])

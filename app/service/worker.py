@@ -21,6 +21,7 @@ import torch
 
 from app.engine.sea import Engine
 from app.engine.state import RequestState, Starting
+from app.service.events import step_event
 from app.service.jobs import Job, JobStatus
 from app.service.metrics import Metrics
 from models.errors import is_out_of_memory
@@ -372,7 +373,7 @@ class EngineWorker:
             self._end_unwanted(job)
             return
         if state.starting is None and state.step == 0 and state.initial:  # its initial chains scored (the discrete update)
-            self._call(job.publish, self._step_event(job, state))
+            self._call(job.publish, step_event(self.engine, state, job.stream_events))
         if state.done:
             self._complete(job, state)
         else:
@@ -417,7 +418,7 @@ class EngineWorker:
             if state.cancelled:  # abandoned during the step (a restart stopped drawing for it)
                 self._end_unwanted(job)
                 continue
-            event = self._step_event(job, state)
+            event = step_event(self.engine, state, job.stream_events)
             if state.done and state.result is None:  # an engine bug must fail its own job only, not the batch
                 log.error("job %s: the engine ended it without a result", job.id)
                 self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
@@ -498,34 +499,6 @@ class EngineWorker:
         _release_accelerator_memory()  # out of the handler: the failed step's tensors are free by now
         half = len(states) // 2
         return {**self._tick_resilient(states[:half]), **self._tick_resilient(states[half:])}
-
-    def _step_event(self, job: Job, state: RequestState) -> dict:
-        chains = []
-        for c in range(state.chains):
-            stats = state.initial[c] if state.step == 0 else state.traces[c][-1]
-            # JSON has no NaN or Infinity: a non-finite score is sent as null.
-            entry = {key: value if math.isfinite(value) else None for key, value in
-                     (("energy", stats.energy), ("reward", stats.reward), ("log_prob_ref", stats.log_prob_ref))}
-            entry["changed"] = stats.changed
-            if job.stream_events and state.tokens is not None:
-                entry.update(self._pieces(state, c))
-            chains.append(entry)
-        return {"event": "step", "step": state.step, "steps": state.config.steps, "chains": chains}
-
-    def _pieces(self, state: RequestState, chain: int) -> dict:
-        """The chain's current text as token pieces, flagging those that differ from its initial sample."""
-        tokens = state.tokens[chain].tolist()
-        initial = state.initial_tokens[chain].tolist()
-        text, counted, _ = self.engine.text_of(tokens)
-        tokenizer = self.engine.lm.tokenizer
-        stops = self.engine.stop_set
-        pieces, changed = [], []
-        for position, token in enumerate(tokens[:counted]):
-            if token in stops:
-                break
-            pieces.append(tokenizer.decode([token]))
-            changed.append(token != initial[position])
-        return {"text": text, "pieces": pieces, "changed_positions": changed}
 
     def _complete(self, job: Job, state: RequestState, last_event: dict | None = None) -> None:
         """Hand the result to the event loop (after the last step event, in the same callback), then count it. The
