@@ -137,7 +137,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     from app.api.schemas import MAX_ALIGN_LOGPROBS, LimitError, SEAParams
     from app.runtime import Runtime
-    from models.lm import token_piece
+    from models.tokens import token_piece
 
     settings = settings_from(args)
     _setup_logging("warning" if args.json else settings.log_level)

@@ -13,7 +13,6 @@ from app.engine.sea import Engine
 from app.engine.types import AlignJob, SEAConfig
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
-from models.lm import Message, render_prompt
 from models.loading import LoadedLM, compile_forward, load_lm
 from models.rewards import (
     LexiconReward,
@@ -23,6 +22,7 @@ from models.rewards import (
     RewardMix,
     load_sequence_classifier_reward,
 )
+from models.tokens import Message, render_prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prompt rendering, cached prompt key/values, and forward passes of a response after a cached prompt.
+"""Forward passes of responses after cached prompts (the key/value caches: ``kv.py``; the tokenizer's side: ``tokens.py``).
 
 A prompt's keys/values are computed once (``encode_prefix``) and reused for every forward pass of
 its responses. Prompts of different lengths share a batch by left padding (``stack_prefixes``); the
@@ -11,109 +11,16 @@ scored by running only the positions from there on, after the prompt and the mem
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 from collections.abc import Hashable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jinja2.exceptions import TemplateError
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel
 
+from models.kv import Prefix, PrefixBatch, ResponseMemory, cache_over, stack_prefixes, with_cache
 from models.ste import ResponseBatch
-
-Message = dict[str, str]
-
-
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system: str | None = None) -> list[int]:
-    """Token ids of a chat ready for the assistant's reply; ``system`` is put first (merged with any system turn)."""
-    if system is not None:
-        if messages and messages[0]["role"] == "system":
-            messages = [{"role": "system", "content": system + "\n\n" + messages[0]["content"]}, *messages[1:]]
-        else:
-            messages = [{"role": "system", "content": system}, *messages]
-    if not tokenizer.chat_template:
-        return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
-    # Rendered, then encoded as apply_chat_template(tokenize=True) does (no special tokens added), but straight
-    # through the Rust tokenizer where there is one: the wrapper's batch path costs more than the encoding itself,
-    # on every request.
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except TemplateError:
-        if not messages or messages[0]["role"] != "system":
-            raise
-        # A template without a system role (Gemma's refuses one): the system text opens the first user turn instead.
-        first, rest = messages[0], messages[1:]
-        if rest and rest[0]["role"] == "user":
-            rest = [{"role": "user", "content": first["content"] + "\n\n" + rest[0]["content"]}, *rest[1:]]
-        else:
-            rest = [{"role": "user", "content": first["content"]}, *rest]
-        text = tokenizer.apply_chat_template(rest, add_generation_prompt=True, tokenize=False)
-    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    if backend is not None:
-        return backend.encode(text, add_special_tokens=False).ids
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
-    """Ids that end a response: the tokenizer's EOS and the generation config's EOS ids."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(int(i) for i in gen_eos)
-    return sorted(ids)
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2-style byte-level BPE spells each byte as one printable character: the printable Latin-1 bytes as
-    themselves, the other bytes as the characters from U+0100 on, in byte order. Character -> byte."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)}
-    alphabet, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet[chr(byte)] = byte
-        else:
-            alphabet[chr(256 + extra)] = byte
-            extra += 1
-    return alphabet
-
-
-def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
-    """The bytes token ``token_id`` adds to a text: exact for byte-level BPE (GPT-2, SmolLM2, Llama 3...) and
-    SentencePiece pieces (``▁`` a space, ``<0xNN>`` a byte); else the token decoded alone. A token may hold part of a
-    character's UTF-8 bytes: only a run of tokens decodes."""
-    piece = tokenizer.convert_ids_to_tokens(int(token_id))
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    alphabet = _byte_level_alphabet()
-    if "ByteLevel" in type(decoder).__name__ + repr(decoder) and all(ch in alphabet for ch in piece):
-        return bytes(alphabet[ch] for ch in piece)
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes([int(piece[3:5], 16)])
-    if "\u2581" in piece:
-        return piece.replace("\u2581", " ").encode()
-    return tokenizer.decode([int(token_id)]).encode()
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def token_piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> tuple[str, tuple[int, ...]]:
-    """A token as a listing of log-probs shows it: its text (``bytes:\\x..`` when its bytes are part of a character)
-    and its bytes (none for a special token, which a decoded text leaves out)."""
-    if token_id in tokenizer.all_special_ids:
-        return tokenizer.convert_ids_to_tokens(token_id), ()
-    raw = token_bytes(tokenizer, token_id)
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
-    return text, tuple(raw)
 
 
 class LogitHead:
@@ -168,124 +75,6 @@ def embed_tokens(model: PreTrainedModel, tokens: Tensor) -> Tensor:
     return model.get_input_embeddings()(tokens)
 
 
-@functools.cache
-def _cache_keyword(module_type: type) -> str:
-    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
-
-
-def with_cache(module: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
-    """The keyword argument that hands ``cache`` to ``module``'s forward: ``cache`` in recent transformers, which
-    deprecate ``past_key_values`` (removal announced for 5.40), and ``past_key_values`` in the older ones we support."""
-    return {_cache_keyword(type(module)): cache}
-
-
-@dataclass
-class Prefix:
-    """Keys/values of one prompt (per layer ``(1, heads, P, head_dim)``) and the log-probs of the first reply token."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-    length: int
-    first_log_probs: Tensor | None  # (V,) float32, None for models without an LM head
-    hidden: Tensor | None = None  # (d,) the last hidden state at the position asked for (``encode_prefix``'s ``hidden_at``)
-
-
-@dataclass
-class PrefixBatch:
-    """Prefixes of a batch of rows, left-padded to a common length."""
-
-    keys: list[Tensor]  # per layer (B, heads, P_max, head_dim)
-    values: list[Tensor]
-    mask: Tensor  # (B, P_max) long, 0 on padding
-    lengths: Tensor  # (B,) long, real prompt lengths
-    first_log_probs: Tensor | None  # (B, V)
-
-    @property
-    def rows(self) -> int:
-        return int(self.mask.shape[0])
-
-
-@dataclass
-class ResponseMemory:
-    """What a full pass over a batch of responses leaves for scoring edits of them later.
-
-    Keys/values cover the pass's inputs, positions ``0 .. L-2``; they never carry a gradient.
-    """
-
-    log_probs: Tensor  # (B, L) float32 per-token log-probs of the responses
-    keys: list[Tensor]  # per layer (B, heads, L-1, head_dim)
-    values: list[Tensor]
-
-    def rows(self, index: Tensor | slice) -> ResponseMemory:
-        return ResponseMemory(self.log_probs[index], [k[index] for k in self.keys], [v[index] for v in self.values])
-
-    def widened(self, length: int) -> ResponseMemory:
-        """The same memory with zero columns up to responses of ``length`` tokens (the extra columns are never read)."""
-        extra = length - self.log_probs.shape[1]
-        if extra <= 0:
-            return self
-        keys = [F.pad(k, (0, 0, 0, extra)) for k in self.keys]  # (B, heads, L-1, d): pad the position axis
-        values = [F.pad(v, (0, 0, 0, extra)) for v in self.values]
-        return ResponseMemory(F.pad(self.log_probs, (0, extra)), keys, values)
-
-    @staticmethod
-    def cat(memories: list[ResponseMemory]) -> ResponseMemory:
-        length = max(m.log_probs.shape[1] for m in memories)
-        memories = [m.widened(length) for m in memories]
-        layers = range(len(memories[0].keys))
-        return ResponseMemory(torch.cat([m.log_probs for m in memories]),
-                              [torch.cat([m.keys[i] for m in memories]) for i in layers],
-                              [torch.cat([m.values[i] for m in memories]) for i in layers])
-
-    def trimmed(self, length: int) -> ResponseMemory:
-        """The memory of responses of ``length`` tokens (drops the columns of a batch padded past them)."""
-        if self.log_probs.shape[1] == length:
-            return self
-        return ResponseMemory(self.log_probs[:, :length], [k[:, :, : length - 1] for k in self.keys],
-                              [v[:, :, : length - 1] for v in self.values])
-
-    def put_rows(self, index: Tensor, other: ResponseMemory) -> None:
-        """Overwrite rows ``index`` with ``other``'s rows, in place."""
-        self.log_probs.index_copy_(0, index, other.log_probs)
-        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
-            mine.index_copy_(0, index, theirs)
-
-    def zeros_like(self, rows: int) -> ResponseMemory:
-        return ResponseMemory(self.log_probs.new_zeros(rows, *self.log_probs.shape[1:]),
-                              [k.new_zeros(rows, *k.shape[1:]) for k in self.keys],
-                              [v.new_zeros(rows, *v.shape[1:]) for v in self.values])
-
-
-class MemoryRecorder:
-    """Collects, per scorer key, the :class:`ResponseMemory` of every row of a batch (scorers may see sub-batches)."""
-
-    def __init__(self, rows: int):
-        self.rows = rows
-        self.memories: dict[Hashable, ResponseMemory] = {}
-
-    def put(self, key: Hashable, index: Tensor | None, memory: ResponseMemory) -> None:
-        if index is None:
-            self.memories[key] = memory
-            return
-        self.memories.setdefault(key, memory.zeros_like(self.rows)).put_rows(index, memory)
-
-
-@dataclass
-class Reuse:
-    """Edited responses to score from a memory of their unedited sources.
-
-    Row ``b`` runs input positions ``starts[b] .. L-2`` only: its log-probs at positions ``1 .. starts[b]``
-    and its keys/values before ``starts[b]`` are read from ``memories[key]`` (row ``b`` holds its source's),
-    so its tokens before ``starts[b] + 1`` must equal the source's.
-    """
-
-    starts: Tensor  # (B,) long
-    memories: dict[Hashable, ResponseMemory]
-
-    def rows(self, index: Tensor) -> Reuse:
-        return Reuse(self.starts[index], {key: memory.rows(index) for key, memory in self.memories.items()})
-
-
 @torch.no_grad()
 def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = True, hidden_at: int | None = None) -> Prefix:
     """Run a prompt once and keep its keys/values (and, with ``hidden_at``, the last hidden state at that position).
@@ -303,47 +92,6 @@ def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = T
     values = [layer.values for layer in cache.layers]
     hidden = None if hidden_at is None else out.last_hidden_state[0, hidden_at].clone()  # not a view holding every position's
     return Prefix(keys, values, len(ids), first_log_probs, hidden)
-
-
-def stack_prefixes(prefixes: list[Prefix]) -> PrefixBatch:
-    """Left-pad and concatenate one prefix per row (repeat a prefix object for each of its chains).
-
-    Each distinct prefix is padded once and its rows are gathered in one copy per layer; a batch of one prompt
-    gets expanded views and no copy at all (the forward pass's cache concatenates them with the response anyway).
-    """
-    p_max = max(p.length for p in prefixes)
-    device = prefixes[0].keys[0].device
-    by_id = {id(p): p for p in prefixes}  # the distinct prefixes, in order of first use
-    distinct = list(by_id.values())
-    slot = {key: i for i, key in enumerate(by_id)}
-    rows = len(prefixes)
-
-    def padded(t: Tensor, length: int) -> Tensor:
-        return t if length == p_max else F.pad(t, (0, 0, p_max - length, 0))  # (1, heads, P, d): pad the position axis on the left
-
-    def gathered(per_prefix: list[Tensor]) -> Tensor:
-        if len(per_prefix) == 1:
-            return per_prefix[0].expand(rows, *per_prefix[0].shape[1:])
-        return torch.cat(per_prefix).index_select(0, source)
-
-    source = torch.tensor([slot[id(p)] for p in prefixes], device=device)
-    keys = [gathered([padded(p.keys[i], p.length) for p in distinct]) for i in range(len(distinct[0].keys))]
-    values = [gathered([padded(p.values[i], p.length) for p in distinct]) for i in range(len(distinct[0].values))]
-    lengths = torch.tensor([p.length for p in prefixes], device=device)
-    mask = (torch.arange(p_max, device=device)[None, :] >= (p_max - lengths)[:, None]).long()
-    first = None
-    if prefixes[0].first_log_probs is not None:
-        first = gathered([p.first_log_probs[None] for p in distinct])
-    return PrefixBatch(keys, values, mask, lengths, first)
-
-
-def cache_over(keys: list[Tensor], values: list[Tensor]) -> DynamicCache:
-    """A cache holding the given per-layer keys/values ``(B, heads, P, d)`` without copying them (a cache built from
-    data concatenates it onto an empty tensor); its first update concatenates the new tokens' onto them, never in place."""
-    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in zip(keys, values)])
-    for layer, k, v in zip(cache.layers, keys, values):
-        layer.keys, layer.values = k, v
-    return cache
 
 
 def forward_after_prefix(

@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.errors import ModelLoadError, is_out_of_memory
-from models.lm import render_prompt, scoring_error, stop_token_ids
+from models.lm import scoring_error
+from models.tokens import render_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from models.lm import MemoryRecorder, Reuse
+    from models.kv import MemoryRecorder, Reuse
 
 
 def _into_base(contributions: Tensor, rows: Tensor | None, shape: torch.Size) -> Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from app.engine.sea import Engine
-from models.lm import render_prompt
 from models.rewards import Prompt
+from models.tokens import render_prompt
 from tests.tiny import tiny_lm
 
 torch.set_num_threads(2)

@@ -186,8 +186,8 @@ def test_compiling_builds_a_graph_for_every_kind_of_pass_a_server_runs(monkeypat
 
     from app.engine.sea import Engine
     from app.engine.types import AlignJob, SEAConfig
-    from models.lm import render_prompt
     from models.rewards import LexiconReward, PrincipleReward, Prompt, RewardMix
+    from models.tokens import render_prompt
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend="eager", **options))

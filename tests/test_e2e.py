@@ -20,7 +20,7 @@ from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Tim
 from app.runtime import Runtime
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
-from models.lm import render_prompt
+from models.tokens import render_prompt
 from tests.server import ServerProcess, wait_for
 from tests.tiny import byte_level_tokenizer, save_tiny_lm, tiny_lm
 

@@ -20,7 +20,8 @@ from app.engine.energy import REFERENCE, RowSpec, drawn_log_probs, evaluate, pas
 from app.engine.reuse import shared_starts
 from app.engine.sampling import Guide, SampleGroup, Tilt, categorical, drawing_groups, sample_groups, sample_responses
 from app.engine.types import AlignJob, SEAConfig
-from models.lm import Reuse, encode_prefix, render_prompt
+from models.kv import Reuse, stack_prefixes
+from models.lm import encode_prefix
 from models.rewards import (
     LexiconReward,
     PrincipleReward,
@@ -31,6 +32,7 @@ from models.rewards import (
     limited_log_probs,
 )
 from models.ste import ResponseBatch, response_mask
+from models.tokens import render_prompt
 from tests.tiny import positions_run, tiny_reward_model
 
 
@@ -988,7 +990,7 @@ def test_scoring_without_a_table_matches_the_full_log_softmax_in_any_chunking(lm
     """Exact scoring picks logit − logsumexp a few rows at a time instead of building the (B, L, V) table."""
     import models.lm as lm_module
 
-    prefix = lm_module.stack_prefixes([encode_prefix(lm.model, make_prompt("a question about rain").ids)] * 5)
+    prefix = stack_prefixes([encode_prefix(lm.model, make_prompt("a question about rain").ids)] * 5)
     tokens = torch.randint(0, lm.model.config.vocab_size, (5, 7), generator=torch.Generator().manual_seed(0))
     response = ResponseBatch(tokens=tokens, mask=torch.ones(5, 7))
     with torch.no_grad():

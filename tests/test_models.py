@@ -32,17 +32,8 @@ from app.engine.types import SEAConfig
 from app.runtime import PromptError, Runtime, UnspellableKeywordsError
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
-from models.lm import (
-    embedding_scale,
-    encode_prefix,
-    forward_after_prefix,
-    render_prompt,
-    response_token_log_probs,
-    scoring_error,
-    stack_prefixes,
-    token_bytes,
-    with_cache,
-)
+from models.kv import stack_prefixes, with_cache
+from models.lm import embedding_scale, encode_prefix, forward_after_prefix, response_token_log_probs, scoring_error
 from models.loading import LoadedLM, ModelLoadError, check_reference, load_lm
 from models.rewards import (
     LexiconReward,
@@ -53,6 +44,7 @@ from models.rewards import (
     load_sequence_classifier_reward,
 )
 from models.ste import ResponseBatch, masked_sum, response_mask
+from models.tokens import render_prompt, token_bytes
 from tests.tiny import byte_level_tokenizer, save_tiny_lm, tiny_reward_model, tiny_tokenizer
 
 

@@ -120,7 +120,7 @@ def test_edit_memories_are_as_long_as_the_rows_they_score():
     from types import SimpleNamespace
 
     from app.engine.reuse import edit_starts, reuse_for_edits
-    from models.lm import ResponseMemory
+    from models.kv import ResponseMemory
 
     def memory(rows, length):
         return ResponseMemory(torch.zeros(rows, length), [torch.zeros(rows, 2, length - 1, 4)], [torch.zeros(rows, 2, length - 1, 4)])

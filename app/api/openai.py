@@ -32,7 +32,7 @@ from app.engine.types import AlignResult, ChainResult, SEAConfig, TokenLogProb, 
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
-from models.lm import token_piece
+from models.tokens import token_piece
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 

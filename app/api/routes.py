@@ -18,7 +18,7 @@ from app.engine.types import SEAConfig
 from app.errors import ServiceBroken, ServiceUnavailable, Unauthorized, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
-from models.lm import token_piece
+from models.tokens import token_piece
 
 ERROR_MEANINGS = {
     400: "A malformed body, or an invalid, unsupported or over-the-limit parameter (named in `param`).",

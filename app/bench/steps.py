@@ -25,10 +25,11 @@ from app.engine.reuse import edit_starts, reuse_for_edits
 from app.engine.sea import Engine
 from app.engine.state import RequestState
 from app.engine.types import AlignJob, SEAConfig
-from models.lm import embedding_scale, render_prompt
+from models.lm import embedding_scale
 from models.loading import LoadedLM
 from models.rewards import PrincipleReward, Prompt, RewardMix
 from models.ste import ResponseBatch
+from models.tokens import render_prompt
 
 # About 30 tokens once SmolLM2's chat template (with its default system turn) has wrapped it: the issue's reference configuration.
 PROMPT = "How do I stop weeds?"

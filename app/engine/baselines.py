@@ -16,7 +16,8 @@ from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_
 from app.engine.host import to_host
 from app.engine.sampling import SampleGroup, categorical, drawing_groups, joined_samples, row_chunks, rows_per_pass
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
-from models.lm import cache_over, lm_head, stack_prefixes, with_cache
+from models.kv import cache_over, stack_prefixes, with_cache
+from models.lm import lm_head
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from app.engine.sampling import Guide, Tilt, row_chunks
-from models.lm import MemoryRecorder, Prefix, ResponseMemory, Reuse, response_token_log_probs, stack_prefixes
+from models.kv import MemoryRecorder, Prefix, ResponseMemory, Reuse, stack_prefixes
+from models.lm import response_token_log_probs
 from models.loading import LoadedLM
 from models.rewards import RewardComponent
 from models.ste import ResponseBatch, masked_sum, response_mask
@@ -298,7 +299,7 @@ def reward_passes(components, length: int, start: int = 0) -> int:
 
     A component that scores next-token log-probs (``next_token``) feeds, as the reference does, only the first L − 1
     tokens: the first one's log-prob comes from its prompt's pass. Another (a classifier) reads all L. A component
-    that resumes from a memory runs an edit only from input position ``start`` on (see :class:`models.lm.Reuse`).
+    that resumes from a memory runs an edit only from input position ``start`` on (see :class:`models.kv.Reuse`).
     """
     return sum(
         component.lm_passes * ((length - 1 if getattr(component, "next_token", False) else length)

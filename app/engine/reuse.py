@@ -11,7 +11,7 @@ import math
 import torch
 
 from app.engine.state import RequestState
-from models.lm import ResponseMemory, Reuse
+from models.kv import ResponseMemory, Reuse
 
 # Token-passes that one more forward call is worth when edits are grouped by where their scoring starts
 # (a call's fixed cost: reading every weight once, launching ~30 layers of kernels; on a CPU core about 30 token-passes).

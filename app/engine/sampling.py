@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from models.lm import Prefix, cache_over, lm_head, stack_prefixes, with_cache
+from models.kv import Prefix, cache_over, stack_prefixes, with_cache
+from models.lm import lm_head
 
 ROW_TOKENS_PER_PASS = 8_192  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
 

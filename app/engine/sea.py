@@ -33,8 +33,10 @@ from app.engine.types import (
     best_chain,
     ranked_chains,
 )
-from models.lm import Prefix, encode_prefix, log_probs_with_top, stack_prefixes, stop_token_ids
+from models.kv import Prefix, stack_prefixes
+from models.lm import encode_prefix, log_probs_with_top
 from models.loading import LoadedLM
+from models.tokens import stop_token_ids
 
 
 class Engine:

@@ -8,10 +8,8 @@ from typing import Protocol
 
 from torch import Tensor
 
-from models.lm import (
-    Message,
-)
 from models.ste import ResponseBatch
+from models.tokens import Message
 
 
 @dataclass

@@ -10,15 +10,8 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from models.lm import (
-    Prefix,
-    embedding_scale,
-    encode_prefix,
-    forward_after_prefix,
-    probe_sequence,
-    stack_prefixes,
-    with_cache,
-)
+from models.kv import Prefix, stack_prefixes, with_cache
+from models.lm import embedding_scale, encode_prefix, forward_after_prefix, probe_sequence
 from models.loading import (
     LoadedLM,
     ModelLoadError,

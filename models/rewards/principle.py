@@ -8,17 +8,14 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
-from models.lm import (
-    encode_prefix,
-    render_prompt,
-    response_token_log_probs,
-    stack_prefixes,
-)
+from models.kv import stack_prefixes
+from models.lm import encode_prefix, response_token_log_probs
 from models.loading import (
     LoadedLM,
 )
 from models.rewards.base import Prompt
 from models.ste import ResponseBatch, masked_sum
+from models.tokens import render_prompt
 
 
 def copy_grams(tokenizer: PreTrainedTokenizerBase, text: str, n: int = COPY_TOKENS) -> Tensor:

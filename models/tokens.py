@@ -1,0 +1,99 @@
+"""The reference tokenizer's side: a chat rendered by its template, the ids that end a response, and each token's text
+and bytes (as OpenAI's log-probs list them)."""
+
+from __future__ import annotations
+
+import functools
+
+from jinja2.exceptions import TemplateError
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Message = dict[str, str]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system: str | None = None) -> list[int]:
+    """Token ids of a chat ready for the assistant's reply; ``system`` is put first (merged with any system turn)."""
+    if system is not None:
+        if messages and messages[0]["role"] == "system":
+            messages = [{"role": "system", "content": system + "\n\n" + messages[0]["content"]}, *messages[1:]]
+        else:
+            messages = [{"role": "system", "content": system}, *messages]
+    if not tokenizer.chat_template:
+        return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
+    # Rendered, then encoded as apply_chat_template(tokenize=True) does (no special tokens added), but straight
+    # through the Rust tokenizer where there is one: the wrapper's batch path costs more than the encoding itself,
+    # on every request.
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError:
+        if not messages or messages[0]["role"] != "system":
+            raise
+        # A template without a system role (Gemma's refuses one): the system text opens the first user turn instead.
+        first, rest = messages[0], messages[1:]
+        if rest and rest[0]["role"] == "user":
+            rest = [{"role": "user", "content": first["content"] + "\n\n" + rest[0]["content"]}, *rest[1:]]
+        else:
+            rest = [{"role": "user", "content": first["content"]}, *rest]
+        text = tokenizer.apply_chat_template(rest, add_generation_prompt=True, tokenize=False)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+    """Ids that end a response: the tokenizer's EOS and the generation config's EOS ids."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2-style byte-level BPE spells each byte as one printable character: the printable Latin-1 bytes as
+    themselves, the other bytes as the characters from U+0100 on, in byte order. Character -> byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    alphabet, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + extra)] = byte
+            extra += 1
+    return alphabet
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
+    """The bytes token ``token_id`` adds to a text: exact for byte-level BPE (GPT-2, SmolLM2, Llama 3...) and
+    SentencePiece pieces (``▁`` a space, ``<0xNN>`` a byte); else the token decoded alone. A token may hold part of a
+    character's UTF-8 bytes: only a run of tokens decodes."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    alphabet = _byte_level_alphabet()
+    if "ByteLevel" in type(decoder).__name__ + repr(decoder) and all(ch in alphabet for ch in piece):
+        return bytes(alphabet[ch] for ch in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    if "\u2581" in piece:
+        return piece.replace("\u2581", " ").encode()
+    return tokenizer.decode([int(token_id)]).encode()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def token_piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> tuple[str, tuple[int, ...]]:
+    """A token as a listing of log-probs shows it: its text (``bytes:\\x..`` when its bytes are part of a character)
+    and its bytes (none for a special token, which a decoded text leaves out)."""
+    if token_id in tokenizer.all_special_ids:
+        return tokenizer.convert_ids_to_tokens(token_id), ()
+    raw = token_bytes(tokenizer, token_id)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+    return text, tuple(raw)
