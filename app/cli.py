@@ -202,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """1 when a part failed (its error is in the JSON, written all the same), else 0."""
-    from app.bench import run
+    from app.bench.command import run
 
     settings = settings_from(args)
     _setup_logging("warning")
@@ -258,8 +258,8 @@ def build_parser(command: str | None = None) -> CommandParser:
         add_eval_arguments(evaluate)
         _settings_flags(evaluate, server=False)  # it runs the engine in-process
     if command in (None, "bench"):
-        from app.bench import NOT_FOR_THE_BENCH
-        from app.bench import add_arguments as add_bench_arguments
+        from app.bench.command import NOT_FOR_THE_BENCH
+        from app.bench.command import add_arguments as add_bench_arguments
 
         add_bench_arguments(bench)
         _settings_flags(bench, skip=NOT_FOR_THE_BENCH)  # --model, --threads, --compile, --max-batch-chains... also apply to the benchmarked server

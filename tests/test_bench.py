@@ -25,8 +25,9 @@ import httpx
 import pytest
 import torch
 
-import app.bench
-from app.bench import add_arguments, run_steps, server_settings, serving, targets, write_json
+import app.bench.command
+from app.bench import serving
+from app.bench.command import add_arguments, run_steps, server_settings, targets, write_json
 from app.bench.memory import measure_in_subprocess, per_chain_slope
 from app.bench.serving import percentile, sweep
 from app.bench.steps import ModelShape, matmul_peak, pass_flops, setup, step_flops
@@ -421,7 +422,7 @@ def test_the_json_is_written_when_the_targets_cannot_be_computed(server_bench, m
     def broken_targets(results, on_gpu):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(app.bench, "targets", broken_targets)
+    monkeypatch.setattr(app.bench.command, "targets", broken_targets)
     status, results = server_bench(lambda url, levels, body, alone_rounds, rounds, measured: measured.append(_level(1)))
     assert status == 1 and "ZeroDivisionError" in results["errors"]["targets"]
     assert results["server"] == [_level(1) | {"overhead_p95": None}]

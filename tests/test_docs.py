@@ -12,7 +12,7 @@ def test_readme_settings_table_is_generated_from_the_settings_object():
 
 
 def test_commands_that_run_the_engine_in_process_offer_no_server_flags():
-    from app.bench import NOT_FOR_THE_BENCH
+    from app.bench.command import NOT_FOR_THE_BENCH
     from app.cli import SERVER_SETTINGS, build_parser
     from app.settings import Settings
 

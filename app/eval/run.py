@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from app.api.schemas import ChatMessage
-from app.bench import positive_int
+from app.arguments import positive_int
 from app.engine.energy import reward_passes, scoring_passes
 from app.engine.types import AlignResult, SEAConfig
 from app.eval.measures import copies, refused
