@@ -52,6 +52,7 @@ def test_health_ready_and_models(http):
     assert http.get("/health").json() == {"status": "ok"}
     assert http.get("/ready").json()["status"] == "ready"
     assert http.head("/health").status_code == http.head("/ready").status_code == 200  # probes that use HEAD
+    assert http.head("/metrics").status_code == 200  # a scrape target's check (was 405)
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny-llama"
     assert time.time() - 3600 < models["data"][0]["created"] <= time.time()  # since when it is served (a Unix time, not 0)

@@ -461,7 +461,7 @@ def test_error_responses_carry_the_request_id_and_no_internals(http, server):
         error = assert_error(response, response.status_code)
         assert "Traceback" not in response.text and 'File "' not in response.text
         assert error["message"]
-    assert responses[-1].headers["allow"] == "GET"
+    assert responses[-1].headers["allow"] == "GET, HEAD"
     assert http.request("OPTIONS", "/jobs/job-nope").headers["allow"] == "DELETE, GET"
     assert http.post("/static/playground.js").headers["allow"] == "GET, HEAD"  # the mount's own (it was empty)
     log = server.log_path.read_text()

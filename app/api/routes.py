@@ -226,3 +226,4 @@ def install_routes(app, settings) -> None:
     guard = [Depends(require_api_key)] if settings.metrics_require_key else []
     app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=guard, summary="Prometheus metrics (text format).",
                       response_class=Response, responses={200: {"content": {"text/plain": {}}}, **(UNAUTHORIZED if guard else {})})
+    app.add_api_route("/metrics", metrics, methods=["HEAD"], dependencies=guard, include_in_schema=False)  # as the probes
