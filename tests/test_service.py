@@ -1008,6 +1008,32 @@ def test_a_key_s_share_holds_for_requests_sent_together_whose_prompts_are_tokeni
     assert sum(isinstance(o, TooManyRequests) for o in outcomes) == 4
 
 
+def test_a_job_ended_by_its_deadline_holds_its_key_s_share_until_its_chains_leave_the_batch():
+    """A deadline answers at once (504) while the job's chains leave the batch at the next step boundary, which takes
+    minutes on a CPU: its key's slot was free meanwhile, so a key that let its jobs time out could hold more of the
+    engine than its share. Now the share counts such a job until its chains have left."""
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=3.0), max_jobs_per_key=1)
+        prompt = [{"role": "user", "content": "hi"}]
+        first = await service.submit(SEAConfig(chains=1, steps=50), prompt, timeout=1, owner="key-a")
+        await first.wait(30)
+        assert first.error_kind == "timeout"
+        with pytest.raises(TooManyRequests) as refused:  # its chains are still in the 3-second step
+            await service.submit(SEAConfig(chains=1, steps=1), prompt, owner="key-a")
+        other_key = await service.submit(SEAConfig(chains=1, steps=0), prompt, owner="key-b")  # only key-a's share is full
+        for _ in range(300):
+            if not service.worker.ended_in_batch("key-a"):
+                break
+            await asyncio.sleep(0.05)
+        later = await service.submit(SEAConfig(chains=1, steps=0), prompt, owner="key-a")
+        results = [await job.wait(30) for job in (other_key, later)]
+        await service.shutdown()
+        return refused.value, results
+
+    refused, results = run(scenario())
+    assert "1 request in flight" in str(refused) and results == [True, True]
+
+
 def test_a_chat_the_model_s_template_refuses_is_unprocessable_naming_the_messages():
     """A template's own check (roles must alternate, as Gemma's and Mistral's templates demand) was a 500."""
     async def scenario():

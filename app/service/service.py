@@ -169,7 +169,8 @@ class AlignService:
             raise ServiceUnavailable(self.waiting_for, headers={"Retry-After": "5"})
         if owner is None or not self.settings.max_jobs_per_key:
             return await self._submit(config, messages, reward_options, timeout, stream_events, return_trace, prompt_param, owner)
-        mine = self._entering[owner] + sum(1 for other in self.store.jobs.values() if other.owner == owner and not other.status.finished)
+        mine = (self._entering[owner] + self.worker.ended_in_batch(owner)
+                + sum(1 for other in self.store.jobs.values() if other.owner == owner and not other.status.finished))
         if mine + also >= self.settings.max_jobs_per_key:
             more = f" and this request has {also} more prompt{'s' * (also > 1)} to run" if also else ""
             raise TooManyRequests(f"this API key has {mine} request{'s' * (mine != 1)} in flight{more}; one key may have "

@@ -180,6 +180,12 @@ class EngineWorker:
         with self._cond:
             return not self._pending and not self._running()
 
+    def ended_in_batch(self, owner: str) -> int:
+        """``owner``'s jobs that have ended (a deadline answers at once) while their chains are still in the batch or
+        drawing their start: they leave at the next step boundary, and hold the engine until then."""
+        with self._cond:
+            return sum(1 for job in self._running() if job.owner == owner and job.status.finished)
+
     @property
     def load(self) -> tuple[int, int]:
         """(queued requests, chains in the running batch and in the requests drawing their start)."""
