@@ -8,6 +8,7 @@ has to be injected into the engine, the same app under a real uvicorn in a threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -564,7 +565,8 @@ class InProcessServer:
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
-    """Prompts containing "poison" make the engine's batched step raise; "poison-start" makes ``start`` raise."""
+    """Prompts containing "poison" make the engine's batched step raise; "poison-start" makes ``start`` raise; "slow"
+    makes each step take 0.2 s longer."""
     settings = Settings(cors_origins="https://app.example", default_steps=2, default_max_tokens=4, max_batch_chains=8)
     runtime = Runtime.from_lm(tiny_lm(), settings)
     engine = runtime.engine
@@ -573,6 +575,8 @@ def faulty(tmp_path_factory):
     def poisoned_tick(states):
         if any("poison" in s.job.prompt.messages[-1]["content"] for s in states):
             raise RuntimeError("secret internal detail: CUDA kernel exploded at 0xdeadbeef")
+        if any("slow" in s.job.prompt.messages[-1]["content"] for s in states):
+            time.sleep(0.2)  # a run that lasts while a test watches it
         return tick(states)
 
     def poisoned_start_many(jobs, **kwargs):  # Engine.start goes through start_many too
@@ -722,3 +726,29 @@ def test_sigterm_drains_accepted_work_within_the_grace_period_and_exits_zero(mod
     assert f"drained job {endless}: failed (the service shut down before the job could finish)" in log
     assert "drained job" in log and ": succeeded" in log.split("draining:", 1)[1]  # some work finished during the drain
     assert proc.stop() == 0
+
+
+def test_one_job_serves_at_most_eight_event_streams_at_once(faulty):
+    """Every open `/jobs/{id}/events` stream serialises each step event on the event loop, and nothing bounded how
+    many one job served: a ninth answers 429 with Retry-After (a tenth, sent beside it, too); closing one frees its
+    place."""
+    from app.api.routes import MAX_STREAMS_PER_JOB
+
+    with httpx.Client(base_url=faulty.url, timeout=60) as client:
+        job_id = client.post("/jobs", json={"prompt": "slow", "steps": 200}).json()["id"]
+        job = faulty.server.config.app.state.service.store.get(job_id)
+        with contextlib.ExitStack() as streams:
+            opened = [streams.enter_context(client.stream("GET", f"/jobs/{job_id}/events")) for _ in range(MAX_STREAMS_PER_JOB)]
+            assert all(stream.status_code == 200 for stream in opened)
+            wait_for(lambda: job.subscribers == MAX_STREAMS_PER_JOB, 30)
+            for _ in range(2):
+                refused = client.get(f"/jobs/{job_id}/events")
+                assert_error(refused, 429, "rate_limit_error")
+                assert refused.headers["retry-after"] == "5" and "8 event streams open" in refused.json()["error"]["message"]
+            opened[0].close()
+            wait_for(lambda: job.subscribers == MAX_STREAMS_PER_JOB - 1, 30)
+            with client.stream("GET", f"/jobs/{job_id}/events") as again:
+                assert again.status_code == 200
+                assert next(again.iter_lines()).startswith("event: step")
+        assert client.delete(f"/jobs/{job_id}").status_code == 200
+

@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 from app.api.middleware import bearer_key_valid
 from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreated, JobOut, LimitError, SEAParams
 from app.engine.types import SEAConfig
-from app.errors import ServiceBroken, ServiceUnavailable, Unauthorized, Unprocessable
+from app.errors import ServiceBroken, ServiceUnavailable, TooManyRequests, Unauthorized, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
 from models.tokens import token_piece
@@ -47,6 +47,7 @@ UNAUTHORIZED = error_responses(401)
 SUBMIT_ERRORS = error_responses(401, 413, 415, 422, 429, 500, 503)  # taking a job
 WAIT_ERRORS = error_responses(499, 504)  # waiting for its result in the request
 JOB_ERRORS = error_responses(401, 404, 500, 503)  # reading or cancelling a job by id
+MAX_STREAMS_PER_JOB = 8  # event streams one job serves at once: each serialises every step event on the event loop
 
 # Declares the bearer scheme in the OpenAPI document (the docs page's "Authorize" button); the check is ours.
 bearer = HTTPBearer(auto_error=False, description="An API key from SEA_API_KEYS or SEA_API_KEYS_FILE (needed only when the server sets keys).")
@@ -196,14 +197,22 @@ async def cancel_job(job_id: str, request: Request, service: AlignService = Depe
 
 @protected.get(
     "/jobs/{job_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event."}, **JOB_ERRORS},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event."}, **JOB_ERRORS, **error_responses(429)},
     summary="Server-Sent Events: one `step` event per Langevin step, then a `result` event.",
 )
 async def job_events(job_id: str, request: Request, service: AlignService = Depends(get_service)):
     job = await service.get(job_id, client(request))
+    too_many = f"job {job.id} has {MAX_STREAMS_PER_JOB} event streams open: close one, or poll GET /jobs/{job.id}"
+    if job.subscribers >= MAX_STREAMS_PER_JOB:
+        raise TooManyRequests(too_many, headers={"Retry-After": "5"})
 
     async def stream():
         past, queue = job.subscribe()
+        if job.subscribers > MAX_STREAMS_PER_JOB:  # streams that passed the check together, before any subscribed
+            job.unsubscribe(queue)
+            yield {"event": "error", "data": json.dumps({"error": {"message": too_many, "type": TooManyRequests.type,
+                                                                   "code": TooManyRequests.default_code}})}
+            return
         try:
             pending = list(past)
             while True:

@@ -115,6 +115,11 @@ class Job:
         self._subscribers.append(queue)
         return list(self.events), queue
 
+    @property
+    def subscribers(self) -> int:
+        """Event streams reading this job now."""
+        return len(self._subscribers)
+
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         if queue in self._subscribers:
             self._subscribers.remove(queue)
