@@ -82,7 +82,7 @@ class Runtime:
         reads positions it never saw and one with learned positions fails."""
         prompts = [len(job.prompt.ids)] + [len(render_prompt(self.lm.tokenizer, job.prompt.messages, system=component.principle))
                                            for component, _ in job.reward.terms if isinstance(component, PrincipleReward)]
-        models = [self.lm.model] + [component.model for component, _ in job.reward.terms if hasattr(component, "model")]
+        models = [self.lm.model] + [component.model for component, _ in job.reward.terms if component.model is not None]
         limits = [limit for model in models if isinstance(limit := getattr(model.config, "max_position_embeddings", None), int)]
         return max(prompts) + job.config.max_tokens, min(limits, default=None)
 

@@ -25,6 +25,7 @@ from models.lm import encode_prefix
 from models.rewards import (
     LexiconReward,
     PrincipleReward,
+    RewardComponent,
     RewardMix,
     SequenceClassifierReward,
     copied_positions,
@@ -771,7 +772,7 @@ def test_a_one_token_answer_under_a_compute_budget_runs(lm, engine, make_prompt)
     assert math.isfinite(result.energy) and result.usage.budgeted <= 100
 
 
-class _NaNAfterFirstScore:
+class _NaNAfterFirstScore(RewardComponent):
     """A reward that is finite for the initial chains and NaN afterwards."""
 
     name = "nan"

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import re
 import statistics
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +19,7 @@ from app.eval.report import budget_warnings, paired_comparison, report, report_f
 from app.eval.run import ARGS_MAX_TOP_K, add_eval_arguments, base_sample_cost, run_eval, size_to_budget
 from app.runtime import Runtime
 from app.settings import Settings
-from models.rewards import LexiconReward, PrincipleReward, RewardMix
+from models.rewards import LexiconReward, PrincipleReward, RewardComponent, RewardMix
 
 
 def test_eval_writes_results_report_and_plots(lm, tmp_path):
@@ -59,9 +58,16 @@ def test_eval_writes_results_report_and_plots(lm, tmp_path):
 
 # Reward components as size_to_budget sees them: the principle scores next-token log-probs under its own prompt
 # (it feeds the first L − 1 tokens, as the reference does); a reward model reads all L; a word list runs no LM.
-PRINCIPLE = SimpleNamespace(lm_passes=1, next_token=True, resumes=True)
-REWARD_MODEL = SimpleNamespace(lm_passes=1)
-WORD_LIST = SimpleNamespace(lm_passes=0)
+def _scorer(**capabilities) -> RewardComponent:
+    """A reward component with only the figures compute accounting reads."""
+    component = RewardComponent()
+    vars(component).update(capabilities)
+    return component
+
+
+PRINCIPLE = _scorer(lm_passes=1, next_token=True, resumes=True)
+REWARD_MODEL = _scorer(lm_passes=1)
+WORD_LIST = _scorer(lm_passes=0)
 
 
 def test_a_guided_start_gets_a_quarter_of_the_budget_at_what_its_draws_cost():

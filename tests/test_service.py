@@ -22,6 +22,7 @@ from app.service.jobs import JobStatus
 from app.service.metrics import JOB_OUTCOMES, Metrics
 from app.service.service import AlignService
 from app.settings import Settings
+from models.rewards import RewardComponent
 from tests.tiny import tiny_tokenizer
 
 
@@ -106,7 +107,7 @@ def unattached_service(engine: FakeEngine, **settings) -> tuple[AlignService, Ru
     """A service and the runtime to attach to it (``make_service`` attaches it)."""
     batch = settings.get("max_batch_chains", 4)
     settings = Settings(**{"max_batch_chains": batch, "default_chains": min(4, batch), "max_queue": 8, **settings})
-    return AlignService(settings, Metrics()), Runtime(_LM(), engine, {"principle": object()}, [("principle", 1.0)])
+    return AlignService(settings, Metrics()), Runtime(_LM(), engine, {"principle": RewardComponent()}, [("principle", 1.0)])
 
 
 async def make_service(engine: FakeEngine, **settings) -> AlignService:

@@ -62,7 +62,7 @@ class Evaluation:
 def runs_in_reference_pass(component, model) -> bool:
     """Whether a reward component is ``model``'s own log-probs under a prompt of its own (the principle): it then runs
     in the reference's pass (one row per prompt) and scores its tokens from their log-probs (``from_log_probs``)."""
-    return bool(getattr(component, "from_log_probs", None)) and getattr(component, "model", None) is model
+    return component.from_log_probs is not None and component.model is model
 
 
 def evaluate(
@@ -302,8 +302,7 @@ def reward_passes(components, length: int, start: int = 0) -> int:
     that resumes from a memory runs an edit only from input position ``start`` on (see :class:`models.kv.Reuse`).
     """
     return sum(
-        component.lm_passes * ((length - 1 if getattr(component, "next_token", False) else length)
-                               - (start if getattr(component, "resumes", False) else 0))
+        component.lm_passes * ((length - 1 if component.next_token else length) - (start if component.resumes else 0))
         for component in components)
 
 
@@ -346,9 +345,9 @@ def token_tilt(spec: RowSpec, model, top_k: int) -> Tilt | None:
     """
     if not spec.use_reward:
         return None
-    guides = tuple(Guide(context, spec.alpha * weight, getattr(component, "limit_candidates", None), component)
+    guides = tuple(Guide(context, spec.alpha * weight, component.limit_candidates, component)
                    for component, weight, context in spec.reward_terms
-                   if getattr(component, "contrastive", False) and getattr(component, "model", None) is model)
+                   if component.contrastive and component.model is model)
     if not guides:
         return None
     return Tilt(guides, float(spec.use_reference) - sum(guide.weight for guide in guides), top_k)

@@ -166,7 +166,7 @@ def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guide
 def _decoding_rows(scorers: list) -> tuple[int, list]:
     """ARGS and beam search decode each token under the reference and each reward of its network (next-token
     log-probs): how many rows that is, and the other reward components, which score the tokens with passes of their own."""
-    others = [component for component in scorers if not getattr(component, "next_token", False)]
+    others = [component for component in scorers if not component.next_token]
     return 1 + len(scorers) - len(others), others
 
 
@@ -231,7 +231,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
                     print(f"{args.budget_seconds:g} s = {args.budget_seconds / seconds_per_pass:.0f} token-passes per prompt and method "
                           f"(about {args.budget_seconds / seconds_per_pass / per_sample:.1f} base samples)", file=sys.stderr)
                 budget = _budget(args, config, scorers, seconds_per_pass)
-                guides = sum(getattr(component, "contrastive", False) for component in scorers)
+                guides = sum(component.contrastive for component in scorers)
                 job.config = size_to_budget(config, budget, scorers, guides if config.init == "guided" and config.use_reward else 0)
                 tick = time.perf_counter()
                 result = runtime.engine.run([job])[0]

@@ -20,13 +20,13 @@ from models.loading import (
     resolve_device,
     resolve_dtype,
 )
-from models.rewards.base import Prompt
+from models.rewards.base import Prompt, RewardComponent
 from models.ste import ResponseBatch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-class SequenceClassifierReward:
+class SequenceClassifierReward(RewardComponent):
     """Any ``AutoModelForSequenceClassification`` reward model sharing the reference vocabulary, fed embeddings.
 
     The score is the head's first output where transformers pools it for the prompt and the response up to its end

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from models.rewards.base import Prompt
+from models.rewards.base import Prompt, RewardComponent
 from models.ste import ResponseBatch
 
 # Endings glued to a matched word that may follow it and still count, where the word takes that ending ("dogs",
@@ -87,7 +87,7 @@ class _SpellingGroup:
     endings: Tensor  # (n, len(WORD_SUFFIXES) + 1) bool: the glued endings that make a form after it
 
 
-class LexiconReward:
+class LexiconReward(RewardComponent):
     """Weighted word presence: ``Σ_w weight_w · [w appears in the response]``, exact under the STE forward.
 
     Each word is matched as itself or one of its irregular forms ("threw" uses "throw"), each as any of its

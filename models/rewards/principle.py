@@ -13,7 +13,7 @@ from models.lm import encode_prefix, response_token_log_probs
 from models.loading import (
     LoadedLM,
 )
-from models.rewards.base import Prompt
+from models.rewards.base import Prompt, RewardComponent
 from models.ste import ResponseBatch, masked_sum
 from models.tokens import render_prompt
 
@@ -61,7 +61,7 @@ def limited_log_probs(log_probs: Tensor, ref: Tensor, history: Tensor, clip: flo
     return torch.where(copy_completions(history, grams, ref.shape[-1]), ref, log_probs)
 
 
-class PrincipleReward:
+class PrincipleReward(RewardComponent):
     """Contrastive principle reward ``Σ_t min(log pi(y_t | principle, x, y_<t) − log pi(y_t | x, y_<t), clip)`` with
     the reference LM itself, over the tokens that do not copy the principle.
 
