@@ -174,7 +174,7 @@ def _resumed_token_log_probs(model: PreTrainedModel, prefix: PrefixBatch, tokens
     """Exact per-token log-probs ``(B, L)`` of edited responses, running input positions ``starts[b] .. L-2`` only.
 
     Rows with the same start share one forward pass after the prompt and their sources' first ``start``
-    keys/values; the rest comes from the memory (see :class:`Reuse`). The rows are put in order of their start
+    keys/values; the rest comes from the memory (see :class:`models.kv.Reuse`). The rows are put in order of their start
     once, prompt and memory side by side, so that each start's rows are a slice: its pass reads views of them.
     """
     rows, length = tokens.shape

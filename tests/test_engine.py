@@ -1225,20 +1225,21 @@ def test_a_request_s_scoring_costs_the_same_alone_and_beside_a_longer_request(en
 def test_a_restart_never_replaces_a_chain_with_the_tokens_it_holds(lm, monkeypatch):
     """Float noise (which depends on the batch) put a fresh sample identical to a chain ~2e-6 nats lower: it replaced
     the chain, counted as a move, and the request's later steps and usage depended on its batch mates."""
-    from app.engine import discrete
+    from app.engine import discrete, starts
     from app.runtime import Runtime
     from app.settings import Settings
 
     runtime = Runtime.from_lm(lm, Settings())
     identical = []
-    real_take = discrete.take
+    real_take = starts.take
 
     def take(state, chain, scored, index, step):
         if torch.equal(scored.tokens[index, : state.spec.length], state.tokens[chain]):
             identical.append((chain, step))
         return real_take(state, chain, scored, index, step)
 
-    monkeypatch.setattr(discrete, "take", take)
+    monkeypatch.setattr(starts, "take", take)  # a restart's
+    monkeypatch.setattr(discrete, "take", take)  # an accepted edit's
     prompt = ("is moon yes five with dog violin was park and morning safe violin is to fire weekend telescope penguin green good "
               "can help green the write violin help fish light walk play telescope i light . knife bad we will happy fish write "
               "it one in walk sorry ? why")

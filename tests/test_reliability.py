@@ -730,8 +730,7 @@ def test_sigterm_drains_accepted_work_within_the_grace_period_and_exits_zero(mod
 
 def test_one_job_serves_at_most_eight_event_streams_at_once(faulty):
     """Every open `/jobs/{id}/events` stream serialises each step event on the event loop, and nothing bounded how
-    many one job served: a ninth answers 429 with Retry-After (a tenth, sent beside it, too); closing one frees its
-    place."""
+    many one job served: a ninth answers 429 with Retry-After (and the next); closing one frees its place."""
     from app.api.routes import MAX_STREAMS_PER_JOB
 
     with httpx.Client(base_url=faulty.url, timeout=60) as client:
@@ -752,3 +751,29 @@ def test_one_job_serves_at_most_eight_event_streams_at_once(faulty):
                 assert next(again.iter_lines()).startswith("event: step")
         assert client.delete(f"/jobs/{job_id}").status_code == 200
 
+
+def test_event_streams_that_pass_the_limit_together_are_held_to_it_when_they_subscribe():
+    """The check runs when a request arrives, the subscription when its stream starts: streams that all arrived before
+    any started passed the check together. The ones past the limit end with an `error` event naming it."""
+    from starlette.requests import Request
+
+    from app.api.routes import MAX_STREAMS_PER_JOB, job_events
+
+    async def scenario():
+        service = await make_service(FakeEngine(tick_seconds=0.05))
+        job = await submit(service, "hi", steps=200)
+        request = Request({"type": "http", "method": "GET", "path": f"/jobs/{job.id}/events", "headers": [], "state": {}})
+        responses = [await job_events(job.id, request, service) for _ in range(MAX_STREAMS_PER_JOB + 2)]  # none started
+        firsts = [await anext(response.body_iterator) for response in responses]
+        subscribed = job.subscribers
+        for response in responses:
+            await response.body_iterator.aclose()
+        service.cancel(job)
+        await service.shutdown()
+        return firsts, subscribed
+
+    firsts, subscribed = asyncio.run(scenario())
+    assert subscribed == MAX_STREAMS_PER_JOB
+    assert [first["event"] for first in firsts] == ["step"] * MAX_STREAMS_PER_JOB + ["error"] * 2
+    error = json.loads(firsts[-1]["data"])["error"]
+    assert error["type"] == "rate_limit_error" and "8 event streams open" in error["message"]

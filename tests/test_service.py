@@ -649,8 +649,8 @@ def test_an_openai_stream_reports_a_failure_in_band_with_its_type_and_code():
 
 def test_a_failed_response_stream_names_a_code_the_openai_client_accepts():
     """A Responses stream whose job times out ends with `response.failed`; its `error.code` was the service's own kind
-    (`timeout`), which OpenAI's clients type as a Literal without it: now `server_error` (`rate_limit_exceeded` for an
-    overloaded or draining server), the message saying what happened."""
+    (`timeout`), which OpenAI's clients type as a Literal without it: now `server_error`, the message saying what
+    happened."""
     from openai.types.responses import ResponseFailedEvent
 
     from app.api import responses as v1_responses
@@ -1033,6 +1033,28 @@ def test_a_job_ended_by_its_deadline_holds_its_key_s_share_until_its_chains_leav
 
     refused, results = run(scenario())
     assert "1 request in flight" in str(refused) and results == [True, True]
+
+
+def test_a_key_s_next_request_is_taken_as_soon_as_its_answer_came_while_the_step_still_delivers_others():
+    """A job that ended with its result stays in the worker's batch until the step has delivered every result of that
+    step (others' log-probs, baselines' slices): the first count of jobs "ended but still in the batch" counted it,
+    and a key with a share of one was refused its next request right after its answer."""
+    async def scenario():
+        engine = FakeEngine(tick_seconds=0.01)
+        engine.attach_token_log_probs = lambda state: time.sleep(1.5) if state.job.prompt.messages[0]["content"] == "slow" else None
+        service = await make_service(engine, max_jobs_per_key=1)
+        config = SEAConfig(chains=1, steps=1)
+        first, other = await asyncio.gather(service.submit(config, [{"role": "user", "content": "quick"}], owner="key-a"),
+                                            service.submit(config, [{"role": "user", "content": "slow"}], owner="key-b"))
+        await first.wait(30)
+        still_delivering = not other.status.finished
+        again = await service.submit(config, [{"role": "user", "content": "again"}], owner="key-a")
+        done = [await job.wait(30) for job in (other, again)]
+        await service.shutdown()
+        return first, still_delivering, done
+
+    first, still_delivering, done = run(scenario())
+    assert first.status == JobStatus.succeeded and still_delivering and done == [True, True]
 
 
 def test_a_chat_the_model_s_template_refuses_is_unprocessable_naming_the_messages():

@@ -24,8 +24,6 @@ def accepts_only(*values: Any, schema: dict | None = None) -> dict:
     return {"anyOf": [*allowed, {"type": "null"}]}
 
 
-
-
 def _without_openai_fields(schema: dict) -> None:
     for name in OPENAI_FIELDS:
         schema["properties"].pop(name, None)

@@ -147,13 +147,6 @@ class ResponseRequest(AcceptedAndIgnored):
                 "service_tier": "default"}
 
 
-def _failure_code(exc: BaseException) -> str:
-    """A failed response's ``error.code``, one of the few OpenAI's clients accept there (the message says what
-    happened): an overloaded or draining server's is ``rate_limit_exceeded`` (come back later), anything else's
-    ``server_error``."""
-    return "rate_limit_exceeded" if getattr(exc, "code", None) in ("overloaded", "shutdown") else "server_error"
-
-
 class _Run:
     """One response's ids and the pieces of its Response object."""
 
@@ -234,7 +227,9 @@ async def _events(run: _Run):
         try:
             result = service.outcome(job)
         except Exception as exc:  # noqa: BLE001 -- the stream has started: report any failure in-band, as OpenAI does
-            error = {"code": _failure_code(exc), "message": getattr(exc, "message", "internal error")}
+            # OpenAI's clients type the code as a Literal of OpenAI's own failures: ours are all `server_error`, and the
+            # message says what happened (the request's timeout, out of memory, a replica's shutdown).
+            error = {"code": "server_error", "message": getattr(exc, "message", "internal error")}
             yield event("response.failed", response=run.response("failed", error=error))
             return
         final = await run.finished(result)

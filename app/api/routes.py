@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
+from app.api.errors import error_body
 from app.api.middleware import bearer_key_valid
 from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreated, JobOut, LimitError, SEAParams
 from app.engine.types import SEAConfig
@@ -47,7 +48,9 @@ UNAUTHORIZED = error_responses(401)
 SUBMIT_ERRORS = error_responses(401, 413, 415, 422, 429, 500, 503)  # taking a job
 WAIT_ERRORS = error_responses(499, 504)  # waiting for its result in the request
 JOB_ERRORS = error_responses(401, 404, 500, 503)  # reading or cancelling a job by id
-MAX_STREAMS_PER_JOB = 8  # event streams one job serves at once: each serialises every step event on the event loop
+MAX_STREAMS_PER_JOB = 8  # event streams one job serves at once (per replica): each serialises every step event on the loop
+TOO_MANY_STREAMS = {429: {"model": ErrorResponse, "description": f"The job already has {MAX_STREAMS_PER_JOB} event streams open.",
+                          "headers": {"Retry-After": {"description": "5 seconds.", "schema": {"type": "integer"}}}}}
 
 # Declares the bearer scheme in the OpenAPI document (the docs page's "Authorize" button); the check is ours.
 bearer = HTTPBearer(auto_error=False, description="An API key from SEA_API_KEYS or SEA_API_KEYS_FILE (needed only when the server sets keys).")
@@ -197,7 +200,7 @@ async def cancel_job(job_id: str, request: Request, service: AlignService = Depe
 
 @protected.get(
     "/jobs/{job_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event."}, **JOB_ERRORS, **error_responses(429)},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "`step` events (a `requeued` event when the replica running the job stopped and the job went back to the shared queue), then one `result` event (an `error` event instead, when more streams than the limit started together)."}, **JOB_ERRORS, **TOO_MANY_STREAMS},
     summary="Server-Sent Events: one `step` event per Langevin step, then a `result` event.",
 )
 async def job_events(job_id: str, request: Request, service: AlignService = Depends(get_service)):
@@ -210,8 +213,7 @@ async def job_events(job_id: str, request: Request, service: AlignService = Depe
         past, queue = job.subscribe()
         if job.subscribers > MAX_STREAMS_PER_JOB:  # streams that passed the check together, before any subscribed
             job.unsubscribe(queue)
-            yield {"event": "error", "data": json.dumps({"error": {"message": too_many, "type": TooManyRequests.type,
-                                                                   "code": TooManyRequests.default_code}})}
+            yield {"event": "error", "data": json.dumps(error_body(too_many, TooManyRequests.type, code=TooManyRequests.default_code))}
             return
         try:
             pending = list(past)

@@ -212,7 +212,7 @@ class AlignResult:
         return asdict(self)
 
 
-def noise_at(config, step: int) -> float:
+def noise_at(config: SEAConfig, step: int) -> float:
     """Noise (logit std or proposal temperature) at update ``step`` (1-based), annealed by the schedule."""
     if config.noise_schedule == "constant" or config.steps <= 1:
         return config.noise

@@ -19,9 +19,9 @@ Keys, under the prefix P (``SEA_REDIS_PREFIX``):
   their ``cancel`` flag asks).
 - Channels ``P:wake`` (a job id whose events grew) and ``P:cancel`` (a job to stop where it runs).
 
-Every change of a job's state is one Lua script (``app/service/shared_records.py``), so two replicas never both
-finish, requeue or fail the same job, and a result from a replica that lost its lease (a long pause) is dropped, not
-written.
+Every change of a job's state is one Lua script (``app/service/shared_records.py``), so two replicas never
+both finish, requeue or fail the same job, and a result from a replica that lost its lease (a long pause) is
+dropped, not written.
 Pub/sub only wakes replicas up; a periodic poll catches anything a lost message would have missed (a running job's
 ``cancel`` flag, a mirror's new events).
 """

@@ -181,10 +181,12 @@ class EngineWorker:
             return not self._pending and not self._running()
 
     def ended_in_batch(self, owner: str) -> int:
-        """``owner``'s jobs that have ended (a deadline answers at once) while their chains are still in the batch or
-        drawing their start: they leave at the next step boundary, and hold the engine until then."""
+        """``owner``'s jobs that a deadline (or a shutdown) ended at once while their chains are still in the batch or
+        drawing their start: they leave at the next step boundary, and hold the engine until then. A job that ended
+        with its result is not one: its chains are done, though it stays listed until the step has delivered the
+        others' results."""
         with self._cond:
-            return sum(1 for job in self._running() if job.owner == owner and job.status.finished)
+            return sum(1 for job in self._running() if job.owner == owner and job.status.finished and job.cancellation is not None)
 
     @property
     def load(self) -> tuple[int, int]:

@@ -10,11 +10,11 @@ The components: the principle reward (``principle.py``), a reward model (``class
 
 from models.rewards.base import Prompt, RewardComponent, RewardMix
 from models.rewards.classifier import SequenceClassifierReward, check_shared_vocabulary, load_sequence_classifier_reward
-from models.rewards.lexicon import LexiconReward, keyword_coverage, word_edges, word_forms
+from models.rewards.lexicon import LexiconReward, WordEdges, keyword_coverage, word_edges, word_forms
 from models.rewards.principle import PrincipleReward, copied_positions, copy_completions, copy_grams, limited_log_probs
 
 __all__ = [
-    "LexiconReward", "PrincipleReward", "Prompt", "RewardComponent", "RewardMix", "SequenceClassifierReward",
+    "LexiconReward", "PrincipleReward", "Prompt", "RewardComponent", "RewardMix", "SequenceClassifierReward", "WordEdges",
     "check_shared_vocabulary", "copied_positions", "copy_completions", "copy_grams", "keyword_coverage",
     "limited_log_probs", "load_sequence_classifier_reward", "word_edges", "word_forms",
 ]

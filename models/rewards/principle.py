@@ -10,9 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from models.defaults import COPY_TOKENS, PRINCIPLE_CLIP, SAFETY_PRINCIPLE
 from models.kv import stack_prefixes
 from models.lm import encode_prefix, response_token_log_probs
-from models.loading import (
-    LoadedLM,
-)
+from models.loading import LoadedLM
 from models.rewards.base import Prompt, RewardComponent
 from models.ste import ResponseBatch, masked_sum
 from models.tokens import render_prompt
