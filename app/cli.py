@@ -137,7 +137,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     from app.api.schemas import MAX_ALIGN_LOGPROBS, LimitError, SEAParams
     from app.runtime import Runtime
-    from models.tokens import token_piece
 
     settings = settings_from(args)
     _setup_logging("warning" if args.json else settings.log_level)
@@ -167,19 +166,19 @@ def cmd_align(args: argparse.Namespace) -> int:
     if error is not None:
         raise SystemExit(f"sea align: {error}")
     result = runtime.engine.run([job])[0]
-    tokenizer = runtime.engine.lm.tokenizer
+    piece = runtime.text.piece
     if args.json:
         out = result.to_dict()
         out["log_prob_ref"] = result.log_prob_ref
         for chain in out["chains"]:
             for listed in chain["token_log_probs"] or []:
-                listed["text"] = token_piece(tokenizer, listed["token"])[0]
+                listed["text"] = piece(listed["token"])[0]
         print(json.dumps(out))
         return 0
     print(result.text)
     for listed in result.chains[result.chosen].token_log_probs or []:
-        alternatives = "  ".join(f"{token_piece(tokenizer, token)[0]!r} {log_prob:.2f}" for token, log_prob in listed.top)
-        print(f"{listed.log_prob:8.2f}  {token_piece(tokenizer, listed.token)[0]!r:<16} {alternatives}", file=sys.stderr)
+        alternatives = "  ".join(f"{piece(token)[0]!r} {log_prob:.2f}" for token, log_prob in listed.top)
+        print(f"{listed.log_prob:8.2f}  {piece(listed.token)[0]!r:<16} {alternatives}", file=sys.stderr)
     print(
         f"\nreward {result.reward:.3f}  log pi_ref {result.log_prob_ref:.2f}  energy {result.energy:.2f}  "
         f"chain {result.chosen}  {result.timings.total:.1f}s ({result.timings.steps} steps)",

@@ -22,7 +22,7 @@ from models.rewards import (
     RewardMix,
     load_sequence_classifier_reward,
 )
-from models.tokens import Message, render_prompt
+from models.tokens import Message, TokenText, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ class Runtime:
             if name not in rewards:
                 raise UnknownRewardError(f"SEA_REWARD names {name!r}, but the loaded rewards are {sorted(rewards)}")
         return runtime
+
+    @property
+    def text(self) -> TokenText:
+        """The text of token ids: responses' (up to their stop token), token pieces, decoding."""
+        return self.engine.text
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:

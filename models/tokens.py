@@ -4,8 +4,10 @@ and bytes (as OpenAI's log-probs list them)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Message = dict[str, str]
@@ -97,3 +99,29 @@ def token_piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> tuple[str,
     except UnicodeDecodeError:
         text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
     return text, tuple(raw)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenText:
+    """The text of token ids under one tokenizer: a response's (up to its first stop token), each token's piece (as
+    OpenAI's log-probs list it), any ids' decoding."""
+
+    tokenizer: PreTrainedTokenizerBase
+    stop_ids: frozenset[int]
+
+    def response(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
+        """A response's text up to its first stop token, the number of its tokens that count (the stop included), and
+        whether it stopped."""
+        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+        kept = ids if end is None else ids[:end]
+        counted = len(ids) if end is None else end + 1
+        return self.decode(kept), counted, end is not None
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``, special tokens left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def piece(self, token: int) -> tuple[str, tuple[int, ...]]:
+        """A token's text and its bytes (:func:`token_piece`)."""
+        return token_piece(self.tokenizer, token)

@@ -20,7 +20,7 @@ from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Tim
 from app.runtime import Runtime
 from app.settings import Settings
 from models.defaults import KEYWORD_WEIGHT
-from models.tokens import render_prompt
+from models.tokens import TokenText, render_prompt
 from tests.server import ServerProcess, wait_for
 from tests.tiny import byte_level_tokenizer, save_tiny_lm, tiny_lm
 
@@ -591,7 +591,7 @@ def test_non_finite_scores_reach_v1_clients_as_null(engine, lm):
     ids = lm.tokenizer("the dog", add_special_tokens=False)["input_ids"]
     chain = ChainResult("the dog", ids, nan, nan, nan, 0, StepStats(nan, nan, nan, 0.0, False))
     result = AlignResult("sea", "the dog", nan, nan, nan, nan, 0, [chain], Usage(3, 2), Timings(total=0.01), "length")
-    extra = _sea_extra(SimpleNamespace(queue_seconds=0.0), result, [], engine)
+    extra = _sea_extra(SimpleNamespace(queue_seconds=0.0), result, [], engine.text)
     json.dumps(extra, allow_nan=False)
     assert extra["reward"] is None and extra["energy_per_token"] is None and extra["chains"][0]["energy"] is None
 
@@ -605,10 +605,10 @@ def test_a_choice_counts_the_tokens_generated_up_to_where_it_stops(engine, lm):
 
     text = lm.tokenizer.decode(ids, skip_special_tokens=True)
     # the tokens generated (the end-of-turn token counts), and those that spell the text (for `logprobs`)
-    assert _generated(chain(ids + [end, end]), [], engine) == (text, len(ids) + 1, "stop", len(ids))
-    assert _generated(chain(ids), [], engine) == (text, len(ids), "length", len(ids))
+    assert _generated(chain(ids + [end, end]), [], engine.text) == (text, len(ids) + 1, "stop", len(ids))
+    assert _generated(chain(ids), [], engine.text) == (text, len(ids), "length", len(ids))
     cut = text.find(",")
-    assert _generated(chain(ids + [end, end]), [",", "cat"], engine) == (text[:cut], 3, "stop", 2)  # "the", "dog", ","
+    assert _generated(chain(ids + [end, end]), [",", "cat"], engine.text) == (text[:cut], 3, "stop", 2)  # "the", "dog", ","
 
 
 def test_align_lists_every_chain_s_tokens_with_their_log_probs(http):
@@ -638,29 +638,28 @@ def test_log_probs_and_stops_count_characters_split_over_tokens_whole():
     bytes of such a character before a stop string, the tokens counted for usage stopped inside one, and the text
     offsets counted half a character as one; a special token in a response had bytes the text leaves out."""
     tokenizer = byte_level_tokenizer()
-    engine = SimpleNamespace(lm=SimpleNamespace(tokenizer=tokenizer),
-                             text_of=lambda tokens: (tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), False))
+    text_of = TokenText(tokenizer, frozenset())  # no stop token: the stop strings end these
 
     def chain(text):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return ChainResult("", ids, 0.0, 0.0, 0.0, 0, StepStats(0.0, 0.0, 0.0, 0.0, True)), ids
 
     emoji, ids = chain("ab 😀こ end")
-    text, generated, finish, spelled = _generated(emoji, ["こ"], engine)
+    text, generated, finish, spelled = _generated(emoji, ["こ"], text_of)
     assert (text, finish) == ("ab 😀", "stop")
     assert tokenizer.decode(ids[:spelled]) == "ab 😀" and tokenizer.decode(ids[:generated]) == "ab 😀こ"
     entries = [TokenLogProb(token, -1.0, [(token, -1.0)]) for token in ids[:spelled]]
-    listed = _chat_log_probs(entries, engine)["content"]
+    listed = _chat_log_probs(entries, text_of)["content"]
     assert b"".join(bytes(entry["bytes"]) for entry in listed) == "ab 😀".encode()
     assert any(entry["token"].startswith("bytes:\\x") for entry in listed)  # a token holding part of the emoji
-    offsets = _completion_log_probs(entries, engine)["text_offset"]
+    offsets = _completion_log_probs(entries, text_of)["text_offset"]
     assert offsets[:3] == [0, 1, 2] and set(offsets[3:]) == {3}  # "a", "b", " ", then every byte of the emoji
     # an invalid byte the model wrote (a lone lead byte) is a character of the text: it counts
     ids = tokenizer.convert_tokens_to_ids(["a", "\u00e3", "b", "c"])  # "ã" is byte 0xE3 in the byte-level alphabet
     assert tokenizer.decode(ids) == "a\ufffdbc"
-    assert _completion_log_probs([TokenLogProb(token, -1.0, []) for token in ids], engine)["text_offset"] == [0, 1, 2, 3]
+    assert _completion_log_probs([TokenLogProb(token, -1.0, []) for token in ids], text_of)["text_offset"] == [0, 1, 2, 3]
     _, ids = chain("ab<|endoftext|>cd")
-    listed = _chat_log_probs([TokenLogProb(token, -1.0, []) for token in ids], engine)["content"]
+    listed = _chat_log_probs([TokenLogProb(token, -1.0, []) for token in ids], text_of)["content"]
     assert b"".join(bytes(entry["bytes"]) for entry in listed) == b"abcd" and "<|endoftext|>" in [e["token"] for e in listed]
 
 

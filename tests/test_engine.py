@@ -163,7 +163,7 @@ def test_positions_after_end_of_turn_do_not_count(lm, engine, make_prompt):
     scored = evaluate(lm, [spec], engine.stop_ids, tokens)
     assert scored.mask[0].tolist() == [1, 1, 1, 0, 0]
     assert scored.energy[0] == pytest.approx(float(scored.energy[1]), abs=1e-5)
-    text, counted, stopped = engine.text_of(tokens[0])
+    text, counted, stopped = engine.text.response(tokens[0])
     assert counted == 3 and stopped and text == lm.tokenizer.decode([30, 31])
 
 

@@ -27,12 +27,11 @@ from app.api.openai_protocol import (
 )
 from app.api.routes import UNAUTHORIZED, built, client, client_gone, engine_config, error_responses, get_service, require_api_key
 from app.api.schemas import ErrorResponse, LimitError
-from app.engine.sea import Engine
 from app.engine.types import AlignResult, ChainResult, SEAConfig, TokenLogProb, ranked_chains
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
-from models.tokens import token_piece
+from models.tokens import TokenText
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -72,11 +71,11 @@ def _check(body, service: AlignService) -> None:
             raise Unprocessable(str(exc), param=f"sea.{exc.field}") from None
 
 
-def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[str, int, str, int]:
+def _generated(chain: ChainResult, stops: list[str], text_of: TokenText) -> tuple[str, int, str, int]:
     """A chain as one choice: its text up to the first stop string, the tokens generated to get there (with the
     end-of-turn token or the tokens that spell the stop string, as a server that stopped there would have generated),
     the finish reason, and the tokens that spell the text itself."""
-    text, counted, stopped = engine.text_of(chain.tokens)
+    text, counted, stopped = text_of.response(chain.tokens)
     found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
     if not found:
         return text, counted, "stop" if stopped else "length", counted - stopped
@@ -87,7 +86,7 @@ def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[st
         low, high = 0, len(ids)
         while low < high:
             middle = (low + high) // 2
-            if _characters(engine, ids[:middle], text) >= characters:
+            if _characters(text_of, ids[:middle], text) >= characters:
                 high = middle
             else:
                 low = middle + 1
@@ -96,11 +95,11 @@ def _generated(chain: ChainResult, stops: list[str], engine: Engine) -> tuple[st
     return text[:cut], tokens_reaching(cut + len(stop)), "stop", tokens_reaching(cut)
 
 
-def _characters(engine: Engine, ids: list[int], text: str) -> int:
+def _characters(text_of: TokenText, ids: list[int], text: str) -> int:
     """Characters of ``text`` (what the whole response decodes to) that its first tokens ``ids`` spell in full: a
     character whose UTF-8 bytes the last of them only begin (an emoji, a CJK character split over tokens) decodes as
     U+FFFD, unlike the text, and is not counted yet (an invalid byte that the text holds as U+FFFD too is)."""
-    return len(os.path.commonprefix([engine.lm.tokenizer.decode(ids, skip_special_tokens=True), text]))
+    return len(os.path.commonprefix([text_of.decode(ids), text]))
 
 
 def _finite(value: float) -> float | None:
@@ -108,7 +107,7 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _sea_extra(job: Job, result: AlignResult, stops: list[str], engine: Engine) -> dict:
+def _sea_extra(job: Job, result: AlignResult, stops: list[str], text_of: TokenText) -> dict:
     """The ``sea`` extension: the run's figures; each chain's text cut at the stops like the choices', its scores those
     of the chain as sampled."""
     return {
@@ -119,7 +118,7 @@ def _sea_extra(job: Job, result: AlignResult, stops: list[str], engine: Engine) 
         "energy_per_token": _finite(result.energy_per_token),
         "chosen": result.chosen,
         "seed": result.seed,  # the request's, or the one drawn for it: sent back as `seed`, it repeats the run
-        "chains": [{"text": _generated(c, stops, engine)[0], "reward": _finite(c.reward), "energy": _finite(c.energy),
+        "chains": [{"text": _generated(c, stops, text_of)[0], "reward": _finite(c.reward), "energy": _finite(c.energy),
                     "log_prob_ref": _finite(c.log_prob_ref)} for c in result.chains],
         "timings": {"queue": job.queue_seconds, "init": result.timings.init, "langevin": result.timings.langevin,
                     "total": result.timings.total, "steps": result.timings.steps},
@@ -134,17 +133,17 @@ def _usage(prompt: int, completion_tokens: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
-def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, engine: Engine) -> tuple[list[dict], int]:
+def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, text_of: TokenText) -> tuple[list[dict], int]:
     """The n best chains as choices, and the tokens generated for them all (OpenAI's ``completion_tokens``)."""
     choices, generated = [], 0
     for index, chain_index in enumerate(ranked_chains(result.chains, result.chosen, n, select)):
         chain = result.chains[chain_index]
-        text, tokens, finish, text_tokens = _generated(chain, stops, engine)
+        text, tokens, finish, text_tokens = _generated(chain, stops, text_of)
         generated += tokens
         log_probs = None
         if chain.token_log_probs is not None:
             entries = chain.token_log_probs[:text_tokens]
-            log_probs = _chat_log_probs(entries, engine) if chat else _completion_log_probs(entries, engine)
+            log_probs = _chat_log_probs(entries, text_of) if chat else _completion_log_probs(entries, text_of)
         if chat:
             choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": log_probs})
         else:
@@ -152,26 +151,25 @@ def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: b
     return choices, generated
 
 
-def _chat_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
+def _chat_log_probs(entries: list[TokenLogProb], text_of: TokenText) -> dict:
     def listed(token: int, log_prob: float) -> dict:
-        text, raw = token_piece(engine.lm.tokenizer, token)
+        text, raw = text_of.piece(token)
         return {"token": text, "logprob": log_prob, "bytes": list(raw)}
 
     return {"content": [{**listed(e.token, e.log_prob), "top_logprobs": [listed(t, p) for t, p in e.top]} for e in entries],
             "refusal": None}
 
 
-def _completion_log_probs(entries: list[TokenLogProb], engine: Engine) -> dict:
+def _completion_log_probs(entries: list[TokenLogProb], text_of: TokenText) -> dict:
     """The legacy completions' shape: parallel lists; each position's most likely tokens and the token returned (as
     OpenAI, up to ``logprobs`` + 1 of them); each token's offset in the returned text (the characters it spells in
     full before it)."""
-    tokenizer = engine.lm.tokenizer
     ids = [e.token for e in entries]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return {"tokens": [token_piece(tokenizer, token)[0] for token in ids],
+    text = text_of.decode(ids)
+    return {"tokens": [text_of.piece(token)[0] for token in ids],
             "token_logprobs": [e.log_prob for e in entries],
-            "top_logprobs": [{token_piece(tokenizer, t)[0]: p for t, p in [*e.top, (e.token, e.log_prob)]} for e in entries],
-            "text_offset": [_characters(engine, ids[:i], text) for i in range(len(ids))]}
+            "top_logprobs": [{text_of.piece(t)[0]: p for t, p in [*e.top, (e.token, e.log_prob)]} for e in entries],
+            "text_offset": [_characters(text_of, ids[:i], text) for i in range(len(ids))]}
 
 
 async def _respond(body: OpenAIRequest, conversations: list[list[dict[str, str]]], max_tokens: int | None, request: Request,
@@ -245,8 +243,8 @@ class _Answer:
 
     async def choices(self, index: int) -> list[dict]:
         """Prompt ``index``'s choices (its result added), counting their tokens into the usage."""
-        job, result, engine = self.jobs[index], self.results[index], self.service.runtime.engine
-        choices, tokens = await built(job, lambda: _choices(result, self.body.n, self.select, self.stops, self.chat, engine))
+        job, result, text_of = self.jobs[index], self.results[index], self.service.runtime.text
+        choices, tokens = await built(job, lambda: _choices(result, self.body.n, self.select, self.stops, self.chat, text_of))
         self.completion_tokens += tokens
         for choice in choices:
             choice["index"] += index * self.body.n
@@ -257,8 +255,7 @@ class _Answer:
 
     def sea(self) -> dict | list[dict]:
         """The `sea` extension: the run's figures; a list of each prompt's for a list of prompts (of one too)."""
-        engine = self.service.runtime.engine
-        extras = [_sea_extra(job, result, self.stops, engine) for job, result in zip(self.jobs, self.results)]
+        extras = [_sea_extra(job, result, self.stops, self.service.runtime.text) for job, result in zip(self.jobs, self.results)]
         return extras if self.listed else extras[0]
 
 

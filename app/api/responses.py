@@ -169,7 +169,7 @@ class _Run:
             response["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                                  "output_tokens": completion_tokens,
                                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion_tokens}
-            response["sea"] = _sea_extra(self.job, result, [], self.service.runtime.engine)
+            response["sea"] = _sea_extra(self.job, result, [], self.service.runtime.text)
         return response
 
     def message(self, status: str, text: str, log_probs: list | None) -> dict[str, Any]:
@@ -182,8 +182,8 @@ class _Run:
 
     async def finished(self, result: AlignResult) -> dict[str, Any]:
         """The finished Response: the best chain's text; `incomplete` when it ran to `max_output_tokens`."""
-        engine = self.service.runtime.engine
-        choices, completion_tokens = await built(self.job, lambda: _choices(result, 1, self.job.work.config.select, [], True, engine))
+        text_of = self.service.runtime.text
+        choices, completion_tokens = await built(self.job, lambda: _choices(result, 1, self.job.work.config.select, [], True, text_of))
         choice = choices[0]
         status = "incomplete" if choice["finish_reason"] == "length" else "completed"
         log_probs = choice["logprobs"]["content"] if choice["logprobs"] is not None else None

@@ -19,7 +19,6 @@ from app.engine.types import SEAConfig
 from app.errors import ServiceBroken, ServiceUnavailable, TooManyRequests, Unauthorized, Unprocessable
 from app.service.jobs import Job
 from app.service.service import AlignService
-from models.tokens import token_piece
 
 ERROR_MEANINGS = {
     400: "A malformed body, or an invalid, unsupported or over-the-limit parameter (named in `param`).",
@@ -110,8 +109,8 @@ async def submit(body: AlignRequest, request: Request, service: AlignService, **
 
 
 def align_response(job: Job, result, with_trace: bool, service: AlignService) -> AlignResponse:
-    tokenizer = service.runtime.engine.lm.tokenizer  # a job exists only once the models are loaded
-    return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace, piece=lambda token: token_piece(tokenizer, token)[0])
+    text_of = service.runtime.text  # a job exists only once the models are loaded
+    return AlignResponse.build(job.id, job.model, result, job.queue_seconds, with_trace, piece=lambda token: text_of.piece(token)[0])
 
 
 T = TypeVar("T")

@@ -46,7 +46,7 @@ def _chains(engine, tokens: torch.Tensor, scores: torch.Tensor) -> list[ChainRes
     chains = []
     for row, (energy, reward, log_prob_ref) in zip(ids, figures):
         stats = StepStats(energy, reward, log_prob_ref, 0.0, math.isfinite(energy))
-        text, counted, _ = engine.text_of(row)
+        text, counted, _ = engine.text.response(row)
         chains.append(ChainResult(text, row, reward, log_prob_ref, energy, 0, stats, [], counted))
     return chains
 

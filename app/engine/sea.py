@@ -15,7 +15,6 @@ import math
 import time
 
 import torch
-from torch import Tensor
 
 from app.engine import discrete, logits, starts
 from app.engine.energy import RowSpec
@@ -36,7 +35,7 @@ from app.engine.types import (
 from models.kv import Prefix, stack_prefixes
 from models.lm import encode_prefix, log_probs_with_top
 from models.loading import LoadedLM
-from models.tokens import stop_token_ids
+from models.tokens import TokenText, stop_token_ids
 
 
 class Engine:
@@ -54,6 +53,7 @@ class Engine:
         self.stop_ids = torch.tensor(ids, device=self.device)
         self.stop_set = set(ids)
         self.pad_id = ids[0]
+        self.text = TokenText(self.lm.tokenizer, frozenset(ids))  # responses' text ends at these
 
     # ----- request lifecycle -------------------------------------------------------------------
 
@@ -202,15 +202,6 @@ class Engine:
             state.usage.forward_token_passes += len(these) * max(wide - 1, 0)  # what it feeds, padding too; the last token to nothing
         state.timings.total += time.perf_counter() - started
 
-    def text_of(self, tokens: Tensor | list[int]) -> tuple[str, int, bool]:
-        """Decoded text up to the first stop token, the number of tokens that count, and whether it stopped."""
-        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
-        stop = self.stop_set
-        end = next((i for i, t in enumerate(ids) if t in stop), None)
-        kept = ids if end is None else ids[:end]
-        counted = len(ids) if end is None else end + 1
-        return self.lm.tokenizer.decode(kept, skip_special_tokens=True), counted, end is not None
-
     def result(self, state: RequestState) -> AlignResult:
         """The request's result: each chain's best iterate; the returned one chosen by reward or energy."""
         config = state.config
@@ -218,7 +209,7 @@ class Engine:
         tokens, figures, best_step = to_host(state.best_tokens, torch.stack([state.best_reward, state.best_log_prob, state.best_energy], 1),
                                              state.best_step)
         for c in range(state.chains):
-            text, counted, _ = self.text_of(tokens[c])
+            text, counted, _ = self.text.response(tokens[c])
             reward, log_prob, energy = figures[c]
             chains.append(
                 ChainResult(
@@ -238,7 +229,7 @@ class Engine:
         return self.finish(state, chains, chosen, "sea")
 
     def finish(self, state: RequestState, chains: list[ChainResult], chosen: int, method: str) -> AlignResult:
-        text, counted, stopped = self.text_of(chains[chosen].tokens)
+        text, counted, stopped = self.text.response(chains[chosen].tokens)
         state.usage.completion_tokens = counted
         state.timings.total = time.perf_counter() - state.started
         if method != "sea":

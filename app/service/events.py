@@ -30,12 +30,12 @@ def _pieces(engine: Engine, state: RequestState, chain: int) -> dict[str, Any]:
     """The chain's current text as token pieces, flagging those that differ from its initial sample."""
     tokens = state.tokens[chain].tolist()
     initial = state.initial_tokens[chain].tolist()
-    text, counted, _ = engine.text_of(tokens)
+    text, counted, _ = engine.text.response(tokens)
     pieces, changed = [], []
     for position, token in enumerate(tokens[:counted]):
         if token in engine.stop_set:
             break
-        pieces.append(engine.lm.tokenizer.decode([token]))
+        pieces.append(engine.text.tokenizer.decode([token]))
         changed.append(token != initial[position])
     return {"text": text, "pieces": pieces, "changed_positions": changed}
 
