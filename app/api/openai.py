@@ -25,8 +25,9 @@ from app.api.openai_protocol import (
     named_as_sent,
     set_null_only_fields,
 )
+from app.api.outputs import ErrorResponse
 from app.api.routes import UNAUTHORIZED, built, client, client_gone, engine_config, error_responses, get_service, require_api_key
-from app.api.schemas import ErrorResponse, LimitError
+from app.api.schemas import LimitError
 from app.engine.types import AlignResult, ChainResult, SEAConfig, TokenLogProb, ranked_chains
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
 from app.service.jobs import Job

@@ -14,7 +14,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from app.api.errors import error_body
 from app.api.middleware import bearer_key_valid
-from app.api.schemas import AlignRequest, AlignResponse, ErrorResponse, JobCreated, JobOut, LimitError, SEAParams
+from app.api.outputs import AlignResponse, ErrorResponse, JobCreated, JobOut
+from app.api.schemas import AlignRequest, LimitError, SEAParams
 from app.engine.types import SEAConfig
 from app.errors import ServiceBroken, ServiceUnavailable, TooManyRequests, Unauthorized, Unprocessable
 from app.service.jobs import Job
