@@ -109,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 self._captured_signals.clear()  # a drained SIGTERM is a clean exit (status 0), not a re-raised signal
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False,  # the service logs each request once, with its id (RequestContext)
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
     Server(config).run()
     return 0

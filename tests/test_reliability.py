@@ -465,8 +465,14 @@ def test_error_responses_carry_the_request_id_and_no_internals(http, server):
     assert responses[-1].headers["allow"] == "GET, HEAD"
     assert http.request("OPTIONS", "/jobs/job-nope").headers["allow"] == "DELETE, GET"
     assert http.post("/static/playground.js").headers["allow"] == "GET, HEAD"  # the mount's own (it was empty)
+    served = http.get("/v1/models", headers={"X-Request-ID": "trace-5678"})
+    probe = http.get("/health", headers={"X-Request-ID": "probe-5678"})
     log = server.log_path.read_text()
     assert f"request {supplied.headers['x-request-id']} POST /align -> 422 chains must be at most 8" in log
+    # One line per request, with its id (uvicorn's access log, which had none, is off); probes only at debug level.
+    assert served.status_code == probe.status_code == 200 and log.count("trace-5678") == 1
+    assert re.search(r"request trace-5678 GET /v1/models -> 200 \(\d+ ms\)", log) and "probe-5678" not in log
+    assert "HTTP/1.1\" 4" not in log  # no access-log line ("GET /jobs/job-nope HTTP/1.1" 404)
 
 
 def test_a_client_that_leaves_while_sending_its_body_counts_as_499_not_400(http, server):

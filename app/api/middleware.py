@@ -68,8 +68,12 @@ async def _send_error(scope, send, status: int, message: str, type_: str, code: 
     await response({"type": "http"}, None, send)
 
 
+QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+
+
 class RequestContext:
-    """Request id (``X-Request-ID`` in and out), request metrics and one log line per error (outermost)."""
+    """Request id (``X-Request-ID`` in and out), request metrics and one log line per request (outermost): uvicorn's
+    access log is off (``sea serve``), so each request is logged once, with its id, and an error with its reason."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -101,10 +105,14 @@ class RequestContext:
             method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method: bound the label
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.request_seconds.labels(route, str(status)).observe(time.perf_counter() - started)
+            milliseconds = 1000 * (time.perf_counter() - started)
             if status >= 400:
                 reason = _printable(state.get("error_message", ""))[:1000]
-                log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s",
-                        request_id, scope["method"], path, status, reason)
+                log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s (%.0f ms)",
+                        request_id, scope["method"], path, status, reason, milliseconds)
+            else:  # probes and scrapes come every few seconds: at debug level
+                log.log(logging.DEBUG if route in QUIET_ROUTES else logging.INFO, "request %s %s %s -> %d (%.0f ms)",
+                        request_id, scope["method"], path, status, milliseconds)
 
     def _route(self, scope) -> str:
         """The route's path template as the metrics label (``/v1/models/{model}``, however the route spells its
