@@ -111,6 +111,8 @@ class Runtime:
         return max(max(len(token), len(tokenizer.convert_tokens_to_string([token]))) for token in tokenizer.get_vocab())
 
     def prompt(self, messages: list[Message]) -> Prompt:
+        """The chat rendered by the model's template and tokenized; a :class:`PromptError` when the template refuses it
+        or it holds tokens the model has no embedding for."""
         try:
             ids = render_prompt(self.lm.tokenizer, messages)
         except TemplateError as exc:
@@ -148,4 +150,5 @@ class Runtime:
         return RewardMix(chosen)
 
     def job(self, messages: list[Message], config: SEAConfig, **reward_options) -> AlignJob:
+        """An engine job: the rendered prompt, the config, and the reward the options ask for (:meth:`reward`)."""
         return AlignJob(self.prompt(messages), config, self.reward(**reward_options))

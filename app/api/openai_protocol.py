@@ -118,10 +118,13 @@ class OpenAIRequest(StrictRequest):
         return None
 
     def stops(self) -> list[str]:
+        """The non-empty stop strings."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
     def params(self, max_tokens: int | None, default_chains: int) -> SEAParams:
+        """The request as /align's parameters: its ``sea`` extra and OpenAI fields; with ``n`` > 1, at least n chains
+        (`sea`) and n samples (`sea`, `bon`), since the n choices are the n best of one run."""
         params = sea_params(self.sea, max_tokens=max_tokens, seed=self.seed, temperature=self.temperature, top_p=self.top_p)
         if self.n > 1:
             if params.method not in ("sea", "bon"):  # sample, ARGS and beam search return fewer than n distinct answers

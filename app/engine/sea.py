@@ -118,6 +118,8 @@ class Engine:
         return RequestState(job, spec, generator, None, torch.empty(0), usage, Timings(), started, seed)
 
     def cancel(self, state: RequestState) -> None:
+        """End a request without a result: it is done, a baseline's run is closed, and a start that draws for nobody
+        else stops."""
         state.cancelled = True
         state.done = True
         if state.baseline is not None:
@@ -229,6 +231,8 @@ class Engine:
         return self.finish(state, chains, chosen, "sea")
 
     def finish(self, state: RequestState, chains: list[ChainResult], chosen: int, method: str) -> AlignResult:
+        """The request's result from its chains (best iterates) and the one returned: its text up to the stop token,
+        the tokens it counts, its timings and usage."""
         text, counted, stopped = self.text.response(chains[chosen].tokens)
         state.usage.completion_tokens = counted
         state.timings.total = time.perf_counter() - state.started

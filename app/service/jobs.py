@@ -101,6 +101,8 @@ class Job:
         return (self.started or time.monotonic()) - self.enqueued
 
     def publish(self, event: dict[str, Any]) -> None:
+        """Record an event and hand it to the listeners and the subscribed streams (on the event loop); a step that
+        comes after the job ended is dropped."""
         if self.status.finished and event["event"] != "end":  # a step the worker ran while a timeout or a stop ended it
             return
         self.events.append(event)
@@ -132,6 +134,8 @@ class Job:
         self.started = time.monotonic() if started is None else started
 
     def finish(self, status: JobStatus, result: AlignResult | None = None, error: str | None = None, kind: str | None = None) -> None:
+        """End the job once (later calls change nothing): its status, result or error and its kind, the step events
+        kept in their lighter form, and the `end` event that wakes every waiter and stream."""
         if self.status.finished:
             return
         self.status = status
@@ -193,6 +197,8 @@ class JobStore:
         return job
 
     def expire(self) -> int:
+        """Drop finished jobs past their TTL, then, past the store's bounds (listed log-probs, step-event bytes), the
+        oldest of the owner holding the most. Returns how many jobs it dropped."""
         now = time.monotonic()
         old = [job.id for job in self._finished() if now - job.finished_at > self.ttl]
         for jid in old:

@@ -181,7 +181,7 @@ class EngineWorker:
             return not self._pending and not self._running()
 
     def ended_in_batch(self, owner: str) -> int:
-        """``owner``'s jobs that a deadline (or a shutdown) ended at once while their chains are still in the batch or
+        """``owner``'s jobs that a deadline ended at once (the 504 does not wait) while their chains are still in the batch or
         drawing their start: they leave at the next step boundary, and hold the engine until then. A job that ended
         with its result is not one: its chains are done, though it stays listed until the step has delivered the
         others' results."""
@@ -210,6 +210,8 @@ class EngineWorker:
         await asyncio.to_thread(self.stop, "the service shut down before the job could finish")
 
     def stop(self, reason: str = "the service stopped") -> None:
+        """Stop at once: queued, starting and running jobs fail with ``reason`` (kind `shutdown`), then the thread is
+        joined (at most 30 s). ``drain`` is the gentle way."""
         with self._cond:
             self._stopping = True
             self._draining = True
