@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.openai import _chat_log_probs, _completion_log_probs, _generated, _sea_extra
+from app.api.openai import _chat_log_probs, _completion_log_probs, _generated, sea_extra
 from app.engine.types import AlignResult, ChainResult, SEAConfig, StepStats, Timings, TokenLogProb, Usage
 from app.runtime import Runtime
 from app.settings import Settings
@@ -591,7 +591,7 @@ def test_non_finite_scores_reach_v1_clients_as_null(engine, lm):
     ids = lm.tokenizer("the dog", add_special_tokens=False)["input_ids"]
     chain = ChainResult("the dog", ids, nan, nan, nan, 0, StepStats(nan, nan, nan, 0.0, False))
     result = AlignResult("sea", "the dog", nan, nan, nan, nan, 0, [chain], Usage(3, 2), Timings(total=0.01), "length")
-    extra = _sea_extra(SimpleNamespace(queue_seconds=0.0), result, [], engine.text)
+    extra = sea_extra(SimpleNamespace(queue_seconds=0.0), result, [], engine.text)
     json.dumps(extra, allow_nan=False)
     assert extra["reward"] is None and extra["energy_per_token"] is None and extra["chains"][0]["energy"] is None
 

@@ -628,7 +628,7 @@ def test_responses_listing_log_probs_or_traces_are_built_off_the_event_loop(faul
     from tests.server import noting_the_event_loop
 
     on_loop = []
-    monkeypatch.setattr(openai, "_choices", noting_the_event_loop(openai._choices, on_loop))
+    monkeypatch.setattr(openai, "build_choices", noting_the_event_loop(openai.build_choices, on_loop))
     monkeypatch.setattr(routes, "align_response", noting_the_event_loop(routes.align_response, on_loop))
     with httpx.Client(base_url=faulty.url, timeout=60) as client:
         chat = {"model": "sea", "messages": [{"role": "user", "content": "fine"}], "max_tokens": 3, "logprobs": True}

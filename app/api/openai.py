@@ -26,7 +26,16 @@ from app.api.openai_protocol import (
     set_null_only_fields,
 )
 from app.api.outputs import ErrorResponse
-from app.api.routes import UNAUTHORIZED, built, client, client_gone, engine_config, error_responses, get_service, require_api_key
+from app.api.routes import (
+    UNAUTHORIZED,
+    build_answer,
+    client,
+    client_gone,
+    engine_config,
+    error_responses,
+    get_service,
+    require_api_key,
+)
 from app.api.schemas import LimitError
 from app.engine.types import AlignResult, ChainResult, SEAConfig, TokenLogProb, ranked_chains
 from app.errors import APIError, BadRequest, NotFound, Unprocessable
@@ -51,7 +60,7 @@ def _check_model(model: str, service: AlignService) -> None:
         raise NotFound(f"the model {model!r} is not served here; use {service.model_name!r}", param="model", code="model_not_found")
 
 
-def _check(body, service: AlignService) -> None:
+def check_request(body, service: AlignService) -> None:
     """Refuse what ``body`` (a completions, chat or responses request) asks past this server's support or limits."""
     for name in body.unsupported():
         raise BadRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
@@ -108,7 +117,7 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _sea_extra(job: Job, result: AlignResult, stops: list[str], text_of: TokenText) -> dict:
+def sea_extra(job: Job, result: AlignResult, stops: list[str], text_of: TokenText) -> dict:
     """The ``sea`` extension: the run's figures; each chain's text cut at the stops like the choices', its scores those
     of the chain as sampled."""
     return {
@@ -134,7 +143,7 @@ def _usage(prompt: int, completion_tokens: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
-def _choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, text_of: TokenText) -> tuple[list[dict], int]:
+def build_choices(result: AlignResult, n: int, select: str, stops: list[str], chat: bool, text_of: TokenText) -> tuple[list[dict], int]:
     """The n best chains as choices, and the tokens generated for them all (OpenAI's ``completion_tokens``)."""
     choices, generated = [], 0
     for index, chain_index in enumerate(ranked_chains(result.chains, result.chosen, n, select)):
@@ -176,7 +185,7 @@ def _completion_log_probs(entries: list[TokenLogProb], text_of: TokenText) -> di
 async def _respond(body: OpenAIRequest, conversations: list[list[dict[str, str]]], max_tokens: int | None, request: Request,
                    service: AlignService, chat: bool):
     """Run each conversation (a chat's one, or a completion's prompts) as its own job, with the same settings."""
-    _check(body, service)
+    check_request(body, service)
     params = body.params(max_tokens, service.settings.default_chains)
     stops = body.stops()
     config = engine_config(params, service, logprobs=body.log_prob_alternatives(), logprob_chains=body.n)
@@ -245,7 +254,7 @@ class _Answer:
     async def choices(self, index: int) -> list[dict]:
         """Prompt ``index``'s choices (its result added), counting their tokens into the usage."""
         job, result, text_of = self.jobs[index], self.results[index], self.service.runtime.text
-        choices, tokens = await built(job, lambda: _choices(result, self.body.n, self.select, self.stops, self.chat, text_of))
+        choices, tokens = await build_answer(job, lambda: build_choices(result, self.body.n, self.select, self.stops, self.chat, text_of))
         self.completion_tokens += tokens
         for choice in choices:
             choice["index"] += index * self.body.n
@@ -256,7 +265,7 @@ class _Answer:
 
     def sea(self) -> dict | list[dict]:
         """The `sea` extension: the run's figures; a list of each prompt's for a list of prompts (of one too)."""
-        extras = [_sea_extra(job, result, self.stops, self.service.runtime.text) for job, result in zip(self.jobs, self.results)]
+        extras = [sea_extra(job, result, self.stops, self.service.runtime.text) for job, result in zip(self.jobs, self.results)]
         return extras if self.listed else extras[0]
 
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
-from app.api.openai import V1_RESPONSES, _check, _choices, _sea_extra, progress_comments
+from app.api.openai import V1_RESPONSES, build_choices, check_request, progress_comments, sea_extra
 from app.api.openai_protocol import (
     A_MESSAGE_HAS_TEXT_PART,
     STREAM_OPTIONS_NEED_STREAM,
@@ -30,7 +30,7 @@ from app.api.openai_protocol import (
     null_only,
     sea_params,
 )
-from app.api.routes import built, client, client_gone, engine_config, get_service, require_api_key
+from app.api.routes import build_answer, client, client_gone, engine_config, get_service, require_api_key
 from app.api.schemas import SEED_RANGE, PromptText, SEAParams, chat_has_text
 from app.engine.types import AlignResult, SEAConfig
 from app.errors import APIError
@@ -169,7 +169,7 @@ class _Run:
             response["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                                  "output_tokens": completion_tokens,
                                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion_tokens}
-            response["sea"] = _sea_extra(self.job, result, [], self.service.runtime.text)
+            response["sea"] = sea_extra(self.job, result, [], self.service.runtime.text)
         return response
 
     def message(self, status: str, text: str, log_probs: list | None) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class _Run:
     async def finished(self, result: AlignResult) -> dict[str, Any]:
         """The finished Response: the best chain's text; `incomplete` when it ran to `max_output_tokens`."""
         text_of = self.service.runtime.text
-        choices, completion_tokens = await built(self.job, lambda: _choices(result, 1, self.job.work.config.select, [], True, text_of))
+        choices, completion_tokens = await build_answer(self.job, lambda: build_choices(result, 1, self.job.work.config.select, [], True, text_of))
         choice = choices[0]
         status = "incomplete" if choice["finish_reason"] == "length" else "completed"
         log_probs = choice["logprobs"]["content"] if choice["logprobs"] is not None else None
@@ -192,7 +192,7 @@ class _Run:
 
 @router.post("/responses", responses=V1_RESPONSES, summary="OpenAI Responses API: one SEA run, its best chain as the output message.")
 async def create_response(body: ResponseRequest, request: Request, service: AlignService = Depends(get_service)):
-    _check(body, service)
+    check_request(body, service)
     params = body.params()
     config = engine_config(params, service, logprobs=body.log_prob_alternatives(), logprob_chains=1)
     try:

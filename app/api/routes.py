@@ -117,7 +117,7 @@ def align_response(job: Job, result, with_trace: bool, service: AlignService) ->
 T = TypeVar("T")
 
 
-async def built(job: Job, build: Callable[[], T], with_trace: bool = False) -> T:
+async def build_answer(job: Job, build: Callable[[], T], with_trace: bool = False) -> T:
     """``build()`` (``job``'s answer), in a thread when it lists token log-probs or every chain's trace (a Best-of-256's
     token log-probs make 18 MB of JSON, 16 chat choices' a second of building: time that would hold the event loop,
     which serves every other request)."""
@@ -162,7 +162,7 @@ async def align(body: AlignRequest, request: Request, service: AlignService = De
     job = await submit(body, request, service)
     result = await service.wait(job, client_gone(request))
     # Serialised here (pydantic's own JSON): the response model is built and checked once, not re-validated by FastAPI.
-    return Response(await built(job, lambda: align_response(job, result, body.return_trace, service).model_dump_json(), body.return_trace),
+    return Response(await build_answer(job, lambda: align_response(job, result, body.return_trace, service).model_dump_json(), body.return_trace),
                     media_type="application/json")
 
 
@@ -182,7 +182,7 @@ async def job_json(job: Job, service: AlignService) -> str:
         result = align_response(job, job.result, job.return_trace, service) if job.result is not None else None
         return JobOut(id=job.id, status=job.status.value, position=position, created=job.created, error=job.error, result=result).model_dump_json()
 
-    return await built(job, build, job.return_trace) if job.result is not None else build()
+    return await build_answer(job, build, job.return_trace) if job.result is not None else build()
 
 
 @protected.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS, summary="A job's status, queue position and result.")
