@@ -189,7 +189,7 @@ async def _respond(body: OpenAIRequest, conversations: list[list[dict[str, str]]
     params = body.params(max_tokens, service.settings.default_chains)
     stops = body.stops()
     config = engine_config(params, service, logprobs=body.log_prob_alternatives(), logprob_chains=body.n)
-    _check_prompts(len(conversations), config, service, client(request))
+    _refuse_what_cannot_run_whole(len(conversations), config, service, client(request))
     listed = isinstance(getattr(body, "prompt", None), list)  # a completion's prompts sent as a list
     jobs = []
     try:
@@ -216,7 +216,7 @@ async def _respond(body: OpenAIRequest, conversations: list[list[dict[str, str]]
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _check_prompts(count: int, config: SEAConfig, service: AlignService, owner: str | None) -> None:
+def _refuse_what_cannot_run_whole(count: int, config: SEAConfig, service: AlignService, owner: str | None) -> None:
     """Refuse, before any runs, a request of ``count`` prompts that could never run whole: more jobs than the queue or
     the API key's share holds (a 429 would say to retry), or more log-probs in all than one request may list."""
     settings = service.settings

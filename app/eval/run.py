@@ -185,7 +185,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     rows = read_prompts(Path(args.prompts))
     rows = rows[: args.limit] if args.limit else rows
     runtime = runtime or Runtime.load(settings)
-    _check_prompts(runtime, rows, args.prompts)
+    _refuse_prompts_past_the_model(runtime, rows, args.prompts)
     base = SEAConfig(
         max_tokens=args.max_tokens or settings.default_max_tokens,
         chains=args.chains or settings.default_chains,
@@ -274,7 +274,7 @@ def _checked_flags(args: argparse.Namespace) -> tuple[list[str], list[int], dict
     return methods, seeds, dict(item.split("=", 1) for item in args.set)
 
 
-def _check_prompts(runtime, rows: list[dict], source) -> None:
+def _refuse_prompts_past_the_model(runtime, rows: list[dict], source) -> None:
     """A prompt the model cannot take stops the evaluation before anything runs."""
     from app.runtime import PromptError
 
