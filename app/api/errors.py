@@ -130,11 +130,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):  # nobody reads this answer; the log and metrics do
             note_error(request.scope, "the client closed the connection while sending the body")
             return JSONResponse(error_body("the client closed the connection", ClientClosed.type), status_code=ClientClosed.status)
-        status = exc.status_code
-        if status == 405 and request.method == "GET" and request.url.path.rstrip("/") == STORED_LIST:
+        status, path = exc.status_code, request.url.path
+        listing = path.rstrip("/") == STORED_LIST
+        if status == 405 and request.method == "GET" and listing:
             status = 404  # the client's chat.completions.list(): nothing is stored to list, as nothing is to retrieve
         message, code = str(exc.detail), NotFound.default_code if status == 404 else None
-        if status == 404 and (request.url.path.startswith(STORED_OBJECTS) or request.url.path.rstrip("/") == STORED_LIST):
+        if status == 404 and (path.startswith(STORED_OBJECTS) or listing):
             message = "this server stores no responses or completions: a request's answer is its response"
         headers = dict(getattr(exc, "headers", None) or {})
         if status == 405 and (allowed := _allowed_methods(request)):  # a mount (/static) names its own

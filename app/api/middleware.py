@@ -104,8 +104,9 @@ class RequestContext:
             route = self._route(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method: bound the label
             self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.request_seconds.labels(route, str(status)).observe(time.perf_counter() - started)
-            milliseconds = 1000 * (time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.request_seconds.labels(route, str(status)).observe(seconds)
+            milliseconds = 1000 * seconds
             if status >= 400:
                 reason = _printable(state.get("error_message", ""))[:1000]
                 log.log(logging.WARNING if status >= 500 else logging.INFO, "request %s %s %s -> %d %s (%.0f ms)",

@@ -85,7 +85,7 @@ def run_args(engine, state) -> Generator[None, None, AlignResult | None]:
     log_probs = batch.first_log_probs  # (scorers, V)
     tokens: list[int] = []
     chosen_log_probs: list[torch.Tensor] = []  # per token, (scorers,): each scorer's log-prob of the token picked
-    stops = engine.stop_set
+    stops = engine.text.stop_ids
     device = engine.device
     embed = model.get_input_embeddings()
     for t in range(config.max_tokens):

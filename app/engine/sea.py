@@ -48,12 +48,11 @@ class Engine:
         self.vocab = lm.model.get_output_embeddings().weight.shape[0]
 
     def use_stop_ids(self, ids: list[int]) -> None:
-        """The token ids that end a response, on the device and on the host (each read of a device tensor waits for
-        the device): the first also pads shorter responses in a batch."""
+        """The token ids that end a response, on the device and on the host (``text.stop_ids``: each read of a device
+        tensor waits for the device): the first also pads shorter responses in a batch."""
         self.stop_ids = torch.tensor(ids, device=self.device)
-        self.stop_set = set(ids)
         self.pad_id = ids[0]
-        self.text = TokenText(self.lm.tokenizer, frozenset(ids))  # responses' text ends at these
+        self.text = TokenText(self.lm.tokenizer, frozenset(ids))
 
     # ----- request lifecycle -------------------------------------------------------------------
 

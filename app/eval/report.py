@@ -70,16 +70,16 @@ def paired_comparison(records: list[dict], method: str, baseline: str, resamples
     ratio of mean energies is given only when both means are positive (a large reward makes an energy negative).
     """
     by_key = {(prompt_key(r), r["seed"]): r for r in records if r["method"] == baseline}
-    matched = [(r, by_key[(prompt_key(r), r["seed"])]) for r in records if r["method"] == method and (prompt_key(r), r["seed"]) in by_key]
+    matched = [(run[0], r, by_key[run]) for r in records if r["method"] == method and (run := (prompt_key(r), r["seed"])) in by_key]
     side_by_side = {}  # the other figures over the same runs
     for key in ("reward", "log_prob_per_token"):
-        values = [(r[key], other[key]) for r, other in matched if _finite(r.get(key)) and _finite(other.get(key))]
+        values = [(r[key], other[key]) for _, r, other in matched if _finite(r.get(key)) and _finite(other.get(key))]
         side_by_side[key] = statistics.fmean(a for a, _ in values) if values else None
         side_by_side[f"baseline_{key}"] = statistics.fmean(b for _, b in values) if values else None
     pairs: dict[str, list[tuple[int, float, float]]] = {}  # prompt -> (seed, method's, baseline's energy per token)
-    for r, other in matched:
+    for prompt, r, other in matched:
         if math.isfinite(r["energy_per_token"]) and math.isfinite(other["energy_per_token"]):
-            pairs.setdefault(prompt_key(r), []).append((r["seed"], r["energy_per_token"], other["energy_per_token"]))
+            pairs.setdefault(prompt, []).append((r["seed"], r["energy_per_token"], other["energy_per_token"]))
     flat = [pair for prompt_pairs in pairs.values() for pair in prompt_pairs]
     if not flat:
         return {"pairs": 0}

@@ -33,7 +33,7 @@ def _pieces(engine: Engine, state: RequestState, chain: int) -> dict[str, Any]:
     text, counted, _ = engine.text.response(tokens)
     pieces, changed = [], []
     for position, token in enumerate(tokens[:counted]):
-        if token in engine.stop_set:
+        if token in engine.text.stop_ids:
             break
         pieces.append(engine.text.tokenizer.decode([token]))
         changed.append(token != initial[position])

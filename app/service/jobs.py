@@ -35,10 +35,15 @@ def spawn_background(coro, tasks: set[asyncio.Task]) -> asyncio.Task:
 LONG_PROMPT_CHARACTERS = 8192  # a prompt longer than this is rendered and tokenized in a thread, not on the event loop
 
 
+def prompt_characters(messages: list[dict[str, str]]) -> int:
+    """The characters of a chat's messages, all together."""
+    return sum(len(message["content"]) for message in messages)
+
+
 async def engine_job(runtime, messages: list[dict[str, str]], config, reward_options: dict) -> AlignJob:
     """``runtime.job``: the prompt rendered and tokenized, the rewards prepared; in a thread when the prompt is long
     (166 000 CJK characters take 0.23 s), so that the event loop serves everyone else meanwhile."""
-    if sum(len(message["content"]) for message in messages) > LONG_PROMPT_CHARACTERS:
+    if prompt_characters(messages) > LONG_PROMPT_CHARACTERS:
         return await asyncio.to_thread(runtime.job, messages, config, **reward_options)
     return runtime.job(messages, config, **reward_options)
 

@@ -23,7 +23,7 @@ from app.errors import (
     Unprocessable,
 )
 from app.runtime import PromptError, Runtime, UnknownRewardError, UnspellableKeywordsError
-from app.service.jobs import Job, JobStatus, JobStore, engine_job, spawn_background
+from app.service.jobs import Job, JobStatus, JobStore, engine_job, prompt_characters, spawn_background
 from app.service.metrics import Metrics
 from app.service.shared import RedisError, SharedJobs, unreachable
 from app.service.worker import DrainingError, EngineWorker, QueueFullError
@@ -186,7 +186,7 @@ class AlignService:
 
     async def _submit(self, config: SEAConfig, messages: list[dict[str, str]], reward_options: dict | None, timeout: float | None,
                       stream_events: bool, return_trace: bool, prompt_param: str, owner: str | None) -> Job:
-        characters = sum(len(message["content"]) for message in messages)
+        characters = prompt_characters(messages)
         if characters > self.settings.max_prompt_tokens * self.runtime.longest_token_characters:  # sure to be over: not tokenized
             raise Unprocessable(f"the prompt has {characters} characters, more than {self.settings.max_prompt_tokens} tokens "
                                 f"hold (the limit is {self.settings.max_prompt_tokens} tokens)", param=prompt_param,
