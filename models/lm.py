@@ -94,6 +94,16 @@ def encode_prefix(model: PreTrainedModel, ids: list[int], with_lm_head: bool = T
     return Prefix(keys, values, len(ids), first_log_probs, hidden)
 
 
+def next_token_log_probs(model: PreTrainedModel, tokens: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                         cache: DynamicCache) -> Tensor:
+    """One decoding step: feed ``tokens`` (B, g) after what ``cache`` holds (the cache grows by them) and return the
+    next token's float32 log-probs (B, V)."""
+    backbone = getattr(model, model.base_model_prefix)
+    out = backbone(inputs_embeds=embed_tokens(model, tokens), attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **with_cache(backbone, cache))
+    return F.log_softmax(lm_head(model)(out.last_hidden_state[:, -1]).float(), dim=-1)
+
+
 def forward_after_prefix(
     module: torch.nn.Module,
     prefix: PrefixBatch,

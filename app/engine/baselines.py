@@ -16,8 +16,8 @@ from app.engine.energy import REFERENCE, drawn_log_probs, evaluate, evaluate_in_
 from app.engine.host import to_host
 from app.engine.sampling import SampleGroup, categorical, drawing_groups, joined_samples, row_chunks, rows_per_pass
 from app.engine.types import AlignResult, ChainResult, StepStats, best_chain
-from models.kv import cache_over, stack_prefixes, with_cache
-from models.lm import lm_head
+from models.kv import cache_over, stack_prefixes
+from models.lm import next_token_log_probs
 
 SAMPLE_BATCH = 32  # Best-of-N draws and scores its candidates this many at a time
 
@@ -75,7 +75,6 @@ def run_args(engine, state) -> Generator[None, None, AlignResult | None]:
     config = state.config
     spec = state.spec
     model = engine.lm.model
-    backbone = getattr(model, model.base_model_prefix)
     weight = config.alpha if config.use_reward else 0.0
     joined = _decoded_rewards(spec, model) if weight else []
     scorers = [REFERENCE, *(component for component, _ in joined)]  # row i of the decoding: scorer i's log-probs
@@ -87,7 +86,6 @@ def run_args(engine, state) -> Generator[None, None, AlignResult | None]:
     chosen_log_probs: list[torch.Tensor] = []  # per token, (scorers,): each scorer's log-prob of the token picked
     stops = engine.text.stop_ids
     device = engine.device
-    embed = model.get_input_embeddings()
     for t in range(config.max_tokens):
         if t:
             yield
@@ -115,9 +113,8 @@ def run_args(engine, state) -> Generator[None, None, AlignResult | None]:
         if token in stops or t == config.max_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(len(scorers), 1, dtype=mask.dtype, device=device)], dim=1)
-        out = backbone(inputs_embeds=embed(torch.full((len(scorers), 1), token, device=device)), attention_mask=mask,
-                       position_ids=(batch.lengths + t)[:, None], use_cache=True, **with_cache(backbone, cache))
-        log_probs = torch.log_softmax(lm_head(model)(out.last_hidden_state[:, -1]).float(), -1)
+        log_probs = next_token_log_probs(model, torch.full((len(scorers), 1), token, device=device), mask,
+                                         (batch.lengths + t)[:, None], cache)
         state.usage.forward_token_passes += len(scorers)
     # The decoding computed every token's log-prob under each of its scorers: scoring the answer runs only the others.
     answer = _padded(engine, state, torch.tensor(tokens, dtype=torch.long, device=device))[None]

@@ -20,12 +20,11 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from models.kv import Prefix, cache_over, stack_prefixes, with_cache
-from models.lm import lm_head
+from models.kv import Prefix, cache_over, stack_prefixes
+from models.lm import next_token_log_probs
 
 ROW_TOKENS_PER_PASS = 8_192  # a draw or an exact scoring pass holds at most this many rows × (prompt + response) tokens
 
@@ -247,27 +246,20 @@ def _layout(groups: list[SampleGroup]) -> _Layout:
 def _feed_given(model: PreTrainedModel, batch, given: Tensor, given_repeats: int, owner: Tensor):
     """Run the ``given`` tokens (drawn rows, g) after each batch row's prompt, once per share of ``given_repeats`` rows:
     the cache, the attention mask and the next token's log-probs (batch rows, V) after them."""
-    backbone = getattr(model, model.base_model_prefix)
-    embed = model.get_input_embeddings()
     device = batch.mask.device
     start = given.shape[1]
     mask = torch.cat([batch.mask, torch.ones(len(owner), start, dtype=batch.mask.dtype, device=device)], dim=1)
     positions = batch.lengths[:, None] + torch.arange(start, device=device)[None, :]
-    if given_repeats > 1:
-        # The first batch row of each share (its prompt rows' shares follow the drawn rows' order, in blocks of whole shares).
-        first = torch.arange(0, len(owner), given_repeats, device=device)
-        shared = cache_over([k[first] for k in batch.keys], [v[first] for v in batch.values])
-        out = backbone(inputs_embeds=embed(given[owner[first]]), attention_mask=mask[first], use_cache=True,
-                       **with_cache(backbone, shared), position_ids=positions[first])
-        cache = cache_over([layer.keys.repeat_interleave(given_repeats, 0) for layer in shared.layers],
-                           [layer.values.repeat_interleave(given_repeats, 0) for layer in shared.layers])
-        hidden = out.last_hidden_state[:, -1].repeat_interleave(given_repeats, 0)
-    else:
+    if given_repeats == 1:
         cache = cache_over(batch.keys, batch.values)
-        out = backbone(inputs_embeds=embed(given[owner]), attention_mask=mask, use_cache=True, **with_cache(backbone, cache),
-                       position_ids=positions)
-        hidden = out.last_hidden_state[:, -1]
-    return cache, mask, F.log_softmax(lm_head(model)(hidden).float(), dim=-1)
+        return cache, mask, next_token_log_probs(model, given[owner], mask, positions, cache)
+    # The first batch row of each share (its prompt rows' shares follow the drawn rows' order, in blocks of whole shares).
+    first = torch.arange(0, len(owner), given_repeats, device=device)
+    shared = cache_over([k[first] for k in batch.keys], [v[first] for v in batch.values])
+    log_probs = next_token_log_probs(model, given[owner[first]], mask[first], positions[first], shared)
+    cache = cache_over([layer.keys.repeat_interleave(given_repeats, 0) for layer in shared.layers],
+                       [layer.values.repeat_interleave(given_repeats, 0) for layer in shared.layers])
+    return cache, mask, log_probs.repeat_interleave(given_repeats, 0)
 
 
 @torch.no_grad()  # entered at each resumption of the generator and left at each pause
@@ -286,9 +278,6 @@ def drawing_groups(
     ``max_tokens``, exactly when it would stop alone. ``given`` (rows / given_repeats, g) starts the rows, each
     given row those of ``given_repeats`` consecutive rows (run once, then shared: beam search's successors).
     """
-    backbone = getattr(model, model.base_model_prefix)
-    embed = model.get_input_embeddings()
-    head = lm_head(model)
     layout = _layout(groups)
     rows, slices, guide_rows = layout.rows, layout.slices, layout.guide_rows
     batch = stack_prefixes(layout.prefixes)
@@ -318,14 +307,7 @@ def drawing_groups(
     for t in range(longest):
         if t > 0:
             mask = torch.cat([mask, torch.ones(batch_rows, 1, dtype=mask.dtype, device=device)], dim=1)
-            out = backbone(
-                inputs_embeds=embed(tokens[owner, t - 1 : t]),
-                attention_mask=mask,
-                position_ids=batch.lengths[:, None] + (start + t - 1),
-                use_cache=True,
-                **with_cache(backbone, cache),
-            )
-            fresh = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
+            fresh = next_token_log_probs(model, tokens[owner, t - 1 : t], mask, batch.lengths[:, None] + (start + t - 1), cache)
             if tables is None:
                 log_probs = fresh
             else:  # a group that stopped repeats its last table row, as it does alone
