@@ -60,6 +60,20 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+class ErrorKind(str, Enum):
+    """Why a job ended without its result: its ``error_kind``, its error answer's ``code`` and the outcome it is
+    counted under (``sea_jobs_total``)."""
+
+    cancelled = "cancelled"  # by its client, or as its request's other prompt failed
+    timeout = "timeout"
+    engine = "engine"
+    overloaded = "overloaded"  # out of memory
+    shutdown = "shutdown"
+
+    def __str__(self) -> str:  # the value, as metric labels, logs and Redis take it
+        return self.value
+
+
 MOST_JOBS_KEPT = 10_000  # finished jobs a replica keeps readable (most a few kB; step events at the limits a few MB)
 
 
@@ -81,9 +95,9 @@ class Job:
     status: JobStatus = JobStatus.queued
     result: AlignResult | None = None
     error: str | None = None
-    error_kind: str | None = None  # "timeout", "cancelled", "engine", "overloaded", "shutdown"
+    error_kind: ErrorKind | None = None  # read from the shared store: the kind's value, an equal plain string
     event_bytes: int = 0  # once finished: about what its step events hold (``held_event_bytes``)
-    cancellation: tuple[str, str] | None = None  # (error kind, reason) once cancelled; read by the worker thread
+    cancellation: tuple[ErrorKind, str] | None = None  # (error kind, reason) once cancelled; read by the worker thread
     queue_seconds_final: float | None = None  # set on mirrors of a job another replica ran: its runner's figure
     events: list[dict[str, Any]] = field(default_factory=list)
     listeners: list[Callable[[Job, dict[str, Any]], None]] = field(default_factory=list)  # e.g. the shared store's writer
@@ -138,7 +152,7 @@ class Job:
         self.status = JobStatus.running
         self.started = time.monotonic() if started is None else started
 
-    def finish(self, status: JobStatus, result: AlignResult | None = None, error: str | None = None, kind: str | None = None) -> None:
+    def finish(self, status: JobStatus, result: AlignResult | None = None, error: str | None = None, kind: ErrorKind | None = None) -> None:
         """End the job once (later calls change nothing): its status, result or error and its kind, the step events
         kept in their lighter form, and the `end` event that wakes every waiter and stream."""
         if self.status.finished:

@@ -8,6 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, disable_created_metrics
 
 from app.engine.types import AlignResult
+from app.service.jobs import ErrorKind
 
 # From 1 ms: probes, scrapes and queue waits (the batching window is 10 ms) take a few ms; an /align up to minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -17,7 +18,7 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40,
 REWARD_BUCKETS = (-50, -20, -10, -5, -2, -1, -0.5, -0.01, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 50, 100)  # a keyword reward reaches 50
 CHAIN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Every way a request ends on a replica: succeeded, or the error kind its job ends with (`requeued`: with a shared store)
-JOB_OUTCOMES = ("succeeded", "cancelled", "timeout", "engine", "overloaded", "shutdown", "requeued")
+JOB_OUTCOMES = ("succeeded", *(kind.value for kind in ErrorKind), "requeued")
 
 
 class Metrics:

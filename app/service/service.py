@@ -23,7 +23,7 @@ from app.errors import (
     Unprocessable,
 )
 from app.runtime import PromptError, Runtime, UnknownRewardError, UnspellableKeywordsError
-from app.service.jobs import Job, JobStatus, JobStore, engine_job, prompt_characters, spawn_background
+from app.service.jobs import ErrorKind, Job, JobStatus, JobStore, engine_job, prompt_characters, spawn_background
 from app.service.metrics import Metrics
 from app.service.shared import RedisError, SharedJobs, unreachable
 from app.service.worker import DrainingError, EngineWorker, QueueFullError
@@ -229,7 +229,7 @@ class AlignService:
         def passed() -> None:
             if not job.status.finished:
                 reason = "the request timed out while queued" if job.status == JobStatus.queued else "the request ran past its deadline"
-                self.cancel(job, kind="timeout", reason=reason)
+                self.cancel(job, kind=ErrorKind.timeout, reason=reason)
 
         timer = asyncio.get_running_loop().call_later(timeout, passed)
         job.listeners.append(lambda job, event: timer.cancel() if event["event"] == "end" else None)
@@ -270,12 +270,12 @@ class AlignService:
     def end_with(self, jobs: list[Job], failed: Job) -> None:
         """End a request's unfinished jobs once its job ``failed`` has: past the deadline they share, as timed out (each
         a few milliseconds before its own timer); otherwise cancelled (nobody waits for them)."""
-        if failed.error_kind == "timeout":
-            self.cancel_all(jobs, "the request ran past its deadline", kind="timeout")
+        if failed.error_kind == ErrorKind.timeout:
+            self.cancel_all(jobs, "the request ran past its deadline", kind=ErrorKind.timeout)
         else:
             self.cancel_all(jobs, "another prompt of its request failed")
 
-    def cancel_all(self, jobs: list[Job], reason: str, kind: str = "cancelled") -> None:
+    def cancel_all(self, jobs: list[Job], reason: str, kind: ErrorKind = ErrorKind.cancelled) -> None:
         """Cancel those of ``jobs`` (one request's) that have not finished, saying ``reason``."""
         for job in jobs:
             if not job.status.finished:
@@ -285,12 +285,12 @@ class AlignService:
         """The result of a finished job, or the matching error."""
         if job.status == JobStatus.succeeded:
             return job.result
-        if job.error_kind == "timeout":
-            raise GatewayTimeout(job.error or "timed out", code="timeout", headers=NO_RETRY)
-        if job.error_kind == "cancelled":
-            raise ClientClosed(job.error or "cancelled", code="cancelled")
-        if job.error_kind in ("overloaded", "shutdown"):
-            raise ServiceUnavailable(job.error or "overloaded", code=job.error_kind, headers={"Retry-After": "5"})
+        if job.error_kind == ErrorKind.timeout:
+            raise GatewayTimeout(job.error or "timed out", code=ErrorKind.timeout.value, headers=NO_RETRY)
+        if job.error_kind == ErrorKind.cancelled:
+            raise ClientClosed(job.error or "cancelled", code=ErrorKind.cancelled.value)
+        if job.error_kind in (ErrorKind.overloaded, ErrorKind.shutdown):
+            raise ServiceUnavailable(job.error or "overloaded", code=str(job.error_kind), headers={"Retry-After": "5"})
         raise RuntimeError(f"job {job.id} failed: {job.error}")
 
     # ----- jobs ---------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ class AlignService:
                 return await self.shared.position(job)
         return self.worker.position(job) if self.worker and job.status == JobStatus.queued else None
 
-    def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
+    def cancel(self, job: Job, kind: ErrorKind = ErrorKind.cancelled, reason: str = "cancelled by the client") -> None:
         """Cancel a job: here if it runs or waits here, else through the shared store (in the background). The first
         cancellation holds: a client's cancel, then its deadline, ends it cancelled."""
         if self.worker is None or job.status.finished:
@@ -322,9 +322,9 @@ class AlignService:
             spawn_background(self.shared.cancel(job, kind, reason), self._background)
         else:
             self.worker.cancel(job, kind, reason)
-        if kind != "cancelled":  # a deadline answers now, as the first cancellation asked; the chains leave at the next step
+        if kind != ErrorKind.cancelled:  # a deadline answers now, as the first cancellation asked; the chains leave at the next step
             first, why = job.cancellation or (kind, reason)
-            job.finish(JobStatus.cancelled if first == "cancelled" else JobStatus.failed, None, why, first)
+            job.finish(JobStatus.cancelled if first == ErrorKind.cancelled else JobStatus.failed, None, why, first)
 
     def request_drain(self) -> None:
         """Stop taking work at once and start draining (safe to call from a signal handler).

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.engine.types import AlignJob, SEAConfig
 from app.service.events import compact_step_events
-from app.service.jobs import Job, JobStatus, engine_job, spawn_background
+from app.service.jobs import ErrorKind, Job, JobStatus, engine_job, spawn_background
 from app.service.shared_records import SCRIPTS, config_spec, result_from_json, result_to_json
 
 try:
@@ -166,7 +166,7 @@ class SharedJobs:
                 log.warning("task %s did not stop: %s", task.get_name(), task.get_stack())
         for job in list(self._jobs.values()):  # mirrors whose runner is elsewhere: their waiters here get an answer
             if not job.status.finished:
-                job.finish(JobStatus.failed, None, "this replica shut down; read the job from another replica", "shutdown")
+                job.finish(JobStatus.failed, None, "this replica shut down; read the job from another replica", ErrorKind.shutdown)
         try:
             await asyncio.wait_for(self._leave(), CLOSE_SECONDS)
         except Exception:  # Redis gone at shutdown: the lease lapses by itself
@@ -229,7 +229,7 @@ class SharedJobs:
     def runs(self, job: Job) -> bool:
         return job.id in self._running
 
-    async def cancel(self, job: Job, kind: str, reason: str) -> None:
+    async def cancel(self, job: Job, kind: ErrorKind, reason: str) -> None:
         """Cancel a job this replica does not run: at once if it is queued, else where it runs."""
         outcome = await self._scripts["cancel"](
             keys=[self.key("job", job.id), self.key("events", job.id), self.key("queue")],
@@ -357,7 +357,7 @@ class SharedJobs:
             self._mirrored.pop(job_id, None)
             self._running[job_id] = _Running(job, attempt)
             job.listeners.append(self._on_event)
-            job.finish(JobStatus.failed, None, f"this replica cannot run the job: {exc}", "engine")
+            job.finish(JobStatus.failed, None, f"this replica cannot run the job: {exc}", ErrorKind.engine)
             return
         self._jobs[job_id] = job
         job.status = JobStatus.queued
@@ -415,7 +415,7 @@ class SharedJobs:
             return
         del self._running[job.id]
         job.listeners.remove(self._on_event)
-        if job.error_kind == "shutdown":  # this replica is going away: let another one run it
+        if job.error_kind == ErrorKind.shutdown:  # this replica is going away: let another one run it
             done = await self._hand_back(job.id, running.attempt)
             log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
             if done:

@@ -22,7 +22,7 @@ import torch
 from app.engine.sea import Engine
 from app.engine.state import RequestState, Starting
 from app.service.events import step_event
-from app.service.jobs import Job, JobStatus
+from app.service.jobs import ErrorKind, Job, JobStatus
 from app.service.metrics import Metrics
 from models.errors import is_out_of_memory
 
@@ -158,7 +158,7 @@ class EngineWorker:
             except ValueError:
                 return None
 
-    def cancel(self, job: Job, kind: str = "cancelled", reason: str = "cancelled by the client") -> None:
+    def cancel(self, job: Job, kind: ErrorKind = ErrorKind.cancelled, reason: str = "cancelled by the client") -> None:
         """Cancel a job: a queued one at once, a running one at the next step boundary. The first cancellation holds
         (a client's cancel then its deadline: cancelled, not timed out)."""
         if job.cancellation is None:
@@ -170,8 +170,8 @@ class EngineWorker:
                 self.metrics.observe_left_queue(job)
                 self._finish_cancelled(job, kind, reason)
 
-    def _finish_cancelled(self, job: Job, kind: str, reason: str) -> None:
-        status = JobStatus.cancelled if kind == "cancelled" else JobStatus.failed
+    def _finish_cancelled(self, job: Job, kind: ErrorKind, reason: str) -> None:
+        status = JobStatus.cancelled if kind == ErrorKind.cancelled else JobStatus.failed
         self._call(job.finish, status, None, reason, kind)
 
     @property
@@ -223,11 +223,11 @@ class EngineWorker:
         for job in leftover:
             self.metrics.observe_left_queue(job)
         for job in leftover + list(self._starting) + [job for job, _ in list(self._active)]:
-            self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
+            self._call(job.finish, JobStatus.failed, None, reason, ErrorKind.shutdown)
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         for job, _ in list(self._active):  # started during the join (the thread admits nothing once stopping)
-            self._call(job.finish, JobStatus.failed, None, reason, "shutdown")
+            self._call(job.finish, JobStatus.failed, None, reason, ErrorKind.shutdown)
         self._active = []
         self._starting = []
         self.metrics.queue_depth.set(0)
@@ -266,7 +266,7 @@ class EngineWorker:
                 failing = {job.id: job for job in admitted + [job for job, _ in self._active]}
                 log.exception("worker error with %d requests running or starting; failing them", len(failing))
                 for job in failing.values():  # finish() ignores a job that already finished
-                    self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+                    self._call(job.finish, JobStatus.failed, None, "internal engine error", ErrorKind.engine)
                 self._active = []
                 self._starting = []
                 self._update_gauges()
@@ -301,7 +301,7 @@ class EngineWorker:
     def _expire(self, job: Job) -> None:
         """Fail a job whose deadline passed before the engine took it."""
         self.metrics.observe_left_queue(job)
-        self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", "timeout")
+        self._call(job.finish, JobStatus.failed, None, "the request timed out while queued", ErrorKind.timeout)
 
     def _admit_locked(self) -> list[Job]:
         admitted = [self._pending.popleft() for _ in range(self._joining_locked([job for job, _ in self._active]))]
@@ -365,10 +365,10 @@ class EngineWorker:
         self._note_fatal(error)
         if is_out_of_memory(error):
             log.error("out of memory %s job %s", doing, job.id, exc_info=error)
-            self._call(job.finish, JobStatus.failed, None, out_of_memory, "overloaded")
+            self._call(job.finish, JobStatus.failed, None, out_of_memory, ErrorKind.overloaded)
         else:
             log.error("engine failed %s job %s", doing, job.id, exc_info=error)
-            self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+            self._call(job.finish, JobStatus.failed, None, "internal engine error", ErrorKind.engine)
 
     def _note_fatal(self, error: BaseException) -> None:
         """An accelerator error (an illegal memory access, a device-side assert) fails every later call on the device:
@@ -405,7 +405,7 @@ class EngineWorker:
         if job.cancellation is not None:  # by the client, or by the service (the deadline timer submit armed)
             self._finish_cancelled(job, *job.cancellation)
         else:
-            self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", "timeout")
+            self._call(job.finish, JobStatus.failed, None, "the request ran past its deadline", ErrorKind.timeout)
 
     def _step(self) -> None:
         """One step of the SEA requests in the batch (their events published), then the baselines' runs and the
@@ -431,7 +431,7 @@ class EngineWorker:
             event = step_event(self.engine, state, job.stream_events)
             if state.done and state.result is None:  # an engine bug must fail its own job only, not the batch
                 log.error("job %s: the engine ended it without a result", job.id)
-                self._call(job.finish, JobStatus.failed, None, "internal engine error", "engine")
+                self._call(job.finish, JobStatus.failed, None, "internal engine error", ErrorKind.engine)
                 continue
             if state.done:
                 self._complete(job, state, event)
@@ -498,9 +498,9 @@ class EngineWorker:
             if len(states) == 1:
                 if out_of_memory:
                     log.warning("out of memory on a single request; failing it")
-                    return {id(states[0]): ("out of memory: ask for fewer chains or tokens", "overloaded")}
+                    return {id(states[0]): ("out of memory: ask for fewer chains or tokens", ErrorKind.overloaded)}
                 log.exception("engine step failed for a request")
-                return {id(states[0]): ("internal engine error", "engine")}
+                return {id(states[0]): ("internal engine error", ErrorKind.engine)}
             if out_of_memory:
                 log.warning("out of memory on a batch of %d requests; splitting", len(states))
             else:
