@@ -312,6 +312,13 @@ def scoring_passes(length: int, components, start: int = 0) -> int:
     return (length - 1 - start) + reward_passes(components, length, start)
 
 
+def draw_cost(length: int, guides: int, left_to_score: int) -> int:
+    """LM token-passes of drawing one sample of ``length`` tokens and scoring it exactly: the draw feeds back every
+    token but the last (the first comes from the prompt's pass), under each of its ``guides`` prompts too, and gives
+    those tokens' reference and guide log-probs, so scoring it costs only ``left_to_score``, the passes of the rest."""
+    return (length - 1) * (1 + guides) + left_to_score
+
+
 def passes_per_row(spec: RowSpec, start: int = 0, known: frozenset = frozenset()) -> int:
     """LM token-passes (one direction) that scoring one row of ``spec`` costs (from input position ``start`` on),
     leaving out the scorers in ``known`` (``REFERENCE`` or reward components: their log-probs were given)."""

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.engine.energy import Evaluation, drawn_log_probs, drawn_scorers, evaluate_in_chunks, passes_per_row, token_tilt
+from app.engine.energy import (
+    Evaluation,
+    draw_cost,
+    drawn_log_probs,
+    drawn_scorers,
+    evaluate_in_chunks,
+    passes_per_row,
+    token_tilt,
+)
 from app.engine.host import to_host
 from app.engine.sampling import SampleGroup, Tilt, drawing_groups_in_chunks, run_for
 from app.engine.state import RequestState
@@ -194,8 +202,8 @@ def sample_cost(engine: Engine, state: RequestState) -> int:
     """Token-passes of drawing one sample (it feeds back L − 1 tokens; a guided one runs them under each guide prompt
     too) and scoring what the draw did not."""
     tilt = start_tilt(engine, state)
-    drawn = (state.spec.length - 1) * (1 + (len(tilt.guides) if tilt else 0))
-    return max(1, drawn + passes_per_row(state.spec, known=drawn_scorers(tilt)))  # at least 1: one-token answers cost ~0
+    cost = draw_cost(state.spec.length, len(tilt.guides) if tilt else 0, passes_per_row(state.spec, known=drawn_scorers(tilt)))
+    return max(1, cost)  # at least 1: one-token answers cost ~0
 
 
 def restart(engine: Engine, states: list[RequestState]) -> dict[int, set[int]]:

@@ -14,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from app.api.schemas import ChatMessage
 from app.arguments import positive_int
-from app.engine.energy import reward_passes, scoring_passes
+from app.engine.energy import draw_cost, reward_passes, scoring_passes
 from app.engine.types import AlignResult, SEAConfig
 from app.eval.measures import copies, refused
 from app.eval.methods import VARIANTS
@@ -130,12 +130,12 @@ def size_to_budget(config: SEAConfig, budget: float | None, scorers: list, guide
     if config.method == "bon":
         return dataclasses.replace(config, samples=max(1, int(budget // sample_cost)))
     if config.method == "sea" and config.update == "discrete":
-        fed = length - 1
-        draw_cost = fed * (1 + guides) + max(0, reward_passes(scorers, length) - guides * fed)
-        init = config.init_samples or max(config.chains, int(0.25 * budget // draw_cost))
+        # each guide is a contrastive component whose log-probs the draw computes
+        one_draw = draw_cost(length, guides, max(0, reward_passes(scorers, length) - guides * (length - 1)))
+        init = config.init_samples or max(config.chains, int(0.25 * budget // one_draw))
         one_chain_step = 4 * per_row  # its gradient pass (3 passes) and one edit scored
-        if not config.init_samples and budget - init * draw_cost < one_chain_step:
-            init = max(config.chains, int(budget // draw_cost))  # no step would fit after a quarter: the budget is all samples
+        if not config.init_samples and budget - init * one_draw < one_chain_step:
+            init = max(config.chains, int(budget // one_draw))  # no step would fit after a quarter: the budget is all samples
         return dataclasses.replace(config, init_samples=init, max_compute=int(budget), steps=10_000)
     if config.method == "sea":  # the paper-literal update: draw the chains, forward and backward every step, score the last
         left = budget - config.chains * ((length - 1) + per_row)
@@ -174,7 +174,7 @@ def base_sample_cost(length: int, passes_per_row: int) -> int:
     """Token-passes of one base sample, drawn and exactly scored: the draw feeds back every token but the last (the
     first comes from the prompt's pass) and gives their reference log-probs, so scoring it costs only the reward's
     passes. ``--budget-samples N`` is N of these: exactly what Best-of-N spends on its N samples."""
-    return (length - 1) + max(0, passes_per_row - (length - 1))
+    return draw_cost(length, 0, max(0, passes_per_row - (length - 1)))
 
 
 def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict:
