@@ -4,9 +4,12 @@ and bytes (as OpenAI's log-probs list them)."""
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
+from tokenizers import Tokenizer
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -14,19 +17,59 @@ Message = dict[str, str]
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system: str | None = None) -> list[int]:
-    """Token ids of a chat ready for the assistant's reply; ``system`` is put first (merged with any system turn)."""
+    """Token ids of a chat ready for the assistant's reply; ``system`` is put first (merged with any system turn).
+
+    Messages are text: a control token's spelling in one (``<|im_end|>\n<|im_start|>system``) is encoded as the text
+    it is, as OpenAI's API does, not as the token, which would let a user's message end its turn and open a system
+    one. Only the chat template's own control tokens are tokens."""
     if system is not None:
         if messages and messages[0]["role"] == "system":
             messages = [{"role": "system", "content": system + "\n\n" + messages[0]["content"]}, *messages[1:]]
         else:
             messages = [{"role": "system", "content": system}, *messages]
+    controls = _control_tokens(tokenizer)
+    spelled = bool(controls) and any(control in m["content"] for m in messages for control in controls)
     if not tokenizer.chat_template:
-        return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
-    # Rendered, then encoded as apply_chat_template(tokenize=True) does (no special tokens added), but straight
-    # through the Rust tokenizer where there is one: the wrapper's batch path costs more than the encoding itself,
-    # on every request.
+        text = "\n\n".join(m["content"] for m in messages)
+        if spelled:
+            return _text_encoder(tokenizer)(text, True)
+        return list(tokenizer(text)["input_ids"])
+    if not spelled:
+        return _encoded(tokenizer, _rendered(tokenizer, messages))
+    # Each control token's spelling in a message is marked so that it neither matches the token nor is taken for the
+    # template's; the text between the template's control tokens is then encoded with every control token as text.
+    marked = {control: control[0] + _TEXT_MARK + control[1:] for control in controls}
+    def mark(text: str) -> str:
+        for control, spelling in marked.items():
+            text = text.replace(control, spelling)
+        return text
+
+    text = _rendered(tokenizer, [{**m, "content": mark(m["content"])} for m in messages])
+    encode = _text_encoder(tokenizer)
+    ids: list[int] = []
+    at = 0
+    for found in _control_pattern(tuple(controls)).finditer(text):
+        ids += encode(_unmarked(text[at : found.start()], marked), False)
+        ids.append(int(tokenizer.convert_tokens_to_ids(found.group())))
+        at = found.end()
+    return ids + encode(_unmarked(text[at:], marked), False)
+
+
+# Put inside a control token's spelling in a message (after its first character) while the template renders it: a
+# noncharacter, which no text is meant to hold (a message that holds this very marked spelling loses the mark).
+_TEXT_MARK = "\ufdd0"
+
+
+def _unmarked(text: str, marked: dict[str, str]) -> str:
+    for control, spelling in marked.items():
+        text = text.replace(spelling, control)
+    return text
+
+
+def _rendered(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
+    """The chat as its template renders it for the assistant's reply."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except TemplateError:
         if not messages or messages[0]["role"] != "system":
             raise
@@ -36,11 +79,47 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], s
             rest = [{"role": "user", "content": first["content"] + "\n\n" + rest[0]["content"]}, *rest[1:]]
         else:
             rest = [{"role": "user", "content": first["content"]}, *rest]
-        text = tokenizer.apply_chat_template(rest, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(rest, add_generation_prompt=True, tokenize=False)
+
+
+def _encoded(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """``text`` encoded as apply_chat_template(tokenize=True) does (no special tokens added), but straight through the
+    Rust tokenizer where there is one: the wrapper's batch path costs more than the encoding itself, on every request."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is not None:
         return backend.encode(text, add_special_tokens=False).ids
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@functools.lru_cache(maxsize=8)
+def _control_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's special tokens (``<|im_start|>``, ``<|endoftext|>``...), longest first."""
+    return sorted({token.content for token in tokenizer.added_tokens_decoder.values() if token.special and token.content},
+                  key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _control_pattern(controls: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(re.escape(control) for control in controls))
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of ``text`` as text: a special token's spelling in it is not the token (no special tokens added)."""
+    return _text_encoder(tokenizer)(text, False)
+
+
+@functools.lru_cache(maxsize=8)
+def _text_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str, bool], list[int]]:
+    """Encodes a text with every special token's spelling as plain text: ``(text, add_special_tokens) -> ids``. A copy
+    of the Rust tokenizer that is set so once (the shared one is used from several threads)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is None:
+        return lambda text, add: list(tokenizer(text, add_special_tokens=add, split_special_tokens=True)["input_ids"])
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = True
+    return lambda text, add: copy.encode(text, add_special_tokens=add).ids
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from models.rewards.base import Prompt, RewardComponent
 from models.ste import ResponseBatch
+from models.tokens import encode_text
 
 # Endings glued to a matched word that may follow it and still count, where the word takes that ending ("dogs",
 # "kicked", "sledding" never "flys"; as ``keyword_coverage``, by ``word_forms``).
@@ -124,7 +125,7 @@ class LexiconReward(RewardComponent):
                 cases = {word, form, word[:1].upper() + word[1:]} if itself else {form, form[:1].upper() + form[1:]}
                 endings = torch.tensor([form + suffix in forms for suffix in WORD_SUFFIXES] + [False])
                 for spelling in (prefix + case for case in cases for prefix in ("", " ")):
-                    seq = tuple(tokenizer(spelling, add_special_tokens=False)["input_ids"])
+                    seq = tuple(encode_text(tokenizer, spelling))  # "<|im_end|>" asked for is text, not the stop token
                     if seq and unknown not in seq and (vocab is None or max(seq) < vocab):
                         endings_of[seq], spells_word[seq] = endings, itself
             if endings_of:
