@@ -94,8 +94,8 @@ def _encoded(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 @functools.lru_cache(maxsize=8)
 def _control_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The tokenizer's special tokens (``<|im_start|>``, ``<|endoftext|>``...), longest first."""
-    return sorted({token.content for token in tokenizer.added_tokens_decoder.values() if token.special and token.content},
-                  key=len, reverse=True)
+    added = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return sorted({token for token in added | set(tokenizer.all_special_tokens) if token}, key=len, reverse=True)
 
 
 @functools.lru_cache(maxsize=8)
