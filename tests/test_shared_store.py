@@ -632,3 +632,142 @@ def test_with_a_shared_store_a_replica_keeps_at_most_its_bound_of_jobs(redis_url
         return kept
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60)) <= 3
+
+
+def test_a_job_s_end_that_redis_could_not_take_is_written_once_it_answers(redis_url):
+    """Redis unreachable as a job ended here: its end was logged and dropped, so the job stayed `running` in Redis
+    for good (and ran again once this replica's lease lapsed). It is retried until Redis takes it."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="end-" + uuid.uuid4().hex[:8])
+        finish = service.shared._scripts["finish"]
+        calls = []
+
+        async def down_twice(**kwargs):
+            calls.append(time.monotonic())
+            if len(calls) <= 2:
+                raise redis.ConnectionError("Connection refused")
+            return await finish(**kwargs)
+
+        service.shared._scripts["finish"] = down_twice
+        job = await submit(service, "hello")
+        result = await service.wait(job)
+        await asyncio.wait_for(service.shared._writes.join(), 20)
+        fields = await service.shared.redis.hgetall(service.shared.key("job", job.id))
+        running = dict(service.shared._running)
+        await service.shutdown()
+        return job, result, fields, calls, running
+
+    job, result, fields, calls, running = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert result is not None and job.status == JobStatus.succeeded
+    assert len(calls) == 3 and fields["status"] == "succeeded" and fields["result"] and running == {}
+
+
+def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_stays_readable(redis_url):
+    """Redis restarted without its data (the deployment runs it without persistence): a blocking request whose job
+    waited in the shared queue, or ran on another replica, waited until its deadline and a stream for good, since
+    nothing would end the job's mirror; and a job that finished here was forgotten here (404). Now a mirror whose
+    record is gone ends within a poll as `lost` (503, send it again), and a result made here stays readable here."""
+    from app.errors import ServiceUnavailable
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def forget(client, prefix: str, job_id: str) -> None:  # what a Redis restarted empty holds of a job: nothing
+        await client.delete(f"{prefix}:job:{job_id}", f"{prefix}:events:{job_id}")
+        await client.lrem(f"{prefix}:queue", 0, job_id)
+        for claimed in await client.keys(f"{prefix}:claimed:*"):
+            await client.lrem(claimed, 0, job_id)
+
+    async def scenario():
+        prefix = "lost-" + uuid.uuid4().hex[:8]
+        runner = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
+        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        asker.shared.stop_claiming()
+        ran_here = await submit(runner, "runs here", steps=150, timeout=300)
+        while ran_here.status == JobStatus.queued:
+            await asyncio.sleep(0.02)
+        runner.shared.stop_claiming()
+        queued = await submit(asker, "waits in the shared queue", timeout=300)  # nobody takes it
+        elsewhere = await asker.shared.lookup(ran_here.id)  # a stream or a poll on the other replica
+        client = runner.shared.redis
+        for job in (queued, ran_here):
+            await forget(client, prefix, job.id)
+        asked = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(queued.wait(), elsewhere.wait()), 10)
+        took = time.monotonic() - asked
+        try:
+            asker.outcome(queued)
+            error = None
+        except ServiceUnavailable as exc:
+            error = exc
+        await runner.wait(ran_here)
+        await asyncio.wait_for(runner.shared._writes.join(), 20)
+        read_here = await runner.get(ran_here.id)
+        for service in (runner, asker):
+            await service.shutdown()
+        return queued, elsewhere, took, error, ran_here, read_here
+
+    queued, elsewhere, took, error, ran_here, read_here = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert queued.status == JobStatus.failed and queued.error_kind == "lost" and took < 5
+    assert elsewhere.status == JobStatus.failed and elsewhere.error_kind == "lost"
+    assert error is not None and error.status == 503 and "send it again" in str(error)
+    assert ran_here.status == JobStatus.succeeded and read_here is ran_here and read_here.result is not None
+
+
+def test_a_submission_redis_took_but_did_not_answer_is_withdrawn_not_run(redis_url):
+    """A Redis that stalls past the client's socket timeout runs the enqueue script once it wakes: the client got
+    503 (and sends the request again) while its first copy ran all the same, for nobody. The job is withdrawn."""
+    from app.errors import ServiceUnavailable
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        engine = FakeEngine()
+        service = await make_service(engine, redis_url=redis_url, redis_prefix="stall-" + uuid.uuid4().hex[:8])
+        service.shared.stop_claiming()
+        enqueue = service.shared._scripts["enqueue"]
+
+        async def ran_then_timed_out(**kwargs):
+            await enqueue(**kwargs)
+            raise redis.TimeoutError("Timeout reading from socket")
+
+        service.shared._scripts["enqueue"] = ran_then_timed_out
+        with pytest.raises(ServiceUnavailable):
+            await submit(service, "stalled")
+        job_id = next(iter(await service.shared.redis.lrange(service.shared.key("queue"), 0, -1)), None)  # it did queue
+        deadline = time.monotonic() + 10
+        fields = {}
+        while time.monotonic() < deadline:
+            fields = await service.shared.redis.hgetall(service.shared.key("job", job_id))
+            if fields.get("status") != "queued":
+                break
+            await asyncio.sleep(0.05)
+        queue = await service.shared.redis.lrange(service.shared.key("queue"), 0, -1)
+        await service.shutdown()
+        return job_id, fields, queue, engine
+
+    job_id, fields, queue, engine = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job_id is not None
+    assert fields["status"] == "cancelled" and "send it again" in fields["error"] and queue == []
+    assert engine.batches == []
+
+
+def test_a_draining_replica_waits_within_its_grace_period_for_its_clients_jobs_that_run_elsewhere(redis_url):
+    """At a SIGTERM the drain waited only for the jobs this replica ran: a blocking request whose job another
+    replica ran (or that waited in the shared queue) got 503 "this replica shut down" at once, while its job went
+    on to succeed elsewhere, for nobody."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        prefix = "drain-" + uuid.uuid4().hex[:8]
+        submitter = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix, drain_seconds=30)
+        submitter.shared.stop_claiming()
+        runner = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
+        job = await submit(submitter, "runs elsewhere", steps=100, timeout=300)  # about a second of ticks on the runner
+        while job.status == JobStatus.queued:
+            await asyncio.sleep(0.02)
+        await submitter.shutdown()
+        await runner.shutdown()
+        return job
+
+    job = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job.status == JobStatus.succeeded and job.result is not None

@@ -69,6 +69,7 @@ class ErrorKind(str, Enum):
     engine = "engine"
     overloaded = "overloaded"  # out of memory
     shutdown = "shutdown"
+    lost = "lost"  # the shared job store (Redis) no longer holds it: restarted without its data
 
     def __str__(self) -> str:  # the value, as metric labels, logs and Redis take it
         return self.value

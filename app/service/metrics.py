@@ -54,7 +54,7 @@ class Metrics:
         self.reward_gain_negative = Counter("sea_reward_gain_negative_total", "Sum of the negative reward gains, as a positive number.",
                                             ["method"], registry=r)
         self.jobs = Counter("sea_jobs_total", "Requests ended on this replica, by outcome: succeeded, or the error kind (cancelled, "
-                            "timeout, engine, overloaded, shutdown; requeued: handed back to the shared queue).", ["outcome"], registry=r)
+                            "timeout, engine, overloaded, shutdown, lost; requeued: handed back to the shared queue).", ["outcome"], registry=r)
         for outcome in JOB_OUTCOMES:  # at 0 from the start: increase() cannot see the first count of a series it never saw
             self.jobs.labels(outcome)
         self.model_info = Info("sea_model", "The served models.", registry=r)

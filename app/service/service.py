@@ -289,7 +289,7 @@ class AlignService:
             raise GatewayTimeout(job.error or "timed out", code=ErrorKind.timeout.value, headers=NO_RETRY)
         if job.error_kind == ErrorKind.cancelled:
             raise ClientClosed(job.error or "cancelled", code=ErrorKind.cancelled.value)
-        if job.error_kind in (ErrorKind.overloaded, ErrorKind.shutdown):
+        if job.error_kind in (ErrorKind.overloaded, ErrorKind.shutdown, ErrorKind.lost):
             raise ServiceUnavailable(job.error or "overloaded", code=str(job.error_kind), headers={"Retry-After": "5"})
         raise RuntimeError(f"job {job.id} failed: {job.error}")
 
@@ -353,9 +353,15 @@ class AlignService:
         if self.shared is not None:
             self.shared.stop_claiming()
         accepted = self.store.unfinished()
+        started = time.monotonic()
         log.info("draining: %d queued, %d chains running; grace period %g s", *self.worker.load, self.settings.drain_seconds)
         await self.worker.drain(self.settings.drain_seconds)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks run
+        elsewhere = [job for job in accepted if not job.status.finished]  # in the shared queue, or run by another replica
+        left = self.settings.drain_seconds - (time.monotonic() - started)
+        if elsewhere and left > 0:  # their waiters here (a blocking request, a stream) get the result within the grace period
+            log.info("draining: waiting up to %.0f s for %d jobs in the shared queue or on other replicas", left, len(elsewhere))
+            await asyncio.wait([asyncio.ensure_future(job.wait()) for job in elsewhere], timeout=left)
         # One line per job that was accepted but unfinished at the signal: none is lost silently.
         for job in accepted:
             log.info("drained job %s: %s%s", job.id, job.status.value, f" ({job.error})" if job.error else "")

@@ -115,10 +115,13 @@ class SharedJobs:
         self._is_draining = is_draining
         self._running: dict[str, _Running] = {}
         self._mirrored: dict[str, int] = {}  # id → how many of its Redis events the local object has applied
+        self._seen: set[str] = set()  # mirrored ids whose record Redis was seen to hold (checked for its loss)
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: asyncio.Queue = asyncio.Queue()
+        self._last_write_try = 0.0
         self._tasks: list[asyncio.Task] = []
         self._catch_ups: set[asyncio.Task] = set()
+        self._withdrawals: set[asyncio.Task] = set()  # jobs whose submission failed, cancelled once Redis answers
         self._claiming = True
         self.queue_depth = queue_depth
         self._scripts = {name: redis.register_script(source) for name, source in SCRIPTS.items()}
@@ -158,7 +161,7 @@ class SharedJobs:
             await asyncio.wait_for(self._writes.join(), CLOSE_SECONDS)
         except asyncio.TimeoutError:
             log.warning("%d job updates not written to Redis at shutdown", self._writes.qsize())
-        for task in self._tasks:
+        for task in [*self._tasks, *self._withdrawals]:
             task.cancel()
         if self._tasks:
             _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_SECONDS)
@@ -194,11 +197,33 @@ class SharedJobs:
             ok = await self._scripts["enqueue"](
                 keys=[self.key("queue"), self.key("job", job.id)],
                 args=[self.max_queue, job.id, json.dumps(spec), job.created, self._unfinished_ttl])
+        except RedisError:
+            # The script may have run all the same (a timeout after it was sent): the client, answered 503, will send
+            # the request again, so a job queued this way must not run too.
+            spawn_background(self._withdraw(job), self._withdrawals)
+            raise
         finally:
             if not ok:  # refused, or Redis failed (the client gets a 503): no local job may wait for it forever
                 self._jobs.pop(job.id, None)
                 self._mirrored.pop(job.id, None)
+        if ok:
+            self._seen.add(job.id)
         return bool(ok)
+
+    async def _withdraw(self, job: Job) -> None:
+        """Cancel ``job`` in Redis once Redis answers (until its deadline): nothing if its submission never got
+        there, else it ends before it runs (or at its next step)."""
+        until = job.deadline if job.deadline is not None else time.monotonic() + min(self.longest_timeout, 600.0)
+        while time.monotonic() < until:
+            try:
+                await self.cancel(job, ErrorKind.cancelled, "its submission failed (the shared job store did not answer); "
+                                  "the client was told to send it again")
+                return
+            except (RedisError, OSError) as exc:
+                if not unreachable(exc):
+                    log.warning("job %s: could not withdraw it from the shared job store: %s", job.id, exc)
+                    return
+            await asyncio.sleep(POLL_SECONDS)
 
     async def lookup(self, job_id: str) -> Job | None:
         """A job another replica accepted: build a local mirror from Redis (None when unknown or expired)."""
@@ -213,6 +238,7 @@ class SharedJobs:
             return self._jobs[job_id]
         self._jobs[job_id] = job
         self._mirrored[job_id] = 0
+        self._seen.add(job_id)
         await self.catch_up(job)
         if fields.get("status") == "running" and job.status == JobStatus.queued:
             job.mark_running()
@@ -279,6 +305,26 @@ class SharedJobs:
         if job.status.finished:
             self._locks.pop(job.id, None)
             self._mirrored.pop(job.id, None)
+            self._seen.discard(job.id)
+
+    async def _end_lost_mirrors(self) -> None:
+        """End the mirrors whose record Redis no longer holds (it restarted without its data, or the record expired):
+        nothing would ever end them, and their waiters here (a blocking request, a stream) would wait for good. A job
+        that runs here is not a mirror: its result is kept here (``_write``)."""
+        watched = [job for job in self._jobs.values() if job.id in self._mirrored and job.id in self._seen and not job.status.finished]
+        if not watched:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in watched:
+                pipe.exists(self.key("job", job.id))
+            held = await pipe.execute()
+        for job, exists in zip(watched, held):
+            if not exists and job.id in self._mirrored and not job.status.finished:
+                log.warning("job %s: the shared job store no longer holds it (Redis restarted without its data?)", job.id)
+                self._mirrored.pop(job.id, None)
+                self._seen.discard(job.id)
+                job.finish(JobStatus.failed, None, "the shared job store lost the job (Redis restarted without its data); "
+                           "send it again", ErrorKind.lost)
 
     async def _work(self, spec: dict[str, Any]) -> AlignJob:
         """The engine's job of a spec, its prompt tokenized off the event loop when long (as a submission's)."""
@@ -355,6 +401,7 @@ class SharedJobs:
             if job is None or job.status.finished:
                 job = Job(None, spec.get("model", ""), id=job_id)  # type: ignore[arg-type]
             self._mirrored.pop(job_id, None)
+            self._seen.discard(job_id)
             self._running[job_id] = _Running(job, attempt)
             job.listeners.append(self._on_event)
             job.finish(JobStatus.failed, None, f"this replica cannot run the job: {exc}", ErrorKind.engine)
@@ -363,6 +410,7 @@ class SharedJobs:
         job.status = JobStatus.queued
         self._running[job_id] = _Running(job, attempt)
         self._mirrored.pop(job_id, None)
+        self._seen.discard(job_id)
         job.listeners.append(self._on_event)
         log.info("job %s: claimed (attempt %d)", job_id, attempt)
         self.worker.submit(job, bounded=False)
@@ -390,14 +438,42 @@ class SharedJobs:
         self._writes.put_nowait((job, event))
 
     async def _write_loop(self) -> None:
+        """Write this replica's job events to Redis, in order. While Redis cannot be reached, a job's end is retried
+        until it is written (else the job would stay `running` there for good, and run again once this replica's lease
+        lapsed); step events are dropped meanwhile (one is tried a second, to notice the way back), so that an outage
+        neither grows the backlog without bound nor logs a traceback per event."""
+        outage: float | None = None  # since when writes have failed
+        dropped = 0
         while True:
             job, event = await self._writes.get()
             try:
-                await self._write(job, event)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("could not write job %s's %s event to Redis", job.id, event["event"])
+                while True:
+                    if outage is not None and event["event"] != "end" and time.monotonic() - self._last_write_try < POLL_SECONDS:
+                        dropped += 1
+                        break
+                    self._last_write_try = time.monotonic()
+                    try:
+                        await self._write(job, event)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        if not unreachable(exc):
+                            log.exception("could not write job %s's %s event to Redis", job.id, event["event"])
+                            break
+                        if outage is None:
+                            outage = time.monotonic()
+                            log.warning("the shared job store cannot be reached (%s): job ends are retried until written, "
+                                        "step events dropped meanwhile", exc)
+                        if event["event"] != "end":
+                            dropped += 1
+                            break
+                        await asyncio.sleep(POLL_SECONDS)
+                        continue
+                    if outage is not None:
+                        log.warning("the shared job store is written again after %.0f s; %d step events were dropped",
+                                    time.monotonic() - outage, dropped)
+                        outage, dropped = None, 0
+                    break
             finally:
                 self._writes.task_done()
 
@@ -413,10 +489,9 @@ class SharedJobs:
                 pipe.publish(self.key("wake"), job.id)
                 await pipe.execute()
             return
-        del self._running[job.id]
-        job.listeners.remove(self._on_event)
         if job.error_kind == ErrorKind.shutdown:  # this replica is going away: let another one run it
             done = await self._hand_back(job.id, running.attempt)
+            self._stop_writing(job)
             log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
             if done:
                 self._count_end(job, "requeued")
@@ -425,11 +500,22 @@ class SharedJobs:
         done = await self._scripts["finish"](keys=keys, args=[
             job.id, self.replica, running.attempt, job.status.value, job.error or "", job.error_kind or "", result,
             json.dumps(event), self.ttl, self.key("wake"), repr(job.queue_seconds), await self._lighter_events(job)])
-        if not done:  # reads of this job now go to Redis, where the retry's state is
+        lost = not done and not await self.redis.exists(self.key("job", job.id))
+        self._stop_writing(job)
+        if lost:  # Redis restarted without its data: the result stays readable here, where it was made
+            log.warning("job %s: the shared job store no longer holds it (Redis restarted without its data?); "
+                        "its result is kept on this replica only", job.id)
+            self._count_end(job)
+        elif not done:  # reads of this job now go to Redis, where the retry's state is
             log.warning("job %s: finished here after this replica lost it (lease lapsed); result dropped", job.id)
             self._jobs.pop(job.id, None)
         else:
             self._count_end(job)
+
+    def _stop_writing(self, job: Job) -> None:
+        """The job's end is in Redis (or moot): it no longer runs here as far as the store is concerned."""
+        del self._running[job.id]
+        job.listeners.remove(self._on_event)
 
     def _count_end(self, job: Job, outcome: str | None = None) -> None:
         """Count a job's ending on this replica (the worker counts only the jobs submitted to it directly): one that
@@ -514,6 +600,7 @@ class SharedJobs:
                 await self._read_cancels()
                 for job in [j for j in self._jobs.values() if j.id in self._mirrored]:
                     await self.catch_up(job)
+                await self._end_lost_mirrors()
                 if self.queue_depth is not None:
                     self.queue_depth.set(await self.queue_length())
             except asyncio.CancelledError:
