@@ -703,11 +703,13 @@ def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_st
         await runner.wait(ran_here)
         await asyncio.wait_for(runner.shared._writes.join(), 20)
         read_here = await runner.get(ran_here.id)
+        counted = [_jobs_counted(service.shared) for service in (runner, asker)]
         for service in (runner, asker):
             await service.shutdown()
-        return queued, elsewhere, took, error, ran_here, read_here
+        return queued, elsewhere, took, error, ran_here, read_here, counted
 
-    queued, elsewhere, took, error, ran_here, read_here = asyncio.run(asyncio.wait_for(scenario(), 90))
+    queued, elsewhere, took, error, ran_here, read_here, counted = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert counted == [{"succeeded": 1}, {"lost": 1}], "each job counted once: where it ran, or where it was submitted and lost"
     assert queued.status == JobStatus.failed and queued.error_kind == "lost" and took < 5
     assert elsewhere.status == JobStatus.failed and elsewhere.error_kind == "lost"
     assert error is not None and error.status == 503 and "send it again" in str(error)
@@ -771,3 +773,27 @@ def test_a_draining_replica_waits_within_its_grace_period_for_its_clients_jobs_t
 
     job = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert job.status == JobStatus.succeeded and job.result is not None
+
+
+def test_a_drain_hands_back_a_job_others_may_read_not_one_whose_only_reader_was_answered_503(redis_url):
+    """A job a drain could not finish went back to the front of the shared queue even when its only reader was a
+    blocking request on the draining replica, answered 503 (it sends the request again): another replica ran it
+    for nobody, ahead of the queue. A job of the job API (read by its id from any replica) is still handed back."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        leaving = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix="back-" + uuid.uuid4().hex[:8],
+                                     drain_seconds=0)
+        blocking = await submit(leaving, "blocking", steps=3000, timeout=60)
+        polled = await leaving.submit(SEAConfig(chains=2, steps=3000), [{"role": "user", "content": "polled"}], timeout=60,
+                                      stream_events=True)
+        while any(job.status == JobStatus.queued for job in (blocking, polled)):
+            await asyncio.sleep(0.02)
+        await leaving.shutdown()
+        fields = {job.id: job_hash(redis_url, leaving.shared.prefix, job.id) for job in (blocking, polled)}
+        queue = redis.Redis.from_url(redis_url, decode_responses=True).lrange(f"{leaving.shared.prefix}:queue", 0, -1)
+        return blocking, polled, fields, queue
+
+    blocking, polled, fields, queue = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert blocking.error_kind == "shutdown" and fields[blocking.id]["status"] == "failed"
+    assert fields[polled.id]["status"] == "queued" and queue == [polled.id]

@@ -323,8 +323,11 @@ class SharedJobs:
                 log.warning("job %s: the shared job store no longer holds it (Redis restarted without its data?)", job.id)
                 self._mirrored.pop(job.id, None)
                 self._seen.discard(job.id)
+                never_ran = job.status == JobStatus.queued  # else its runner counts its end
                 job.finish(JobStatus.failed, None, "the shared job store lost the job (Redis restarted without its data); "
                            "send it again", ErrorKind.lost)
+                if never_ran and job in self._submitted_here:
+                    self._count_end(job)
 
     async def _work(self, spec: dict[str, Any]) -> AlignJob:
         """The engine's job of a spec, its prompt tokenized off the event loop when long (as a submission's)."""
@@ -489,7 +492,9 @@ class SharedJobs:
                 pipe.publish(self.key("wake"), job.id)
                 await pipe.execute()
             return
-        if job.error_kind == ErrorKind.shutdown:  # this replica is going away: let another one run it
+        # This replica is going away: another one runs the job, unless its only reader was a request here, answered 503
+        # (it sends the request again): the job API's and other replicas' readers find it by its id.
+        if job.error_kind == ErrorKind.shutdown and (job not in self._submitted_here or job.stream_events):
             done = await self._hand_back(job.id, running.attempt)
             self._stop_writing(job)
             log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
@@ -583,7 +588,8 @@ class SharedJobs:
             pipe.sadd(self.key("replicas"), self.replica)
             previous, _ = await pipe.execute()
         if previous is None and self._renewed:
-            log.warning("this replica's lease lapsed (paused longer than %g s); jobs it held may have been requeued", self.lease)
+            log.warning("this replica's lease lapsed (paused, or Redis unreachable, for longer than %g s); jobs it held may "
+                        "have been requeued", self.lease)
         self._renewed = True
 
     async def _lease_loop(self) -> None:
