@@ -797,3 +797,31 @@ def test_a_drain_hands_back_a_job_others_may_read_not_one_whose_only_reader_was_
     blocking, polled, fields, queue = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert blocking.error_kind == "shutdown" and fields[blocking.id]["status"] == "failed"
     assert fields[polled.id]["status"] == "queued" and queue == [polled.id]
+
+
+def test_an_outage_is_logged_when_it_begins_and_ends_not_with_a_traceback_a_second(redis_url, caplog):
+    """Each loop that talks to Redis logged a traceback every second of an outage (and the writer one per event:
+    2 900 tracebacks in a 15 s outage of two replicas)."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="outage-" + uuid.uuid4().hex[:8])
+        heartbeat = service.shared._heartbeat
+
+        async def unreachable():
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+        with caplog.at_level("INFO", logger="app.service.shared"):
+            service.shared._heartbeat = unreachable
+            await asyncio.sleep(3.5)
+            unready = service.shared.healthy
+            service.shared._heartbeat = heartbeat
+            await asyncio.sleep(1.5)
+        await service.shutdown()
+        return unready, service.shared.healthy
+
+    unready, healthy = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert unready is False and healthy is True
+    lease = [r for r in caplog.records if r.name == "app.service.shared" and "the lease" in r.getMessage()]
+    assert [r.getMessage().split(": ", 1)[1].split(" (")[0].split(" after")[0] for r in lease] == ["Redis cannot be reached", "Redis answers again"]
+    assert not any(r.exc_info for r in caplog.records if r.name == "app.service.shared")

@@ -80,6 +80,28 @@ def replica_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+class _Outage:
+    """A loop's Redis failures, logged when they begin and when they end (one that is not Redis being unreachable
+    with its traceback, each time): not a traceback a second through an outage."""
+
+    def __init__(self, loop: str):
+        self.loop = loop
+        self.since: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        if not unreachable(exc):
+            log.error("%s failed; retrying", self.loop, exc_info=exc)
+        elif self.since is None:
+            log.warning("%s: Redis cannot be reached (%s); retrying every second", self.loop, exc)
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def ended(self) -> None:
+        if self.since is not None:
+            log.warning("%s: Redis answers again after %.0f s", self.loop, time.monotonic() - self.since)
+            self.since = None
+
+
 @dataclasses.dataclass
 class _Running:
     job: Job
@@ -344,12 +366,14 @@ class SharedJobs:
 
     async def _claim_loop(self) -> None:
         claimed_key = self.key("claimed", self.replica)
+        outage = _Outage("claiming from the shared queue")
         while True:
             try:
                 if not self._claiming or self._is_draining() or not self.worker.has_room():
                     await asyncio.sleep(0.02)
                     continue
                 job_id = await self._claim_redis.blmove(self.key("queue"), claimed_key, 1, "RIGHT", "LEFT")
+                outage.ended()
                 if job_id is None:
                     continue
                 claim = await self._claim(job_id, claimed_key)
@@ -370,8 +394,8 @@ class SharedJobs:
                 self._start(job_id, int(claim[0]), spec, float(claim[2]), work)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("claiming from the shared queue failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - logged by the outage, with its traceback unless Redis is unreachable
+                outage.failed(exc)
                 await asyncio.sleep(1.0)
 
     async def _claim(self, job_id: str, claimed_key: str) -> list | None:
@@ -547,10 +571,12 @@ class SharedJobs:
     # ----- wake-ups, cancellations, leases ----------------------------------------------------------
 
     async def _watch_loop(self) -> None:
+        outage = _Outage("the subscription to wake-ups and cancels")
         while True:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.key("wake"), self.key("cancel"))
+                outage.ended()
                 async for message in pubsub.listen():
                     if message["type"] != "message":
                         continue
@@ -566,8 +592,8 @@ class SharedJobs:
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise
-            except Exception:
-                log.exception("lost the Redis subscription; resubscribing")
+            except Exception as exc:  # noqa: BLE001 - logged by the outage
+                outage.failed(exc)
                 await pubsub.aclose()
                 await asyncio.sleep(1.0)
 
@@ -596,6 +622,7 @@ class SharedJobs:
         """Renew this replica's lease; reap dead replicas; poll mirrors; publish the shared queue depth."""
         reap_every = max(self.lease / 2, POLL_SECONDS)
         last_reap = 0.0
+        outage = _Outage("the lease, the reaper and the mirrors' poll")
         while True:
             try:
                 await self._heartbeat()
@@ -609,11 +636,12 @@ class SharedJobs:
                 await self._end_lost_mirrors()
                 if self.queue_depth is not None:
                     self.queue_depth.set(await self.queue_length())
+                outage.ended()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 - logged by the outage
                 self.healthy = False
-                log.exception("Redis unavailable")
+                outage.failed(exc)
             await asyncio.sleep(min(self.lease / 3, POLL_SECONDS))
 
     async def _read_cancels(self) -> None:
