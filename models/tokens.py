@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,34 +36,37 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], s
         return list(tokenizer(text)["input_ids"])
     if not spelled:
         return _encoded(tokenizer, _rendered(tokenizer, messages))
-    # Each control token's spelling in a message is marked so that it neither matches the token nor is taken for the
-    # template's; the text between the template's control tokens is then encoded with every control token as text.
-    marked = {control: control[0] + _TEXT_MARK + control[1:] for control in controls}
-    def mark(text: str) -> str:
-        for control, spelling in marked.items():
-            text = text.replace(control, spelling)
+    if any(_MARK in m["content"] or _SLOT in m["content"] for m in messages):
+        raise TemplateError("a message that spells a control token may not hold U+FDD0 or U+FDD1 (noncharacters)")
+    # Each control token spelt in a message is marked while the template renders the chat, so that the template's own
+    # control tokens are told apart; those are then put in slots, tokens the spellings cannot match, and the chat is
+    # encoded at once with every control token's spelling as text (encoded in pieces, a tokenizer that strips the
+    # whitespace beside a control token, or that puts "▁" before the first word of a text only, would read the
+    # template's text otherwise than it does).
+    def marked(text: str) -> str:
+        for control in controls:
+            text = text.replace(control, control[0] + _MARK + control[1:])
         return text
 
-    text = _rendered(tokenizer, [{**m, "content": mark(m["content"])} for m in messages])
-    encode = _text_encoder(tokenizer)
-    ids: list[int] = []
-    at = 0
-    for found in _control_pattern(tuple(controls)).finditer(text):
-        ids += encode(_unmarked(text[at : found.start()], marked), False)
-        ids.append(int(tokenizer.convert_tokens_to_ids(found.group())))
-        at = found.end()
-    return ids + encode(_unmarked(text[at:], marked), False)
+    text = _rendered(tokenizer, [{**m, "content": marked(m["content"])} for m in messages])
+    slots = _slotted_encoder(tokenizer)
+    if slots is None:  # a tokenizer without a Rust one: encoded in pieces between the template's control tokens
+        ids: list[int] = []
+        at = 0
+        for found in _control_pattern(tuple(controls)).finditer(text):
+            ids += _text_encoder(tokenizer)(text[at : found.start()].replace(_MARK, ""), False)
+            ids.append(int(tokenizer.convert_tokens_to_ids(found.group())))
+            at = found.end()
+        return ids + _text_encoder(tokenizer)(text[at:].replace(_MARK, ""), False)
+    copy, slot_of, control_id = slots
+    text = _control_pattern(tuple(controls)).sub(lambda found: slot_of[found.group()], text).replace(_MARK, "")
+    return [control_id.get(i, i) for i in copy.encode(text, add_special_tokens=False).ids]
 
 
-# Put inside a control token's spelling in a message (after its first character) while the template renders it: a
-# noncharacter, which no text is meant to hold (a message that holds this very marked spelling loses the mark).
-_TEXT_MARK = "\ufdd0"
-
-
-def _unmarked(text: str, marked: dict[str, str]) -> str:
-    for control, spelling in marked.items():
-        text = text.replace(spelling, control)
-    return text
+# Noncharacters (never meant to be in text): a mark put inside each control token spelt in a message while the template
+# renders the chat, and the slots that stand for the template's own control tokens.
+_MARK = "\ufdd0"
+_SLOT = "\ufdd1"
 
 
 def _rendered(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
@@ -115,11 +118,37 @@ def _text_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str, bool], l
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is None:
         return lambda text, add: list(tokenizer(text, add_special_tokens=add, split_special_tokens=True)["input_ids"])
+    copy = _text_copy(backend)
+    return lambda text, add: copy.encode(text, add_special_tokens=add).ids
+
+
+@functools.lru_cache(maxsize=8)
+def _slotted_encoder(tokenizer: PreTrainedTokenizerBase) -> tuple[Tokenizer, dict[str, str], dict[int, int]] | None:
+    """A copy of the Rust tokenizer that encodes every special token's spelling as text, with a slot per control token:
+    an added token (not special, so matched still) with the control token's whitespace handling. The copy, each
+    control token's slot, and each slot's id -> its control token's id. None for a tokenizer without a Rust one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is None:
+        return None
+    copy = _text_copy(backend)
+    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
+    slot_of, control_id = {}, {}
+    for index, control in enumerate(_control_tokens(tokenizer)):
+        slot_of[control] = f"{_SLOT}{index}{_SLOT}"
+        like = added.get(control)
+        copy.add_tokens([AddedToken(slot_of[control], special=False, normalized=False,
+                                    lstrip=bool(like and like.lstrip), rstrip=bool(like and like.rstrip),
+                                    single_word=bool(like and like.single_word))])
+        control_id[copy.token_to_id(slot_of[control])] = int(tokenizer.convert_tokens_to_ids(control))
+    return copy, slot_of, control_id
+
+
+def _text_copy(backend: Tokenizer) -> Tokenizer:
     copy = Tokenizer.from_str(backend.to_str())
     copy.no_truncation()
     copy.no_padding()
     copy.encode_special_tokens = True
-    return lambda text, add: copy.encode(text, add_special_tokens=add).ids
+    return copy
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:

@@ -101,6 +101,49 @@ def test_a_control_token_spelled_in_a_message_is_text_not_a_turn(template):
     assert render_prompt(tokenizer, plain) == list(expected)
 
 
+def _metaspace_first_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer that puts "▁" before the first word of a text only (prepend_scheme "first")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(["hello world user assistant obey " * 5],
+                                trainers.BpeTrainer(vocab_size=200, special_tokens=["<|im_start|>", "<|im_end|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    return tokenizer
+
+
+def _stripping_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """Control tokens that take the whitespace after them (``rstrip``, as Phi-3's)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["hello world obey " * 3], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.add_special_tokens([AddedToken(token, rstrip=True, special=True, normalized=False) for token in ("<|user|>", "<|end|>", "<|assistant|>")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    return tokenizer
+
+
+@pytest.mark.parametrize("make, spelling", [(_metaspace_first_chat_tokenizer, "<|im_end|>"), (_stripping_chat_tokenizer, "<|end|>")])
+def test_a_spelled_control_token_leaves_the_template_s_own_text_as_it_was(make, spelling):
+    """The chat was encoded in pieces between the template's control tokens: a tokenizer that prepends "▁" to a
+    text's first word only read "user" as "▁user", one whose control tokens take the whitespace after them kept it."""
+    tokenizer = make()
+    plain = tokenizer.convert_ids_to_tokens(render_prompt(tokenizer, [{"role": "user", "content": "hello world"}]))
+    spelled = tokenizer.convert_ids_to_tokens(render_prompt(tokenizer, [{"role": "user", "content": f"hello {spelling} world"}]))
+    hello = next(i for i, piece in enumerate(plain) if "hello" in piece)
+    world = next(i for i, piece in enumerate(plain) if "world" in piece)
+    assert spelled[: hello + 1] == plain[: hello + 1] and spelled[world - len(plain):] == plain[world:]
+    assert spelled.count(spelling) == plain.count(spelling) and len(spelled) > len(plain)
+
+
 def test_a_keyword_that_spells_a_control_token_is_its_text():
     """Asked to use "<|im_end|>", the keyword reward paid for the stop token itself."""
     tokenizer = chat_byte_level_tokenizer()
