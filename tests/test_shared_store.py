@@ -800,8 +800,9 @@ def test_a_drain_hands_back_a_job_others_may_read_not_one_whose_only_reader_was_
 
 
 def test_an_outage_is_logged_when_it_begins_and_ends_not_with_a_traceback_a_second(redis_url, caplog):
-    """Each loop that talks to Redis logged a traceback every second of an outage (and the writer one per event:
-    2 900 tracebacks in a 15 s outage of two replicas)."""
+    """Each loop that talks to Redis logged a traceback every second of an outage (2 900 tracebacks, with the
+    writer's, in a 15 s outage of two replicas). Here the lease loop's outage: one line when it begins, one when it
+    ends."""
     from tests.test_service import FakeEngine, make_service
 
     async def scenario():
@@ -825,3 +826,168 @@ def test_an_outage_is_logged_when_it_begins_and_ends_not_with_a_traceback_a_seco
     lease = [r for r in caplog.records if r.name == "app.service.shared" and "the lease" in r.getMessage()]
     assert [r.getMessage().split(": ", 1)[1].split(" (")[0].split(" after")[0] for r in lease] == ["Redis cannot be reached", "Redis answers again"]
     assert not any(r.exc_info for r in caplog.records if r.name == "app.service.shared")
+
+
+def test_after_a_redis_outage_longer_than_the_lease_no_replica_takes_another_s_running_job(redis_url):
+    """An outage of Redis longer than the lease lapses every lease: the first replica back reaped the others at once
+    and requeued their running jobs, which then ran twice (and a job that had ended in the outage lost its result
+    to the rerun). A replica back from an outage waits a lease before it reaps: the others renew meanwhile."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        prefix = "lapse-" + uuid.uuid4().hex[:8]
+        runner = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix, replica_lease_seconds=1)
+        other = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix, replica_lease_seconds=1)
+        other.shared.stop_claiming()
+        job = await submit(runner, "long", steps=400, timeout=60)
+        while job.status == JobStatus.queued:
+            await asyncio.sleep(0.02)
+        renew = {service: service.shared._heartbeat for service in (runner, other)}
+
+        async def unreachable():
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+        for service in (runner, other):
+            service.shared._heartbeat = unreachable
+        await asyncio.sleep(2.5)  # both leases lapse
+        other.shared._heartbeat = renew[other]  # the other replica reaches Redis first
+        await asyncio.sleep(0.6)
+        runner.shared._heartbeat = renew[runner]
+        await runner.wait(job)
+        await asyncio.wait_for(runner.shared._writes.join(), 20)
+        fields = await runner.shared.redis.hgetall(runner.shared.key("job", job.id))
+        for service in (runner, other):
+            await service.shutdown()
+        return job, fields
+
+    job, fields = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job.status == JobStatus.succeeded and fields["status"] == "succeeded" and fields["attempts"] == "1"
+
+
+def test_a_job_redis_lost_stops_where_it_runs_for_another_replica_s_client(redis_url):
+    """The submitting replica ends a lost job (its client sends it again); the replica running it ran on for nobody."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        prefix = "lostrun-" + uuid.uuid4().hex[:8]
+        engine = FakeEngine(tick_seconds=0.1)
+        runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix)
+        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        asker.shared.stop_claiming()
+        job = await submit(asker, "runs elsewhere", steps=190, timeout=120)  # 19 s of ticks (200 steps at most from elsewhere)
+        while not runner.shared._running:
+            await asyncio.sleep(0.02)
+        run = next(iter(runner.shared._running.values())).job
+        await runner.shared.redis.delete(runner.shared.key("job", job.id), runner.shared.key("events", job.id))
+        await asyncio.wait_for(asyncio.gather(job.wait(), run.wait()), 10)
+        for service in (runner, asker):
+            await service.shutdown()
+        return job, run, engine
+
+    job, run, engine = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job.error_kind == "lost" and run.error_kind == "lost" and len(engine.batches) < 100
+
+
+def test_a_blocking_request_s_job_still_queued_when_its_replica_shuts_down_is_withdrawn(redis_url):
+    """Its client is answered 503 (and sends the request again); the job stayed in the shared queue and another
+    replica ran it for nobody. The 503 said "read the job from another replica", which a blocking client cannot."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        prefix = "withdraw-" + uuid.uuid4().hex[:8]
+        leaving = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix, drain_seconds=0.5)
+        leaving.shared.stop_claiming()
+        blocking = await submit(leaving, "queued", timeout=60)
+        polled = await leaving.submit(SEAConfig(chains=2, steps=2), [{"role": "user", "content": "polled"}], timeout=60, stream_events=True)
+        await leaving.shutdown()
+        fields = {job.id: job_hash(redis_url, prefix, job.id) for job in (blocking, polled)}
+        queue = redis.Redis.from_url(redis_url, decode_responses=True).lrange(f"{prefix}:queue", 0, -1)
+        return blocking, polled, fields, queue
+
+    blocking, polled, fields, queue = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert blocking.error == "the service shut down before the job could finish" and fields[blocking.id]["status"] == "cancelled"
+    assert "read the job from another replica" in polled.error and fields[polled.id]["status"] == "queued" and queue == [polled.id]
+
+
+def test_a_job_requeued_while_its_end_waits_to_be_written_runs_once_and_the_backlog_stays_small(redis_url):
+    """A lease lapsing while Redis was unreachable: another replica requeues the running job, and this one claims it
+    again before its end is written. The claim built a second run (the job ran twice, the second run's end was never
+    written); and the step events of the other jobs queued up behind the end being retried, without bound."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        engine = FakeEngine(tick_seconds=0.01)
+        service = await make_service(engine, redis_url=redis_url, redis_prefix="requeue-" + uuid.uuid4().hex[:8])
+        shared = service.shared
+        finish = shared._scripts["finish"]
+        reachable = asyncio.Event()
+
+        async def unreachable_until_set(**kwargs):
+            if not reachable.is_set():
+                raise redis.ConnectionError("Connection closed by server.")
+            return await finish(**kwargs)
+
+        shared._scripts["finish"] = unreachable_until_set
+        busy = await service.submit(SEAConfig(chains=2, steps=150), [{"role": "user", "content": "busy"}],
+                                    stream_events=True)
+        job = await submit(service, "ends in the outage", steps=20)
+        await service.wait(job)
+        backlog = []
+        for _ in range(20):
+            backlog.append(shared._writes.qsize())
+            await asyncio.sleep(0.05)
+        # What a reaping replica does to a lapsed replica's running job (the _REAP script's requeue).
+        await shared.redis.hset(shared.key("job", job.id), mapping={"status": "queued", "owner": ""})
+        await shared.redis.lrem(shared.key("claimed", shared.replica), 0, job.id)
+        await shared.redis.rpush(shared.key("queue"), job.id)
+        while await shared.redis.llen(shared.key("queue")):
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        reachable.set()
+        await service.wait(busy)
+        await asyncio.wait_for(shared._writes.join(), 20)
+        fields = await shared.redis.hgetall(shared.key("job", job.id))
+        running = dict(shared._running)
+        await service.shutdown()
+        return engine, fields, running, backlog
+
+    engine, fields, running, backlog = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert sum(batch.count("ends in the outage") for batch in engine.batches) == 21, "the job ran again"
+    assert fields["status"] == "succeeded" and fields["attempts"] == "2" and fields["result"] and running == {}
+    assert max(backlog) <= 2, backlog
+
+
+def test_an_end_redis_refuses_and_mirrors_ended_here_leave_nothing_behind(redis_url):
+    """An end Redis refused (out of memory, say) left the job in the running set for good; mirrors ended here (their
+    deadline) stayed in the mirrored and watched sets for good."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        prefix = "leak-" + uuid.uuid4().hex[:8]
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        finish = service.shared._scripts["finish"]
+
+        async def refused_once(**kwargs):
+            service.shared._scripts["finish"] = finish
+            raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+        service.shared._scripts["finish"] = refused_once
+        job = await submit(service, "refused")
+        await service.wait(job)
+        await asyncio.wait_for(service.shared._writes.join(), 20)
+        running = dict(service.shared._running)
+        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+        asker.shared.stop_claiming()
+        service.shared.stop_claiming()
+        timed_out = [await submit(asker, f"times out {i}", timeout=1) for i in range(3)]
+        for one in timed_out:
+            await one.wait()
+        await asyncio.sleep(1.5)  # a poll
+        left = dict(asker.shared._mirrored), set(asker.shared._seen)
+        for one in (service, asker):
+            await one.shutdown()
+        return job, running, left, timed_out
+
+    job, running, (mirrored, seen), timed_out = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert job.status == JobStatus.succeeded and running == {}
+    assert all(one.error_kind == "timeout" for one in timed_out) and mirrored == {} and seen == set()

@@ -43,8 +43,11 @@ def _shared_store_errors():
     """Redis unreachable: 503 with Retry-After, the details in the log."""
     try:
         yield
-    except RedisError:
-        log.exception("shared job store call failed")
+    except RedisError as exc:
+        if unreachable(exc):  # a warning a request through an outage, not a traceback each
+            log.warning("shared job store call failed: %s", exc)
+        else:
+            log.exception("shared job store call failed")
         raise ServiceUnavailable("the shared job store is unavailable", headers={"Retry-After": "5"}) from None
 
 

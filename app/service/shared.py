@@ -96,10 +96,13 @@ class _Outage:
         if self.since is None:
             self.since = time.monotonic()
 
-    def ended(self) -> None:
-        if self.since is not None:
-            log.warning("%s: Redis answers again after %.0f s", self.loop, time.monotonic() - self.since)
-            self.since = None
+    def ended(self) -> bool:
+        """Whether this ends an outage."""
+        if self.since is None:
+            return False
+        log.warning("%s: Redis answers again after %.0f s", self.loop, time.monotonic() - self.since)
+        self.since = None
+        return True
 
 
 @dataclasses.dataclass
@@ -140,10 +143,12 @@ class SharedJobs:
         self._seen: set[str] = set()  # mirrored ids whose record Redis was seen to hold (checked for its loss)
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: asyncio.Queue = asyncio.Queue()
-        self._last_write_try = 0.0
+        self._write_outage: float | None = None  # since when writes have failed (Redis unreachable)
+        self._dropped_events = 0  # step events not written meanwhile
         self._tasks: list[asyncio.Task] = []
         self._catch_ups: set[asyncio.Task] = set()
-        self._withdrawals: set[asyncio.Task] = set()  # jobs whose submission failed, cancelled once Redis answers
+        self._to_withdraw: dict[str, Job] = {}  # jobs whose submission failed, cancelled once Redis answers
+        self._withdrawals: set[asyncio.Task] = set()  # the task that does it
         self._claiming = True
         self.queue_depth = queue_depth
         self._scripts = {name: redis.register_script(source) for name, source in SCRIPTS.items()}
@@ -189,9 +194,22 @@ class SharedJobs:
             _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_SECONDS)
             for task in stuck:
                 log.warning("task %s did not stop: %s", task.get_name(), task.get_stack())
-        for job in list(self._jobs.values()):  # mirrors whose runner is elsewhere: their waiters here get an answer
-            if not job.status.finished:
+        # Mirrors whose runner is elsewhere (or that wait in the shared queue): their waiters here get an answer. A job
+        # whose only reader is a blocking request here, answered 503 now (it sends the request again), is withdrawn.
+        withdrawn = []
+        for job in list(self._jobs.values()):
+            if job.status.finished:
+                continue
+            if job in self._submitted_here and not job.stream_events:
+                job.finish(JobStatus.failed, None, "the service shut down before the job could finish", ErrorKind.shutdown)
+                withdrawn.append(self.cancel(job, ErrorKind.cancelled, "the replica its client waited on shut down"))
+            else:
                 job.finish(JobStatus.failed, None, "this replica shut down; read the job from another replica", ErrorKind.shutdown)
+        if withdrawn:
+            try:
+                await asyncio.wait_for(asyncio.gather(*withdrawn), CLOSE_SECONDS)
+            except Exception:  # Redis gone at shutdown: the jobs run elsewhere for nobody
+                log.warning("could not withdraw %d jobs from the shared queue", len(withdrawn), exc_info=True)
         try:
             await asyncio.wait_for(self._leave(), CLOSE_SECONDS)
         except Exception:  # Redis gone at shutdown: the lease lapses by itself
@@ -219,10 +237,11 @@ class SharedJobs:
             ok = await self._scripts["enqueue"](
                 keys=[self.key("queue"), self.key("job", job.id)],
                 args=[self.max_queue, job.id, json.dumps(spec), job.created, self._unfinished_ttl])
-        except RedisError:
+        except RedisError as exc:
             # The script may have run all the same (a timeout after it was sent): the client, answered 503, will send
-            # the request again, so a job queued this way must not run too.
-            spawn_background(self._withdraw(job), self._withdrawals)
+            # the request again, so a job queued this way must not run too. A failed connect sent nothing.
+            if "connecting to" not in str(exc):
+                self._withdraw(job)
             raise
         finally:
             if not ok:  # refused, or Redis failed (the client gets a 503): no local job may wait for it forever
@@ -232,20 +251,29 @@ class SharedJobs:
             self._seen.add(job.id)
         return bool(ok)
 
-    async def _withdraw(self, job: Job) -> None:
-        """Cancel ``job`` in Redis once Redis answers (until its deadline): nothing if its submission never got
-        there, else it ends before it runs (or at its next step)."""
-        until = job.deadline if job.deadline is not None else time.monotonic() + min(self.longest_timeout, 600.0)
-        while time.monotonic() < until:
-            try:
-                await self.cancel(job, ErrorKind.cancelled, "its submission failed (the shared job store did not answer); "
-                                  "the client was told to send it again")
-                return
-            except (RedisError, OSError) as exc:
-                if not unreachable(exc):
+    def _withdraw(self, job: Job) -> None:
+        """Cancel ``job`` in Redis once Redis answers (until its deadline; one task for all such jobs): nothing if its
+        submission never got there, else it ends before it runs (or at its next step, if a replica took it first)."""
+        self._to_withdraw[job.id] = job
+        if not self._withdrawals:
+            spawn_background(self._withdraw_loop(), self._withdrawals)
+
+    async def _withdraw_loop(self) -> None:
+        while self._to_withdraw:
+            for job in list(self._to_withdraw.values()):
+                if job.deadline is not None and time.monotonic() > job.deadline:  # it cannot run any more
+                    del self._to_withdraw[job.id]
+                    continue
+                try:
+                    await self.cancel(job, ErrorKind.cancelled, "its submission failed (the shared job store did not answer); "
+                                      "the client was told to send it again")
+                except (RedisError, OSError) as exc:
+                    if unreachable(exc):
+                        break
                     log.warning("job %s: could not withdraw it from the shared job store: %s", job.id, exc)
-                    return
-            await asyncio.sleep(POLL_SECONDS)
+                del self._to_withdraw[job.id]
+            if self._to_withdraw:
+                await asyncio.sleep(POLL_SECONDS)
 
     async def lookup(self, job_id: str) -> Job | None:
         """A job another replica accepted: build a local mirror from Redis (None when unknown or expired)."""
@@ -297,7 +325,10 @@ class SharedJobs:
 
     async def catch_up(self, job: Job) -> None:
         """Apply the job's events that Redis has and the local object lacks (a no-op for jobs run here)."""
-        if job.id in self._running or job.status.finished or job.id not in self._mirrored:
+        if job.id in self._running or job.id not in self._mirrored:
+            return
+        if job.status.finished:  # ended here (its deadline, a shutdown): nothing more to mirror
+            self._forget_mirror(job.id)
             return
         lock = self._locks.setdefault(job.id, asyncio.Lock())
         async with lock:
@@ -325,29 +356,38 @@ class SharedJobs:
                         job.mark_running()
                     job.publish(event)
         if job.status.finished:
-            self._locks.pop(job.id, None)
-            self._mirrored.pop(job.id, None)
-            self._seen.discard(job.id)
+            self._forget_mirror(job.id)
 
-    async def _end_lost_mirrors(self) -> None:
-        """End the mirrors whose record Redis no longer holds (it restarted without its data, or the record expired):
-        nothing would ever end them, and their waiters here (a blocking request, a stream) would wait for good. A job
-        that runs here is not a mirror: its result is kept here (``_write``)."""
-        watched = [job for job in self._jobs.values() if job.id in self._mirrored and job.id in self._seen and not job.status.finished]
-        if not watched:
+    def _forget_mirror(self, job_id: str) -> None:
+        self._locks.pop(job_id, None)
+        self._mirrored.pop(job_id, None)
+        self._seen.discard(job_id)
+
+    async def _end_lost_jobs(self) -> None:
+        """End the jobs whose record Redis no longer holds (it restarted without its data, or the record expired).
+        A mirror: nothing would ever end it, and its waiters here (a blocking request, a stream) would wait for good. A
+        job that runs here for another replica's client: that replica ended it `lost` (and its client sends it again),
+        so the run stops. A job submitted here runs on: its result is kept here (``_write``)."""
+        mirrors = [job for job in self._jobs.values() if job.id in self._mirrored and job.id in self._seen and not job.status.finished]
+        runs = [r.job for r in self._running.values() if r.job not in self._submitted_here and not r.job.status.finished]
+        if not mirrors and not runs:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job in watched:
+            for job in (*mirrors, *runs):
                 pipe.exists(self.key("job", job.id))
             held = await pipe.execute()
-        for job, exists in zip(watched, held):
-            if not exists and job.id in self._mirrored and not job.status.finished:
-                log.warning("job %s: the shared job store no longer holds it (Redis restarted without its data?)", job.id)
+        lost = "the shared job store lost the job (Redis restarted without its data)"
+        for job, exists in zip((*mirrors, *runs), held):
+            if exists or job.status.finished:
+                continue
+            log.warning("job %s: the shared job store no longer holds it (Redis restarted without its data?)", job.id)
+            if job.id in self._running:
+                self.worker.cancel(job, ErrorKind.lost, lost)
+            elif job.id in self._mirrored:
                 self._mirrored.pop(job.id, None)
                 self._seen.discard(job.id)
                 never_ran = job.status == JobStatus.queued  # else its runner counts its end
-                job.finish(JobStatus.failed, None, "the shared job store lost the job (Redis restarted without its data); "
-                           "send it again", ErrorKind.lost)
+                job.finish(JobStatus.failed, None, lost + "; send it again", ErrorKind.lost)
                 if never_ran and job in self._submitted_here:
                     self._count_end(job)
 
@@ -409,10 +449,11 @@ class SharedJobs:
         return claim or None
 
     def _start(self, job_id: str, attempt: int, spec: dict, created: float, work: AlignJob | BaseException | None) -> None:
-        if job_id in self._running and not self._running[job_id].job.status.finished:
-            # This replica's lease lapsed (a pause), another replica requeued the job, and this one took it again while
-            # its first run still goes on: that run carries on as the new attempt (submitting the job again would run
-            # it twice and let the first run's end be written under the second attempt).
+        if job_id in self._running:
+            # This replica's lease lapsed (a pause, Redis unreachable), another replica requeued the job, and this one
+            # took it again while its first run still goes on, or its end waits to be written: that run carries on as
+            # the new attempt (submitting the job again would run it twice, and the first run's end would be written
+            # under the second attempt and the second's never).
             self._running[job_id].attempt = attempt
             log.info("job %s: claimed again while it still runs here (attempt %d); the run goes on", job_id, attempt)
             return
@@ -462,23 +503,28 @@ class SharedJobs:
             args=[job_id, self.replica, attempt, self.key("wake")]))
 
     def _on_event(self, job: Job, event: dict) -> None:
+        if self._write_outage is not None and event["event"] != "end":
+            self._dropped_events += 1  # Redis cannot be reached: only ends wait to be written
+            return
         self._writes.put_nowait((job, event))
 
     async def _write_loop(self) -> None:
         """Write this replica's job events to Redis, in order. While Redis cannot be reached, a job's end is retried
         until it is written (else the job would stay `running` there for good, and run again once this replica's lease
-        lapsed); step events are dropped meanwhile (one is tried a second, to notice the way back), so that an outage
-        neither grows the backlog without bound nor logs a traceback per event."""
-        outage: float | None = None  # since when writes have failed
-        dropped = 0
+        lapsed); step events are dropped meanwhile, and not queued, so that an outage neither grows a backlog nor logs
+        a traceback per event. A ping a second notices the way back when no end waits."""
         while True:
-            job, event = await self._writes.get()
+            try:
+                job, event = await asyncio.wait_for(self._writes.get(), None if self._write_outage is None else POLL_SECONDS)
+            except asyncio.TimeoutError:
+                try:
+                    await self.redis.ping()
+                except (RedisError, OSError):
+                    continue
+                self._writes_resumed()
+                continue
             try:
                 while True:
-                    if outage is not None and event["event"] != "end" and time.monotonic() - self._last_write_try < POLL_SECONDS:
-                        dropped += 1
-                        break
-                    self._last_write_try = time.monotonic()
                     try:
                         await self._write(job, event)
                     except asyncio.CancelledError:
@@ -486,23 +532,28 @@ class SharedJobs:
                     except Exception as exc:
                         if not unreachable(exc):
                             log.exception("could not write job %s's %s event to Redis", job.id, event["event"])
+                            if event["event"] == "end":
+                                self._stop_writing(job)
                             break
-                        if outage is None:
-                            outage = time.monotonic()
+                        if self._write_outage is None:
+                            self._write_outage = time.monotonic()
                             log.warning("the shared job store cannot be reached (%s): job ends are retried until written, "
                                         "step events dropped meanwhile", exc)
                         if event["event"] != "end":
-                            dropped += 1
+                            self._dropped_events += 1
                             break
                         await asyncio.sleep(POLL_SECONDS)
                         continue
-                    if outage is not None:
-                        log.warning("the shared job store is written again after %.0f s; %d step events were dropped",
-                                    time.monotonic() - outage, dropped)
-                        outage, dropped = None, 0
+                    self._writes_resumed()
                     break
             finally:
                 self._writes.task_done()
+
+    def _writes_resumed(self) -> None:
+        if self._write_outage is not None:
+            log.warning("the shared job store is written again after %.0f s; %d step events were dropped",
+                        time.monotonic() - self._write_outage, self._dropped_events)
+            self._write_outage, self._dropped_events = None, 0
 
     async def _write(self, job: Job, event: dict) -> None:
         running = self._running.get(job.id)
@@ -533,7 +584,7 @@ class SharedJobs:
         self._stop_writing(job)
         if lost:  # Redis restarted without its data: the result stays readable here, where it was made
             log.warning("job %s: the shared job store no longer holds it (Redis restarted without its data?); "
-                        "its result is kept on this replica only", job.id)
+                        "it is kept on this replica only", job.id)
             self._count_end(job)
         elif not done:  # reads of this job now go to Redis, where the retry's state is
             log.warning("job %s: finished here after this replica lost it (lease lapsed); result dropped", job.id)
@@ -543,8 +594,11 @@ class SharedJobs:
 
     def _stop_writing(self, job: Job) -> None:
         """The job's end is in Redis (or moot): it no longer runs here as far as the store is concerned."""
-        del self._running[job.id]
-        job.listeners.remove(self._on_event)
+        running = self._running.get(job.id)
+        if running is not None and running.job is job:
+            del self._running[job.id]
+        if self._on_event in job.listeners:
+            job.listeners.remove(self._on_event)
 
     def _count_end(self, job: Job, outcome: str | None = None) -> None:
         """Count a job's ending on this replica (the worker counts only the jobs submitted to it directly): one that
@@ -600,8 +654,9 @@ class SharedJobs:
     async def _catch_up_logged(self, job: Job) -> None:
         try:
             await self.catch_up(job)
-        except Exception:
-            log.exception("could not bring job %s up to date from Redis", job.id)
+        except Exception as exc:
+            if not unreachable(exc):  # an unreachable Redis: the poll brings the job up to date later
+                log.exception("could not bring job %s up to date from Redis", job.id)
 
     async def _heartbeat(self) -> None:
         """Renew the lease and (re)join the replica set.
@@ -623,20 +678,24 @@ class SharedJobs:
         reap_every = max(self.lease / 2, POLL_SECONDS)
         last_reap = 0.0
         outage = _Outage("the lease, the reaper and the mirrors' poll")
+        back_since = -math.inf  # when Redis last answered again after an outage here
         while True:
             try:
                 await self._heartbeat()
                 self.healthy = True
-                if time.monotonic() - last_reap >= reap_every:
+                if outage.ended():
+                    back_since = time.monotonic()
+                # Every lease lapsed in an outage of Redis longer than the lease: reaping at once would take the others'
+                # running jobs (and run them again) before they could renew. Those that do not within a lease are dead.
+                if time.monotonic() - last_reap >= reap_every and time.monotonic() - back_since >= self.lease:
                     await self._reap()
                     last_reap = time.monotonic()
                 await self._read_cancels()
                 for job in [j for j in self._jobs.values() if j.id in self._mirrored]:
                     await self.catch_up(job)
-                await self._end_lost_mirrors()
+                await self._end_lost_jobs()
                 if self.queue_depth is not None:
                     self.queue_depth.set(await self.queue_length())
-                outage.ended()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged by the outage
