@@ -209,6 +209,17 @@ async def _running_on_a_dead_replica(client, prefix: str, job_id: str, **fields)
     await client.lpush(f"{prefix}:claimed:dead-1", job_id)
 
 
+async def _runner_and_asker(redis_url: str, name: str, engine) -> tuple:
+    """Two replicas on a fresh prefix: one runs jobs on ``engine``, the other (an asker) takes none."""
+    from tests.test_service import FakeEngine, make_service
+
+    prefix = name + "-" + uuid.uuid4().hex[:8]
+    runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix)
+    asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
+    asker.shared.stop_claiming()
+    return runner, asker
+
+
 def test_after_the_last_attempt_a_dead_replicas_job_is_failed_not_lost(redis_url):
     """The reaping script alone: a job whose runner died on its last attempt ends failed, with its end event."""
     async def scenario():
@@ -363,14 +374,11 @@ def test_a_job_redis_did_not_take_is_not_kept_waiting_forever(redis_url):
 def test_a_cancel_whose_message_is_lost_still_stops_the_job_where_it_runs(redis_url):
     """Pub/sub drops a message sent while the runner resubscribes: the runner reads the job's ``cancel`` flag on
     its next poll, so the job ends cancelled within a poll instead of running to its last step."""
-    from tests.test_service import FakeEngine, make_service
+    from tests.test_service import FakeEngine
 
     async def scenario():
-        prefix = "lost-" + uuid.uuid4().hex[:8]
         engine = FakeEngine(tick_seconds=0.01)
-        runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix)
-        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
-        asker.shared.stop_claiming()
+        runner, asker = await _runner_and_asker(redis_url, "lost", engine)
         job = await runner.submit(SEAConfig(chains=2, steps=3000), [{"role": "user", "content": "long"}])  # 30 s of ticks
         while job.status == JobStatus.queued:
             await asyncio.sleep(0.02)
@@ -523,13 +531,10 @@ def test_with_a_shared_store_a_deadline_ends_queued_and_running_jobs_while_the_w
 
 def test_another_replica_shows_a_job_to_the_key_that_submitted_it_only(redis_url):
     from app.errors import NotFound
-    from tests.test_service import FakeEngine, make_service
+    from tests.test_service import FakeEngine
 
     async def scenario():
-        prefix = "owner-" + uuid.uuid4().hex[:8]
-        runner = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
-        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
-        asker.shared.stop_claiming()
+        runner, asker = await _runner_and_asker(redis_url, "owner", FakeEngine(tick_seconds=0.01))
         job = await runner.submit(SEAConfig(chains=1, steps=3), [{"role": "user", "content": "hi"}], owner="client-a")
         seen = await asker.get(job.id, "client-a")
         with pytest.raises(NotFound):
@@ -670,7 +675,7 @@ def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_st
     nothing would end the job's mirror; and a job that finished here was forgotten here (404). Now a mirror whose
     record is gone ends within a poll as `lost` (503, send it again), and a result made here stays readable here."""
     from app.errors import ServiceUnavailable
-    from tests.test_service import FakeEngine, make_service, submit
+    from tests.test_service import FakeEngine, submit
 
     async def forget(client, prefix: str, job_id: str) -> None:  # what a Redis restarted empty holds of a job: nothing
         await client.delete(f"{prefix}:job:{job_id}", f"{prefix}:events:{job_id}")
@@ -679,10 +684,7 @@ def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_st
             await client.lrem(claimed, 0, job_id)
 
     async def scenario():
-        prefix = "lost-" + uuid.uuid4().hex[:8]
-        runner = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix=prefix)
-        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
-        asker.shared.stop_claiming()
+        runner, asker = await _runner_and_asker(redis_url, "lost", FakeEngine(tick_seconds=0.01))
         ran_here = await submit(runner, "runs here", steps=150, timeout=300)
         while ran_here.status == JobStatus.queued:
             await asyncio.sleep(0.02)
@@ -691,7 +693,7 @@ def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_st
         elsewhere = await asker.shared.lookup(ran_here.id)  # a stream or a poll on the other replica
         client = runner.shared.redis
         for job in (queued, ran_here):
-            await forget(client, prefix, job.id)
+            await forget(client, runner.shared.prefix, job.id)
         asked = time.monotonic()
         await asyncio.wait_for(asyncio.gather(queued.wait(), elsewhere.wait()), 10)
         took = time.monotonic() - asked
@@ -866,14 +868,11 @@ def test_after_a_redis_outage_longer_than_the_lease_no_replica_takes_another_s_r
 
 def test_a_job_redis_lost_stops_where_it_runs_for_another_replica_s_client(redis_url):
     """The submitting replica ends a lost job (its client sends it again); the replica running it ran on for nobody."""
-    from tests.test_service import FakeEngine, make_service, submit
+    from tests.test_service import FakeEngine, submit
 
     async def scenario():
-        prefix = "lostrun-" + uuid.uuid4().hex[:8]
         engine = FakeEngine(tick_seconds=0.1)
-        runner = await make_service(engine, redis_url=redis_url, redis_prefix=prefix)
-        asker = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix=prefix)
-        asker.shared.stop_claiming()
+        runner, asker = await _runner_and_asker(redis_url, "lostrun", engine)
         job = await submit(asker, "runs elsewhere", steps=190, timeout=120)  # 19 s of ticks (200 steps at most from elsewhere)
         while not runner.shared._running:
             await asyncio.sleep(0.02)
