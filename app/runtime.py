@@ -22,7 +22,7 @@ from models.rewards import (
     RewardMix,
     load_sequence_classifier_reward,
 )
-from models.tokens import Message, TokenText, render_prompt
+from models.tokens import Message, TokenText, prepare_text_encoders, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class Runtime:
         rewards.update(extra_rewards or {})
         runtime = cls(lm, Engine(lm), rewards, settings.reward_terms(), settings.default_keyword_weight)
         runtime.longest_token_characters  # noqa: B018 (computed now, not on a request)
+        prepare_text_encoders(lm.tokenizer)
         for name, _ in runtime.default_reward:
             if name not in rewards:
                 raise UnknownRewardError(f"SEA_REWARD names {name!r}, but the loaded rewards are {sorted(rewards)}")

@@ -106,6 +106,13 @@ def _control_pattern(controls: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(re.escape(control) for control in controls))
 
 
+def prepare_text_encoders(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Build now the copies of the tokenizer that read a control token's spelling as text (for keywords, and messages
+    that spell one), not on a request: a copy of a large vocabulary takes a moment."""
+    _text_encoder(tokenizer)
+    _slotted_encoder(tokenizer)
+
+
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Ids of ``text`` as text: a special token's spelling in it is not the token (no special tokens added)."""
     return _text_encoder(tokenizer)(text, False)
