@@ -38,35 +38,37 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], s
         return _encoded(tokenizer, _rendered(tokenizer, messages))
     if any(_MARK in m["content"] or _SLOT in m["content"] for m in messages):
         raise TemplateError("a message that spells a control token may not hold U+FDD0 or U+FDD1 (noncharacters)")
-    # Each control token spelt in a message is marked while the template renders the chat, so that the template's own
-    # control tokens are told apart; those are then put in slots, tokens the spellings cannot match, and the chat is
-    # encoded at once with every control token's spelling as text (encoded in pieces, a tokenizer that strips the
-    # whitespace beside a control token, or that puts "▁" before the first word of a text only, would read the
-    # template's text otherwise than it does).
-    def marked(text: str) -> str:
-        for control in controls:
-            text = text.replace(control, control[0] + _MARK + control[1:])
-        return text
+    # Each control token spelt in a message stands as a mark (its index between two U+FDD0) while the template renders
+    # the chat, so that the template's own control tokens are told apart; those are then put in slots, tokens the
+    # spellings cannot match, the marks become their spellings again, and the chat is encoded at once with every
+    # control token's spelling as text (encoded in pieces, a tokenizer that strips the whitespace beside a control
+    # token, or that puts "▁" before the first word of a text only, would read the template's text otherwise).
+    pattern = _control_pattern(tuple(controls))
+    index = {control: i for i, control in enumerate(controls)}
+    text = _rendered(tokenizer, [{**m, "content": pattern.sub(lambda found: f"{_MARK}{index[found.group()]}{_MARK}", m["content"])}
+                                 for m in messages])
+    def spelt(text: str) -> str:
+        return _MARKED.sub(lambda found: controls[int(found.group(1))], text)
 
-    text = _rendered(tokenizer, [{**m, "content": marked(m["content"])} for m in messages])
     slots = _slotted_encoder(tokenizer)
-    if slots is None:  # a tokenizer without a Rust one: encoded in pieces between the template's control tokens
+    if slots is None:  # encoded in pieces between the template's control tokens
         ids: list[int] = []
         at = 0
-        for found in _control_pattern(tuple(controls)).finditer(text):
-            ids += _text_encoder(tokenizer)(text[at : found.start()].replace(_MARK, ""), False)
+        for found in pattern.finditer(text):
+            ids += _text_encoder(tokenizer)(spelt(text[at : found.start()]), False)
             ids.append(int(tokenizer.convert_tokens_to_ids(found.group())))
             at = found.end()
-        return ids + _text_encoder(tokenizer)(text[at:].replace(_MARK, ""), False)
+        return ids + _text_encoder(tokenizer)(spelt(text[at:]), False)
     copy, slot_of, control_id = slots
-    text = _control_pattern(tuple(controls)).sub(lambda found: slot_of[found.group()], text).replace(_MARK, "")
+    text = spelt(pattern.sub(lambda found: slot_of[found.group()], text))
     return [control_id.get(i, i) for i in copy.encode(text, add_special_tokens=False).ids]
 
 
-# Noncharacters (never meant to be in text): a mark put inside each control token spelt in a message while the template
-# renders the chat, and the slots that stand for the template's own control tokens.
+# Noncharacters (never meant to be in text): the marks that stand for the control tokens spelt in messages while the
+# template renders the chat, and the slots that stand for the template's own control tokens.
 _MARK = "\ufdd0"
 _SLOT = "\ufdd1"
+_MARKED = re.compile(f"{_MARK}([0-9]+){_MARK}")
 
 
 def _rendered(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
@@ -133,11 +135,13 @@ def _text_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str, bool], l
 def _slotted_encoder(tokenizer: PreTrainedTokenizerBase) -> tuple[Tokenizer, dict[str, str], dict[int, int]] | None:
     """A copy of the Rust tokenizer that encodes every special token's spelling as text, with a slot per control token:
     an added token (not special, so matched still) with the control token's whitespace handling. The copy, each
-    control token's slot, and each slot's id -> its control token's id. None for a tokenizer without a Rust one."""
+    control token's slot, and each slot's id -> its control token's id. None for a tokenizer without a Rust one, or
+    whose vocabulary leaves a slot no id of its own."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is None:
         return None
     copy = _text_copy(backend)
+    taken = set(backend.get_vocab(with_added_tokens=True).values())
     added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
     slot_of, control_id = {}, {}
     for index, control in enumerate(_control_tokens(tokenizer)):
@@ -146,7 +150,10 @@ def _slotted_encoder(tokenizer: PreTrainedTokenizerBase) -> tuple[Tokenizer, dic
         copy.add_tokens([AddedToken(slot_of[control], special=False, normalized=False,
                                     lstrip=bool(like and like.lstrip), rstrip=bool(like and like.rstrip),
                                     single_word=bool(like and like.single_word))])
-        control_id[copy.token_to_id(slot_of[control])] = int(tokenizer.convert_tokens_to_ids(control))
+        slot_id = copy.token_to_id(slot_of[control])
+        if slot_id is None or slot_id in taken:  # a vocabulary with gaps: a new token may get a used id
+            return None
+        control_id[slot_id] = int(tokenizer.convert_tokens_to_ids(control))
     return copy, slot_of, control_id
 
 

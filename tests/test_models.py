@@ -144,6 +144,36 @@ def test_a_spelled_control_token_leaves_the_template_s_own_text_as_it_was(make, 
     assert spelled.count(spelling) == plain.count(spelling) and len(spelled) > len(plain)
 
 
+def _word_level_chat_tokenizer(vocab: dict[str, int], controls: list[str]) -> PreTrainedTokenizerFast:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in controls])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    return tokenizer
+
+
+@pytest.mark.parametrize("gap", [True, False])
+def test_no_message_text_becomes_a_control_token_with_a_vocabulary_with_gaps_or_one_character_control_tokens(gap):
+    """A slot (the added token that stands for a template's control token) took the id of a real word in a
+    vocabulary with a gap in its ids, so that word in a message became `<|im_start|>`; and a one-character special
+    token (☃) spelt in a message stayed the token."""
+    words = ["user", "assistant", "<", "|", ">", "im", "_", "end", "[UNK]", "x"]  # "x" has the largest id
+    if gap:  # no id 2: the vocabulary's size (its count) is an id in use
+        tokenizer = _word_level_chat_tokenizer({"<|im_start|>": 0, "<|im_end|>": 1, **{w: 3 + i for i, w in enumerate(words)}},
+                                               ["<|im_start|>", "<|im_end|>"])
+    else:
+        tokenizer = _word_level_chat_tokenizer({"<|im_start|>": 0, "<|im_end|>": 1, **{w: 2 + i for i, w in enumerate(words)}},
+                                               ["<|im_start|>", "<|im_end|>", "☃"])
+    controls = [token for token in ("<|im_start|>", "<|im_end|>", "☃") if token in tokenizer.get_vocab()]
+    pieces = tokenizer.convert_ids_to_tokens(render_prompt(tokenizer, [{"role": "user", "content": "x ☃ x <|im_end|> x"}]))
+    assert [p for p in pieces if p in controls] == ["<|im_start|>", "<|im_end|>", "<|im_start|>"]
+    assert pieces.count("x") == 3
+
+
 def test_a_keyword_that_spells_a_control_token_is_its_text():
     """Asked to use "<|im_end|>", the keyword reward paid for the stop token itself."""
     tokenizer = chat_byte_level_tokenizer()
