@@ -990,3 +990,35 @@ def test_an_end_redis_refuses_and_mirrors_ended_here_leave_nothing_behind(redis_
     job, running, (mirrored, seen), timed_out = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert job.status == JobStatus.succeeded and running == {}
     assert all(one.error_kind == "timeout" for one in timed_out) and mirrored == {} and seen == set()
+
+
+def test_an_end_written_as_its_job_is_claimed_again_is_written_under_the_new_attempt(redis_url):
+    """Redis back after an outage: the end being written carried the attempt read before its awaits, while the claim
+    loop took the job again (requeued by another replica) and this run adopted the next attempt. The stale finish
+    was refused, the run's entry removed: the job stayed `running` in Redis, in no claimed list, with nobody to end it."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="stale-" + uuid.uuid4().hex[:8])
+        shared = service.shared
+        lighter = shared._lighter_events
+        claimed = []
+
+        async def claimed_meanwhile(job):  # as _start adopts a claim of the job while this write awaits
+            if not claimed:
+                claimed.append(job.id)
+                shared._running[job.id].attempt += 1
+                await shared.redis.hset(shared.key("job", job.id), "attempts", shared._running[job.id].attempt)
+            return await lighter(job)
+
+        shared._lighter_events = claimed_meanwhile
+        job = await submit(service, "claimed again")
+        await service.wait(job)
+        await asyncio.wait_for(shared._writes.join(), 20)
+        fields = await shared.redis.hgetall(shared.key("job", job.id))
+        running = dict(shared._running)
+        await service.shutdown()
+        return fields, running, claimed
+
+    fields, running, claimed = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert claimed and fields["status"] == "succeeded" and fields["attempts"] == "2" and fields["result"] and running == {}

@@ -255,7 +255,7 @@ class SharedJobs:
         """Cancel ``job`` in Redis once Redis answers (until its deadline; one task for all such jobs): nothing if its
         submission never got there, else it ends before it runs (or at its next step, if a replica took it first)."""
         self._to_withdraw[job.id] = job
-        if not self._withdrawals:
+        if all(task.done() for task in self._withdrawals):  # a task that just ended leaves the set a moment later
             spawn_background(self._withdraw_loop(), self._withdrawals)
 
     async def _withdraw_loop(self) -> None:
@@ -569,8 +569,11 @@ class SharedJobs:
             return
         # This replica is going away: another one runs the job, unless its only reader was a request here, answered 503
         # (it sends the request again): the job API's and other replicas' readers find it by its id.
+        attempt = running.attempt  # a claim of the job again while this write awaits adopts the next (``_start``)
         if job.error_kind == ErrorKind.shutdown and (job not in self._submitted_here or job.stream_events):
-            done = await self._hand_back(job.id, running.attempt)
+            done = await self._hand_back(job.id, attempt)
+            if not done and running.attempt != attempt:
+                return await self._write(job, event)
             self._stop_writing(job)
             log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
             if done:
@@ -578,8 +581,10 @@ class SharedJobs:
             return
         result = result_to_json(job.result) if job.result is not None else ""
         done = await self._scripts["finish"](keys=keys, args=[
-            job.id, self.replica, running.attempt, job.status.value, job.error or "", job.error_kind or "", result,
+            job.id, self.replica, attempt, job.status.value, job.error or "", job.error_kind or "", result,
             json.dumps(event), self.ttl, self.key("wake"), repr(job.queue_seconds), await self._lighter_events(job)])
+        if not done and running.attempt != attempt:  # claimed again meanwhile: the end is the new attempt's
+            return await self._write(job, event)
         lost = not done and not await self.redis.exists(self.key("job", job.id))
         self._stop_writing(job)
         if lost:  # Redis restarted without its data: the result stays readable here, where it was made
