@@ -81,8 +81,8 @@ def replica_name() -> str:
 
 
 class _Outage:
-    """A loop's Redis failures, logged when they begin and when they end (one that is not Redis being unreachable
-    with its traceback, each time): not a traceback a second through an outage."""
+    """A loop's spells of Redis being unreachable, logged when they begin and when they end: not a traceback a second
+    through an outage. Another error is logged with its traceback each time, and is no outage."""
 
     def __init__(self, loop: str):
         self.loop = loop
@@ -93,7 +93,6 @@ class _Outage:
             log.error("%s failed; retrying", self.loop, exc_info=exc)
         elif self.since is None:
             log.warning("%s: Redis cannot be reached (%s); retrying every second", self.loop, exc)
-        if self.since is None:
             self.since = time.monotonic()
 
     def ended(self) -> bool:
@@ -143,8 +142,8 @@ class SharedJobs:
         self._seen: set[str] = set()  # mirrored ids whose record Redis was seen to hold (checked for its loss)
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: asyncio.Queue = asyncio.Queue()
-        self._write_outage: float | None = None  # since when writes have failed (Redis unreachable)
-        self._dropped_events = 0  # step events not written meanwhile
+        self._write_outage = _Outage("writing job events (a job's end is retried until written, step events are dropped)")
+        self._dropped_events = 0  # step events not written in the current outage
         self._tasks: list[asyncio.Task] = []
         self._catch_ups: set[asyncio.Task] = set()
         self._to_withdraw: dict[str, Job] = {}  # jobs whose submission failed, cancelled once Redis answers
@@ -246,7 +245,7 @@ class SharedJobs:
         finally:
             if not ok:  # refused, or Redis failed (the client gets a 503): no local job may wait for it forever
                 self._jobs.pop(job.id, None)
-                self._mirrored.pop(job.id, None)
+                self._forget_mirror(job.id)
         if ok:
             self._seen.add(job.id)
         return bool(ok)
@@ -384,8 +383,7 @@ class SharedJobs:
             if job.id in self._running:
                 self.worker.cancel(job, ErrorKind.lost, lost)
             elif job.id in self._mirrored:
-                self._mirrored.pop(job.id, None)
-                self._seen.discard(job.id)
+                self._forget_mirror(job.id)
                 never_ran = job.status == JobStatus.queued  # else its runner counts its end
                 job.finish(JobStatus.failed, None, lost + "; send it again", ErrorKind.lost)
                 if never_ran and job in self._submitted_here:
@@ -468,8 +466,7 @@ class SharedJobs:
         except Exception as exc:  # noqa: BLE001 - e.g. a reward this replica does not serve
             if job is None or job.status.finished:
                 job = Job(None, spec.get("model", ""), id=job_id)  # type: ignore[arg-type]
-            self._mirrored.pop(job_id, None)
-            self._seen.discard(job_id)
+            self._forget_mirror(job_id)
             self._running[job_id] = _Running(job, attempt)
             job.listeners.append(self._on_event)
             job.finish(JobStatus.failed, None, f"this replica cannot run the job: {exc}", ErrorKind.engine)
@@ -477,8 +474,7 @@ class SharedJobs:
         self._jobs[job_id] = job
         job.status = JobStatus.queued
         self._running[job_id] = _Running(job, attempt)
-        self._mirrored.pop(job_id, None)
-        self._seen.discard(job_id)
+        self._forget_mirror(job_id)
         job.listeners.append(self._on_event)
         log.info("job %s: claimed (attempt %d)", job_id, attempt)
         self.worker.submit(job, bounded=False)
@@ -503,7 +499,7 @@ class SharedJobs:
             args=[job_id, self.replica, attempt, self.key("wake")]))
 
     def _on_event(self, job: Job, event: dict) -> None:
-        if self._write_outage is not None and event["event"] != "end":
+        if self._write_outage.since is not None and event["event"] != "end":
             self._dropped_events += 1  # Redis cannot be reached: only ends wait to be written
             return
         self._writes.put_nowait((job, event))
@@ -515,7 +511,7 @@ class SharedJobs:
         a traceback per event. A ping a second notices the way back when no end waits."""
         while True:
             try:
-                job, event = await asyncio.wait_for(self._writes.get(), None if self._write_outage is None else POLL_SECONDS)
+                job, event = await asyncio.wait_for(self._writes.get(), None if self._write_outage.since is None else POLL_SECONDS)
             except asyncio.TimeoutError:
                 try:
                     await self.redis.ping()
@@ -535,10 +531,7 @@ class SharedJobs:
                             if event["event"] == "end":
                                 self._stop_writing(job)
                             break
-                        if self._write_outage is None:
-                            self._write_outage = time.monotonic()
-                            log.warning("the shared job store cannot be reached (%s): job ends are retried until written, "
-                                        "step events dropped meanwhile", exc)
+                        self._write_outage.failed(exc)
                         if event["event"] != "end":
                             self._dropped_events += 1
                             break
@@ -550,10 +543,9 @@ class SharedJobs:
                 self._writes.task_done()
 
     def _writes_resumed(self) -> None:
-        if self._write_outage is not None:
-            log.warning("the shared job store is written again after %.0f s; %d step events were dropped",
-                        time.monotonic() - self._write_outage, self._dropped_events)
-            self._write_outage, self._dropped_events = None, 0
+        if self._write_outage.ended():
+            log.warning("%d step events were not written to Redis in the outage", self._dropped_events)
+            self._dropped_events = 0
 
     async def _write(self, job: Job, event: dict) -> None:
         running = self._running.get(job.id)
