@@ -36,6 +36,12 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], s
         return list(tokenizer(text)["input_ids"])
     if not spelled:
         return _encoded(tokenizer, _rendered(tokenizer, messages))
+    return _encoded_spelling_controls_as_text(tokenizer, messages, controls)
+
+
+def _encoded_spelling_controls_as_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message], controls: list[str]) -> list[int]:
+    """The chat's ids where messages spell control tokens: those spellings as text, the template's control tokens
+    as tokens."""
     if any(_MARK in m["content"] or _SLOT in m["content"] for m in messages):
         raise TemplateError("a message that spells a control token may not hold U+FDD0 or U+FDD1 (noncharacters)")
     # Each control token spelt in a message stands as a mark (its index between two U+FDD0) while the template renders
