@@ -545,7 +545,7 @@ def test_a_result_crosses_the_shared_store_whole_and_ignores_what_a_newer_replic
     import json
 
     from app.engine.types import TokenLogProb, chain_order
-    from app.service.shared_records import result_from_json, result_to_json
+    from app.service.shared.records import result_from_json, result_to_json
 
     stats = StepStats(0.5, 50.0, -30.0, 0.1)
     chains = [ChainResult("fragment", [1, 2], 50.0, -30.0, -20.0, 2, stats, [stats], counted=4),
@@ -1173,7 +1173,7 @@ def test_an_accelerator_error_marks_the_service_broken():
 def test_the_shared_queue_carries_only_the_settings_a_request_changed():
     """Every field was written, so a replica of the previous release (a rolling update) failed every job of a newer one
     on a setting it did not know (`logprobs`), even jobs that never used it."""
-    from app.service.shared_records import config_spec
+    from app.service.shared.records import config_spec
 
     config = SEAConfig(chains=3, steps=5, seed=7)
     spec = config_spec(config)

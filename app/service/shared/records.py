@@ -1,7 +1,7 @@
 """What the shared store's replicas write to Redis: the Lua scripts that change a job's state (each one atomic, so two
 replicas never both finish, requeue or fail a job), and the JSON forms of a job's config and result.
 
-The keys the scripts touch are laid out in ``app/service/shared.py``'s docstring.
+The keys the scripts touch are laid out in ``app/service/shared/__init__.py``'s docstring.
 """
 
 from __future__ import annotations
