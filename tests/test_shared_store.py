@@ -669,6 +669,41 @@ def test_a_job_s_end_that_redis_could_not_take_is_written_once_it_answers(redis_
     assert len(calls) == 3 and fields["status"] == "succeeded" and fields["result"] and running == {}
 
 
+def test_a_job_s_end_written_but_whose_reply_was_lost_counts_once_and_stays_readable_here(redis_url, caplog):
+    """Redis ran the script that writes a job's end, but its reply was lost (the connection dropped): the retry found
+    the job no longer running, took it for another replica's, logged "result dropped", forgot the job here and counted
+    nothing. The retry now sees that the end it writes is there already."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="reply-" + uuid.uuid4().hex[:8])
+        finish = service.shared._scripts["finish"]
+        calls = []
+
+        async def reply_lost_once(**kwargs):
+            calls.append(await finish(**kwargs))
+            if len(calls) == 1:
+                raise redis.ConnectionError("Connection reset by peer")
+            return calls[-1]
+
+        service.shared._scripts["finish"] = reply_lost_once
+        job = await submit(service, "hello")
+        result = await service.wait(job)
+        await asyncio.wait_for(service.shared._writes.join(), 20)
+        fields = await service.shared.redis.hgetall(service.shared.key("job", job.id))
+        ends = [json.loads(raw)["event"] for raw in await service.shared.redis.lrange(service.shared.key("events", job.id), 0, -1)]
+        kept_here = job.id in service.store.jobs
+        counted = _jobs_counted(service.shared)
+        await service.shutdown()
+        return result, fields, calls, ends, kept_here, counted
+
+    with caplog.at_level("WARNING", logger="app.service.shared"):
+        result, fields, calls, ends, kept_here, counted = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert result is not None and calls == [1, 2] and fields["status"] == "succeeded" and ends.count("end") == 1
+    assert kept_here and counted == {"succeeded": 1.0}
+    assert not [r for r in caplog.records if "result dropped" in r.getMessage()]
+
+
 def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_stays_readable(redis_url):
     """Redis restarted without its data (the deployment runs it without persistence): a blocking request whose job
     waited in the shared queue, or ran on another replica, waited until its deadline and a stream for good, since

@@ -64,10 +64,17 @@ end
 """
 
 # ARGV[12]: the lighter forms of step events (events.compact_step_events) as [index, stored, lighter]; each replaces
-# its event only if that is still the one stored.
+# its event only if that is still the one stored. Returns 1 when written, 2 when this very end was written already
+# (a retry whose first call ran but whose reply was lost), 0 when the job is no longer this replica's.
 _FINISH = _IS_MINE + """
 redis.call('LREM', KEYS[3], 0, ARGV[1])
-if not mine() then return 0 end
+if not mine() then
+  local written = redis.call('HMGET', KEYS[1], 'owner', 'attempts', 'status', 'error', 'result')
+  if written[1] == ARGV[2] and written[2] == ARGV[3] and written[3] == ARGV[4] and written[4] == ARGV[5] and written[5] == ARGV[7] then
+    return 2
+  end
+  return 0
+end
 for _, entry in ipairs(cjson.decode(ARGV[12])) do
   if redis.call('LINDEX', KEYS[2], entry[1]) == entry[2] then redis.call('LSET', KEYS[2], entry[1], entry[3]) end
 end
