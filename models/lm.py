@@ -12,6 +12,7 @@ scored by running only the positions from there on, after the prompt and the mem
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Hashable
 
 import torch
@@ -31,12 +32,10 @@ class LogitHead:
     def __init__(self, model: PreTrainedModel):
         self.linear = model.get_output_embeddings()
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        scale = 1.0
-        if getattr(config, "logits_scaling", None):
-            scale /= float(config.logits_scaling)
-        if isinstance(getattr(model, "logit_scale", None), (int, float)):  # Cohere keeps it on the model
-            scale *= float(model.logit_scale)
-        self.scale = scale
+        self.divisor = float(config.logits_scaling) if getattr(config, "logits_scaling", None) else None
+        logit_scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the model
+        self.multiplier = float(logit_scale) if isinstance(logit_scale, (int, float)) else None
+        self.scale = (1.0 / self.divisor if self.divisor else 1.0) * (self.multiplier or 1.0)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     @property
@@ -44,15 +43,24 @@ class LogitHead:
         return self.linear.weight
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        if self.scale != 1.0 and self.linear.bias is None:
-            logits = self.linear(hidden * self.scale)  # the same logits, scaled as (B, L, d), not as (B, L, V)
+        if self.scale != 1.0 and self.linear.bias is None and (self.weight.dtype == torch.float32 or _power_of_two(self.scale)):
+            # The same logits, scaled as (B, L, d), not as (B, L, V): exactly so for a power of two, within float32's
+            # rounding otherwise. In bf16 that rounding is a logit's last bit (0.06 to 0.125 nats at 16 to 32): other
+            # scales are applied as the model applies them.
+            logits = self.linear(hidden * self.scale)
         else:
             logits = self.linear(hidden)
-            if self.scale != 1.0:
-                logits = logits * self.scale
+            if self.divisor:
+                logits = logits / self.divisor
+            if self.multiplier:
+                logits = logits * self.multiplier
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def _power_of_two(scale: float) -> bool:
+    return math.frexp(abs(scale))[0] == 0.5
 
 
 def lm_head(model: PreTrainedModel) -> LogitHead:

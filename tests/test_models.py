@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 
@@ -580,6 +581,22 @@ def test_architectures_that_transform_embeddings_or_logits_are_scored_as_their_o
     exact = response_token_log_probs(lm.model, stack_prefixes([prompt]), ResponseBatch(tokens, torch.ones(1, 5)))
     assert torch.allclose(soft.detach(), exact, atol=1e-5)
     assert load_lm(str(save_tiny_lm(lm, tmp_path / "model"))).model.__class__ is lm.model.__class__  # the load-time check passes
+
+
+@pytest.mark.parametrize("architecture", ["granite", "cohere"])
+def test_a_logit_scale_that_is_no_power_of_two_is_scored_as_the_model_scores_in_bfloat16(architecture):
+    """Granite 4 divides its logits by 6, Command R+ multiplies them by 0.8333: the head scaled its input instead, which
+    in bf16 rounds a logit's last bit differently (0.002 and 0.48 nats here), and the load check refused such a
+    model on the GPU's default dtype."""
+    config_class, model_class, extra = {"granite": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 6.0}),
+                                        "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.8333})}[architecture]
+    lm = _tiny_of(config_class, model_class, **extra)
+    with torch.no_grad():
+        lm.model.get_output_embeddings().weight.mul_(16.0)  # logits as large as a real model's, where bf16's step is large
+    lm.model.to(torch.bfloat16)
+    lm = dataclasses.replace(lm, dtype=torch.bfloat16)
+    assert scoring_error(lm.model, len(lm.tokenizer)) < 1e-3
+    check_reference(lm)
 
 
 def test_a_model_scored_unlike_its_own_forward_pass_is_refused_at_load(monkeypatch):
