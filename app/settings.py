@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(2, ge=1, description="How many replicas may start a job whose replica died before it is marked failed.")
 
     # Performance
-    compile: bool = Field(False, description="Compile the reference LM's forward with torch.compile (pays off on GPU after warm-up; first steps are slow).")
+    compile: bool = Field(False, description="Compile the reference LM's forward with torch.compile (pays off on GPU after warm-up; a gradient pass compiles at start, each other kind of pass at its first call).")
 
     # Request defaults and limits
     default_chains: int = Field(4, ge=1, description="Chains per request when the request does not say.")

@@ -249,6 +249,18 @@ def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float
     return float((got - expected).abs().max())
 
 
+def gradient_probe(model: PreTrainedModel, vocab: int, length: int = 12) -> None:
+    """Run the pass an SEA step runs (a cached prompt, a response fed as soft one-hots) and its gradient, on the load
+    checks' sequence: compiling a backbone compiles its backward only at the first gradient, where a failure would
+    otherwise fail a request."""
+    ids, cut = probe_sequence(model, vocab, length)
+    prefix = stack_prefixes([encode_prefix(model, ids[:cut].tolist())])
+    with torch.enable_grad():
+        probs = torch.full((1, length - cut, vocab), 1.0 / vocab, device=ids.device, requires_grad=True)
+        response = ResponseBatch(ids[None, cut:], torch.ones(1, length - cut, device=ids.device), probs=probs)
+        torch.autograd.grad(response_token_log_probs(model, prefix, response).sum(), probs)
+
+
 @torch.no_grad()
 def log_probs_with_top(model: PreTrainedModel, prefix: PrefixBatch, tokens: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
     """Each token's ``log pi(y_t | x, y_<t)`` of responses ``(B, L)``, and the ``top`` most likely tokens' log-probs

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.errors import ModelLoadError, is_out_of_memory
-from models.lm import scoring_error
+from models.lm import gradient_probe, scoring_error
 from models.tokens import render_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -277,9 +277,10 @@ RECOMPILE_LIMIT = 64  # graphs torch.compile may build for the backbone's forwar
 def compile_forward(lm: LoadedLM) -> bool:
     """Compile the LM backbone's forward (every reference and principle pass, prompts and sampling) with ``torch.compile``.
 
-    Compilation happens lazily at the first calls (slow; each new shape family may recompile). If it fails
-    (no C++ compiler, an operation the compiler does not support), a warning is logged and the backbone runs
-    eagerly from then on: the service keeps working unchanged. Returns False when compiling could not even be set up.
+    Compilation happens at a first gradient pass, here, and at the first calls of each other kind (slow; each new
+    shape family may recompile). If it fails (no C++ compiler, an operation the compiler does not support), a
+    warning is logged and the backbone runs eagerly from then on: the service keeps working unchanged. Returns False
+    when compiling could not even be set up.
     """
     backbone = getattr(lm.model, lm.model.base_model_prefix)
     eager = backbone.forward
@@ -310,5 +311,13 @@ def compile_forward(lm: LoadedLM) -> bool:
             return eager(*args, **kwargs)
 
     backbone.forward = forward
-    log.info("%s: backbone forward compiled with torch.compile (compiles at its first calls)", lm.name)
+    try:  # compiles the forward and, unlike any forward, the backward: a failure there would fail every SEA request
+        gradient_probe(lm.model, min(lm.model.get_input_embeddings().weight.shape[0], len(lm.tokenizer)))
+    except Exception as exc:  # any compiler failure: the eager forward still serves
+        if is_out_of_memory(exc):
+            raise
+        failed = True
+        log.warning("torch.compile of %s failed in its first gradient pass (%s: %s); it runs eagerly", lm.name, type(exc).__name__, exc)
+        return True
+    log.info("%s: backbone forward compiled with torch.compile (compiles at its first calls of each kind)", lm.name)
     return True

@@ -178,6 +178,41 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
     assert sum("running it eagerly" in record.message for record in caplog.records) == 1
 
 
+def test_compile_whose_backward_fails_falls_back_to_eager_before_any_request(monkeypatch, caplog):
+    """A compiled backbone compiles its backward at the first gradient, outside the forward that falls back: a compiler
+    that failed there failed every SEA request (the gradient of a step), never falling back."""
+    from app.engine.sea import Engine
+    from app.engine.types import AlignJob, SEAConfig
+    from models.rewards import PrincipleReward, Prompt, RewardMix
+    from models.tokens import render_prompt
+
+    class BackwardFails(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden):
+            return hidden.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("the compiler failed on the backward graph")
+
+    def backward_broken(fn, **options):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            out.last_hidden_state = BackwardFails.apply(out.last_hidden_state)
+            return out
+        return run
+
+    monkeypatch.setattr(torch, "compile", backward_broken)
+    lm = tiny_lm()
+    with caplog.at_level(logging.WARNING, logger="models.loading"):
+        assert compile_forward(lm) is True
+    messages = [{"role": "user", "content": "tell me about dogs"}]
+    job = AlignJob(Prompt(messages, render_prompt(lm.tokenizer, messages)), SEAConfig(max_tokens=6, chains=2, steps=2, seed=0),
+                   RewardMix([(PrincipleReward(lm), 1.0)]))
+    assert math.isfinite(Engine(lm).run([job])[0].energy)
+    assert sum("failed in its first gradient pass" in record.message for record in caplog.records) == 1
+
+
 def test_compiling_builds_a_graph_for_every_kind_of_pass_a_server_runs(monkeypatch):
     """SEA_COMPILE: the engine's passes (gradient and no-gradient scoring, decoding, cached prompts of every method)
     took more graphs than torch's default recompile limit of 8, and every kind of pass met after the eighth ran eagerly
