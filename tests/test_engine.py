@@ -173,7 +173,8 @@ def _job(prompt, reward, **config):
 
 def _count_device_reads(monkeypatch) -> list[str]:
     """Patches tensors so that every read of their values to the host made by the engine (``.cpu()``, ``.tolist()``,
-    ``.item()``, ``float()``, ``int()``, ``bool()``) is recorded (by call site); on a GPU each waits for the device.
+    ``.item()``, ``float()``, ``int()``, ``bool()``, a boolean mask's indexing, ``nonzero``) is recorded (by call site);
+    on a GPU each waits for the device.
     ``to_host``'s unpacking of the one copy it read is not a read."""
     reads: list[str] = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,6 +191,28 @@ def _count_device_reads(monkeypatch) -> list[str]:
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+
+    # Indexing with a boolean mask (and nonzero) reads how many entries are set: a read too.
+    index = torch.Tensor.__getitem__
+
+    def indexed(self, key):
+        keys = key if isinstance(key, tuple) else (key,)
+        caller = sys._getframe(1).f_code.co_filename
+        if caller.startswith(engine_code) and any(torch.is_tensor(k) and k.dtype == torch.bool for k in keys):
+            reads.append(f"mask index {caller}:{sys._getframe(1).f_lineno}")
+        return index(self, key)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", indexed)
+    for owner in (torch, torch.Tensor):
+        nonzero = owner.nonzero
+
+        def counted_nonzero(*args, _original=nonzero, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(engine_code):
+                reads.append(f"nonzero {caller}:{sys._getframe(1).f_lineno}")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, "nonzero", counted_nonzero)
     return reads
 
 

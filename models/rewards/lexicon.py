@@ -79,11 +79,22 @@ class _WordPattern:
 
 
 @dataclass
+class _Spellings:
+    """What matching the spellings takes, on one device."""
+
+    ids: Tensor  # (K,) every vocabulary id the spellings use
+    groups: list[_SpellingGroup]  # the spellings grouped by their number of tokens
+    opens: Tensor  # the tokenizer's WordEdges tables, on this device
+    closes: Tensor
+    ending: Tensor
+
+
+@dataclass
 class _SpellingGroup:
     """The spellings of one number of tokens k, for matching them all at once."""
 
     columns: Tensor  # (n, k) each spelling's tokens, as columns of the ids gathered once
-    word: Tensor  # (n,) which word each spelling spells
+    spells: Tensor  # (n, W) bool: the word each spelling spells (one a row)
     first_opens: Tensor  # (n,) bool: its first token starts a word by itself
     endings: Tensor  # (n, len(WORD_SUFFIXES) + 1) bool: the glued endings that make a form after it
 
@@ -108,7 +119,7 @@ class LexiconReward(RewardComponent):
         self.lm_passes = 0
         self.patterns: list[_WordPattern] = []
         self.tokenizer = tokenizer
-        self._groups: dict[torch.device, tuple[Tensor, list[_SpellingGroup]]] = {}
+        self._spellings_on: dict[torch.device, _Spellings] = {}
         self._phrases: list[list[tuple[int, ...]]] | None = None
         unknown = tokenizer.unk_token_id
         for word, weight in weights.items():
@@ -156,16 +167,16 @@ class LexiconReward(RewardComponent):
             self._phrases = [spellings for spellings in words if spellings]
         return self._phrases
 
-    def _spellings(self, device: torch.device) -> tuple[Tensor, list[_SpellingGroup]]:
-        """Every vocabulary id the spellings use ``(K,)``, and the spellings grouped by their number of tokens. Built as
-        normal tensors even when first needed under inference mode (a baseline's), since a later SEA run saves them for
-        its backward."""
-        if device not in self._groups:
+    def _spellings(self, device: torch.device) -> _Spellings:
+        """The spellings' tensors on ``device``, built once (a copy to a GPU each step waits for it). Built as normal
+        tensors even when first needed under inference mode (a baseline's), since a later SEA run saves them for its
+        backward."""
+        if device not in self._spellings_on:
             with torch.inference_mode(False):
-                self._groups[device] = self._build_spellings(device)
-        return self._groups[device]
+                self._spellings_on[device] = self._build_spellings(device)
+        return self._spellings_on[device]
 
-    def _build_spellings(self, device: torch.device) -> tuple[Tensor, list[_SpellingGroup]]:
+    def _build_spellings(self, device: torch.device) -> _Spellings:
         ids = sorted({int(i) for p in self.patterns for v in p.variants for i in v})
         column = {token: c for c, token in enumerate(ids)}
         opens = self.edges.opens
@@ -176,13 +187,16 @@ class LexiconReward(RewardComponent):
         groups = []
         for k, rows in sorted(by_length.items()):
             seqs = torch.stack([seq for _, seq, _ in rows])
+            spells = torch.zeros(len(rows), len(self.patterns), dtype=torch.bool)
+            spells[torch.arange(len(rows)), torch.tensor([w for w, _, _ in rows])] = True
             groups.append(_SpellingGroup(
                 columns=torch.tensor([[column[int(i)] for i in seq] for _, seq, _ in rows], device=device),
-                word=torch.tensor([w for w, _, _ in rows], device=device),
+                spells=spells.to(device),
                 first_opens=torch.tensor([int(seq[0]) >= len(opens) or bool(opens[seq[0]]) for seq in seqs], device=device),
                 endings=torch.stack([endings for _, _, endings in rows]).to(device),
             ))
-        return torch.tensor(ids, dtype=torch.long, device=device), groups
+        return _Spellings(torch.tensor(ids, dtype=torch.long, device=device), groups,
+                          *(table.to(device) for table in (self.edges.opens, self.edges.closes, self.edges.ending)))
 
     def presence(self, response: ResponseBatch) -> Tensor:
         """Per word presence ``(B, W)`` in {0, 1} (straight-through).
@@ -192,20 +206,18 @@ class LexiconReward(RewardComponent):
         it there (an ``amax`` would split that gain over the L tied positions). All spellings of one length are
         matched at once, from one gather of the vocabulary columns they use (one gradient scatter into ``probs``).
         """
-        device = response.tokens.device
-        edges = self.edges
-        size = len(edges.opens)
-        ids, groups = self._spellings(device)
+        spellings = self._spellings(response.tokens.device)
+        size = len(spellings.opens)
         rows, length = response.rows, response.length
         # Ids past the tokenizer's (padding rows of the embedding) count as word boundaries.
         outside = response.tokens >= size
         tokens = response.tokens.clamp(max=size - 1)
-        opens, closes = (table.to(device)[tokens] | outside for table in (edges.opens, edges.closes))  # (B, L), from the hard tokens
-        ending = torch.where(outside, -1, edges.ending.to(device)[tokens])
+        opens, closes = (table[tokens] | outside for table in (spellings.opens, spellings.closes))  # (B, L), from the hard tokens
+        ending = torch.where(outside, -1, spellings.ending[tokens])
         boundary = (response.mask == 0) | opens  # a word may end before these, or before an ending it takes
-        columns = response.columns(ids) * response.mask[..., None]  # (B, L, K)
-        absent = torch.ones(rows, len(self.patterns), device=device)
-        for group in groups:
+        columns = response.columns(spellings.ids) * response.mask[..., None]  # (B, L, K)
+        absent = torch.ones(rows, len(self.patterns), device=columns.device)
+        for group in spellings.groups:
             k = group.columns.shape[1]
             if k > length:
                 continue
@@ -224,7 +236,7 @@ class LexiconReward(RewardComponent):
             ends = boundary[..., None] | group.endings[:, ending].permute(1, 2, 0)  # (B, L, n); ending −1: "none", False
             right = torch.cat([ends[:, k:], torch.ones_like(ends[:, :1])], dim=1)  # (B, starts, n)
             missing = (1.0 - aligned * (left & right).to(aligned.dtype)).prod(1)  # (B, n)
-            absent = absent * torch.stack([missing[:, group.word == w].prod(-1) for w in range(len(self.patterns))], dim=-1)
+            absent = absent * torch.where(group.spells, missing[:, :, None], 1.0).prod(1)  # (B, W): per word, its spellings
         return 1.0 - absent
 
     def score(self, contexts: list[object], response: ResponseBatch) -> Tensor:
