@@ -253,6 +253,8 @@ def load_lm(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if torch_device.type == "cuda" and torch_device.index is not None:  # cuda:N: torch.cuda's calls without a device
+        torch.cuda.set_device(torch_device)  # (synchronize, empty_cache, memory stats) concern this one, not cuda:0
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = Path(source).expanduser() if source else None
     if path is None:

@@ -643,6 +643,27 @@ def test_models_the_engine_cannot_serve_are_refused_at_load_naming_why(lm, tmp_p
             load_lm(str(tmp_path / "grown"), device="cuda")
 
 
+@pytest.mark.parametrize(("device", "current"), [("cuda:1", [1]), ("cuda", [])])
+def test_a_model_on_cuda_n_makes_it_the_current_device(monkeypatch, tmp_path, device, current):
+    """On cuda:1 the bench's synchronize and memory figures, and the worker's empty_cache, read cuda:0 (torch.cuda's
+    calls without a device). Simulated: no GPU here; the load stops where it would move the weights."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d).index))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr("models.loading._load_folder", stop)
+    with pytest.raises(Stop):
+        load_lm(str(tmp_path), device=device, dtype="float32")
+    assert chosen == current
+
+
 @pytest.mark.integration
 def test_the_load_check_holds_for_the_embedded_model_in_bfloat16():
     """A cached and a fresh bf16 pass of SmolLM2 differ by up to ~0.4 nats by rounding alone (0.12 on the check's

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -328,7 +329,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> dict:
 
     if "steps" in args.parts:
         attempt("steps", functools.partial(steps_part, lm))
-    del lm  # the server and the memory processes load their own copies
+    del lm  # the server and the memory processes load their own copies: free this one's memory for them
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
     if "memory" in args.parts:
         attempt("memory", lambda: results.update(memory=_memory_part(args, settings)))
     if "server" in args.parts:
