@@ -1205,6 +1205,16 @@ def test_categorical_draws_follow_the_probabilities_and_never_a_zero():
     assert categorical(edge, torch.Generator().manual_seed(1)).tolist() == [2, 2, 2]
 
 
+def test_categorical_never_draws_a_zero_where_a_parallel_cumulative_sum_steps_up_over_it(monkeypatch):
+    """CUDA's scan sums each prefix in its own order: over a zero-probability entry the sum can rise by a rounding
+    error, where a uniform can land. Simulated by a cumulative sum that rises there by a quarter of the mass."""
+    probs = torch.tensor([[0.5, 0.0, 0.5]]).expand(2_000, 3)
+    cumsum = torch.Tensor.cumsum
+    monkeypatch.setattr(torch.Tensor, "cumsum", lambda self, dim: cumsum(self, dim) + torch.tensor([0.0, 0.25, 0.25]))
+    drawn = categorical(probs, torch.Generator().manual_seed(0))
+    assert 1 not in drawn.tolist() and set(drawn.tolist()) <= {0, 2}
+
+
 def test_a_request_out_of_budget_in_a_step_that_fails_gets_its_result_when_the_step_is_retried(engine, make_prompt, monkeypatch):
     """It was marked done before the step's scoring ran; when a batch mate's scoring ran out of memory and the worker
     retried each half, it was skipped as done and left without a result (the worker then failed the whole batch)."""

@@ -151,7 +151,10 @@ def categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
     uniform = torch.rand(total.shape, generator=generator, device=probs.device)
     # Strictly below the total, so that the first index whose cumulative sum exceeds it has probability > 0.
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cumulative, target, right=True)[:, 0]
+    drawn = torch.searchsorted(cumulative, target, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+    # A parallel cumulative sum (CUDA's) may step up by a rounding error over zero-probability entries, where the
+    # search can land: such a draw (about one in ten million) takes the likeliest index instead.
+    return torch.where(probs.gather(-1, drawn[:, None])[:, 0] > 0, drawn, probs.argmax(-1))
 
 
 def _draw(log_probs: Tensor, group: SampleGroup) -> Tensor:
