@@ -153,11 +153,8 @@ def _keep_best(engine: Engine, state: RequestState, tokens, energy, reward, log_
     state.best_log_prob = log_prob[keep].clone()
     state.best_step = torch.zeros(chains, dtype=torch.long, device=engine.device)
     state.counted = mask[keep].sum(1).long()
-    state.initial = [
-        StepStats(float(state.best_energy[c]), float(state.best_reward[c]), float(state.best_log_prob[c]), 0.0,
-                  bool(torch.isfinite(state.best_energy[c])))
-        for c in range(chains)
-    ]
+    energies, rewards, log_probs = to_host(state.best_energy, state.best_reward, state.best_log_prob)  # one read
+    state.initial = [StepStats(e, r, lp, 0.0, math.isfinite(e)) for e, r, lp in zip(energies, rewards, log_probs)]
     state.traces = [[] for _ in range(chains)]
     state.tried = [set() for _ in range(chains)]
     state.stalls = [0] * chains

@@ -42,14 +42,13 @@ def copied_positions(tokens: Tensor, grams: Tensor) -> Tensor:
 def copy_completions(history: Tensor, grams: Tensor, vocab: int) -> Tensor:
     """``(B, V)`` bool: the next tokens that would complete a copied run of ``grams`` after ``history`` ``(B, t)``."""
     n = grams.shape[1]
-    completes = torch.zeros(history.shape[0], vocab, dtype=torch.bool, device=history.device)
     if history.shape[1] < n - 1 or grams.shape[0] == 0:
-        return completes
+        return torch.zeros(history.shape[0], vocab, dtype=torch.bool, device=history.device)
     grams = grams.to(history.device)
     hits = (history[:, None, -(n - 1) :] == grams[None, :, : n - 1]).all(-1)  # (B, G)
-    rows, which = hits.nonzero(as_tuple=True)
-    completes[rows, grams[which, -1]] = True
-    return completes
+    # Scattered, not indexed by the hits' positions (nonzero): that reads the device, once a decoded token.
+    completions = torch.zeros(history.shape[0], vocab, device=history.device)
+    return completions.scatter_reduce_(1, grams[:, -1].expand_as(hits), hits.float(), "amax") > 0
 
 
 def limited_log_probs(log_probs: Tensor, ref: Tensor, history: Tensor, clip: float, grams: Tensor) -> Tensor:
