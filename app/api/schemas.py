@@ -278,7 +278,7 @@ class AlignRequest(SEAParams):
         return [{"role": "user", "content": self.prompt}]
 
 
-REQUEST_SCHEMAS = ("AlignRequest", "SEAOptions", "CompletionRequest", "ChatCompletionRequest")
+REQUEST_SCHEMAS = ("AlignRequest", "SEAOptions", "CompletionRequest", "ChatCompletionRequest", "ResponseRequest")
 
 
 def document_limits(openapi: dict, settings: Settings) -> dict:
@@ -292,10 +292,15 @@ def document_limits(openapi: dict, settings: Settings) -> dict:
     for name in REQUEST_SCHEMAS:
         for field, prop in components.get(name, {}).get("properties", {}).items():
             if field in limits:
+                largest = limits[field]
                 for branch in prop.get("anyOf", [prop]):
-                    if branch.get("type") == "integer":
-                        branch["maximum"] = limits[field]
-                prop["description"] = f"{prop.get('description', '').rstrip('.')}. Server limit: {limits[field]}.".lstrip(". ")
+                    if branch.get("type") == "integer":  # a field's own bound may be the lower (beams, successors: 16)
+                        largest = branch["maximum"] = int(min(limits[field], branch.get("maximum", limits[field])))
+                prop["description"] = f"{prop.get('description', '').rstrip('.')}. Server limit: {largest}.".lstrip(". ")
+    for schema in components.values():  # FastAPI's document holds bounds as floats: 2**63 − 1 became 2**63, refused
+        for branch in schema.get("properties", {}).get("seed", {}).get("anyOf", []):
+            if branch.get("type") == "integer":
+                branch["minimum"], branch["maximum"] = SEED_RANGE
     rewards = ["principle", *(["rm"] if settings.reward_model else [])]
     terms = components.get("RewardSpec", {}).get("properties", {}).get("terms", {})
     for branch in terms.get("anyOf", []):
