@@ -148,6 +148,7 @@ def test_a_prompt_without_text_is_refused_naming_the_field(http, body, param):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type", "'text'"),
     ("/v1/completions", {"prompt": "hi", "sea": {"seed": 1}}, "sea.seed", "set `seed` with the OpenAI field"),
+    ("/v1/responses", {"input": "hi", "sea": {"max_tokens": 3}}, "sea.max_tokens", "`max_output_tokens` on /v1/responses"),  # said `max_tokens`
     ("/align", {"chains": 2}, "prompt", "exactly one of `prompt` or `messages`"),
     ("/align", {"prompt": "hi", "reward": {"keywords": []}}, "reward.keywords", "at least 1"),
     ("/align", {"prompt": "hi", "reward": {"terms": {}}}, "reward.terms", "at least 1"),  # ran the server's reward

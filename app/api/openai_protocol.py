@@ -38,6 +38,9 @@ class SEAOptions(SEAParams):
     @field_validator(*OPENAI_FIELDS, mode="before")
     @classmethod
     def _set_by_the_openai_field(cls, value, info: ValidationInfo):
+        if info.field_name == "max_tokens":  # the Responses API names it otherwise
+            raise ValueError("set the length with the request's own OpenAI field (`max_tokens` or `max_completion_tokens`; "
+                             "`max_output_tokens` on /v1/responses), not in `sea`")
         raise ValueError(f"set `{info.field_name}` with the OpenAI field of that name, not in `sea`")
 
 
