@@ -107,6 +107,23 @@ def test_every_shipped_query_selects_series_labels_and_values_the_service_export
     assert len(found) >= 15 and {where: errors for where, errors in found.items() if errors} == {}
 
 
+def test_the_error_alert_and_the_latency_panels_cover_every_route_that_runs_a_model():
+    """They matched /align and the two completions routes, not /v1/responses: its 500s and 503s never reached the alert."""
+    runs_a_model = {path for path, item in create_app(Settings()).openapi()["paths"].items() if "post" in item
+                    and path.startswith(("/align", "/jobs", "/v1/"))}
+    assert {"/align", "/jobs", "/v1/completions", "/v1/chat/completions", "/v1/responses"} <= runs_a_model
+    chosen = {where: expr for where, expr in queries().items() if "SeaServeServerErrors" in where or "latency" in where.lower()}
+    assert len(chosen) >= 4, sorted(queries())
+    for where, expr in chosen.items():
+        for name, selector in SERIES.findall(expr):
+            routes = [value for label, op, value in MATCHER.findall(selector) if label == "route" and op == "=~"]
+            for pattern in routes:
+                missed = {path for path in runs_a_model if not re.fullmatch(pattern, path)}
+                if "latency" in where.lower():
+                    missed -= {"/jobs"}  # an accepted job answers at once: its latency is not a request's
+                assert not missed, (where, missed)
+
+
 @pytest.mark.parametrize("mistake", [
     'max(sea_queue{service="sea-serve"})',  # no such metric
     'histogram_quantile(0.5, sum by (le) (rate(sea_request_duration_seconds_bucket{endpoint=~"/align"}[5m])))',  # a target's label
