@@ -15,7 +15,7 @@ from app.engine.energy import passes_per_row, scoring_passes
 from app.engine.types import AlignJob, SEAConfig
 from app.eval.measures import copies, distinct_n, refused
 from app.eval.methods import describe
-from app.eval.report import budget_warnings, paired_comparison, report, report_from, summarise_runs
+from app.eval.report import budget_warnings, paired_comparison, read_records, report, report_from, summarise_runs
 from app.eval.run import ARGS_MAX_TOP_K, add_eval_arguments, base_sample_cost, run_eval, size_to_budget
 from app.runtime import Runtime
 from app.settings import Settings
@@ -238,6 +238,20 @@ def test_resume_runs_only_what_is_missing_and_refuses_other_settings(lm, tmp_pat
     assert len(calls) == 3
 
 
+def test_a_run_without_resume_keeps_the_earlier_records_of_its_folder(lm, tmp_path, capsys):
+    """They were emptied without a word when --resume was forgotten."""
+    runtime = Runtime.from_lm(lm, Settings())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tell me about tea\n")
+    out = tmp_path / "out"
+    for seed in ("0", "1"):
+        run_eval(_eval_args("--prompts", str(prompts), "--methods", "sample", "--budget-samples", "3", "--max-tokens", "4",
+                            "--seeds", seed, "--out", str(out)), Settings(), runtime=runtime)
+    earlier, now = (read_records(out / name) for name in ("records.previous.jsonl", "records.jsonl"))
+    assert [r["seed"] for r in earlier] == [0] and [r["seed"] for r in now] == [1]
+    assert "kept as records.previous.jsonl" in capsys.readouterr().err
+
+
 def test_report_from_shards_pairs_each_method_with_the_baseline(lm, tmp_path):
     runtime = Runtime.from_lm(lm, Settings())
     shards = []
@@ -253,6 +267,9 @@ def test_report_from_shards_pairs_each_method_with_the_baseline(lm, tmp_path):
     assert results["baseline"] == "bon-energy" and results["paired"]["sample"]["pairs"] == 3
     assert "| sample | bon-energy | 3 |" in (out / "report.md").read_text()
     assert results["settings"]["max_tokens"] == 4
+    # the report names the prompt files the shards read (it named the records' folders as its prompts)
+    assert results["settings"]["prompts"] == f"{tmp_path / 'prompts0.jsonl'}, {tmp_path / 'prompts1.jsonl'}"
+    assert "distinct-2: distinct word pairs" in (out / "report.md").read_text()
 
     other = tmp_path / "other"
     run_eval(_eval_args("--prompts", str(tmp_path / "prompts0.jsonl"), "--methods", "sample", "--budget-samples", "3",

@@ -12,7 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from app.eval.measures import distinct_n
+from app.eval.measures import COPY_WORDS, distinct_n
 from app.eval.methods import VARIANTS, describe
 from models.rewards import keyword_coverage
 
@@ -40,11 +40,22 @@ def report_from(args: argparse.Namespace) -> dict:
     methods = list(dict.fromkeys(r["method"] for r in records))
     run_settings = json.loads(runs.pop()) if runs else {}
     results = summarise_runs(records, methods, args.baseline, {
-        **run_settings, "prompts": ", ".join(args.from_dirs), "methods": methods,
+        **run_settings, "prompts": _prompt_files(args.from_dirs), "methods": methods,
         "seeds": sorted({r["seed"] for r in records})})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_results(results, Path(args.out))
     return results
+
+
+def _prompt_files(folders: list[str]) -> str:
+    """The prompt files the runs in ``folders`` read, as their results say (a folder without them: its records)."""
+    named = []
+    for folder in folders:
+        try:
+            named.append(json.loads((Path(folder) / "results.json").read_text())["settings"]["prompts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            named.append(f"records in {folder}")
+    return ", ".join(dict.fromkeys(named))
 
 
 def read_records(path: Path) -> list[dict]:
@@ -201,7 +212,13 @@ def report(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", ("Energy = −(log pi_ref + alpha · reward), per token of the answer: lower is better (SEA samples for low energy). "
               "reward: the reward term alone, higher is better; log pi_ref/token: how likely the reference model finds the "
-              "answer, higher reads more fluently. ± is the standard deviation over the n runs (prompts × seeds).")]
+              "answer, higher reads more fluently. refusal: the share of answers that open with a refusal or an apology; "
+              f"copies principle: the share that repeat {COPY_WORDS} words in a row of the principle prompt (a way to a high "
+              "principle reward that says nothing); "
+              + ("coverage: the share of a prompt's keywords its answer uses, all covered: the share that use all of them; "
+                 if keyword else "")
+              + "distinct-2: distinct word pairs over all word pairs of the method's answers (low: the answers repeat "
+              "themselves or each other). ± is the standard deviation over the n runs (prompts × seeds).")]
     lines += ["", *(f"- **{name}**: {describe(name)}{_steps_taken(results, name)}" for name in results["summary"])]
     paired = {name: pair for name, pair in results.get("paired", {}).items() if pair["pairs"]}
     if paired:

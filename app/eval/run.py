@@ -56,7 +56,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Extra SEAConfig field for the sea variants, e.g. --set candidates=6 (repeatable); a variant's own "
                              "setting (sea-nonoise's noise, sea-1chain's chains…) is kept.")
     parser.add_argument("--resume", action="store_true",
-                        help="Keep the runs already in OUT/records.jsonl (same settings) and run only the missing ones.")
+                        help="Keep the runs already in OUT/records.jsonl (same settings) and run only the missing ones "
+                             "(without it, earlier records are moved to OUT/records.previous.jsonl).")
     parser.add_argument("--from", dest="from_dirs", action="append", default=[], metavar="DIR",
                         help="Run nothing: report on the records.jsonl of earlier runs (repeatable, e.g. one folder per shard or seed).")
     parser.add_argument("--baseline", default=None,
@@ -204,6 +205,7 @@ def run_eval(args: argparse.Namespace, settings: Settings, runtime=None) -> dict
     progress = out / "records.jsonl"  # one line per finished run, so a stopped evaluation keeps what it did
     finished = _resumed(progress, run_settings) if args.resume and progress.exists() else {}
     if not finished:
+        _set_aside(progress)
         progress.write_text("")
     # a time budget resumes at the token-pass budget of the runs made (not at a new calibration)
     seconds_per_pass = args.budget_seconds / next(iter(finished.values()))["budget"] if args.budget_seconds is not None and finished else None
@@ -283,6 +285,14 @@ def _refuse_prompts_past_the_model(runtime, rows: list[dict], source) -> None:
             runtime.prompt(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
         except PromptError as exc:
             raise SystemExit(f"{source}: prompt {number}{' (' + str(row['id']) + ')' if 'id' in row else ''}: {exc}") from None
+
+
+def _set_aside(progress: Path) -> None:
+    """Keep an earlier run's records that a run without --resume starts over (they were emptied, without a word)."""
+    if progress.exists() and progress.read_text().strip():
+        kept = progress.with_name("records.previous.jsonl")
+        progress.replace(kept)
+        print(f"{progress} held an earlier run's records: kept as {kept.name} (--resume continues a run)", file=sys.stderr)
 
 
 def _resumed(progress: Path, run_settings: dict) -> dict:
