@@ -262,12 +262,14 @@ def test_best_of_n_s_reads_of_the_device_do_not_grow_with_its_samples(lm, engine
 def test_a_guided_start_reads_the_device_once_a_drawn_token_and_once_for_its_chains(lm, engine, make_prompt, monkeypatch):
     """The principle's guide found the copies a next token would complete by the hits' positions (nonzero): a second
     read of the device for every drawn token of every guided start (the default start), beside the one that asks
-    whether every row has stopped; and the start's chains were read four numbers at a time, chain by chain."""
+    whether every row has stopped, which each group asked apart; and the start's chains were read four numbers at a
+    time, chain by chain."""
     reward = RewardMix([(PrincipleReward(lm), 1.0)])
     reads = _count_device_reads(monkeypatch)
-    engine.start_many([_job(make_prompt("tell me a story"), reward, max_tokens=12, chains=6, steps=1, seed=0, init="guided")])
-    drawing = [read for read in reads if "sampling.py" in read]
-    assert len(drawing) <= 12 + 2 and len(reads) - len(drawing) == 1, reads
+    engine.start_many([_job(make_prompt(f"tell me a story about {topic}"), reward, max_tokens=12, chains=6, steps=1, seed=0,
+                            init="guided") for topic in ("cats", "the sea", "a boat")])  # three groups, drawn together
+    drawing = [read for read in reads if "sampling.py" in read or "host.py" in read]
+    assert len(drawing) <= 2 + 12 + 3, reads  # twice to lay the batch out, once a token for every group, once a request's chains
 
 
 @pytest.mark.parametrize("update", ["discrete", "logits"])

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from app.engine.host import to_host
 from models.kv import Prefix, cache_over, stack_prefixes
 from models.lm import next_token_log_probs
 
@@ -323,6 +324,7 @@ def drawing_groups(
                 passes[i] += group.n * width[i] * drawing[i]
         if tables is not None:
             tables.append(log_probs[:rows])
+        stopped = {}  # per group that may draw on: whether all its rows have stopped, read at once for all groups
         for i, group in enumerate(groups):
             if not drawing[i]:
                 continue
@@ -335,9 +337,16 @@ def drawing_groups(
             drawn = torch.where(was_finished, tokens[rows_of, t], _draw(own, group))
             tokens[rows_of, t] = drawn
             finished[rows_of] |= torch.isin(drawn, stop_ids)
-            drawing[i] = t + 1 < group.max_tokens and not bool(finished[rows_of].all()) and not (group.abandoned is not None and group.abandoned())
+            if t + 1 < group.max_tokens:
+                stopped[i] = finished[rows_of].all()
+            else:
+                drawing[i] = False
             index = group_index[i]
             picked[index, t] = torch.where(was_finished.repeat(width[i]), 0.0, log_probs[index].gather(-1, tokens[owner[index], t, None])[:, 0])
+        if stopped:
+            for i, all_stopped in zip(stopped, to_host(torch.stack(list(stopped.values())))[0]):
+                abandoned = groups[i].abandoned
+                drawing[i] = not all_stopped and not (abandoned is not None and abandoned())
         if not any(drawing):
             if tables is not None:  # positions after every row stopped: uniform stop tokens, table unused
                 tables.extend([log_probs[:rows]] * (longest - t - 1))
