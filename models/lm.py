@@ -251,12 +251,13 @@ def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float
 
 def gradient_probe(model: PreTrainedModel, vocab: int, length: int = 12) -> None:
     """Run the pass an SEA step runs (a cached prompt, a response fed as soft one-hots) and its gradient, on the load
-    checks' sequence: compiling a backbone compiles its backward only at the first gradient, where a failure would
+    checks' sequence (token ids below ``vocab``): compiling a backbone compiles its backward only at the first gradient, where a failure would
     otherwise fail a request."""
     ids, cut = probe_sequence(model, vocab, length)
     prefix = stack_prefixes([encode_prefix(model, ids[:cut].tolist())])
+    rows = model.get_output_embeddings().weight.shape[0]  # the soft one-hots are as wide as the embedding, as the engine's
     with torch.enable_grad():
-        probs = torch.full((1, length - cut, vocab), 1.0 / vocab, device=ids.device, requires_grad=True)
+        probs = torch.full((1, length - cut, rows), 1.0 / rows, device=ids.device, requires_grad=True)
         response = ResponseBatch(ids[None, cut:], torch.ones(1, length - cut, device=ids.device), probs=probs)
         torch.autograd.grad(response_token_log_probs(model, prefix, response).sum(), probs)
 

@@ -142,7 +142,7 @@ import yaml
 
 # Shutdown after SEA_DRAIN_SECONDS: worker.stop joins the engine thread for up to
 # 30 s (app/service/worker.py), and the shared store's close() waits up to
-# 3 x CLOSE_SECONDS = 15 s (app/service/shared.py). Keep 10 s of slack on top.
+# 3 x CLOSE_SECONDS = 15 s (app/service/shared/store.py). Keep 10 s of slack on top.
 AFTER_DRAIN_S = 30 + 15 + 10
 
 errors = []

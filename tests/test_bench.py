@@ -213,6 +213,17 @@ def test_compile_whose_backward_fails_falls_back_to_eager_before_any_request(mon
     assert sum("failed in its first gradient pass" in record.message for record in caplog.records) == 1
 
 
+def test_compile_of_a_model_whose_embedding_outgrows_its_tokenizer_stays_on(monkeypatch, caplog):
+    """Qwen's and Phi-3's embeddings have rows past their tokenizers': the start's gradient pass fed soft one-hots as
+    wide as the tokenizer, failed on the shape, and turned compiling off, blaming the compiler."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)  # a compiler that works
+    lm = tiny_lm()
+    lm.model.resize_token_embeddings(len(lm.tokenizer) + 8)
+    with caplog.at_level(logging.WARNING, logger="models.loading"):
+        assert compile_forward(lm) is True
+    assert not [record.message for record in caplog.records if "failed" in record.message]
+
+
 def test_compiling_builds_a_graph_for_every_kind_of_pass_a_server_runs(monkeypatch):
     """SEA_COMPILE: the engine's passes (gradient and no-gradient scoring, decoding, cached prompts of every method)
     took more graphs than torch's default recompile limit of 8, and every kind of pass met after the eighth ran eagerly
