@@ -704,6 +704,45 @@ def test_a_job_s_end_written_but_whose_reply_was_lost_counts_once_and_stays_read
     assert not [r for r in caplog.records if "result dropped" in r.getMessage()]
 
 
+@pytest.mark.parametrize("lost", ["blmove", "claim"])
+def test_a_claim_whose_reply_was_lost_goes_back_to_the_queue_and_runs(redis_url, caplog, lost):
+    """The connection dropped after BLMOVE moved a job to this replica's claimed list, or after the claim script marked
+    it running here: the reply never came, the job stayed in the claimed list of a live replica, and nobody ran it
+    (the reaper takes only dead replicas' jobs): its client waited until the deadline."""
+    from tests.test_service import FakeEngine, make_service, submit
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="claim-" + uuid.uuid4().hex[:8])
+        shared = service.shared
+        owner, name = (shared._claim_redis, "blmove") if lost == "blmove" else (shared._scripts, "claim")
+        real = getattr(owner, name) if lost == "blmove" else owner[name]
+        failures = []
+
+        async def reply_lost_once(*args, **kwargs):
+            answer = await real(*args, **kwargs)
+            if answer is not None and not failures:
+                failures.append(answer)
+                raise redis.ConnectionError("Connection reset by peer")
+            return answer
+
+        if lost == "blmove":
+            owner.blmove = reply_lost_once
+        else:
+            owner[name] = reply_lost_once
+        job = await submit(service, "hello")
+        result = await asyncio.wait_for(service.wait(job), 20)
+        await asyncio.wait_for(shared._writes.join(), 20)
+        fields = await shared.redis.hgetall(shared.key("job", job.id))
+        claimed = await shared.redis.lrange(shared.key("claimed", shared.replica), 0, -1)
+        await service.shutdown()
+        return result, fields, claimed, failures
+
+    with caplog.at_level("WARNING", logger="app.service.shared"):
+        result, fields, claimed, failures = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert failures and result is not None and fields["status"] == "succeeded" and fields["attempts"] == "1" and claimed == []
+    assert [r for r in caplog.records if "the reply to its claim was lost" in r.getMessage()]
+
+
 def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_stays_readable(redis_url):
     """Redis restarted without its data (the deployment runs it without persistence): a blocking request whose job
     waited in the shared queue, or ran on another replica, waited until its deadline and a stream for good, since

@@ -98,6 +98,23 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
 
+# A job in this replica's claimed list that it does not run (the reply of BLMOVE or of the claim was lost) goes back
+# to the front of the queue: still queued, or claimed by this replica (its attempt not counted).
+_UNCLAIM = """
+if redis.call('LREM', KEYS[3], 0, ARGV[1]) == 0 then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' and redis.call('HGET', KEYS[1], 'owner') == ARGV[2] then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'owner', '')
+  redis.call('RPUSH', KEYS[2], '{"event": "requeued"}')
+  redis.call('PUBLISH', ARGV[3], ARGV[1])
+elseif status ~= 'queued' then
+  return 0
+end
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return 1
+"""
+
 # A queued job ends at once; a running one gets a ``cancel`` flag (JSON kind and reason), which its runner reads
 # when the pub/sub message is lost, and which ends it should its runner stop before seeing it.
 _CANCEL = _END_UNRUN + """
@@ -151,7 +168,8 @@ return reply
 """
 
 
-SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "finish": _FINISH, "release": _RELEASE, "cancel": _CANCEL, "reap": _REAP}
+SCRIPTS = {"enqueue": _ENQUEUE, "claim": _CLAIM, "finish": _FINISH, "release": _RELEASE, "unclaim": _UNCLAIM, "cancel": _CANCEL,
+           "reap": _REAP}
 
 
 def config_spec(config: SEAConfig) -> dict[str, Any]:

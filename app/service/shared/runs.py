@@ -34,8 +34,12 @@ class Runs:
     async def _claim_loop(self) -> None:
         claimed_key = self.key("claimed", self.replica)
         outage = Outage("claiming from the shared queue")
+        unanswered = False  # a call failed: a claim may have run without its reply reaching here
         while True:
             try:
+                if unanswered:
+                    await self._return_unrun_claims(claimed_key)
+                    unanswered = False
                 if not self._claiming or self._is_draining() or not self.worker.has_room():
                     await asyncio.sleep(0.02)
                     continue
@@ -63,7 +67,18 @@ class Runs:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged by the outage, with its traceback unless Redis is unreachable
                 outage.failed(exc)
+                unanswered = True
                 await asyncio.sleep(1.0)
+
+    async def _return_unrun_claims(self, claimed_key: str) -> None:
+        """Put back in the shared queue the jobs in this replica's claimed list that it does not run: a claim whose reply
+        was lost (the connection dropped after BLMOVE or the claim script ran) left them there, and nobody takes a job
+        from a live replica's list. Called by the claim loop only, between claims: a job it claimed is running by then."""
+        for job_id in await self.redis.lrange(claimed_key, 0, -1):
+            if job_id not in self._running and await self._scripts["unclaim"](
+                    keys=[self.key("job", job_id), self.key("events", job_id), claimed_key, self.key("queue")],
+                    args=[job_id, self.replica, self.key("wake")]):
+                log.warning("job %s: the reply to its claim was lost; put back in the shared queue", job_id)
 
     async def _claim(self, job_id: str, claimed_key: str) -> list | None:
         """Take a job BLMOVE moved to this replica's claimed list: [attempt, spec, created], or None when it is not to
