@@ -53,6 +53,7 @@ class FakeEngine:
         self.fail_when = fail_when or (lambda states: False)
         self.oom_when = oom_when or (lambda states: False)
         self.started_together: list[list[str]] = []
+        self.device = torch.device("cpu")
 
     def start(self, job):
         return FakeState(job, job.config.chains)
@@ -122,6 +123,22 @@ async def submit(service: AlignService, text: str, chains: int = 2, steps: int =
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_the_engine_thread_works_on_the_model_s_cuda_device(monkeypatch):
+    """CUDA's current device is the thread's: the load made cuda:N current in its own thread, and the engine thread's
+    calls without a device (synchronize, memory figures) went to cuda:0. Simulated: no GPU here."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append((threading.current_thread().name, device.index)))
+    engine = FakeEngine()
+    engine.device = torch.device("cuda", 1)
+
+    async def scenario():
+        service = await make_service(engine)
+        await service.shutdown()
+
+    run(scenario())
+    assert chosen == [("sea-engine", 1)]
 
 
 def test_requests_join_and_leave_a_running_batch():

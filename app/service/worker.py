@@ -242,6 +242,9 @@ class EngineWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(True)
+        device = self.engine.device
+        if device.type == "cuda" and device.index is not None:  # CUDA's current device is per thread (cuda:0 unless set)
+            torch.cuda.set_device(device)
         while True:
             with self._cond:
                 while not self._stopping and not self._pending and not self._active:
