@@ -244,11 +244,11 @@ def test_a_run_without_resume_keeps_the_earlier_records_of_its_folder(lm, tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tell me about tea\n")
     out = tmp_path / "out"
-    for seed in ("0", "1"):
+    for seed in ("0", "1", "2"):
         run_eval(_eval_args("--prompts", str(prompts), "--methods", "sample", "--budget-samples", "3", "--max-tokens", "4",
                             "--seeds", seed, "--out", str(out)), Settings(), runtime=runtime)
-    earlier, now = (read_records(out / name) for name in ("records.previous.jsonl", "records.jsonl"))
-    assert [r["seed"] for r in earlier] == [0] and [r["seed"] for r in now] == [1]
+    kept = [read_records(out / name) for name in ("records.previous.jsonl", "records.previous.2.jsonl", "records.jsonl")]
+    assert [[r["seed"] for r in records] for records in kept] == [[0], [1], [2]]  # none overwritten
     assert "kept as records.previous.jsonl" in capsys.readouterr().err
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -57,7 +58,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "setting (sea-nonoise's noise, sea-1chain's chains…) is kept.")
     parser.add_argument("--resume", action="store_true",
                         help="Keep the runs already in OUT/records.jsonl (same settings) and run only the missing ones "
-                             "(without it, earlier records are moved to OUT/records.previous.jsonl).")
+                             "(without it, earlier records are moved to OUT/records.previous.jsonl, or .2, .3…).")
     parser.add_argument("--from", dest="from_dirs", action="append", default=[], metavar="DIR",
                         help="Run nothing: report on the records.jsonl of earlier runs (repeatable, e.g. one folder per shard or seed).")
     parser.add_argument("--baseline", default=None,
@@ -290,7 +291,8 @@ def _refuse_prompts_past_the_model(runtime, rows: list[dict], source) -> None:
 def _set_aside(progress: Path) -> None:
     """Keep an earlier run's records that a run without --resume starts over (they were emptied, without a word)."""
     if progress.exists() and progress.read_text().strip():
-        kept = progress.with_name("records.previous.jsonl")
+        kept = next(path for n in itertools.count(1)
+                    if not (path := progress.with_name("records.previous.jsonl" if n == 1 else f"records.previous.{n}.jsonl")).exists())
         progress.replace(kept)
         print(f"{progress} held an earlier run's records: kept as {kept.name} (--resume continues a run)", file=sys.stderr)
 
