@@ -23,20 +23,31 @@ from transformers import DynamicCache, PreTrainedModel
 from models.kv import Prefix, PrefixBatch, ResponseMemory, cache_over, stack_prefixes, with_cache
 from models.ste import ResponseBatch
 
+# Architectures whose head differs from the rest: HyperCLOVAX multiplies its logits by ``logits_scaling`` (Granite's
+# divide by it), Beam soft-caps them in float32 (Gemma's in the weights' dtype).
+MULTIPLIES_BY_LOGITS_SCALING = frozenset({"hyperclovax"})
+SOFT_CAPS_IN_FLOAT32 = frozenset({"beam"})
+
 
 class LogitHead:
     """A causal LM's head as its own forward applies it: ``get_output_embeddings()`` and then the model's own
-    treatment of the logits, which that module alone skips (Granite divides them by ``logits_scaling``, Cohere
-    multiplies them by ``logit_scale``, Gemma 2 and 3 soft-cap them at ``final_logit_softcapping``)."""
+    treatment of the logits, which that module alone skips (Granite divides them by ``logits_scaling``, HyperCLOVAX
+    multiplies them by it, Cohere by ``logit_scale``, Gemma 2 and 3 and Beam soft-cap them at
+    ``final_logit_softcapping``)."""
 
     def __init__(self, model: PreTrainedModel):
         self.linear = model.get_output_embeddings()
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.divisor = float(config.logits_scaling) if getattr(config, "logits_scaling", None) else None
+        scaling = float(config.logits_scaling) if getattr(config, "logits_scaling", None) else None
         logit_scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the model
-        self.multiplier = float(logit_scale) if isinstance(logit_scale, (int, float)) else None
+        if config.model_type in MULTIPLIES_BY_LOGITS_SCALING:
+            self.divisor, self.multiplier = None, scaling
+        else:
+            self.divisor = scaling
+            self.multiplier = float(logit_scale) if isinstance(logit_scale, (int, float)) else None
         self.scale = (1.0 / self.divisor if self.divisor else 1.0) * (self.multiplier or 1.0)
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.softcap_in_float32 = config.model_type in SOFT_CAPS_IN_FLOAT32
 
     @property
     def weight(self) -> Tensor:
@@ -55,6 +66,8 @@ class LogitHead:
             if self.multiplier:
                 logits = logits * self.multiplier
         if self.softcap:
+            if self.softcap_in_float32:
+                logits = logits.float()
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    BeamConfig,
+    BeamForCausalLM,
     BertConfig,
     BertForSequenceClassification,
     BioGptConfig,
@@ -26,6 +28,8 @@ from transformers import (
     GemmaForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    HyperCLOVAXConfig,
+    HyperCLOVAXForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -564,6 +568,8 @@ TRANSFORMING = {
     "gemma2: soft-capped logits": (Gemma2Config, Gemma2ForCausalLM, {"final_logit_softcapping": 0.5}),
     "granite: logits divided by logits_scaling": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 8.0, "embedding_multiplier": 4.0}),
     "cohere: logits times logit_scale": (CohereConfig, CohereForCausalLM, {"logit_scale": 4.0}),
+    "hyperclovax: logits times logits_scaling": (HyperCLOVAXConfig, HyperCLOVAXForCausalLM, {"logits_scaling": 0.25}),
+    "beam: logits soft-capped in float32": (BeamConfig, BeamForCausalLM, {"final_logit_softcapping": 0.5}),
 }
 
 
@@ -583,13 +589,14 @@ def test_architectures_that_transform_embeddings_or_logits_are_scored_as_their_o
     assert load_lm(str(save_tiny_lm(lm, tmp_path / "model"))).model.__class__ is lm.model.__class__  # the load-time check passes
 
 
-@pytest.mark.parametrize("architecture", ["granite", "cohere"])
+@pytest.mark.parametrize("architecture", ["granite", "cohere", "beam"])
 def test_a_logit_scale_that_is_no_power_of_two_is_scored_as_the_model_scores_in_bfloat16(architecture):
     """Granite 4 divides its logits by 6, Command R+ multiplies them by 0.8333: the head scaled its input instead, which
     in bf16 rounds a logit's last bit differently (0.002 and 0.48 nats here), and the load check refused such a
-    model on the GPU's default dtype."""
+    model on the GPU's default dtype. Beam soft-caps its logits in float32 (0.01 nats off in bf16 here)."""
     config_class, model_class, extra = {"granite": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 6.0}),
-                                        "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.8333})}[architecture]
+                                        "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.8333}),
+                                        "beam": (BeamConfig, BeamForCausalLM, {"final_logit_softcapping": 30.0})}[architecture]
     lm = _tiny_of(config_class, model_class, **extra)
     with torch.no_grad():
         lm.model.get_output_embeddings().weight.mul_(16.0)  # logits as large as a real model's, where bf16's step is large
