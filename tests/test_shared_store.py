@@ -875,6 +875,38 @@ def test_a_drain_hands_back_a_job_others_may_read_not_one_whose_only_reader_was_
     assert fields[polled.id]["status"] == "queued" and queue == [polled.id]
 
 
+def test_a_hand_back_whose_reply_was_lost_is_counted_once(redis_url, caplog):
+    """A drain's hand-back ran in Redis but its reply was lost: the retry found the job no longer this replica's, logged
+    "no longer ours; not handed back" and counted no `requeued`."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        leaving = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix="rel-" + uuid.uuid4().hex[:8],
+                                     drain_seconds=0)
+        release = leaving.shared._scripts["release"]
+        answers = []
+
+        async def reply_lost_once(**kwargs):
+            answers.append(await release(**kwargs))
+            if len(answers) == 1:
+                raise redis.ConnectionError("Connection reset by peer")
+            return answers[-1]
+
+        leaving.shared._scripts["release"] = reply_lost_once
+        polled = await leaving.submit(SEAConfig(chains=2, steps=3000), [{"role": "user", "content": "polled"}], timeout=60,
+                                      stream_events=True)
+        while polled.status == JobStatus.queued:
+            await asyncio.sleep(0.02)
+        with caplog.at_level("INFO", logger="app.service.shared"):
+            await leaving.shutdown()
+        queue = redis.Redis.from_url(redis_url, decode_responses=True).lrange(f"{leaving.shared.prefix}:queue", 0, -1)
+        return polled, answers, queue, _jobs_counted(leaving.shared)
+
+    polled, answers, queue, counted = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert answers == [1, 2] and queue == [polled.id] and counted.get("requeued") == 1.0
+    assert not [r for r in caplog.records if "not handed back" in r.getMessage()]
+
+
 def test_an_outage_is_logged_when_it_begins_and_ends_not_with_a_traceback_a_second(redis_url, caplog):
     """Each loop that talks to Redis logged a traceback every second of an outage (2 900 tracebacks, with the
     writer's, in a 15 s outage of two replicas). Here the lease loop's outage: one line when it begins, one when it

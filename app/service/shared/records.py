@@ -86,10 +86,15 @@ redis.call('PUBLISH', ARGV[10], ARGV[1])
 return 1
 """
 
-# A draining replica hands back what it could not finish: the job goes to the front of the queue.
+# A draining replica hands back what it could not finish: the job goes to the front of the queue. Returns 2 when this
+# very hand-back ran already (a retry whose first reply was lost: queued, no owner, its attempt given back).
 _RELEASE = _IS_MINE + """
 redis.call('LREM', KEYS[3], 0, ARGV[1])
-if not mine() then return 0 end
+if not mine() then
+  local now = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempts')
+  if now[1] == 'queued' and now[2] == '' and tonumber(now[3]) == tonumber(ARGV[3]) - 1 then return 2 end
+  return 0
+end
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'owner', '')
 redis.call('RPUSH', KEYS[2], '{"event": "requeued"}')
