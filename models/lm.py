@@ -24,8 +24,10 @@ from models.kv import Prefix, PrefixBatch, ResponseMemory, cache_over, stack_pre
 from models.ste import ResponseBatch
 
 # Architectures whose head differs from the rest: HyperCLOVAX multiplies its logits by ``logits_scaling`` (Granite's
-# divide by it), Beam soft-caps them in float32 (Gemma's in the weights' dtype).
+# divide by it), MiniCPM3 divides the hidden state by it before the head, Beam soft-caps the logits in float32
+# (Gemma's in the weights' dtype).
 MULTIPLIES_BY_LOGITS_SCALING = frozenset({"hyperclovax"})
+SCALES_THE_HIDDEN_STATE = frozenset({"minicpm3"})
 SOFT_CAPS_IN_FLOAT32 = frozenset({"beam"})
 
 
@@ -48,13 +50,16 @@ class LogitHead:
         self.scale = (1.0 / self.divisor if self.divisor else 1.0) * (self.multiplier or 1.0)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.softcap_in_float32 = config.model_type in SOFT_CAPS_IN_FLOAT32
+        self.scales_hidden = config.model_type in SCALES_THE_HIDDEN_STATE
 
     @property
     def weight(self) -> Tensor:
         return self.linear.weight
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        if self.scale != 1.0 and self.linear.bias is None and (self.weight.dtype == torch.float32 or _power_of_two(self.scale)):
+        if self.scales_hidden and self.divisor:
+            logits = self.linear(hidden / self.divisor)
+        elif self.scale != 1.0 and self.linear.bias is None and (self.weight.dtype == torch.float32 or _power_of_two(self.scale)):
             # The same logits, scaled as (B, L, d), not as (B, L, V): exactly so for a power of two, within float32's
             # rounding otherwise. In bf16 that rounding is a logit's last bit (0.06 to 0.125 nats at 16 to 32): other
             # scales are applied as the model applies them.

@@ -30,6 +30,8 @@ from transformers import (
     GraniteForCausalLM,
     HyperCLOVAXConfig,
     HyperCLOVAXForCausalLM,
+    MiniCPM3Config,
+    MiniCPM3ForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -604,6 +606,23 @@ def test_a_logit_scale_that_is_no_power_of_two_is_scored_as_the_model_scores_in_
     lm = dataclasses.replace(lm, dtype=torch.bfloat16)
     assert scoring_error(lm.model, len(lm.tokenizer)) < 1e-3
     check_reference(lm)
+
+
+def test_minicpm3_s_scaled_hidden_state_is_scored_as_the_model_scores_in_bfloat16():
+    """MiniCPM3 divides the hidden state by its logits scaling (hidden size / dim_model_base, 10 on the real model)
+    before the head: the head divided the logits in bf16 (scales that are no power of two), 0.44 nats off here."""
+    tokenizer = tiny_tokenizer()
+    config = MiniCPM3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, max_position_embeddings=256, eos_token_id=2, bos_token_id=1, pad_token_id=2,
+                            dim_model_base=10, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8)
+    torch.manual_seed(0)
+    model = MiniCPM3ForCausalLM(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(16.0)
+    assert config.logits_scaling == 3.2 and scoring_error(model, len(tokenizer)) < 1e-4
+    model.to(torch.bfloat16)
+    assert scoring_error(model, len(tokenizer)) < 1e-3
 
 
 def test_a_model_scored_unlike_its_own_forward_pass_is_refused_at_load(monkeypatch):
