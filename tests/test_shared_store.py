@@ -743,6 +743,78 @@ def test_a_claim_whose_reply_was_lost_goes_back_to_the_queue_and_runs(redis_url,
     assert [r for r in caplog.records if "the reply to its claim was lost" in r.getMessage()]
 
 
+def test_a_job_whose_record_no_replica_wrote_fails_once(redis_url):
+    """A spec that is not a JSON object made the claim loop fail after the claim: the job stayed in the claimed list
+    (and, once lost claims were put back, went round the queue for good, a traceback and a `requeued` event a second)."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="poison-" + uuid.uuid4().hex[:8])
+        shared, job_id = service.shared, "job-" + uuid.uuid4().hex
+        await shared.redis.hset(shared.key("job", job_id), mapping={"spec": "[]", "status": "queued", "attempts": 0, "created": time.time()})
+        await shared.redis.lpush(shared.key("queue"), job_id)
+        for _ in range(100):
+            fields = await shared.redis.hgetall(shared.key("job", job_id))
+            if fields["status"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # a loop would have claimed it again by now
+        fields = await shared.redis.hgetall(shared.key("job", job_id))
+        events = [json.loads(raw)["event"] for raw in await shared.redis.lrange(shared.key("events", job_id), 0, -1)]
+        lists = [await shared.redis.lrange(shared.key(*name), 0, -1) for name in (("queue",), ("claimed", shared.replica))]
+        await service.shutdown()
+        return fields, events, lists
+
+    fields, events, lists = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert fields["status"] == "failed" and fields["attempts"] == "1" and "not a JSON object" in fields["error"]
+    assert events == ["end"] and lists == [[], []]
+
+
+@pytest.mark.parametrize("lost", ["blmove", "claim"])
+def test_a_job_claimed_again_here_whose_claim_reply_was_lost_ends_under_the_new_attempt(redis_url, lost):
+    """Another replica requeued a job running here (this replica's lease lapsed) and this one took it again, but the
+    reply to BLMOVE or to the claim was lost: the run's end went under the old attempt and was dropped, and the job
+    stayed `running` or `queued` in no list at all, where nothing would ever end or run it."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        engine = FakeEngine(tick_seconds=0.01)
+        service = await make_service(engine, redis_url=redis_url, redis_prefix="again-" + uuid.uuid4().hex[:8])
+        shared = service.shared
+        job = await service.submit(SEAConfig(chains=2, steps=150), [{"role": "user", "content": "paused"}])
+        while job.status == JobStatus.queued:
+            await asyncio.sleep(0.02)
+        failures = []
+        real = shared._claim_redis.blmove if lost == "blmove" else shared._scripts["claim"]
+
+        async def reply_lost_once(*args, **kwargs):
+            answer = await real(*args, **kwargs)
+            if answer is not None and not failures:
+                failures.append(answer)
+                raise redis.ConnectionError("Connection reset by peer")
+            return answer
+
+        if lost == "blmove":
+            shared._claim_redis.blmove = reply_lost_once
+        else:
+            shared._scripts["claim"] = reply_lost_once
+        client = shared.redis
+        # What a reaping replica does to a lapsed replica's running job (the _REAP script's requeue).
+        await client.hset(shared.key("job", job.id), mapping={"status": "queued", "owner": ""})
+        await client.lrem(shared.key("claimed", shared.replica), 0, job.id)
+        await client.rpush(shared.key("queue"), job.id)
+        await service.wait(job)
+        await asyncio.wait_for(shared._writes.join(), 20)
+        fields = await client.hgetall(shared.key("job", job.id))
+        lists = [await client.lrange(shared.key(*name), 0, -1) for name in (("queue",), ("claimed", shared.replica))]
+        await service.shutdown()
+        return engine, fields, lists, failures
+
+    engine, fields, lists, failures = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert failures and fields["status"] == "succeeded" and fields["attempts"] == "2" and fields["result"] and lists == [[], []]
+    assert sum(batch.count("paused") for batch in engine.batches) == 151  # it ran once
+
+
 def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_stays_readable(redis_url):
     """Redis restarted without its data (the deployment runs it without persistence): a blocking request whose job
     waited in the shared queue, or ran on another replica, waited until its deadline and a stream for good, since

@@ -34,11 +34,11 @@ class Runs:
     async def _claim_loop(self) -> None:
         claimed_key = self.key("claimed", self.replica)
         outage = Outage("claiming from the shared queue")
-        unanswered = False  # a call failed: a claim may have run without its reply reaching here
+        unanswered = False  # Redis could not be reached: a claim may have run without its reply reaching here
         while True:
             try:
                 if unanswered:
-                    await self._return_unrun_claims(claimed_key)
+                    await self._settle_claims(claimed_key)
                     unanswered = False
                 if not self._claiming or self._is_draining() or not self.worker.has_room():
                     await asyncio.sleep(0.02)
@@ -54,7 +54,13 @@ class Runs:
                     await self._hand_back(job_id, int(claim[0]))
                     log.info("job %s: claimed as this replica began to drain; handed back to the shared queue", job_id)
                     continue
-                spec = json.loads(claim[1])
+                try:
+                    spec, created = json.loads(claim[1]), float(claim[2])
+                    if not isinstance(spec, dict):
+                        raise TypeError("its spec is not a JSON object")
+                except (TypeError, ValueError) as exc:  # a record no replica wrote: it fails, once (retrying cannot mend it)
+                    self._start(job_id, int(claim[0]), {}, time.time(), exc)
+                    continue
                 local = self._jobs.get(job_id)
                 work = None
                 if local is None or local.status.finished:  # built here from the spec (its prompt tokenized off the loop)
@@ -62,23 +68,32 @@ class Runs:
                         work = await self._work(spec)
                     except Exception as exc:  # noqa: BLE001 - the job fails in _start, naming it
                         work = exc
-                self._start(job_id, int(claim[0]), spec, float(claim[2]), work)
+                self._start(job_id, int(claim[0]), spec, created, work)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged by the outage, with its traceback unless Redis is unreachable
                 outage.failed(exc)
-                unanswered = True
+                unanswered = unanswered or unreachable(exc)
                 await asyncio.sleep(1.0)
 
-    async def _return_unrun_claims(self, claimed_key: str) -> None:
-        """Put back in the shared queue the jobs in this replica's claimed list that it does not run: a claim whose reply
-        was lost (the connection dropped after BLMOVE or the claim script ran) left them there, and nobody takes a job
-        from a live replica's list. Called by the claim loop only, between claims: a job it claimed is running by then."""
+    async def _settle_claims(self, claimed_key: str) -> None:
+        """Settle the claims whose reply was lost (the connection dropped after BLMOVE or the claim script ran): nobody
+        takes a job from a live replica's claimed list. A job there that this replica does not run goes back to the
+        shared queue; one it runs (claimed again after another replica requeued it, this one's lease having lapsed) is
+        claimed, if need be, and its run carries on as the new attempt, whose end alone Redis takes. Called by the claim
+        loop only, between claims: a job it claimed is running by then."""
         for job_id in await self.redis.lrange(claimed_key, 0, -1):
-            if job_id not in self._running and await self._scripts["unclaim"](
-                    keys=[self.key("job", job_id), self.key("events", job_id), claimed_key, self.key("queue")],
-                    args=[job_id, self.replica, self.key("wake")]):
-                log.warning("job %s: the reply to its claim was lost; put back in the shared queue", job_id)
+            running = self._running.get(job_id)
+            if running is None:
+                if await self._scripts["unclaim"](keys=[self.key("job", job_id), self.key("events", job_id), claimed_key,
+                                                        self.key("queue")], args=[job_id, self.replica, self.key("wake")]):
+                    log.warning("job %s: the reply to its claim was lost; put back in the shared queue", job_id)
+                continue
+            status, owner, attempts = await self.redis.hmget(self.key("job", job_id), "status", "owner", "attempts")
+            if status == "queued" and (claim := await self._claim(job_id, claimed_key)) is not None:
+                self._start(job_id, int(claim[0]), {}, 0.0, None)  # adopts the attempt
+            elif status == "running" and owner == self.replica and int(attempts or 0) > running.attempt:
+                self._start(job_id, int(attempts), {}, 0.0, None)
 
     async def _claim(self, job_id: str, claimed_key: str) -> list | None:
         """Take a job BLMOVE moved to this replica's claimed list: [attempt, spec, created], or None when it is not to
@@ -208,7 +223,7 @@ class Runs:
         attempt = running.attempt  # a claim of the job again while this write awaits adopts the next (``_start``)
         if job.error_kind == ErrorKind.shutdown and (job not in self._submitted_here or job.stream_events):
             done = await self._hand_back(job.id, attempt)
-            if not done and running.attempt != attempt:
+            if not done and await self._claimed_again(job.id, running, attempt):
                 return await self._write(job, event)
             self._stop_writing(job)
             log.info("job %s: %s", job.id, "handed back to the shared queue" if done else "no longer ours; not handed back")
@@ -219,7 +234,7 @@ class Runs:
         done = await self._scripts["finish"](keys=keys, args=[
             job.id, self.replica, attempt, job.status.value, job.error or "", job.error_kind or "", result,
             json.dumps(event), self.ttl, self.key("wake"), repr(job.queue_seconds), await self._lighter_events(job)])
-        if not done and running.attempt != attempt:  # claimed again meanwhile: the end is the new attempt's
+        if not done and await self._claimed_again(job.id, running, attempt):  # the end is the new attempt's
             return await self._write(job, event)
         lost = not done and not await self.redis.exists(self.key("job", job.id))
         self._stop_writing(job)
@@ -232,6 +247,16 @@ class Runs:
             self._jobs.pop(job.id, None)
         else:
             self._count_end(job)
+
+    async def _claimed_again(self, job_id: str, running: RunningJob, attempt: int) -> bool:
+        """Whether this replica claimed the job again since ``attempt`` (another replica requeued it when this one's
+        lease lapsed): the claim adopted the new attempt, or Redis holds it where the claim's reply was lost (adopted
+        now)."""
+        if running.attempt == attempt:
+            status, owner, attempts = await self.redis.hmget(self.key("job", job_id), "status", "owner", "attempts")
+            if status == "running" and owner == self.replica and int(attempts or 0) > attempt:
+                running.attempt = int(attempts)
+        return running.attempt != attempt
 
     def _stop_writing(self, job: Job) -> None:
         """The job's end is in Redis (or moot): it no longer runs here as far as the store is concerned."""
