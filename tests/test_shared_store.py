@@ -203,6 +203,18 @@ def _jobs_counted(shared) -> dict[str, float]:
     return {sample.labels["outcome"]: sample.value for metric in shared.worker.metrics.jobs.collect() for sample in metric.samples if sample.value}
 
 
+def _reply_lost_once(call, answers: list):
+    """``call``, whose first answer (not None) Redis gives and the client never gets: the connection drops."""
+    async def lost(*args, **kwargs):
+        answer = await call(*args, **kwargs)
+        if answer is not None:
+            answers.append(answer)
+            if len(answers) == 1:
+                raise redis.ConnectionError("Connection reset by peer")
+        return answer
+    return lost
+
+
 async def _running_on_a_dead_replica(client, prefix: str, job_id: str, **fields) -> None:
     await client.sadd(f"{prefix}:replicas", "dead-1")
     await client.hset(f"{prefix}:job:{job_id}", mapping={"status": "running", "owner": "dead-1", "spec": "{}", **fields})
@@ -677,16 +689,8 @@ def test_a_job_s_end_written_but_whose_reply_was_lost_counts_once_and_stays_read
 
     async def scenario():
         service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="reply-" + uuid.uuid4().hex[:8])
-        finish = service.shared._scripts["finish"]
         calls = []
-
-        async def reply_lost_once(**kwargs):
-            calls.append(await finish(**kwargs))
-            if len(calls) == 1:
-                raise redis.ConnectionError("Connection reset by peer")
-            return calls[-1]
-
-        service.shared._scripts["finish"] = reply_lost_once
+        service.shared._scripts["finish"] = _reply_lost_once(service.shared._scripts["finish"], calls)
         job = await submit(service, "hello")
         result = await service.wait(job)
         await asyncio.wait_for(service.shared._writes.join(), 20)
@@ -714,21 +718,11 @@ def test_a_claim_whose_reply_was_lost_goes_back_to_the_queue_and_runs(redis_url,
     async def scenario():
         service = await make_service(FakeEngine(), redis_url=redis_url, redis_prefix="claim-" + uuid.uuid4().hex[:8])
         shared = service.shared
-        owner, name = (shared._claim_redis, "blmove") if lost == "blmove" else (shared._scripts, "claim")
-        real = getattr(owner, name) if lost == "blmove" else owner[name]
         failures = []
-
-        async def reply_lost_once(*args, **kwargs):
-            answer = await real(*args, **kwargs)
-            if answer is not None and not failures:
-                failures.append(answer)
-                raise redis.ConnectionError("Connection reset by peer")
-            return answer
-
         if lost == "blmove":
-            owner.blmove = reply_lost_once
+            shared._claim_redis.blmove = _reply_lost_once(shared._claim_redis.blmove, failures)
         else:
-            owner[name] = reply_lost_once
+            shared._scripts["claim"] = _reply_lost_once(shared._scripts["claim"], failures)
         job = await submit(service, "hello")
         result = await asyncio.wait_for(service.wait(job), 20)
         await asyncio.wait_for(shared._writes.join(), 20)
@@ -785,19 +779,10 @@ def test_a_job_claimed_again_here_whose_claim_reply_was_lost_ends_under_the_new_
         while job.status == JobStatus.queued:
             await asyncio.sleep(0.02)
         failures = []
-        real = shared._claim_redis.blmove if lost == "blmove" else shared._scripts["claim"]
-
-        async def reply_lost_once(*args, **kwargs):
-            answer = await real(*args, **kwargs)
-            if answer is not None and not failures:
-                failures.append(answer)
-                raise redis.ConnectionError("Connection reset by peer")
-            return answer
-
         if lost == "blmove":
-            shared._claim_redis.blmove = reply_lost_once
+            shared._claim_redis.blmove = _reply_lost_once(shared._claim_redis.blmove, failures)
         else:
-            shared._scripts["claim"] = reply_lost_once
+            shared._scripts["claim"] = _reply_lost_once(shared._scripts["claim"], failures)
         client = shared.redis
         # What a reaping replica does to a lapsed replica's running job (the _REAP script's requeue).
         await client.hset(shared.key("job", job.id), mapping={"status": "queued", "owner": ""})
@@ -955,16 +940,8 @@ def test_a_hand_back_whose_reply_was_lost_is_counted_once(redis_url, caplog):
     async def scenario():
         leaving = await make_service(FakeEngine(tick_seconds=0.01), redis_url=redis_url, redis_prefix="rel-" + uuid.uuid4().hex[:8],
                                      drain_seconds=0)
-        release = leaving.shared._scripts["release"]
         answers = []
-
-        async def reply_lost_once(**kwargs):
-            answers.append(await release(**kwargs))
-            if len(answers) == 1:
-                raise redis.ConnectionError("Connection reset by peer")
-            return answers[-1]
-
-        leaving.shared._scripts["release"] = reply_lost_once
+        leaving.shared._scripts["release"] = _reply_lost_once(leaving.shared._scripts["release"], answers)
         polled = await leaving.submit(SEAConfig(chains=2, steps=3000), [{"role": "user", "content": "polled"}], timeout=60,
                                       stream_events=True)
         while polled.status == JobStatus.queued:
