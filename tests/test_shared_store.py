@@ -764,11 +764,12 @@ def test_a_job_whose_record_no_replica_wrote_fails_once(redis_url):
     assert events == ["end"] and lists == [[], []]
 
 
-@pytest.mark.parametrize("lost", ["blmove", "claim"])
-def test_a_job_claimed_again_here_whose_claim_reply_was_lost_ends_under_the_new_attempt(redis_url, lost):
+@pytest.mark.parametrize(("lost", "ends_soon"), [("blmove", False), ("claim", False), ("blmove", True)])
+def test_a_job_claimed_again_here_whose_claim_reply_was_lost_ends_under_the_new_attempt(redis_url, lost, ends_soon):
     """Another replica requeued a job running here (this replica's lease lapsed) and this one took it again, but the
     reply to BLMOVE or to the claim was lost: the run's end went under the old attempt and was dropped, and the job
-    stayed `running` or `queued` in no list at all, where nothing would ever end or run it."""
+    stayed `running` or `queued` in no list at all, where nothing would ever end or run it. `ends_soon`: the run ends
+    before the claim loop settles the lost claim (the end was dropped, the job left `queued` in no list)."""
     from tests.test_service import FakeEngine, make_service
 
     async def scenario():
@@ -784,12 +785,15 @@ def test_a_job_claimed_again_here_whose_claim_reply_was_lost_ends_under_the_new_
         else:
             shared._scripts["claim"] = _reply_lost_once(shared._scripts["claim"], failures)
         client = shared.redis
+        while ends_soon and len(engine.batches) < 140:  # requeued 0.1 s before the run ends
+            await asyncio.sleep(0.005)
         # What a reaping replica does to a lapsed replica's running job (the _REAP script's requeue).
         await client.hset(shared.key("job", job.id), mapping={"status": "queued", "owner": ""})
         await client.lrem(shared.key("claimed", shared.replica), 0, job.id)
         await client.rpush(shared.key("queue"), job.id)
         await service.wait(job)
         await asyncio.wait_for(shared._writes.join(), 20)
+        await asyncio.sleep(1.5)  # the claim loop settles its lost claims a second after the failure
         fields = await client.hgetall(shared.key("job", job.id))
         lists = [await client.lrange(shared.key(*name), 0, -1) for name in (("queue",), ("claimed", shared.replica))]
         await service.shutdown()
@@ -798,6 +802,48 @@ def test_a_job_claimed_again_here_whose_claim_reply_was_lost_ends_under_the_new_
     engine, fields, lists, failures = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert failures and fields["status"] == "succeeded" and fields["attempts"] == "2" and fields["result"] and lists == [[], []]
     assert sum(batch.count("paused") for batch in engine.batches) == 151  # it ran once
+
+
+def test_a_job_claimed_again_while_its_end_waits_is_not_run_again_when_the_writer_adopts_the_claim(redis_url):
+    """The run had ended and its end waited to be written when another replica requeued the job (this one's lease
+    lapsed) and this one claimed it again; the writer saw the new claim in Redis and wrote the end under it, and the
+    claim loop, back from building the job, ran it a second time (its end counted twice)."""
+    from tests.test_service import FakeEngine, make_service
+
+    async def scenario():
+        engine = FakeEngine(tick_seconds=0.005)
+        service = await make_service(engine, redis_url=redis_url, redis_prefix="adopt-" + uuid.uuid4().hex[:8])
+        shared, client = service.shared, service.shared.redis
+        finish, work = shared._scripts["finish"], shared._work
+        attempts = []
+
+        async def slow_work(spec):  # the claim loop builds the job from its spec, slowly
+            await asyncio.sleep(0.5)
+            return await work(spec)
+
+        async def requeued_first(**kwargs):
+            if not attempts:  # what a reaping replica does, then this replica's claim of it again
+                await client.hset(shared.key("job", kwargs["args"][0]), mapping={"status": "queued", "owner": ""})
+                await client.lrem(shared.key("claimed", shared.replica), 0, kwargs["args"][0])
+                await client.rpush(shared.key("queue"), kwargs["args"][0])
+                while await client.hget(shared.key("job", kwargs["args"][0]), "attempts") != "2":
+                    await asyncio.sleep(0.01)
+            attempts.append(kwargs["args"][2])
+            return await finish(**kwargs)
+
+        shared._work, shared._scripts["finish"] = slow_work, requeued_first
+        job = await service.submit(SEAConfig(chains=2, steps=5), [{"role": "user", "content": "paused"}])
+        await service.wait(job)
+        await asyncio.sleep(1.5)
+        await asyncio.wait_for(shared._writes.join(), 20)
+        fields = await client.hgetall(shared.key("job", job.id))
+        counted = _jobs_counted(shared)
+        await service.shutdown()
+        return engine, fields, attempts, counted
+
+    engine, fields, attempts, counted = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert attempts == [1, 2] and fields["status"] == "succeeded" and fields["attempts"] == "2"
+    assert sum(batch.count("paused") for batch in engine.batches) == 6 and counted == {"succeeded": 1.0}
 
 
 def test_jobs_redis_lost_end_where_they_are_waited_for_and_a_result_made_here_stays_readable(redis_url):

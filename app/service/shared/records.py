@@ -67,8 +67,13 @@ end
 # its event only if that is still the one stored. Returns 1 when written, 2 when this very end was written already
 # (a retry whose first call ran but whose reply was lost), 0 when the job is no longer this replica's.
 _FINISH = _IS_MINE + """
-redis.call('LREM', KEYS[3], 0, ARGV[1])
-if not mine() then
+local held = redis.call('LREM', KEYS[3], 0, ARGV[1]) > 0
+if held and redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  -- requeued while it ran here (this replica's lease lapsed) and moved back to this replica's claimed list, its claim
+  -- not yet made (or its reply lost): nobody else may take it from there, so this run's end is the new claim's
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[2])
+elseif not mine() then
   local written = redis.call('HMGET', KEYS[1], 'owner', 'attempts', 'status', 'error', 'result')
   if written[1] == ARGV[2] and written[2] == ARGV[3] and written[3] == ARGV[4] and written[4] == ARGV[5] and written[5] == ARGV[7] then
     return 2
@@ -89,7 +94,11 @@ return 1
 # A draining replica hands back what it could not finish: the job goes to the front of the queue. Returns 2 when this
 # very hand-back ran already (a retry whose first reply was lost: queued, no owner, its attempt given back).
 _RELEASE = _IS_MINE + """
-redis.call('LREM', KEYS[3], 0, ARGV[1])
+local held = redis.call('LREM', KEYS[3], 0, ARGV[1]) > 0
+if held and redis.call('HGET', KEYS[1], 'status') == 'queued' then  -- in this replica's claimed list, not yet claimed
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+  return 1
+end
 if not mine() then
   local now = redis.call('HMGET', KEYS[1], 'status', 'owner', 'attempts')
   if now[1] == 'queued' and now[2] == '' and tonumber(now[3]) == tonumber(ARGV[3]) - 1 then return 2 end

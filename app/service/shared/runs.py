@@ -50,6 +50,12 @@ class Runs:
                 claim = await self._claim(job_id, claimed_key)
                 if claim is None:
                     continue
+                ended_here = self._ended_claims.pop(job_id, 0)
+                if job_id in self._running or ended_here >= int(claim[0]):
+                    # Claimed again while it runs here, or after its end was written under this very claim (read from
+                    # Redis by the writer): the run here carries on as, or already was, this attempt.
+                    self._adopt(job_id, int(claim[0]))
+                    continue
                 if not self._claiming or self._is_draining():  # the drain began while BLMOVE waited: let another replica run it
                     await self._hand_back(job_id, int(claim[0]))
                     log.info("job %s: claimed as this replica began to drain; handed back to the shared queue", job_id)
@@ -91,9 +97,18 @@ class Runs:
                 continue
             status, owner, attempts = await self.redis.hmget(self.key("job", job_id), "status", "owner", "attempts")
             if status == "queued" and (claim := await self._claim(job_id, claimed_key)) is not None:
-                self._start(job_id, int(claim[0]), {}, 0.0, None)  # adopts the attempt
-            elif status == "running" and owner == self.replica and int(attempts or 0) > running.attempt:
-                self._start(job_id, int(attempts), {}, 0.0, None)
+                self._adopt(job_id, int(claim[0]))
+            elif status == "running" and owner == self.replica:
+                self._adopt(job_id, int(attempts or 0))
+
+    def _adopt(self, job_id: str, attempt: int) -> None:
+        """A job this replica runs was claimed again (its lease lapsed, another replica requeued it, this one took it):
+        the run carries on as the new attempt (submitting it again would run it twice, and the first run's end would be
+        written under the new attempt and the second's never). Nothing if the run has ended meanwhile."""
+        running = self._running.get(job_id)
+        if running is not None and attempt > running.attempt:
+            running.attempt = attempt
+            log.info("job %s: claimed again while it still runs here (attempt %d); the run goes on", job_id, attempt)
 
     async def _claim(self, job_id: str, claimed_key: str) -> list | None:
         """Take a job BLMOVE moved to this replica's claimed list: [attempt, spec, created], or None when it is not to
@@ -107,12 +122,7 @@ class Runs:
 
     def _start(self, job_id: str, attempt: int, spec: dict, created: float, work: AlignJob | BaseException | None) -> None:
         if job_id in self._running:
-            # This replica's lease lapsed (a pause, Redis unreachable), another replica requeued the job, and this one
-            # took it again while its first run still goes on, or its end waits to be written: that run carries on as
-            # the new attempt (submitting the job again would run it twice, and the first run's end would be written
-            # under the second attempt and the second's never).
-            self._running[job_id].attempt = attempt
-            log.info("job %s: claimed again while it still runs here (attempt %d); the run goes on", job_id, attempt)
+            self._adopt(job_id, attempt)
             return
         job = self._jobs.get(job_id)
         try:
@@ -256,6 +266,7 @@ class Runs:
             status, owner, attempts = await self.redis.hmget(self.key("job", job_id), "status", "owner", "attempts")
             if status == "running" and owner == self.replica and int(attempts or 0) > attempt:
                 running.attempt = int(attempts)
+                self._ended_claims[job_id] = running.attempt  # the claim loop may yet receive this claim: not run again
         return running.attempt != attempt
 
     def _stop_writing(self, job: Job) -> None:

@@ -65,6 +65,7 @@ class SharedJobs(Mirrors, Runs):
         self._jobs = jobs  # the service's local store (id → Job), shared so that mirrors are found like local jobs
         self._is_draining = is_draining
         self._running: dict[str, RunningJob] = {}
+        self._ended_claims: dict[str, int] = {}  # job → a claim of this replica's whose end the writer wrote before the claim loop saw it
         self._mirrored: dict[str, int] = {}  # id → how many of its Redis events the local object has applied
         self._seen: set[str] = set()  # mirrored ids whose record Redis was seen to hold (checked for its loss)
         self._locks: dict[str, asyncio.Lock] = {}
