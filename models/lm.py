@@ -269,8 +269,8 @@ def scoring_error(model: PreTrainedModel, vocab: int, length: int = 12) -> float
 
 def gradient_probe(model: PreTrainedModel, vocab: int, length: int = 12) -> None:
     """Run the pass an SEA step runs (a cached prompt, a response fed as soft one-hots) and its gradient, on the load
-    checks' sequence (token ids below ``vocab``): compiling a backbone compiles its backward only at the first gradient, where a failure would
-    otherwise fail a request."""
+    checks' sequence (token ids below ``vocab``): compiling a backbone compiles its backward only at the first
+    gradient, where a failure would otherwise fail a request."""
     ids, cut = probe_sequence(model, vocab, length)
     prefix = stack_prefixes([encode_prefix(model, ids[:cut].tolist())])
     rows = model.get_output_embeddings().weight.shape[0]  # the soft one-hots are as wide as the embedding, as the engine's

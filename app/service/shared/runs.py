@@ -121,9 +121,7 @@ class Runs:
         return claim or None
 
     def _start(self, job_id: str, attempt: int, spec: dict, created: float, work: AlignJob | BaseException | None) -> None:
-        if job_id in self._running:
-            self._adopt(job_id, attempt)
-            return
+        """Run a job claimed here that does not run here yet (the claim loop adopts a claim of one that does)."""
         job = self._jobs.get(job_id)
         try:
             if job is None or job.status.finished:
@@ -230,7 +228,7 @@ class Runs:
             return
         # This replica is going away: another one runs the job, unless its only reader was a request here, answered 503
         # (it sends the request again): the job API's and other replicas' readers find it by its id.
-        attempt = running.attempt  # a claim of the job again while this write awaits adopts the next (``_start``)
+        attempt = running.attempt  # a claim of the job again while this write awaits adopts the next (``_adopt``)
         if job.error_kind == ErrorKind.shutdown and (job not in self._submitted_here or job.stream_events):
             done = await self._hand_back(job.id, attempt)
             if not done and await self._claimed_again(job.id, running, attempt):
@@ -264,9 +262,10 @@ class Runs:
         now)."""
         if running.attempt == attempt:
             status, owner, attempts = await self.redis.hmget(self.key("job", job_id), "status", "owner", "attempts")
-            if status == "running" and owner == self.replica and int(attempts or 0) > attempt:
-                running.attempt = int(attempts)
-                self._ended_claims[job_id] = running.attempt  # the claim loop may yet receive this claim: not run again
+            if status == "running" and owner == self.replica:
+                self._adopt(job_id, int(attempts or 0))
+                if running.attempt != attempt:
+                    self._ended_claims[job_id] = running.attempt  # the claim loop may yet receive this claim: not run again
         return running.attempt != attempt
 
     def _stop_writing(self, job: Job) -> None:
